@@ -1,0 +1,1 @@
+"""Benchmarks: kernel microbenchmarks and whole-model benchmarks."""

@@ -1,0 +1,43 @@
+"""fxopt: make trained PyTorch models small and fast on CPUs.
+
+The repository keeps one folder per layer (compiler/, passes/, kernels/,
+bench/); this file maps them into the single import name ``fxopt``.
+"""
+from setuptools import setup
+
+setup(
+    name="fxopt",
+    version="0.1.0",
+    description="Graph-level compression (fusion, pruning, int8) of PyTorch models for CPUs",
+    python_requires=">=3.10",
+    packages=["fxopt", "fxopt.passes", "fxopt.kernels", "fxopt.bench"],
+    package_dir={
+        "fxopt": "compiler",
+        "fxopt.passes": "passes",
+        "fxopt.kernels": "kernels",
+        "fxopt.bench": "bench",
+    },
+    install_requires=[
+        # 2.13.0 is the CPU build this project is developed and tested on;
+        # install it first (`pip install torch==2.13.0`) so pip keeps it.
+        "torch>=2.13.0,<2.15",
+        "numba>=0.60",
+        "numpy>=1.26",
+        "networkx>=3.0",
+    ],
+    extras_require={
+        "peers": ["onnxruntime>=1.18", "onnx>=1.16", "onnxscript>=0.1", "transformers>=4.45"],
+        "plot": ["matplotlib>=3.7"],
+        "dev": [
+            "pytest>=8",
+            "hypothesis>=6",
+            "transformers>=4.45",
+            "onnxruntime>=1.18",
+            "onnx>=1.16",
+            "onnxscript>=0.1",
+            "scikit-learn>=1.3",
+            "matplotlib>=3.7",
+        ],
+    },
+    entry_points={"console_scripts": ["fxopt = fxopt.cli:main"]},
+)
