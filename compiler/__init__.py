@@ -1,4 +1,16 @@
-"""fxopt: make trained PyTorch models small and fast on CPUs."""
+"""fxopt: make trained PyTorch models small and fast on CPUs.
+
+    import fxopt
+    fast = fxopt.optimize(model, example_inputs, target="cpu-fp32")
+    print(fast.fxopt_report)
+"""
 from fxopt.errors import CaptureError, FxoptError, PassError, PipelineError
+from fxopt.capture import capture
+from fxopt import fxops as _fxops  # registers the fxopt:: operators
+from fxopt.api import optimize
+from fxopt.bisect import bisect
+from fxopt.pipeline import TARGETS, Pipeline
 
 __version__ = "0.1.0"
+__all__ = ["optimize", "bisect", "capture", "Pipeline", "TARGETS", "FxoptError",
+           "CaptureError", "PassError", "PipelineError"]

@@ -1,0 +1,111 @@
+"""The user's entry points: optimize and bisect.
+
+    fast = fxopt.optimize(model, (x,), target="cpu-fp32")
+    fast(x)                        # same outputs, same structure
+    print(fast.fxopt_report)       # what each pass did
+
+    found = fxopt.bisect(model, (x,), target="cpu-fp32", tol=1e-4)
+    print(found)                   # first pass, then first node, over tol
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fxopt.capture import capture, normalize_inputs
+from fxopt.errors import PipelineError
+from fxopt.pass_base import PassContext
+from fxopt.pass_manager import Instruments, PassManager
+from fxopt.pipeline import Pipeline, target_pipeline
+
+DEFAULT_TARGET = "cpu-fp32"
+
+# Options optimize() takes besides the instruments; later stages add theirs here.
+OPTIONS = {
+    "seed": "seed for anything random a pass does (default 0)",
+}
+INSTRUMENTS = ("print_ir_after", "dump_dir", "stop_after", "disable", "drift")
+
+
+def optimize(model: nn.Module, example_inputs=None, target: str = DEFAULT_TARGET, *,
+             calibration_data=None, dynamic: bool = True, **options) -> nn.Module:
+    """Capture `model`, run the target's pipeline, and return the optimized module.
+
+    The result is called exactly like `model` and returns the same output
+    structure; `result.fxopt_report` holds the per-pass table. `model` itself
+    is never modified.
+
+    Debugging options: print_ir_after=("fold_batchnorm",) or "all",
+    dump_dir="stages/", stop_after="fold_batchnorm", disable=("fuse_epilogues",),
+    drift=False (skip measuring drift after every pass).
+
+        fast = fxopt.optimize(model, (x,), target="cpu-fp32", dump_dir="stages")
+    """
+    gm, report = _compile(model, example_inputs, target, calibration_data, dynamic, options)
+    gm.fxopt_report = report
+    return gm
+
+
+def _compile(model, example_inputs, target, calibration_data, dynamic, options, keep=False):
+    _check_options(options)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"optimize expects a torch.nn.Module, got {type(model).__name__}")
+    example_inputs = _example_from(example_inputs, calibration_data)
+    args, kwargs = normalize_inputs(example_inputs)
+    pipeline = target_pipeline(target) if isinstance(target, str) else _as_pipeline(target)
+    instruments = Instruments(**{k: _tuple(k, options.pop(k)) for k in INSTRUMENTS if k in options})
+    reference = _reference_outputs(model, args, kwargs) if instruments.drift else None
+    gm = capture(model, example_inputs, dynamic=dynamic)
+    ctx = PassContext(example_args=args, example_kwargs=kwargs, options=options,
+                      seed=options.get("seed", 0))
+    ctx.state["calibration_data"] = calibration_data
+    manager = PassManager(pipeline, ctx, reference, instruments, keep_snapshots=keep)
+    gm, report = manager.run(gm)
+    if keep:
+        return gm, report, manager
+    return gm, report
+
+
+def _check_options(options: dict) -> None:
+    unknown = sorted(set(options) - set(OPTIONS) - set(INSTRUMENTS))
+    if unknown:
+        valid = ", ".join(sorted(OPTIONS) + list(INSTRUMENTS) + ["calibration_data", "dynamic"])
+        raise PipelineError(f"unknown option(s) {', '.join(unknown)}; valid options: {valid}")
+
+
+def _tuple(key, value):
+    if key in ("print_ir_after", "disable") and isinstance(value, str) and value != "all":
+        return tuple(v for v in value.split(",") if v)
+    if key in ("print_ir_after", "disable") and value != "all":
+        return tuple(value)
+    return value
+
+
+def _as_pipeline(target) -> Pipeline:
+    if isinstance(target, Pipeline):
+        target.validate()
+        return target
+    raise PipelineError(f"target must be a target name or a pipeline string, got {type(target).__name__}")
+
+
+def _example_from(example_inputs, calibration_data):
+    if example_inputs is not None:
+        return example_inputs
+    if calibration_data is None:
+        raise TypeError("optimize needs example_inputs (a tuple of args or a dict of kwargs), "
+                        "or calibration_data whose first item serves as the example")
+    try:
+        return next(iter(calibration_data))
+    except StopIteration:
+        raise ValueError("calibration_data is empty; give at least one input") from None
+
+
+def _reference_outputs(model, args, kwargs):
+    """The unoptimized model's outputs on the example inputs (eval mode, model untouched)."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return model(*args, **kwargs)
+    finally:
+        model.train(was_training)

@@ -1,0 +1,217 @@
+"""The one place that knows the op set.
+
+Every ATen target a pass cares about is classified here into a small enum of
+op kinds; passes match on kinds and the helpers below, never on raw
+``node.target`` comparisons of their own.
+
+    >>> kind_of(node) is OpKind.CONV
+    >>> activation_of(gelu_node)
+    Activation(name='gelu', args=())
+"""
+from __future__ import annotations
+
+import enum
+import operator
+from dataclasses import dataclass
+
+import torch
+from torch.fx import Node
+
+aten = torch.ops.aten
+
+
+class OpKind(enum.Enum):
+    INPUT = "input"
+    OUTPUT = "output"
+    WEIGHT = "weight"              # get_attr: a parameter, buffer or constant
+    LINEAR = "linear"
+    CONV = "conv"
+    BATCH_NORM = "batch_norm"
+    LAYER_NORM = "layer_norm"
+    ACTIVATION = "activation"
+    DROPOUT = "dropout"
+    IDENTITY = "identity"          # clone / alias / detach: value-preserving copies
+    ELEMENTWISE = "elementwise"    # add, mul, sub, div, ...
+    MATMUL = "matmul"              # activation x activation products
+    ATTENTION = "attention"        # scaled_dot_product_attention
+    SOFTMAX = "softmax"
+    RESHAPE = "reshape"
+    PERMUTE = "permute"
+    CONCAT = "concat"
+    SPLIT = "split"
+    GETITEM = "getitem"
+    POOL = "pool"
+    REDUCE = "reduce"
+    EMBEDDING = "embedding"
+    SHAPE = "shape"                # sym_size and friends: shape arithmetic
+    FXOPT = "fxopt"                # an op of fxopt's own namespace
+    OTHER = "other"
+
+
+def _overloads(*packets) -> set:
+    """All overloads of the given op packets, so `aten.add` covers add.Tensor etc."""
+    out = set()
+    for packet in packets:
+        for name in packet.overloads():
+            out.add(getattr(packet, name))
+    return out
+
+
+_KINDS: dict[OpKind, set] = {
+    OpKind.LINEAR: _overloads(aten.linear),
+    OpKind.CONV: _overloads(aten.conv2d, aten.conv1d, aten.convolution),
+    OpKind.BATCH_NORM: _overloads(aten.batch_norm, aten._native_batch_norm_legit_no_training),
+    OpKind.LAYER_NORM: _overloads(aten.layer_norm, aten.group_norm),
+    OpKind.ACTIVATION: _overloads(
+        aten.relu, aten.relu_, aten.gelu, aten.gelu_, aten.hardtanh, aten.hardtanh_,
+        aten.relu6, aten.silu, aten.silu_, aten.sigmoid, aten.tanh, aten.hardswish,
+        aten.hardsigmoid,
+    ),
+    OpKind.DROPOUT: _overloads(aten.dropout, aten.feature_dropout, aten.alpha_dropout),
+    OpKind.IDENTITY: _overloads(aten.clone, aten.alias, aten.detach, aten.lift_fresh_copy),
+    OpKind.ELEMENTWISE: _overloads(
+        aten.add, aten.add_, aten.sub, aten.mul, aten.mul_, aten.div, aten.neg,
+        aten.pow, aten.rsqrt, aten.sqrt, aten.exp, aten.where, aten.masked_fill,
+    ),
+    OpKind.MATMUL: _overloads(aten.matmul, aten.bmm, aten.mm, aten.addmm, aten.baddbmm),
+    OpKind.ATTENTION: _overloads(aten.scaled_dot_product_attention),
+    OpKind.SOFTMAX: _overloads(aten.softmax, aten._softmax, aten.log_softmax),
+    OpKind.RESHAPE: _overloads(
+        aten.view, aten.reshape, aten.flatten, aten.unflatten, aten.unsqueeze,
+        aten.squeeze, aten.expand, aten._unsafe_view,
+    ),
+    OpKind.PERMUTE: _overloads(aten.permute, aten.transpose, aten.t),
+    OpKind.CONCAT: _overloads(aten.cat, aten.stack),
+    OpKind.SPLIT: _overloads(aten.split, aten.split_with_sizes, aten.chunk, aten.unbind),
+    OpKind.POOL: _overloads(
+        aten.max_pool2d, aten.avg_pool2d, aten.adaptive_avg_pool2d, aten.max_pool1d,
+        aten.avg_pool1d, aten.adaptive_avg_pool1d,
+    ),
+    OpKind.REDUCE: _overloads(aten.mean, aten.sum, aten.amax),
+    OpKind.EMBEDDING: _overloads(aten.embedding),
+    OpKind.SHAPE: _overloads(aten.sym_size, aten.sym_numel, aten.sym_stride),
+}
+_KIND_OF_TARGET = {target: kind for kind, targets in _KINDS.items() for target in targets}
+
+
+def kind_of(node: Node) -> OpKind:
+    """The OpKind of an FX node."""
+    if node.op == "placeholder":
+        return OpKind.INPUT
+    if node.op == "output":
+        return OpKind.OUTPUT
+    if node.op == "get_attr":
+        return OpKind.WEIGHT
+    if node.op != "call_function":
+        return OpKind.OTHER
+    if node.target is operator.getitem:
+        return OpKind.GETITEM
+    kind = _KIND_OF_TARGET.get(node.target)
+    if kind is not None:
+        return kind
+    if getattr(node.target, "namespace", None) == "fxopt":
+        return OpKind.FXOPT
+    return OpKind.OTHER
+
+
+def is_kind(node, *kinds: OpKind) -> bool:
+    return isinstance(node, Node) and kind_of(node) in kinds
+
+
+# --- activations -------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Activation:
+    """An elementwise activation an epilogue can apply: name plus float params.
+
+    name is one of: relu, gelu (erf), gelu_tanh, hardtanh (args=(min, max)), silu.
+    relu6 is hardtanh(0, 6).
+    """
+    name: str
+    args: tuple = ()
+
+    def __str__(self) -> str:
+        return self.name if not self.args else f"{self.name}{list(self.args)}"
+
+
+FUSABLE_ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "hardtanh", "silu")
+
+
+def activation_of(node: Node) -> Activation | None:
+    """The epilogue-fusable activation a node computes, or None."""
+    if not is_kind(node, OpKind.ACTIVATION):
+        return None
+    name = node.target._schema.name.split("::")[1].rstrip("_")
+    if name == "relu":
+        return Activation("relu")
+    if name == "silu":
+        return Activation("silu")
+    if name == "relu6":
+        return Activation("hardtanh", (0.0, 6.0))
+    if name == "hardtanh":
+        lo = node.args[1] if len(node.args) > 1 else node.kwargs.get("min_val", -1.0)
+        hi = node.args[2] if len(node.args) > 2 else node.kwargs.get("max_val", 1.0)
+        return Activation("hardtanh", (float(lo), float(hi)))
+    if name == "gelu":
+        approximate = node.kwargs.get("approximate", node.args[1] if len(node.args) > 1 else "none")
+        return Activation("gelu_tanh" if approximate == "tanh" else "gelu")
+    return None
+
+
+def apply_activation(x: torch.Tensor, name: str, args=()) -> torch.Tensor:
+    """Reference fp32 implementation of a fusable activation (used by fused ops)."""
+    if name == "none" or not name:
+        return x
+    if name == "relu":
+        return torch.relu(x)
+    if name == "gelu":
+        return torch.nn.functional.gelu(x)
+    if name == "gelu_tanh":
+        return torch.nn.functional.gelu(x, approximate="tanh")
+    if name == "hardtanh":
+        return torch.nn.functional.hardtanh(x, float(args[0]), float(args[1]))
+    if name == "silu":
+        return torch.nn.functional.silu(x)
+    raise ValueError(f"unknown activation {name!r}; expected one of {FUSABLE_ACTIVATIONS}")
+
+
+# --- argument access -----------------------------------------------------------
+
+def arg(node: Node, index: int, name: str, default=None):
+    """Argument `name` of a call node, whether passed by position or keyword."""
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+def is_eval_batch_norm(node: Node) -> bool:
+    """A batch norm that normalises with running statistics (eval mode)."""
+    if not is_kind(node, OpKind.BATCH_NORM):
+        return False
+    if node.target in _overloads(aten._native_batch_norm_legit_no_training):
+        return True
+    return arg(node, 5, "training", True) is False
+
+
+def batch_norm_parts(node: Node):
+    """(input, weight, bias, running_mean, running_var, eps) of an eval batch norm."""
+    if node.target in _overloads(aten._native_batch_norm_legit_no_training):
+        x, w, b, mean, var, _momentum, eps = node.args[:7]
+    else:
+        x, w, b, mean, var = node.args[:5]
+        eps = arg(node, 7, "eps", 1e-5)
+    return x, w, b, mean, var, eps
+
+
+def conv_parts(node: Node) -> dict:
+    """Normalised arguments of a conv node: input, weight, bias, stride, padding, dilation, groups."""
+    if node.target in _overloads(aten.convolution):
+        x, w, b, stride, padding, dilation, transposed, _out_pad, groups = node.args[:9]
+        return dict(x=x, weight=w, bias=b, stride=stride, padding=padding,
+                    dilation=dilation, groups=groups, transposed=transposed)
+    return dict(
+        x=node.args[0], weight=node.args[1], bias=arg(node, 2, "bias"),
+        stride=arg(node, 3, "stride", 1), padding=arg(node, 4, "padding", 0),
+        dilation=arg(node, 5, "dilation", 1), groups=arg(node, 6, "groups", 1),
+        transposed=False,
+    )

@@ -1,0 +1,122 @@
+"""Pipelines are data: an ordered list of pass names with options.
+
+A pipeline prints as one line and parses back, so a user can reproduce or
+shorten one from the command line:
+
+    >>> p = Pipeline.parse("fold_batchnorm,prune_channels{ratio=0.3}")
+    >>> str(p)
+    'fold_batchnorm,prune_channels{ratio=0.3}'
+
+A target is a named pipeline.
+"""
+from __future__ import annotations
+
+import ast
+import re
+from dataclasses import dataclass, field
+
+from fxopt.errors import PipelineError
+from fxopt.registry import get_pass, pass_names
+
+# The front every target shares: clean the graph, then fold what can be folded.
+_FP32 = ("eliminate_dead_code,remove_identity,fold_constants,fold_batchnorm,"
+         "fuse_epilogues,eliminate_dead_code")
+
+TARGETS: dict[str, str] = {
+    "cpu-fp32": _FP32,
+}
+TARGET_DOCS = {
+    "cpu-fp32": "graph clean-up and fusion; outputs equal the original within fp32 round-off",
+}
+
+
+@dataclass(frozen=True)
+class PassSpec:
+    name: str
+    options: dict = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        if not self.options:
+            return self.name
+        inner = ",".join(f"{k}={_fmt_value(v)}" for k, v in self.options.items())
+        return f"{self.name}{{{inner}}}"
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    passes: tuple
+
+    def __str__(self) -> str:
+        return ",".join(str(p) for p in self.passes)
+
+    def __iter__(self):
+        return iter(self.passes)
+
+    def __len__(self) -> int:
+        return len(self.passes)
+
+    @property
+    def names(self) -> list[str]:
+        return [p.name for p in self.passes]
+
+    @staticmethod
+    def parse(text: str) -> "Pipeline":
+        """Parse `a,b{k=v,k2=v2},c`; every name must be a known pass and every option one it takes."""
+        specs = []
+        for name, body in _split(text):
+            options = dict(_parse_option(name, item) for item in body.split(",") if item) if body else {}
+            specs.append(PassSpec(name, options))
+        pipeline = Pipeline(tuple(specs))
+        pipeline.validate()
+        return pipeline
+
+    def validate(self) -> None:
+        for spec in self.passes:
+            info = get_pass(spec.name).PASS
+            unknown = set(spec.options) - set(info.options)
+            if unknown:
+                valid = ", ".join(sorted(info.options)) or "none"
+                raise PipelineError(
+                    f"pass {spec.name} has no option {', '.join(sorted(unknown))}; its options: {valid}")
+
+
+_ITEM = re.compile(r"\s*([A-Za-z_][A-Za-z0-9_]*)\s*(?:\{([^{}]*)\})?\s*(?:,|$)")
+
+
+def _split(text: str):
+    pos = 0
+    text = text.strip()
+    if not text:
+        raise PipelineError("empty pipeline; give pass names separated by commas, e.g. 'fold_batchnorm,fuse_epilogues'")
+    while pos < len(text):
+        m = _ITEM.match(text, pos)
+        if not m or m.end() == pos:
+            raise PipelineError(f"cannot parse pipeline {text!r} at position {pos}: "
+                                "expected name or name{key=value,...}")
+        yield m.group(1), m.group(2)
+        pos = m.end()
+
+
+def _parse_option(pass_name: str, item: str):
+    if "=" not in item:
+        raise PipelineError(f"option {item!r} of pass {pass_name} must be key=value")
+    key, raw = (s.strip() for s in item.split("=", 1))
+    try:
+        value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        value = raw  # a bare word is a string
+    return key, value
+
+
+def _fmt_value(v) -> str:
+    return v if isinstance(v, str) else repr(v)
+
+
+def target_pipeline(target: str) -> Pipeline:
+    """The pipeline of a named target, or of a pipeline string given in its place."""
+    if target in TARGETS:
+        return Pipeline.parse(TARGETS[target])
+    if "," in target or "{" in target or target in pass_names():
+        return Pipeline.parse(target)
+    raise PipelineError(f"unknown target {target!r}; valid targets: {', '.join(TARGETS)}, "
+                        f"or a pipeline string of passes ({', '.join(pass_names())})")
