@@ -12,6 +12,7 @@ module is called like the original model and returns the same structure
 """
 import copy
 import inspect
+import linecache
 import re
 import traceback
 import warnings
@@ -20,6 +21,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch import fx, nn
 from torch.export import Dim
+from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
 from fxopt.errors import CaptureError, FxoptError
 
@@ -161,7 +163,9 @@ def _dim_record(gm, names, wanted):
             continue
         for d in wanted.get(name, ()):
             size = val.shape[d]
-            if isinstance(size, torch.SymInt):
+            # Why is_concrete_int: a dim export specialized can still be a SymInt
+            # whose value is a constant.
+            if isinstance(size, torch.SymInt) and not is_concrete_int(size):
                 dynamic.setdefault(name, {})[d] = str(size)
             else:
                 static.setdefault(name, {})[d] = int(size)
@@ -185,11 +189,11 @@ def _layer_name(node):
     """Qualified name of the innermost module a node came from, or None."""
     if node.op == "get_attr":
         return node.target.rpartition(".")[0] or None
-    stack = node.meta.get("nn_module_stack")
-    if not stack:
-        return None
-    qualname = list(stack.values())[-1][0]
-    return qualname or None
+    # Why the filter: export tags its own helper nodes (sym_size, the guard
+    # call) with a placeholder stack entry that is no module of the model.
+    names = [qualname for qualname, _ in (node.meta.get("nn_module_stack") or {}).values()
+             if not qualname.startswith("_empty_nn_module_stack")]
+    return names[-1] if names and names[-1] else None
 
 
 def _output_val(node):
@@ -237,11 +241,15 @@ _HINTS = [
 def _user_frame(exc):
     """'file:line in func: code' of the innermost frame outside torch, or None."""
     frames = [f for f in traceback.extract_tb(exc.__traceback__)
-              if "/torch/" not in f.filename and not f.filename.endswith("capture.py")]
+              if "/torch/" not in f.filename and not f.filename.endswith("capture.py")
+              and not f.filename.startswith("<")]
     text = str(exc)
     marker = "The following call raised this error:"
     if marker in text:
-        return text.split(marker, 1)[1].strip().splitlines()[0].strip()
+        where = text.split(marker, 1)[1].strip().splitlines()[0].strip()
+        found = re.match(r'File "(.+)", line (\d+)', where)
+        code = linecache.getline(found[1], int(found[2])).strip() if found else ""
+        return f"{where}: {code}" if code else where
     if frames:
         f = frames[-1]
         return f"{f.filename}:{f.lineno} in {f.name}: {f.line}"
@@ -266,12 +274,18 @@ def capture_error(exc, model_name):
     where = _user_frame(exc)
     msg = [f"torch.export could not capture {model_name}: {_headline(exc)}"]
     if where:
-        msg.append(f"  at {where}")
+        msg.append(f"  where: {where}")
     msg.append(f"What to do: {hint}")
     return CaptureError("\n".join(msg))
 
 
 # -------------------------------------------------------------------- capture
+
+def _may_be_shape_related(exc):
+    """False for failures static shapes cannot fix: caches, outputs, data-dependence."""
+    text = f"{type(exc).__name__} {exc}"
+    return not any(re.search(k, text) for keys, _ in _HINTS[:3] for k in keys)
+
 
 def _export(model, args, kwargs, dynamic_shapes):
     ep = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
@@ -291,6 +305,8 @@ def _export_dynamic(model, args, kwargs, name):
     try:
         return _export(model, args, kwargs, _dynamic_shapes(model, args, kwargs))
     except Exception as e:  # noqa: BLE001
+        if not _may_be_shape_related(e):
+            raise capture_error(e, name) from e
         first = e
     try:
         gm = _export(model, args, kwargs, None)
