@@ -1,0 +1,163 @@
+"""The `fxopt` command.
+
+    fxopt passes                                   targets and their pipelines
+    fxopt inspect tests/zoo.py:bert --print-ir-after fold_batchnorm
+    fxopt bisect mypkg.models:build --target cpu-fp32 --tol 1e-4
+    fxopt demo                                     digits CNN, before and after
+    fxopt bench gemm|prune|models                  benchmarks (see bench/)
+
+A model is given as `module.path:factory` or `path/to/file.py:factory`; the
+factory returns `(model, example_inputs)` (further items are ignored) or just
+a model, whose input shape then comes from --input-shape.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import os
+import sys
+
+from fxopt.errors import FxoptError
+
+BENCHES = {"gemm": "fxopt.bench.gemm", "prune": "fxopt.bench.prune", "models": "fxopt.bench.models"}
+
+
+def main(argv=None) -> int:
+    parser = _parser()
+    ns, rest = parser.parse_known_args(argv)
+    if ns.command != "bench" and rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    try:
+        return ns.func(ns, rest) or 0
+    except FxoptError as e:
+        print(f"fxopt: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fxopt", description="make PyTorch models small and fast on CPUs")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("passes", help="list targets, their pipelines, and every pass")
+    s.set_defaults(func=_cmd_passes)
+
+    for name, func, help_ in (("inspect", _cmd_inspect, "run a pipeline and print the per-pass table"),
+                              ("bisect", _cmd_bisect, "find the first pass and node over a drift tolerance")):
+        s = sub.add_parser(name, help=help_)
+        s.add_argument("model", help="module.path:factory or file.py:factory")
+        s.add_argument("--target", default="cpu-fp32", help="target name or pipeline string")
+        s.add_argument("--input-shape", help="comma-separated shape when the factory returns only a model")
+        s.set_defaults(func=func)
+        if name == "inspect":
+            s.add_argument("--print-ir-after", default="", help="pass names (comma-separated) or 'all'")
+            s.add_argument("--dump-dir", help="write NNN_<pass>.txt/.png for every stage here")
+            s.add_argument("--stop-after", help="stop the pipeline after this pass")
+            s.add_argument("--disable", default="", help="passes to skip (comma-separated)")
+        else:
+            s.add_argument("--tol", type=float, default=1e-4)
+            s.add_argument("--metric", default="max_abs", choices=("max_abs", "sqnr", "cosine"))
+
+    s = sub.add_parser("demo", help="train a small CNN on sklearn's digits, optimize it, compare")
+    s.add_argument("--target", default=None, help="default: the best target available")
+    s.set_defaults(func=_cmd_demo)
+
+    s = sub.add_parser("bench", help="benchmarks: " + ", ".join(BENCHES))
+    s.add_argument("which", choices=sorted(BENCHES))
+    s.set_defaults(func=_cmd_bench)
+    return p
+
+
+def _cmd_passes(ns, rest) -> int:
+    from fxopt.pipeline import TARGET_DOCS, TARGETS
+    from fxopt.registry import get_pass, pass_names
+    print("targets:")
+    for name, text in TARGETS.items():
+        print(f"  {name}: {TARGET_DOCS.get(name, '')}\n    {text}")
+    print("passes:")
+    for name in pass_names():
+        info = get_pass(name).PASS
+        opts = ", ".join(f"{k}={v!r}" for k, v in info.options.items())
+        print(f"  {name}{' {' + opts + '}' if opts else ''}: {info.doc}")
+    return 0
+
+
+def _cmd_inspect(ns, rest) -> int:
+    import fxopt
+    model, example = load_factory(ns.model, ns.input_shape)
+    fast = fxopt.optimize(model, example, target=ns.target, print_ir_after=_names(ns.print_ir_after),
+                          dump_dir=ns.dump_dir, stop_after=ns.stop_after, disable=_names(ns.disable))
+    print(fast.fxopt_report)
+    if ns.dump_dir:
+        print(f"stages written to {ns.dump_dir}")
+    return 0
+
+
+def _cmd_bisect(ns, rest) -> int:
+    import fxopt
+    model, example = load_factory(ns.model, ns.input_shape)
+    found = fxopt.bisect(model, example, target=ns.target, tol=ns.tol, metric=ns.metric)
+    print(found.report)
+    print()
+    print(found)
+    return 1 if found.found else 0
+
+
+def _cmd_demo(ns, rest) -> int:
+    from fxopt.demo import run_demo
+    run_demo(target=ns.target)
+    return 0
+
+
+def _cmd_bench(ns, rest) -> int:
+    try:
+        module = importlib.import_module(BENCHES[ns.which])
+    except ModuleNotFoundError as e:
+        raise FxoptError(f"benchmark {ns.which!r} is not available in this build ({e})") from e
+    return module.main(rest) or 0
+
+
+def _names(text: str) -> tuple:
+    return tuple(t for t in (text or "").split(",") if t)
+
+
+def load_factory(spec: str, input_shape: str | None = None):
+    """Import `module:factory` (or `file.py:factory`), call it, return (model, example_inputs)."""
+    import torch
+    if ":" not in spec:
+        raise FxoptError(f"model {spec!r} must be module.path:factory or path/to/file.py:factory")
+    where, name = spec.rsplit(":", 1)
+    module = _import(where)
+    factory = getattr(module, name, None)
+    if factory is None:
+        raise FxoptError(f"{where} has no attribute {name!r}")
+    made = factory()
+    if isinstance(made, torch.nn.Module):
+        if not input_shape:
+            raise FxoptError(f"{spec} returned only a model: give --input-shape, e.g. --input-shape 1,3,224,224")
+        return made, (torch.randn(*[int(d) for d in input_shape.split(",")]),)
+    if isinstance(made, (tuple, list)) and len(made) >= 2 and isinstance(made[0], torch.nn.Module):
+        return made[0], made[1]
+    raise FxoptError(f"{spec} must return a model or (model, example_inputs), got {type(made).__name__}")
+
+
+def _import(where: str):
+    if where.endswith(".py") or os.sep in where:
+        path = os.path.abspath(where)
+        if not os.path.exists(path):
+            raise FxoptError(f"no such file: {where}")
+        name = os.path.splitext(os.path.basename(path))[0]
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+        return module
+    sys.path.insert(0, os.getcwd())
+    try:
+        return importlib.import_module(where)
+    except ModuleNotFoundError as e:
+        raise FxoptError(f"cannot import {where!r}: {e}") from e
+
+
+if __name__ == "__main__":
+    sys.exit(main())

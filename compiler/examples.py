@@ -1,0 +1,96 @@
+"""Bundled examples on real data: small models trained on sklearn's digits.
+
+sklearn ships the 1,797 8x8 digit images, so nothing is downloaded.
+
+    data = digits()                           # train/test split, fixed seed
+    cnn = train(DigitsCNN(), data, epochs=15) # a few seconds on a CPU
+    accuracy(cnn, data.x_test, data.y_test)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class Digits:
+    x_train: torch.Tensor   # [N, 1, 8, 8] float32, scaled to [0, 1]
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+
+    def batches(self, batch_size: int = 64, seed: int = 0, train: bool = True):
+        """(x, y) minibatches in a fixed shuffled order."""
+        x, y = (self.x_train, self.y_train) if train else (self.x_test, self.y_test)
+        order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+        for i in range(0, len(x), batch_size):
+            idx = order[i:i + batch_size]
+            yield x[idx], y[idx]
+
+
+def digits(test_fraction: float = 0.25, seed: int = 0) -> Digits:
+    """sklearn's digits as tensors, split into train and test with a fixed seed."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as e:
+        raise ImportError("the digits examples need scikit-learn: pip install 'fxopt[dev]'") from e
+    bunch = load_digits()
+    x = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    y = torch.tensor(bunch.target, dtype=torch.long)
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    n_test = int(len(x) * test_fraction)
+    test, train = order[:n_test], order[n_test:]
+    return Digits(x[train], y[train], x[test], y[test])
+
+
+class DigitsCNN(nn.Module):
+    """A small residual CNN with batch norm for 8x8 digits."""
+
+    def __init__(self, width: int = 32, classes: int = 10):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
+        self.block = nn.Sequential(
+            nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
+            nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width))
+        self.down = nn.Sequential(nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.BatchNorm2d(2 * width),
+                                  nn.ReLU())
+        self.head = nn.Sequential(nn.Flatten(), nn.Dropout(0.1), nn.Linear(2 * width * 16, 64), nn.ReLU(),
+                                  nn.Linear(64, classes))
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = torch.relu(x + self.block(x))
+        return self.head(self.down(x))
+
+
+class DigitsMLP(nn.Module):
+    """A three-layer MLP for flattened 8x8 digits."""
+
+    def __init__(self, hidden: int = 128, classes: int = 10):
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, hidden), nn.ReLU(), nn.Dropout(0.1),
+                                 nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, classes))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def train(model: nn.Module, data: Digits, epochs: int = 15, lr: float = 3e-3, seed: int = 0) -> nn.Module:
+    """Train with Adam and cross-entropy; returns the model in eval mode."""
+    torch.manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    model.train()
+    for epoch in range(epochs):
+        for x, y in data.batches(seed=seed + epoch):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+    return model.eval()
+
+
+@torch.no_grad()
+def accuracy(model, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Top-1 accuracy in [0, 1]."""
+    return float((model(x).argmax(-1) == y).float().mean())
