@@ -125,6 +125,33 @@ def _dynamic_shapes(model, args, kwargs):
     return {name: pytree.tree_map(spec, value) for name, value in bound.items()}
 
 
+def _name_extra_kwargs(model, kwargs):
+    """Give ``model.forward`` a signature naming each keyword that lands in ``**kwargs``.
+
+    Why: export matches dynamic_shapes to the forward signature, and cannot
+    take a spec for a non-tensor (``return_dict=False``) nested in the
+    ``**kwargs`` dict. Naming those keywords as parameters of their own makes
+    every input a top-level argument. ``model`` must be our private copy:
+    the bound method is shadowed by an instance attribute.
+    """
+    sig = inspect.signature(model.forward)
+    params = list(sig.parameters.values())
+    var_kw = next((p for p in params if p.kind == p.VAR_KEYWORD), None)
+    extra = [k for k in kwargs if k not in sig.parameters]
+    if var_kw is None or not extra:
+        return model
+    named = [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=None) for k in extra]
+    forward = model.forward
+
+    def forward_named(*args, **kw):
+        return forward(*args, **kw)
+
+    forward_named.__signature__ = sig.replace(
+        parameters=[p for p in params if p is not var_kw] + named + [var_kw])
+    model.forward = forward_named
+    return model
+
+
 def _widen_size_one(args, kwargs):
     """Copy of the inputs with every wanted dim of size 1 repeated to size 2.
 
@@ -337,7 +364,7 @@ def capture(model: nn.Module, example_inputs, dynamic: bool = True) -> fx.GraphM
     name = type(model).__name__
     # Why deepcopy: export runs forward on the model and the graph shares its
     # parameters; a pass folding weights in place must not reach the user's model.
-    private = copy.deepcopy(model).eval()
+    private = _name_extra_kwargs(copy.deepcopy(model).eval(), kwargs)
     try:
         if dynamic:
             gm = _export_dynamic(private, args, kwargs, name)

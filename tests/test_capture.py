@@ -166,6 +166,25 @@ def test_keyword_order_and_constant_kwargs():
     torch.testing.assert_close(_call(gm, inputs).logits, _call(model, inputs).logits)
 
 
+def test_non_tensor_keywords_in_var_kwargs():
+    # BERT takes return_dict/output_hidden_states through **kwargs
+    model, example, other = ZOO["bert"]()
+    flags = {"return_dict": False, "output_hidden_states": True}
+    gm = capture(model, {**example, **flags})
+    assert set(gm.meta["fxopt_capture"]["dynamic_dims"]["input_ids"]) == {0, 1}
+    got, want = _call(gm, {**other, **flags}), _call(model, {**other, **flags})
+    _assert_same_structure(got, want)
+    torch.testing.assert_close(got, want)
+
+
+def test_transformer_encoder_avoids_fused_fast_path():
+    ops = _targets(_captured("transformer_encoder")[3])
+    aten = torch.ops.aten
+    assert aten._transformer_encoder_layer_fwd.default not in ops
+    assert {aten.linear.default, aten.scaled_dot_product_attention.default,
+            aten.layer_norm.default} <= ops
+
+
 def test_symbolic_trace_input_is_exported():
     model, example, other = ZOO["mlp"]()
     traced = fx.symbolic_trace(model)
