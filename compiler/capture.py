@@ -207,7 +207,7 @@ def _warn_static(static, model_name):
                 f"fxopt.capture({model_name}): input '{name}' dim {d} ({what}) is static "
                 f"(size {size}): torch.export specialized it, so the captured graph only "
                 f"accepts size {size} there. Check the model for code that fixes this size "
-                f"or give an example with size >= 2.", stacklevel=3)
+                f"or give an example with size >= 2.", stacklevel=4)
 
 
 # ------------------------------------------------------------------ node meta
@@ -265,6 +265,11 @@ _HINTS = [
 ]
 
 
+# The first three hints (cache, data-dependence, output type) are failures
+# that exporting with static shapes would not fix.
+_STATIC_CANNOT_FIX = _HINTS[:3]
+
+
 def _user_frame(exc):
     """'file:line in func: code' of the innermost frame outside torch, or None."""
     frames = [f for f in traceback.extract_tb(exc.__traceback__)
@@ -311,7 +316,7 @@ def capture_error(exc, model_name):
 def _may_be_shape_related(exc):
     """False for failures static shapes cannot fix: caches, outputs, data-dependence."""
     text = f"{type(exc).__name__} {exc}"
-    return not any(re.search(k, text) for keys, _ in _HINTS[:3] for k in keys)
+    return not any(re.search(k, text) for keys, _ in _STATIC_CANNOT_FIX for k in keys)
 
 
 def _export(model, args, kwargs, dynamic_shapes):
@@ -364,7 +369,12 @@ def capture(model: nn.Module, example_inputs, dynamic: bool = True) -> fx.GraphM
     name = type(model).__name__
     # Why deepcopy: export runs forward on the model and the graph shares its
     # parameters; a pass folding weights in place must not reach the user's model.
-    private = _name_extra_kwargs(copy.deepcopy(model).eval(), kwargs)
+    try:
+        private = copy.deepcopy(model)
+    except Exception as e:  # noqa: BLE001
+        raise CaptureError(f"could not deep-copy {name} before export ({e}); make the model "
+                           "copyable (copy.deepcopy) or move non-copyable state out of it.") from e
+    private = _name_extra_kwargs(private.eval(), kwargs)
     try:
         if dynamic:
             gm = _export_dynamic(private, args, kwargs, name)
