@@ -44,6 +44,7 @@ class OpKind(enum.Enum):
     REDUCE = "reduce"
     EMBEDDING = "embedding"
     SHAPE = "shape"                # sym_size and friends: shape arithmetic
+    PAD = "pad"                    # constant/reflect padding of trailing dims
     FXOPT = "fxopt"                # an op of fxopt's own namespace
     OTHER = "other"
 
@@ -90,6 +91,7 @@ _KINDS: dict[OpKind, set] = {
     OpKind.REDUCE: _overloads(aten.mean, aten.sum, aten.amax),
     OpKind.EMBEDDING: _overloads(aten.embedding),
     OpKind.SHAPE: _overloads(aten.sym_size, aten.sym_numel, aten.sym_stride),
+    OpKind.PAD: _overloads(aten.pad, aten.constant_pad_nd),
 }
 _KIND_OF_TARGET = {target: kind for kind, targets in _KINDS.items() for target in targets}
 
@@ -215,3 +217,106 @@ def conv_parts(node: Node) -> dict:
         dilation=arg(node, 5, "dilation", 1), groups=arg(node, 6, "groups", 1),
         transposed=False,
     )
+
+
+# --- weighted ops and shape arguments (used by structured pruning) -------------
+
+@dataclass(frozen=True)
+class WeightLayout:
+    """Where a weighted op keeps its operands: input x, weight, bias, and which
+    weight axis indexes output features (out_axis) and input features (in_axis).
+
+    linear: W[out, in]; conv: W[out, in/groups, k...]; addmm/mm with a weight
+    as second operand (GPT-2's Conv1D): W[in, out].
+    """
+    x: Node
+    weight: Node
+    bias: Node | None
+    out_axis: int
+    in_axis: int
+    groups: int = 1
+
+
+def weight_layout(node: Node) -> WeightLayout | None:
+    """The WeightLayout of a linear, conv, or weight-times-activation addmm/mm; else None."""
+    kind = kind_of(node) if isinstance(node, Node) else None
+    if kind is OpKind.LINEAR:
+        return WeightLayout(node.args[0], node.args[1], arg(node, 2, "bias"), 0, 1)
+    if kind is OpKind.CONV:
+        parts = conv_parts(node)
+        if parts["transposed"]:
+            return None
+        return WeightLayout(parts["x"], parts["weight"], parts["bias"], 0, 1, int(parts["groups"]))
+    if kind is OpKind.MATMUL and node.target in _overloads(aten.addmm):
+        bias, x, w = node.args[:3]
+        if len(node.args) > 3 or node.kwargs:
+            return None  # beta/alpha scaling
+        return WeightLayout(x, w, bias, 1, 0) if _is_attr(w) else None
+    if kind is OpKind.MATMUL and node.target in _overloads(aten.mm):
+        x, w = node.args[:2]
+        return WeightLayout(x, w, None, 1, 0) if _is_attr(w) else None
+    return None
+
+
+def _is_attr(node) -> bool:
+    return isinstance(node, Node) and node.op == "get_attr"
+
+
+_SIZED_RESHAPES = _overloads(aten.view, aten.reshape, aten._unsafe_view, aten.expand)
+
+
+def shape_list_arg(node: Node) -> int | None:
+    """Index of the target-size list argument of view/reshape/expand (one entry per
+    output dim, may hold -1 and symbolic sizes); None for other reshapes."""
+    return 1 if isinstance(node, Node) and node.target in _SIZED_RESHAPES else None
+
+
+def is_expand(node: Node) -> bool:
+    return isinstance(node, Node) and node.target in _overloads(aten.expand)
+
+
+def permutation(node: Node, rank: int) -> list | None:
+    """For a permute/transpose/t node: perm with output dim o = input dim perm[o]."""
+    if not is_kind(node, OpKind.PERMUTE):
+        return None
+    if node.target in _overloads(aten.permute):
+        return [d % rank for d in node.args[1]]
+    perm = list(range(rank))
+    if node.target in _overloads(aten.t):
+        return perm[::-1]
+    a, b = node.args[1] % rank, node.args[2] % rank
+    perm[a], perm[b] = perm[b], perm[a]
+    return perm
+
+
+def reduced_dims(node: Node, rank: int) -> tuple[set, bool] | None:
+    """(reduced dims, keepdim) of a mean/sum/amax node; None when it reduces everything."""
+    dims = arg(node, 1, "dim", None)
+    if dims is None or (isinstance(dims, (list, tuple)) and len(dims) == 0):
+        return None
+    dims = [dims] if isinstance(dims, int) else list(dims)
+    return {d % rank for d in dims}, bool(arg(node, 2, "keepdim", False))
+
+
+def padded_dims(node: Node, rank: int) -> set:
+    """The trailing dims a pad node pads (pad lists pairs from the last dim backward)."""
+    return {rank - 1 - i for i in range(len(node.args[1]) // 2)}
+
+
+def split_dim(node: Node) -> int:
+    """The dim a split/chunk/unbind node splits along."""
+    if node.target in _overloads(aten.unbind):
+        return arg(node, 1, "dim", 0)
+    return arg(node, 2, "dim", 0)
+
+
+def layer_norm_parts(node: Node):
+    """(input, normalized_shape, weight, bias) of aten.layer_norm; None for group_norm."""
+    if node.target not in _overloads(aten.layer_norm):
+        return None
+    return node.args[0], list(node.args[1]), arg(node, 2, "weight"), arg(node, 3, "bias")
+
+
+def attention_parts(node: Node):
+    """(q, k, v, attn_mask) of scaled_dot_product_attention."""
+    return node.args[0], node.args[1], node.args[2], arg(node, 3, "attn_mask")
