@@ -1,0 +1,65 @@
+"""Numba on-disk cache keyed on the whole kernels package, not one file.
+
+Numba's ``cache=True`` checks only the source file that holds the ``@njit``
+function, so a kernel whose helper (another file of this package) changed
+would keep running stale machine code. The locators below give every kernel
+defined in this package a source stamp that hashes all of the package's
+``.py`` files, so editing any of them recompiles every cached kernel.
+Each kernel file also carries a ``KERNEL_VERSION`` string for humans.
+"""
+import hashlib
+import os
+
+from numba.core import caching
+
+_PKG_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def package_stamp():
+    """Hash of the source of every module in this package."""
+    h = hashlib.sha256()
+    for name in sorted(os.listdir(_PKG_DIR)):
+        if name.endswith(".py"):
+            with open(os.path.join(_PKG_DIR, name), "rb") as f:
+                h.update(name.encode() + b"\0" + f.read())
+    return h.hexdigest()
+
+
+def _in_package(py_file):
+    return os.path.dirname(os.path.abspath(py_file)) == _PKG_DIR
+
+
+class _PackageStampMixin:
+    @classmethod
+    def from_function(cls, py_func, py_file):
+        if not _in_package(py_file):
+            return None
+        return super().from_function(py_func, py_file)
+
+    def get_source_stamp(self):
+        return package_stamp()
+
+
+class PackageInTreeLocator(_PackageStampMixin, caching.InTreeCacheLocator):
+    pass
+
+
+class PackageUserWideLocator(_PackageStampMixin, caching.UserWideCacheLocator):
+    pass
+
+
+class PackageUserProvidedLocator(_PackageStampMixin,
+                                 caching.UserProvidedCacheLocator):
+    pass
+
+
+def install():
+    """Put the package locators first (idempotent)."""
+    classes = caching.CacheImpl._locator_classes
+    for cls in (PackageUserWideLocator, PackageInTreeLocator,
+                PackageUserProvidedLocator):
+        if cls not in classes:
+            classes.insert(0, cls)
+
+
+install()

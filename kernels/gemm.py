@@ -1,0 +1,230 @@
+"""uint8 x packed int8 GEMM with int32 accumulation and fused epilogues.
+
+Work is split into jobs of (one 64-column block of B) x (a chunk of rows
+of A). A job walks its rows in tiles of MR (isa_geometry), computes each
+MR x 64 int32 tile with the ISA's intrinsic (simd.tile_s32) into a small
+L1-resident buffer and immediately runs the epilogue on it (epilogue.py),
+so the int32 result never goes to memory. Jobs run serially or over
+Numba's thread pool (prange), one entry pair per ISA below, each bound
+to its ISA by a compile-time IsaTag constant.
+"""
+import numpy as np
+from numba import njit, prange, types
+from numba.extending import overload
+
+from .epilogue import store_tile_f32, store_tile_s32, store_tile_u8
+from .quantize import quantize_rows_into, row_range, scale_zero_point, quantize_row
+from .simd import BLOCK_COLS, GROUP_BYTES, TAGS, is_portable, isa_geometry, tile_s32
+
+KERNEL_VERSION = "gemm-1"
+
+_AVX512_VNNI = TAGS["avx512_vnni"]
+_AVX_VNNI = TAGS["avx_vnni"]
+_AVX2 = TAGS["avx2"]
+_PORTABLE = TAGS["portable"]
+_F1 = np.float32(1.0)
+
+
+@njit(inline="always")
+def _tile(tag, mr, a, a_off, lda, b, b_off, kg, t, t_off):
+    # tile_s32 needs mr as a literal: one specialization per row count
+    if mr == 6:
+        tile_s32(tag, 6, a, a_off, lda, b, b_off, kg, t, t_off, BLOCK_COLS)
+    elif mr == 5:
+        tile_s32(tag, 5, a, a_off, lda, b, b_off, kg, t, t_off, BLOCK_COLS)
+    elif mr == 4:
+        tile_s32(tag, 4, a, a_off, lda, b, b_off, kg, t, t_off, BLOCK_COLS)
+    elif mr == 3:
+        tile_s32(tag, 3, a, a_off, lda, b, b_off, kg, t, t_off, BLOCK_COLS)
+    elif mr == 2:
+        tile_s32(tag, 2, a, a_off, lda, b, b_off, kg, t, t_off, BLOCK_COLS)
+    else:
+        tile_s32(tag, 1, a, a_off, lda, b, b_off, kg, t, t_off, BLOCK_COLS)
+
+
+@njit
+def _tile_portable(mr, ncols, a, m0, b, boff, kg, t):
+    for r in range(mr):
+        for j in range(ncols):
+            t[r * BLOCK_COLS + j] = 0
+        for g in range(kg):
+            a0 = np.int32(a[m0 + r, 4 * g])
+            a1 = np.int32(a[m0 + r, 4 * g + 1])
+            a2 = np.int32(a[m0 + r, 4 * g + 2])
+            a3 = np.int32(a[m0 + r, 4 * g + 3])
+            base = boff + g * GROUP_BYTES
+            for j in range(ncols):
+                p = base + 4 * j
+                t[r * BLOCK_COLS + j] += (a0 * b[p] + a1 * b[p + 1]
+                                          + a2 * b[p + 2] + a3 * b[p + 3])
+
+
+def _store(t, mr, m0, n0, ncols, colsum, ascale, azp, wscale, bias, ep, out, y):
+    raise NotImplementedError  # compiled through the overload below
+
+
+@overload(_store)
+def _store_impl(t, mr, m0, n0, ncols, colsum, ascale, azp, wscale, bias, ep, out, y):
+    if out.dtype == types.float32:
+        def impl(t, mr, m0, n0, ncols, colsum, ascale, azp, wscale, bias, ep, out, y):
+            store_tile_f32(t, BLOCK_COLS, mr, m0, n0, ncols, colsum, ascale, azp,
+                           wscale, bias, ep, out)
+    elif out.dtype == types.uint8:
+        def impl(t, mr, m0, n0, ncols, colsum, ascale, azp, wscale, bias, ep, out, y):
+            store_tile_u8(t, BLOCK_COLS, mr, m0, n0, ncols, colsum, ascale, azp,
+                          wscale, bias, ep, out, y)
+    elif out.dtype == types.int32:
+        def impl(t, mr, m0, n0, ncols, colsum, ascale, azp, wscale, bias, ep, out, y):
+            store_tile_s32(t, BLOCK_COLS, mr, m0, n0, ncols, out)
+    else:
+        return None
+    return impl
+
+
+@njit
+def _job(tag, job, nmc, mchunk, aq, bp, kg, colsum, ascale, azp, wscale, bias,
+         ep, out):
+    mr_max, tc = isa_geometry(tag)
+    m, n, lda = aq.shape[0], out.shape[1], aq.shape[1]
+    nb = job // nmc
+    m_start = (job - nb * nmc) * mchunk
+    m_end = min(m, m_start + mchunk)
+    n0 = nb * BLOCK_COLS
+    ncols = min(BLOCK_COLS, n - n0)
+    boff = nb * kg * GROUP_BYTES
+    t = np.empty(mr_max * BLOCK_COLS, np.int32)
+    y = np.empty(BLOCK_COLS, np.float32)
+    for m0 in range(m_start, m_end, mr_max):
+        mr = min(mr_max, m_end - m0)
+        if is_portable(tag):
+            _tile_portable(mr, ncols, aq, m0, bp, boff, kg, t)
+        else:
+            for cs in range(0, ncols, tc):
+                _tile(tag, mr, aq, m0 * lda, lda, bp, boff + 4 * cs, kg, t, cs)
+        _store(t, mr, m0, n0, ncols, colsum, ascale, azp, wscale, bias, ep, out, y)
+
+
+@njit
+def _plan(tag, m, n, threads):
+    """(row chunks per column block, rows per chunk) giving >= 2 jobs/thread."""
+    mr_max = isa_geometry(tag)[0]
+    nblocks = (n + BLOCK_COLS - 1) // BLOCK_COLS
+    tiles = (m + mr_max - 1) // mr_max
+    want = (2 * threads + nblocks - 1) // nblocks if nblocks % threads else 1
+    nmc = max(1, min(tiles, want))
+    mchunk = ((tiles + nmc - 1) // nmc) * mr_max
+    nmc = (m + mchunk - 1) // mchunk
+    return nblocks, nmc, mchunk
+
+
+@njit
+def _prepare(x, aq, ascale, azp, kg):
+    """Quantize float rows x into fresh buffers, or pass the uint8 ones on."""
+    if x.shape[1] == 0:
+        return aq, ascale, azp
+    m = x.shape[0]
+    q = np.empty((m, 4 * kg), np.uint8)
+    s = np.empty(m, np.float32)
+    z = np.empty(m, np.int32)
+    quantize_rows_into(x, q, s, z)
+    return q, s, z
+
+
+@njit(parallel=True)
+def _prepare_par(x, aq, ascale, azp, kg):
+    if x.shape[1] == 0:
+        return aq, ascale, azp
+    m = x.shape[0]
+    q = np.empty((m, 4 * kg), np.uint8)
+    s = np.empty(m, np.float32)
+    z = np.empty(m, np.int32)
+    for i in prange(m):
+        lo, hi = row_range(x, i)
+        si, zp = scale_zero_point(lo, hi)
+        s[i] = si
+        z[i] = np.int32(zp)
+        quantize_row(x, i, _F1 / si, zp, q)
+    return q, s, z
+
+
+@njit
+def _run_serial(tag, x, aq, ascale, azp, bp, kg, colsum, wscale, bias, ep, out):
+    aq, ascale, azp = _prepare(x, aq, ascale, azp, kg)
+    nblocks = (out.shape[1] + BLOCK_COLS - 1) // BLOCK_COLS
+    for job in range(nblocks):
+        _job(tag, job, 1, max(aq.shape[0], 1), aq, bp, kg, colsum, ascale, azp,
+             wscale, bias, ep, out)
+
+
+# One serial and one threaded entry per ISA; the threaded body is repeated
+# because prange must sit in the function compiled with parallel=True.
+@njit(cache=True)
+def avx512_vnni_serial(x, aq, ascale, azp, bp, kg, colsum, wscale, bias, ep, out,
+        threads):
+    _run_serial(_AVX512_VNNI, x, aq, ascale, azp, bp, kg, colsum, wscale, bias, ep, out)
+
+
+@njit(cache=True, parallel=True)
+def avx512_vnni_parallel(x, aq, ascale, azp, bp, kg, colsum, wscale, bias, ep, out,
+        threads):
+    aq, ascale, azp = _prepare_par(x, aq, ascale, azp, kg)
+    nblocks, nmc, mchunk = _plan(_AVX512_VNNI, aq.shape[0], out.shape[1], threads)
+    for job in prange(nblocks * nmc):
+        _job(_AVX512_VNNI, job, nmc, mchunk, aq, bp, kg, colsum, ascale, azp,
+             wscale, bias, ep, out)
+
+
+@njit(cache=True)
+def avx_vnni_serial(x, aq, ascale, azp, bp, kg, colsum, wscale, bias, ep, out,
+        threads):
+    _run_serial(_AVX_VNNI, x, aq, ascale, azp, bp, kg, colsum, wscale, bias, ep, out)
+
+
+@njit(cache=True, parallel=True)
+def avx_vnni_parallel(x, aq, ascale, azp, bp, kg, colsum, wscale, bias, ep, out,
+        threads):
+    aq, ascale, azp = _prepare_par(x, aq, ascale, azp, kg)
+    nblocks, nmc, mchunk = _plan(_AVX_VNNI, aq.shape[0], out.shape[1], threads)
+    for job in prange(nblocks * nmc):
+        _job(_AVX_VNNI, job, nmc, mchunk, aq, bp, kg, colsum, ascale, azp,
+             wscale, bias, ep, out)
+
+
+@njit(cache=True)
+def avx2_serial(x, aq, ascale, azp, bp, kg, colsum, wscale, bias, ep, out,
+        threads):
+    _run_serial(_AVX2, x, aq, ascale, azp, bp, kg, colsum, wscale, bias, ep, out)
+
+
+@njit(cache=True, parallel=True)
+def avx2_parallel(x, aq, ascale, azp, bp, kg, colsum, wscale, bias, ep, out,
+        threads):
+    aq, ascale, azp = _prepare_par(x, aq, ascale, azp, kg)
+    nblocks, nmc, mchunk = _plan(_AVX2, aq.shape[0], out.shape[1], threads)
+    for job in prange(nblocks * nmc):
+        _job(_AVX2, job, nmc, mchunk, aq, bp, kg, colsum, ascale, azp,
+             wscale, bias, ep, out)
+
+
+@njit(cache=True)
+def portable_serial(x, aq, ascale, azp, bp, kg, colsum, wscale, bias, ep, out,
+        threads):
+    _run_serial(_PORTABLE, x, aq, ascale, azp, bp, kg, colsum, wscale, bias, ep, out)
+
+
+@njit(cache=True, parallel=True)
+def portable_parallel(x, aq, ascale, azp, bp, kg, colsum, wscale, bias, ep, out,
+        threads):
+    aq, ascale, azp = _prepare_par(x, aq, ascale, azp, kg)
+    nblocks, nmc, mchunk = _plan(_PORTABLE, aq.shape[0], out.shape[1], threads)
+    for job in prange(nblocks * nmc):
+        _job(_PORTABLE, job, nmc, mchunk, aq, bp, kg, colsum, ascale, azp,
+             wscale, bias, ep, out)
+
+
+ENTRIES = {
+    "avx512_vnni": (avx512_vnni_serial, avx512_vnni_parallel),
+    "avx_vnni": (avx_vnni_serial, avx_vnni_parallel),
+    "avx2": (avx2_serial, avx2_parallel),
+    "portable": (portable_serial, portable_parallel),
+}

@@ -1,0 +1,182 @@
+"""Public GEMM and linear entry points (numpy in, numpy out).
+
+    >>> pw = pack_weights_s8(*quantize_weights_s8(w))          # once
+    >>> y = linear_f32(x, pw, bias, act="gelu")                  # per call
+
+Threading: kernels use ``get_num_threads()`` Numba threads (default: Numba's
+configured count capped at os.cpu_count()); graph code passes torch's count
+with ``set_num_threads(torch.get_num_threads())`` once, or ``n_threads=`` per
+call. Small problems run on the calling thread (a parallel launch costs a
+few microseconds).
+"""
+import os
+
+import numba
+import numpy as np
+
+from . import dispatch as _dispatch
+from .epilogue import ACTIVATIONS
+from .gemm import ENTRIES
+from .dispatch import KernelError
+from .pack import PackedWeights
+from .quantize import padded_k
+
+KERNEL_VERSION = "linear-1"
+# below this many multiply-adds a thread launch costs more than it saves
+PARALLEL_MIN_MACS = 1 << 21
+
+_threads = [max(1, min(numba.config.NUMBA_NUM_THREADS, os.cpu_count() or 1))]
+_NO_X = np.empty((0, 0), np.float32)
+_NO_Q = np.empty((0, 0), np.uint8)
+_NO_F = np.empty(0, np.float32)
+_NO_I = np.empty(0, np.int32)
+_EP_CACHE = {}
+
+
+def set_num_threads(n):
+    """Threads used by later kernel calls from this thread (capped)."""
+    n = max(1, min(int(n), numba.config.NUMBA_NUM_THREADS))
+    numba.set_num_threads(n)
+    _threads[0] = n
+
+
+def get_num_threads():
+    return _threads[0]
+
+
+def epilogue_params(act="none", act_args=(), out_scale=1.0, out_zero_point=0):
+    """float32 vector [act, p0, p1, out_scale, out_zp] (cached by value)."""
+    key = (act, tuple(act_args), out_scale, out_zero_point)
+    ep = _EP_CACHE.get(key)
+    if ep is None:
+        if act not in ACTIVATIONS:
+            raise KernelError(f"unknown activation {act!r}; choose one of "
+                              f"{sorted(ACTIVATIONS)}")
+        if act == "relu6":
+            act_args = act_args or (0.0, 6.0)
+        elif act == "hardtanh":
+            act_args = act_args or (-1.0, 1.0)
+        p0, p1 = (tuple(act_args) + (0.0, 0.0))[:2]
+        if not out_scale > 0:
+            raise KernelError(f"out_scale must be > 0, got {out_scale}")
+        ep = np.array([ACTIVATIONS[act], p0, p1, out_scale, out_zero_point], np.float32)
+        _EP_CACHE[key] = ep
+    return ep
+
+
+def _run(x, aq, ascale, azp, pw, bias, ep, out, n_threads):
+    serial, parallel = ENTRIES[_dispatch._current[0]]
+    threads = n_threads or _threads[0]
+    if threads > 1 and out.shape[0] * pw.n * pw.k >= PARALLEL_MIN_MACS:
+        if numba.get_num_threads() != threads:
+            numba.set_num_threads(threads)
+        parallel(x, aq, ascale, azp, pw.data, pw.k_groups, pw.col_sums, pw.scales,
+                 bias, ep, out, threads)
+    else:
+        serial(x, aq, ascale, azp, pw.data, pw.k_groups, pw.col_sums, pw.scales,
+               bias, ep, out, 1)
+    return out
+
+
+def _bias(bias, n):
+    if bias is None:
+        return _NO_F
+    if type(bias) is not np.ndarray or bias.dtype != np.float32 or not bias.flags.c_contiguous:
+        bias = np.ascontiguousarray(bias, np.float32)
+    if bias.shape != (n,):
+        raise KernelError(f"bias must have shape ({n},), got {bias.shape}")
+    return bias
+
+
+def _check_packed(pw):
+    if not isinstance(pw, PackedWeights):
+        raise KernelError("weights must be a PackedWeights from pack_weights_s8")
+
+
+def linear_f32(x, pw, bias=None, act="none", act_args=(), n_threads=None):
+    """y = act(x @ W.T * scales + bias) with x quantized per row on the fly.
+
+    x: float32 (..., K), any leading shape; returns float32 (..., N).
+    act: one of ACTIVATIONS; act_args: (min, max) for hardtanh/relu6.
+
+        >>> y = linear_f32(x, pw, bias, act="relu")
+    """
+    if type(x) is not np.ndarray or x.dtype != np.float32 or not x.flags.c_contiguous:
+        x = np.ascontiguousarray(x, np.float32)
+    if x.ndim < 1 or x.shape[-1] != pw.k:
+        raise KernelError(f"linear_f32: input has shape {x.shape}, weights expect "
+                          f"K={pw.k} in the last dimension")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, pw.k)
+    out = np.empty((x2.shape[0], pw.n), np.float32)
+    ep = _EP_CACHE.get((act, act_args, 1.0, 0)) if type(act_args) is tuple else None
+    if ep is None:
+        _check_packed(pw)
+        ep = epilogue_params(act, act_args)
+    _run(x2, _NO_Q, _NO_F, _NO_I, pw, _bias(bias, pw.n), ep, out, n_threads)
+    return out.reshape(lead + (pw.n,))
+
+
+def _prepare_u8(a, pw):
+    _check_packed(pw)
+    if not isinstance(a, np.ndarray) or a.dtype != np.uint8 or a.ndim != 2:
+        raise KernelError(f"A must be a 2-D uint8 numpy array, got "
+                          f"{getattr(a, 'dtype', type(a))} {getattr(a, 'shape', '')}")
+    if a.shape[1] != pw.k:
+        raise KernelError(f"A has K={a.shape[1]}, weights expect K={pw.k}")
+    kp = padded_k(pw.k)
+    if kp != pw.k or not a.flags.c_contiguous:
+        # rows must be contiguous and a whole number of 4-byte k-groups
+        padded = np.zeros((a.shape[0], kp), np.uint8)
+        padded[:, :pw.k] = a
+        a = padded
+    return a
+
+
+def _per_row(v, m, dtype, name):
+    v = np.ascontiguousarray(np.broadcast_to(np.asarray(v, dtype), (m,)))
+    if v.shape != (m,):
+        raise KernelError(f"{name} must be a scalar or have shape ({m},)")
+    return v
+
+
+def gemm_u8s8_s32(a, pw, n_threads=None):
+    """Raw int32 product: out[i, n] = sum_k a[i, k] * W[n, k] (no zero point).
+
+        >>> acc = gemm_u8s8_s32(a_u8, pw)
+    """
+    a = _prepare_u8(a, pw)
+    out = np.empty((a.shape[0], pw.n), np.int32)
+    return _run(_NO_X, a, _NO_F, _NO_I, pw, _NO_F, epilogue_params(), out, n_threads)
+
+
+def gemm_u8s8_f32(a, a_scales, a_zero_points, pw, bias=None, act="none",
+                  act_args=(), n_threads=None):
+    """Dequantizing GEMM: act((a - zp) @ W.T * a_scale * w_scale + bias).
+
+    a_scales / a_zero_points: per row (M,) or one scalar for the tensor.
+    """
+    a = _prepare_u8(a, pw)
+    m = a.shape[0]
+    s = _per_row(a_scales, m, np.float32, "a_scales")
+    z = _per_row(a_zero_points, m, np.int32, "a_zero_points")
+    out = np.empty((m, pw.n), np.float32)
+    return _run(_NO_X, a, s, z, pw, _bias(bias, pw.n), epilogue_params(act, act_args),
+                out, n_threads)
+
+
+def gemm_u8s8_u8(a, a_scales, a_zero_points, pw, out_scale, out_zero_point,
+                 bias=None, act="none", act_args=(), n_threads=None):
+    """Requantizing GEMM: the float result of gemm_u8s8_f32 mapped to uint8
+    as clip(rint(y / out_scale) + out_zero_point, 0, 255), without a float
+    round trip through memory.
+    """
+    a = _prepare_u8(a, pw)
+    m = a.shape[0]
+    s = _per_row(a_scales, m, np.float32, "a_scales")
+    z = _per_row(a_zero_points, m, np.int32, "a_zero_points")
+    if not 0 <= out_zero_point <= 255:
+        raise KernelError(f"out_zero_point must be in [0, 255], got {out_zero_point}")
+    ep = epilogue_params(act, act_args, float(out_scale), int(out_zero_point))
+    out = np.empty((m, pw.n), np.uint8)
+    return _run(_NO_X, a, s, z, pw, _bias(bias, pw.n), ep, out, n_threads)

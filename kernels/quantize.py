@@ -1,0 +1,120 @@
+"""Activation quantization: float32 rows -> uint8 with scale and zero point.
+
+Dynamic per-row (asymmetric): the range of each row, widened to contain 0,
+maps to [0, 255]:
+
+    lo = min(0, min(x)), hi = max(0, max(x))
+    scale = (hi - lo) / 255            (1 if the row is all zero)
+    zp = clip(rint(-lo / scale), 0, 255)
+    q = clip(rint(x * (1 / scale)) + zp, 0, 255)
+
+all in float32, exactly as reference.quantize_rows_f32_u8 computes it.
+The row range uses fastmath (reassociated min/max) so it vectorizes; min
+and max are exact under reordering, so the result does not change.
+Rows are written with a stride ``Kp >= K`` (K rounded up to 4, the GEMM's
+k-group), padding columns set to the zero point (they meet zero weights).
+"""
+import numpy as np
+from numba import njit
+
+KERNEL_VERSION = "quantize-1"
+
+_F0 = np.float32(0.0)
+_F1 = np.float32(1.0)
+_F255 = np.float32(255.0)
+
+
+@njit(fastmath=True, cache=True)
+def row_range(x, i):
+    """(min(0, min x[i]), max(0, max x[i])) as float32."""
+    lo = _F0
+    hi = _F0
+    for k in range(x.shape[1]):
+        v = x[i, k]
+        lo = min(lo, v)
+        hi = max(hi, v)
+    return lo, hi
+
+
+@njit(cache=True)
+def scale_zero_point(lo, hi):
+    scale = (hi - lo) / _F255
+    if scale == _F0:
+        scale = _F1
+    zp = min(max(np.rint(-lo / scale), _F0), _F255)
+    return np.float32(scale), np.float32(zp)
+
+
+@njit(cache=True)
+def quantize_row(x, i, inv, zp, q):
+    """q[i, :K] = clip(rint(x[i] * inv) + zp, 0, 255); q[i, K:] = zp."""
+    K = x.shape[1]
+    for k in range(K):
+        v = np.rint(x[i, k] * inv) + zp
+        q[i, k] = np.uint8(min(max(v, _F0), _F255))
+    for k in range(K, q.shape[1]):
+        q[i, k] = np.uint8(zp)
+
+
+@njit(cache=True)
+def quantize_rows_into(x, q, scales, zps):
+    """Dynamic per-row quantization of x (M, K) float32 into q (M, Kp)."""
+    for i in range(x.shape[0]):
+        lo, hi = row_range(x, i)
+        s, zp = scale_zero_point(lo, hi)
+        scales[i] = s
+        zps[i] = np.int32(zp)
+        quantize_row(x, i, _F1 / s, zp, q)
+
+
+@njit(cache=True)
+def quantize_tensor_into(x, scale, zp, q):
+    """Static quantization of x (M, K) with one scale and zero point."""
+    inv = _F1 / np.float32(scale)
+    z = np.float32(zp)
+    for i in range(x.shape[0]):
+        quantize_row(x, i, inv, z, q)
+
+
+def padded_k(k):
+    """K rounded up to the GEMM's k-group of 4."""
+    return (k + 3) & ~3
+
+
+def _check_f32_2d(x, name):
+    if not isinstance(x, np.ndarray) or x.dtype != np.float32 or x.ndim != 2:
+        raise TypeError(f"{name} must be a 2-D float32 numpy array, got "
+                        f"{getattr(x, 'dtype', type(x))} {getattr(x, 'shape', '')}")
+    return x
+
+
+def quantize_rows_f32_u8(x, pad_k=False):
+    """Dynamic per-row asymmetric quantization.
+
+    Returns (q uint8 (M, K or Kp), scales float32 (M,), zero_points int32 (M,))
+    with x ~= (q - zp[:, None]) * scale[:, None].
+
+        >>> q, s, zp = quantize_rows_f32_u8(np.random.randn(4, 10).astype(np.float32))
+    """
+    x = _check_f32_2d(x, "x")
+    m, k = x.shape
+    q = np.empty((m, padded_k(k) if pad_k else k), np.uint8)
+    scales = np.empty(m, np.float32)
+    zps = np.empty(m, np.int32)
+    quantize_rows_into(x, q, scales, zps)
+    return q, scales, zps
+
+
+def quantize_tensor_f32_u8(x, scale, zero_point, pad_k=False):
+    """Static per-tensor quantization with a given scale and zero point.
+
+        >>> q = quantize_tensor_f32_u8(x, 0.05, 128)
+    """
+    x = _check_f32_2d(x, "x")
+    if not (scale > 0 and 0 <= zero_point <= 255):
+        raise ValueError(f"need scale > 0 and 0 <= zero_point <= 255, got "
+                         f"scale={scale}, zero_point={zero_point}")
+    m, k = x.shape
+    q = np.empty((m, padded_k(k) if pad_k else k), np.uint8)
+    quantize_tensor_into(x, np.float32(scale), np.int32(zero_point), q)
+    return q

@@ -1,0 +1,134 @@
+"""Plain numpy twins of every kernel, used as test references.
+
+Written independently of the kernels (no packed layout, no tiles) and in
+the most direct form; integer parts are exact (int64), float parts follow
+the documented float32 formulas.
+"""
+import math
+
+import numpy as np
+
+_F0, _F1, _F255 = np.float32(0), np.float32(1), np.float32(255)
+
+
+def quantize_weights_s8(w):
+    w = np.asarray(w, np.float32)
+    amax = np.abs(w).max(axis=1)
+    scales = np.where(amax > 0, amax / np.float32(127), np.float32(1)).astype(np.float32)
+    return np.clip(np.rint(w / scales[:, None]), -127, 127).astype(np.int8), scales
+
+
+def quantize_rows_f32_u8(x):
+    x = np.asarray(x, np.float32)
+    lo = np.minimum(x.min(axis=1, initial=0), _F0).astype(np.float32)
+    hi = np.maximum(x.max(axis=1, initial=0), _F0).astype(np.float32)
+    scale = ((hi - lo) / _F255).astype(np.float32)
+    scale = np.where(scale == 0, _F1, scale).astype(np.float32)
+    zp = np.clip(np.rint(-lo / scale), 0, 255).astype(np.float32)
+    inv = (_F1 / scale).astype(np.float32)
+    q = np.clip(np.rint(x * inv[:, None]) + zp[:, None], 0, 255).astype(np.uint8)
+    return q, scale, zp.astype(np.int32)
+
+
+def quantize_tensor_f32_u8(x, scale, zero_point):
+    inv = _F1 / np.float32(scale)
+    q = np.rint(np.asarray(x, np.float32) * inv) + np.float32(zero_point)
+    return np.clip(q, 0, 255).astype(np.uint8)
+
+
+def gemm_u8s8_s32(a, w):
+    """a uint8 (M, K), w int8 (N, K) -> int32 (M, N), exact."""
+    return (a.astype(np.int64) @ w.astype(np.int64).T).astype(np.int32)
+
+
+def activation(y, act="none", act_args=()):
+    y = np.asarray(y, np.float64)
+    if act == "relu":
+        return np.maximum(y, 0)
+    if act in ("relu6", "hardtanh"):
+        lo, hi = act_args or ((0.0, 6.0) if act == "relu6" else (-1.0, 1.0))
+        return np.clip(y, lo, hi)
+    if act == "gelu":
+        erf = np.vectorize(math.erf)
+        return 0.5 * y * (1 + erf(y / math.sqrt(2)))
+    if act == "gelu_tanh":
+        return 0.5 * y * (1 + np.tanh(math.sqrt(2 / math.pi) * (y + 0.044715 * y ** 3)))
+    if act == "silu":
+        return y / (1 + np.exp(-y))
+    assert act == "none", act
+    return y
+
+
+def gemm_u8s8_f32(a, a_scales, a_zps, w, w_scales, bias=None, act="none", act_args=()):
+    """float64 reference of the dequantizing epilogue."""
+    m = a.shape[0]
+    zps = np.broadcast_to(np.asarray(a_zps, np.int64), (m,))
+    acc = (a.astype(np.int64) - zps[:, None]) @ w.astype(np.int64).T
+    sa = np.broadcast_to(np.asarray(a_scales, np.float64), (m,))
+    y = acc * sa[:, None] * np.asarray(w_scales, np.float64)[None, :]
+    if bias is not None:
+        y = y + np.asarray(bias, np.float64)
+    return activation(y, act, act_args)
+
+
+def gemm_u8s8_u8(a, a_scales, a_zps, w, w_scales, out_scale, out_zp, bias=None,
+                 act="none", act_args=()):
+    y = gemm_u8s8_f32(a, a_scales, a_zps, w, w_scales, bias, act, act_args)
+    return np.clip(np.rint(y / out_scale) + out_zp, 0, 255).astype(np.uint8)
+
+
+def linear_f32(x, w_q, w_scales, bias=None, act="none", act_args=()):
+    q, s, z = quantize_rows_f32_u8(x)
+    return gemm_u8s8_f32(q, s, z, w_q, w_scales, bias, act, act_args)
+
+
+def bmm_f32_int8(a, b, transpose_b=False):
+    """Float reference of the quantized batched matmul: per-row quantized a
+    (rows of M), per-column (or per-row of b when transpose_b) quantized b."""
+    a = np.asarray(a, np.float32)
+    b = np.asarray(b, np.float32)
+    bt = b if transpose_b else np.swapaxes(b, -1, -2)
+    out = []
+    for ai, bi in zip(a, bt):
+        qa, sa, za = quantize_rows_f32_u8(ai)
+        wq, ws = quantize_weights_s8(bi)
+        out.append(gemm_u8s8_f32(qa, sa, za, wq, ws))
+    return np.stack(out).astype(np.float32)
+
+
+def im2col_nchw(x, kh, kw, stride, padding, dilation):
+    """x (C, H, W) -> (OH*OW, C*kh*kw) patches, zero padded."""
+    c, h, w = x.shape
+    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
+    oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    ow = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    xp = np.zeros((c, h + 2 * ph, w + 2 * pw), x.dtype)
+    xp[:, ph:ph + h, pw:pw + w] = x
+    cols = np.empty((oh, ow, c, kh, kw), x.dtype)
+    for i in range(kh):
+        for j in range(kw):
+            cols[:, :, :, i, j] = xp[:, i * dh:i * dh + sh * (oh - 1) + 1:sh,
+                                     j * dw:j * dw + sw * (ow - 1) + 1:sw].transpose(1, 2, 0)
+    return cols.reshape(oh * ow, c * kh * kw), oh, ow
+
+
+def conv2d_f32(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    """Exact float64 convolution (NCHW, OIHW weights) by im2col."""
+    pair = lambda v: (v, v) if np.isscalar(v) else tuple(v)
+    stride, padding, dilation = pair(stride), pair(padding), pair(dilation)
+    n, c = x.shape[:2]
+    o, cg, kh, kw = weight.shape
+    og = o // groups
+    outs = []
+    for b in range(n):
+        per_group = []
+        for g in range(groups):
+            cols, oh, ow = im2col_nchw(np.asarray(x[b, g * cg:(g + 1) * cg], np.float64),
+                                       kh, kw, stride, padding, dilation)
+            wg = np.asarray(weight[g * og:(g + 1) * og], np.float64).reshape(og, -1)
+            per_group.append((cols @ wg.T).T.reshape(og, oh, ow))
+        outs.append(np.concatenate(per_group))
+    y = np.stack(outs)
+    if bias is not None:
+        y = y + np.asarray(bias, np.float64)[None, :, None, None]
+    return y

@@ -1,0 +1,256 @@
+"""SIMD building blocks for the int8 GEMM: ISA tags and the tile intrinsic.
+
+LLVM's auto-vectorizer does not emit ``vpdpbusd``, so the inner loop of the
+GEMM is generated here as LLVM IR through ``numba.extending.intrinsic``.
+One intrinsic, ``tile_s32``, computes an ``mr x tile_cols`` int32 tile of
+``A (uint8, rows of K padded to 4) x B (packed int8)`` for one ISA:
+
+- ``avx512_vnni``: 6 x 64 tile, 4 zmm accumulators per row, ``vpdpbusd.512``
+- ``avx_vnni``:    4 x 16 tile, 2 ymm accumulators per row, ``vpdpbusd.256``
+- ``avx2``:        2 x 16 tile, u8/s8 widened to int16 and multiplied with
+  ``vpmaddwd`` (exact; ``vpmaddubsw`` would saturate int16 pairs)
+- ``portable``:    no intrinsic; gemm.py uses plain Numba loops.
+
+The ISA is chosen at compile time by an ``IsaTag`` constant (a module global
+of the calling kernel), so one driver source compiles to one machine-code
+variant per ISA and nothing is looked up per call.
+
+Packed B layout (see pack.py): 64-column blocks; inside a block, k-group g
+(4 consecutive k) holds 256 bytes ``[col 0..63][k 0..3]``. A vector of
+``vbytes`` bytes therefore covers ``vbytes / 4`` columns for 4 k.
+"""
+import llvmlite.ir as ir
+from numba import types
+from numba.core import cgutils
+from numba.core.imputils import lower_constant
+from numba.extending import (intrinsic, models,
+                             register_model, typeof_impl)
+
+KERNEL_VERSION = "simd-1"
+
+ISAS = ("avx512_vnni", "avx_vnni", "avx2", "portable")
+# isa -> (rows per tile, columns per tile)
+GEOMETRY = {"avx512_vnni": (6, 64), "avx_vnni": (4, 16), "avx2": (2, 16),
+            "portable": (4, 64)}
+BLOCK_COLS = 64
+GROUP_BYTES = 4 * BLOCK_COLS
+
+_i8, _i16, _i32 = ir.IntType(8), ir.IntType(16), ir.IntType(32)
+
+
+class IsaTag:
+    """Compile-time marker naming an ISA; use as a module-level constant."""
+    __slots__ = ("name",)
+
+    def __init__(self, name):
+        self.name = name
+
+    def __repr__(self):
+        return f"IsaTag({self.name!r})"
+
+
+class IsaType(types.Type):
+    def __init__(self, isa):
+        self.isa = isa
+        super().__init__(name=f"IsaTag({isa})")
+
+
+register_model(IsaType)(models.OpaqueModel)
+
+
+@typeof_impl.register(IsaTag)
+def _typeof_tag(val, c):
+    return IsaType(val.name)
+
+
+@lower_constant(IsaType)
+def _lower_tag(context, builder, ty, pyval):
+    return context.get_constant_null(ty)
+
+
+TAGS = {name: IsaTag(name) for name in ISAS}
+
+
+def _vec(t, n):
+    return ir.VectorType(t, n)
+
+
+def _const_vec(values):
+    return ir.Constant(_vec(_i32, len(values)), list(values))
+
+
+def _call(builder, name, ret, args):
+    fnty = ir.FunctionType(ret, [a.type for a in args])
+    fn = cgutils.get_or_insert_function(builder.module, fnty, name)
+    return builder.call(fn, args)
+
+
+def _dot_vnni512(builder, acc, a, b):
+    return _call(builder, "llvm.x86.avx512.vpdpbusd.512", acc.type, [acc, a, b])
+
+
+def _dot_vnni256(builder, acc, a, b):
+    return _call(builder, "llvm.x86.avx512.vpdpbusd.256", acc.type, [acc, a, b])
+
+
+def _dot_avx2(builder, acc, a, b):
+    # acc holds 16 pair sums for 8 columns: [c0 k01, c0 k23, c1 k01, ...]
+    az = builder.zext(a, _vec(_i16, 32))
+    bs = builder.sext(b, _vec(_i16, 32))
+    lo, hi = _const_vec(range(16)), _const_vec(range(16, 32))
+    halves = []
+    for mask in (lo, hi):
+        x = builder.shuffle_vector(az, az, mask)
+        y = builder.shuffle_vector(bs, bs, mask)
+        halves.append(_call(builder, "llvm.x86.avx2.pmadd.wd", _vec(_i32, 8), [x, y]))
+    both = builder.shuffle_vector(halves[0], halves[1], _const_vec(range(16)))
+    return builder.add(acc, both)
+
+
+def _finish_pairs(builder, acc):
+    even = builder.shuffle_vector(acc, acc, _const_vec(range(0, 16, 2)))
+    odd = builder.shuffle_vector(acc, acc, _const_vec(range(1, 16, 2)))
+    return builder.add(even, odd)
+
+
+class _Spec:
+    def __init__(self, vbytes, acc_lanes, dot, finish=None):
+        self.vbytes = vbytes              # bytes of B per vector (4 k x cols)
+        self.acc_ty = _vec(_i32, acc_lanes)
+        self.byte_ty = _vec(_i8, vbytes)
+        self.dot = dot
+        self.finish = finish or (lambda builder, acc: acc)
+
+
+_SPECS = {
+    "avx512_vnni": _Spec(64, 16, _dot_vnni512),
+    "avx_vnni": _Spec(32, 8, _dot_vnni256),
+    "avx2": _Spec(32, 16, _dot_avx2, _finish_pairs),
+}
+
+
+def _splat_bytes(builder, word, vbytes):
+    n = vbytes // 4
+    v = builder.insert_element(ir.Constant(_vec(_i32, n), ir.Undefined), word,
+                               ir.Constant(_i32, 0))
+    v = builder.shuffle_vector(v, v, _const_vec([0] * n))
+    return builder.bitcast(v, _vec(_i8, vbytes))
+
+
+def _emit_tile(context, builder, sig, args, isa, mr):
+    spec = _SPECS[isa]
+    tys = sig.args
+    intp = context.get_value_type(types.intp)
+
+    def data(i):
+        return cgutils.create_struct_proxy(tys[i])(context, builder, value=args[i]).data
+
+    def idx(i):
+        return context.cast(builder, args[i], tys[i], types.intp)
+
+    def cst(v):
+        return ir.Constant(intp, v)
+
+    a_ptr = builder.gep(data(2), [idx(3)])
+    b_ptr = builder.gep(data(5), [idx(6)])
+    t_ptr = builder.gep(data(8), [idx(9)])
+    lda, kg, ldt = idx(4), idx(7), idx(10)
+    nvec = GEOMETRY[isa][1] * 4 // spec.vbytes
+    zero = ir.Constant(spec.acc_ty, None)
+    accs = [[cgutils.alloca_once_value(builder, zero) for _ in range(nvec)]
+            for _ in range(mr)]
+    rows = [builder.gep(a_ptr, [builder.mul(lda, cst(r))]) for r in range(mr)]
+    # K loop: load the B vectors of this k-group once, broadcast 4 bytes of
+    # each A row and accumulate mr x nvec independent chains.
+    with cgutils.for_range(builder, kg) as loop:
+        g = loop.index
+        bg = builder.gep(b_ptr, [builder.mul(g, cst(GROUP_BYTES))])
+        bvecs = []
+        for c in range(nvec):
+            p = builder.gep(bg, [cst(c * spec.vbytes)])
+            bvecs.append(builder.load(builder.bitcast(p, spec.byte_ty.as_pointer()), align=1))
+        k4 = builder.mul(g, cst(4))
+        for r in range(mr):
+            p = builder.bitcast(builder.gep(rows[r], [k4]), _i32.as_pointer())
+            av = _splat_bytes(builder, builder.load(p, align=1), spec.vbytes)
+            for c in range(nvec):
+                acc = builder.load(accs[r][c])
+                builder.store(spec.dot(builder, acc, av, bvecs[c]), accs[r][c])
+    cols = spec.vbytes // 4
+    for r in range(mr):
+        row = builder.gep(t_ptr, [builder.mul(ldt, cst(r))])
+        for c in range(nvec):
+            v = spec.finish(builder, builder.load(accs[r][c]))
+            p = builder.bitcast(builder.gep(row, [cst(c * cols)]), v.type.as_pointer())
+            builder.store(v, p, align=1)
+
+
+@intrinsic(prefer_literal=True)
+def tile_s32(typingctx, tag, mr, a, a_off, lda, b, b_off, kg, t, t_off, ldt):
+    """T[t_off + r*ldt + j] = sum_k A[a_off + r*lda + k] * B(packed)[k, j].
+
+    ``mr`` must be a literal; ``kg`` counts k-groups of 4; ``b_off`` is the
+    byte offset of the tile's first column inside its packed block.
+    """
+    if not isinstance(tag, IsaType) or not isinstance(mr, types.IntegerLiteral):
+        return None
+    sig = types.void(tag, mr, a, a_off, lda, b, b_off, kg, t, t_off, ldt)
+    isa, rows = tag.isa, mr.literal_value
+
+    def codegen(context, builder, sig, args):
+        if isa in _SPECS:  # portable: the driver never calls this
+            _emit_tile(context, builder, sig, args, isa, rows)
+        return context.get_dummy_value()
+    return sig, codegen
+
+
+@intrinsic
+def isa_geometry(typingctx, tag):
+    """(rows per tile, columns per tile) of the tag's ISA, as constants."""
+    if not isinstance(tag, IsaType):
+        return None
+    mr, tc = GEOMETRY[tag.isa]
+    sig = types.UniTuple(types.intp, 2)(tag)
+
+    def codegen(context, builder, sig, args):
+        vals = [context.get_constant(types.intp, v) for v in (mr, tc)]
+        return context.make_tuple(builder, sig.return_type, vals)
+    return sig, codegen
+
+
+@intrinsic
+def is_portable(typingctx, tag):
+    if not isinstance(tag, IsaType):
+        return None
+    flag = tag.isa == "portable"
+
+    def codegen(context, builder, sig, args):
+        return context.get_constant(types.boolean, flag)
+    return types.boolean(tag), codegen
+
+
+@intrinsic
+def dpbusd_chains(typingctx, n, seed):
+    """Peak probe: n iterations of 24 independent vpdpbusd.512 chains.
+
+    Returns a value depending on every chain so nothing is optimized away.
+    """
+    sig = types.int32(n, seed)
+
+    def codegen(context, builder, sig, args):
+        spec = _SPECS["avx512_vnni"]
+        cnt = context.cast(builder, args[0], sig.args[0], types.intp)
+        word = context.cast(builder, args[1], sig.args[1], types.int32)
+        av = _splat_bytes(builder, word, 64)
+        bv = _splat_bytes(builder, builder.add(word, ir.Constant(_i32, 1)), 64)
+        accs = [cgutils.alloca_once_value(builder, ir.Constant(spec.acc_ty, None))
+                for _ in range(24)]
+        with cgutils.for_range(builder, cnt):
+            for acc in accs:
+                builder.store(_dot_vnni512(builder, builder.load(acc), av, bv), acc)
+        total = ir.Constant(_i32, 0)
+        for acc in accs:
+            lane = builder.extract_element(builder.load(acc), ir.Constant(_i32, 0))
+            total = builder.add(total, lane)
+        return total
+    return sig, codegen
