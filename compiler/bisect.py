@@ -31,6 +31,7 @@ class BisectResult:
     node_layer: str | None = None
     node_op: str | None = None
     node_drift: Drift | None = None
+    rewired_from: list | None = None   # layers the node read before the pass and no longer reads
     report: object = None
 
     @property
@@ -44,6 +45,8 @@ class BisectResult:
         if self.node_name:
             text += (f"\nfirst node over tolerance: {self.node_name} [{self.node_op}] "
                      f"layer={self.node_layer} id={self.node_id} ({self.node_drift})")
+            if self.rewired_from:
+                text += f"\n  it no longer reads: {', '.join(self.rewired_from)} (removed or rewired by the pass)"
         else:
             text += "\nno single node drifted past the tolerance (the drift is spread out)"
         return text
@@ -88,7 +91,18 @@ def _first_node(result: BisectResult, before: GraphModule, after: GraphModule, c
             result.node_name, result.node_id = node.name, nid
             result.node_layer, result.node_op = node.meta.get(LAYER), op_name(node)
             result.node_drift = d
+            result.rewired_from = _lost_inputs(before, node)
             return
+
+
+def _lost_inputs(before: GraphModule, node) -> list:
+    """Layers of the inputs the same node (by id) read before the pass but not after it."""
+    twin = next((n for n in before.graph.nodes if n.meta.get(ID) == node.meta.get(ID)), None)
+    if twin is None:
+        return []
+    now = {n.meta.get(ID) for n in node.all_input_nodes}
+    return [f"{n.meta.get(LAYER)} [{op_name(n)}]" for n in twin.all_input_nodes
+            if n.meta.get(ID) not in now and n.op == "call_function"]
 
 
 def record_values(gm: GraphModule, args: tuple, kwargs: dict) -> dict:

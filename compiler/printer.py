@@ -10,6 +10,8 @@ nodes:
 """
 from __future__ import annotations
 
+import re
+
 import torch
 from torch.fx import GraphModule, Node
 
@@ -38,7 +40,17 @@ def format_ir(gm: GraphModule, ids: bool = False) -> str:
             continue
         names[node] = f"%{len([n for n in names.values() if n.startswith('%')])}"
         lines.append(_fmt_node(node, names, ids))
-    return "\n".join(lines) + "\n"
+    return _normalize_symbols("\n".join(lines) + "\n")
+
+
+def _normalize_symbols(text: str) -> str:
+    """Rename export's shape symbols (s77, s31, ...) to s0, s1, ... by first appearance."""
+    mapping: dict[str, str] = {}
+
+    def rename(m):
+        return mapping.setdefault(m.group(0), f"s{len(mapping)}")
+
+    return re.sub(r"\bs\d+\b", rename, text)
 
 
 def _fmt_node(node: Node, names: dict, ids: bool) -> str:

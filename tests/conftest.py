@@ -1,0 +1,33 @@
+import os
+import sys
+import warnings
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+GOLDEN = os.path.join(os.path.dirname(__file__), "golden")
+
+
+@pytest.fixture
+def golden():
+    """Compare text with tests/golden/<name>.txt (FXOPT_UPDATE_GOLDEN=1 rewrites the file)."""
+    def check(name: str, text: str):
+        path = os.path.join(GOLDEN, f"{name}.txt")
+        if os.environ.get("FXOPT_UPDATE_GOLDEN") or not os.path.exists(path):
+            if not os.environ.get("FXOPT_UPDATE_GOLDEN") and os.environ.get("CI"):
+                pytest.fail(f"golden file {path} missing")
+            with open(path, "w") as f:
+                f.write(text)
+        with open(path) as f:
+            assert text == f.read(), f"IR differs from {path}; FXOPT_UPDATE_GOLDEN=1 to accept"
+    return check
+
+
+@pytest.fixture(autouse=True)
+def _quiet_export_warnings():
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        yield

@@ -1,0 +1,42 @@
+"""The fxopt command: passes, inspect, bisect, and its errors."""
+import os
+import subprocess
+import sys
+
+from fxopt.cli import main
+
+ZOO = os.path.join(os.path.dirname(__file__), "zoo.py")
+
+
+def test_passes_lists_targets_and_passes(capsys):
+    assert main(["passes"]) == 0
+    out = capsys.readouterr().out
+    assert "cpu-fp32" in out and "fold_batchnorm" in out and "fuse_epilogues" in out
+
+
+def test_inspect_prints_table_and_dumps(capsys, tmp_path):
+    assert main(["inspect", f"{ZOO}:cnn_bn_residual", "--print-ir-after", "fold_batchnorm",
+                 "--dump-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "// IR after fold_batchnorm" in out and "folded=" in out
+    assert os.path.exists(tmp_path / "004_fold_batchnorm.txt")
+
+
+def test_bisect_clean_pipeline_exits_zero(capsys):
+    assert main(["bisect", f"{ZOO}:mlp", "--tol", "1e-4"]) == 0
+    assert "no pass drifted" in capsys.readouterr().out
+
+
+def test_bad_model_spec_is_a_clear_error(capsys):
+    assert main(["inspect", "no_colon_here"]) == 2
+    assert "must be module.path:factory" in capsys.readouterr().err
+    assert main(["inspect", f"{ZOO}:nope"]) == 2
+    assert "has no attribute 'nope'" in capsys.readouterr().err
+    assert main(["inspect", f"{ZOO}:mlp", "--target", "gpu"]) == 2
+    assert "unknown target 'gpu'" in capsys.readouterr().err
+
+
+def test_console_script_installed():
+    out = subprocess.run([sys.executable, "-m", "fxopt.cli", "passes"], capture_output=True, text=True,
+                         check=True).stdout
+    assert "targets:" in out
