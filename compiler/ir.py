@@ -40,11 +40,10 @@ def layer_name(node: Node) -> str:
     """The qualified name of the innermost nn.Module a node came from, or its FX name."""
     if node.op == "get_attr":
         return str(node.target).rsplit(".", 1)[0]
-    stack = node.meta.get("nn_module_stack")
-    if stack:
-        qualified = list(stack.values())[-1][0]
-        return _clean_path(qualified)
-    return node.name
+    stack = node.meta.get("nn_module_stack") or {}
+    # export marks helper nodes with a fake "_empty_nn_module_stack..." entry
+    real = [path for key, (path, _) in stack.items() if not str(key).startswith("_empty_nn_module_stack")]
+    return _clean_path(real[-1]) if real else node.name
 
 
 def _clean_path(path: str) -> str:
