@@ -320,3 +320,16 @@ def layer_norm_parts(node: Node):
 def attention_parts(node: Node):
     """(q, k, v, attn_mask) of scaled_dot_product_attention."""
     return node.args[0], node.args[1], node.args[2], arg(node, 3, "attn_mask")
+
+
+def set_conv_groups(node: Node, groups: int) -> None:
+    """Rewrite the groups argument of a conv node (conv1d/conv2d/convolution)."""
+    index = 8 if node.target in _overloads(aten.convolution) else 6
+    if len(node.args) > index:
+        args = list(node.args)
+        args[index] = groups
+        node.args = tuple(args)
+    elif node.target in _overloads(aten.convolution):
+        raise ValueError(f"{node.name}: convolution without a groups argument")
+    else:
+        node.kwargs = {**node.kwargs, "groups": groups}

@@ -1,0 +1,80 @@
+"""Cut a pruning group for real: new, smaller weight tensors and rewritten shapes.
+
+    apply_group(gm, group, keep)     # keep: sorted group indices that stay
+    refresh_meta(gm)                 # once, after every group is applied
+
+Weights are never edited in place: each cut weight is a new tensor
+registered with add_weight, and the op is pointed at it.
+"""
+from __future__ import annotations
+
+import torch
+from torch.fx import GraphModule, Node
+
+from fxopt.dependency import Group
+from fxopt.ir import add_weight, get_weight
+from fxopt.ops import (OpKind, kind_of, layer_norm_parts, set_conv_groups, shape_list_arg,
+                       weight_layout)
+
+
+def element_index(keep: torch.Tensor, unit: int) -> torch.Tensor:
+    """Element positions covered by group indices `keep` when each covers `unit` elements."""
+    keep = keep.to(torch.long)
+    return (keep[:, None] * unit + torch.arange(unit)[None, :]).reshape(-1)
+
+
+def apply_group(gm: GraphModule, group: Group, keep: torch.Tensor) -> dict:
+    """Keep only indices `keep` of `group`: cut every member weight, fix every size.
+    Returns {old weight node: new weight node} for the weights it replaced."""
+    replaced = {}
+    keep = torch.as_tensor(sorted(int(k) for k in keep), dtype=torch.long)
+    for member in group.members:
+        idx = element_index(keep, member.unit)
+        if member.role == "param":
+            replaced[member.node] = _cut_attr(gm, member.node, member.axis, idx)
+            continue
+        layout = weight_layout(member.node)
+        replaced[layout.weight] = _cut_attr(gm, layout.weight, member.axis, idx)
+        if member.role in ("out", "depthwise") and layout.bias is not None:
+            replaced[layout.bias] = _cut_attr(gm, layout.bias, 0, idx)
+        if member.role == "depthwise":
+            set_conv_groups(member.node, len(idx))
+    for node, (dim, unit) in group.slots.items():
+        _fix_sizes(node, dim, len(keep) * unit)
+    return replaced
+
+
+def _cut_attr(gm: GraphModule, attr: Node, axis: int, idx: torch.Tensor) -> Node:
+    tensor = get_weight(gm, attr)
+    cut = tensor.detach().index_select(axis, idx).clone()
+    new = add_weight(gm, str(attr.target), cut, before=attr)
+    for key in ("fxopt_id", "fxopt_layer"):
+        if key in attr.meta:
+            new.meta[key] = attr.meta[key]
+    attr.replace_all_uses_with(new)
+    gm.graph.erase_node(attr)
+    return new
+
+
+def _fix_sizes(node: Node, dim: int, new_size: int) -> None:
+    """Literal sizes of the pruned dim in view/reshape/expand and layer_norm args."""
+    index = shape_list_arg(node)
+    if index is not None:
+        sizes = list(node.args[index])
+        if isinstance(sizes[dim], Node):
+            raise ValueError(f"{node.name}: the pruned dim has a symbolic size")
+        if sizes[dim] != -1:
+            sizes[dim] = new_size
+            node.args = _with_arg(node.args, index, sizes)
+        return
+    if kind_of(node) is OpKind.LAYER_NORM:
+        parts = layer_norm_parts(node)
+        rank = len(node.meta["val"].shape)
+        if parts is not None and dim == rank - 1:
+            node.args = _with_arg(node.args, 1, [new_size])
+
+
+def _with_arg(args: tuple, index: int, value) -> tuple:
+    args = list(args)
+    args[index] = value
+    return tuple(args)
