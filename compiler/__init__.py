@@ -6,7 +6,7 @@
 """
 from fxopt.errors import CaptureError, FxoptError, PassError, PipelineError
 from fxopt.capture import capture
-from fxopt import fxops as _fxops  # registers the fxopt:: operators
+from fxopt import fxops as _fxops, qops as _qops, kernel_ops as _kernel_ops  # register fxopt:: ops
 from fxopt.api import optimize
 from fxopt.bisect import bisect
 from fxopt.pipeline import TARGETS, Pipeline

@@ -1,0 +1,72 @@
+"""The lowered int8 ops: torch ops in the `fxopt` namespace that call the Numba kernels.
+
+Weights are packed once, at optimize time, and held as buffers of the graph
+module (plain uint8/float32/int32 tensors, so they save and load like any
+weight). On the first call the op wraps those buffers into the kernels'
+PackedWeights and keeps it on the packed tensor itself, so later calls cost a
+dictionary look-up, not a re-wrap, and the cache dies with the model.
+
+    y = torch.ops.fxopt.linear_int8(x, packed, w_scale, col_sums, b, n, k, "relu", [], 0.0, 0)
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from fxopt import kernels as K
+from fxopt.fxops import _lib
+
+_lib.define("linear_int8(Tensor x, Tensor packed, Tensor w_scale, Tensor col_sums, Tensor? b, "
+            "int n, int k, str act, float[] act_args, float a_scale, int a_zp) -> Tensor")
+
+
+def pack_linear(w_q: torch.Tensor, w_scale: torch.Tensor) -> dict:
+    """Pack int8 weights (N, K) for the GEMM; returns the buffers the op takes."""
+    pw = K.pack_weights_s8(w_q.numpy(), w_scale.numpy().astype(np.float32))
+    return {"packed": torch.from_numpy(pw.data.view(np.uint8)), "w_scale": torch.from_numpy(pw.scales),
+            "col_sums": torch.from_numpy(pw.col_sums), "n": int(pw.n), "k": int(pw.k)}
+
+
+def _packed(packed, w_scale, col_sums, b, n, k):
+    cached = getattr(packed, "_fxopt_packed", None)
+    if cached is None:
+        data = packed.numpy().view(np.int8)
+        if data.ctypes.data % 64:  # loaded weights may land unaligned; the kernel wants 64 bytes
+            data = _aligned(data)
+        pw = K.PackedWeights(data, w_scale.numpy(), col_sums.numpy(), int(n), int(k), K.isa())
+        bias = None if b is None else np.ascontiguousarray(b.detach().numpy(), np.float32)
+        cached = (pw, bias)
+        packed._fxopt_packed = cached
+    return cached
+
+
+def _aligned(a: np.ndarray) -> np.ndarray:
+    out = K.aligned_empty(a.shape, a.dtype)
+    out[...] = a
+    return out
+
+
+def _linear_int8(x, packed, w_scale, col_sums, b, n, k, act, act_args, a_scale, a_zp):
+    pw, bias = _packed(packed, w_scale, col_sums, b, n, k)
+    xs = x if x.dtype == torch.float32 else x.float()
+    xn = xs.detach().numpy()
+    threads = torch.get_num_threads()
+    if a_scale > 0:
+        x2 = np.ascontiguousarray(xn.reshape(-1, k))
+        q = K.quantize_tensor_f32_u8(x2, a_scale, a_zp)
+        y = K.gemm_u8s8_f32(q, a_scale, a_zp, pw, bias, act, tuple(act_args), n_threads=threads)
+        y = y.reshape(*xn.shape[:-1], n)
+    else:
+        y = K.linear_f32(xn, pw, bias, act, tuple(act_args), n_threads=threads)
+    return torch.from_numpy(y)
+
+
+_lib.impl("linear_int8", _linear_int8, "CPU")
+
+
+@torch.library.register_fake("fxopt::linear_int8")
+def _linear_int8_fake(x, packed, w_scale, col_sums, b, n, k, act, act_args, a_scale, a_zp):
+    return x.new_empty((*x.shape[:-1], n), dtype=torch.float32)
+
+
+linear_int8 = torch.ops.fxopt.linear_int8.default

@@ -1,0 +1,46 @@
+"""Lower int8 ops to the Numba kernels: pack weights once, call the kernel op.
+
+    fxopt.quantized_linear(x, w_q, w_scale, b, act, ...)   (torch reference)
+ -> fxopt.linear_int8(x, packed, w_scale, col_sums, b, n, k, act, ...)
+
+Packing (VNNI order, 64-byte aligned, column sums for the zero point) happens
+here, at optimize time; the op only runs the kernel. Ops without a kernel
+stay as they are and are counted.
+"""
+from __future__ import annotations
+
+from fxopt import kernel_ops, qops
+from fxopt.ir import add_weight, get_weight, insert_call
+from fxopt.pass_base import PassInfo, PassResult
+
+PASS = PassInfo("lower_to_kernels", requires=("quantize_int8",),
+                doc="replace int8 reference ops by Numba kernel ops with pre-packed weights")
+
+
+def run(gm, ctx) -> PassResult:
+    stats = {"linear": 0, "kept_reference": 0}
+    for node in list(gm.graph.nodes):
+        if node.target is qops.quantized_linear:
+            _lower_linear(gm, node)
+            stats["linear"] += 1
+        elif node.target in (qops.quantized_conv2d,):
+            stats["kept_reference"] += 1
+    from fxopt import kernels
+    gm.meta.setdefault("fxopt_artifact", {})["kernel_isa"] = kernels.isa()
+    return PassResult(stats["linear"] > 0, stats)
+
+
+def _lower_linear(gm, node) -> None:
+    x, w_q, w_scale, b, act, act_args, a_scale, a_zp = node.args
+    buffers = kernel_ops.pack_linear(get_weight(gm, w_q), get_weight(gm, w_scale))
+    layer = node.meta.get("fxopt_layer", node.name)
+    packed = add_weight(gm, f"{layer}.packed", buffers["packed"], before=node)
+    scale = add_weight(gm, f"{layer}.packed_scale", buffers["w_scale"], before=node)
+    col_sums = add_weight(gm, f"{layer}.col_sums", buffers["col_sums"], before=node)
+    args = (x, packed, scale, col_sums, b, buffers["n"], buffers["k"], act, act_args, a_scale, a_zp)
+    new = insert_call(gm, node, kernel_ops.linear_int8, args, like=node)
+    for key in ("fxopt_quant", "fxopt_activation"):
+        if key in node.meta:
+            new.meta[key] = node.meta[key]
+    node.replace_all_uses_with(new)
+    gm.graph.erase_node(node)

@@ -1,0 +1,130 @@
+"""Rewrite fp32 linear/conv units (and embedding tables) into int8 ops.
+
+Weights become symmetric int8 per output channel. Activations are quantized
+per op, by the scheme that suits it:
+  dynamic  (linear: per row, from the input itself) - the default for linears,
+           whose rows (tokens) differ widely in range;
+  static   (per tensor, calibrated by calibrate_ranges) - the default for convs,
+           whose ranges are stable and where a static scale lets int8 ops chain.
+Embedding tables are stored int8 with a scale per row (weight-only).
+
+Every unit records its decision and the reason in node.meta["fxopt_quant"],
+so the report can say why a layer stayed fp32.
+"""
+from __future__ import annotations
+
+from fxopt import fxops, qops
+from fxopt.ir import add_weight, get_weight, insert_call, is_weight, layer_name
+from fxopt.ops import OpKind, arg, kind_of
+from fxopt.pass_base import PassInfo, PassResult
+
+PASS = PassInfo(
+    "quantize_int8", requires=("fuse_epilogues",),
+    options={"activations": "auto", "skip": (), "per_layer": {}, "embeddings": True,
+             "min_macs": 0},
+    doc="int8 weights per channel; activations dynamic (linear) or static (conv)")
+
+MODES = ("auto", "dynamic", "static", "fp32")
+QUANT = "fxopt_quant"
+
+
+def run(gm, ctx, activations="auto", skip=(), per_layer=None, embeddings=True, min_macs=0) -> PassResult:
+    if activations not in MODES:
+        raise ValueError(f"quantize_int8: activations={activations!r}; use one of {MODES}")
+    per_layer = dict(per_layer or {})
+    ranges = ctx.state.get("calibrate_ranges", {})
+    stats = {"linear": 0, "conv2d": 0, "embedding": 0, "dynamic": 0, "static": 0, "kept_fp32": 0}
+    for node in list(gm.graph.nodes):
+        if node.target in (fxops.linear_act, fxops.conv2d_act):
+            mode, reason = _choose(node, activations, skip, per_layer, ranges, gm, min_macs)
+            if mode == "fp32":
+                node.meta[QUANT] = {"int8": False, "reason": reason}
+                stats["kept_fp32"] += 1
+                continue
+            _quantize_unit(gm, node, mode, ranges)
+            stats["linear" if node.target is fxops.linear_act else "conv2d"] += 1
+            stats[mode] += 1
+        elif embeddings and kind_of(node) is OpKind.EMBEDDING and _layer(node) not in skip:
+            stats["embedding"] += _quantize_embedding(gm, node)
+    changed = stats["linear"] + stats["conv2d"] + stats["embedding"] > 0
+    return PassResult(changed, stats)
+
+
+def _layer(node) -> str:
+    return node.meta.get("fxopt_layer") or layer_name(node)
+
+
+def _choose(node, activations, skip, per_layer, ranges, gm, min_macs) -> tuple[str, str]:
+    """(mode, reason): the activation scheme for this unit, or fp32 and why."""
+    name = _layer(node)
+    if name in skip:
+        return "fp32", "skipped by the user (skip=)"
+    if not is_weight(node.args[1]):
+        return "fp32", "weight is computed at run time, not a constant"
+    wanted = per_layer.get(name, activations)
+    if wanted not in MODES:
+        raise ValueError(f"quantize_int8: per_layer[{name!r}]={wanted!r}; use one of {MODES}")
+    if wanted == "fp32":
+        return "fp32", "kept fp32 by per_layer"
+    if min_macs and _macs(node) < min_macs:
+        return "fp32", f"too small for int8 to pay ({_macs(node)} MACs per row < {min_macs})"
+    if wanted == "auto":
+        wanted = "dynamic" if node.target is fxops.linear_act else "static"
+    if wanted == "static" and _input_id(node) not in ranges:
+        if node.target is fxops.conv2d_act:
+            return "dynamic", ""
+        return "fp32", "static activations asked but no calibrated range (run calibrate_ranges)"
+    return wanted, ""
+
+
+def _macs(node) -> int:
+    w = node.args[1].meta["val"]
+    return int(w.numel())
+
+
+def _input_id(node) -> str:
+    return node.args[0].meta.get("fxopt_id")
+
+
+def _quantize_unit(gm, node, mode: str, ranges: dict) -> None:
+    weight = get_weight(gm, node.args[1])
+    w_q, w_scale = qops.quantize_weight_per_channel(weight)
+    name = _layer(node)
+    wq_node = add_weight(gm, f"{name}.weight_int8", w_q, before=node)
+    ws_node = add_weight(gm, f"{name}.weight_scale", w_scale, before=node)
+    a_scale, a_zp = 0.0, 0
+    if mode == "static":
+        a_scale, a_zp = qops.qparams_from_range(*ranges[_input_id(node)])
+    if node.target is fxops.linear_act:
+        x, _, b, act, act_args = node.args
+        args = (x, wq_node, ws_node, b, act, act_args, a_scale, a_zp)
+        target = qops.quantized_linear
+    else:
+        x, _, b, stride, padding, dilation, groups, act, act_args = node.args
+        args = (x, wq_node, ws_node, b, stride, padding, dilation, groups, act, act_args, a_scale, a_zp)
+        target = qops.quantized_conv2d
+    new = insert_call(gm, node, target, args, like=node)
+    new.meta["fxopt_activation"] = node.meta.get("fxopt_activation", "none")
+    new.meta[QUANT] = {"int8": True, "mode": mode, "a_scale": a_scale, "a_zp": a_zp,
+                       "reason": "per-row dynamic activations" if mode == "dynamic" and
+                       target is qops.quantized_linear else f"{mode} per-tensor activations"}
+    node.replace_all_uses_with(new)
+    gm.graph.erase_node(node)
+
+
+def _quantize_embedding(gm, node) -> int:
+    weight_node, indices = node.args[0], node.args[1]
+    if not is_weight(weight_node) or arg(node, 4, "sparse", False):
+        node.meta[QUANT] = {"int8": False, "reason": "embedding weight is not a constant"}
+        return 0
+    weight = get_weight(gm, weight_node)
+    w_q, w_scale = qops.quantize_weight_per_channel(weight)   # per row of the table
+    name = _layer(node)
+    wq_node = add_weight(gm, f"{name}.weight_int8", w_q, before=node)
+    ws_node = add_weight(gm, f"{name}.weight_scale", w_scale, before=node)
+    new = insert_call(gm, node, qops.embedding_int8, (wq_node, ws_node, indices), like=node)
+    new.meta[QUANT] = {"int8": True, "mode": "weight-only", "reason": "int8 table, scale per row"}
+    node.replace_all_uses_with(new)
+    gm.graph.erase_node(node)
+    return 1
+
