@@ -20,7 +20,7 @@ ACTIVATIONS = {"none": 0, "relu": 1, "hardtanh": 2, "relu6": 2,
                "gelu": 3, "gelu_tanh": 4, "silu": 5}
 EP_ACT, EP_P0, EP_P1, EP_OSCALE, EP_OZP = range(5)
 
-_F0, _F1, _F2, _HALF = (np.float32(v) for v in (0.0, 1.0, 2.0, 0.5))
+_F0, _F1, _F2, _HALF, _F255 = (np.float32(v) for v in (0.0, 1.0, 2.0, 0.5, 255.0))
 _LOG2E = np.float32(1.4426950408889634)
 _LN2_HI = np.float32(0.693359375)
 _LN2_LO = np.float32(-2.12194440e-4)
@@ -74,39 +74,54 @@ def tanh_f32(x):
 
 
 @njit(cache=True)
-def apply_activation(v, act, p0, p1):
-    """In place on a 1-D float32 view; act is an ACTIVATIONS code."""
+def apply_activation(v, i, j0, n, act, p0, p1):
+    """In place on v[i, j0:j0+n] (float32); act is an ACTIVATIONS code.
+
+    Indices are unsigned so Numba emits no negative-index wraparound, which
+    would turn these loops into gathers; no slices, as a view costs two
+    atomic refcount updates per tile row.
+    """
+    ui, uj = np.uint64(i), np.uint64(j0)
     if act == 1:
-        for j in range(v.shape[0]):
-            v[j] = max(v[j], _F0)
+        for j in range(n):
+            k = uj + np.uint64(j)
+            v[ui, k] = max(v[ui, k], _F0)
     elif act == 2:
-        for j in range(v.shape[0]):
-            v[j] = min(max(v[j], p0), p1)
+        for j in range(n):
+            k = uj + np.uint64(j)
+            v[ui, k] = min(max(v[ui, k], p0), p1)
     elif act == 3:
-        for j in range(v.shape[0]):
-            x = v[j]
-            v[j] = _HALF * x * (_F1 + erf_f32(x * _INV_SQRT2))
+        for j in range(n):
+            k = uj + np.uint64(j)
+            x = v[ui, k]
+            v[ui, k] = _HALF * x * (_F1 + erf_f32(x * _INV_SQRT2))
     elif act == 4:
-        for j in range(v.shape[0]):
-            x = v[j]
-            v[j] = _HALF * x * (_F1 + tanh_f32(_SQRT_2_PI * (x + _GELU_C * x * x * x)))
+        for j in range(n):
+            k = uj + np.uint64(j)
+            x = v[ui, k]
+            v[ui, k] = _HALF * x * (_F1 + tanh_f32(_SQRT_2_PI * (x + _GELU_C * x * x * x)))
     elif act == 5:
-        for j in range(v.shape[0]):
-            x = v[j]
-            v[j] = x / (_F1 + exp_f32(-x))
+        for j in range(n):
+            k = uj + np.uint64(j)
+            x = v[ui, k]
+            v[ui, k] = x / (_F1 + exp_f32(-x))
 
 
-@njit(cache=True)
-def dequant_row(t, t_off, ncols, zp, sa, colsum, wscale, bias, n0, y):
-    """y[:ncols] = (t - zp*colsum) * sa*wscale (+ bias) for one tile row."""
+@njit(inline="always")
+def dequant_row(t, t_off, ncols, zp, sa, colsum, wscale, bias, n0, y, yi, y0):
+    """y[yi, y0:y0+ncols] = (t - zp*colsum) * sa*wscale (+ bias), one tile row."""
+    ut, un, uy, ui = np.uint64(t_off), np.uint64(n0), np.uint64(y0), np.uint64(yi)
+    zp = np.int32(zp)
     if bias.shape[0] > 0:
         for j in range(ncols):
-            acc = t[t_off + j] - zp * colsum[n0 + j]
-            y[j] = np.float32(acc) * (sa * wscale[n0 + j]) + bias[n0 + j]
+            u = np.uint64(j)
+            acc = np.int32(t[ut + u] - zp * colsum[un + u])
+            y[ui, uy + u] = np.float32(acc) * (sa * wscale[un + u]) + bias[un + u]
     else:
         for j in range(ncols):
-            acc = t[t_off + j] - zp * colsum[n0 + j]
-            y[j] = np.float32(acc) * (sa * wscale[n0 + j])
+            u = np.uint64(j)
+            acc = np.int32(t[ut + u] - zp * colsum[un + u])
+            y[ui, uy + u] = np.float32(acc) * (sa * wscale[un + u])
 
 
 @njit(cache=True)
@@ -114,31 +129,38 @@ def store_tile_f32(t, ldt, mr, m0, n0, ncols, colsum, ascale, azp, wscale,
                    bias, ep, out):
     act = np.int32(ep[EP_ACT])
     for r in range(mr):
-        row = out[m0 + r, n0:n0 + ncols]
-        dequant_row(t, r * ldt, ncols, azp[m0 + r], ascale[m0 + r], colsum,
-                    wscale, bias, n0, row)
+        i = m0 + r
+        dequant_row(t, r * ldt, ncols, azp[i], ascale[i], colsum, wscale, bias, n0,
+                    out, i, n0)
         if act != 0:
-            apply_activation(row, act, ep[EP_P0], ep[EP_P1])
+            apply_activation(out, i, n0, ncols, act, ep[EP_P0], ep[EP_P1])
 
 
 @njit(cache=True)
 def store_tile_u8(t, ldt, mr, m0, n0, ncols, colsum, ascale, azp, wscale,
                   bias, ep, out, y):
+    """y: float32 scratch of shape (1, >= ncols)."""
     act = np.int32(ep[EP_ACT])
     inv = _F1 / ep[EP_OSCALE]
     ozp = ep[EP_OZP]
     for r in range(mr):
-        dequant_row(t, r * ldt, ncols, azp[m0 + r], ascale[m0 + r], colsum,
-                    wscale, bias, n0, y)
+        i = m0 + r
+        dequant_row(t, r * ldt, ncols, azp[i], ascale[i], colsum, wscale, bias, n0,
+                    y, 0, 0)
         if act != 0:
-            apply_activation(y[:ncols], act, ep[EP_P0], ep[EP_P1])
+            apply_activation(y, 0, 0, ncols, act, ep[EP_P0], ep[EP_P1])
+        ui, un = np.uint64(i), np.uint64(n0)
         for j in range(ncols):
-            q = np.rint(y[j] * inv) + ozp
-            out[m0 + r, n0 + j] = np.uint8(min(max(q, _F0), np.float32(255.0)))
+            q = np.rint(y[0, j] * inv) + ozp
+            q = q if q > _F0 else _F0
+            q = q if q < _F255 else _F255
+            out[ui, un + np.uint64(j)] = np.uint8(np.int32(q))
 
 
 @njit(cache=True)
 def store_tile_s32(t, ldt, mr, m0, n0, ncols, out):
+    un = np.uint64(n0)
     for r in range(mr):
+        ui, ut = np.uint64(m0 + r), np.uint64(r * ldt)
         for j in range(ncols):
-            out[m0 + r, n0 + j] = t[r * ldt + j]
+            out[ui, un + np.uint64(j)] = t[ut + np.uint64(j)]

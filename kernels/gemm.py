@@ -12,9 +12,11 @@ import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
 
-from .epilogue import store_tile_f32, store_tile_s32, store_tile_u8
+from .epilogue import (EP_ACT, EP_P0, EP_P1, apply_activation, store_tile_f32,
+                       store_tile_s32, store_tile_u8)
 from .quantize import quantize_rows_into, row_range, scale_zero_point, quantize_row
-from .simd import BLOCK_COLS, GROUP_BYTES, TAGS, is_portable, isa_geometry, tile_s32
+from .simd import (BLOCK_COLS, GROUP_BYTES, TAGS, is_portable, isa_geometry, tile_f32,
+                   tile_s32)
 
 KERNEL_VERSION = "gemm-1"
 
@@ -42,6 +44,23 @@ def _tile(tag, mr, a, a_off, lda, b, b_off, kg, t, t_off):
         tile_s32(tag, 1, a, a_off, lda, b, b_off, kg, t, t_off, BLOCK_COLS)
 
 
+@njit(inline="always")
+def _tile_f32(tag, mr, a, a_off, lda, b, b_off, kg, colsum, wscale, bias, n0,
+              ascale, azp, m0, out):
+    if mr == 6:
+        tile_f32(tag, 6, a, a_off, lda, b, b_off, kg, colsum, wscale, bias, n0, ascale, azp, m0, out)
+    elif mr == 5:
+        tile_f32(tag, 5, a, a_off, lda, b, b_off, kg, colsum, wscale, bias, n0, ascale, azp, m0, out)
+    elif mr == 4:
+        tile_f32(tag, 4, a, a_off, lda, b, b_off, kg, colsum, wscale, bias, n0, ascale, azp, m0, out)
+    elif mr == 3:
+        tile_f32(tag, 3, a, a_off, lda, b, b_off, kg, colsum, wscale, bias, n0, ascale, azp, m0, out)
+    elif mr == 2:
+        tile_f32(tag, 2, a, a_off, lda, b, b_off, kg, colsum, wscale, bias, n0, ascale, azp, m0, out)
+    else:
+        tile_f32(tag, 1, a, a_off, lda, b, b_off, kg, colsum, wscale, bias, n0, ascale, azp, m0, out)
+
+
 @njit
 def _tile_portable(mr, ncols, a, m0, b, boff, kg, t):
     for r in range(mr):
@@ -59,22 +78,52 @@ def _tile_portable(mr, ncols, a, m0, b, boff, kg, t):
                                           + a2 * b[p + 2] + a3 * b[p + 3])
 
 
-def _store(t, mr, m0, n0, ncols, colsum, ascale, azp, wscale, bias, ep, out, y):
+@njit(inline="always")
+def _tiles_s32(tag, mr, m0, ncols, aq, bp, boff, kg, t):
+    """int32 tile of rows m0.. and the block's first ncols columns into t."""
+    if is_portable(tag):
+        _tile_portable(mr, ncols, aq, m0, bp, boff, kg, t)
+    else:
+        tc, lda = isa_geometry(tag)[1], aq.shape[1]
+        for cs in range(0, ncols, tc):
+            _tile(tag, mr, aq, m0 * lda, lda, bp, boff + 4 * cs, kg, t, cs)
+
+
+def _compute(tag, mr, m0, n0, ncols, aq, bp, boff, kg, colsum, ascale, azp, wscale,
+             bias, ep, out, t, y):
     raise NotImplementedError  # compiled through the overload below
 
 
-@overload(_store)
-def _store_impl(t, mr, m0, n0, ncols, colsum, ascale, azp, wscale, bias, ep, out, y):
+@overload(_compute)
+def _compute_impl(tag, mr, m0, n0, ncols, aq, bp, boff, kg, colsum, ascale, azp,
+                  wscale, bias, ep, out, t, y):
     if out.dtype == types.float32:
-        def impl(t, mr, m0, n0, ncols, colsum, ascale, azp, wscale, bias, ep, out, y):
-            store_tile_f32(t, BLOCK_COLS, mr, m0, n0, ncols, colsum, ascale, azp,
-                           wscale, bias, ep, out)
+        def impl(tag, mr, m0, n0, ncols, aq, bp, boff, kg, colsum, ascale, azp, wscale,
+                 bias, ep, out, t, y):
+            if ncols == BLOCK_COLS and bias.shape[0] > 0 and not is_portable(tag):
+                # full block: dequantize in registers, straight into out
+                tc, lda = isa_geometry(tag)[1], aq.shape[1]
+                for cs in range(0, BLOCK_COLS, tc):
+                    _tile_f32(tag, mr, aq, m0 * lda, lda, bp, boff + 4 * cs, kg, colsum,
+                              wscale, bias, n0 + cs, ascale, azp, m0, out)
+                act = np.int32(ep[EP_ACT])
+                if act != 0:
+                    for r in range(mr):
+                        apply_activation(out, m0 + r, n0, ncols, act, ep[EP_P0], ep[EP_P1])
+            else:
+                _tiles_s32(tag, mr, m0, ncols, aq, bp, boff, kg, t)
+                store_tile_f32(t, BLOCK_COLS, mr, m0, n0, ncols, colsum, ascale, azp,
+                               wscale, bias, ep, out)
     elif out.dtype == types.uint8:
-        def impl(t, mr, m0, n0, ncols, colsum, ascale, azp, wscale, bias, ep, out, y):
+        def impl(tag, mr, m0, n0, ncols, aq, bp, boff, kg, colsum, ascale, azp, wscale,
+                 bias, ep, out, t, y):
+            _tiles_s32(tag, mr, m0, ncols, aq, bp, boff, kg, t)
             store_tile_u8(t, BLOCK_COLS, mr, m0, n0, ncols, colsum, ascale, azp,
                           wscale, bias, ep, out, y)
     elif out.dtype == types.int32:
-        def impl(t, mr, m0, n0, ncols, colsum, ascale, azp, wscale, bias, ep, out, y):
+        def impl(tag, mr, m0, n0, ncols, aq, bp, boff, kg, colsum, ascale, azp, wscale,
+                 bias, ep, out, t, y):
+            _tiles_s32(tag, mr, m0, ncols, aq, bp, boff, kg, t)
             store_tile_s32(t, BLOCK_COLS, mr, m0, n0, ncols, out)
     else:
         return None
@@ -84,8 +133,8 @@ def _store_impl(t, mr, m0, n0, ncols, colsum, ascale, azp, wscale, bias, ep, out
 @njit
 def _job(tag, job, nmc, mchunk, aq, bp, kg, colsum, ascale, azp, wscale, bias,
          ep, out):
-    mr_max, tc = isa_geometry(tag)
-    m, n, lda = aq.shape[0], out.shape[1], aq.shape[1]
+    mr_max = isa_geometry(tag)[0]
+    m, n = aq.shape[0], out.shape[1]
     nb = job // nmc
     m_start = (job - nb * nmc) * mchunk
     m_end = min(m, m_start + mchunk)
@@ -93,15 +142,11 @@ def _job(tag, job, nmc, mchunk, aq, bp, kg, colsum, ascale, azp, wscale, bias,
     ncols = min(BLOCK_COLS, n - n0)
     boff = nb * kg * GROUP_BYTES
     t = np.empty(mr_max * BLOCK_COLS, np.int32)
-    y = np.empty(BLOCK_COLS, np.float32)
+    y = np.empty((1, BLOCK_COLS), np.float32)
     for m0 in range(m_start, m_end, mr_max):
         mr = min(mr_max, m_end - m0)
-        if is_portable(tag):
-            _tile_portable(mr, ncols, aq, m0, bp, boff, kg, t)
-        else:
-            for cs in range(0, ncols, tc):
-                _tile(tag, mr, aq, m0 * lda, lda, bp, boff + 4 * cs, kg, t, cs)
-        _store(t, mr, m0, n0, ncols, colsum, ascale, azp, wscale, bias, ep, out, y)
+        _compute(tag, mr, m0, n0, ncols, aq, bp, boff, kg, colsum, ascale, azp,
+                 wscale, bias, ep, out, t, y)
 
 
 @njit

@@ -31,6 +31,7 @@ _NO_Q = np.empty((0, 0), np.uint8)
 _NO_F = np.empty(0, np.float32)
 _NO_I = np.empty(0, np.int32)
 _EP_CACHE = {}
+_ZERO_BIAS = {}
 
 
 def set_num_threads(n):
@@ -80,7 +81,11 @@ def _run(x, aq, ascale, azp, pw, bias, ep, out, n_threads):
 
 def _bias(bias, n):
     if bias is None:
-        return _NO_F
+        # the in-register epilogue always adds a bias vector
+        zeros = _ZERO_BIAS.get(n)
+        if zeros is None:
+            zeros = _ZERO_BIAS[n] = np.zeros(n, np.float32)
+        return zeros
     if type(bias) is not np.ndarray or bias.dtype != np.float32 or not bias.flags.c_contiguous:
         bias = np.ascontiguousarray(bias, np.float32)
     if bias.shape != (n,):

@@ -9,13 +9,17 @@ maps to [0, 255]:
     q = clip(rint(x * (1 / scale)) + zp, 0, 255)
 
 all in float32, exactly as reference.quantize_rows_f32_u8 computes it.
-The row range uses fastmath (reassociated min/max) so it vectorizes; min
-and max are exact under reordering, so the result does not change.
+The row range uses llvm.minnum/maxnum, which LLVM vectorizes as a
+reduction (a compare-and-select min does not vectorize); min and max are
+exact under reordering, so the result does not depend on it.
 Rows are written with a stride ``Kp >= K`` (K rounded up to 4, the GEMM's
 k-group), padding columns set to the zero point (they meet zero weights).
 """
+import llvmlite.ir as ir
 import numpy as np
-from numba import njit
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 KERNEL_VERSION = "quantize-1"
 
@@ -24,15 +28,30 @@ _F1 = np.float32(1.0)
 _F255 = np.float32(255.0)
 
 
+def _minmax_intrinsic(name):
+    @intrinsic
+    def op(typingctx, a, b):
+        def codegen(context, builder, sig, args):
+            fnty = ir.FunctionType(ir.FloatType(), [ir.FloatType()] * 2)
+            fn = cgutils.get_or_insert_function(builder.module, fnty, name)
+            return builder.call(fn, args)
+        return types.float32(types.float32, types.float32), codegen
+    return op
+
+
+_fmin = _minmax_intrinsic("llvm.minnum.f32")
+_fmax = _minmax_intrinsic("llvm.maxnum.f32")
+
+
 @njit(fastmath=True, cache=True)
 def row_range(x, i):
     """(min(0, min x[i]), max(0, max x[i])) as float32."""
+    row = x[i]
     lo = _F0
     hi = _F0
-    for k in range(x.shape[1]):
-        v = x[i, k]
-        lo = min(lo, v)
-        hi = max(hi, v)
+    for k in range(row.shape[0]):
+        lo = _fmin(lo, row[k])
+        hi = _fmax(hi, row[k])
     return lo, hi
 
 
@@ -48,12 +67,16 @@ def scale_zero_point(lo, hi):
 @njit(cache=True)
 def quantize_row(x, i, inv, zp, q):
     """q[i, :K] = clip(rint(x[i] * inv) + zp, 0, 255); q[i, K:] = zp."""
-    K = x.shape[1]
+    row = x[i]
+    out = q[i]
+    K = row.shape[0]
     for k in range(K):
-        v = np.rint(x[i, k] * inv) + zp
-        q[i, k] = np.uint8(min(max(v, _F0), _F255))
-    for k in range(K, q.shape[1]):
-        q[i, k] = np.uint8(zp)
+        v = np.rint(row[k] * inv) + zp
+        v = v if v > _F0 else _F0
+        v = v if v < _F255 else _F255
+        out[k] = np.uint8(np.int32(v))
+    for k in range(K, out.shape[0]):
+        out[k] = np.uint8(zp)
 
 
 @njit(cache=True)

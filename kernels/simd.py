@@ -137,52 +137,59 @@ def _splat_bytes(builder, word, vbytes):
     return builder.bitcast(v, _vec(_i8, vbytes))
 
 
-def _emit_tile(context, builder, sig, args, isa, mr):
-    spec = _SPECS[isa]
-    tys = sig.args
-    intp = context.get_value_type(types.intp)
+class _Args:
+    """Typed access to an intrinsic's array and integer arguments."""
 
-    def data(i):
-        return cgutils.create_struct_proxy(tys[i])(context, builder, value=args[i]).data
+    def __init__(self, context, builder, sig, args):
+        self.c, self.b, self.tys, self.args = context, builder, sig.args, args
+        self.intp = context.get_value_type(types.intp)
 
-    def idx(i):
-        return context.cast(builder, args[i], tys[i], types.intp)
+    def ptr(self, i, off=None):
+        p = cgutils.create_struct_proxy(self.tys[i])(self.c, self.b, value=self.args[i]).data
+        return p if off is None else self.b.gep(p, [self.int(off)])
 
-    def cst(v):
-        return ir.Constant(intp, v)
+    def int(self, i):
+        return self.c.cast(self.b, self.args[i], self.tys[i], types.intp)
 
-    a_ptr = builder.gep(data(2), [idx(3)])
-    b_ptr = builder.gep(data(5), [idx(6)])
-    t_ptr = builder.gep(data(8), [idx(9)])
-    lda, kg, ldt = idx(4), idx(7), idx(10)
+    def cst(self, v):
+        return ir.Constant(self.intp, v)
+
+
+def _emit_accumulate(ar, isa, mr, a_ix, b_ix, kg_ix):
+    """K loop of one tile; returns mr x nvec accumulator slots (allocas)."""
+    builder, spec = ar.b, _SPECS[isa]
+    a_ptr, b_ptr = ar.ptr(a_ix, a_ix + 1), ar.ptr(b_ix, b_ix + 1)
+    lda, kg = ar.int(a_ix + 2), ar.int(kg_ix)
     nvec = GEOMETRY[isa][1] * 4 // spec.vbytes
     zero = ir.Constant(spec.acc_ty, None)
     accs = [[cgutils.alloca_once_value(builder, zero) for _ in range(nvec)]
             for _ in range(mr)]
-    rows = [builder.gep(a_ptr, [builder.mul(lda, cst(r))]) for r in range(mr)]
-    # K loop: load the B vectors of this k-group once, broadcast 4 bytes of
-    # each A row and accumulate mr x nvec independent chains.
+    rows = [builder.gep(a_ptr, [builder.mul(lda, ar.cst(r))]) for r in range(mr)]
+    # load the B vectors of a k-group once, broadcast 4 bytes of each A row
+    # and accumulate mr x nvec independent chains
     with cgutils.for_range(builder, kg) as loop:
         g = loop.index
-        bg = builder.gep(b_ptr, [builder.mul(g, cst(GROUP_BYTES))])
+        bg = builder.gep(b_ptr, [builder.mul(g, ar.cst(GROUP_BYTES))])
         bvecs = []
         for c in range(nvec):
-            p = builder.gep(bg, [cst(c * spec.vbytes)])
+            p = builder.gep(bg, [ar.cst(c * spec.vbytes)])
             bvecs.append(builder.load(builder.bitcast(p, spec.byte_ty.as_pointer()), align=1))
-        k4 = builder.mul(g, cst(4))
+        k4 = builder.mul(g, ar.cst(4))
         for r in range(mr):
             p = builder.bitcast(builder.gep(rows[r], [k4]), _i32.as_pointer())
             av = _splat_bytes(builder, builder.load(p, align=1), spec.vbytes)
             for c in range(nvec):
                 acc = builder.load(accs[r][c])
                 builder.store(spec.dot(builder, acc, av, bvecs[c]), accs[r][c])
-    cols = spec.vbytes // 4
-    for r in range(mr):
-        row = builder.gep(t_ptr, [builder.mul(ldt, cst(r))])
-        for c in range(nvec):
-            v = spec.finish(builder, builder.load(accs[r][c]))
-            p = builder.bitcast(builder.gep(row, [cst(c * cols)]), v.type.as_pointer())
-            builder.store(v, p, align=1)
+    return [[spec.finish(builder, builder.load(slot)) for slot in row] for row in accs]
+
+
+def _load_vec(builder, ptr, off, ty):
+    return builder.load(builder.bitcast(builder.gep(ptr, [off]), ty.as_pointer()), align=1)
+
+
+def _store_vec(builder, value, ptr, off):
+    builder.store(value, builder.bitcast(builder.gep(ptr, [off]), value.type.as_pointer()), align=1)
 
 
 @intrinsic(prefer_literal=True)
@@ -195,13 +202,75 @@ def tile_s32(typingctx, tag, mr, a, a_off, lda, b, b_off, kg, t, t_off, ldt):
     if not isinstance(tag, IsaType) or not isinstance(mr, types.IntegerLiteral):
         return None
     sig = types.void(tag, mr, a, a_off, lda, b, b_off, kg, t, t_off, ldt)
-    isa, rows = tag.isa, mr.literal_value
+    isa, nrows = tag.isa, mr.literal_value
 
     def codegen(context, builder, sig, args):
-        if isa in _SPECS:  # portable: the driver never calls this
-            _emit_tile(context, builder, sig, args, isa, rows)
+        if isa not in _SPECS:  # portable: the driver never calls this
+            return context.get_dummy_value()
+        ar = _Args(context, builder, sig, args)
+        accs = _emit_accumulate(ar, isa, nrows, 2, 5, 7)
+        t_ptr, ldt_v = ar.ptr(8, 9), ar.int(10)
+        for r, row in enumerate(accs):
+            base = builder.mul(ldt_v, ar.cst(r))
+            for c, v in enumerate(row):
+                _store_vec(builder, v, t_ptr, builder.add(base, ar.cst(c * v.type.count)))
         return context.get_dummy_value()
     return sig, codegen
+
+
+@intrinsic(prefer_literal=True)
+def tile_f32(typingctx, tag, mr, a, a_off, lda, b, b_off, kg, colsum, wscale, bias,
+             n0, ascale, azp, m0, out):
+    """Full-width tile with the dequantizing epilogue done in registers:
+
+    out[m0 + r, n0 + j] = float32(acc - azp[m0+r] * colsum[n0+j])
+                          * (ascale[m0+r] * wscale[n0+j]) + bias[n0+j]
+
+    for r < mr, j < tile columns (all columns must exist in out and bias).
+    Same float32 operation order as epilogue.dequant_row.
+    """
+    if not isinstance(tag, IsaType) or not isinstance(mr, types.IntegerLiteral):
+        return None
+    sig = types.void(tag, mr, a, a_off, lda, b, b_off, kg, colsum, wscale, bias,
+                     n0, ascale, azp, m0, out)
+    isa, nrows = tag.isa, mr.literal_value
+
+    def codegen(context, builder, sig, args):
+        if isa not in _SPECS:
+            return context.get_dummy_value()
+        ar = _Args(context, builder, sig, args)
+        accs = _emit_accumulate(ar, isa, nrows, 2, 5, 7)
+        n0v, m0v = ar.int(11), ar.int(14)
+        cs_p, ws_p, b_p = ar.ptr(8, 11), ar.ptr(9, 11), ar.ptr(10, 11)
+        sa_p, zp_p = ar.ptr(12, 14), ar.ptr(13, 14)
+        out_st = cgutils.create_struct_proxy(sig.args[15])(context, builder, value=args[15])
+        ldo = builder.sdiv(builder.extract_value(out_st.strides, 0), ar.cst(4))
+        o_ptr = builder.gep(out_st.data, [builder.add(builder.mul(m0v, ldo), n0v)])
+        n = accs[0][0].type.count
+        fvec, ivec = _vec(ir.FloatType(), n), _vec(_i32, n)
+        cols = [( _load_vec(builder, cs_p, ar.cst(c * n), ivec),
+                  _load_vec(builder, ws_p, ar.cst(c * n), fvec),
+                  _load_vec(builder, b_p, ar.cst(c * n), fvec)) for c in range(len(accs[0]))]
+        for r, row in enumerate(accs):
+            zp = builder.load(builder.gep(zp_p, [ar.cst(r)]))
+            sa = builder.load(builder.gep(sa_p, [ar.cst(r)]))
+            zpv = _splat(builder, zp, n)
+            sav = _splat(builder, sa, n)
+            base = builder.mul(ldo, ar.cst(r))
+            for c, v in enumerate(row):
+                cs, ws, bv = cols[c]
+                acc = builder.sub(v, builder.mul(zpv, cs))
+                y = builder.fmul(builder.sitofp(acc, fvec), builder.fmul(sav, ws))
+                _store_vec(builder, builder.fadd(y, bv), o_ptr,
+                           builder.add(base, ar.cst(c * n)))
+        return context.get_dummy_value()
+    return sig, codegen
+
+
+def _splat(builder, scalar, n):
+    v = builder.insert_element(ir.Constant(_vec(scalar.type, n), ir.Undefined), scalar,
+                               ir.Constant(_i32, 0))
+    return builder.shuffle_vector(v, v, _const_vec([0] * n))
 
 
 @intrinsic

@@ -1,0 +1,192 @@
+"""int8 GEMM benchmark: fxopt kernels against torch fp32 and torch int8.
+
+    python -m fxopt.bench.gemm [--threads 2] [--out bench_results] [--quick]
+
+Per shape (M, K, N): our GEMM (uint8 in, fp32 out), our full linear (fp32
+in/out, quantization included), torch fp32 nn.Linear and torch dynamic int8
+Linear (quantize_dynamic, fbgemm). Prints GOP/s (2*M*N*K ops), % of the
+measured vpdpbusd peak and ratios to torch int8 (medians, compile excluded),
+the first-call (compile or cache-load) times, the warm call overhead of a
+1x64x64 linear, and writes gemm.json (+ gemm.png if matplotlib is present).
+"""
+import argparse
+import json
+import os
+import platform
+import time
+
+import numba
+import numpy as np
+from numba import njit, prange
+
+from fxopt import kernels as K
+from fxopt.bench.timing import first_call_seconds, median_seconds
+from fxopt.kernels.simd import dpbusd_chains
+
+BERT_SHAPES = [(1, 768, 768), (8, 768, 768), (128, 768, 768), (128, 768, 3072),
+               (128, 3072, 768), (512, 1024, 1024)]
+# ResNet-50, batch 1, as im2col GEMMs: (OH*OW, Cin*kh*kw, Cout)
+CONV_SHAPES = {"conv3x3 64->64 @56": (56 * 56, 64 * 9, 64),
+               "conv1x1 256->64 @56": (56 * 56, 256, 64),
+               "conv3x3 256->256 @14": (14 * 14, 256 * 9, 256)}
+PEAK_ITERS = 2_000_000
+OPS_PER_ITER = 24 * 64 * 2   # 24 chains x 64 MACs x 2 ops
+
+
+@njit
+def _peak_serial(n):
+    return dpbusd_chains(n, 3)
+
+
+@njit(parallel=True)
+def _peak_parallel(n, threads):
+    total = 0
+    for i in prange(threads):
+        total += dpbusd_chains(n, 3 + i)
+    return total
+
+
+def measure_peak(threads):
+    """Measured int8 TOP/s of independent vpdpbusd chains, 1 and n threads."""
+    _peak_serial(10)
+    _peak_parallel(10, threads)
+    one = median_seconds(lambda: _peak_serial(PEAK_ITERS), repeats=7, warmup=1)
+    many = median_seconds(lambda: _peak_parallel(PEAK_ITERS, threads), repeats=7, warmup=1)
+    return (PEAK_ITERS * OPS_PER_ITER / one / 1e12,
+            threads * PEAK_ITERS * OPS_PER_ITER / many / 1e12)
+
+
+def _torch_models(w, b):
+    import torch
+    lin = torch.nn.Linear(w.shape[1], w.shape[0])
+    with torch.no_grad():
+        lin.weight.copy_(torch.from_numpy(w))
+        lin.bias.copy_(torch.from_numpy(b))
+    model = torch.nn.Sequential(lin).eval()
+    q = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+    return model, q
+
+
+def bench_shape(name, m, k, n, repeats, rng):
+    import torch
+    x = rng.standard_normal((m, k), dtype=np.float32)
+    w = (rng.standard_normal((n, k), dtype=np.float32) / np.sqrt(k)).astype(np.float32)
+    b = rng.standard_normal(n, dtype=np.float32)
+    pw = K.pack_weights_s8(*K.quantize_weights_s8(w))
+    aq, s, z = K.quantize_rows_f32_u8(x)
+    fp32, int8 = _torch_models(w, b)
+    xt = torch.from_numpy(x)
+    runs = {
+        "ours_gemm": lambda: K.gemm_u8s8_f32(aq, s, z, pw, b),
+        "ours_linear": lambda: K.linear_f32(x, pw, b),
+        "torch_fp32": lambda: fp32(xt),
+        "torch_int8": lambda: int8(xt),
+    }
+    ops = 2.0 * m * n * k
+    row = {"name": name, "m": m, "k": k, "n": n}
+    with torch.no_grad():
+        for key, fn in runs.items():
+            sec = median_seconds(fn, repeats=repeats)
+            row[key + "_us"] = sec * 1e6
+            row[key + "_gops"] = ops / sec / 1e9
+    return row
+
+
+def _fmt_table(rows, peak):
+    head = (f"{'shape':<22}{'M':>5}{'K':>6}{'N':>6} | {'gemm GOP/s':>10}{'%peak':>7} | "
+            f"{'linear GOP/s':>12}{'%peak':>7} | {'torch fp32':>10} {'torch int8':>10} | "
+            f"{'gemm/int8':>9} {'linear/int8':>11}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(
+            f"{r['name']:<22}{r['m']:>5}{r['k']:>6}{r['n']:>6} | "
+            f"{r['ours_gemm_gops']:>10.1f}{100 * r['ours_gemm_gops'] / peak / 1e3:>6.1f}% | "
+            f"{r['ours_linear_gops']:>12.1f}{100 * r['ours_linear_gops'] / peak / 1e3:>6.1f}% | "
+            f"{r['torch_fp32_gops']:>10.1f} {r['torch_int8_gops']:>10.1f} | "
+            f"{r['ours_gemm_gops'] / r['torch_int8_gops']:>8.2f}x "
+            f"{r['ours_linear_gops'] / r['torch_int8_gops']:>10.2f}x")
+    return "\n".join(lines)
+
+
+def _first_calls(rng):
+    """First-call times (JIT compile, or load from Numba's cache) per entry."""
+    x = rng.standard_normal((8, 96), dtype=np.float32)
+    pw = K.pack_weights_s8(*K.quantize_weights_s8(x[:70]))
+    big = rng.standard_normal((256, 96), dtype=np.float32)
+    K.set_num_threads(K.get_num_threads())
+    return {"linear_f32 serial": first_call_seconds(lambda: K.linear_f32(x, pw)),
+            "linear_f32 parallel": first_call_seconds(
+                lambda: K.linear_f32(np.repeat(big, 64, axis=0), pw)),
+            "gemm_u8s8_s32": first_call_seconds(
+                lambda: K.gemm_u8s8_s32(np.zeros((8, 96), np.uint8), pw))}
+
+
+def _call_overhead_us(rng):
+    x = rng.standard_normal((1, 64), dtype=np.float32)
+    pw = K.pack_weights_s8(*K.quantize_weights_s8(rng.standard_normal((64, 64), dtype=np.float32)))
+    return median_seconds(lambda: K.linear_f32(x, pw), repeats=31, min_batch_s=5e-3) * 1e6
+
+
+def _plot(rows, peak, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    keys = ["ours_gemm", "ours_linear", "torch_int8", "torch_fp32"]
+    idx = np.arange(len(rows))
+    fig, ax = plt.subplots(figsize=(12, 5))
+    for i, key in enumerate(keys):
+        ax.bar(idx + (i - 1.5) * 0.2, [r[key + "_gops"] for r in rows], 0.2, label=key)
+    ax.axhline(peak * 1e3, color="k", ls="--", label="measured peak")
+    ax.set_xticks(idx, [f"{r['m']}x{r['k']}x{r['n']}" for r in rows], rotation=30, fontsize=8)
+    ax.set_ylabel("GOP/s")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    return path
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="fxopt bench gemm", description=__doc__.split("\n")[0])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=21)
+    p.add_argument("--out", default="bench_results")
+    p.add_argument("--quick", action="store_true", help="BERT shapes only, fewer repeats")
+    args = p.parse_args(argv)
+    import torch
+    torch.set_num_threads(args.threads)
+    K.set_num_threads(args.threads)
+    rng = np.random.default_rng(0)
+    first = _first_calls(rng)
+    peak1, peak = measure_peak(args.threads)
+    shapes = [(f"bert {m}x{k}x{n}", m, k, n) for m, k, n in BERT_SHAPES]
+    if not args.quick:
+        shapes += [(name, *s) for name, s in CONV_SHAPES.items()]
+    repeats = 7 if args.quick else args.repeats
+    rows = [bench_shape(name, m, k, n, repeats, rng) for name, m, k, n in shapes]
+    overhead = _call_overhead_us(rng)
+    info = {"torch": torch.__version__, "numba": numba.__version__, "numpy": np.__version__,
+            "isa": K.isa(), "threads": args.threads, "cpu": platform.processor() or platform.machine(),
+            "peak_tops_1thread": peak1, "peak_tops": peak, "first_call_s": first,
+            "linear_1x64x64_call_us": overhead, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+    print(f"fxopt bench gemm | torch {info['torch']} | numba {info['numba']} | "
+          f"isa {info['isa']} | threads {args.threads} (torch and numba)")
+    print(f"measured vpdpbusd peak: {peak1:.3f} TOP/s (1 thread), {peak:.3f} TOP/s "
+          f"({args.threads} threads)")
+    print("first call (compile or cache load): " +
+          ", ".join(f"{k} {v:.2f}s" for k, v in first.items()))
+    print("medians; %peak against the measured peak of this run\n")
+    print(_fmt_table(rows, peak))
+    print(f"\nwarm linear_f32 call, 1x64x64: {overhead:.2f} us")
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "gemm.json"), "w") as f:
+        json.dump({"info": info, "rows": rows}, f, indent=1)
+    png = _plot(rows, peak, os.path.join(args.out, "gemm.png"))
+    print(f"wrote {os.path.join(args.out, 'gemm.json')}" + (f" and {png}" if png else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,36 @@
+"""Timing helpers for benchmarks: warm up, batch calls, take medians."""
+import statistics
+import time
+
+
+def median_seconds(fn, repeats=21, min_batch_s=2e-3, warmup=3):
+    """Median seconds per call of fn() over ``repeats`` batches.
+
+    Each batch runs enough calls to last about ``min_batch_s`` so timer
+    resolution and per-batch noise do not dominate short calls.
+    """
+    for _ in range(warmup):
+        fn()
+    number = 1
+    while True:
+        t0 = time.perf_counter()
+        for _ in range(number):
+            fn()
+        dt = time.perf_counter() - t0
+        if dt >= min_batch_s or number >= 1 << 20:
+            break
+        number *= 2
+    samples = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(number):
+            fn()
+        samples.append((time.perf_counter() - t0) / number)
+    return statistics.median(samples)
+
+
+def first_call_seconds(fn):
+    """Wall time of one call (the first call includes JIT compile or cache load)."""
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
