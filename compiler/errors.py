@@ -15,3 +15,7 @@ class PassError(FxoptError):
 
 class PipelineError(FxoptError):
     """An unknown target, pass or option, or a malformed pipeline string."""
+
+
+class CalibrationError(FxoptError):
+    """Calibration data does not match the model's inputs, or calibration is misconfigured."""
