@@ -15,7 +15,8 @@ from torch import nn
 from fxopt.capture import capture, normalize_inputs
 from fxopt.errors import PipelineError
 from fxopt.pass_base import PassContext
-from fxopt.pass_manager import Instruments, PassManager
+from fxopt import model_report
+from fxopt.pass_manager import Instruments, PassManager, snapshot
 from fxopt.pipeline import Pipeline, target_pipeline
 
 DEFAULT_TARGET = "cpu-fp32"
@@ -23,6 +24,8 @@ DEFAULT_TARGET = "cpu-fp32"
 # Options optimize() takes besides the instruments; later stages add theirs here.
 OPTIONS = {
     "seed": "seed for anything random a pass does (default 0)",
+    "report_layers": "per-layer precision and error table in the report (default True)",
+    "latency_repeats": "runs to time the model before and after for the report (default 5, 0 = skip)",
 }
 INSTRUMENTS = ("print_ir_after", "dump_dir", "stop_after", "disable", "drift")
 
@@ -56,14 +59,27 @@ def _compile(model, example_inputs, target, calibration_data, dynamic, options, 
     instruments = Instruments(**{k: _tuple(k, options.pop(k)) for k in INSTRUMENTS if k in options})
     reference = _reference_outputs(model, args, kwargs) if instruments.drift else None
     gm = capture(model, example_inputs, dynamic=dynamic)
+    original = snapshot(gm)
     ctx = PassContext(example_args=args, example_kwargs=kwargs, options=options,
                       seed=options.get("seed", 0))
     ctx.state["calibration_data"] = calibration_data
     manager = PassManager(pipeline, ctx, reference, instruments, keep_snapshots=keep)
     gm, report = manager.run(gm)
+    _model_sections(report, model, original, gm, args, kwargs, options)
     if keep:
         return gm, report, manager
     return gm, report
+
+
+def _model_sections(report, model, original, gm, args, kwargs, options) -> None:
+    """Per-layer table and size/MACs/latency summary, added to the report."""
+    rows = model_report.layer_rows(original, gm, args, kwargs) if options.get("report_layers", True) else []
+    summary = model_report.model_summary(model, original, gm, args, kwargs, rows,
+                                         options.get("latency_repeats", 5))
+    report.layers, report.summary = rows, summary
+    if rows:
+        report.sections["layers"] = model_report.format_layers(rows, model_report.fp32_ops(gm))
+    report.sections["model"] = model_report.format_summary(summary)
 
 
 def _check_options(options: dict) -> None:

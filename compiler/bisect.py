@@ -105,14 +105,14 @@ def _lost_inputs(before: GraphModule, node) -> list:
             if n.meta.get(ID) not in now and n.op == "call_function"]
 
 
-def record_values(gm: GraphModule, args: tuple, kwargs: dict) -> dict:
-    """Every node's value on the given inputs, keyed by stable id."""
+def record_values(gm: GraphModule, args: tuple, kwargs: dict, keep=None) -> dict:
+    """Every node's value on the given inputs, keyed by stable id (only ids in `keep` if given)."""
     values = {}
 
     class Recorder(Interpreter):
         def run_node(self, n):
             out = super().run_node(n)
-            if ID in n.meta:
+            if ID in n.meta and (keep is None or n.meta[ID] in keep):
                 values[n.meta[ID]] = out
             return out
 

@@ -41,6 +41,8 @@ class Report:
     records: list = field(default_factory=list)
     stopped_after: str | None = None
     sections: dict = field(default_factory=dict)   # later stages add their own tables
+    layers: list = field(default_factory=list)     # per-layer rows (plain dicts)
+    summary: dict = field(default_factory=dict)    # size, MACs, latency before/after
 
     def add(self, record: PassRecord) -> None:
         self.records.append(record)
@@ -55,7 +57,22 @@ class Report:
     def to_dict(self, with_ir: bool = False) -> dict:
         return {"pipeline": self.pipeline, "stopped_after": self.stopped_after,
                 "passes": [r.to_dict(with_ir) for r in self.records],
-                "sections": self.sections}
+                "layers": self.layers, "summary": self.summary, "sections": self.sections}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Report":
+        """Rebuild a report from its to_dict() data (e.g. read back from a saved model).
+
+            Report.from_dict(fast.fxopt_report.to_dict())   # prints the same table
+        """
+        report = cls(d["pipeline"], stopped_after=d.get("stopped_after"),
+                     sections=dict(d.get("sections") or {}))
+        for r in d.get("passes", []):
+            drift = Drift(**r["drift"]) if r.get("drift") else None
+            report.add(PassRecord(r["index"], r["pass"], dict(r["options"]), r["status"],
+                                  r["seconds"], r["changed"], dict(r["stats"]), dict(r["counts"]),
+                                  r["nodes"], r.get("ir", ""), drift))
+        return report
 
     def __str__(self) -> str:
         header = ("#", "pass", "ms", "changed", "nodes", "cosine", "sqnr dB", "max abs", "stats")
