@@ -156,6 +156,15 @@ def test_nonfinite_values_are_ignored():
         assert -2.0 <= lo <= hi <= 1.0, name
 
 
+@pytest.mark.parametrize("value", [0.0, 5.0, -3.0])
+def test_constant_data_gives_a_point_range(value):
+    for name in ("minmax", "percentile", "mse", "entropy"):
+        obs = make_observer(name)
+        for _ in range(3):
+            obs.update(torch.full((100,), value))
+        assert obs.range() == (value, value), name
+
+
 def test_observer_without_data_says_so():
     with pytest.raises(CalibrationError, match="seen no finite value"):
         make_observer("mse").range()
