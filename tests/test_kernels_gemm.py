@@ -1,0 +1,256 @@
+"""int8 GEMM kernels against the numpy reference, on every ISA path."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from fxopt import kernels as K
+from fxopt.kernels import dispatch, linear as L, reference as R
+
+ISAS = K.available_isas()
+SHAPES = [(1, 1, 1), (1, 768, 64), (1, 5, 3), (2, 7, 65), (7, 13, 70), (6, 64, 64),
+          (13, 64, 130), (5, 3, 129), (37, 130, 200)]
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    with K.use_isa(request.param):
+        yield request.param
+
+
+@pytest.fixture
+def force_parallel(monkeypatch):
+    """Run even tiny shapes through the threaded entry (job split over rows)."""
+    monkeypatch.setattr(L, "PARALLEL_MIN_MACS", 0)
+
+
+def _operands(rng, m, k, n):
+    a = rng.integers(0, 256, (m, k), dtype=np.uint8)
+    w = rng.integers(-128, 128, (n, k), dtype=np.int8)
+    return a, w
+
+
+def _pack(w, scales=None):
+    scales = np.ones(w.shape[0], np.float32) if scales is None else scales
+    return K.pack_weights_s8(w, scales)
+
+
+def test_all_paths_run_here():
+    assert ISAS == ["avx512_vnni", "avx_vnni", "avx2", "portable"]
+
+
+@pytest.mark.parametrize("m,k,n", SHAPES)
+def test_gemm_s32_bit_exact(isa, m, k, n):
+    a, w = _operands(np.random.default_rng(m * 1000 + k * 7 + n), m, k, n)
+    np.testing.assert_array_equal(K.gemm_u8s8_s32(a, _pack(w)), R.gemm_u8s8_s32(a, w))
+
+
+@pytest.mark.parametrize("m,k,n", [(1, 33, 64), (20, 770, 130), (64, 64, 10)])
+def test_gemm_s32_threaded_bit_exact(isa, force_parallel, m, k, n):
+    a, w = _operands(np.random.default_rng(1), m, k, n)
+    got = K.gemm_u8s8_s32(a, _pack(w), n_threads=2)
+    np.testing.assert_array_equal(got, R.gemm_u8s8_s32(a, w))
+
+
+@pytest.mark.parametrize("a_val,w_val", [(255, -128), (255, 127), (0, -128), (255, 0)])
+def test_gemm_s32_saturation_edges(isa, a_val, w_val):
+    # 255 * -128 pairs are where vpmaddubsw would saturate int16
+    m, k, n = 7, 1027, 70
+    a = np.full((m, k), a_val, np.uint8)
+    w = np.full((n, k), w_val, np.int8)
+    w[1::2] = -w_val if w_val != -128 else 127
+    np.testing.assert_array_equal(K.gemm_u8s8_s32(a, _pack(w)), R.gemm_u8s8_s32(a, w))
+
+
+@settings(max_examples=12, deadline=None)
+@given(m=st.integers(1, 20), k=st.integers(1, 140), n=st.integers(1, 140),
+       seed=st.integers(0, 2**16))
+def test_gemm_s32_random_shapes(m, k, n, seed):
+    a, w = _operands(np.random.default_rng(seed), m, k, n)
+    pw, ref = _pack(w), R.gemm_u8s8_s32(a, w)
+    for name in ISAS:
+        with K.use_isa(name):
+            np.testing.assert_array_equal(K.gemm_u8s8_s32(a, pw), ref, err_msg=name)
+
+
+def _float_case(rng, m, k, n):
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    q, s = K.quantize_weights_s8(rng.standard_normal((n, k)).astype(np.float32))
+    b = rng.standard_normal(n).astype(np.float32)
+    return x, q, s, b
+
+
+ACTS = [("none", ()), ("relu", ()), ("relu6", ()), ("hardtanh", (-0.5, 0.25)),
+        ("gelu", ()), ("gelu_tanh", ()), ("silu", ())]
+
+
+@pytest.mark.parametrize("act,act_args", ACTS)
+@pytest.mark.parametrize("n", [64, 70])  # full block (in-register epilogue) and tail
+def test_gemm_f32_epilogues(isa, act, act_args, n):
+    rng = np.random.default_rng(3)
+    x, q, s, b = _float_case(rng, 9, 50, n)
+    aq, sa, za = R.quantize_rows_f32_u8(x)
+    got = K.gemm_u8s8_f32(aq, sa, za, K.pack_weights_s8(q, s), b, act, act_args)
+    ref = R.gemm_u8s8_f32(aq, sa, za, q, s, b, act, act_args)
+    np.testing.assert_allclose(got, ref, rtol=2e-5, atol=2e-5 * np.abs(ref).max())
+
+
+def test_gemm_f32_scalar_scale_and_no_bias(isa):
+    x, q, s, _ = _float_case(np.random.default_rng(4), 5, 40, 64)
+    aq = R.quantize_tensor_f32_u8(x, 0.05, 128)
+    got = K.gemm_u8s8_f32(aq, 0.05, 128, K.pack_weights_s8(q, s))
+    ref = R.gemm_u8s8_f32(aq, 0.05, 128, q, s)
+    np.testing.assert_allclose(got, ref, rtol=2e-5, atol=1e-5 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("act", ["none", "relu"])
+def test_gemm_u8_requantize(isa, act):
+    x, q, s, b = _float_case(np.random.default_rng(5), 11, 70, 70)
+    aq, sa, za = R.quantize_rows_f32_u8(x)
+    got = K.gemm_u8s8_u8(aq, sa, za, K.pack_weights_s8(q, s), 0.1, 100, b, act)
+    ref = R.gemm_u8s8_u8(aq, sa, za, q, s, 0.1, 100, b, act)
+    # float rounding may move a value sitting on a .5 boundary by one step
+    assert np.abs(got.astype(int) - ref).max() <= 1
+    assert (got == ref).mean() > 0.99
+
+
+@pytest.mark.parametrize("m,k,n", [(1, 768, 64), (3, 13, 70), (130, 96, 128)])
+def test_linear_f32_matches_reference(isa, force_parallel, m, k, n):
+    x, q, s, b = _float_case(np.random.default_rng(6), m, k, n)
+    got = K.linear_f32(x, K.pack_weights_s8(q, s), b, "gelu", n_threads=2)
+    ref = R.linear_f32(x, q, s, b, "gelu")
+    np.testing.assert_allclose(got, ref, rtol=2e-5, atol=2e-5 * np.abs(ref).max())
+
+
+def test_linear_f32_close_to_float_linear():
+    x, _, _, b = _float_case(np.random.default_rng(7), 16, 256, 96)
+    w = np.random.default_rng(8).standard_normal((96, 256)).astype(np.float32)
+    got = K.linear_f32(x, K.pack_weights_s8(*K.quantize_weights_s8(w)), b)
+    exact = x.astype(np.float64) @ w.T + b
+    assert np.abs(got - exact).max() < 0.02 * np.abs(exact).max()
+
+
+def test_linear_f32_leading_dims_and_non_contiguous():
+    x, q, s, b = _float_case(np.random.default_rng(9), 12, 40, 70)
+    pw = K.pack_weights_s8(q, s)
+    x3 = x.reshape(3, 4, 40)
+    np.testing.assert_array_equal(K.linear_f32(x3, pw, b).reshape(12, 70), K.linear_f32(x, pw, b))
+    wide = np.zeros((12, 80), np.float32)
+    wide[:, ::2] = x
+    np.testing.assert_array_equal(K.linear_f32(wide[:, ::2], pw, b), K.linear_f32(x, pw, b))
+
+
+def test_gemm_non_contiguous_and_bad_inputs():
+    a, w = _operands(np.random.default_rng(10), 6, 20, 9)
+    pw = _pack(w)
+    big = np.zeros((6, 40), np.uint8)
+    big[:, ::2] = a
+    np.testing.assert_array_equal(K.gemm_u8s8_s32(big[:, ::2], pw), R.gemm_u8s8_s32(a, w))
+    with pytest.raises(K.KernelError, match="uint8"):
+        K.gemm_u8s8_s32(a.astype(np.int8), pw)
+    with pytest.raises(K.KernelError, match="K=21"):
+        K.gemm_u8s8_s32(np.zeros((2, 21), np.uint8), pw)
+    with pytest.raises(K.KernelError, match="activation"):
+        K.linear_f32(np.zeros((2, 20), np.float32), pw, act="tanhh")
+    with pytest.raises(K.KernelError, match="bias"):
+        K.linear_f32(np.zeros((2, 20), np.float32), pw, np.zeros(8, np.float32))
+
+
+def test_quantize_rows_exact_vs_reference():
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((9, 37)).astype(np.float32) * 3
+    x[0] = 0
+    x[1] = np.abs(x[1])
+    x[2] = -np.abs(x[2])
+    q, s, z = K.quantize_rows_f32_u8(x)
+    rq, rs, rz = R.quantize_rows_f32_u8(x)
+    np.testing.assert_array_equal(q, rq)
+    np.testing.assert_array_equal(s, rs)
+    np.testing.assert_array_equal(z, rz)
+    assert z[1] == 0 and z[2] == 255 and q[1].max() == 255 and q[2].min() == 0
+    deq = (q.astype(np.float32) - z[:, None]) * s[:, None]
+    assert np.abs(deq - x).max() <= s.max() / 2 + 1e-6
+
+
+def test_quantize_tensor_and_padding():
+    x = np.random.default_rng(12).standard_normal((4, 10)).astype(np.float32) * 20
+    np.testing.assert_array_equal(K.quantize_tensor_f32_u8(x, 0.1, 7),
+                                  R.quantize_tensor_f32_u8(x, 0.1, 7))
+    q, _, z = K.quantize_rows_f32_u8(x, pad_k=True)
+    assert q.shape == (4, 12) and (q[:, 10:] == z[:, None]).all()
+    with pytest.raises(ValueError):
+        K.quantize_tensor_f32_u8(x, 0.0, 3)
+
+
+def test_quantize_weights_matches_reference():
+    w = np.random.default_rng(13).standard_normal((10, 30)).astype(np.float32)
+    w[3] = 0
+    q, s = K.quantize_weights_s8(w)
+    rq, rs = R.quantize_weights_s8(w)
+    np.testing.assert_array_equal(q, rq)
+    np.testing.assert_array_equal(s, rs)
+    assert s[3] == 1 and np.abs(q).max() == 127
+
+
+def test_packed_weights_alignment_and_plain_array_round_trip(tmp_path):
+    a, w = _operands(np.random.default_rng(14), 3, 21, 70)
+    pw = _pack(w, np.linspace(0.5, 1, 70, dtype=np.float32))
+    assert pw.data.ctypes.data % 64 == 0
+    np.testing.assert_array_equal(pw.col_sums, w.astype(np.int64).sum(1))
+    path = tmp_path / "pw.npz"
+    np.savez(path, **pw.to_arrays())
+    with np.load(path, allow_pickle=False) as f:
+        back = K.PackedWeights.from_arrays(**{k: f[k] for k in f.files})
+    assert back.data.ctypes.data % 64 == 0 and (back.n, back.k) == (70, 21)
+    np.testing.assert_array_equal(K.gemm_u8s8_s32(a, back), R.gemm_u8s8_s32(a, w))
+    unaligned = np.empty(pw.data.size + 1, np.int8)[1:]
+    unaligned[:] = pw.data
+    moved = K.PackedWeights.from_arrays(unaligned, pw.scales, pw.col_sums, 70, 21)
+    assert moved.data.ctypes.data % 64 == 0
+    with pytest.raises(K.KernelError, match="expected"):
+        K.PackedWeights.from_arrays(pw.data[:-1], pw.scales, pw.col_sums, 70, 21)
+
+
+def test_select_isa_errors(monkeypatch):
+    with pytest.raises(K.KernelError, match="unknown kernel ISA"):
+        K.select_isa("sse9")
+    monkeypatch.setattr(dispatch, "host_features", lambda: {"avx2", "avx"})
+    with pytest.raises(K.KernelError, match="lacks"):
+        K.select_isa("avx512_vnni")
+    assert dispatch.available_isas() == ["avx2", "portable"]
+
+
+def test_select_isa_switches_and_restores():
+    before = K.isa()
+    with K.use_isa("portable"):
+        assert K.isa() == "portable"
+    assert K.isa() == before
+    previous = K.select_isa("avx2")
+    try:
+        assert K.isa() == "avx2"
+    finally:
+        K.select_isa(previous)
+
+
+def test_env_var_forces_path():
+    code = "from fxopt import kernels as K; print(K.isa())"
+    env = dict(os.environ, FXOPT_KERNEL_ISA="avx2")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.stdout.strip() == "avx2", out.stderr
+    env["FXOPT_KERNEL_ISA"] = "neon"
+    bad = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert bad.returncode != 0 and "unknown kernel ISA 'neon'" in bad.stderr
+
+
+def test_thread_count_setting():
+    before = K.get_num_threads()
+    try:
+        K.set_num_threads(1)
+        assert K.get_num_threads() == 1
+        K.set_num_threads(10_000)
+        assert 1 <= K.get_num_threads() <= os.cpu_count()
+    finally:
+        K.set_num_threads(before)
