@@ -234,7 +234,8 @@ class _Expected:
         names = gm.meta.get("fxopt_capture", {}).get("input_names")
         self.names = names if names and len(names) == len(placeholders) else [n.name for n in placeholders]
         self.vals = [n.meta.get("val") for n in placeholders]
-        args_spec, kwargs_spec = self.spec.children_specs
+        args_spec, kwargs_spec = (self.spec.children() if hasattr(self.spec, "children")
+                                  else self.spec.children_specs)
         self.n_args = args_spec.num_children
         self.keys = list(kwargs_spec.context)
 
