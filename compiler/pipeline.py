@@ -22,11 +22,15 @@ from fxopt.registry import get_pass, pass_names
 _FP32 = ("eliminate_dead_code,remove_identity,fold_constants,fold_batchnorm,"
          "fuse_epilogues,eliminate_dead_code")
 
+_INT8 = "calibrate_ranges,quantize_int8,lower_to_kernels,eliminate_dead_code"
+
 TARGETS: dict[str, str] = {
     "cpu-fp32": _FP32,
+    "cpu-int8": f"{_FP32},{_INT8}",
 }
 TARGET_DOCS = {
     "cpu-fp32": "graph clean-up and fusion; outputs equal the original within fp32 round-off",
+    "cpu-int8": "cpu-fp32, then int8 weights and activations lowered to the Numba kernels",
 }
 
 
