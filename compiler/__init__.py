@@ -10,6 +10,7 @@ from fxopt import fxops as _fxops, qops as _qops, kernel_ops as _kernel_ops  # r
 from fxopt.api import optimize
 from fxopt.bisect import bisect
 from fxopt.pipeline import TARGETS, Pipeline
+from fxopt.serialize import save, load
 
 __version__ = "0.1.0"
 __all__ = ["optimize", "bisect", "capture", "Pipeline", "TARGETS", "FxoptError",

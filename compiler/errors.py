@@ -19,3 +19,7 @@ class PipelineError(FxoptError):
 
 class CalibrationError(FxoptError):
     """Calibration data does not match the model's inputs, or calibration is misconfigured."""
+
+
+class ArtifactError(FxoptError):
+    """A saved model file cannot be written or read: corrupt, foreign, too new, or unsafe."""

@@ -66,7 +66,8 @@ class Report:
             Report.from_dict(fast.fxopt_report.to_dict())   # prints the same table
         """
         report = cls(d["pipeline"], stopped_after=d.get("stopped_after"),
-                     sections=dict(d.get("sections") or {}))
+                     sections=dict(d.get("sections") or {}), layers=list(d.get("layers") or []),
+                     summary=dict(d.get("summary") or {}))
         for r in d.get("passes", []):
             drift = Drift(**r["drift"]) if r.get("drift") else None
             report.add(PassRecord(r["index"], r["pass"], dict(r["options"]), r["status"],

@@ -1,0 +1,189 @@
+"""fxopt.save / fxopt.load: identical outputs after a round trip, atomic writes, clear
+errors on bad files, and no code from a file ever runs."""
+import functools
+import json
+import os
+import pickle
+import subprocess
+import sys
+import textwrap
+import zipfile
+
+import pytest
+import safetensors
+import safetensors.torch
+import torch
+import torch.utils._pytree as pytree
+from torch import fx, nn
+
+import fxopt
+from fxopt import serialize
+from fxopt.errors import ArtifactError
+from zoo import ZOO
+
+aten = torch.ops.aten
+
+
+def call(model, inputs):
+    return model(**inputs) if isinstance(inputs, dict) else model(*inputs)
+
+
+@functools.lru_cache(maxsize=None)
+def optimized(name):
+    """(fast model, example inputs, other inputs) of a zoo model, optimized once per session."""
+    model, example, other = ZOO[name]()
+    return fxopt.optimize(model, example, target="cpu-fp32", drift=name == "mlp"), example, other
+
+
+def assert_identical(got, expected):
+    assert type(got) is type(expected)
+    if isinstance(expected, dict):
+        assert list(got.keys()) == list(expected.keys())
+    got_leaves, expected_leaves = pytree.tree_leaves(got), pytree.tree_leaves(expected)
+    assert len(got_leaves) == len(expected_leaves)
+    for g, e in zip(got_leaves, expected_leaves):
+        assert g.dtype == e.dtype and g.shape == e.shape and torch.equal(g, e)
+
+
+def rewrite(path, edit_metadata=None, edit_graph=None, fix_digest=True):
+    """Rewrite a saved file's header (as an attacker or a newer fxopt could), keeping tensors."""
+    with safetensors.safe_open(path, "pt") as f:
+        metadata = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    if edit_graph:
+        graph = json.loads(metadata["graph"])
+        edit_graph(graph)
+        metadata["graph"] = json.dumps(graph)
+    if edit_metadata:
+        edit_metadata(metadata)
+    if fix_digest:
+        blobs = [tensors[f"storage.{i}"] for i in range(int(metadata["storages"]))]
+        metadata["sha256"] = serialize._digest(metadata, blobs)
+    safetensors.torch.save_file(tensors, path, metadata=metadata)
+
+
+@pytest.fixture
+def mlp_file(tmp_path):
+    path = tmp_path / "mlp.fxopt"
+    fxopt.save(optimized("mlp")[0], path)
+    return path
+
+
+# --- round trips ----------------------------------------------------------------
+
+@pytest.mark.parametrize("name", list(ZOO))
+def test_round_trip_gives_identical_outputs(name, tmp_path):
+    fast, example, other = optimized(name)
+    fxopt.save(fast, tmp_path / "m.fxopt")
+    loaded = fxopt.load(tmp_path / "m.fxopt")
+    with torch.no_grad():
+        for inputs in (example, other):   # other: another batch (and sequence) size
+            assert_identical(call(loaded, inputs), call(fast, inputs))
+    assert str(loaded.fxopt_report) == str(fast.fxopt_report)
+    assert loaded.fxopt_report.to_dict() == fast.fxopt_report.to_dict()
+    assert loaded.meta["fxopt_capture"] == fast.meta["fxopt_capture"]
+    computed = [n.name for n in fast.graph.nodes if n.op != "call_module"]
+    assert [n.name for n in loaded.graph.nodes] == computed
+
+
+SUBPROCESS_MODELS = ["mlp", "bert", "gpt2"]
+
+CHILD = textwrap.dedent("""
+    import sys, torch, torch.utils._pytree as pytree
+    torch.set_num_threads(int(sys.argv[2]))
+    import fxopt
+    for name in sys.argv[3:]:
+        model = fxopt.load(f"{sys.argv[1]}/{name}.fxopt")
+        saved = torch.load(f"{sys.argv[1]}/{name}.pt", weights_only=True)
+        with torch.no_grad():
+            for inputs, expected in zip(saved["inputs"], saved["outputs"]):
+                out = model(**inputs) if isinstance(inputs, dict) else model(*inputs)
+                leaves = pytree.tree_leaves(out)
+                assert type(out).__name__ == saved["type"], type(out)
+                assert len(leaves) == len(expected)
+                assert all(torch.equal(a, b) for a, b in zip(leaves, expected)), name
+        print("ok", name)
+""")
+
+
+def test_load_in_a_fresh_process(tmp_path):
+    for name in SUBPROCESS_MODELS:
+        fast, example, other = optimized(name)
+        fxopt.save(fast, tmp_path / f"{name}.fxopt")
+        with torch.no_grad():
+            outs = [call(fast, example), call(fast, other)]
+        torch.save({"inputs": [example, other], "type": type(outs[0]).__name__,
+                    "outputs": [pytree.tree_leaves(o) for o in outs]}, tmp_path / f"{name}.pt")
+    done = subprocess.run([sys.executable, "-c", CHILD, str(tmp_path),
+                           str(torch.get_num_threads()), *SUBPROCESS_MODELS],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == [w for n in SUBPROCESS_MODELS for w in ("ok", n)]
+
+
+def test_read_report_without_loading(mlp_file):
+    report = serialize.read_report(mlp_file)
+    assert str(report) == str(optimized("mlp")[0].fxopt_report)
+    assert report.records[-1].drift.cosine > 0.99999
+
+
+def _weights_module():
+    """A hand-built graph reading weights of many dtypes, kinds, strides and a tied pair."""
+    root = nn.Module()
+    root.sub = nn.Module()
+    root.sub.w = nn.Parameter(torch.randn(4, 6).t())             # non-contiguous parameter
+    root.register_buffer("packed", torch.from_numpy((torch.arange(64) % 251).to(torch.uint8).numpy()))
+    root.register_buffer("q", torch.randint(-128, 127, (4, 4), dtype=torch.int8))
+    root.register_buffer("sums", torch.arange(4, dtype=torch.int32), persistent=False)
+    root.register_buffer("bf16", torch.randn(4, dtype=torch.bfloat16))
+    root.register_buffer("mask", torch.tensor([True, False, True, True]))
+    root.const = torch.randn(4, dtype=torch.float64)              # plain tensor attribute
+    root.tied = root.sub.w                                       # same tensor, second name
+    g = fx.Graph()
+    x = g.placeholder("x")
+    w = {n: g.get_attr(n) for n in ("sub.w", "packed", "q", "sums", "bf16", "mask", "const", "tied")}
+    y = g.call_function(aten.mm.default, (x, w["sub.w"]))
+    y = g.call_function(aten.add.Tensor, (y, g.call_function(aten.mm.default, (x, w["tied"]))))
+    outs = [y] + [g.call_function(aten.clone.default, (w[n],)) for n in w if n not in ("sub.w", "tied")]
+    g.output(tuple(outs))
+    gm = fx.GraphModule(root, g)
+    # GraphModule copies every tensor in as a persistent buffer; restore the kinds wanted.
+    gm.register_buffer("sums", gm.sums, persistent=False)
+    const = gm._buffers.pop("const")
+    gm.const = const
+    return gm
+
+
+def test_any_dtype_kind_stride_and_tied_weights_round_trip(tmp_path):
+    gm = _weights_module()
+    fxopt.save(gm, tmp_path / "w.fxopt")
+    loaded = fxopt.load(tmp_path / "w.fxopt")
+    x = torch.randn(3, 6)
+    assert_identical(loaded(x), gm(x))
+    assert loaded.sub.w.stride() == gm.sub.w.stride() and isinstance(loaded.sub.w, nn.Parameter)
+    assert loaded.tied.untyped_storage().data_ptr() == loaded.sub.w.untyped_storage().data_ptr()
+    assert "sums" in dict(loaded.named_buffers()) and "sums" not in loaded.state_dict()
+    assert "const" not in dict(loaded.named_buffers()) and torch.equal(loaded.const, gm.const)
+
+
+def test_artifact_meta_and_load_hook(tmp_path):
+    gm = _weights_module()
+    gm.meta["fxopt_artifact"] = {"kernel_isa": "avx512_vnni", "layers": [1, 2.5, None]}
+    fxopt.save(gm, tmp_path / "w.fxopt")
+    seen = []
+    hook = serialize.register_load_hook(lambda m, meta: seen.append((type(m), meta)))
+    try:
+        loaded = fxopt.load(tmp_path / "w.fxopt")
+    finally:
+        serialize.remove_load_hook(hook)
+    assert loaded.meta["fxopt_artifact"] == gm.meta["fxopt_artifact"]
+    assert len(seen) == 1 and seen[0][1] == gm.meta["fxopt_artifact"]
+    assert issubclass(seen[0][0], fx.GraphModule)
+
+
+def test_non_json_artifact_meta_is_refused_before_writing(tmp_path):
+    gm = _weights_module()
+    gm.meta["fxopt_artifact"] = {"shape": (1, 2)}    # a tuple would come back as a list
+    with pytest.raises(ArtifactError, match="plain JSON"):
+        fxopt.save(gm, tmp_path / "w.fxopt")
+    assert os.listdir(tmp_path) == []
