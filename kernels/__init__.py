@@ -21,3 +21,7 @@ __all__ = [
     "linear_f32", "pack_weights_s8", "quantize_rows_f32_u8", "quantize_tensor_f32_u8",
     "quantize_weights_s8", "select_isa", "set_num_threads", "use_isa",
 ]
+from .attention import bmm_f32_int8  # noqa: E402
+from .conv import PackedConv, conv2d_f32, pack_conv_weights_s8  # noqa: E402
+
+__all__ += ["PackedConv", "bmm_f32_int8", "conv2d_f32", "pack_conv_weights_s8"]

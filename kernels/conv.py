@@ -1,0 +1,182 @@
+"""int8 2-D convolution: im2col feeding the GEMM, depthwise done directly.
+
+The input image is quantized once per tensor (dynamic asymmetric uint8,
+formula of quantize.py over the whole image), so im2col moves bytes, not
+floats, and out-of-image taps read the zero point (= 0.0). Weights are
+quantized per output channel. Patch columns are ordered (c, kh, kw), the
+order of ``weight.reshape(O, -1)``, for NCHW and NHWC inputs alike.
+
+    >>> pc = pack_conv_weights_s8(weight, groups=1)            # (O, I/g, kh, kw)
+    >>> y = conv2d_f32(x, pc, bias, stride=2, padding=1, act="relu")
+"""
+from typing import NamedTuple, Optional
+
+import numpy as np
+from numba import njit
+
+from .dispatch import KernelError
+from .epilogue import apply_activation
+from .linear import _bias, _run, epilogue_params
+from .pack import PackedWeights, pack_weights_s8, quantize_weights_s8
+from .quantize import padded_k, quantize_rows_into
+
+KERNEL_VERSION = "conv-1"
+_NO_X = np.empty((0, 0), np.float32)
+
+
+class PackedConv(NamedTuple):
+    """Conv weights (O, I/groups, kh, kw) packed per group for the GEMM,
+    or, for depthwise (groups == I == O), int8 taps (O, kh*kw) + scales."""
+    out_channels: int
+    in_channels: int
+    kh: int
+    kw: int
+    groups: int
+    parts: tuple                        # PackedWeights per group (GEMM path)
+    dw_q: Optional[np.ndarray] = None   # depthwise int8 taps (O, kh*kw)
+    dw_scales: Optional[np.ndarray] = None
+
+
+def pack_conv_weights_s8(weight, groups=1):
+    """Quantize (symmetric, per output channel) and pack float conv weights."""
+    w = np.asarray(weight, np.float32)
+    if w.ndim != 4:
+        raise KernelError(f"conv weight must be (O, I/groups, kh, kw), got {w.shape}")
+    o, cg, kh, kw = w.shape
+    if o % groups:
+        raise KernelError(f"out_channels {o} not divisible by groups {groups}")
+    c = cg * groups
+    if groups > 1 and groups == c == o:
+        q, s = quantize_weights_s8(w.reshape(o, kh * kw))
+        return PackedConv(o, c, kh, kw, groups, (), q, s)
+    og = o // groups
+    parts = tuple(pack_weights_s8(*quantize_weights_s8(w[g * og:(g + 1) * og].reshape(og, -1)))
+                  for g in range(groups))
+    return PackedConv(o, c, kh, kw, groups, parts)
+
+
+@njit(cache=True)
+def im2col_u8(x, nhwc, c0, cg, kh, kw, sh, sw, ph, pw, dh, dw, zp, out):
+    """Patches of channels c0..c0+cg of one uint8 image into out (OH*OW, Kp)."""
+    h, w = (x.shape[0], x.shape[1]) if nhwc else (x.shape[1], x.shape[2])
+    oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    ow = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    zq = np.uint8(zp)
+    for oy in range(oh):
+        for ox in range(ow):
+            row = oy * ow + ox
+            col = 0
+            for c in range(c0, c0 + cg):
+                for i in range(kh):
+                    y = oy * sh - ph + i * dh
+                    for j in range(kw):
+                        xx = ox * sw - pw + j * dw
+                        if 0 <= y < h and 0 <= xx < w:
+                            out[row, col] = x[y, xx, c] if nhwc else x[c, y, xx]
+                        else:
+                            out[row, col] = zq
+                        col += 1
+            for k in range(col, out.shape[1]):
+                out[row, k] = zq
+
+
+@njit(cache=True)
+def depthwise_u8(x, nhwc, q, kh, kw, sh, sw, ph, pw, dh, dw, zp, sx, ws, bias, ep, out):
+    """Direct depthwise conv on a uint8 image; out float32 (C, OH, OW)."""
+    c_n, oh, ow = out.shape
+    h, w = (x.shape[0], x.shape[1]) if nhwc else (x.shape[1], x.shape[2])
+    for c in range(c_n):
+        scale = sx * ws[c]
+        for oy in range(oh):
+            for ox in range(ow):
+                acc = np.int32(0)
+                for i in range(kh):
+                    y = oy * sh - ph + i * dh
+                    if 0 <= y < h:
+                        for j in range(kw):
+                            xx = ox * sw - pw + j * dw
+                            if 0 <= xx < w:
+                                v = x[y, xx, c] if nhwc else x[c, y, xx]
+                                acc += (np.int32(v) - zp) * np.int32(q[c, i * kw + j])
+                out[c, oy, ox] = np.float32(acc) * scale + bias[c]
+        act = np.int32(ep[0])
+        if act != 0:
+            flat = out[c].reshape(1, oh * ow)
+            apply_activation(flat, 0, 0, oh * ow, act, ep[1], ep[2])
+
+
+def _pair(v, name):
+    t = (int(v), int(v)) if np.isscalar(v) else tuple(int(i) for i in v)
+    if len(t) != 2:
+        raise KernelError(f"{name} must be an int or a pair, got {v!r}")
+    return t
+
+
+def _quantize_image(img):
+    q = np.empty((1, img.size), np.uint8)
+    s = np.empty(1, np.float32)
+    z = np.empty(1, np.int32)
+    quantize_rows_into(img.reshape(1, -1), q, s, z)
+    return q.reshape(img.shape), s[0], z[0]
+
+
+def _gemm_groups(xq, nhwc, pc, geo, s, z, bias, ep, n_threads, oh, ow):
+    og = pc.out_channels // pc.groups
+    cg = pc.in_channels // pc.groups
+    kp = padded_k(cg * pc.kh * pc.kw)
+    out = np.empty((oh * ow, pc.out_channels), np.float32)
+    cols = np.empty((oh * ow, kp), np.uint8)
+    rows_s = np.full(oh * ow, s, np.float32)
+    rows_z = np.full(oh * ow, z, np.int32)
+    direct = (nhwc and pc.groups == 1 and pc.kh == pc.kw == 1 and kp == cg
+              and geo == (1, 1, 0, 0, 1, 1))
+    for g, pw in enumerate(pc.parts):
+        if direct:  # 1x1 conv on NHWC: the image already is the GEMM's A
+            cols = xq.reshape(oh * ow, cg)
+        else:
+            im2col_u8(xq, nhwc, g * cg, cg, pc.kh, pc.kw, *geo, z, cols)
+        part = out if pc.groups == 1 else np.empty((oh * ow, og), np.float32)
+        b = bias[g * og:(g + 1) * og] if bias.size else bias
+        _run(_NO_X, cols, rows_s, rows_z, pw, _bias(b if b.size else None, og), ep, part,
+             n_threads)
+        if pc.groups > 1:
+            out[:, g * og:(g + 1) * og] = part
+    return out
+
+
+def conv2d_f32(x, pc, bias=None, stride=1, padding=0, dilation=1, act="none",
+               act_args=(), layout="NCHW", n_threads=None):
+    """Quantized conv2d: float input, PackedConv weights, float output.
+
+    x: float32 (N, C, H, W) (or (N, H, W, C) with layout="NHWC"); returns
+    float32 (N, O, OH, OW) for NCHW, (N, OH, OW, O) for NHWC. Matches
+    torch.nn.functional.conv2d up to int8 quantization of x and the weights.
+    """
+    if layout not in ("NCHW", "NHWC"):
+        raise KernelError(f"layout must be 'NCHW' or 'NHWC', got {layout!r}")
+    x = np.ascontiguousarray(x, np.float32)
+    nhwc = layout == "NHWC"
+    if x.ndim != 4 or x.shape[3 if nhwc else 1] != pc.in_channels:
+        raise KernelError(f"conv2d_f32: input {x.shape} ({layout}) does not have "
+                          f"{pc.in_channels} channels")
+    (sh, sw), (ph, pw), (dh, dw) = (_pair(stride, "stride"), _pair(padding, "padding"),
+                                    _pair(dilation, "dilation"))
+    h, w = x.shape[1:3] if nhwc else x.shape[2:]
+    oh = (h + 2 * ph - dh * (pc.kh - 1) - 1) // sh + 1
+    ow = (w + 2 * pw - dw * (pc.kw - 1) - 1) // sw + 1
+    if oh <= 0 or ow <= 0:
+        raise KernelError(f"conv2d_f32: kernel larger than padded input {x.shape}")
+    b = np.zeros(pc.out_channels, np.float32) if bias is None else _bias(bias, pc.out_channels)
+    ep = epilogue_params(act, tuple(act_args))
+    geo = (sh, sw, ph, pw, dh, dw)
+    outs = []
+    for img in x:
+        xq, s, z = _quantize_image(img)
+        if pc.dw_q is not None:
+            y = np.empty((pc.out_channels, oh, ow), np.float32)
+            depthwise_u8(xq, nhwc, pc.dw_q, pc.kh, pc.kw, *geo, z, s, pc.dw_scales, b, ep, y)
+            outs.append(y.transpose(1, 2, 0) if nhwc else y)
+        else:
+            y = _gemm_groups(xq, nhwc, pc, geo, s, z, b, ep, n_threads, oh, ow)
+            outs.append(y.reshape(oh, ow, -1) if nhwc else y.T.reshape(-1, oh, ow))
+    return np.ascontiguousarray(np.stack(outs))
