@@ -147,10 +147,10 @@ def resolve_target(qualified, node_name: str):
     found = _OP_NAME.match(qualified)
     if not found or found[1] not in OP_NAMESPACES:
         raise ArtifactError(
-            f"node {node_name} calls {qualified!r:.80}, which fxopt refuses to load: only "
-            f"operators of torch.ops.{'/'.join(OP_NAMESPACES)} and the functions "
-            f"{', '.join(sorted(PY_FUNCTIONS))} may appear in a saved graph. The file was not "
-            "written by fxopt or was tampered with.")
+            f"node {node_name} calls {qualified!r:.80}, which fxopt refuses to load: a saved "
+            f"graph may only call torch.ops.{'/'.join(OP_NAMESPACES)} operators and a fixed set "
+            "of shape functions (operator.*, math.*, torch.sym_*; see graph_json.PY_FUNCTIONS). "
+            "The file was not written by fxopt.save or was tampered with; do not use it.")
     ns, name, overload = found[1], found[2], found[3]
     packet = getattr(getattr(torch.ops, ns), name, None)
     if not isinstance(packet, torch._ops.OpOverloadPacket):

@@ -216,10 +216,13 @@ def load(path) -> fx.GraphModule:
         raise ArtifactError(f"{path} is corrupt: its checksum does not match its contents "
                             "(damaged in copy or storage). Save the model again.")
     graph_data = _json(metadata, "graph", path)
-    weights = rebuild_weights(graph_data.get("tensors"), blobs)
     for module in OP_PROVIDERS:
         importlib.import_module(module)
-    gm = _build_module(decode_graph(graph_data, set(weights)), weights)
+    try:
+        weights = rebuild_weights(graph_data.get("tensors"), blobs)
+        gm = _build_module(decode_graph(graph_data, set(weights)), weights)
+    except ArtifactError as e:
+        raise ArtifactError(f"cannot load {path}: {e}") from None
     gm.train(bool(graph_data.get("training", False)))
     _restore_meta(gm, graph_data.get("meta", {}), metadata, path)
     report = _json(metadata, "report", path)

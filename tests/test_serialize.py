@@ -187,3 +187,169 @@ def test_non_json_artifact_meta_is_refused_before_writing(tmp_path):
     with pytest.raises(ArtifactError, match="plain JSON"):
         fxopt.save(gm, tmp_path / "w.fxopt")
     assert os.listdir(tmp_path) == []
+
+
+# --- atomic writes ------------------------------------------------------------------
+
+def _half_write_then_fail(tensors, path, metadata):
+    with open(path, "wb") as f:
+        f.write(b"\x00" * 100)
+    raise OSError(28, "No space left on device")
+
+
+@pytest.mark.parametrize("failure", ["writer", "replace"])
+def test_failed_save_keeps_old_file_and_leaves_no_temp(mlp_file, monkeypatch, failure):
+    before = mlp_file.read_bytes()
+    if failure == "writer":
+        monkeypatch.setattr(serialize, "_write_tensors", _half_write_then_fail)
+    else:
+        monkeypatch.setattr(serialize.os, "replace", lambda *a: _half_write_then_fail(None, os.devnull, None))
+    with pytest.raises(OSError):
+        fxopt.save(optimized("cnn_bn_residual")[0], mlp_file)
+    assert mlp_file.read_bytes() == before
+    assert os.listdir(mlp_file.parent) == [mlp_file.name]
+    monkeypatch.undo()
+    assert_identical(fxopt.load(mlp_file)(torch.ones(2, 32)), optimized("mlp")[0](torch.ones(2, 32)))
+
+
+def test_save_replaces_an_existing_file(mlp_file):
+    fast, example, _ = optimized("cnn_bn_residual")
+    fxopt.save(fast, mlp_file)
+    assert_identical(call(fxopt.load(mlp_file), example), call(fast, example))
+    assert os.listdir(mlp_file.parent) == [mlp_file.name]
+
+
+# --- bad files ----------------------------------------------------------------------
+
+def _truncate(path, keep):
+    data = path.read_bytes()
+    path.write_bytes(data[:keep(len(data))])
+
+
+def _flip_last_byte(path):
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _random_zip(path):
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("graph.json", "{}")
+
+
+BAD_FILES = {
+    "truncated in the weights": (lambda p: _truncate(p, lambda n: n - 7), "truncated or corrupt"),
+    "truncated in the header": (lambda p: _truncate(p, lambda n: 50), "truncated or corrupt"),
+    "empty": (lambda p: p.write_bytes(b""), "not an fxopt model file"),
+    "a bit flipped in a weight": (_flip_last_byte, "checksum"),
+    "a zip": (_random_zip, "not an fxopt model file"),
+    "a pickle": (lambda p: p.write_bytes(pickle.dumps({"w": torch.ones(2)})), "not an fxopt model"),
+    "a text file": (lambda p: p.write_text("hello world\n" * 20), "not an fxopt model file"),
+    "plain safetensors": (lambda p: safetensors.torch.save_file({"w": torch.ones(2)}, p),
+                          "not an fxopt model"),
+    "a newer format": (lambda p: rewrite(p, lambda m: m.update(format_version="99")),
+                       "newer fxopt.*Upgrade fxopt"),
+    "a changed header": (lambda p: rewrite(p, lambda m: m.update(fxopt_version="9"),
+                                           fix_digest=False), "checksum"),
+    "a missing graph": (lambda p: rewrite(p, lambda m: m.pop("graph")), "'graph' is missing"),
+    "a weight outside its storage": (
+        lambda p: rewrite(p, edit_graph=lambda g: g["tensors"]["fc1.weight"].update(offset=10**6)),
+        "corrupt weight table entry for fc1.weight"),
+    "a dangling node reference": (
+        lambda p: rewrite(p, edit_graph=lambda g: g["nodes"][-1].update(
+            args={"tuple": [{"node": "nowhere"}]})), "unknown or later node 'nowhere'"),
+}
+
+
+@pytest.mark.parametrize("damage", list(BAD_FILES))
+def test_bad_file_raises_a_clear_artifact_error(mlp_file, damage):
+    spoil, message = BAD_FILES[damage]
+    spoil(mlp_file)
+    with pytest.raises(ArtifactError, match=message):
+        fxopt.load(mlp_file)
+
+# Damage read_report must notice too: it reads the header only, not weights or graph.
+HEADER_DAMAGE = ["truncated in the weights", "truncated in the header", "empty", "a zip",
+                 "a pickle", "a text file", "plain safetensors", "a newer format"]
+
+
+@pytest.mark.parametrize("damage", HEADER_DAMAGE)
+def test_read_report_of_a_bad_file_raises(mlp_file, damage):
+    spoil, message = BAD_FILES[damage]
+    spoil(mlp_file)
+    with pytest.raises(ArtifactError, match=message):
+        serialize.read_report(mlp_file)
+
+
+def test_missing_file_is_file_not_found(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no fxopt model file"):
+        fxopt.load(tmp_path / "nothing.fxopt")
+
+
+# --- files that try to run code -------------------------------------------------------
+
+class _Exploit:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _set_first_call(graph, target, args):
+    node = next(n for n in graph["nodes"] if n["op"] == "call_function")
+    node.update(target=target, args=args)
+
+
+def _shell(marker):
+    return {"tuple": [f"touch {marker}"]}
+
+
+ATTACKS = {
+    "os.system target": lambda g, m: _set_first_call(g, "os.system", _shell(m)),
+    "builtins.eval target": lambda g, m: _set_first_call(
+        g, "builtins.eval", {"tuple": [f"__import__('os').system('touch {m}')"]}),
+    "non-aten namespace": lambda g, m: _set_first_call(g, "myns::system.default", _shell(m)),
+    "code in a node name": lambda g, m: g["nodes"][0].update(
+        name=f"x = __import__('os').system('touch {m}')"),
+    "code in an input name": lambda g, m: g.update(
+        orig_args=[f"x=__import__('os').system('touch {m}')"]),
+    "code in a weight name": lambda g, m: g["nodes"][1].update(
+        target=f"fc1.weight; __import__('os').system('touch {m}')"),
+    "pytree enum import": lambda g, m: g.update(out_spec={
+        "type": "builtins.dict", "children": [],
+        "context": {"__enum__": True, "fqn": "os:system", "name": f"touch {m}"}}),
+    "foreign output class": lambda g, m: g.update(out_spec={
+        "type": "subprocess.Popen", "context": None, "children": []}),
+}
+
+
+@pytest.mark.parametrize("attack", list(ATTACKS))
+def test_crafted_graph_cannot_run_code(mlp_file, tmp_path, attack):
+    marker = tmp_path / "pwned"
+    rewrite(mlp_file, edit_graph=lambda g: ATTACKS[attack](g, marker))
+    with pytest.raises(ArtifactError):
+        fxopt.load(mlp_file)
+    assert not marker.exists()
+
+
+def test_pickle_payload_is_never_unpickled(tmp_path):
+    marker, path = tmp_path / "pwned", tmp_path / "evil.fxopt"
+    path.write_bytes(pickle.dumps(_Exploit(marker)))
+    with pytest.raises(ArtifactError, match="not an fxopt model file"):
+        fxopt.load(path)
+    assert not marker.exists()
+    # and as a torch.save checkpoint (a zip holding data.pkl)
+    torch.save({"model": _Exploit(marker)}, path)
+    with pytest.raises(ArtifactError, match="not an fxopt model file"):
+        fxopt.load(path)
+    assert not marker.exists()
+
+
+def test_unsavable_target_is_refused(tmp_path):
+    g = fx.Graph()
+    x = g.placeholder("x")
+    g.output(g.call_function(print, (x,)))
+    with pytest.raises(ArtifactError, match="calls <built-in function print>"):
+        fxopt.save(fx.GraphModule(nn.Module(), g), tmp_path / "p.fxopt")
+    assert os.listdir(tmp_path) == []
