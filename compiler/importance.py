@@ -37,7 +37,7 @@ def group_scores(gm: GraphModule, group: Group, criterion: str, grads: dict | No
     if criterion == "bn_scale":
         gammas = bn_gammas(group)
         if gammas:
-            return _mean([_per_index(get_weight(gm, g).abs(), 0, group.count) for g in gammas])
+            return _mean([_per_index(get_weight(gm, g).detach().abs(), 0, group.count) for g in gammas])
         criterion = "l1"
     if criterion == "taylor" and grads is None:
         raise ValueError("the taylor criterion needs gradients: pass data= (a few batches) to prune")

@@ -67,17 +67,19 @@ def total_macs(gm: GraphModule) -> int:
 
 
 def count_params(gm: GraphModule) -> int:
-    """Elements of every floating-point weight the graph reads, batch-norm running
-    statistics excluded (they are statistics, not parameters)."""
+    """Elements of every floating-point weight the graph reads (tied weights once),
+    batch-norm running statistics excluded (they are statistics, not parameters)."""
     stats = set()
     for node in gm.graph.nodes:
         if kind_of(node) is OpKind.BATCH_NORM:
             _, _, _, mean, var, _ = batch_norm_parts(node)
             stats.update(n for n in (mean, var) if isinstance(n, Node))
-    total = 0
+    total, seen = 0, set()
     for node in gm.graph.nodes:
-        if node.op == "get_attr" and node not in stats:
+        if node.op == "get_attr" and node not in stats and node.users:
             t = get_weight(gm, node)
-            if isinstance(t, torch.Tensor) and t.is_floating_point():
+            # tied weights (GPT-2's lm_head and wte) are one tensor, counted once
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and id(t) not in seen:
+                seen.add(id(t))
                 total += t.numel()
     return total

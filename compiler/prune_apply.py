@@ -53,7 +53,19 @@ def _cut_attr(gm: GraphModule, attr: Node, axis: int, idx: torch.Tensor) -> Node
             new.meta[key] = attr.meta[key]
     attr.replace_all_uses_with(new)
     gm.graph.erase_node(attr)
+    _forget(gm, str(attr.target))
     return new
+
+
+def _forget(gm: GraphModule, target: str) -> None:
+    # The full-size tensor must go, or the pruned model keeps it in memory and
+    # in its state_dict. Snapshots the pass manager took hold their own references.
+    if any(n.op == "get_attr" and str(n.target) == target for n in gm.graph.nodes):
+        return
+    owner_name, _, name = target.rpartition(".")
+    owner = gm.get_submodule(owner_name) if owner_name else gm
+    owner._parameters.pop(name, None)
+    owner._buffers.pop(name, None)
 
 
 def _fix_sizes(node: Node, dim: int, new_size: int) -> None:
