@@ -106,6 +106,10 @@ class PassManager:
                 raise PassError(f"pass {spec.name} returned {type(result).__name__}, not PassResult")
             ir.finish(gm)
             ir.lint(gm)
+        except FxoptError as e:
+            if not isinstance(e, PassError):
+                raise  # the user's input is wrong, not the pass: the error already says what to do
+            raise self._failure(spec.name, index, report, before, e) from e
         except Exception as e:
             raise self._failure(spec.name, index, report, before, e) from e
         seconds = time.perf_counter() - start

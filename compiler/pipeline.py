@@ -68,7 +68,7 @@ class Pipeline:
         """Parse `a,b{k=v,k2=v2},c`; every name must be a known pass and every option one it takes."""
         specs = []
         for name, body in _split(text):
-            options = dict(_parse_option(name, item) for item in body.split(",") if item) if body else {}
+            options = dict(_parse_option(name, item) for item in _split_top(body) if item) if body else {}
             specs.append(PassSpec(name, options))
         pipeline = Pipeline(tuple(specs))
         pipeline.validate()
@@ -84,21 +84,40 @@ class Pipeline:
                     f"pass {spec.name} has no option {', '.join(sorted(unknown))}; its options: {valid}")
 
 
-_ITEM = re.compile(r"\s*([A-Za-z_][A-Za-z0-9_]*)\s*(?:\{([^{}]*)\})?\s*(?:,|$)")
+def _split_top(text: str, sep: str = ",") -> list[str]:
+    """Split on `sep` outside brackets and quotes: 'a{x=(1,2)},b' -> ['a{x=(1,2)}', 'b']."""
+    parts, depth, quote, start = [], 0, None, 0
+    for i, ch in enumerate(text):
+        if quote:
+            quote = None if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+            if depth < 0:
+                raise PipelineError(f"unbalanced {ch!r} at position {i} in {text!r}")
+        elif ch == sep and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    if depth or quote:
+        raise PipelineError(f"cannot parse pipeline {text!r}: unclosed bracket or quote")
+    parts.append(text[start:])
+    return [p.strip() for p in parts]
+
+
+_NAME = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)(?:\{(.*)\})?$", re.S)
 
 
 def _split(text: str):
-    pos = 0
-    text = text.strip()
-    if not text:
+    if not text.strip():
         raise PipelineError("empty pipeline; give pass names separated by commas, e.g. 'fold_batchnorm,fuse_epilogues'")
-    while pos < len(text):
-        m = _ITEM.match(text, pos)
-        if not m or m.end() == pos:
-            raise PipelineError(f"cannot parse pipeline {text!r} at position {pos}: "
-                                "expected name or name{key=value,...}")
+    for item in _split_top(text.strip()):
+        m = _NAME.match(item)
+        if not m:
+            raise PipelineError(f"cannot parse pipeline item {item!r}: expected name or name{{key=value,...}}")
         yield m.group(1), m.group(2)
-        pos = m.end()
 
 
 def _parse_option(pass_name: str, item: str):

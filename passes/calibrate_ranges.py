@@ -23,8 +23,10 @@ def run(gm, ctx, observer="minmax", progress=True, max_samples=0) -> PassResult:
     ids = sorted({n.args[0].meta["fxopt_id"] for n in units})
     if not ids:
         return PassResult(False, {"observed": 0})
-    data = calibration_inputs(ctx.example_args, ctx.example_kwargs,
-                              ctx.state.get("calibration_data"), ctx.warn)
+    # only convs default to static ranges; a model of linears alone (dynamic) need not warn
+    has_static = any(n.target is fxops.conv2d_act for n in units)
+    data = calibration_inputs(ctx.example_args, ctx.example_kwargs, ctx.state.get("calibration_data"),
+                              ctx.warn if has_static else (lambda message: None))
     if max_samples:
         data = _take(data, max_samples)
     ranges = calibrate(gm, data, ids, observer=observer, progress=progress)

@@ -1,0 +1,97 @@
+"""cpu-int8 end to end: the zoo stays close to fp32, digits keep their accuracy, the report explains."""
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import fxopt
+from fxopt import kernel_ops, qops
+from fxopt.drift import drift
+from fxopt.errors import CalibrationError
+from fxopt.examples import DigitsCNN, DigitsMLP, accuracy, digits, train
+from zoo import ZOO
+
+
+def call(model, inputs):
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    return model(*inputs) if isinstance(inputs, (tuple, list)) else model(inputs)
+
+
+@pytest.mark.parametrize("name", list(ZOO))
+def test_zoo_int8_close_to_fp32(name):
+    model, example, other = ZOO[name]()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # calibrating on the example inputs warns; expected here
+        fast = fxopt.optimize(model, example, target="cpu-int8", calibration_data=[example, other],
+                              latency_repeats=0)
+    with torch.no_grad():
+        for inputs in (example, other):  # other: another batch size (and sequence length)
+            d = drift(call(model, inputs), call(fast, inputs))
+            assert d.cosine >= 0.99, (name, str(d))
+    stats = fast.fxopt_report.record("quantize_int8").stats
+    assert stats["linear"] + stats["conv2d"] > 0
+    assert all(row["precision"] == "int8" for row in fast.fxopt_report.layers if row["op"] != "embedding")
+
+
+def test_lowered_kernels_match_reference_ops():
+    model, example, _ = ZOO["bert"]()
+    reference = fxopt.optimize(model, example, target=fxopt.TARGETS["cpu-fp32"] + ",quantize_int8",
+                               latency_repeats=0)
+    lowered = fxopt.optimize(model, example, target=fxopt.TARGETS["cpu-fp32"] + ",quantize_int8,lower_to_kernels",
+                             latency_repeats=0)
+    targets = {n.target for n in lowered.graph.nodes}
+    assert kernel_ops.linear_int8 in targets and qops.quantized_linear not in targets
+    with torch.no_grad():
+        d = drift(call(reference, example), call(lowered, example))
+    # same quantized numbers; only the float epilogue's rounding order differs
+    assert d.sqnr_db > 80, str(d)
+
+
+@pytest.fixture(scope="module")
+def digits_models():
+    data = digits()
+    return data, train(DigitsCNN(), data, epochs=12), train(DigitsMLP(), data, epochs=25)
+
+
+@pytest.mark.parametrize("which", ["cnn", "mlp"])
+def test_digits_accuracy_within_half_point(digits_models, which):
+    data, cnn, mlp = digits_models
+    model = cnn if which == "cnn" else mlp
+    calib = [x for x, _ in data.batches(batch_size=64)][:8]
+    fast = fxopt.optimize(model, (data.x_train[:32],), target="cpu-int8", calibration_data=[(x,) for x in calib],
+                          latency_repeats=0)
+    before = accuracy(model, data.x_test, data.y_test)
+    after = accuracy(fast, data.x_test, data.y_test)
+    assert before > 0.9
+    assert after >= before - 0.005, (before, after)
+
+
+def test_skip_and_per_layer_keep_fp32_with_reason():
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4)).eval()
+    x = (torch.randn(4, 16),)
+    fast = fxopt.optimize(model, x, target=fxopt.TARGETS["cpu-int8"].replace(
+        "quantize_int8", "quantize_int8{skip=('0',),per_layer={'4': 'fp32'}}"), latency_repeats=0)
+    rows = {r["layer"]: r for r in fast.fxopt_report.layers}
+    assert rows["0"]["precision"] == "fp32" and "skip" in rows["0"]["why"]
+    assert rows["4"]["precision"] == "fp32" and "per_layer" in rows["4"]["why"]
+    assert rows["2"]["precision"] == "int8"
+    torch.testing.assert_close(fast(*x), model(*x), rtol=0.05, atol=0.05)
+    assert "layers:" in str(fast.fxopt_report) and "size:" in str(fast.fxopt_report)
+
+
+def test_bad_calibration_data_is_a_clear_error():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()).eval()
+    x = (torch.randn(2, 3, 8, 8),)
+    with pytest.raises(CalibrationError) as info:
+        fxopt.optimize(model, x, target="cpu-int8", calibration_data=[(torch.randn(2, 5, 8, 8),)])
+    assert "item 0" in str(info.value)
+
+
+def test_missing_calibration_warns_and_still_works():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()).eval()
+    x = (torch.randn(2, 3, 8, 8),)
+    with pytest.warns(UserWarning, match="calibration_data"):
+        fast = fxopt.optimize(model, x, target="cpu-int8", latency_repeats=0)
+    torch.testing.assert_close(fast(*x), model(*x), rtol=0.05, atol=0.05)
