@@ -11,7 +11,9 @@ from fxopt.api import optimize
 from fxopt.bisect import bisect
 from fxopt.pipeline import TARGETS, Pipeline
 from fxopt.serialize import save, load
+from fxopt.pruning import prune
+from fxopt.finetune import finetune
 
 __version__ = "0.1.0"
-__all__ = ["optimize", "bisect", "capture", "Pipeline", "TARGETS", "FxoptError",
+__all__ = ["optimize", "bisect", "capture", "prune", "finetune", "Pipeline", "TARGETS", "FxoptError",
            "CaptureError", "PassError", "PipelineError"]

@@ -18,6 +18,7 @@ from fxopt.pass_base import PassContext
 from fxopt import model_report
 from fxopt.pass_manager import Instruments, PassManager, snapshot
 from fxopt.pipeline import Pipeline, target_pipeline
+from fxopt.pruning import with_pruning
 
 DEFAULT_TARGET = "cpu-fp32"
 
@@ -26,6 +27,10 @@ OPTIONS = {
     "seed": "seed for anything random a pass does (default 0)",
     "report_layers": "per-layer precision and error table in the report (default True)",
     "latency_repeats": "runs to time the model before and after for the report (default 5, 0 = skip)",
+    "prune": "structured pruning before fusion/quantization: a ratio (0.3) or a dict of "
+             "prune_channels options (ratio, criterion, scope, max_ratio, round_to, protect, heads)",
+    "finetune": "with prune: distillation recovery from the unpruned model on calibration_data, "
+                "a dict of distill_pruned options, e.g. {'epochs': 2}",
 }
 INSTRUMENTS = ("print_ir_after", "dump_dir", "stop_after", "disable", "drift")
 
@@ -56,6 +61,7 @@ def _compile(model, example_inputs, target, calibration_data, dynamic, options, 
     example_inputs = _example_from(example_inputs, calibration_data)
     args, kwargs = normalize_inputs(example_inputs)
     pipeline = target_pipeline(target) if isinstance(target, str) else _as_pipeline(target)
+    pipeline = with_pruning(pipeline, options.pop("prune", None), options.pop("finetune", None))
     instruments = Instruments(**{k: _tuple(k, options.pop(k)) for k in INSTRUMENTS if k in options})
     reference = _reference_outputs(model, args, kwargs) if instruments.drift else None
     gm = capture(model, example_inputs, dynamic=dynamic)
@@ -63,6 +69,7 @@ def _compile(model, example_inputs, target, calibration_data, dynamic, options, 
     ctx = PassContext(example_args=args, example_kwargs=kwargs, options=options,
                       seed=options.get("seed", 0))
     ctx.state["calibration_data"] = calibration_data
+    ctx.state["teacher"] = model
     manager = PassManager(pipeline, ctx, reference, instruments, keep_snapshots=keep)
     gm, report = manager.run(gm)
     _model_sections(report, model, original, gm, args, kwargs, options)
