@@ -235,3 +235,28 @@ def prune(model: nn.Module, example_inputs, ratio: float = 0.3, *, data=None, lo
     gm.fxopt_report = record
     gm.fxopt_prune = ctx.state.get("prune_channels")
     return gm
+
+
+def with_pruning(pipeline, prune=None, finetune=None):
+    """`pipeline` with prune_channels (and distill_pruned when `finetune` is given)
+    spliced in before fold_batchnorm, i.e. before fusion and quantization.
+
+    prune: a ratio (0.3) or a dict of prune_channels options; finetune: a dict
+    of distill_pruned options (epochs, temperature, lr, loss), e.g. {"epochs": 2}.
+    """
+    from fxopt.pipeline import PassSpec, Pipeline
+    if prune is None or prune is False:
+        if finetune:
+            raise ValueError("finetune= recovers a pruned model: give prune= too")
+        return pipeline
+    options = {"ratio": float(prune)} if isinstance(prune, (int, float)) else dict(prune)
+    _check(options)
+    specs = [PassSpec("prune_channels", options)]
+    if finetune:
+        specs.append(PassSpec("distill_pruned", dict(finetune)))
+    passes = list(pipeline.passes)
+    names = [p.name for p in passes]
+    at = names.index("fold_batchnorm") if "fold_batchnorm" in names else 0
+    out = Pipeline(tuple(passes[:at] + specs + passes[at:]))
+    out.validate()
+    return out

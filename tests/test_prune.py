@@ -234,3 +234,27 @@ def test_pipeline_with_prune_then_fold_batchnorm():
     stats = [r for r in fast.fxopt_report.records if r.name == "prune_channels"][0].stats
     assert stats["groups_pruned"] == 3 and stats["params_after"] < stats["params_before"]
     assert str(Pipeline.parse(text)) == text
+
+
+def test_optimize_prune_option_splices_pass_before_fusion():
+    import fxopt
+    model, example, other = zoo.cnn_bn_residual()
+    fast = fxopt.optimize(model, example, target="cpu-fp32", prune={"ratio": 0.5, "round_to": 1})
+    names = [r.name for r in fast.fxopt_report.records]
+    assert names.index("prune_channels") < names.index("fold_batchnorm")
+    ref = prune(model, example, 0.5, round_to=1)
+    torch.testing.assert_close(fast(*other), ref(*other), rtol=1e-4, atol=1e-4)
+
+
+def test_optimize_prune_with_distillation_recovery():
+    import fxopt
+    model, example, _ = zoo.mlp()
+    data = [(torch.randn(16, 32),) for _ in range(4)]
+    fast = fxopt.optimize(model, example, prune=0.5, finetune={"epochs": 5, "lr": 3e-3},
+                          calibration_data=data)
+    names = [r.name for r in fast.fxopt_report.records]
+    assert names[names.index("prune_channels") + 1] == "distill_pruned"
+    plain = prune(model, example, 0.5)
+    x = torch.randn(64, 32)
+    with torch.no_grad():
+        assert torch.nn.functional.mse_loss(fast(x), model(x)) < torch.nn.functional.mse_loss(plain(x), model(x))

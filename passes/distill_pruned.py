@@ -1,0 +1,29 @@
+"""Recover a pruned graph by knowledge distillation from the unpruned model.
+
+Runs right after prune_channels (before fusion and quantization) on
+ctx.state["calibration_data"]; the teacher is ctx.state["teacher"], the
+user's model. See fxopt.finetune for the loss.
+
+    prune_channels{ratio=0.5},distill_pruned{epochs=2,temperature=4.0}
+"""
+from __future__ import annotations
+
+from fxopt.errors import PassError
+from fxopt.finetune import finetune
+from fxopt.pass_base import PassInfo, PassResult
+
+PASS = PassInfo("distill_pruned", requires=("prune_channels",),
+                options={"epochs": 1, "temperature": 4.0, "lr": 1e-3, "loss": "kd", "alpha": 0.5},
+                doc="knowledge-distillation fine-tuning of the pruned graph")
+
+
+def run(gm, ctx, **options) -> PassResult:
+    data, teacher = ctx.state.get("calibration_data"), ctx.state.get("teacher")
+    if data is None or teacher is None:
+        raise PassError("distill_pruned needs calibration_data (batches of inputs) and the "
+                        "unpruned model as ctx.state['teacher']; optimize(..., prune=..., "
+                        "finetune={...}, calibration_data=loader) provides both")
+    finetune(gm, teacher, data, progress=False, seed=ctx.seed, **options)
+    for p in gm.parameters():
+        p.requires_grad_(False)
+    return PassResult(True, {"epochs": options["epochs"]})
