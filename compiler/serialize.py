@@ -29,6 +29,7 @@ import torch
 from torch import fx, nn
 
 from fxopt.errors import ArtifactError, FxoptError
+from fxopt.input_check import input_specs, install as install_input_check
 from fxopt.graph_json import decode_graph, decode_value, encode_graph, encode_value
 from fxopt.report import Report
 from fxopt.tensor_store import assign_weight, collect_weights, rebuild_weights
@@ -84,7 +85,8 @@ def save(model: fx.GraphModule, path) -> None:
                         f"{type(model).__name__}")
     blobs, table = collect_weights(model)
     graph = encode_graph(model)
-    graph.update(tensors=table, training=model.training, meta=_graph_meta(model))
+    graph.update(tensors=table, training=model.training, meta=_graph_meta(model),
+                 inputs=input_specs(model))
     metadata = {
         "format": FORMAT, "format_version": str(FORMAT_VERSION),
         "fxopt_version": _fxopt_version(), "torch_version": torch.__version__,
@@ -221,6 +223,8 @@ def load(path) -> fx.GraphModule:
     try:
         weights = rebuild_weights(graph_data.get("tensors"), blobs)
         gm = _build_module(decode_graph(graph_data, set(weights)), weights)
+        if graph_data.get("inputs") is not None:
+            install_input_check(gm, graph_data["inputs"])
     except ArtifactError as e:
         raise ArtifactError(f"cannot load {path}: {e}") from None
     gm.train(bool(graph_data.get("training", False)))
