@@ -213,7 +213,10 @@ def load(path) -> fx.GraphModule:
     path = os.fspath(path)
     with _open(path) as f:
         metadata = _check_header(f.metadata(), path)
-        blobs = [f.get_tensor(f"storage.{i}") for i in range(_int(metadata, "storages", path))]
+        # Why clone: safetensors maps the file; a later in-place write or truncation of
+        # the file would change or crash (SIGBUS) the loaded model.
+        blobs = [f.get_tensor(f"storage.{i}").clone()
+                 for i in range(_int(metadata, "storages", path))]
     if _digest(metadata, blobs) != metadata.get("sha256"):
         raise ArtifactError(f"{path} is corrupt: its checksum does not match its contents "
                             "(damaged in copy or storage). Save the model again.")

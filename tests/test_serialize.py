@@ -159,6 +159,13 @@ def test_load_in_a_fresh_process(tmp_path):
     assert done.stdout.split() == [w for n in SUBPROCESS_MODELS for w in ("ok", n)]
 
 
+def test_loaded_weights_do_not_depend_on_the_file(mlp_file):
+    loaded = fxopt.load(mlp_file)
+    expected = loaded(torch.ones(2, 32))
+    mlp_file.write_bytes(b"")         # truncated in place (e.g. `cp other mlp.fxopt` failing)
+    assert torch.equal(loaded(torch.ones(2, 32)), expected)
+
+
 def test_read_report_without_loading(mlp_file):
     report = serialize.read_report(mlp_file)
     assert str(report) == str(optimized("mlp")[0].fxopt_report)
