@@ -20,6 +20,62 @@ _lib.define("linear_int8(Tensor x, Tensor packed, Tensor w_scale, Tensor col_sum
             "int n, int k, str act, float[] act_args, float a_scale, int a_zp) -> Tensor")
 
 
+_lib.define("conv2d_int8(Tensor x, Tensor packed, Tensor w_scale, Tensor col_sums, Tensor? b, int[] geometry, "
+            "int[] stride, int[] padding, int[] dilation, str act, float[] act_args, float a_scale, int a_zp) "
+            "-> Tensor")
+
+
+def pack_conv(w_q: torch.Tensor, w_scale: torch.Tensor, groups: int) -> dict:
+    """Pack int8 conv weights (O, I/g, kh, kw) with their per-channel scales.
+
+    Returns the buffers the op takes: `packed` holds every group's packed GEMM
+    operand (or the depthwise taps), `geometry` = (O, C, kh, kw, groups, depthwise).
+    """
+    o, cg, kh, kw = w_q.shape
+    c = cg * groups
+    scales = w_scale.numpy().astype(np.float32)
+    depthwise = groups > 1 and groups == c == o
+    if depthwise:
+        packed = torch.from_numpy(np.ascontiguousarray(w_q.numpy().reshape(o, kh * kw)).view(np.uint8))
+        col_sums = torch.zeros(o, dtype=torch.int32)
+    else:
+        og = o // groups
+        parts = [K.pack_weights_s8(np.ascontiguousarray(w_q.numpy()[g * og:(g + 1) * og].reshape(og, -1)),
+                                   scales[g * og:(g + 1) * og]) for g in range(groups)]
+        packed = torch.from_numpy(np.stack([p.data.view(np.uint8) for p in parts]))
+        col_sums = torch.from_numpy(np.concatenate([p.col_sums for p in parts]))
+    return {"packed": packed, "w_scale": torch.from_numpy(scales), "col_sums": col_sums,
+            "geometry": [o, c, kh, kw, groups, int(depthwise)]}
+
+
+def _packed_conv(packed, w_scale, col_sums, b, geometry):
+    cached = getattr(packed, "_fxopt_packed", None)
+    if cached is None:
+        o, c, kh, kw, groups, depthwise = geometry
+        scales = w_scale.numpy()
+        if depthwise:
+            pc = K.PackedConv(o, c, kh, kw, groups, (), packed.numpy().view(np.int8), scales)
+        else:
+            og, k = o // groups, (c // groups) * kh * kw
+            sums = col_sums.numpy()
+            parts = tuple(K.PackedWeights(_aligned(packed[g].numpy().view(np.int8)), scales[g * og:(g + 1) * og],
+                                          sums[g * og:(g + 1) * og], og, k, K.isa()) for g in range(groups))
+            pc = K.PackedConv(o, c, kh, kw, groups, parts)
+        bias = None if b is None else np.ascontiguousarray(b.detach().numpy(), np.float32)
+        cached = (pc, bias)
+        packed._fxopt_packed = cached
+    return cached
+
+
+def _conv2d_int8(x, packed, w_scale, col_sums, b, geometry, stride, padding, dilation, act, act_args,
+                 a_scale, a_zp):
+    pc, bias = _packed_conv(packed, w_scale, col_sums, b, geometry)
+    xn = (x if x.dtype == torch.float32 else x.float()).detach().numpy()
+    y = K.conv2d_f32(xn, pc, bias, tuple(stride), tuple(padding), tuple(dilation), act, tuple(act_args),
+                     n_threads=torch.get_num_threads())
+    return torch.from_numpy(y)
+
+
 def pack_linear(w_q: torch.Tensor, w_scale: torch.Tensor) -> dict:
     """Pack int8 weights (N, K) for the GEMM; returns the buffers the op takes."""
     pw = K.pack_weights_s8(w_q.numpy(), w_scale.numpy().astype(np.float32))
@@ -62,6 +118,7 @@ def _linear_int8(x, packed, w_scale, col_sums, b, n, k, act, act_args, a_scale, 
 
 
 _lib.impl("linear_int8", _linear_int8, "CPU")
+_lib.impl("conv2d_int8", _conv2d_int8, "CPU")
 
 
 @torch.library.register_fake("fxopt::linear_int8")
@@ -69,4 +126,15 @@ def _linear_int8_fake(x, packed, w_scale, col_sums, b, n, k, act, act_args, a_sc
     return x.new_empty((*x.shape[:-1], n), dtype=torch.float32)
 
 
+@torch.library.register_fake("fxopt::conv2d_int8")
+def _conv2d_int8_fake(x, packed, w_scale, col_sums, b, geometry, stride, padding, dilation, act, act_args,
+                      a_scale, a_zp):
+    n, _, h, w = x.shape
+    o, _, kh, kw = geometry[:4]
+    oh = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    ow = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    return x.new_empty((n, o, oh, ow), dtype=torch.float32)
+
+
 linear_int8 = torch.ops.fxopt.linear_int8.default
+conv2d_int8 = torch.ops.fxopt.conv2d_int8.default

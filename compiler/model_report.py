@@ -27,7 +27,8 @@ from fxopt.ops import OpKind, kind_of
 
 _FP32_UNITS = {fxops.linear_act: "linear", fxops.conv2d_act: "conv2d"}
 _INT8_UNITS = {qops.quantized_linear: "linear", qops.quantized_conv2d: "conv2d",
-               kernel_ops.linear_int8: "linear", qops.embedding_int8: "embedding"}
+               kernel_ops.linear_int8: "linear", kernel_ops.conv2d_int8: "conv2d",
+               qops.embedding_int8: "embedding"}
 
 
 def layer_kind(node: Node) -> str | None:
@@ -38,8 +39,6 @@ def layer_kind(node: Node) -> str | None:
         return _FP32_UNITS[node.target]
     if node.target in _INT8_UNITS:
         return _INT8_UNITS[node.target]
-    if getattr(node.target, "namespace", None) == "fxopt" and "conv" in str(node.target):
-        return "conv2d"
     kind = kind_of(node)
     return {OpKind.LINEAR: "linear", OpKind.CONV: "conv2d", OpKind.EMBEDDING: "embedding"}.get(kind)
 
@@ -57,8 +56,9 @@ def node_macs(node: Node) -> int:
         return numel * int(node.args[6])
     if t in (fxops.conv2d_act, qops.quantized_conv2d):
         return numel * math.prod(concrete_shape(node.args[1])[1:])
-    if getattr(t, "namespace", None) == "fxopt" and "conv" in str(t) and "k_total" in node.meta:
-        return numel * node.meta["k_total"]
+    if t is kernel_ops.conv2d_int8:
+        o, c, kh, kw, groups = node.args[5][:5]
+        return numel * (c // groups) * kh * kw
     try:
         return macs_of(node)
     except Exception:  # an op macs does not know: counted as cheap

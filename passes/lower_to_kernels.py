@@ -18,16 +18,17 @@ PASS = PassInfo("lower_to_kernels", requires=("quantize_int8",),
 
 
 def run(gm, ctx) -> PassResult:
-    stats = {"linear": 0, "kept_reference": 0}
+    stats = {"linear": 0, "conv2d": 0}
     for node in list(gm.graph.nodes):
         if node.target is qops.quantized_linear:
             _lower_linear(gm, node)
             stats["linear"] += 1
-        elif node.target in (qops.quantized_conv2d,):
-            stats["kept_reference"] += 1
+        elif node.target is qops.quantized_conv2d:
+            _lower_conv(gm, node)
+            stats["conv2d"] += 1
     from fxopt import kernels
     gm.meta.setdefault("fxopt_artifact", {})["kernel_isa"] = kernels.isa()
-    return PassResult(stats["linear"] > 0, stats)
+    return PassResult(stats["linear"] + stats["conv2d"] > 0, stats)
 
 
 def _lower_linear(gm, node) -> None:
@@ -38,9 +39,26 @@ def _lower_linear(gm, node) -> None:
     scale = add_weight(gm, f"{layer}.packed_scale", buffers["w_scale"], before=node)
     col_sums = add_weight(gm, f"{layer}.col_sums", buffers["col_sums"], before=node)
     args = (x, packed, scale, col_sums, b, buffers["n"], buffers["k"], act, act_args, a_scale, a_zp)
-    new = insert_call(gm, node, kernel_ops.linear_int8, args, like=node)
+    _replace(gm, node, kernel_ops.linear_int8, args)
+
+
+def _lower_conv(gm, node) -> None:
+    x, w_q, w_scale, b, stride, padding, dilation, groups, act, act_args, a_scale, a_zp = node.args
+    buffers = kernel_ops.pack_conv(get_weight(gm, w_q), get_weight(gm, w_scale), groups)
+    layer = node.meta.get("fxopt_layer", node.name)
+    packed = add_weight(gm, f"{layer}.packed", buffers["packed"], before=node)
+    scale = add_weight(gm, f"{layer}.packed_scale", buffers["w_scale"], before=node)
+    col_sums = add_weight(gm, f"{layer}.col_sums", buffers["col_sums"], before=node)
+    args = (x, packed, scale, col_sums, b, buffers["geometry"], stride, padding, dilation, act, act_args,
+            a_scale, a_zp)
+    _replace(gm, node, kernel_ops.conv2d_int8, args)
+
+
+def _replace(gm, node, target, args):
+    new = insert_call(gm, node, target, args, like=node)
     for key in ("fxopt_quant", "fxopt_activation"):
         if key in node.meta:
             new.meta[key] = node.meta[key]
     node.replace_all_uses_with(new)
     gm.graph.erase_node(node)
+    return new
