@@ -3,6 +3,8 @@
     fxopt passes                                   targets and their pipelines
     fxopt inspect tests/zoo.py:bert --print-ir-after fold_batchnorm
     fxopt bisect mypkg.models:build --target cpu-fp32 --tol 1e-4
+    fxopt optimize tests/zoo.py:bert --target cpu-int8 --calib data.pt -o bert.fxopt
+    fxopt report bert.fxopt                        the stored report of a saved model
     fxopt demo                                     digits CNN, before and after
     fxopt bench gemm|prune|models                  benchmarks (see bench/)
 
@@ -58,6 +60,21 @@ def _parser() -> argparse.ArgumentParser:
             s.add_argument("--tol", type=float, default=1e-4)
             s.add_argument("--metric", default="max_abs", choices=("max_abs", "sqnr", "cosine"))
 
+    s = sub.add_parser("optimize", help="optimize a model and save it to one file")
+    s.add_argument("model", help="module.path:factory or file.py:factory")
+    s.add_argument("--target", default="cpu-int8", help="target name or pipeline string")
+    s.add_argument("--input-shape", help="comma-separated shape when the factory returns only a model")
+    s.add_argument("--calib", help="calibration data: a .pt file holding a list of inputs (or one batched "
+                                   "tensor, split into batches of --calib-batch), or module:function returning them")
+    s.add_argument("--calib-batch", type=int, default=8)
+    s.add_argument("--prune", type=float, help="structured pruning ratio, e.g. 0.3")
+    s.add_argument("-o", "--output", required=True, help="where to write the optimized model (.fxopt)")
+    s.set_defaults(func=_cmd_optimize)
+
+    s = sub.add_parser("report", help="print the report stored in a saved model")
+    s.add_argument("path")
+    s.set_defaults(func=_cmd_report)
+
     s = sub.add_parser("demo", help="train a small CNN on sklearn's digits, optimize it, compare")
     s.add_argument("--target", default=None, help="default: the best target available")
     s.set_defaults(func=_cmd_demo)
@@ -101,6 +118,45 @@ def _cmd_bisect(ns, rest) -> int:
     print()
     print(found)
     return 1 if found.found else 0
+
+
+def _cmd_optimize(ns, rest) -> int:
+    import fxopt
+    model, example = load_factory(ns.model, ns.input_shape)
+    options = {"prune": ns.prune} if ns.prune else {}
+    calib = load_calibration(ns.calib, ns.calib_batch) if ns.calib else None
+    fast = fxopt.optimize(model, example, target=ns.target, calibration_data=calib, **options)
+    print(fast.fxopt_report)
+    fxopt.save(fast, ns.output)
+    print(f"saved to {ns.output}")
+    return 0
+
+
+def _cmd_report(ns, rest) -> int:
+    from fxopt.serialize import read_report
+    print(read_report(ns.path))
+    return 0
+
+
+def load_calibration(spec: str, batch: int = 8):
+    """Calibration inputs from a .pt file (loaded weights-only) or a module:function."""
+    import torch
+    if spec.endswith((".pt", ".pth")):
+        if not os.path.exists(spec):
+            raise FxoptError(f"no such calibration file: {spec}")
+        data = torch.load(spec, weights_only=True)
+        if isinstance(data, torch.Tensor):
+            return [(chunk,) for chunk in data.split(batch)]
+        if isinstance(data, (list, tuple)):
+            return list(data)
+        raise FxoptError(f"{spec} holds a {type(data).__name__}; save a list of inputs or one batched tensor")
+    where, _, name = spec.rpartition(":")
+    if not where:
+        raise FxoptError(f"--calib {spec!r}: give a .pt file or module:function")
+    fn = getattr(_import(where), name, None)
+    if fn is None:
+        raise FxoptError(f"{where} has no attribute {name!r}")
+    return fn()
 
 
 def _cmd_demo(ns, rest) -> int:

@@ -40,3 +40,26 @@ def test_console_script_installed():
     out = subprocess.run([sys.executable, "-m", "fxopt.cli", "passes"], capture_output=True, text=True,
                          check=True).stdout
     assert "targets:" in out
+
+
+def test_optimize_saves_and_report_reads_back(capsys, tmp_path):
+    import torch
+
+    import fxopt
+    from zoo import mlp
+
+    calib = tmp_path / "calib.pt"
+    torch.save(torch.randn(16, 32), calib)
+    out = tmp_path / "mlp.fxopt"
+    assert main(["optimize", f"{ZOO}:mlp", "--calib", str(calib), "--calib-batch", "4", "-o", str(out)]) == 0
+    assert "saved to" in capsys.readouterr().out
+    model, example, other = mlp()
+    loaded = fxopt.load(str(out))
+    with torch.no_grad():
+        cos = torch.nn.functional.cosine_similarity(loaded(*other).flatten(), model(*other).flatten(), dim=0)
+    assert cos > 0.99
+    assert main(["report", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "quantize_int8" in text and "per-row dynamic activations" in text
+    assert main(["optimize", f"{ZOO}:mlp", "--calib", str(tmp_path / "missing.pt"), "-o", str(out)]) == 2
+    assert "no such calibration file" in capsys.readouterr().err
