@@ -302,16 +302,36 @@ def decode_graph(data: dict, weights: set) -> fx.Graph:
         for d in data["nodes"]:
             node = _decode_node(graph, d, nodes, weights)
             nodes[node.name] = node
+        outputs = [n for n in graph.nodes if n.op == "output"]
+        if len(outputs) != 1 or outputs[0] is not graph.output_node() or len(outputs[0].args) != 1:
+            raise ArtifactError("corrupt graph data: the graph must end in one output node")
         if data["orig_args"] is not None:
             orig_args = [check_identifier(a, "input name") for a in data["orig_args"]]
-            info = fx.graph._PyTreeInfo(orig_args, decode_spec(data["in_spec"]),
-                                        decode_spec(data["out_spec"]))
+            in_spec = _check_input_keys(decode_spec(data["in_spec"]))
+            info = fx.graph._PyTreeInfo(orig_args, in_spec, decode_spec(data["out_spec"]))
             graph._codegen = fx.graph._PyTreeCodeGen(info)
         graph.lint()
-    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as e:
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError, RecursionError) as e:
         raise ArtifactError(f"corrupt graph data ({type(e).__name__}: {e}); the file is "
                             "damaged or was not written by fxopt.save. Save the model again.") from e
     return graph
+
+
+def _check_input_keys(spec):
+    """`spec` if every key in it is an identifier or an int.
+
+    Why: FX writes the input spec's keyword names into the generated forward
+    unescaped, so a crafted key would be code.
+    """
+    if spec is None or spec.is_leaf():
+        return spec
+    ctx = spec.context
+    for key in ctx if isinstance(ctx, list) else [] if ctx is None else [ctx]:
+        if type(key) is not int:
+            check_identifier(key, "input keyword")
+    for child in spec.children():
+        _check_input_keys(child)
+    return spec
 
 
 def _decode_node(graph: fx.Graph, d: dict, nodes: dict, weights: set) -> fx.Node:

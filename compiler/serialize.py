@@ -221,6 +221,8 @@ def load(path) -> fx.GraphModule:
         raise ArtifactError(f"{path} is corrupt: its checksum does not match its contents "
                             "(damaged in copy or storage). Save the model again.")
     graph_data = _json(metadata, "graph", path)
+    if not isinstance(graph_data, dict):
+        raise ArtifactError(f"{path} is corrupt: its graph entry is not a JSON object")
     for module in OP_PROVIDERS:
         importlib.import_module(module)
     try:
@@ -288,7 +290,7 @@ def _int(metadata: dict, key: str, path: str) -> int:
 def _json(metadata: dict, key: str, path: str):
     try:
         return json.loads(metadata[key])
-    except (KeyError, ValueError) as e:
+    except (KeyError, ValueError, RecursionError) as e:
         raise ArtifactError(f"{path} is corrupt: header entry {key!r} is missing or not JSON "
                             f"({e}). Save the model again.") from None
 
@@ -297,7 +299,11 @@ def _build_module(graph: fx.Graph, weights: dict) -> fx.GraphModule:
     root = nn.Module()
     for name, (t, kind, persistent) in weights.items():
         assign_weight(root, name, t, kind, persistent)
-    gm = fx.GraphModule(root, graph)
+    try:
+        gm = fx.GraphModule(root, graph)
+    except Exception as e:  # noqa: BLE001 - a decoded graph FX cannot compile is corrupt data
+        raise ArtifactError(f"corrupt graph data: FX cannot build the module "
+                            f"({type(e).__name__}: {e})") from None
     # GraphModule copies every tensor as a buffer; give each its saved kind back.
     for name, (t, kind, persistent) in weights.items():
         assign_weight(gm, name, t, kind, persistent)

@@ -359,8 +359,10 @@ ATTACKS = {
         name=f"x = __import__('os').system('touch {m}')"),
     "code in an input name": lambda g, m: g.update(
         orig_args=[f"x=__import__('os').system('touch {m}')"]),
-    "code in a weight name": lambda g, m: g["nodes"][1].update(
+    "code in a weight name": lambda g, m: next(n for n in g["nodes"] if n["op"] == "get_attr").update(
         target=f"fc1.weight; __import__('os').system('touch {m}')"),
+    "code in an input keyword": lambda g, m: g["in_spec"]["children"][1].update(
+        context={"list": [f"x': __import__('os').system('touch {m}'), 'y"]}),
     "pytree enum import": lambda g, m: g.update(out_spec={
         "type": "builtins.dict", "children": [],
         "context": {"__enum__": True, "fqn": "os:system", "name": f"touch {m}"}}),
@@ -370,11 +372,13 @@ ATTACKS = {
 
 
 @pytest.mark.parametrize("attack", list(ATTACKS))
-def test_crafted_graph_cannot_run_code(mlp_file, tmp_path, attack):
-    marker = tmp_path / "pwned"
-    rewrite(mlp_file, edit_graph=lambda g: ATTACKS[attack](g, marker))
+def test_crafted_graph_cannot_run_code(tmp_path, attack):
+    marker, path = tmp_path / "pwned", tmp_path / "bert.fxopt"
+    fast, example, _ = optimized("bert")     # called with keywords: the in-spec holds a dict
+    fxopt.save(fast, path)
+    rewrite(path, edit_graph=lambda g: ATTACKS[attack](g, marker))
     with pytest.raises(ArtifactError):
-        fxopt.load(mlp_file)
+        call(fxopt.load(path), example)
     assert not marker.exists()
 
 
