@@ -20,7 +20,7 @@ import numpy as np
 from numba import njit, prange
 
 from fxopt import kernels as K
-from fxopt.bench.timing import first_call_seconds, median_seconds
+from fxopt.bench.timing import first_call_seconds, interleaved_medians, median_seconds
 from fxopt.kernels.simd import dpbusd_chains
 
 BERT_SHAPES = [(1, 768, 768), (8, 768, 768), (128, 768, 768), (128, 768, 3072),
@@ -67,7 +67,8 @@ def _torch_models(w, b):
     return model, q
 
 
-def bench_shape(name, m, k, n, repeats, rng):
+def bench_shape(name, m, k, n, repeats, threads, rng):
+    """Medians of every candidate and of the 2-thread peak probe, interleaved."""
     import torch
     x = rng.standard_normal((m, k), dtype=np.float32)
     w = (rng.standard_normal((n, k), dtype=np.float32) / np.sqrt(k)).astype(np.float32)
@@ -76,35 +77,39 @@ def bench_shape(name, m, k, n, repeats, rng):
     aq, s, z = K.quantize_rows_f32_u8(x)
     fp32, int8 = _torch_models(w, b)
     xt = torch.from_numpy(x)
+    ops = 2.0 * m * n * k
+    # probe sized to about one GEMM call so both see the same load
+    iters = max(1000, int(ops / (threads * OPS_PER_ITER)))
     runs = {
         "ours_gemm": lambda: K.gemm_u8s8_f32(aq, s, z, pw, b),
         "ours_linear": lambda: K.linear_f32(x, pw, b),
         "torch_fp32": lambda: fp32(xt),
         "torch_int8": lambda: int8(xt),
+        "peak": lambda: _peak_parallel(iters, threads),
     }
-    ops = 2.0 * m * n * k
-    row = {"name": name, "m": m, "k": k, "n": n}
     with torch.no_grad():
-        for key, fn in runs.items():
-            sec = median_seconds(fn, repeats=repeats)
-            row[key + "_us"] = sec * 1e6
-            row[key + "_gops"] = ops / sec / 1e9
+        med = interleaved_medians(runs, repeats=repeats)
+    row = {"name": name, "m": m, "k": k, "n": n,
+           "peak_gops": threads * iters * OPS_PER_ITER / med.pop("peak") / 1e9}
+    for key, sec in med.items():
+        row[key + "_us"] = sec * 1e6
+        row[key + "_gops"] = ops / sec / 1e9
     return row
 
 
-def _fmt_table(rows, peak):
+def _fmt_table(rows):
     head = (f"{'shape':<22}{'M':>5}{'K':>6}{'N':>6} | {'gemm GOP/s':>10}{'%peak':>7} | "
             f"{'linear GOP/s':>12}{'%peak':>7} | {'torch fp32':>10} {'torch int8':>10} | "
-            f"{'gemm/int8':>9} {'linear/int8':>11}")
+            f"{'gemm/int8':>9} {'linear/int8':>11} | {'peak GOP/s':>10}")
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(
             f"{r['name']:<22}{r['m']:>5}{r['k']:>6}{r['n']:>6} | "
-            f"{r['ours_gemm_gops']:>10.1f}{100 * r['ours_gemm_gops'] / peak / 1e3:>6.1f}% | "
-            f"{r['ours_linear_gops']:>12.1f}{100 * r['ours_linear_gops'] / peak / 1e3:>6.1f}% | "
+            f"{r['ours_gemm_gops']:>10.1f}{100 * r['ours_gemm_gops'] / r['peak_gops']:>6.1f}% | "
+            f"{r['ours_linear_gops']:>12.1f}{100 * r['ours_linear_gops'] / r['peak_gops']:>6.1f}% | "
             f"{r['torch_fp32_gops']:>10.1f} {r['torch_int8_gops']:>10.1f} | "
             f"{r['ours_gemm_gops'] / r['torch_int8_gops']:>8.2f}x "
-            f"{r['ours_linear_gops'] / r['torch_int8_gops']:>10.2f}x")
+            f"{r['ours_linear_gops'] / r['torch_int8_gops']:>10.2f}x | {r['peak_gops']:>10.1f}")
     return "\n".join(lines)
 
 
@@ -119,6 +124,25 @@ def _first_calls(rng):
                 lambda: K.linear_f32(np.repeat(big, 64, axis=0), pw)),
             "gemm_u8s8_s32": first_call_seconds(
                 lambda: K.gemm_u8s8_s32(np.zeros((8, 96), np.uint8), pw))}
+
+
+def _cache_state():
+    """'warm' if Numba's on-disk cache holds the GEMM entry for this source."""
+    import glob
+    import pickle
+    from fxopt.kernels._cache import package_stamp
+    pattern = os.path.join(os.path.dirname(K.__file__), "__pycache__",
+                           "gemm.avx512_vnni_serial-*.nbi")
+    for path in glob.glob(pattern):
+        try:
+            with open(path, "rb") as f:
+                pickle.load(f)
+                stamp, _ = pickle.loads(f.read())
+        except Exception:
+            continue
+        if stamp == package_stamp():
+            return "warm"
+    return "cold"
 
 
 def _call_overhead_us(rng):
@@ -139,7 +163,7 @@ def _plot(rows, peak, path):
     fig, ax = plt.subplots(figsize=(12, 5))
     for i, key in enumerate(keys):
         ax.bar(idx + (i - 1.5) * 0.2, [r[key + "_gops"] for r in rows], 0.2, label=key)
-    ax.axhline(peak * 1e3, color="k", ls="--", label="measured peak")
+    ax.plot(idx, [r["peak_gops"] for r in rows], "k_", ms=20, label="measured peak")
     ax.set_xticks(idx, [f"{r['m']}x{r['k']}x{r['n']}" for r in rows], rotation=30, fontsize=8)
     ax.set_ylabel("GOP/s")
     ax.legend()
@@ -159,26 +183,28 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     K.set_num_threads(args.threads)
     rng = np.random.default_rng(0)
+    cache = _cache_state()
     first = _first_calls(rng)
     peak1, peak = measure_peak(args.threads)
     shapes = [(f"bert {m}x{k}x{n}", m, k, n) for m, k, n in BERT_SHAPES]
     if not args.quick:
         shapes += [(name, *s) for name, s in CONV_SHAPES.items()]
     repeats = 7 if args.quick else args.repeats
-    rows = [bench_shape(name, m, k, n, repeats, rng) for name, m, k, n in shapes]
+    rows = [bench_shape(name, m, k, n, repeats, args.threads, rng) for name, m, k, n in shapes]
     overhead = _call_overhead_us(rng)
     info = {"torch": torch.__version__, "numba": numba.__version__, "numpy": np.__version__,
             "isa": K.isa(), "threads": args.threads, "cpu": platform.processor() or platform.machine(),
-            "peak_tops_1thread": peak1, "peak_tops": peak, "first_call_s": first,
+            "peak_tops_1thread": peak1, "peak_tops": peak, "first_call_s": first, "numba_cache": cache,
             "linear_1x64x64_call_us": overhead, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
     print(f"fxopt bench gemm | torch {info['torch']} | numba {info['numba']} | "
           f"isa {info['isa']} | threads {args.threads} (torch and numba)")
     print(f"measured vpdpbusd peak: {peak1:.3f} TOP/s (1 thread), {peak:.3f} TOP/s "
           f"({args.threads} threads)")
-    print("first call (compile or cache load): " +
+    print(f"first call (numba cache {cache}: {'load' if cache == 'warm' else 'JIT compile'}): " +
           ", ".join(f"{k} {v:.2f}s" for k, v in first.items()))
-    print("medians; %peak against the measured peak of this run\n")
-    print(_fmt_table(rows, peak))
+    print("medians, candidates interleaved; %peak against a 2-thread vpdpbusd probe "
+          "interleaved with each shape (last column)\n")
+    print(_fmt_table(rows))
     print(f"\nwarm linear_f32 call, 1x64x64: {overhead:.2f} us")
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "gemm.json"), "w") as f:

@@ -9,8 +9,10 @@ Numba's thread pool (prange), one entry pair per ISA below, each bound
 to its ISA by a compile-time IsaTag constant.
 """
 import numpy as np
+import llvmlite.ir as ir
 from numba import njit, prange, types
-from numba.extending import overload
+from numba.core import cgutils
+from numba.extending import intrinsic, overload
 
 from .epilogue import (EP_ACT, EP_P0, EP_P1, apply_activation, store_tile_f32,
                        store_tile_s32, store_tile_u8)
@@ -162,6 +164,49 @@ def _plan(tag, m, n, threads):
     return nblocks, nmc, mchunk
 
 
+@intrinsic
+def _fetch_add(typingctx, arr, idx):
+    """Atomically arr[idx] += 1 (int64 array); returns the old value."""
+    if not (isinstance(arr, types.Array) and arr.dtype == types.int64):
+        return None
+
+    def codegen(context, builder, sig, args):
+        data = cgutils.create_struct_proxy(sig.args[0])(context, builder, value=args[0]).data
+        i = context.cast(builder, args[1], sig.args[1], types.intp)
+        one = ir.Constant(ir.IntType(64), 1)
+        return builder.atomic_rmw("add", builder.gep(data, [i]), one, "monotonic")
+    return types.int64(arr, idx), codegen
+
+
+@njit
+def _starts(njobs, threads):
+    nxt = np.empty(threads, np.int64)
+    for w in range(threads):
+        nxt[w] = w * njobs // threads
+    return nxt
+
+
+@njit
+def _worker(tag, w, threads, nxt, njobs, nmc, mchunk, aq, bp, kg, colsum, ascale, azp,
+            wscale, bias, ep, out):
+    """Run worker w's contiguous share of the jobs, then help the others.
+
+    Owner and helpers take jobs from the same atomic counter, so each job
+    runs once; a worker delayed by the OS (a shared machine) no longer
+    holds up its whole static share, while in the common case every thread
+    keeps the same columns of B (warm in its own L2) from call to call.
+    """
+    for v in range(threads):
+        owner = (w + v) % threads
+        hi = (owner + 1) * njobs // threads
+        while True:
+            job = _fetch_add(nxt, owner)
+            if job >= hi:
+                break
+            _job(tag, job, nmc, mchunk, aq, bp, kg, colsum, ascale, azp, wscale, bias,
+                 ep, out)
+
+
 @njit
 def _prepare(x, aq, ascale, azp, kg):
     """Quantize float rows x into fresh buffers, or pass the uint8 ones on."""
@@ -180,6 +225,9 @@ def _prepare_par(x, aq, ascale, azp, kg):
     if x.shape[1] == 0:
         return aq, ascale, azp
     m = x.shape[0]
+    if m * x.shape[1] < 32768:
+        # a second parallel launch would cost more than quantizing these rows
+        return _prepare(x, aq, ascale, azp, kg)
     q = np.empty((m, 4 * kg), np.uint8)
     s = np.empty(m, np.float32)
     z = np.empty(m, np.int32)
@@ -203,6 +251,7 @@ def _run_serial(tag, x, aq, ascale, azp, bp, kg, colsum, wscale, bias, ep, out):
 
 # One serial and one threaded entry per ISA; the threaded body is repeated
 # because prange must sit in the function compiled with parallel=True.
+# prange runs one worker per thread; workers share jobs (_worker).
 @njit(cache=True)
 def avx512_vnni_serial(x, aq, ascale, azp, bp, kg, colsum, wscale, bias, ep, out,
         threads):
@@ -214,9 +263,10 @@ def avx512_vnni_parallel(x, aq, ascale, azp, bp, kg, colsum, wscale, bias, ep, o
         threads):
     aq, ascale, azp = _prepare_par(x, aq, ascale, azp, kg)
     nblocks, nmc, mchunk = _plan(_AVX512_VNNI, aq.shape[0], out.shape[1], threads)
-    for job in prange(nblocks * nmc):
-        _job(_AVX512_VNNI, job, nmc, mchunk, aq, bp, kg, colsum, ascale, azp,
-             wscale, bias, ep, out)
+    nxt = _starts(nblocks * nmc, threads)
+    for w in prange(threads):
+        _worker(_AVX512_VNNI, w, threads, nxt, nblocks * nmc, nmc, mchunk, aq, bp, kg, colsum,
+                ascale, azp, wscale, bias, ep, out)
 
 
 @njit(cache=True)
@@ -230,9 +280,10 @@ def avx_vnni_parallel(x, aq, ascale, azp, bp, kg, colsum, wscale, bias, ep, out,
         threads):
     aq, ascale, azp = _prepare_par(x, aq, ascale, azp, kg)
     nblocks, nmc, mchunk = _plan(_AVX_VNNI, aq.shape[0], out.shape[1], threads)
-    for job in prange(nblocks * nmc):
-        _job(_AVX_VNNI, job, nmc, mchunk, aq, bp, kg, colsum, ascale, azp,
-             wscale, bias, ep, out)
+    nxt = _starts(nblocks * nmc, threads)
+    for w in prange(threads):
+        _worker(_AVX_VNNI, w, threads, nxt, nblocks * nmc, nmc, mchunk, aq, bp, kg, colsum,
+                ascale, azp, wscale, bias, ep, out)
 
 
 @njit(cache=True)
@@ -246,9 +297,10 @@ def avx2_parallel(x, aq, ascale, azp, bp, kg, colsum, wscale, bias, ep, out,
         threads):
     aq, ascale, azp = _prepare_par(x, aq, ascale, azp, kg)
     nblocks, nmc, mchunk = _plan(_AVX2, aq.shape[0], out.shape[1], threads)
-    for job in prange(nblocks * nmc):
-        _job(_AVX2, job, nmc, mchunk, aq, bp, kg, colsum, ascale, azp,
-             wscale, bias, ep, out)
+    nxt = _starts(nblocks * nmc, threads)
+    for w in prange(threads):
+        _worker(_AVX2, w, threads, nxt, nblocks * nmc, nmc, mchunk, aq, bp, kg, colsum,
+                ascale, azp, wscale, bias, ep, out)
 
 
 @njit(cache=True)
@@ -262,9 +314,10 @@ def portable_parallel(x, aq, ascale, azp, bp, kg, colsum, wscale, bias, ep, out,
         threads):
     aq, ascale, azp = _prepare_par(x, aq, ascale, azp, kg)
     nblocks, nmc, mchunk = _plan(_PORTABLE, aq.shape[0], out.shape[1], threads)
-    for job in prange(nblocks * nmc):
-        _job(_PORTABLE, job, nmc, mchunk, aq, bp, kg, colsum, ascale, azp,
-             wscale, bias, ep, out)
+    nxt = _starts(nblocks * nmc, threads)
+    for w in prange(threads):
+        _worker(_PORTABLE, w, threads, nxt, nblocks * nmc, nmc, mchunk, aq, bp, kg, colsum,
+                ascale, azp, wscale, bias, ep, out)
 
 
 ENTRIES = {

@@ -3,11 +3,13 @@
     >>> pw = pack_weights_s8(*quantize_weights_s8(w))          # once
     >>> y = linear_f32(x, pw, bias, act="gelu")                  # per call
 
-Threading: kernels use ``get_num_threads()`` Numba threads (default: Numba's
-configured count capped at os.cpu_count()); graph code passes torch's count
-with ``set_num_threads(torch.get_num_threads())`` once, or ``n_threads=`` per
-call. Small problems run on the calling thread (a parallel launch costs a
-few microseconds).
+Threading: a threaded call runs ``n_threads`` workers (default
+``get_num_threads()``: Numba's configured count capped at os.cpu_count(),
+changed by ``set_num_threads``) on Numba's pool; graph code passes torch's
+count, ``n_threads=torch.get_num_threads()``, so the two pools never use
+more cores than torch is allowed. Workers beyond Numba's pool size (the
+NUMBA_NUM_THREADS cap) just queue. Problems under PARALLEL_MIN_MACS run on
+the calling thread (a parallel launch costs a few microseconds).
 """
 import os
 
@@ -23,19 +25,20 @@ from .quantize import padded_k
 
 KERNEL_VERSION = "linear-1"
 # below this many multiply-adds a thread launch costs more than it saves
-PARALLEL_MIN_MACS = 1 << 21
+PARALLEL_MIN_MACS = 1 << 18
 
 _threads = [max(1, min(numba.config.NUMBA_NUM_THREADS, os.cpu_count() or 1))]
 _NO_X = np.empty((0, 0), np.float32)
 _NO_Q = np.empty((0, 0), np.uint8)
 _NO_F = np.empty(0, np.float32)
 _NO_I = np.empty(0, np.int32)
+_F32 = np.dtype(np.float32)
 _EP_CACHE = {}
 _ZERO_BIAS = {}
 
 
 def set_num_threads(n):
-    """Threads used by later kernel calls from this thread (capped)."""
+    """Worker count of later threaded kernel calls (capped at Numba's pool)."""
     n = max(1, min(int(n), numba.config.NUMBA_NUM_THREADS))
     numba.set_num_threads(n)
     _threads[0] = n
@@ -69,8 +72,6 @@ def _run(x, aq, ascale, azp, pw, bias, ep, out, n_threads):
     serial, parallel = ENTRIES[_dispatch._current[0]]
     threads = n_threads or _threads[0]
     if threads > 1 and out.shape[0] * pw.n * pw.k >= PARALLEL_MIN_MACS:
-        if numba.get_num_threads() != threads:
-            numba.set_num_threads(threads)
         parallel(x, aq, ascale, azp, pw.data, pw.k_groups, pw.col_sums, pw.scales,
                  bias, ep, out, threads)
     else:
@@ -103,23 +104,41 @@ def linear_f32(x, pw, bias=None, act="none", act_args=(), n_threads=None):
 
     x: float32 (..., K), any leading shape; returns float32 (..., N).
     act: one of ACTIVATIONS; act_args: (min, max) for hardtanh/relu6.
+    The hot path of lowered graphs: keep x float32 and C-contiguous and
+    bias float32 (N,) to skip every conversion.
 
         >>> y = linear_f32(x, pw, bias, act="relu")
     """
-    if type(x) is not np.ndarray or x.dtype != np.float32 or not x.flags.c_contiguous:
+    if type(x) is not np.ndarray or x.dtype is not _F32 or not x.flags.c_contiguous:
         x = np.ascontiguousarray(x, np.float32)
-    if x.ndim < 1 or x.shape[-1] != pw.k:
-        raise KernelError(f"linear_f32: input has shape {x.shape}, weights expect "
-                          f"K={pw.k} in the last dimension")
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, pw.k)
-    out = np.empty((x2.shape[0], pw.n), np.float32)
+    if x.ndim != 2 or x.shape[1] != pw.k:
+        if x.ndim < 1 or x.shape[-1] != pw.k:
+            _check_packed(pw)
+            raise KernelError(f"linear_f32: input has shape {x.shape}, weights expect "
+                              f"K={pw.k} in the last dimension")
+        return linear_f32(x.reshape(-1, pw.k), pw, bias, act, act_args,
+                          n_threads).reshape(x.shape[:-1] + (pw.n,))
+    n = pw.n
     ep = _EP_CACHE.get((act, act_args, 1.0, 0)) if type(act_args) is tuple else None
     if ep is None:
         _check_packed(pw)
         ep = epilogue_params(act, act_args)
-    _run(x2, _NO_Q, _NO_F, _NO_I, pw, _bias(bias, pw.n), ep, out, n_threads)
-    return out.reshape(lead + (pw.n,))
+    if bias is None:
+        bias = _ZERO_BIAS.get(n)
+        if bias is None:
+            bias = _bias(None, n)
+    elif type(bias) is not np.ndarray or bias.dtype is not _F32 or bias.shape != (n,):
+        bias = _bias(bias, n)
+    out = np.empty((x.shape[0], n), _F32)
+    serial, parallel = ENTRIES[_dispatch._current[0]]
+    threads = n_threads or _threads[0]
+    if threads > 1 and x.shape[0] * n * pw.k >= PARALLEL_MIN_MACS:
+        parallel(x, _NO_Q, _NO_F, _NO_I, pw.data, (pw.k + 3) >> 2, pw.col_sums, pw.scales,
+                 bias, ep, out, threads)
+    else:
+        serial(x, _NO_Q, _NO_F, _NO_I, pw.data, (pw.k + 3) >> 2, pw.col_sums, pw.scales,
+               bias, ep, out, 1)
+    return out
 
 
 def _prepare_u8(a, pw):

@@ -205,7 +205,8 @@ def tile_s32(typingctx, tag, mr, a, a_off, lda, b, b_off, kg, t, t_off, ldt):
     isa, nrows = tag.isa, mr.literal_value
 
     def codegen(context, builder, sig, args):
-        if isa not in _SPECS:  # portable: the driver never calls this
+        # portable, or more rows than the ISA's tile: unreachable, emit nothing
+        if isa not in _SPECS or nrows > GEOMETRY[isa][0]:
             return context.get_dummy_value()
         ar = _Args(context, builder, sig, args)
         accs = _emit_accumulate(ar, isa, nrows, 2, 5, 7)
@@ -236,7 +237,7 @@ def tile_f32(typingctx, tag, mr, a, a_off, lda, b, b_off, kg, colsum, wscale, bi
     isa, nrows = tag.isa, mr.literal_value
 
     def codegen(context, builder, sig, args):
-        if isa not in _SPECS:
+        if isa not in _SPECS or nrows > GEOMETRY[isa][0]:
             return context.get_dummy_value()
         ar = _Args(context, builder, sig, args)
         accs = _emit_accumulate(ar, isa, nrows, 2, 5, 7)

@@ -1,0 +1,138 @@
+"""The models `fxopt bench models` measures: configs, seeded weights, inputs, calibration data.
+
+    spec = SPECS["bert_b8_s128"]
+    model = build(spec.family, small=False)        # eval mode, never run
+    inputs = make_inputs(spec, small=False)        # kwargs dict, e.g. {"input_ids": ...}
+    calib = calibration_batches(spec, small=False) # list of kwargs dicts
+
+Nothing downloads: every model is a Hugging Face architecture built from a
+config with random weights from a fixed seed. `small=True` swaps in tiny
+configs and shapes with the same names, for smoke runs and the test.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+SEED = 0
+INPUT_SEED = 1
+CALIB_SEED = 2
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One benchmark entry: an architecture at one input size."""
+    name: str
+    family: str          # "bert", "resnet50" or "mobilenetv2"
+    batch: int
+    size: int            # sequence length (bert) or image side (conv nets)
+    output: str          # the output compared by cosine, flattened
+    calib_batches: int = 4
+    calib_batch: int = 8
+
+    def shape_text(self) -> str:
+        if self.family == "bert":
+            return f"batch {self.batch} x seq {self.size}"
+        return f"batch {self.batch} x 3x{self.size}x{self.size}"
+
+
+# The issue's set; the output compared is the encoder's last hidden state for
+# every model: it is what every system computes (no random classifier head on
+# top), and being unpooled it shows per-position error that pooling averages out.
+SPECS = {
+    "bert_b8_s128": Spec("bert_b8_s128", "bert", 8, 128, "last_hidden_state"),
+    "bert_b1_s32": Spec("bert_b1_s32", "bert", 1, 32, "last_hidden_state"),
+    "resnet50_b1": Spec("resnet50_b1", "resnet50", 1, 224, "last_hidden_state"),
+    "resnet50_b8": Spec("resnet50_b8", "resnet50", 8, 224, "last_hidden_state"),
+    "mobilenetv2_b1": Spec("mobilenetv2_b1", "mobilenetv2", 1, 224, "last_hidden_state"),
+}
+
+SMALL_SPECS = {
+    "bert_b8_s128": Spec("bert_b8_s128", "bert", 2, 16, "last_hidden_state", 2, 2),
+    "bert_b1_s32": Spec("bert_b1_s32", "bert", 1, 8, "last_hidden_state", 2, 2),
+    "resnet50_b1": Spec("resnet50_b1", "resnet50", 1, 64, "last_hidden_state", 2, 2),
+    "resnet50_b8": Spec("resnet50_b8", "resnet50", 2, 64, "last_hidden_state", 2, 2),
+    "mobilenetv2_b1": Spec("mobilenetv2_b1", "mobilenetv2", 1, 64, "last_hidden_state", 2, 2),
+}
+
+_CONFIGS = {
+    "bert": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                 intermediate_size=3072, vocab_size=30522, max_position_embeddings=512),
+    "resnet50": dict(depths=[3, 4, 6, 3], hidden_sizes=[256, 512, 1024, 2048],
+                     embedding_size=64, layer_type="bottleneck"),
+    "mobilenetv2": dict(),
+}
+_SMALL_CONFIGS = {
+    "bert": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                 intermediate_size=128, vocab_size=1000, max_position_embeddings=64),
+    "resnet50": dict(depths=[1, 1], hidden_sizes=[32, 64], embedding_size=16,
+                     layer_type="bottleneck"),
+    "mobilenetv2": dict(depth_multiplier=0.35, image_size=64),
+}
+_CLASSES = {"bert": ("BertConfig", "BertModel"), "resnet50": ("ResNetConfig", "ResNetModel"),
+            "mobilenetv2": ("MobileNetV2Config", "MobileNetV2Model")}
+
+
+def specs(small: bool) -> dict[str, Spec]:
+    return SMALL_SPECS if small else SPECS
+
+
+def config_of(family: str, small: bool) -> dict:
+    """The config keyword arguments of a family (recorded in the JSON)."""
+    return dict((_SMALL_CONFIGS if small else _CONFIGS)[family])
+
+
+def build(family: str, small: bool, seed: int = SEED) -> nn.Module:
+    """The family's model in eval mode with seeded random weights (BERT on the sdpa path)."""
+    import transformers
+    config_name, model_name = _CLASSES[family]
+    kwargs = config_of(family, small)
+    if family == "bert":
+        kwargs["attn_implementation"] = "sdpa"
+    cfg = getattr(transformers, config_name)(**kwargs)
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_name)(cfg)
+    return randomize_batchnorm(model, seed).eval()
+
+
+# Why: freshly built BatchNorms hold identity statistics, which would make
+# BN folding a no-op and hide its cost or its error.
+def randomize_batchnorm(model: nn.Module, seed: int = SEED) -> nn.Module:
+    """Give every BatchNorm non-trivial running stats and affine parameters."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for mod in model.modules():
+            if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+                n = mod.num_features
+                mod.running_mean.copy_(torch.randn(n, generator=gen) * 0.1)
+                mod.running_var.copy_(torch.rand(n, generator=gen) * 0.5 + 0.75)
+                if mod.affine:
+                    mod.weight.copy_(torch.rand(n, generator=gen) * 0.5 + 0.75)
+                    mod.bias.copy_(torch.randn(n, generator=gen) * 0.1)
+    return model
+
+
+def make_inputs(spec: Spec, small: bool, batch: int | None = None, seed: int = INPUT_SEED) -> dict:
+    """Keyword inputs for one call of the spec's model (batch defaults to the spec's)."""
+    gen = torch.Generator().manual_seed(seed)
+    batch = spec.batch if batch is None else batch
+    if spec.family != "bert":
+        return {"pixel_values": torch.randn(batch, 3, spec.size, spec.size, generator=gen)}
+    vocab = config_of("bert", small)["vocab_size"]
+    seq = spec.size
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    # Why: padding on the last row keeps the attention mask live in every
+    # system; with an all-ones mask eager Hugging Face may drop the mask and
+    # take a path the exported graphs cannot.
+    mask[-1, seq - max(1, seq // 8):] = 0
+    return {"input_ids": torch.randint(0, vocab, (batch, seq), generator=gen),
+            "attention_mask": mask,
+            "token_type_ids": torch.zeros(batch, seq, dtype=torch.long)}
+
+
+def calibration_batches(spec: Spec, small: bool) -> list[dict]:
+    """fxopt's calibration data: `calib_batches` batches of `calib_batch`, unlike the timed input."""
+    return [make_inputs(spec, small, batch=spec.calib_batch, seed=CALIB_SEED + i)
+            for i in range(spec.calib_batches)]

@@ -1,0 +1,199 @@
+"""Whole-model benchmark: fxopt cpu-int8 against torch and ONNX Runtime, fp32 and int8.
+
+    fxopt bench models [--models bert_b8_s128,resnet50_b8] [--systems torch_fp32,fxopt]
+                       [--threads 2] [--repeats 20] [--warmup 3] [--out bench_results] [--small]
+
+Per model (BERT-base b8xs128 and b1xs32, ResNet-50 b1 and b8, MobileNetV2 b1;
+random weights, nothing downloads) and per system (torch fp32 eager, torch
+dynamic int8, ONNX Runtime fp32, ONNX Runtime dynamic int8, fxopt cpu-int8):
+median wall latency after warm-up, speedup over torch fp32, and cosine of the
+flattened last_hidden_state against torch fp32 on the same inputs. Every
+system gets its own copy of the model and the same thread count. Writes
+models.json (models_small.json with --small) and a PNG chart to --out.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import os
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+from fxopt.bench import model_specs as specs_mod
+from fxopt.bench import report as rep
+from fxopt.bench.peers import LABELS, SYSTEMS, Context
+
+RECHECK_TOLERANCE = 0.10   # torch fp32 measured again at the end; warn past this drift
+
+
+def time_calls(fn, warmup: int, repeats: int) -> list[float]:
+    """Wall seconds of `repeats` calls of fn() after `warmup` calls.
+
+    The bench needs every sample (spread and min go in the JSON), which
+    fxopt.bench.timing.median_seconds does not return; model calls are long
+    enough (> 1 ms) that batching calls against timer resolution is not needed.
+    """
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - t0)
+    return samples
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Cosine similarity of two tensors, flattened, in float64."""
+    a, b = a.detach().reshape(-1).double(), b.detach().reshape(-1).double()
+    if a.shape != b.shape:
+        raise ValueError(f"output shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}")
+    return float(torch.dot(a, b) / (a.norm() * b.norm()).clamp_min(1e-30))
+
+
+def measure(name, prepare, model, inputs, ctx, reference, args) -> tuple[dict, object]:
+    """One system on one model: set up, warm up, time, compare; never raises."""
+    t0 = time.perf_counter()
+    try:
+        prepared = prepare(model, inputs, ctx)
+        setup_s = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        out = prepared.fn()
+        first_s = time.perf_counter() - t1
+        samples = time_calls(prepared.fn, args.warmup, args.repeats)
+    except Exception as e:  # a failing system is a result, not the end of the run
+        msg = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:300]
+        print(f"  {LABELS[name]}: failed: {msg}", flush=True)
+        return {"status": "failed", "error": msg, "setup_s": time.perf_counter() - t0}, None
+    row = {"status": "ok", "median_ms": 1e3 * statistics.median(samples),
+           "min_ms": 1e3 * min(samples), "samples_ms": [1e3 * s for s in samples],
+           "setup_s": setup_s, "first_call_s": first_s, **prepared.info}
+    row["cosine"] = 1.0 if reference is None else cosine(out, reference)
+    print(f"  {LABELS[name]}: {row['median_ms']:.2f} ms (setup {setup_s:.1f} s)", flush=True)
+    return row, prepared
+
+
+def run_model(spec, pristine, args, small: bool) -> dict:
+    """Every selected system on one model; torch fp32 first, then again at the end."""
+    inputs = specs_mod.make_inputs(spec, small)
+    print(f"\n{spec.name}: {spec.family} {spec.shape_text()}", flush=True)
+    with tempfile.TemporaryDirectory(prefix="fxopt_bench_") as tmp:
+        ctx = Context(threads=args.threads, tmpdir=tmp, output=spec.output,
+                      calibration=specs_mod.calibration_batches(spec, small))
+        with torch.inference_mode():
+            reference = SYSTEMS["torch_fp32"](copy.deepcopy(pristine), inputs, ctx).fn()
+        ctx.cache["reference_shape"] = tuple(reference.shape)
+        results, baseline = {}, None
+        for name in args.systems:
+            # Why a deep copy each: an exporter can change the model it is given
+            # (Hugging Face BERT ran 1.5x slower eagerly after torch.onnx.export).
+            row, prepared = measure(name, SYSTEMS[name], copy.deepcopy(pristine), inputs, ctx,
+                                    reference, args)
+            results[name] = row
+            if name == "torch_fp32" and prepared is not None:
+                baseline = prepared
+            del prepared
+            gc.collect()
+        recheck = _recheck(baseline, results, args)
+    _add_speedups(results)
+    return {"model": spec.name, "family": spec.family, "shape": spec.shape_text(),
+            "batch": spec.batch, "size": spec.size, "output": spec.output,
+            "calibration": f"{spec.calib_batches} batches of {spec.calib_batch}",
+            "config": specs_mod.config_of(spec.family, small),
+            "torch_fp32_recheck": recheck, "systems": results}
+
+
+def _recheck(baseline, results, args) -> dict | None:
+    """torch fp32 timed again after every other system: process-wide slowdowns show here."""
+    if baseline is None:
+        return None
+    median = 1e3 * statistics.median(time_calls(baseline.fn, 1, args.repeats))
+    first = results["torch_fp32"]["median_ms"]
+    drift = median / first - 1.0
+    if abs(drift) > RECHECK_TOLERANCE:
+        print(f"  warning: torch fp32 measured {median:.2f} ms at the end vs {first:.2f} ms first "
+              f"({100 * drift:+.0f}%): the machine is noisy or a system changed process state")
+    return {"median_ms": median, "drift": drift}
+
+
+def _add_speedups(results: dict) -> None:
+    base = results.get("torch_fp32", {}).get("median_ms")
+    for row in results.values():
+        if row["status"] == "ok" and base:
+            row["speedup"] = base / row["median_ms"]
+
+
+def set_threads(n: int) -> dict:
+    """One thread count for torch and fxopt's kernels (ORT gets it per session)."""
+    torch.set_num_threads(n)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:  # only settable before torch's first parallel work
+        pass
+    from fxopt import kernels
+    kernels.set_num_threads(n)
+    return {"torch": torch.get_num_threads(), "torch_interop": torch.get_num_interop_threads(),
+            "fxopt_kernels": kernels.get_num_threads(), "ort_intra_op": n, "ort_inter_op": 1}
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="fxopt bench models", description=__doc__.split("\n")[0])
+    p.add_argument("--models", default=",".join(specs_mod.SPECS),
+                   help="comma-separated subset of: " + ", ".join(specs_mod.SPECS))
+    p.add_argument("--systems", default=",".join(SYSTEMS),
+                   help="comma-separated subset of: " + ", ".join(SYSTEMS))
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--out", default="bench_results")
+    p.add_argument("--small", action="store_true", help="tiny configs and shapes: a quick smoke run")
+    args = p.parse_args(argv)
+    args.models = _subset(p, "--models", args.models, specs_mod.SPECS)
+    args.systems = _subset(p, "--systems", args.systems, SYSTEMS)
+    if args.repeats < 1 or args.warmup < 0 or args.threads < 1:
+        p.error("--repeats and --threads must be >= 1, --warmup >= 0")
+    return args
+
+
+def _subset(parser, flag, text, known) -> list[str]:
+    names = [n.strip() for n in str(text).split(",") if n.strip()]
+    unknown = [n for n in names if n not in known]
+    if unknown or not names:
+        parser.error(f"{flag}: unknown {', '.join(unknown) or '(empty)'}; choose from {', '.join(known)}")
+    return [n for n in known if n in names]   # canonical order: torch fp32 first
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args([str(a) for a in argv])
+    threads = set_threads(args.threads)
+    info = rep.run_info(args, threads, "fxopt bench models " + shlex.join(map(str, argv)))
+    rep.print_header(info)
+    table = specs_mod.specs(args.small)
+    out_base = os.path.join(args.out, "models_small" if args.small else "models")
+    results, pristine = [], {}
+    for name in args.models:
+        spec = table[name]
+        if spec.family not in pristine:
+            # built once per family from the seed; never run, only copied
+            pristine = {spec.family: specs_mod.build(spec.family, args.small)}
+        results.append(run_model(spec, pristine[spec.family], args, args.small))
+        rep.print_table(results[-1])
+        rep.write_json(out_base + ".json", info, results, complete=False)
+    info["load_average_end"] = os.getloadavg()
+    goals = rep.check_goals(results, args.small)
+    rep.print_goals(goals)
+    rep.write_json(out_base + ".json", info, results, complete=True, goals=goals)
+    png = rep.plot(results, out_base + ".png")
+    print(f"\nwrote {out_base}.json" + (f" and {png}" if png else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

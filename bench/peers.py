@@ -1,0 +1,215 @@
+"""The systems `fxopt bench models` compares, each set up from its own copy of the model.
+
+    run = SYSTEMS["ort_int8"](model_copy, inputs, ctx)
+    out = run.fn()          # the main output tensor, on the timed inputs
+    run.info                # what was set up and how long it took
+
+Every system uses `ctx.threads` threads: torch through torch.set_num_threads
+(set once by the caller), ONNX Runtime through its session options with
+intra-op spinning off, fxopt kernels through torch's count.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+
+ORT_SPIN = "session.intra_op.allow_spinning"
+
+
+@dataclass
+class Context:
+    """What every system's setup may need, shared across systems of one model."""
+    threads: int
+    tmpdir: str
+    output: str                 # name of the main output (e.g. "last_hidden_state")
+    calibration: list
+    cache: dict = field(default_factory=dict)   # e.g. the exported fp32 ONNX path
+
+
+@dataclass
+class Prepared:
+    fn: object                  # () -> torch.Tensor, the main output
+    info: dict
+
+
+def main_output(out, name: str) -> torch.Tensor:
+    """The named output of a model call (ModelOutput, dict, tuple or tensor)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, dict) or hasattr(out, "keys"):
+        return out[name]
+    if hasattr(out, name):
+        return getattr(out, name)
+    return out[0]
+
+
+def _torch_call(model, inputs, name):
+    def fn():
+        with torch.inference_mode():
+            return main_output(model(**inputs), name)
+    return fn
+
+
+def torch_fp32(model, inputs, ctx: Context) -> Prepared:
+    """Eager PyTorch, fp32: the baseline."""
+    return Prepared(_torch_call(model, inputs, ctx.output), {"setup": "eager, inference_mode"})
+
+
+def torch_int8(model, inputs, ctx: Context) -> Prepared:
+    """torch.ao dynamic int8: nn.Linear only (convs stay fp32), qint8 weights."""
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+    info = {"setup": "quantize_dynamic({nn.Linear}, qint8), eager",
+            "engine": torch.backends.quantized.engine, "prepare_s": time.perf_counter() - t0}
+    return Prepared(_torch_call(q, inputs, ctx.output), info)
+
+
+def export_onnx(model, inputs, ctx: Context) -> str:
+    """fp32 ONNX of the model (torch.onnx.export, dynamo exporter), exported once per model."""
+    if "onnx_fp32" in ctx.cache:
+        return ctx.cache["onnx_fp32"]
+    path = os.path.join(ctx.tmpdir, "fp32.onnx")
+    t0 = time.perf_counter()
+    # Why quiet: the exporter prints progress lines that would break up the table.
+    with _quiet():
+        program = torch.onnx.export(model, (), kwargs=inputs, dynamo=True, external_data=False,
+                                    verbose=False)
+        program.save(path)
+    ctx.cache["onnx_fp32"] = path
+    ctx.cache["export_s"] = time.perf_counter() - t0
+    return path
+
+
+def ort_session(path: str, threads: int):
+    """An ORT CPU session with `threads` intra-op threads, 1 inter-op, no spinning."""
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # Why: spinning idle threads would steal the cores from the next system measured.
+    so.add_session_config_entry(ORT_SPIN, "0")
+    return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+
+
+def _ort_call(path, inputs, ctx: Context, reference_shape):
+    sess = ort_session(path, ctx.threads)
+    names = {i.name for i in sess.get_inputs()}
+    feeds = {k: v.numpy() for k, v in inputs.items() if k in names}
+    # Why by shape: the exporter names outputs after graph nodes ("layer_norm_24"),
+    # not after the model's output fields.
+    index = 0
+    for i, out in enumerate(sess.get_outputs()):
+        if list(out.shape) == list(reference_shape):
+            index = i
+            break
+
+    def fn():
+        return torch.from_numpy(sess.run(None, feeds)[index])
+    return fn, sess.get_outputs()[index].name
+
+
+def ort_fp32(model, inputs, ctx: Context) -> Prepared:
+    """ONNX Runtime fp32 on the exported model, all graph optimizations."""
+    path = export_onnx(model, inputs, ctx)
+    fn, out_name = _ort_call(path, inputs, ctx, ctx.cache["reference_shape"])
+    return Prepared(fn, {"setup": _ort_setup(ctx.threads), "output_name": out_name,
+                         "export_s": ctx.cache["export_s"]})
+
+
+def ort_int8(model, inputs, ctx: Context) -> Prepared:
+    """ONNX Runtime dynamic int8 (quantize_dynamic) after ORT's quantization pre-processing."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    src = export_onnx(model, inputs, ctx)
+    t0 = time.perf_counter()
+    pre, pre_note = _preprocess(src, os.path.join(ctx.tmpdir, "fp32_pre.onnx"))
+    dst = os.path.join(ctx.tmpdir, "int8.onnx")
+    # ORT's guidance for x86: uint8 activations with int8 weights (U8S8); 7-bit
+    # weights (reduce_range) only on CPUs without VNNI, where vpmaddubsw saturates.
+    reduce_range = not cpu_has_vnni()
+    with _quiet():
+        quantize_dynamic(pre, dst, weight_type=QuantType.QInt8, per_channel=False,
+                         reduce_range=reduce_range)
+    quant_s = time.perf_counter() - t0
+    fn, out_name = _ort_call(dst, inputs, ctx, ctx.cache["reference_shape"])
+    setup = (f"quantize_dynamic(weight_type=QInt8, per_channel=False, reduce_range={reduce_range}), "
+             f"{pre_note}; " + _ort_setup(ctx.threads))
+    return Prepared(fn, {"setup": setup, "weight_type": "QInt8 (U8S8)", "output_name": out_name,
+                         "export_s": ctx.cache["export_s"], "quantize_s": quant_s})
+
+
+def _preprocess(src: str, dst: str) -> tuple[str, str]:
+    """ORT's recommended pre-processing (shape inference + graph optimization), or src on failure."""
+    try:
+        from onnxruntime.quantization.shape_inference import quant_pre_process
+        with _quiet():
+            quant_pre_process(src, dst)
+        return dst, "quant_pre_process applied"
+    except Exception as e:  # pre-processing is an optimization; quantize the raw export instead
+        return src, f"quant_pre_process failed ({type(e).__name__}), raw export quantized"
+
+
+def _ort_setup(threads: int) -> str:
+    return (f"intra_op_num_threads={threads}, inter_op_num_threads=1, sequential, "
+            f"ORT_ENABLE_ALL, {ORT_SPIN}=0")
+
+
+def fxopt_int8(model, inputs, ctx: Context) -> Prepared:
+    """fxopt cpu-int8 with the spec's calibration batches; optimize and first call timed."""
+    import fxopt
+    t0 = time.perf_counter()
+    with _quiet():
+        fast = fxopt.optimize(model, inputs, target="cpu-int8", calibration_data=ctx.calibration,
+                              latency_repeats=0)
+    optimize_s = time.perf_counter() - t0
+    fn = _torch_call(fast, inputs, ctx.output)
+    t0 = time.perf_counter()
+    fn()
+    first_call_s = time.perf_counter() - t0
+    layers = getattr(fast.fxopt_report, "layers", None) or []
+    int8 = sum(1 for r in layers if r.get("precision") == "int8")
+    info = {"setup": "fxopt.optimize(target='cpu-int8', latency_repeats=0), inference_mode",
+            "optimize_s": optimize_s, "first_call_s": first_call_s,
+            "layers_int8": int8, "layers_total": len(layers),
+            "fp32_layers": sorted({r["op"] for r in layers if r.get("precision") != "int8"})}
+    return Prepared(fn, info)
+
+
+SYSTEMS = {"torch_fp32": torch_fp32, "torch_int8": torch_int8, "ort_fp32": ort_fp32,
+           "ort_int8": ort_int8, "fxopt": fxopt_int8}
+LABELS = {"torch_fp32": "torch fp32", "torch_int8": "torch dynamic int8", "ort_fp32": "ORT fp32",
+          "ort_int8": "ORT dynamic int8", "fxopt": "fxopt cpu-int8"}
+
+
+def cpu_has_vnni() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_vnni" in flags or "avx_vnni" in flags
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Swallow prints, warnings and INFO/WARNING logs of a setup step (errors still raise)."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+                contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        root.setLevel(level)

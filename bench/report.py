@@ -1,0 +1,194 @@
+"""Output of `fxopt bench models`: run info, tables, the issue's goals, JSON and chart.
+
+    info = run_info(args, threads, command)
+    print_table(model_result)
+    write_json("bench_results/models.json", info, results, complete=True)
+    plot(results, "bench_results/models.png")
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+import time
+
+from fxopt.bench.peers import LABELS, cpu_has_vnni
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (platform's guess elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def versions() -> dict:
+    import numba
+    import torch
+    from fxopt import kernels
+    out = {"python": platform.python_version(), "torch": torch.__version__,
+           "numba": numba.__version__, "fxopt_isa": kernels.isa()}
+    for name in ("onnxruntime", "onnx", "onnxscript", "transformers"):
+        try:
+            out[name] = __import__(name).__version__
+        except Exception as e:  # a missing peer is reported, its systems fail on their own
+            out[name] = f"unavailable ({type(e).__name__})"
+    return out
+
+
+def run_info(args, threads: dict, command: str) -> dict:
+    from fxopt.pipeline import TARGETS
+    return {"command": command, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "cpu": cpu_model(), "cpu_count": os.cpu_count(), "vnni": cpu_has_vnni(),
+            "threads": threads, "versions": versions(), "repeats": args.repeats,
+            "warmup": args.warmup, "small": args.small, "systems": args.systems,
+            "fxopt_pipeline": TARGETS["cpu-int8"], "load_average_start": os.getloadavg(),
+            "latency": "median wall time of --repeats calls after --warmup calls, inference_mode",
+            "cosine": "flattened last_hidden_state vs torch fp32 on the same inputs, float64"}
+
+
+def print_header(info: dict) -> None:
+    v = info["versions"]
+    print(f"$ {info['command']}")
+    print(f"cpu: {info['cpu']} ({info['cpu_count']} logical, VNNI {'yes' if info['vnni'] else 'no'}), "
+          f"load average {' '.join(f'{x:.2f}' for x in info['load_average_start'])}")
+    print(f"torch {v['torch']} | onnxruntime {v['onnxruntime']} | numba {v['numba']} | "
+          f"transformers {v['transformers']} | fxopt kernel isa {v['fxopt_isa']}")
+    t = info["threads"]
+    print(f"threads: torch {t['torch']} (interop {t['torch_interop']}), fxopt kernels "
+          f"{t['fxopt_kernels']}, ORT intra-op {t['ort_intra_op']} / inter-op 1, ORT spinning off")
+    print(f"fxopt pipeline cpu-int8: {info['fxopt_pipeline']}")
+    print(f"latency: median of {info['repeats']} after {info['warmup']} warm-up calls"
+          + ("  [--small: tiny models, numbers mean nothing]" if info["small"] else ""))
+
+
+def print_table(result: dict) -> None:
+    """One model's table: system, median ms, speedup over torch fp32, cosine, notes."""
+    print(f"\n{result['model']} ({result['shape']}, cosine on {result['output']})")
+    head = f"{'system':<20}{'median ms':>11}{'min ms':>9}{'speedup':>9}{'cosine':>10}  notes"
+    print(head)
+    print("-" * len(head))
+    for name, row in result["systems"].items():
+        if row["status"] != "ok":
+            print(f"{LABELS[name]:<20}{'failed':>11}{'':>9}{'':>9}{'':>10}  {row['error'][:90]}")
+            continue
+        speed = f"{row['speedup']:.2f}x" if "speedup" in row else "-"
+        print(f"{LABELS[name]:<20}{row['median_ms']:>11.2f}{row['min_ms']:>9.2f}{speed:>9}"
+              f"{row['cosine']:>10.5f}  {_notes(row)}")
+    recheck = result.get("torch_fp32_recheck")
+    if recheck:
+        print(f"torch fp32 again at the end: {recheck['median_ms']:.2f} ms ({100 * recheck['drift']:+.1f}%)")
+
+
+def _notes(row: dict) -> str:
+    notes = []
+    if "optimize_s" in row:
+        notes.append(f"optimize {row['optimize_s']:.1f}s, first call {row['first_call_s']:.2f}s, "
+                     f"int8 layers {row['layers_int8']}/{row['layers_total']}")
+    if "export_s" in row:
+        notes.append(f"export {row['export_s']:.1f}s")
+    if "quantize_s" in row:
+        notes.append(f"quantize {row['quantize_s']:.1f}s")
+    return ", ".join(notes)
+
+
+def _row(results, model, system):
+    for r in results:
+        if r["model"] == model:
+            row = r["systems"].get(system)
+            return row if row and row["status"] == "ok" else None
+    return None
+
+
+def _goal(text, *rows, check):
+    if any(r is None for r in rows):
+        return {"goal": text, "status": "n/a (model or system not run, or failed)"}
+    return {"goal": text, "status": "met" if check(*rows) else "NOT met"}
+
+
+def check_goals(results: list, small: bool) -> list:
+    """The issue's must-reach targets, judged on this run's medians."""
+    goals = [
+        _goal("BERT b8xs128: fxopt >= 4x torch fp32", _row(results, "bert_b8_s128", "fxopt"),
+              check=lambda f: f["speedup"] >= 4.0),
+        _goal("BERT b8xs128: fxopt faster than ORT dynamic int8",
+              _row(results, "bert_b8_s128", "fxopt"), _row(results, "bert_b8_s128", "ort_int8"),
+              check=lambda f, o: f["median_ms"] < o["median_ms"]),
+        _goal("BERT b8xs128: fxopt cosine >= 0.99", _row(results, "bert_b8_s128", "fxopt"),
+              check=lambda f: f["cosine"] >= 0.99),
+        _goal("ResNet-50 b8: fxopt >= 2x torch fp32", _row(results, "resnet50_b8", "fxopt"),
+              check=lambda f: f["speedup"] >= 2.0),
+    ]
+    for model in ("bert_b1_s32", "mobilenetv2_b1"):
+        goals.append(_goal(f"{model}: fxopt faster than torch fp32 and torch dynamic int8",
+                           _row(results, model, "fxopt"), _row(results, model, "torch_fp32"),
+                           _row(results, model, "torch_int8"),
+                           check=lambda f, a, b: f["median_ms"] < min(a["median_ms"], b["median_ms"])))
+    goals.append(_goal("BERT-base optimize (32 calibration samples) < 60 s",
+                       _row(results, "bert_b8_s128", "fxopt"), check=lambda f: f["optimize_s"] < 60))
+    if small:
+        for g in goals:
+            g["status"] += " [--small: not the real models]"
+    return goals
+
+
+def print_goals(goals: list) -> None:
+    print("\nissue goals (this run, medians):")
+    for g in goals:
+        print(f"  {g['status']:<12} {g['goal']}")
+
+
+def write_json(path: str, info: dict, results: list, complete: bool, goals=None) -> str:
+    """Write the results atomically (temp file in the same folder, then os.replace)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    doc = {"info": info, "complete": complete, "results": results, "goals": goals or []}
+    fd, tmp = tempfile.mkstemp(prefix=".models_", suffix=".json.tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(doc, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def plot(results: list, path: str) -> str | None:
+    """Grouped bars: speedup over torch fp32 per model and system (failed systems absent)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    systems = list(LABELS)
+    width = 0.8 / len(systems)
+    fig, ax = plt.subplots(figsize=(max(6, 2.2 * len(results)), 4.5))
+    for i, name in enumerate(systems):
+        xs, ys = [], []
+        for j, r in enumerate(results):
+            row = r["systems"].get(name)
+            if row and row["status"] == "ok" and "speedup" in row:
+                xs.append(j + (i - (len(systems) - 1) / 2) * width)
+                ys.append(row["speedup"])
+        bars = ax.bar(xs, ys, width, label=LABELS[name])
+        ax.bar_label(bars, fmt="%.1f", fontsize=6)
+    ax.axhline(1.0, color="k", lw=0.8, ls="--")
+    ax.set_xticks(range(len(results)), [f"{r['model']}\n{r['shape']}" for r in results], fontsize=7)
+    ax.set_ylabel("speedup over torch fp32 (median latency)")
+    ax.set_title("fxopt bench models", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
