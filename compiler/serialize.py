@@ -211,6 +211,25 @@ def load(path) -> fx.GraphModule:
         fast(**inputs)
     """
     path = os.fspath(path)
+    metadata, blobs = _read(path)
+    graph_data = _json(metadata, "graph", path)
+    if not isinstance(graph_data, dict):
+        raise ArtifactError(f"{path} is corrupt: its graph entry is not a JSON object")
+    try:
+        gm = _module(graph_data, blobs)
+    except ArtifactError as e:
+        raise ArtifactError(f"cannot load {path}: {e}") from None
+    _restore_meta(gm, graph_data.get("meta", {}), metadata, path)
+    report = _json(metadata, "report", path)
+    if report is not None:
+        gm.fxopt_report = _report(report, path)
+    for hook in list(_LOAD_HOOKS):
+        _run_hook(hook, gm)
+    return gm
+
+
+def _read(path: str) -> tuple[dict, list]:
+    """The checked header and the storage blobs of a saved model."""
     with _open(path) as f:
         metadata = _check_header(f.metadata(), path)
         # Why clone: safetensors maps the file; a later in-place write or truncation of
@@ -220,25 +239,17 @@ def load(path) -> fx.GraphModule:
     if _digest(metadata, blobs) != metadata.get("sha256"):
         raise ArtifactError(f"{path} is corrupt: its checksum does not match its contents "
                             "(damaged in copy or storage). Save the model again.")
-    graph_data = _json(metadata, "graph", path)
-    if not isinstance(graph_data, dict):
-        raise ArtifactError(f"{path} is corrupt: its graph entry is not a JSON object")
+    return metadata, blobs
+
+
+def _module(graph_data: dict, blobs: list) -> fx.GraphModule:
     for module in OP_PROVIDERS:
         importlib.import_module(module)
-    try:
-        weights = rebuild_weights(graph_data.get("tensors"), blobs)
-        gm = _build_module(decode_graph(graph_data, set(weights)), weights)
-        if graph_data.get("inputs") is not None:
-            install_input_check(gm, graph_data["inputs"])
-    except ArtifactError as e:
-        raise ArtifactError(f"cannot load {path}: {e}") from None
+    weights = rebuild_weights(graph_data.get("tensors"), blobs)
+    gm = _build_module(decode_graph(graph_data, set(weights)), weights)
+    if graph_data.get("inputs") is not None:
+        install_input_check(gm, graph_data["inputs"])
     gm.train(bool(graph_data.get("training", False)))
-    _restore_meta(gm, graph_data.get("meta", {}), metadata, path)
-    report = _json(metadata, "report", path)
-    if report is not None:
-        gm.fxopt_report = _report(report, path)
-    for hook in list(_LOAD_HOOKS):
-        _run_hook(hook, gm)
     return gm
 
 
