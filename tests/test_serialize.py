@@ -412,3 +412,20 @@ def test_unsavable_target_is_refused(tmp_path):
     with pytest.raises(ArtifactError, match="calls <built-in function print>"):
         fxopt.save(fx.GraphModule(nn.Module(), g), tmp_path / "p.fxopt")
     assert os.listdir(tmp_path) == []
+
+
+def test_graph_with_submodule_calls_is_refused(tmp_path):
+    traced = fx.symbolic_trace(nn.Sequential(nn.Linear(4, 4), nn.ReLU()))
+    with pytest.raises(ArtifactError, match="call_module"):
+        fxopt.save(traced, tmp_path / "s.fxopt")
+
+
+def test_failing_load_hook_is_named(mlp_file):
+    def repack(gm, meta):
+        raise RuntimeError("no kernel for this CPU")
+    serialize.register_load_hook(repack)
+    try:
+        with pytest.raises(ArtifactError, match="load hook .*repack failed.*no kernel"):
+            fxopt.load(mlp_file)
+    finally:
+        serialize.remove_load_hook(repack)
