@@ -79,28 +79,32 @@ def measure(name, prepare, model, inputs, ctx, reference, args) -> tuple[dict, o
     return row, prepared
 
 
-def run_model(spec, pristine, args, small: bool) -> dict:
-    """Every selected system on one model; torch fp32 first, then again at the end."""
+def run_model(spec, pristine, family_dir, family_cache, args, small: bool) -> dict:
+    """Every selected system on one model; torch fp32 first, then again at the end.
+
+    `family_dir`/`family_cache` hold what systems share across the sizes of
+    one architecture (the dynamic-shape ONNX files).
+    """
     inputs = specs_mod.make_inputs(spec, small)
     print(f"\n{spec.name}: {spec.family} {spec.shape_text()}", flush=True)
-    with tempfile.TemporaryDirectory(prefix="fxopt_bench_") as tmp:
-        ctx = Context(threads=args.threads, tmpdir=tmp, output=spec.output,
-                      calibration=specs_mod.calibration_batches(spec, small))
-        with torch.inference_mode():
-            reference = SYSTEMS["torch_fp32"](copy.deepcopy(pristine), inputs, ctx).fn()
-        ctx.cache["reference_shape"] = tuple(reference.shape)
-        results, baseline = {}, None
-        for name in args.systems:
-            # Why a deep copy each: an exporter can change the model it is given
-            # (Hugging Face BERT ran 1.5x slower eagerly after torch.onnx.export).
-            row, prepared = measure(name, SYSTEMS[name], copy.deepcopy(pristine), inputs, ctx,
-                                    reference, args)
-            results[name] = row
-            if name == "torch_fp32" and prepared is not None:
-                baseline = prepared
-            del prepared
-            gc.collect()
-        recheck = _recheck(baseline, results, args)
+    ctx = Context(threads=args.threads, tmpdir=family_dir, output=spec.output,
+                  calibration=specs_mod.calibration_batches(spec, small),
+                  export_inputs=specs_mod.make_inputs(spec, small, batch=max(2, spec.batch)),
+                  dynamic_dims=(0, 1) if spec.family == "bert" else (0,), cache=family_cache)
+    reference = SYSTEMS["torch_fp32"](copy.deepcopy(pristine), inputs, ctx).fn()
+    ctx.reference_shape = tuple(reference.shape)
+    results, baseline = {}, None
+    for name in args.systems:
+        # Why a deep copy each: an exporter can change the model it is given
+        # (Hugging Face BERT ran 1.5x slower eagerly after torch.onnx.export).
+        row, prepared = measure(name, SYSTEMS[name], copy.deepcopy(pristine), inputs, ctx,
+                                reference, args)
+        results[name] = row
+        if name == "torch_fp32" and prepared is not None:
+            baseline = prepared
+        del prepared
+        gc.collect()
+    recheck = _recheck(baseline, results, args)
     _add_speedups(results)
     return {"model": spec.name, "family": spec.family, "shape": spec.shape_text(),
             "batch": spec.batch, "size": spec.size, "output": spec.output,
@@ -177,15 +181,17 @@ def main(argv=None) -> int:
     rep.print_header(info)
     table = specs_mod.specs(args.small)
     out_base = os.path.join(args.out, "models_small" if args.small else "models")
-    results, pristine = [], {}
-    for name in args.models:
-        spec = table[name]
-        if spec.family not in pristine:
-            # built once per family from the seed; never run, only copied
-            pristine = {spec.family: specs_mod.build(spec.family, args.small)}
-        results.append(run_model(spec, pristine[spec.family], args, args.small))
-        rep.print_table(results[-1])
-        rep.write_json(out_base + ".json", info, results, complete=False)
+    results, families = [], {}
+    with tempfile.TemporaryDirectory(prefix="fxopt_bench_") as tmp:
+        for name in args.models:
+            spec = table[name]
+            if spec.family not in families:
+                # built once per family from the seed; never run, only copied
+                families[spec.family] = (specs_mod.build(spec.family, args.small),
+                                         tempfile.mkdtemp(dir=tmp), {})
+            results.append(run_model(spec, *families[spec.family], args, args.small))
+            rep.print_table(results[-1])
+            rep.write_json(out_base + ".json", info, results, complete=False)
     info["load_average_end"] = os.getloadavg()
     goals = rep.check_goals(results, args.small)
     rep.print_goals(goals)

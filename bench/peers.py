@@ -27,10 +27,13 @@ ORT_SPIN = "session.intra_op.allow_spinning"
 class Context:
     """What every system's setup may need, shared across systems of one model."""
     threads: int
-    tmpdir: str
+    tmpdir: str                 # one per model family: its ONNX files live here
     output: str                 # name of the main output (e.g. "last_hidden_state")
     calibration: list
-    cache: dict = field(default_factory=dict)   # e.g. the exported fp32 ONNX path
+    export_inputs: dict         # batch >= 2, so export does not specialize batch to 1
+    dynamic_dims: tuple         # input dims exported as dynamic: (0,) or (0, 1)
+    reference_shape: tuple = ()
+    cache: dict = field(default_factory=dict)   # per family: ONNX paths, export/quantize times
 
 
 @dataclass
@@ -74,15 +77,20 @@ def torch_int8(model, inputs, ctx: Context) -> Prepared:
 
 
 def export_onnx(model, inputs, ctx: Context) -> str:
-    """fp32 ONNX of the model (torch.onnx.export, dynamo exporter), exported once per model."""
+    """fp32 ONNX of the model (torch.onnx.export, dynamo exporter), once per model family.
+
+    Batch (and sequence) are dynamic, as in fxopt's captured graph, so one
+    file serves every input size of the family.
+    """
     if "onnx_fp32" in ctx.cache:
         return ctx.cache["onnx_fp32"]
     path = os.path.join(ctx.tmpdir, "fp32.onnx")
+    dims = {k: {d: torch.export.Dim.DYNAMIC for d in ctx.dynamic_dims} for k in ctx.export_inputs}
     t0 = time.perf_counter()
     # Why quiet: the exporter prints progress lines that would break up the table.
     with _quiet():
-        program = torch.onnx.export(model, (), kwargs=inputs, dynamo=True, external_data=False,
-                                    verbose=False)
+        program = torch.onnx.export(model, (), kwargs=ctx.export_inputs, dynamo=True,
+                                    external_data=False, dynamic_shapes=dims, verbose=False)
         program.save(path)
     ctx.cache["onnx_fp32"] = path
     ctx.cache["export_s"] = time.perf_counter() - t0
@@ -110,7 +118,7 @@ def _ort_call(path, inputs, ctx: Context, reference_shape):
     # not after the model's output fields.
     index = 0
     for i, out in enumerate(sess.get_outputs()):
-        if list(out.shape) == list(reference_shape):
+        if _same_shape(out.shape, reference_shape):
             index = i
             break
 
@@ -119,33 +127,51 @@ def _ort_call(path, inputs, ctx: Context, reference_shape):
     return fn, sess.get_outputs()[index].name
 
 
+def _same_shape(onnx_shape, shape) -> bool:
+    """ONNX output shape (ints and symbols) against a concrete shape."""
+    return len(onnx_shape) == len(shape) and all(
+        not isinstance(a, int) or a == b for a, b in zip(onnx_shape, shape))
+
+
 def ort_fp32(model, inputs, ctx: Context) -> Prepared:
     """ONNX Runtime fp32 on the exported model, all graph optimizations."""
+    reused = "onnx_fp32" in ctx.cache
     path = export_onnx(model, inputs, ctx)
-    fn, out_name = _ort_call(path, inputs, ctx, ctx.cache["reference_shape"])
-    return Prepared(fn, {"setup": _ort_setup(ctx.threads), "output_name": out_name,
-                         "export_s": ctx.cache["export_s"]})
+    fn, out_name = _ort_call(path, inputs, ctx, ctx.reference_shape)
+    return Prepared(fn, {"setup": "dynamic-shape export; " + _ort_setup(ctx.threads),
+                         "output_name": out_name, "export_s": ctx.cache["export_s"],
+                         "export_reused": reused})
 
 
 def ort_int8(model, inputs, ctx: Context) -> Prepared:
     """ONNX Runtime dynamic int8 (quantize_dynamic) after ORT's quantization pre-processing."""
+    reused = "onnx_int8" in ctx.cache
+    dst = quantize_onnx(export_onnx(model, inputs, ctx), ctx)
+    fn, out_name = _ort_call(dst, inputs, ctx, ctx.reference_shape)
+    setup = (f"quantize_dynamic(weight_type=QInt8, per_channel=False, reduce_range="
+             f"{ctx.cache['reduce_range']}), {ctx.cache['pre_note']}; " + _ort_setup(ctx.threads))
+    return Prepared(fn, {"setup": setup, "weight_type": "QInt8 (U8S8)", "output_name": out_name,
+                         "export_s": ctx.cache["export_s"], "quantize_s": ctx.cache["quantize_s"],
+                         "export_reused": reused})
+
+
+def quantize_onnx(src: str, ctx: Context) -> str:
+    """ORT dynamic int8 of the fp32 export, once per model family."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
-    src = export_onnx(model, inputs, ctx)
+    if "onnx_int8" in ctx.cache:
+        return ctx.cache["onnx_int8"]
     t0 = time.perf_counter()
-    pre, pre_note = _preprocess(src, os.path.join(ctx.tmpdir, "fp32_pre.onnx"))
+    pre, ctx.cache["pre_note"] = _preprocess(src, os.path.join(ctx.tmpdir, "fp32_pre.onnx"))
     dst = os.path.join(ctx.tmpdir, "int8.onnx")
     # ORT's guidance for x86: uint8 activations with int8 weights (U8S8); 7-bit
     # weights (reduce_range) only on CPUs without VNNI, where vpmaddubsw saturates.
-    reduce_range = not cpu_has_vnni()
+    ctx.cache["reduce_range"] = not cpu_has_vnni()
     with _quiet():
         quantize_dynamic(pre, dst, weight_type=QuantType.QInt8, per_channel=False,
-                         reduce_range=reduce_range)
-    quant_s = time.perf_counter() - t0
-    fn, out_name = _ort_call(dst, inputs, ctx, ctx.cache["reference_shape"])
-    setup = (f"quantize_dynamic(weight_type=QInt8, per_channel=False, reduce_range={reduce_range}), "
-             f"{pre_note}; " + _ort_setup(ctx.threads))
-    return Prepared(fn, {"setup": setup, "weight_type": "QInt8 (U8S8)", "output_name": out_name,
-                         "export_s": ctx.cache["export_s"], "quantize_s": quant_s})
+                         reduce_range=ctx.cache["reduce_range"])
+    ctx.cache["quantize_s"] = time.perf_counter() - t0
+    ctx.cache["onnx_int8"] = dst
+    return dst
 
 
 def _preprocess(src: str, dst: str) -> tuple[str, str]:
@@ -203,13 +229,15 @@ def cpu_has_vnni() -> bool:
 @contextlib.contextmanager
 def _quiet():
     """Swallow prints, warnings and INFO/WARNING logs of a setup step (errors still raise)."""
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
+    loggers = [logging.getLogger(), logging.getLogger("torch.onnx"), logging.getLogger("torch")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
                 contextlib.redirect_stderr(io.StringIO()):
             warnings.simplefilter("ignore")
             yield
     finally:
-        root.setLevel(level)
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)

@@ -91,10 +91,13 @@ def _notes(row: dict) -> str:
     if "optimize_s" in row:
         notes.append(f"optimize {row['optimize_s']:.1f}s, first call {row['first_call_s']:.2f}s, "
                      f"int8 layers {row['layers_int8']}/{row['layers_total']}")
+    shared = " (shared, done for an earlier size)" if row.get("export_reused") else ""
     if "export_s" in row:
         notes.append(f"export {row['export_s']:.1f}s")
     if "quantize_s" in row:
         notes.append(f"quantize {row['quantize_s']:.1f}s")
+    if notes and shared:
+        notes[-1] += shared
     return ", ".join(notes)
 
 
