@@ -31,20 +31,24 @@ from fxopt.ops import (OpKind, attention_parts, batch_norm_parts, is_expand, kin
                        layer_norm_parts, padded_dims, permutation, reduced_dims,
                        shape_list_arg, split_dim, weight_layout)
 
-ROLES = ("out", "in", "depthwise", "param")
+ROLES = ("out", "in", "grouped", "param")
 
 
 @dataclass(frozen=True)
 class Member:
     """One weight a group cuts. role: out (a producer's weight rows and bias),
-    in (a consumer's weight columns), depthwise (a depthwise conv: rows, bias, groups),
+    in (a consumer's weight columns), grouped (a grouped or depthwise conv the group
+    passes through: whole conv groups of rows, bias, and the groups argument),
     param (a weight the data path reads: BN/LN params, layer scale, position tables).
-    `axis` is the weight axis cut, `unit` the elements per group index along it.
-    Reshape sizes and layer-norm shapes on the path are rewritten from `Group.slots`."""
+    `axis` is the weight axis cut, `unit` the elements per group index along it, and
+    `reps` how many copies of the index space the axis holds (3 for a fused QKV
+    projection that is split into Q, K and V). Reshape and split sizes and layer-norm
+    shapes on the path are rewritten from `Group.slots`."""
     node: Node
     role: str
     axis: int
     unit: int
+    reps: int = 1
 
 
 @dataclass
@@ -54,11 +58,11 @@ class Group:
     count: int                    # prunable indices
     unit: int                     # elements per index at the producers
     members: list = field(default_factory=list)
-    slots: dict = field(default_factory=dict)   # node -> (dim, unit) on the data path
+    slots: dict = field(default_factory=dict)   # node -> (dim, unit, reps) on the data path
 
     @property
     def layers(self) -> list[str]:
-        return sorted({_layer(m.node) for m in self.members if m.role in ("out", "in", "depthwise")})
+        return sorted({_layer(m.node) for m in self.members if m.role in ("out", "in", "grouped")})
 
     def of_role(self, *roles) -> list[Member]:
         return [m for m in self.members if m.role in roles]
@@ -86,7 +90,7 @@ def analyze(gm: GraphModule, protect=(), heads: bool = True) -> Analysis:
     dep_graph = nx.Graph()
     for node in gm.graph.nodes:
         layout = weight_layout(node)
-        if layout is None or node in seen or _is_depthwise(node, layout):
+        if layout is None or node in seen or layout.groups != 1:
             continue
         name = _layer(node)
         try:
@@ -132,29 +136,31 @@ def _layer(node: Node) -> str:
     return node.meta.get("fxopt_layer") or node.name
 
 
-def _is_depthwise(node, layout) -> bool:
-    if layout.groups == 1:
-        return False
-    w = layout.weight.meta["val"]
-    return w.shape[1] == 1 and layout.groups == w.shape[0]
-
-
 # --- tracing -------------------------------------------------------------------
 
 def _trace_group(seed: Node, layout) -> Group:
     out_dim = _rank(seed) - 1 if kind_of(seed) is not OpKind.CONV else 1
     width = int(layout.weight.meta["val"].shape[layout.out_axis])
-    unit = 1
+    unit, reps = 1, 1
     for _ in range(8):
         try:
             tracer = _Tracer()
-            tracer.run(seed, out_dim, unit)
-            return tracer.group(seed, width, unit)
+            tracer.run(seed, out_dim, unit, reps)
+            return tracer.group(seed, width, unit, reps)
         except _Coarsen as c:
             unit *= c.factor
-            if width % unit:
-                raise Unsafe(f"head/block size {unit} does not divide width {width}") from None
+        except _Retile as r:
+            reps *= r.factor
+        if width % (unit * reps):
+            raise Unsafe(f"block size {unit} x {reps} tiles does not divide width {width}") from None
     raise Unsafe("could not settle the pruning unit")
+
+
+class _Retile(Exception):
+    """The traced dim holds `factor` times more copies of the index space (a split
+    or concat along it): restart with the seed's dim seen as that many tiles."""
+    def __init__(self, factor):
+        self.factor = factor
 
 
 class _Tracer:
@@ -163,65 +169,69 @@ class _Tracer:
         self.members: list = []
         self.queue: list = []
 
-    def run(self, seed, dim, unit):
-        self.queue.append((seed, dim, unit))
+    def run(self, seed, dim, unit, reps):
+        self.queue.append((seed, dim, unit, reps))
         while self.queue:
-            node, dim, unit = self.queue.pop()
+            node, dim, unit, reps = self.queue.pop()
             if node in self.slots:
-                old_dim, old_unit = self.slots[node]
-                if old_dim != dim:
-                    raise Unsafe(f"{node.name} is reached along two different dims")
+                old_dim, old_unit, old_reps = self.slots[node]
+                if old_dim != dim or old_reps != reps:
+                    raise Unsafe(f"{node.name} is reached along two different dims or tilings")
                 if old_unit != unit:
                     raise _Coarsen(_lcm(old_unit, unit) // min(old_unit, unit))
                 continue
-            self.slots[node] = (dim, unit)
-            self._backward(node, dim, unit)
+            self.slots[node] = (dim, unit, reps)
+            self._backward(node, dim, unit, reps)
             for user in list(node.users):
-                self._forward(user, node, dim, unit)
+                self._forward(user, node, dim, unit, reps)
 
-    def group(self, seed, width, unit) -> Group:
+    def group(self, seed, width, unit, reps) -> Group:
         kinds = {kind_of(n) for n in self.slots}
         producers = [m for m in self.members if m.role == "out"]
         kind = ("heads" if OpKind.ATTENTION in kinds else
                 "channels" if any(kind_of(m.node) is OpKind.CONV for m in producers) else "neurons")
         members = list(dict.fromkeys(self.members))
-        return Group(_layer(seed), kind, width // unit, unit, members, dict(self.slots))
+        return Group(_layer(seed), kind, width // (unit * reps), unit, members, dict(self.slots))
 
-    def push(self, node, dim, unit):
-        self.queue.append((node, dim, unit))
+    def push(self, node, dim, unit, reps):
+        self.queue.append((node, dim, unit, reps))
 
-    # A node's output carries the group at (dim, unit): walk to its inputs.
-    def _backward(self, node, dim, unit):
+    # A node's output carries the group at (dim, unit, reps): walk to its inputs.
+    def _backward(self, node, dim, unit, reps):
         kind = kind_of(node)
         if kind is OpKind.INPUT:
             raise Unsafe(f"reaches model input {node.name}")
         if kind is OpKind.WEIGHT:
-            self.members.append(Member(node, "param", dim, unit))
+            self.members.append(Member(node, "param", dim, unit, reps))
             return
         layout = weight_layout(node)
         if layout is not None:
-            self._producer(node, layout, dim, unit)
+            self._producer(node, layout, dim, unit, reps)
             return
-        for inp, in_dim, in_unit in _inputs_of(node, dim, unit):
-            self.push(inp, in_dim, in_unit)
+        for inp, in_dim, in_unit, in_reps in _inputs_of(node, dim, unit, reps):
+            self.push(inp, in_dim, in_unit, in_reps)
 
-    def _producer(self, node, layout, dim, unit):
+    def _producer(self, node, layout, dim, unit, reps):
         channel_dim = 1 if kind_of(node) is OpKind.CONV else _rank(node) - 1
         if dim != channel_dim:
             raise Unsafe(f"{node.name} is reached along a non-feature dim {dim}")
         _check_private(layout.weight, node)
         if layout.bias is not None:
             _check_private(layout.bias, node)
-        if _is_depthwise(node, layout):
-            self.members.append(Member(node, "depthwise", 0, unit))
-            self.push(layout.x, 1, unit)
-            return
         if layout.groups != 1:
-            raise Unsafe(f"grouped conv {node.name} (groups={layout.groups})")
-        self.members.append(Member(node, "out", layout.out_axis, unit))
+            # a grouped conv passes whole conv groups through: rows out, groups in
+            cin_g, cout_g = _group_widths(node, layout)
+            if reps != 1:
+                raise Unsafe(f"grouped conv {node.name} on a tiled dim")
+            if unit % cout_g:
+                raise _Coarsen(_lcm(unit, cout_g) // unit)
+            self.members.append(Member(node, "grouped", 0, unit))
+            self.push(layout.x, 1, unit // cout_g * cin_g, 1)
+            return
+        self.members.append(Member(node, "out", layout.out_axis, unit, reps))
 
-    # `src` carries the group at (dim, unit) and `user` reads it.
-    def _forward(self, user, src, dim, unit):
+    # `src` carries the group at (dim, unit, reps) and `user` reads it.
+    def _forward(self, user, src, dim, unit, reps):
         kind = kind_of(user)
         if kind is OpKind.OUTPUT:
             raise Unsafe(f"reaches model output (via {src.name})")
@@ -231,21 +241,32 @@ class _Tracer:
             return
         layout = weight_layout(user)
         if layout is not None:
-            if src is not layout.x:
-                raise Unsafe(f"{src.name} is used as a weight by {user.name}")
-            if _is_depthwise(user, layout):
-                self.push(user, dim, unit)
-                return
-            if layout.groups != 1:
-                raise Unsafe(f"grouped conv {user.name} (groups={layout.groups})")
-            feature_dim = 1 if kind_of(user) is OpKind.CONV else _rank(src) - 1
-            if dim != feature_dim:
-                raise Unsafe(f"{user.name} reads the group along dim {dim}, not its features")
-            _check_private(layout.weight, user)
-            self.members.append(Member(user, "in", layout.in_axis, unit))
+            self._consumer(user, layout, src, dim, unit, reps)
             return
-        out = _output_of(user, src, dim, unit)
-        self.push(user, *out)
+        self.push(user, *_output_of(user, src, dim, unit, reps))
+
+    def _consumer(self, user, layout, src, dim, unit, reps):
+        if src is not layout.x:
+            raise Unsafe(f"{src.name} is used as a weight by {user.name}")
+        feature_dim = 1 if kind_of(user) is OpKind.CONV else _rank(src) - 1
+        if dim != feature_dim:
+            raise Unsafe(f"{user.name} reads the group along dim {dim}, not its features")
+        if layout.groups != 1:
+            cin_g, cout_g = _group_widths(user, layout)
+            if reps != 1:
+                raise Unsafe(f"grouped conv {user.name} on a tiled dim")
+            if unit % cin_g:
+                raise _Coarsen(_lcm(unit, cin_g) // unit)
+            self.push(user, 1, unit // cin_g * cout_g, 1)
+            return
+        _check_private(layout.weight, user)
+        self.members.append(Member(user, "in", layout.in_axis, unit, reps))
+
+
+def _group_widths(node, layout):
+    """(input, output) channels per conv group of a grouped conv."""
+    w = layout.weight.meta["val"].shape
+    return int(w[1]), int(w[0]) // layout.groups
 
 
 def _check_private(weight, node):
@@ -258,10 +279,20 @@ def _check_private(weight, node):
 # dim (elementwise, norms, pools, permutes) are handled by _links; reshapes,
 # which may merge or split the traced dim, by _map_reshape.
 
-def _output_of(node, src, dim, unit):
-    if kind_of(node) is OpKind.RESHAPE:
-        return _reshape_forward(node, src, dim, unit)
-    rank = _rank(node) if kind_of(node) is not OpKind.SPLIT else _rank(src)
+def _output_of(node, src, dim, unit, reps):
+    kind = kind_of(node)
+    if kind is OpKind.RESHAPE:
+        out_dim, out_unit = _reshape_forward(node, src, dim, unit)
+        _check_tiling_kept(node, reps, _shape(src)[dim], _shape(node)[out_dim])
+        return out_dim, out_unit, reps
+    if _splits_traced(node, dim, src):
+        return dim, unit, reps          # the split node stands for its input
+    if kind is OpKind.GETITEM and _splits_traced(src, dim):
+        part, whole = _size(node, dim), _size(src.args[0], dim)
+        return dim, unit, _tiles(reps * part, whole, node, retile=True)
+    if kind is OpKind.CONCAT and _concat_dim(node) == dim:
+        return dim, unit, _tiles(reps * _size(node, dim), _size(src, dim), node, retile=True)
+    rank = _rank(node) if kind is not OpKind.SPLIT else _rank(src)
     first = None
     for out_dim in range(rank):
         try:
@@ -270,19 +301,64 @@ def _output_of(node, src, dim, unit):
             first = first or e
             continue
         if any(inp is src and in_dim == dim for inp, in_dim, _ in links):
-            return out_dim, unit
+            return out_dim, unit, reps
     raise first or Unsafe(f"{node.name} ({_opname(node)}) does not carry dim {dim} of {src.name}")
 
 
-def _inputs_of(node, dim, unit):
-    if kind_of(node) is OpKind.RESHAPE:
+def _inputs_of(node, dim, unit, reps):
+    kind = kind_of(node)
+    if kind is OpKind.RESHAPE:
         src = node.args[0]
         in_dim, in_unit = _reshape_backward(node, src, dim, unit)
-        return [(src, in_dim, in_unit)]
-    found = [(inp, in_dim, unit) for inp, in_dim, out_dim in _links(node, dim) if out_dim == dim]
+        _check_tiling_kept(node, reps, _shape(src)[in_dim], _shape(node)[dim])
+        return [(src, in_dim, in_unit, reps)]
+    if _splits_traced(node, dim):
+        return [(node.args[0], dim, unit, reps)]
+    if kind is OpKind.GETITEM and _splits_traced(node.args[0], dim):
+        split = node.args[0]
+        whole, part = _size(split.args[0], dim), _size(node, dim)
+        return [(split, dim, unit, _tiles(reps * whole, part, node, retile=False))]
+    if kind is OpKind.CONCAT and _concat_dim(node) == dim:
+        total = _size(node, dim)
+        return [(t, dim, unit, _tiles(reps * _size(t, dim), total, node, retile=True))
+                for t in node.args[0]]
+    found = [(inp, in_dim, unit, reps) for inp, in_dim, out_dim in _links(node, dim) if out_dim == dim]
     if not found:
         raise Unsafe(f"{node.name} ({_opname(node)}) does not carry dim {dim} back to an input")
     return found
+
+
+# --- splits and concats along the traced dim: the dim holds several tiles -----------
+
+def _splits_traced(node, dim, src=None) -> bool:
+    """A split/chunk of the traced dim (not unbind, which drops the dim)."""
+    if not isinstance(node, Node) or kind_of(node) is not OpKind.SPLIT or _opname(node) == "unbind":
+        return False
+    x = node.args[0]
+    return (src is None or x is src) and split_dim(node) % _rank(x) == dim
+
+
+def _concat_dim(node) -> int:
+    return (node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)) % _rank(node)
+
+
+def _tiles(numerator, denominator, node, retile) -> int:
+    """numerator / denominator tiles; when not whole, retile the group so it is."""
+    numerator, denominator = int(numerator), int(denominator)
+    if numerator % denominator == 0:
+        return numerator // denominator
+    if retile:
+        raise _Retile(denominator // math.gcd(numerator, denominator))
+    raise Unsafe(f"{node.name} splits or concatenates the pruned dim unevenly")
+
+
+def _check_tiling_kept(node, reps, size_in, size_out):
+    if reps != 1 and not _eq(size_in, size_out):
+        raise Unsafe(f"{node.name} reshapes a dim made of several tiles")
+
+
+def _size(node, dim) -> int:
+    return _int(_expr(_shape(node)[dim]))
 
 
 def _links(node, out_dim):

@@ -1,8 +1,8 @@
 """How much each index of a pruning group matters.
 
 Every criterion returns one score per group index (higher = keep). Magnitude
-criteria score each weight member (producer rows, consumer columns, depthwise
-filters) over the elements an index covers, then average across members so a
+criteria score each weight member (producer rows, consumer columns, grouped
+conv filters) over the elements an index covers, then average across members so a
 group of many layers is judged by all of them.
 
     l1:       mean over members of sum |w|
@@ -42,24 +42,24 @@ def group_scores(gm: GraphModule, group: Group, criterion: str, grads: dict | No
     if criterion == "taylor" and grads is None:
         raise ValueError("the taylor criterion needs gradients: pass data= (a few batches) to prune")
     per_member = []
-    for weight, axis in weight_members(group):
+    for weight, axis, reps in weight_members(group):
         w = get_weight(gm, weight).detach().double()
         if criterion == "l1":
-            per_member.append(_per_index(w.abs(), axis, group.count))
+            per_member.append(_per_index(w.abs(), axis, group.count, reps))
         elif criterion == "l2":
-            per_member.append(_per_index(w * w, axis, group.count).sqrt())
+            per_member.append(_per_index(w * w, axis, group.count, reps).sqrt())
         else:
             g = grads[str(weight.target)].double()
-            per_member.append(_per_index(w * g, axis, group.count).abs())
+            per_member.append(_per_index(w * g, axis, group.count, reps).abs())
     return _mean(per_member)
 
 
 def weight_members(group: Group) -> list:
-    """(weight get_attr node, axis) of every producer, consumer and depthwise filter."""
+    """(weight get_attr node, axis, reps) of every producer, consumer and grouped conv."""
     out = []
-    for m in group.of_role("out", "in", "depthwise"):
+    for m in group.of_role("out", "in", "grouped"):
         layout = weight_layout(m.node)
-        out.append((layout.weight, m.axis))
+        out.append((layout.weight, m.axis, m.reps))
     return out
 
 
@@ -74,10 +74,11 @@ def bn_gammas(group: Group) -> list:
     return gammas
 
 
-def _per_index(t: torch.Tensor, axis: int, count: int) -> torch.Tensor:
-    """Sum of `t` over everything but `axis`, with `axis` folded into `count` blocks."""
+def _per_index(t: torch.Tensor, axis: int, count: int, reps: int = 1) -> torch.Tensor:
+    """Sum of `t` over everything but `axis`, with `axis` folded into `reps` tiles of
+    `count` blocks (a block per index), summed over tiles."""
     t = t.double().movedim(axis, 0)
-    return t.reshape(count, -1).sum(dim=1)
+    return t.reshape(reps, count, -1).sum(dim=(0, 2))
 
 
 def _mean(scores: list) -> torch.Tensor:
@@ -99,7 +100,7 @@ def taylor_grads(gm: GraphModule, groups: list, data, loss_fn=None, max_batches:
     """
     from fxopt.training import call, first_tensor, split_item
 
-    names = sorted({str(w.target) for g in groups for w, _ in weight_members(g)})
+    names = sorted({str(w.target) for g in groups for w, _, _ in weight_members(g)})
     params = {n: get_weight(gm, _attr_node(gm, n)).detach().clone().requires_grad_(True) for n in names}
     total = {n: torch.zeros_like(p) for n, p in params.items()}
     seen = 0

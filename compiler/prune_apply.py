@@ -17,10 +17,12 @@ from fxopt.ops import (OpKind, kind_of, layer_norm_parts, set_conv_groups, shape
                        weight_layout)
 
 
-def element_index(keep: torch.Tensor, unit: int) -> torch.Tensor:
-    """Element positions covered by group indices `keep` when each covers `unit` elements."""
+def element_index(keep: torch.Tensor, unit: int, count: int = 0, reps: int = 1) -> torch.Tensor:
+    """Element positions covered by group indices `keep` when each covers `unit`
+    elements, in each of `reps` consecutive tiles of `count` indices."""
     keep = keep.to(torch.long)
-    return (keep[:, None] * unit + torch.arange(unit)[None, :]).reshape(-1)
+    one = (keep[:, None] * unit + torch.arange(unit)[None, :]).reshape(-1)
+    return torch.cat([one + r * count * unit for r in range(reps)])
 
 
 def apply_group(gm: GraphModule, group: Group, keep: torch.Tensor) -> dict:
@@ -29,18 +31,19 @@ def apply_group(gm: GraphModule, group: Group, keep: torch.Tensor) -> dict:
     replaced = {}
     keep = torch.as_tensor(sorted(int(k) for k in keep), dtype=torch.long)
     for member in group.members:
-        idx = element_index(keep, member.unit)
+        idx = element_index(keep, member.unit, group.count, member.reps)
         if member.role == "param":
             replaced[member.node] = _cut_attr(gm, member.node, member.axis, idx)
             continue
         layout = weight_layout(member.node)
         replaced[layout.weight] = _cut_attr(gm, layout.weight, member.axis, idx)
-        if member.role in ("out", "depthwise") and layout.bias is not None:
+        if member.role in ("out", "grouped") and layout.bias is not None:
             replaced[layout.bias] = _cut_attr(gm, layout.bias, 0, idx)
-        if member.role == "depthwise":
-            set_conv_groups(member.node, len(idx))
-    for node, (dim, unit) in group.slots.items():
-        _fix_sizes(node, dim, len(keep) * unit)
+        if member.role == "grouped":
+            rows_per_group = layout.weight.meta["val"].shape[0] // layout.groups
+            set_conv_groups(member.node, len(idx) // rows_per_group)
+    for node, (dim, unit, reps) in group.slots.items():
+        _fix_sizes(node, dim, len(keep) * unit * reps, group.count * unit * reps)
     return replaced
 
 
@@ -68,8 +71,15 @@ def _forget(gm: GraphModule, target: str) -> None:
     owner._buffers.pop(name, None)
 
 
-def _fix_sizes(node: Node, dim: int, new_size: int) -> None:
-    """Literal sizes of the pruned dim in view/reshape/expand and layer_norm args."""
+def _fix_sizes(node: Node, dim: int, new_size: int, old_size: int) -> None:
+    """Literal sizes of the pruned dim in view/reshape/expand, split and layer_norm args."""
+    if kind_of(node) is OpKind.SPLIT:
+        sizes = node.args[1]
+        if isinstance(sizes, int) and _opname(node) == "split":
+            node.args = _with_arg(node.args, 1, sizes * new_size // old_size)
+        elif isinstance(sizes, (list, tuple)):
+            node.args = _with_arg(node.args, 1, [v * new_size // old_size for v in sizes])
+        return
     index = shape_list_arg(node)
     if index is not None:
         sizes = list(node.args[index])
@@ -84,6 +94,10 @@ def _fix_sizes(node: Node, dim: int, new_size: int) -> None:
         rank = len(node.meta["val"].shape)
         if parts is not None and dim == rank - 1:
             node.args = _with_arg(node.args, 1, [new_size])
+
+
+def _opname(node) -> str:
+    return node.target._schema.name.split("::")[1]
 
 
 def _with_arg(args: tuple, index: int, value) -> tuple:

@@ -40,7 +40,7 @@ class GroupReport:
     scores: list                  # score of every index (criterion's scale)
     params: tuple = (0, 0)        # (before, after) elements of the group's weights
     macs: tuple = (0, 0)          # (before, after) of the group's layers
-    members: list = field(default_factory=list)   # (layer, role, weight axis, unit)
+    members: list = field(default_factory=list)   # (layer, role, weight axis, unit, reps)
     normalized: bool = False      # a layer norm over the pruned dim: kept values shift
 
     def __str__(self) -> str:
@@ -97,7 +97,8 @@ def prune_graph(gm: GraphModule, data=None, loss_fn=None, seed: int = 0, **optio
             group.name, group.kind, group.unit, group.count, len(keep), removed,
             [float(s) for s in score], (before, _group_params(gm, group, replaced)),
             (sum(macs_before.get(i, 0) for i in ids), sum(macs_after.get(i, 0) for i in ids)),
-            [(_layer(m.node), m.role, m.axis, m.unit) for m in group.of_role("out", "in", "depthwise")],
+            [(_layer(m.node), m.role, m.axis, m.unit, m.reps)
+             for m in group.of_role("out", "in", "grouped")],
             _normalizes(group)))
     report.params = (params_before, count_params(gm))
     report.macs = (sum(macs_before.values()), sum(macs_after.values()))
@@ -175,11 +176,11 @@ def _layer(node) -> str:
 def _normalizes(group) -> bool:
     from fxopt.ops import OpKind, kind_of
     return any(kind_of(n) is OpKind.LAYER_NORM and dim == len(n.meta["val"].shape) - 1
-               for n, (dim, _) in group.slots.items())
+               for n, (dim, _, _) in group.slots.items())
 
 
 def _group_ids(group) -> set:
-    nodes = [m.node for m in group.of_role("out", "in", "depthwise")] + list(group.slots)
+    nodes = [m.node for m in group.of_role("out", "in", "grouped")] + list(group.slots)
     return {n.meta.get(ID, n.name) for n in nodes}
 
 

@@ -41,10 +41,12 @@ def _weight(model, layer):
     return model.get_submodule(layer).weight
 
 
-def _blocks(w, axis, unit):
-    """w with `axis` folded into index blocks of `unit` elements: [count, rest]."""
+def _blocks(w, axis, unit, reps=1):
+    """w with `axis` folded into `reps` tiles of index blocks of `unit` elements,
+    tiles side by side: [count, reps * unit * rest]."""
     w = w.detach().double().movedim(axis, 0)
-    return w.reshape(w.shape[0] // unit, -1)
+    count = w.shape[0] // (unit * reps)
+    return w.reshape(reps, count, -1).transpose(0, 1).reshape(count, -1)
 
 
 def _zero_removed(model, report):
@@ -54,18 +56,19 @@ def _zero_removed(model, report):
         for g in report.groups:
             if not g.removed:
                 continue
-            for layer, role, axis, unit in g.members:
+            for layer, role, axis, unit, reps in g.members:
                 if role != "in":
                     continue
                 w = _weight(ref, layer)
-                for i in g.removed:
-                    w.narrow(axis, i * unit, unit).zero_()
+                for r in range(reps):
+                    for i in g.removed:
+                        w.narrow(axis, (r * g.count + i) * unit, unit).zero_()
     return ref
 
 
 def _l1_scores(model, group):
-    per_member = [_blocks(_weight(model, layer), axis, unit).abs().sum(1)
-                  for layer, _, axis, unit in group.members]
+    per_member = [_blocks(_weight(model, layer), axis, unit, reps).abs().sum(1)
+                  for layer, _, axis, unit, reps in group.members]
     return torch.stack(per_member).mean(0)
 
 
@@ -181,13 +184,29 @@ def test_outputs_inputs_and_protected_layers_are_never_cut():
 
 def test_unprovable_groups_are_reported_and_left_alone():
     model, example, _ = zoo.gpt2()
-    report = prune(model, example, 0.5, round_to=1).fxopt_prune
-    reasons = dict(report.unsafe)
-    assert "splits along the pruned dim" in reasons["transformer.h.0.attn.c_attn"]
-    assert "shared" in reasons["lm_head"]
-    model, example, _ = zoo.dwsep_cnn()
     reasons = dict(prune(model, example, 0.5, round_to=1).fxopt_prune.unsafe)
-    assert any("grouped conv" in r for r in reasons.values())
+    assert "shared" in reasons["lm_head"]               # tied to the token embedding
+    model, example, _ = zoo.transformer_encoder()
+    reasons = prune(model, example, 0.5, round_to=1).fxopt_prune.unsafe
+    assert ("layers.0.self_attn", "unflatten (unflatten) has literal sizes with no rewrite rule") in reasons
+
+
+def test_gpt2_fused_qkv_split_prunes_whole_heads_in_q_k_and_v():
+    model, example, _ = zoo.gpt2()
+    report = prune(model, example, 0.5, round_to=1).fxopt_prune
+    att = {g.name: g for g in report.groups}["transformer.h.0.attn.c_attn"]
+    assert att.kind == "heads" and (att.count, att.unit, att.kept) == (4, 8, 2)
+    assert ("transformer.h.0.attn.c_attn", "out", 1, 8, 3) in att.members   # Q|K|V tiles
+
+
+def test_grouped_conv_loses_whole_conv_groups():
+    model, example, other = zoo.dwsep_cnn()    # grouped: 16 -> 16 channels, groups=2
+    small = prune(model, example, 0.5, round_to=1)
+    g = [g for g in small.fxopt_prune.groups if any(m[0] == "grouped" for m in g.members)][0]
+    assert (g.count, g.unit, g.kept) == (2, 8, 1)
+    conv = [n for n in small.graph.nodes if n.meta.get("fxopt_layer") == "grouped"
+            and n.op == "call_function"][0]
+    assert conv.args[6] == 1 and tuple(conv.meta["val"].shape[1:2]) == (8,)
 
 
 def test_global_scope_respects_budget_and_max_ratio():
@@ -212,8 +231,8 @@ def test_other_criteria_remove_their_lowest(criterion):
             want = model.block1.bn1.weight.detach().abs().double()
             torch.testing.assert_close(torch.tensor(g.scores, dtype=torch.float64), want)
         if criterion == "l2":
-            want = torch.stack([_blocks(_weight(model, layer), a, u).pow(2).sum(1).sqrt()
-                                for layer, _, a, u in g.members]).mean(0)
+            want = torch.stack([_blocks(_weight(model, layer), a, u, r).pow(2).sum(1).sqrt()
+                                for layer, _, a, u, r in g.members]).mean(0)
             torch.testing.assert_close(torch.tensor(g.scores, dtype=torch.float64), want)
 
 
