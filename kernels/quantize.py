@@ -46,12 +46,14 @@ _fmax = _minmax_intrinsic("llvm.maxnum.f32")
 @njit(fastmath=True, cache=True)
 def row_range(x, i):
     """(min(0, min x[i]), max(0, max x[i])) as float32."""
-    row = x[i]
+    # unsigned indices, no row view: no wraparound checks, no refcounting
+    ui = np.uint64(i)
     lo = _F0
     hi = _F0
-    for k in range(row.shape[0]):
-        lo = _fmin(lo, row[k])
-        hi = _fmax(hi, row[k])
+    for k in range(x.shape[1]):
+        v = x[ui, np.uint64(k)]
+        lo = _fmin(lo, v)
+        hi = _fmax(hi, v)
     return lo, hi
 
 
@@ -67,16 +69,16 @@ def scale_zero_point(lo, hi):
 @njit(cache=True)
 def quantize_row(x, i, inv, zp, q):
     """q[i, :K] = clip(rint(x[i] * inv) + zp, 0, 255); q[i, K:] = zp."""
-    row = x[i]
-    out = q[i]
-    K = row.shape[0]
+    ui = np.uint64(i)
+    K = x.shape[1]
     for k in range(K):
-        v = np.rint(row[k] * inv) + zp
+        uk = np.uint64(k)
+        v = np.rint(x[ui, uk] * inv) + zp
         v = v if v > _F0 else _F0
         v = v if v < _F255 else _F255
-        out[k] = np.uint8(np.int32(v))
-    for k in range(K, out.shape[0]):
-        out[k] = np.uint8(zp)
+        q[ui, uk] = np.uint8(np.int32(v))
+    for k in range(K, q.shape[1]):
+        q[ui, np.uint64(k)] = np.uint8(zp)
 
 
 @njit(cache=True)
