@@ -106,6 +106,7 @@ def test_int8_round_trip_keeps_packed_weights_and_isa(name, tmp_path):
             assert_identical(call(loaded, inputs), call(fast, inputs))
     assert loaded.meta["fxopt_artifact"] == fast.meta["fxopt_artifact"]
     assert "kernel_isa" in loaded.meta["fxopt_artifact"]
+    assert str(loaded.fxopt_report) == str(fast.fxopt_report)
     dtypes = {b.dtype for b in loaded.buffers()}
     assert torch.uint8 in dtypes and dtypes == {b.dtype for b in fast.buffers()}
 
