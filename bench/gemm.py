@@ -29,6 +29,9 @@ BERT_SHAPES = [(1, 768, 768), (8, 768, 768), (128, 768, 768), (128, 768, 3072),
 CONV_SHAPES = {"conv3x3 64->64 @56": (56 * 56, 64 * 9, 64),
                "conv1x1 256->64 @56": (56 * 56, 256, 64),
                "conv3x3 256->256 @14": (14 * 14, 256 * 9, 256)}
+# the same convolutions end to end: (C, O, kernel, H), stride 1, same padding
+CONVS = {"conv3x3 64->64 @56": (64, 64, 3, 56), "conv1x1 256->64 @56": (256, 64, 1, 56),
+         "conv3x3 256->256 @14": (256, 256, 3, 14)}
 PEAK_ITERS = 2_000_000
 OPS_PER_ITER = 24 * 64 * 2   # 24 chains x 64 MACs x 2 ops
 
@@ -95,6 +98,24 @@ def bench_shape(name, m, k, n, repeats, threads, rng):
         row[key + "_us"] = sec * 1e6
         row[key + "_gops"] = ops / sec / 1e9
     return row
+
+
+def bench_conv(name, c, o, k, h, repeats, rng):
+    """conv2d_f32 (quantize + im2col + GEMM, NCHW) against torch fp32 conv2d."""
+    import torch
+    import torch.nn.functional as F
+    x = rng.standard_normal((1, c, h, h), dtype=np.float32)
+    w = (rng.standard_normal((o, c, k, k), dtype=np.float32) / np.sqrt(c * k * k)).astype(np.float32)
+    b = rng.standard_normal(o, dtype=np.float32)
+    pc = K.pack_conv_weights_s8(w)
+    xt, wt, bt = torch.from_numpy(x), torch.from_numpy(w), torch.from_numpy(b)
+    with torch.no_grad():
+        med = interleaved_medians({
+            "ours_conv": lambda: K.conv2d_f32(x, pc, b, padding=k // 2),
+            "torch_fp32": lambda: F.conv2d(xt, wt, bt, padding=k // 2)}, repeats=repeats)
+    ops = 2.0 * h * h * c * k * k * o
+    return {"name": name, **{key + "_us": v * 1e6 for key, v in med.items()},
+            **{key + "_gops": ops / v / 1e9 for key, v in med.items()}}
 
 
 def _fmt_table(rows):
@@ -191,6 +212,8 @@ def main(argv=None):
         shapes += [(name, *s) for name, s in CONV_SHAPES.items()]
     repeats = 7 if args.quick else args.repeats
     rows = [bench_shape(name, m, k, n, repeats, args.threads, rng) for name, m, k, n in shapes]
+    convs = [] if args.quick else [bench_conv(name, *cfg, repeats, rng)
+                                   for name, cfg in CONVS.items()]
     overhead = _call_overhead_us(rng)
     info = {"torch": torch.__version__, "numba": numba.__version__, "numpy": np.__version__,
             "isa": K.isa(), "threads": args.threads, "cpu": platform.processor() or platform.machine(),
@@ -205,10 +228,16 @@ def main(argv=None):
     print("medians, candidates interleaved; %peak against a 2-thread vpdpbusd probe "
           "interleaved with each shape (last column)\n")
     print(_fmt_table(rows))
+    if convs:
+        print("\nend-to-end conv2d (batch 1, NCHW, fp32 in/out): ours int8 vs torch fp32")
+        for r in convs:
+            print(f"{r['name']:<22} ours {r['ours_conv_us']:>8.1f} us ({r['ours_conv_gops']:6.1f} GOP/s)"
+                  f"  torch fp32 {r['torch_fp32_us']:>8.1f} us ({r['torch_fp32_gops']:6.1f} GOP/s)"
+                  f"  speedup {r['torch_fp32_us'] / r['ours_conv_us']:5.2f}x")
     print(f"\nwarm linear_f32 call, 1x64x64: {overhead:.2f} us")
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "gemm.json"), "w") as f:
-        json.dump({"info": info, "rows": rows}, f, indent=1)
+        json.dump({"info": info, "rows": rows, "convs": convs}, f, indent=1)
     png = _plot(rows, peak, os.path.join(args.out, "gemm.png"))
     print(f"wrote {os.path.join(args.out, 'gemm.json')}" + (f" and {png}" if png else ""))
     return 0

@@ -1,10 +1,10 @@
 """int8 2-D convolution: im2col feeding the GEMM, depthwise done directly.
 
 The input image is quantized once per tensor (dynamic asymmetric uint8,
-formula of quantize.py over the whole image), so im2col moves bytes, not
-floats, and out-of-image taps read the zero point (= 0.0). Weights are
-quantized per output channel. Patch columns are ordered (c, kh, kw), the
-order of ``weight.reshape(O, -1)``, for NCHW and NHWC inputs alike.
+formula of quantize.py over the whole image) and laid out HWC, so im2col
+moves runs of bytes, not floats, and out-of-image taps read the zero point
+(= 0.0). Weights are quantized per output channel; GEMM columns are ordered
+(kh, kw, c), i.e. ``weight.transpose(0, 2, 3, 1).reshape(O, -1)``.
 
     >>> pc = pack_conv_weights_s8(weight, groups=1)            # (O, I/g, kh, kw)
     >>> y = conv2d_f32(x, pc, bias, stride=2, padding=1, act="relu")
@@ -50,34 +50,42 @@ def pack_conv_weights_s8(weight, groups=1):
         q, s = quantize_weights_s8(w.reshape(o, kh * kw))
         return PackedConv(o, c, kh, kw, groups, (), q, s)
     og = o // groups
-    parts = tuple(pack_weights_s8(*quantize_weights_s8(w[g * og:(g + 1) * og].reshape(og, -1)))
+    # GEMM columns in (kh, kw, c) order, the order im2col_u8 writes
+    taps_last = np.ascontiguousarray(w.transpose(0, 2, 3, 1))
+    parts = tuple(pack_weights_s8(*quantize_weights_s8(taps_last[g * og:(g + 1) * og].reshape(og, -1)))
                   for g in range(groups))
     return PackedConv(o, c, kh, kw, groups, parts)
 
 
 @njit(cache=True)
-def im2col_u8(x, nhwc, c0, cg, kh, kw, sh, sw, ph, pw, dh, dw, zp, out):
-    """Patches of channels c0..c0+cg of one uint8 image into out (OH*OW, Kp)."""
-    h, w = (x.shape[0], x.shape[1]) if nhwc else (x.shape[1], x.shape[2])
+def im2col_u8(x, c0, cg, kh, kw, sh, sw, ph, pw, dh, dw, zp, out):
+    """Patches of channels c0..c0+cg of one uint8 HWC image into out
+    (OH*OW, Kp), columns ordered (kh, kw, c): each tap is one contiguous
+    run of cg bytes, copied with vector moves."""
+    h, w = x.shape[0], x.shape[1]
     oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
     ow = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
     zq = np.uint8(zp)
+    uc0 = np.uint64(c0)
     for oy in range(oh):
         for ox in range(ow):
-            row = oy * ow + ox
-            col = 0
-            for c in range(c0, c0 + cg):
-                for i in range(kh):
-                    y = oy * sh - ph + i * dh
-                    for j in range(kw):
-                        xx = ox * sw - pw + j * dw
-                        if 0 <= y < h and 0 <= xx < w:
-                            out[row, col] = x[y, xx, c] if nhwc else x[c, y, xx]
-                        else:
-                            out[row, col] = zq
-                        col += 1
+            row = np.uint64(oy * ow + ox)
+            col = np.uint64(0)
+            for i in range(kh):
+                y = oy * sh - ph + i * dh
+                for j in range(kw):
+                    xx = ox * sw - pw + j * dw
+                    if 0 <= y < h and 0 <= xx < w:
+                        uy, ux = np.uint64(y), np.uint64(xx)
+                        for c in range(cg):
+                            uc = np.uint64(c)
+                            out[row, col + uc] = x[uy, ux, uc0 + uc]
+                    else:
+                        for c in range(cg):
+                            out[row, col + np.uint64(c)] = zq
+                    col += np.uint64(cg)
             for k in range(col, out.shape[1]):
-                out[row, k] = zq
+                out[row, np.uint64(k)] = zq
 
 
 @njit(cache=True)
@@ -120,21 +128,20 @@ def _quantize_image(img):
     return q.reshape(img.shape), s[0], z[0]
 
 
-def _gemm_groups(xq, nhwc, pc, geo, s, z, bias, ep, n_threads, oh, ow):
+def _gemm_groups(xq, pc, geo, s, z, bias, ep, n_threads, oh, ow):
     og = pc.out_channels // pc.groups
     cg = pc.in_channels // pc.groups
     kp = padded_k(cg * pc.kh * pc.kw)
     out = np.empty((oh * ow, pc.out_channels), np.float32)
-    cols = np.empty((oh * ow, kp), np.uint8)
     rows_s = np.full(oh * ow, s, np.float32)
     rows_z = np.full(oh * ow, z, np.int32)
-    direct = (nhwc and pc.groups == 1 and pc.kh == pc.kw == 1 and kp == cg
-              and geo == (1, 1, 0, 0, 1, 1))
+    direct = pc.groups == 1 and pc.kh == pc.kw == 1 and kp == cg and geo == (1, 1, 0, 0, 1, 1)
+    cols = None if direct else np.empty((oh * ow, kp), np.uint8)
     for g, pw in enumerate(pc.parts):
-        if direct:  # 1x1 conv on NHWC: the image already is the GEMM's A
+        if direct:  # 1x1 conv: the HWC image already is the GEMM's A
             cols = xq.reshape(oh * ow, cg)
         else:
-            im2col_u8(xq, nhwc, g * cg, cg, pc.kh, pc.kw, *geo, z, cols)
+            im2col_u8(xq, g * cg, cg, pc.kh, pc.kw, *geo, z, cols)
         part = out if pc.groups == 1 else np.empty((oh * ow, og), np.float32)
         b = bias[g * og:(g + 1) * og] if bias.size else bias
         _run(_NO_X, cols, rows_s, rows_z, pw, _bias(b if b.size else None, og), ep, part,
@@ -177,6 +184,7 @@ def conv2d_f32(x, pc, bias=None, stride=1, padding=0, dilation=1, act="none",
             depthwise_u8(xq, nhwc, pc.dw_q, pc.kh, pc.kw, *geo, z, s, pc.dw_scales, b, ep, y)
             outs.append(y.transpose(1, 2, 0) if nhwc else y)
         else:
-            y = _gemm_groups(xq, nhwc, pc, geo, s, z, b, ep, n_threads, oh, ow)
+            hwc = xq if nhwc else np.ascontiguousarray(xq.transpose(1, 2, 0))
+            y = _gemm_groups(hwc, pc, geo, s, z, b, ep, n_threads, oh, ow)
             outs.append(y.reshape(oh, ow, -1) if nhwc else y.T.reshape(-1, oh, ow))
     return np.ascontiguousarray(np.stack(outs))
