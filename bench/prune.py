@@ -59,9 +59,13 @@ def _time(gm, example, repeats):
 
 def run(name, model, example, ratios, repeats, round_to, out):
     import fxopt
+    from fxopt.macs import count_params, total_macs
+    captured = fxopt.capture(model, example)
+    full = {"params": count_params(captured), "macs": total_macs(captured)}
+    del captured
     base = {}
     for ratio in ratios:
-        row = {"model": name, "ratio": ratio}
+        row = {"model": name, "ratio": ratio, **full}
         for target in ("cpu-fp32", "cpu-int8"):
             if target not in fxopt.TARGETS:
                 row[target] = None
@@ -92,6 +96,22 @@ def _fmt(row, base):
             f"{cell('cpu-fp32')}  {cell('cpu-int8')}")
 
 
+def scan_round_to(m=1024, k=768, widths=range(1504, 1553, 4), repeats=7, out=print):
+    """int8 kernel time per MAC of x[m, k] @ W[n, k].T for kept widths n around 1536
+    (the FFN of a half-pruned BERT-base): which multiples does the kernel favour?"""
+    import numpy as np
+    from fxopt.kernels.linear import linear_f32
+    from fxopt.kernels.pack import pack_weights_s8, quantize_weights_s8
+    x = np.random.default_rng(0).standard_normal((m, k), dtype=np.float32)
+    out(f"round_to scan: int8 linear_f32, M={m} K={k}; ps per MAC by kept width N")
+    for n in widths:
+        w = np.random.default_rng(n).standard_normal((n, k), dtype=np.float32)
+        pw = pack_weights_s8(*quantize_weights_s8(w))
+        t = median_seconds(lambda: linear_f32(x, pw), repeats=repeats, min_batch_s=0.01)
+        tags = ",".join(str(r) for r in (64, 32, 16, 8, 4) if n % r == 0) or "-"
+        out(f"  N={n:<5} {t * 1e3:7.3f} ms  {t / (m * n * k) * 1e12:6.2f} ps/MAC  multiple of {tags}")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="fxopt bench prune", description=__doc__.split("\n")[0])
     p.add_argument("--models", default="bert,resnet50")
@@ -102,7 +122,12 @@ def main(argv=None) -> int:
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--image", type=int, default=224)
     p.add_argument("--round-to", type=int, default=16)
+    p.add_argument("--scan-round-to", action="store_true",
+                   help="only time the int8 kernel at kept widths around 1536")
     ns = p.parse_args(argv)
+    if ns.scan_round_to:
+        scan_round_to()
+        return 0
     warnings.filterwarnings("ignore")
     import fxopt
     ratios = [float(r) for r in ns.ratios.split(",")]

@@ -277,3 +277,28 @@ def test_optimize_prune_with_distillation_recovery():
     x = torch.randn(64, 32)
     with torch.no_grad():
         assert torch.nn.functional.mse_loss(fast(x), model(x)) < torch.nn.functional.mse_loss(plain(x), model(x))
+
+
+class _FlattenNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(8)
+        self.fc = torch.nn.Linear(8 * 4 * 4, 10)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(torch.relu(self.bn(self.conv(x))), 1))
+
+
+def test_conv_channels_flattened_into_a_classifier_cut_whole_hw_blocks():
+    torch.manual_seed(0)
+    model = zoo.randomize_batchnorm(_FlattenNet()).eval()
+    small = prune(model, (torch.randn(2, 3, 4, 4),), 0.5, round_to=1)
+    (g,) = small.fxopt_prune.groups
+    assert (g.count, g.kept) == (8, 4)
+    assert ("fc", "in", 1, 16, 1) in g.members        # one channel = 4x4 classifier inputs
+    ref = _zero_removed(model, small.fxopt_prune)
+    x = torch.randn(5, 3, 4, 4)
+    torch.testing.assert_close(small(x), _call(ref, (x,)), rtol=1e-5, atol=1e-5)
+    fc = [n for n in small.graph.nodes if n.meta.get("fxopt_layer") == "fc" and n.op == "call_function"]
+    assert fc[-1].args[1].meta["val"].shape == (10, 64)
