@@ -175,14 +175,33 @@ def quantize_onnx(src: str, ctx: Context) -> str:
 
 
 def _preprocess(src: str, dst: str) -> tuple[str, str]:
-    """ORT's recommended pre-processing (shape inference + graph optimization), or src on failure."""
+    """ORT's recommended pre-processing (shape inference + graph optimization), or src on failure.
+
+    Symbolic shape inference fails on some dynamic-shape exports (BERT's), so
+    it is retried without it before giving up on pre-processing.
+    """
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+    error = None
+    for skip_symbolic in (False, True):
+        try:
+            # Why chdir: a failed symbolic shape inference dumps its partial
+            # model into the current directory.
+            with _quiet(), _chdir(os.path.dirname(dst)):
+                quant_pre_process(src, dst, skip_symbolic_shape=skip_symbolic)
+            return dst, "quant_pre_process" + (" (no symbolic shape inference)" if skip_symbolic else "")
+        except Exception as e:  # pre-processing is an optimization; fall back
+            error = e
+    return src, f"quant_pre_process failed ({type(error).__name__}), raw export quantized"
+
+
+@contextlib.contextmanager
+def _chdir(path: str):
+    old = os.getcwd()
+    os.chdir(path)
     try:
-        from onnxruntime.quantization.shape_inference import quant_pre_process
-        with _quiet():
-            quant_pre_process(src, dst)
-        return dst, "quant_pre_process applied"
-    except Exception as e:  # pre-processing is an optimization; quantize the raw export instead
-        return src, f"quant_pre_process failed ({type(e).__name__}), raw export quantized"
+        yield
+    finally:
+        os.chdir(old)
 
 
 def _ort_setup(threads: int) -> str:
