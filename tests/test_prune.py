@@ -302,3 +302,25 @@ def test_conv_channels_flattened_into_a_classifier_cut_whole_hw_blocks():
     torch.testing.assert_close(small(x), _call(ref, (x,)), rtol=1e-5, atol=1e-5)
     fc = [n for n in small.graph.nodes if n.meta.get("fxopt_layer") == "fc" and n.op == "call_function"]
     assert fc[-1].args[1].meta["val"].shape == (10, 64)
+
+
+def test_prune_then_int8_pipeline_when_available():
+    import fxopt
+    if "cpu-int8" not in fxopt.TARGETS:
+        pytest.skip("cpu-int8 target not built yet")
+    model, example, other = zoo.mlp()
+    data = [(torch.randn(8, 32),) for _ in range(2)]
+    fast = fxopt.optimize(model, example, target="cpu-int8", prune={"ratio": 0.5, "round_to": 16},
+                          calibration_data=data)
+    names = [r.name for r in fast.fxopt_report.records]
+    assert names.index("prune_channels") < names.index("fold_batchnorm") < names.index("quantize_int8")
+    ref = prune(model, example, 0.5, round_to=16)
+    x = other[0]
+    cos = torch.nn.functional.cosine_similarity(fast(x).flatten(), ref(x).flatten(), dim=0)
+    assert cos > 0.99
+
+
+def test_report_prints_params_and_macs_per_group():
+    model, example, _ = zoo.mlp()
+    text = str(prune(model, example, 0.5, round_to=1).fxopt_prune)
+    assert "params 6922 ->" in text and "fc1" in text and "left alone: fc3" in text
