@@ -79,13 +79,14 @@ def add_weight(gm: GraphModule, name: str, tensor: torch.Tensor, before: Node | 
     Names never collide with an existing attribute, so the graph a pass started
     from keeps pointing at unchanged weights (passes never edit weights in place).
     """
+    tensor = tensor.detach()  # weights derived from parameters must not carry autograd history
     base = name.replace(".", "_")
     unique = base
     for i in itertools.count(1):
         if not hasattr(gm, unique):
             break
         unique = f"{base}_{i}"
-    gm.register_buffer(unique, tensor.detach().contiguous())
+    gm.register_buffer(unique, tensor.contiguous())
     anchor = before if before is not None else _first_compute_node(gm)
     with gm.graph.inserting_before(anchor):
         node = gm.graph.get_attr(unique)

@@ -336,3 +336,20 @@ def make_observer(name: str, **kw) -> Observer:
         raise CalibrationError(f"observer {name!r} takes no option(s) {', '.join(unknown)}; "
                                f"its options: {', '.join(params) or 'none'}")
     return cls(**kw)
+
+
+class Tee(Observer):
+    """Feeds every tensor to several observers: one pass over the data serves them all.
+
+        both = Tee(make_observer("minmax"), AbsMaxPerChannelObserver(-1))
+    """
+
+    def __init__(self, *observers: Observer):
+        self.observers = observers
+
+    def update(self, t: torch.Tensor) -> None:
+        for obs in self.observers:
+            obs.update(t)
+
+    def range(self):
+        return self.observers[0].range()

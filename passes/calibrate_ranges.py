@@ -1,16 +1,20 @@
-"""Stream calibration data through the graph and record activation ranges.
+"""Stream calibration data through the graph and record activation statistics.
 
-The ranges of the inputs of every linear/conv unit go to
-ctx.state["calibrate_ranges"] = {input node id: (lo, hi)}, for the ops that
-quantize their activations statically. Memory stays bounded whatever the
-number of samples: observers keep running statistics or fixed-size
-histograms, never activations. Without calibration data the example inputs
-serve, and a warning says so.
+For the input of every linear/conv unit this records, in one pass over the data:
+  ctx.state["calibrate_ranges"] = {input node id: (lo, hi)}  for static quantization
+  ctx.state["calibrate_inputs"] = {input node id: InputStats} channel means and a
+                                  small sample, for bias correction
+Memory stays bounded whatever the number of samples: observers keep running
+statistics or fixed-size histograms, never all activations. Without
+calibration data the example inputs serve, and a warning says so.
 """
 from __future__ import annotations
 
 from fxopt import fxops
-from fxopt.calibrate import calibrate, calibration_inputs
+from fxopt.bias_correction import InputStats
+from fxopt.calibrate import calibration_inputs, observe
+from fxopt.errors import CalibrationError
+from fxopt.observers import Tee, make_observer
 from fxopt.pass_base import PassInfo, PassResult
 
 PASS = PassInfo("calibrate_ranges", requires=("fuse_epilogues",),
@@ -20,18 +24,28 @@ PASS = PassInfo("calibrate_ranges", requires=("fuse_epilogues",),
 
 def run(gm, ctx, observer="minmax", progress=True, max_samples=0) -> PassResult:
     units = [n for n in gm.graph.nodes if n.target in (fxops.linear_act, fxops.conv2d_act)]
-    ids = sorted({n.args[0].meta["fxopt_id"] for n in units})
-    if not ids:
+    inputs = {n.args[0].meta["fxopt_id"]: n.args[0] for n in units}
+    if not inputs:
         return PassResult(False, {"observed": 0})
     # only convs default to static ranges; a model of linears alone (dynamic) need not warn
     has_static = any(n.target is fxops.conv2d_act for n in units)
     data = calibration_inputs(ctx.example_args, ctx.example_kwargs, ctx.state.get("calibration_data"),
                               ctx.warn if has_static else (lambda message: None))
     if max_samples:
-        data = _take(data, max_samples)
-    ranges = calibrate(gm, data, ids, observer=observer, progress=progress)
-    ctx.state["calibrate_ranges"] = ranges
+        data = list(_take(data, max_samples))
+    ranges = {nid: make_observer(observer) for nid in inputs}
+    stats = {nid: InputStats(conv=node.meta["val"].dim() == 4) for nid, node in inputs.items()}
+    observe(gm, data, outputs={nid: Tee(ranges[nid], stats[nid]) for nid in inputs}, progress=progress)
+    ctx.state["calibrate_ranges"] = {nid: _range(nid, obs) for nid, obs in ranges.items()}
+    ctx.state["calibrate_inputs"] = stats
     return PassResult(False, {"observed": len(ranges), "observer": observer})
+
+
+def _range(nid, obs):
+    try:
+        return obs.range()
+    except CalibrationError as e:
+        raise CalibrationError(f"no usable values reached the input of node {nid}: {e}") from e
 
 
 def _take(data, n):

@@ -13,7 +13,7 @@ so the report can say why a layer stayed fp32.
 """
 from __future__ import annotations
 
-from fxopt import fxops, qops
+from fxopt import bias_correction, fxops, qops
 from fxopt.ir import add_weight, get_weight, insert_call, is_weight, layer_name
 from fxopt.ops import OpKind, arg, kind_of
 from fxopt.pass_base import PassInfo, PassResult
@@ -21,19 +21,24 @@ from fxopt.pass_base import PassInfo, PassResult
 PASS = PassInfo(
     "quantize_int8", requires=("fuse_epilogues",),
     options={"activations": "auto", "skip": (), "per_layer": {}, "embeddings": True,
-             "min_macs": 0},
+             "min_macs": 0, "bias_correction": "auto"},
     doc="int8 weights per channel; activations dynamic (linear) or static (conv)")
 
 MODES = ("auto", "dynamic", "static", "fp32")
 QUANT = "fxopt_quant"
 
 
-def run(gm, ctx, activations="auto", skip=(), per_layer=None, embeddings=True, min_macs=0) -> PassResult:
+def run(gm, ctx, activations="auto", skip=(), per_layer=None, embeddings=True, min_macs=0,
+        bias_correction="auto") -> PassResult:
     if activations not in MODES:
         raise ValueError(f"quantize_int8: activations={activations!r}; use one of {MODES}")
+    if bias_correction not in ("auto", "off"):
+        raise ValueError(f"quantize_int8: bias_correction={bias_correction!r}; use auto or off")
     per_layer = dict(per_layer or {})
     ranges = ctx.state.get("calibrate_ranges", {})
-    stats = {"linear": 0, "conv2d": 0, "embedding": 0, "dynamic": 0, "static": 0, "kept_fp32": 0}
+    inputs = ctx.state.get("calibrate_inputs", {}) if bias_correction == "auto" else {}
+    stats = {"linear": 0, "conv2d": 0, "embedding": 0, "dynamic": 0, "static": 0, "kept_fp32": 0,
+             "bias_corrected": 0}
     for node in list(gm.graph.nodes):
         if node.target in (fxops.linear_act, fxops.conv2d_act):
             mode, reason = _choose(node, activations, skip, per_layer, ranges, gm, min_macs)
@@ -41,7 +46,7 @@ def run(gm, ctx, activations="auto", skip=(), per_layer=None, embeddings=True, m
                 node.meta[QUANT] = {"int8": False, "reason": reason}
                 stats["kept_fp32"] += 1
                 continue
-            _quantize_unit(gm, node, mode, ranges)
+            stats["bias_corrected"] += _quantize_unit(gm, node, mode, ranges, inputs.get(_input_id(node)))
             stats["linear" if node.target is fxops.linear_act else "conv2d"] += 1
             stats[mode] += 1
         elif embeddings and kind_of(node) is OpKind.EMBEDDING and _layer(node) not in skip:
@@ -86,10 +91,17 @@ def _input_id(node) -> str:
     return node.args[0].meta.get("fxopt_id")
 
 
-def _quantize_unit(gm, node, mode: str, ranges: dict) -> None:
+def _quantize_unit(gm, node, mode: str, ranges: dict, input_stats) -> int:
+    """Rewrite one unit to its int8 op; returns 1 if its bias was corrected."""
     weight = get_weight(gm, node.args[1])
     w_q, w_scale = qops.quantize_weight_per_channel(weight)
     name = _layer(node)
+    # Measured on held-out zoo inputs: correction gains 1-7 dB on static convs (post-ReLU
+    # inputs have a large mean) and loses 0.5-1.5 dB on dynamic linears (mean ~ 0, so the
+    # correction fits calibration noise); auto corrects static ops only.
+    corrected = None
+    if input_stats is not None and mode == "static":
+        corrected = _correct_bias(gm, node, weight, w_q, w_scale, input_stats)
     wq_node = add_weight(gm, f"{name}.weight_int8", w_q, before=node)
     ws_node = add_weight(gm, f"{name}.weight_scale", w_scale, before=node)
     a_scale, a_zp = 0.0, 0
@@ -97,10 +109,12 @@ def _quantize_unit(gm, node, mode: str, ranges: dict) -> None:
         a_scale, a_zp = qops.qparams_from_range(*ranges[_input_id(node)])
     if node.target is fxops.linear_act:
         x, _, b, act, act_args = node.args
+        b = corrected if corrected is not None else b
         args = (x, wq_node, ws_node, b, act, act_args, a_scale, a_zp)
         target = qops.quantized_linear
     else:
         x, _, b, stride, padding, dilation, groups, act, act_args = node.args
+        b = corrected if corrected is not None else b
         args = (x, wq_node, ws_node, b, stride, padding, dilation, groups, act, act_args, a_scale, a_zp)
         target = qops.quantized_conv2d
     new = insert_call(gm, node, target, args, like=node)
@@ -108,8 +122,25 @@ def _quantize_unit(gm, node, mode: str, ranges: dict) -> None:
     new.meta[QUANT] = {"int8": True, "mode": mode, "a_scale": a_scale, "a_zp": a_zp,
                        "reason": "per-row dynamic activations" if mode == "dynamic" and
                        target is qops.quantized_linear else f"{mode} per-tensor activations"}
+    if corrected is not None:
+        new.meta[QUANT]["reason"] += ", bias corrected"
     node.replace_all_uses_with(new)
     gm.graph.erase_node(node)
+    return int(corrected is not None)
+
+
+def _correct_bias(gm, node, weight, w_q, w_scale, input_stats):
+    """A new bias node if correcting the bias lowers this layer's int8 error, else None."""
+    b_node = node.args[2]
+    b = get_weight(gm, b_node) if b_node is not None else None
+    conv_args = None
+    if node.target is fxops.conv2d_act:
+        _, _, _, stride, padding, dilation, groups, _, _ = node.args
+        conv_args = {"stride": stride, "padding": padding, "dilation": dilation, "groups": groups}
+    new = bias_correction.corrected_bias(weight, w_q, w_scale, b, input_stats, conv_args)
+    if new is None:
+        return None
+    return add_weight(gm, f"{_layer(node)}.bias_corrected", new, before=node)
 
 
 def _quantize_embedding(gm, node) -> int:

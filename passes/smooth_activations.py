@@ -20,7 +20,7 @@ import torch
 from fxopt import fxops, qops
 from fxopt.calibrate import calibration_inputs, observe
 from fxopt.ir import add_weight, get_weight, is_weight, layer_name
-from fxopt.observers import AbsMaxPerChannelObserver, Observer
+from fxopt.observers import AbsMaxPerChannelObserver, Observer, Tee
 from fxopt.ops import OpKind, arg, kind_of
 from fxopt.pass_base import PassInfo, PassResult
 
@@ -57,7 +57,7 @@ def run(gm, ctx, alpha=0.5, mode="auto", sample_rows=512) -> PassResult:
                               lambda message: None)
     outputs = {}
     for ln in groups:
-        outputs[ln.meta["fxopt_id"]] = _Both(absmax[ln], rows[ln])
+        outputs[ln.meta["fxopt_id"]] = Tee(absmax[ln], rows[ln])
     observe(gm, data, outputs=outputs, progress=False)
     for ln, linears in groups.items():
         scale = _scale(gm, linears, absmax[ln].absmax(), alpha)
@@ -67,15 +67,6 @@ def run(gm, ctx, alpha=0.5, mode="auto", sample_rows=512) -> PassResult:
         _apply(gm, ln, linears, scale)
         stats["smoothed"] += 1
     return PassResult(stats["smoothed"] > 0, stats)
-
-
-class _Both(Observer):
-    def __init__(self, *observers):
-        self.observers = observers
-
-    def update(self, t):
-        for o in self.observers:
-            o.update(t)
 
 
 def _groups(gm) -> dict:
