@@ -16,7 +16,8 @@ from numba import njit
 
 from .dispatch import KernelError
 from .epilogue import apply_activation
-from .linear import _bias, _run, epilogue_params
+from .gemm import a_stride
+from .linear import _bias, _run, epilogue_params, rows_share_l1_set
 from .pack import PackedWeights, pack_weights_s8, quantize_weights_s8
 from .quantize import padded_k, quantize_rows_into
 
@@ -136,10 +137,12 @@ def _gemm_groups(xq, pc, geo, s, z, bias, ep, n_threads, oh, ow):
     rows_s = np.full(oh * ow, s, np.float32)
     rows_z = np.full(oh * ow, z, np.int32)
     direct = pc.groups == 1 and pc.kh == pc.kw == 1 and kp == cg and geo == (1, 1, 0, 0, 1, 1)
-    cols = None if direct else np.empty((oh * ow, kp), np.uint8)
+    cols = None if direct else np.empty((oh * ow, a_stride(kp // 4)), np.uint8)
     for g, pw in enumerate(pc.parts):
         if direct:  # 1x1 conv: the HWC image already is the GEMM's A
             cols = xq.reshape(oh * ow, cg)
+            if rows_share_l1_set(cols.strides[0]):
+                cols = np.ascontiguousarray(np.pad(cols, ((0, 0), (0, 64)), constant_values=z))
         else:
             im2col_u8(xq, g * cg, cg, pc.kh, pc.kw, *geo, z, cols)
         part = out if pc.groups == 1 else np.empty((oh * ow, og), np.float32)

@@ -96,7 +96,7 @@ def _compute(tag, mr, m0, n0, ncols, aq, bp, boff, kg, colsum, ascale, azp, wsca
     raise NotImplementedError  # compiled through the overload below
 
 
-@overload(_compute)
+@overload(_compute, inline="always")
 def _compute_impl(tag, mr, m0, n0, ncols, aq, bp, boff, kg, colsum, ascale, azp,
                   wscale, bias, ep, out, t, y):
     if out.dtype == types.float32:
@@ -208,12 +208,20 @@ def _worker(tag, w, threads, nxt, njobs, nmc, mchunk, aq, bp, kg, colsum, ascale
 
 
 @njit
+def a_stride(kg):
+    """Row stride of quantized A: whole cache lines plus one, so the MR rows a
+    tile reads never share an L1 set (a stride of 1 KiB multiples would put
+    4-6 rows in one 8-way set and let the B stream evict them)."""
+    return (4 * kg + 63) // 64 * 64 + 64
+
+
+@njit
 def _prepare(x, aq, ascale, azp, kg):
     """Quantize float rows x into fresh buffers, or pass the uint8 ones on."""
     if x.shape[1] == 0:
         return aq, ascale, azp
     m = x.shape[0]
-    q = np.empty((m, 4 * kg), np.uint8)
+    q = np.empty((m, a_stride(kg)), np.uint8)
     s = np.empty(m, np.float32)
     z = np.empty(m, np.int32)
     quantize_rows_into(x, q, s, z)
@@ -228,7 +236,7 @@ def _prepare_par(x, aq, ascale, azp, kg):
     if m * x.shape[1] < 32768:
         # a second parallel launch would cost more than quantizing these rows
         return _prepare(x, aq, ascale, azp, kg)
-    q = np.empty((m, 4 * kg), np.uint8)
+    q = np.empty((m, a_stride(kg)), np.uint8)
     s = np.empty(m, np.float32)
     z = np.empty(m, np.int32)
     for i in prange(m):

@@ -18,7 +18,7 @@ import numpy as np
 
 from . import dispatch as _dispatch
 from .epilogue import ACTIVATIONS
-from .gemm import ENTRIES
+from .gemm import ENTRIES, a_stride
 from .dispatch import KernelError
 from .pack import PackedWeights
 from .quantize import padded_k
@@ -141,6 +141,13 @@ def linear_f32(x, pw, bias=None, act="none", act_args=(), n_threads=None):
     return out
 
 
+def rows_share_l1_set(stride_bytes):
+    """True if two of any 6 consecutive rows (one tile) start in the same
+    L1 set (4 KiB apart modulo the line): the B stream would evict them."""
+    return any(min((j * stride_bytes) % 4096, -(j * stride_bytes) % 4096) < 64
+               for j in range(1, 6))
+
+
 def _prepare_u8(a, pw):
     _check_packed(pw)
     if not isinstance(a, np.ndarray) or a.dtype != np.uint8 or a.ndim != 2:
@@ -149,9 +156,10 @@ def _prepare_u8(a, pw):
     if a.shape[1] != pw.k:
         raise KernelError(f"A has K={a.shape[1]}, weights expect K={pw.k}")
     kp = padded_k(pw.k)
-    if kp != pw.k or not a.flags.c_contiguous:
-        # rows must be contiguous and a whole number of 4-byte k-groups
-        padded = np.zeros((a.shape[0], kp), np.uint8)
+    if (kp != pw.k or not a.flags.c_contiguous
+            or (a.shape[0] > 1 and rows_share_l1_set(a.strides[0]))):
+        # rows must be contiguous, whole 4-byte k-groups, and not alias in L1
+        padded = np.zeros((a.shape[0], a_stride((pw.k + 3) // 4)), np.uint8)
         padded[:, :pw.k] = a
         a = padded
     return a
