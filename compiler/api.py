@@ -20,7 +20,7 @@ from fxopt.pass_manager import Instruments, PassManager, snapshot
 from fxopt.pipeline import Pipeline, target_pipeline
 from fxopt.pruning import with_pruning
 
-DEFAULT_TARGET = "cpu-fp32"
+DEFAULT_TARGET = "cpu-int8"
 
 # Options optimize() takes besides the instruments; later stages add theirs here.
 OPTIONS = {

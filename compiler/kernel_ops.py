@@ -28,24 +28,24 @@ _lib.define("conv2d_int8(Tensor x, Tensor packed, Tensor w_scale, Tensor col_sum
 def pack_conv(w_q: torch.Tensor, w_scale: torch.Tensor, groups: int) -> dict:
     """Pack int8 conv weights (O, I/g, kh, kw) with their per-channel scales.
 
+    The kernels own the conv layout (which order im2col writes the taps in), so
+    the weights go through their packer; w_q * scale re-quantizes to w_q exactly.
     Returns the buffers the op takes: `packed` holds every group's packed GEMM
     operand (or the depthwise taps), `geometry` = (O, C, kh, kw, groups, depthwise).
     """
     o, cg, kh, kw = w_q.shape
-    c = cg * groups
-    scales = w_scale.numpy().astype(np.float32)
-    depthwise = groups > 1 and groups == c == o
-    if depthwise:
-        packed = torch.from_numpy(np.ascontiguousarray(w_q.numpy().reshape(o, kh * kw)).view(np.uint8))
-        col_sums = torch.zeros(o, dtype=torch.int32)
+    dequantized = (w_q.float() * w_scale.float().reshape(-1, 1, 1, 1)).numpy()
+    pc = K.pack_conv_weights_s8(dequantized, groups)
+    if pc.dw_q is not None:
+        packed = torch.from_numpy(np.ascontiguousarray(pc.dw_q).view(np.uint8))
+        scales, col_sums = pc.dw_scales, np.zeros(o, np.int32)
     else:
-        og = o // groups
-        parts = [K.pack_weights_s8(np.ascontiguousarray(w_q.numpy()[g * og:(g + 1) * og].reshape(og, -1)),
-                                   scales[g * og:(g + 1) * og]) for g in range(groups)]
-        packed = torch.from_numpy(np.stack([p.data.view(np.uint8) for p in parts]))
-        col_sums = torch.from_numpy(np.concatenate([p.col_sums for p in parts]))
-    return {"packed": packed, "w_scale": torch.from_numpy(scales), "col_sums": col_sums,
-            "geometry": [o, c, kh, kw, groups, int(depthwise)]}
+        packed = torch.from_numpy(np.stack([p.data.view(np.uint8) for p in pc.parts]))
+        scales = np.concatenate([p.scales for p in pc.parts])
+        col_sums = np.concatenate([p.col_sums for p in pc.parts])
+    return {"packed": packed, "w_scale": torch.from_numpy(np.ascontiguousarray(scales, np.float32)),
+            "col_sums": torch.from_numpy(np.ascontiguousarray(col_sums, np.int32)),
+            "geometry": [o, cg * groups, kh, kw, groups, int(pc.dw_q is not None)]}
 
 
 def _packed_conv(packed, w_scale, col_sums, b, geometry):

@@ -8,7 +8,7 @@ the kernels do (round half to even, float32 scale arithmetic).
 
 Activation quantization schemes, chosen per op:
   a_scale > 0   static: one (a_scale, a_zp) for the whole tensor, calibrated
-  a_scale == 0  dynamic: linear per row, conv per tensor, from the input itself
+  a_scale == 0  dynamic: linear per row, conv per image, from the input itself
 
     y = torch.ops.fxopt.quantized_linear(x, w_q, w_scale, b, "gelu", [], 0.0, 0)
 """
@@ -88,12 +88,16 @@ def _quantized_linear(x, w_q, w_scale, b, act, act_args, a_scale, a_zp):
 
 
 def _quantized_conv2d(x, w_q, w_scale, b, stride, padding, dilation, groups, act, act_args, a_scale, a_zp):
-    if a_scale <= 0:
-        a_scale, a_zp = dynamic_tensor_qparams(x)
-    q = quantize_tensor(x.float(), a_scale, a_zp) - a_zp
+    if a_scale > 0:
+        q = quantize_tensor(x.float(), a_scale, a_zp) - a_zp
+        scales = torch.full((x.shape[0],), a_scale, dtype=torch.float64)
+    else:  # dynamic: one (scale, zero point) per image, as the kernel does
+        per_image = [dynamic_tensor_qparams(img) for img in x]
+        q = torch.stack([quantize_tensor(img.float(), s, z) - z for img, (s, z) in zip(x, per_image)])
+        scales = torch.tensor([s for s, _ in per_image], dtype=torch.float64)
     # zero padding in the quantized domain is the zero point, i.e. 0 after the shift
     acc = F.conv2d(q.double(), w_q.double(), None, stride, padding, dilation, groups)
-    y = acc * a_scale * w_scale.double()[None, :, None, None]
+    y = acc * scales[:, None, None, None] * w_scale.double()[None, :, None, None]
     if b is not None:
         y = y + b.double()[None, :, None, None]
     return apply_activation(y.float(), act, act_args)

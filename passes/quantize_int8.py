@@ -2,7 +2,7 @@
 
 Weights become symmetric int8 per output channel. Activations are quantized
 per op, by the scheme that suits it:
-  dynamic  (linear: per row, from the input itself) - the default for linears,
+  dynamic  (linear: per row, conv: per image, from the input itself) - the default for linears,
            whose rows (tokens) differ widely in range;
   static   (per tensor, calibrated by calibrate_ranges) - the default for convs,
            whose ranges are stable and where a static scale lets int8 ops chain.

@@ -95,3 +95,21 @@ def test_missing_calibration_warns_and_still_works():
     with pytest.warns(UserWarning, match="calibration_data"):
         fast = fxopt.optimize(model, x, target="cpu-int8", latency_repeats=0)
     torch.testing.assert_close(fast(*x), model(*x), rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("groups,stride,k", [(1, 1, 3), (2, 2, 3), (8, 1, 3), (1, 1, 1), (1, 2, 5)])
+def test_lowered_conv_matches_reference_op(groups, stride, k):
+    torch.manual_seed(0)
+    cin = 8
+    model = nn.Sequential(nn.Conv2d(cin, 16 if groups != cin else cin, k, stride=stride, padding=k // 2,
+                                    groups=groups), nn.ReLU()).eval()
+    x = (torch.rand(3, cin, 10, 10),)
+    base = fxopt.TARGETS["cpu-fp32"] + ",quantize_int8{activations=dynamic}"
+    reference = fxopt.optimize(model, x, target=base, latency_repeats=0)
+    lowered = fxopt.optimize(model, x, target=base + ",lower_to_kernels", latency_repeats=0)
+    assert kernel_ops.conv2d_int8 in {n.target for n in lowered.graph.nodes}
+    with torch.no_grad():
+        ref_out, got = reference(*x), lowered(*x)
+    # same quantized numbers (per image, as the kernel does); only float rounding differs
+    assert drift(ref_out, got).sqnr_db > 70
+    assert drift(model(*x), got).cosine > 0.999
