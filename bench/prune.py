@@ -7,13 +7,15 @@ Models have random weights (nothing is downloaded): a BERT-base-shaped
 encoder (hidden 768, 12 heads, intermediate 3072, batch 8 x seq 128) and a
 ResNet-50-shaped net (bottleneck, depths [3,4,6,3], 224x224, batch 8).
 Pruning uses prune_channels with round_to=16 (the int8 kernel's 16-wide
-output columns). Latency is the median over --repeats calls after warm-up,
-compile time excluded. The int8 column runs when "cpu-int8" is a target.
+output columns). Every variant is compiled first, then all are timed
+round-robin (one call each per round, --repeats rounds, after a warm-up
+call) so load on a shared machine hits them alike; medians, compile excluded. The int8 column runs when "cpu-int8" is a target.
 """
 from __future__ import annotations
 
 import argparse
 import platform
+import statistics
 import time
 import warnings
 
@@ -52,35 +54,39 @@ def _compile(model, example, target, ratio, round_to):
     return fxopt.optimize(model, example, target=target, **options)
 
 
-def _time(gm, example, repeats):
-    with torch.no_grad():
-        return median_seconds(lambda: gm(**example), repeats=repeats, min_batch_s=0, warmup=2)
-
-
 def run(name, model, example, ratios, repeats, round_to, out):
+    """Compile every (ratio, target) variant, then time them round-robin so that
+    load drifting on a shared machine hits all variants alike; medians per variant."""
     import fxopt
     from fxopt.macs import count_params, total_macs
     captured = fxopt.capture(model, example)
     full = {"params": count_params(captured), "macs": total_macs(captured)}
     del captured
-    base = {}
+    targets = [t for t in ("cpu-fp32", "cpu-int8") if t in fxopt.TARGETS]
+    rows, variants = [], []
     for ratio in ratios:
         row = {"model": name, "ratio": ratio, **full}
-        for target in ("cpu-fp32", "cpu-int8"):
-            if target not in fxopt.TARGETS:
-                row[target] = None
-                continue
-            t0 = time.perf_counter()
+        for target in targets:
             gm = _compile(model, example, target, ratio, round_to)
-            row["compile_s"] = time.perf_counter() - t0
-            report = getattr(gm, "fxopt_report", None)
-            prune_rec = [r for r in report.records if r.name == "prune_channels"] if report else []
+            prune_rec = [r for r in gm.fxopt_report.records if r.name == "prune_channels"]
             if prune_rec:
                 row["params"] = prune_rec[0].stats["params_after"]
                 row["macs"] = prune_rec[0].stats["macs_after"]
-            row[target] = _time(gm, example, repeats)
-            base.setdefault(target, row[target])
-            del gm
+            variants.append((row, target, gm))
+        rows.append(row)
+    samples = {id(gm): [] for _, _, gm in variants}
+    with torch.no_grad():
+        for _, _, gm in variants:          # warm-up: JIT, caches, allocator
+            gm(**example)
+        for _ in range(repeats):
+            for _, _, gm in variants:
+                t0 = time.perf_counter()
+                gm(**example)
+                samples[id(gm)].append(time.perf_counter() - t0)
+    for row, target, gm in variants:
+        row[target] = statistics.median(samples[id(gm)])
+    base = {t: rows[0].get(t) for t in targets}
+    for row in rows:
         out(_fmt(row, base))
 
 

@@ -269,8 +269,8 @@ def test_optimize_prune_with_distillation_recovery():
     import fxopt
     model, example, _ = zoo.mlp()
     data = [(torch.randn(16, 32),) for _ in range(4)]
-    fast = fxopt.optimize(model, example, prune=0.5, finetune={"epochs": 5, "lr": 3e-3},
-                          calibration_data=data)
+    fast = fxopt.optimize(model, example, target="cpu-fp32", prune=0.5,
+                          finetune={"epochs": 5, "lr": 3e-3}, calibration_data=data)
     names = [r.name for r in fast.fxopt_report.records]
     assert names[names.index("prune_channels") + 1] == "distill_pruned"
     plain = prune(model, example, 0.5)
