@@ -196,7 +196,7 @@ def main(argv=None) -> int:
     goals = rep.check_goals(results, args.small)
     rep.print_goals(goals)
     rep.write_json(out_base + ".json", info, results, complete=True, goals=goals)
-    png = rep.plot(results, out_base + ".png")
+    png = rep.plot(results, out_base + ".png", rep.chart_title(info))
     print(f"\nwrote {out_base}.json" + (f" and {png}" if png else ""))
     return 0
 

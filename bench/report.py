@@ -68,6 +68,13 @@ def print_header(info: dict) -> None:
           + ("  [--small: tiny models, numbers mean nothing]" if info["small"] else ""))
 
 
+def chart_title(info: dict) -> str:
+    t, v = info["threads"], info["versions"]
+    return (f"fxopt bench models | {info['cpu']}, {t['torch']} threads\ntorch {v['torch']}, "
+            f"onnxruntime {v['onnxruntime']}, fxopt isa {v['fxopt_isa']} | load avg "
+            f"{info['load_average_start'][0]:.1f}" + (" | --small" if info["small"] else ""))
+
+
 def print_table(result: dict) -> None:
     """One model's table: system, median ms, speedup over torch fp32, cosine, notes."""
     print(f"\n{result['model']} ({result['shape']}, cosine on {result['output']})")
@@ -166,30 +173,37 @@ def write_json(path: str, info: dict, results: list, complete: bool, goals=None)
     return path
 
 
-def plot(results: list, path: str) -> str | None:
-    """Grouped bars: speedup over torch fp32 per model and system (failed systems absent)."""
+def plot(results: list, path: str, title: str = "fxopt bench models") -> str | None:
+    """Grouped bars per model and system: speedup over torch fp32, or median ms without it."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    systems = list(LABELS)
+    systems = [s for s in LABELS if any(s in r["systems"] for r in results)]
+    key = "speedup" if any("speedup" in row for r in results for row in r["systems"].values()) \
+        else "median_ms"
     width = 0.8 / len(systems)
     fig, ax = plt.subplots(figsize=(max(6, 2.2 * len(results)), 4.5))
     for i, name in enumerate(systems):
         xs, ys = [], []
         for j, r in enumerate(results):
             row = r["systems"].get(name)
-            if row and row["status"] == "ok" and "speedup" in row:
+            if row and row["status"] == "ok" and key in row:
                 xs.append(j + (i - (len(systems) - 1) / 2) * width)
-                ys.append(row["speedup"])
-        bars = ax.bar(xs, ys, width, label=LABELS[name])
+                ys.append(row[key])
+        # fixed colour per system, so a system keeps its colour when others failed
+        bars = ax.bar(xs, ys, width, label=LABELS[name], color=f"C{i}")
         ax.bar_label(bars, fmt="%.1f", fontsize=6)
-    ax.axhline(1.0, color="k", lw=0.8, ls="--")
+    if key == "speedup":
+        ax.axhline(1.0, color="k", lw=0.8, ls="--")
+        ax.set_ylabel("speedup over torch fp32 (median latency)")
+    else:
+        ax.set_yscale("log")
+        ax.set_ylabel("median latency, ms")
     ax.set_xticks(range(len(results)), [f"{r['model']}\n{r['shape']}" for r in results], fontsize=7)
-    ax.set_ylabel("speedup over torch fp32 (median latency)")
-    ax.set_title("fxopt bench models", fontsize=9)
+    ax.set_title(title, fontsize=8)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
