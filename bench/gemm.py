@@ -71,7 +71,8 @@ def _torch_models(w, b):
 
 
 def bench_shape(name, m, k, n, repeats, threads, rng):
-    """Medians of every candidate and of the 2-thread peak probe, interleaved."""
+    """Medians of every candidate and of the peak probe (same thread count),
+    interleaved."""
     import torch
     x = rng.standard_normal((m, k), dtype=np.float32)
     w = (rng.standard_normal((n, k), dtype=np.float32) / np.sqrt(k)).astype(np.float32)
@@ -88,7 +89,8 @@ def bench_shape(name, m, k, n, repeats, threads, rng):
         "ours_linear": lambda: K.linear_f32(x, pw, b),
         "torch_fp32": lambda: fp32(xt),
         "torch_int8": lambda: int8(xt),
-        "peak": lambda: _peak_parallel(iters, threads),
+        "peak": ((lambda: _peak_parallel(iters, threads)) if threads > 1
+                 else (lambda: _peak_serial(iters))),
     }
     with torch.no_grad():
         med = interleaved_medians(runs, repeats=repeats)
@@ -152,9 +154,10 @@ def _cache_state():
     import glob
     import pickle
     from fxopt.kernels._cache import package_stamp
-    pattern = os.path.join(os.path.dirname(K.__file__), "__pycache__",
-                           "gemm.avx512_vnni_serial-*.nbi")
-    for path in glob.glob(pattern):
+    cache_dir = numba.config.CACHE_DIR or os.path.join(os.path.dirname(K.__file__),
+                                                       "__pycache__")
+    pattern = os.path.join(cache_dir, "**", "gemm.avx512_vnni_serial-*.nbi")
+    for path in glob.glob(pattern, recursive=True):
         try:
             with open(path, "rb") as f:
                 pickle.load(f)
@@ -225,8 +228,8 @@ def main(argv=None):
           f"({args.threads} threads)")
     print(f"first call (numba cache {cache}: {'load' if cache == 'warm' else 'JIT compile'}): " +
           ", ".join(f"{k} {v:.2f}s" for k, v in first.items()))
-    print("medians, candidates interleaved; %peak against a 2-thread vpdpbusd probe "
-          "interleaved with each shape (last column)\n")
+    print(f"medians, candidates interleaved; %peak against a {args.threads}-thread vpdpbusd "
+          "probe interleaved with each shape (last column)\n")
     print(_fmt_table(rows))
     if convs:
         print("\nend-to-end conv2d (batch 1, NCHW, fp32 in/out): ours int8 vs torch fp32")

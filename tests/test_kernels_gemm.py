@@ -48,10 +48,17 @@ def test_gemm_s32_bit_exact(isa, m, k, n):
     np.testing.assert_array_equal(K.gemm_u8s8_s32(a, _pack(w)), R.gemm_u8s8_s32(a, w))
 
 
+# The threaded driver is ISA-independent code around the same tiles the
+# serial tests check on every path; two paths keep the compile time down.
+THREADED_ISAS = ["avx512_vnni", "avx2"]
+
+
+@pytest.mark.parametrize("isa_name", THREADED_ISAS)
 @pytest.mark.parametrize("m,k,n", [(1, 33, 64), (20, 770, 130), (64, 64, 10)])
-def test_gemm_s32_threaded_bit_exact(isa, force_parallel, m, k, n):
+def test_gemm_s32_threaded_bit_exact(isa_name, force_parallel, m, k, n):
     a, w = _operands(np.random.default_rng(1), m, k, n)
-    got = K.gemm_u8s8_s32(a, _pack(w), n_threads=2)
+    with K.use_isa(isa_name):
+        got = K.gemm_u8s8_s32(a, _pack(w), n_threads=2)
     np.testing.assert_array_equal(got, R.gemm_u8s8_s32(a, w))
 
 
@@ -117,10 +124,14 @@ def test_gemm_u8_requantize(isa, act):
     assert (got == ref).mean() > 0.99
 
 
+@pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("m,k,n", [(1, 768, 64), (3, 13, 70), (130, 96, 128)])
-def test_linear_f32_matches_reference(isa, force_parallel, m, k, n):
+def test_linear_f32_matches_reference(isa, monkeypatch, threads, m, k, n):
+    if threads == 2 and isa not in THREADED_ISAS:
+        pytest.skip("threaded driver checked on THREADED_ISAS")
+    monkeypatch.setattr(L, "PARALLEL_MIN_MACS", 0)
     x, q, s, b = _float_case(np.random.default_rng(6), m, k, n)
-    got = K.linear_f32(x, K.pack_weights_s8(q, s), b, "gelu", n_threads=2)
+    got = K.linear_f32(x, K.pack_weights_s8(q, s), b, "gelu", n_threads=threads)
     ref = R.linear_f32(x, q, s, b, "gelu")
     np.testing.assert_allclose(got, ref, rtol=2e-5, atol=2e-5 * np.abs(ref).max())
 
