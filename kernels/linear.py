@@ -144,8 +144,11 @@ def linear_f32(x, pw, bias=None, act="none", act_args=(), n_threads=None):
 def rows_share_l1_set(stride_bytes):
     """True if two of any 6 consecutive rows (one tile) start in the same
     L1 set (4 KiB apart modulo the line): the B stream would evict them."""
-    return any(min((j * stride_bytes) % 4096, -(j * stride_bytes) % 4096) < 64
-               for j in range(1, 6))
+    for j in range(1, 6):
+        r = (j * stride_bytes) & 4095
+        if r < 64 or r > 4032:
+            return True
+    return False
 
 
 def _prepare_u8(a, pw):
@@ -166,9 +169,13 @@ def _prepare_u8(a, pw):
 
 
 def _per_row(v, m, dtype, name):
-    v = np.ascontiguousarray(np.broadcast_to(np.asarray(v, dtype), (m,)))
+    if type(v) is np.ndarray and v.dtype == dtype and v.shape == (m,) and v.flags.c_contiguous:
+        return v
+    if np.ndim(v) == 0:
+        return np.full(m, v, dtype)
+    v = np.ascontiguousarray(v, dtype)
     if v.shape != (m,):
-        raise KernelError(f"{name} must be a scalar or have shape ({m},)")
+        raise KernelError(f"{name} must be a scalar or have shape ({m},), got {v.shape}")
     return v
 
 
