@@ -216,3 +216,24 @@ def test_eliminate_dead_code_removes_unused_branch():
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
     assert fxopt.ir.node_counts(fast) == {"linear": 1}
     assert not any("unused" in name for name, _ in fast.named_parameters())
+
+
+class QKV(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 4)
+        self.gate = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.q(x) * self.k(x), self.v(x), torch.relu(self.gate(x))
+
+
+def test_fuse_parallel_linears_merges_same_input_same_activation():
+    x = torch.randn(2, 5, 8)
+    fast, expected, got = _run(QKV(), x, "fuse_epilogues,fuse_parallel_linears")
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+    assert _stats(fast, "fuse_parallel_linears") == {"merged_groups": 1, "merged_linears": 3}
+    linears = [n for n in fast.graph.nodes if fxopt.ir.op_name(n) == "fxopt.linear_act"]
+    # q, k, v (no activation) merged into one 20-wide linear; the relu-gated one stays apart
+    assert sorted(tuple(n.meta["val"].shape) for n in linears) == [(2, 5, 8), (2, 5, 20)]
+    assert fxopt.ir.node_counts(fast)["split_with_sizes"] == 1
