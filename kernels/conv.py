@@ -18,7 +18,7 @@ from .dispatch import KernelError
 from .epilogue import apply_activation
 from .gemm import a_stride
 from .linear import _bias, _run, epilogue_params, rows_share_l1_set
-from .pack import PackedWeights, pack_weights_s8, quantize_weights_s8
+from .pack import pack_weights_s8, quantize_weights_s8
 from .quantize import padded_k, quantize_rows_into
 
 KERNEL_VERSION = "conv-1"
@@ -38,22 +38,35 @@ class PackedConv(NamedTuple):
     dw_scales: Optional[np.ndarray] = None
 
 
-def pack_conv_weights_s8(weight, groups=1):
-    """Quantize (symmetric, per output channel) and pack float conv weights."""
-    w = np.asarray(weight, np.float32)
+def pack_conv_weights_s8(weight, groups=1, scales=None):
+    """Pack conv weights (O, I/groups, kh, kw) for conv2d_f32.
+
+    float weights are quantized (symmetric, per output channel); int8
+    weights with their per-channel ``scales`` (O,) are packed as they are.
+
+        >>> pc = pack_conv_weights_s8(w_float, groups=1)
+        >>> pc = pack_conv_weights_s8(w_int8, groups=32, scales=s)
+    """
+    w = np.asarray(weight)
     if w.ndim != 4:
         raise KernelError(f"conv weight must be (O, I/groups, kh, kw), got {w.shape}")
     o, cg, kh, kw = w.shape
     if o % groups:
         raise KernelError(f"out_channels {o} not divisible by groups {groups}")
+    if scales is None:
+        q, s = quantize_weights_s8(w.astype(np.float32).reshape(o, -1))
+        q = q.reshape(w.shape)
+    elif w.dtype == np.int8:
+        q, s = w, np.ascontiguousarray(scales, np.float32).reshape(o)
+    else:
+        raise KernelError("pass int8 weights with scales, or float weights without")
     c = cg * groups
     if groups > 1 and groups == c == o:
-        q, s = quantize_weights_s8(w.reshape(o, kh * kw))
-        return PackedConv(o, c, kh, kw, groups, (), q, s)
-    og = o // groups
+        return PackedConv(o, c, kh, kw, groups, (), q.reshape(o, kh * kw).copy(), s)
     # GEMM columns in (kh, kw, c) order, the order im2col_u8 writes
-    taps_last = np.ascontiguousarray(w.transpose(0, 2, 3, 1))
-    parts = tuple(pack_weights_s8(*quantize_weights_s8(taps_last[g * og:(g + 1) * og].reshape(og, -1)))
+    taps_last = np.ascontiguousarray(q.transpose(0, 2, 3, 1)).reshape(o, -1)
+    og = o // groups
+    parts = tuple(pack_weights_s8(taps_last[g * og:(g + 1) * og], s[g * og:(g + 1) * og])
                   for g in range(groups))
     return PackedConv(o, c, kh, kw, groups, parts)
 

@@ -78,3 +78,18 @@ def test_bmm_shape_errors():
         K.bmm_f32_int8(np.ones((2, 3, 4), np.float32), np.ones((2, 5, 6), np.float32))
     with pytest.raises(K.KernelError, match="batch"):
         K.bmm_f32_int8(np.ones((2, 3, 4), np.float32), np.ones((3, 4, 6), np.float32))
+
+
+def test_pack_conv_int8_weights_as_given():
+    rng = np.random.default_rng(9)
+    w = rng.standard_normal((8, 4, 3, 3)).astype(np.float32)
+    q, s = R.quantize_weights_s8(w.reshape(8, -1))
+    q[:, 0] = 5   # channels whose max |q| is not 127 must be kept as given
+    x = rng.standard_normal((1, 4, 7, 7)).astype(np.float32)
+    from_int8 = K.pack_conv_weights_s8(q.reshape(w.shape), scales=s)
+    y = K.conv2d_f32(x, from_int8, padding=1)
+    wd = (q * s[:, None]).reshape(w.shape)
+    ref = _dequantized_conv(x, wd, None, 1, 1, 1, 1)
+    np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+    with pytest.raises(K.KernelError, match="int8"):
+        K.pack_conv_weights_s8(w, scales=s)
