@@ -67,12 +67,11 @@ def torch_fp32(model, inputs, ctx: Context) -> Prepared:
 
 def torch_int8(model, inputs, ctx: Context) -> Prepared:
     """torch.ao dynamic int8: nn.Linear only (convs stay fp32), qint8 weights."""
-    t0 = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         q = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
     info = {"setup": "quantize_dynamic({nn.Linear}, qint8), eager",
-            "engine": torch.backends.quantized.engine, "prepare_s": time.perf_counter() - t0}
+            "engine": torch.backends.quantized.engine}
     return Prepared(_torch_call(q, inputs, ctx.output), info)
 
 
@@ -221,11 +220,17 @@ def fxopt_int8(model, inputs, ctx: Context) -> Prepared:
     t0 = time.perf_counter()
     fn()
     first_call_s = time.perf_counter() - t0
-    layers = getattr(fast.fxopt_report, "layers", None) or []
+    report = fast.fxopt_report
+    layers = getattr(report, "layers", None) or []
+    passes = {}
+    for r in getattr(report, "records", []):
+        passes[r.name] = passes.get(r.name, 0.0) + r.seconds
     int8 = sum(1 for r in layers if r.get("precision") == "int8")
     info = {"setup": "fxopt.optimize(target='cpu-int8', latency_repeats=0), inference_mode",
             "optimize_s": optimize_s, "first_call_s": first_call_s,
             "layers_int8": int8, "layers_total": len(layers),
+            # where optimize's time goes: per pass, and the rest (capture, drift, report)
+            "pass_seconds": passes, "outside_passes_s": optimize_s - sum(passes.values()),
             "fp32_layers": sorted({r["op"] for r in layers if r.get("precision") != "int8"})}
     return Prepared(fn, info)
 

@@ -96,8 +96,11 @@ def print_table(result: dict) -> None:
 def _notes(row: dict) -> str:
     notes = []
     if "optimize_s" in row:
-        notes.append(f"optimize {row['optimize_s']:.1f}s, first call {row['first_call_s']:.2f}s, "
-                     f"int8 layers {row['layers_int8']}/{row['layers_total']}")
+        slowest = sorted(row.get("pass_seconds", {}).items(), key=lambda kv: -kv[1])[:2]
+        where = ", ".join([f"outside passes {row.get('outside_passes_s', 0):.0f}s"] +
+                          [f"{k} {v:.0f}s" for k, v in slowest])
+        notes.append(f"optimize {row['optimize_s']:.1f}s ({where}), first call "
+                     f"{row['first_call_s']:.2f}s, int8 layers {row['layers_int8']}/{row['layers_total']}")
     shared = " (shared, done for an earlier size)" if row.get("export_reused") else ""
     if "export_s" in row:
         notes.append(f"export {row['export_s']:.1f}s")
