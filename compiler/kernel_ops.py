@@ -29,13 +29,11 @@ def pack_conv(w_q: torch.Tensor, w_scale: torch.Tensor, groups: int) -> dict:
     """Pack int8 conv weights (O, I/g, kh, kw) with their per-channel scales.
 
     The kernels own the conv layout (which order im2col writes the taps in), so
-    the weights go through their packer; w_q * scale re-quantizes to w_q exactly.
-    Returns the buffers the op takes: `packed` holds every group's packed GEMM
+    the weights go through their packer. Returns the buffers the op takes: `packed` holds every group's packed GEMM
     operand (or the depthwise taps), `geometry` = (O, C, kh, kw, groups, depthwise).
     """
     o, cg, kh, kw = w_q.shape
-    dequantized = (w_q.float() * w_scale.float().reshape(-1, 1, 1, 1)).numpy()
-    pc = K.pack_conv_weights_s8(dequantized, groups)
+    pc = K.pack_conv_weights_s8(w_q.numpy(), groups, scales=w_scale.float().numpy())
     if pc.dw_q is not None:
         packed = torch.from_numpy(np.ascontiguousarray(pc.dw_q).view(np.uint8))
         scales, col_sums = pc.dw_scales, np.zeros(o, np.int32)
