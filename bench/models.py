@@ -176,6 +176,17 @@ def _subset(parser, flag, text, known) -> list[str]:
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args([str(a) for a in argv])
+    from fxopt import kernels
+    saved = torch.get_num_threads(), kernels.get_num_threads()
+    try:
+        return _run(args, argv)
+    finally:
+        # a caller in the same process (a test session) keeps its thread counts
+        torch.set_num_threads(saved[0])
+        kernels.set_num_threads(saved[1])
+
+
+def _run(args, argv) -> int:
     threads = set_threads(args.threads)
     info = rep.run_info(args, threads, "fxopt bench models " + shlex.join(map(str, argv)))
     rep.print_header(info)
