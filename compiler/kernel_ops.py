@@ -68,10 +68,15 @@ def _packed_conv(packed, w_scale, col_sums, b, geometry):
 def _conv2d_int8(x, packed, w_scale, col_sums, b, geometry, stride, padding, dilation, act, act_args,
                  a_scale, a_zp):
     pc, bias = _packed_conv(packed, w_scale, col_sums, b, geometry)
-    xn = (x if x.dtype == torch.float32 else x.float()).detach().numpy()
+    x = x if x.dtype == torch.float32 else x.float()
+    # Work in NHWC, the layout im2col reads, and hand back a channels_last tensor (logical
+    # NCHW, NHWC in memory): the next conv reads it without a copy, and torch's
+    # elementwise ops and pools keep the format.
+    nhwc = x.permute(0, 2, 3, 1)
+    xn = (nhwc if nhwc.is_contiguous() else nhwc.contiguous()).detach().numpy()
     y = K.conv2d_f32(xn, pc, bias, tuple(stride), tuple(padding), tuple(dilation), act, tuple(act_args),
-                     n_threads=torch.get_num_threads())
-    return torch.from_numpy(y)
+                     layout="NHWC", n_threads=torch.get_num_threads(), a_scale=a_scale, a_zero_point=a_zp)
+    return torch.from_numpy(y).permute(0, 3, 1, 2)
 
 
 def pack_linear(w_q: torch.Tensor, w_scale: torch.Tensor) -> dict:

@@ -19,9 +19,9 @@ from .epilogue import apply_activation
 from .gemm import a_stride
 from .linear import _bias, _run, epilogue_params, rows_share_l1_set
 from .pack import pack_weights_s8, quantize_weights_s8
-from .quantize import padded_k, quantize_rows_into
+from .quantize import padded_k, quantize_rows_into, quantize_tensor_into
 
-KERNEL_VERSION = "conv-1"
+KERNEL_VERSION = "conv-2"
 _NO_X = np.empty((0, 0), np.float32)
 
 
@@ -142,6 +142,12 @@ def _quantize_image(img):
     return q.reshape(img.shape), s[0], z[0]
 
 
+def _quantize_image_static(img, scale, zp):
+    q = np.empty((1, img.size), np.uint8)
+    quantize_tensor_into(img.reshape(1, -1), np.float32(scale), np.int32(zp), q)
+    return q.reshape(img.shape), np.float32(scale), np.int32(zp)
+
+
 def _gemm_groups(xq, pc, geo, s, z, bias, ep, n_threads, oh, ow):
     og = pc.out_channels // pc.groups
     cg = pc.in_channels // pc.groups
@@ -168,13 +174,17 @@ def _gemm_groups(xq, pc, geo, s, z, bias, ep, n_threads, oh, ow):
 
 
 def conv2d_f32(x, pc, bias=None, stride=1, padding=0, dilation=1, act="none",
-               act_args=(), layout="NCHW", n_threads=None):
+               act_args=(), layout="NCHW", n_threads=None, a_scale=0.0, a_zero_point=0):
     """Quantized conv2d: float input, PackedConv weights, float output.
 
     x: float32 (N, C, H, W) (or (N, H, W, C) with layout="NHWC"); returns
     float32 (N, O, OH, OW) for NCHW, (N, OH, OW, O) for NHWC. Matches
     torch.nn.functional.conv2d up to int8 quantization of x and the weights.
+    Activations are quantized per image from the image itself, or, with
+    a_scale > 0, with the given static scale and zero point.
     """
+    if a_scale > 0 and not 0 <= a_zero_point <= 255:
+        raise KernelError(f"a_zero_point must be in [0, 255], got {a_zero_point}")
     if layout not in ("NCHW", "NHWC"):
         raise KernelError(f"layout must be 'NCHW' or 'NHWC', got {layout!r}")
     x = np.ascontiguousarray(x, np.float32)
@@ -194,7 +204,7 @@ def conv2d_f32(x, pc, bias=None, stride=1, padding=0, dilation=1, act="none",
     geo = (sh, sw, ph, pw, dh, dw)
     outs = []
     for img in x:
-        xq, s, z = _quantize_image(img)
+        xq, s, z = _quantize_image(img) if a_scale <= 0 else _quantize_image_static(img, a_scale, a_zero_point)
         if pc.dw_q is not None:
             y = np.empty((pc.out_channels, oh, ow), np.float32)
             depthwise_u8(xq, nhwc, pc.dw_q, pc.kh, pc.kw, *geo, z, s, pc.dw_scales, b, ep, y)

@@ -9,9 +9,13 @@ stay as they are and are counted.
 """
 from __future__ import annotations
 
+import torch
+
 from fxopt import kernel_ops, qops
 from fxopt.ir import add_weight, get_weight, insert_call
 from fxopt.pass_base import PassInfo, PassResult
+
+aten = torch.ops.aten
 
 PASS = PassInfo("lower_to_kernels", requires=("quantize_int8",),
                 doc="replace int8 reference ops by Numba kernel ops with pre-packed weights")
@@ -26,6 +30,8 @@ def run(gm, ctx) -> PassResult:
         elif node.target is qops.quantized_conv2d:
             _lower_conv(gm, node)
             stats["conv2d"] += 1
+    if stats["conv2d"]:
+        stats["view_to_reshape"] = _views_to_reshapes(gm)
     from fxopt import kernels
     gm.meta.setdefault("fxopt_artifact", {})["kernel_isa"] = kernels.isa()
     return PassResult(stats["linear"] + stats["conv2d"] > 0, stats)
@@ -52,6 +58,17 @@ def _lower_conv(gm, node) -> None:
     args = (x, packed, scale, col_sums, b, buffers["geometry"], stride, padding, dilation, act, act_args,
             a_scale, a_zp)
     _replace(gm, node, kernel_ops.conv2d_int8, args)
+
+
+def _views_to_reshapes(gm) -> int:
+    """Conv kernels return channels_last tensors, and what flows from them (adds, pools)
+    stays channels_last, which `view` cannot always reinterpret; `reshape` copies then."""
+    count = 0
+    for node in gm.graph.nodes:
+        if node.target is aten.view.default:
+            node.target = aten.reshape.default
+            count += 1
+    return count
 
 
 def _replace(gm, node, target, args):

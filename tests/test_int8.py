@@ -113,3 +113,24 @@ def test_lowered_conv_matches_reference_op(groups, stride, k):
     # same quantized numbers (per image, as the kernel does); only float rounding differs
     assert drift(ref_out, got).sqnr_db > 70
     assert drift(model(*x), got).cosine > 0.999
+
+
+def test_conv_output_feeds_view_and_residual():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(4, 8, 3, padding=1), nn.Conv2d(8, 8, 1)
+            self.fc = nn.Linear(8 * 6 * 6, 3)
+
+        def forward(self, x):
+            y = torch.relu(self.a(x))
+            y = y + self.b(y)                   # residual add on channels_last tensors
+            return self.fc(y.view(y.shape[0], -1))
+
+    torch.manual_seed(0)
+    model, x = M().eval(), (torch.randn(2, 4, 6, 6),)
+    fast = fxopt.optimize(model, x, target="cpu-int8", calibration_data=[x], latency_repeats=0)
+    with torch.no_grad():
+        assert drift(model(*x), fast(*x)).cosine > 0.999
+        other = torch.randn(5, 4, 6, 6)
+        assert drift(model(other), fast(other)).cosine > 0.999
