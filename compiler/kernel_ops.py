@@ -16,8 +16,12 @@ import torch
 from fxopt import kernels as K
 from fxopt.fxops import _lib
 
+# x may arrive already quantized (uint8, with the static a_scale/a_zp of this op), and with
+# out_scale > 0 the op hands its output on as uint8 for the next int8 op: chained int8 ops
+# never round-trip through float.
 _lib.define("linear_int8(Tensor x, Tensor packed, Tensor w_scale, Tensor col_sums, Tensor? b, "
-            "int n, int k, str act, float[] act_args, float a_scale, int a_zp) -> Tensor")
+            "int n, int k, str act, float[] act_args, float a_scale, int a_zp, "
+            "float out_scale=0.0, int out_zp=0) -> Tensor")
 
 
 _lib.define("conv2d_int8(Tensor x, Tensor packed, Tensor w_scale, Tensor col_sums, Tensor? b, int[] geometry, "
@@ -105,19 +109,28 @@ def _aligned(a: np.ndarray) -> np.ndarray:
     return out
 
 
-def _linear_int8(x, packed, w_scale, col_sums, b, n, k, act, act_args, a_scale, a_zp):
+def _linear_int8(x, packed, w_scale, col_sums, b, n, k, act, act_args, a_scale, a_zp,
+                 out_scale=0.0, out_zp=0):
     pw, bias = _packed(packed, w_scale, col_sums, b, n, k)
-    xs = x if x.dtype == torch.float32 else x.float()
-    xn = xs.detach().numpy()
     threads = torch.get_num_threads()
-    if a_scale > 0:
-        x2 = np.ascontiguousarray(xn.reshape(-1, k))
-        q = K.quantize_tensor_f32_u8(x2, a_scale, a_zp)
-        y = K.gemm_u8s8_f32(q, a_scale, a_zp, pw, bias, act, tuple(act_args), n_threads=threads)
-        y = y.reshape(*xn.shape[:-1], n)
+    lead = tuple(x.shape[:-1])
+    if x.dtype == torch.uint8:           # chained: already quantized with (a_scale, a_zp)
+        q = np.ascontiguousarray(x.detach().numpy().reshape(-1, k))
     else:
-        y = K.linear_f32(xn, pw, bias, act, tuple(act_args), n_threads=threads)
-    return torch.from_numpy(y)
+        xn = (x if x.dtype == torch.float32 else x.float()).detach().numpy()
+        if a_scale <= 0 and out_scale <= 0:
+            return torch.from_numpy(K.linear_f32(xn, pw, bias, act, tuple(act_args), n_threads=threads))
+        x2 = np.ascontiguousarray(xn.reshape(-1, k))
+        if a_scale > 0:
+            q = K.quantize_tensor_f32_u8(x2, a_scale, a_zp)
+        else:
+            q, a_scale, a_zp = K.quantize_rows_f32_u8(x2)
+    if out_scale > 0:
+        y = K.gemm_u8s8_u8(q, a_scale, a_zp, pw, out_scale, out_zp, bias, act, tuple(act_args),
+                           n_threads=threads)
+    else:
+        y = K.gemm_u8s8_f32(q, a_scale, a_zp, pw, bias, act, tuple(act_args), n_threads=threads)
+    return torch.from_numpy(y.reshape(*lead, n))
 
 
 _lib.impl("linear_int8", _linear_int8, "CPU")
@@ -125,8 +138,10 @@ _lib.impl("conv2d_int8", _conv2d_int8, "CPU")
 
 
 @torch.library.register_fake("fxopt::linear_int8")
-def _linear_int8_fake(x, packed, w_scale, col_sums, b, n, k, act, act_args, a_scale, a_zp):
-    return x.new_empty((*x.shape[:-1], n), dtype=torch.float32)
+def _linear_int8_fake(x, packed, w_scale, col_sums, b, n, k, act, act_args, a_scale, a_zp,
+                      out_scale=0.0, out_zp=0):
+    dtype = torch.uint8 if out_scale > 0 else torch.float32
+    return x.new_empty((*x.shape[:-1], n), dtype=dtype)
 
 
 @torch.library.register_fake("fxopt::conv2d_int8")

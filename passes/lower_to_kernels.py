@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from fxopt import kernel_ops, qops
-from fxopt.ir import add_weight, get_weight, insert_call
+from fxopt.ir import add_weight, get_weight, infer_meta, insert_call
 from fxopt.pass_base import PassInfo, PassResult
 
 aten = torch.ops.aten
@@ -32,6 +32,7 @@ def run(gm, ctx) -> PassResult:
             stats["conv2d"] += 1
     if stats["conv2d"]:
         stats["view_to_reshape"] = _views_to_reshapes(gm)
+    stats["chained"] = _chain(gm)
     from fxopt import kernels
     gm.meta.setdefault("fxopt_artifact", {})["kernel_isa"] = kernels.isa()
     return PassResult(stats["linear"] + stats["conv2d"] > 0, stats)
@@ -58,6 +59,24 @@ def _lower_conv(gm, node) -> None:
     args = (x, packed, scale, col_sums, b, buffers["geometry"], stride, padding, dilation, act, act_args,
             a_scale, a_zp)
     _replace(gm, node, kernel_ops.conv2d_int8, args)
+
+
+def _chain(gm) -> int:
+    """Let an int8 linear hand uint8 straight to the next one when that one quantizes its
+    input statically: the producer's epilogue requantizes to the consumer's (scale, zero
+    point), so the value never exists in float. Convs have no uint8 input path yet."""
+    count = 0
+    for node in gm.graph.nodes:
+        if node.target is not kernel_ops.linear_int8 or len(node.users) != 1:
+            continue
+        user = next(iter(node.users))
+        if user.target is not kernel_ops.linear_int8 or user.args[0] is not node or user.args[9] <= 0:
+            continue
+        node.args = (*node.args[:11], float(user.args[9]), int(user.args[10]))
+        infer_meta(gm, node)
+        node.meta.setdefault("fxopt_quant", {})["chained"] = True
+        count += 1
+    return count
 
 
 def _views_to_reshapes(gm) -> int:

@@ -134,3 +134,22 @@ def test_conv_output_feeds_view_and_residual():
         assert drift(model(*x), fast(*x)).cosine > 0.999
         other = torch.randn(5, 4, 6, 6)
         assert drift(model(other), fast(other)).cosine > 0.999
+
+
+def test_static_linears_chain_in_uint8():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 8)).eval()
+    x = (torch.randn(32, 16),)
+    static = fxopt.TARGETS["cpu-int8"].replace("quantize_int8", "quantize_int8{activations=static}")
+    reference = fxopt.optimize(model, x, target=static.replace("lower_to_kernels,", ""), calibration_data=[x],
+                               latency_repeats=0)
+    chained = fxopt.optimize(model, x, target=static, calibration_data=[x], latency_repeats=0)
+    assert chained.fxopt_report.record("lower_to_kernels").stats["chained"] == 2
+    dtypes = [n.meta["val"].dtype for n in chained.graph.nodes if n.target is kernel_ops.linear_int8]
+    assert dtypes == [torch.uint8, torch.uint8, torch.float32]
+    with torch.no_grad():
+        # the reference quantizes the float value the same way the epilogue requantizes it
+        assert drift(reference(*x), chained(*x)).sqnr_db > 80
+        assert drift(model(*x), chained(*x)).cosine > 0.999
+        other = torch.randn(3, 16)
+        assert drift(model(other), chained(other)).cosine > 0.99
