@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import re
 
 import torch
 from torch.fx import GraphModule, Node
@@ -80,7 +81,7 @@ def add_weight(gm: GraphModule, name: str, tensor: torch.Tensor, before: Node | 
     from keeps pointing at unchanged weights (passes never edit weights in place).
     """
     tensor = tensor.detach()  # weights derived from parameters must not carry autograd history
-    base = name.replace(".", "_")
+    base = re.sub(r"\W", "_", name)  # attribute names must be identifiers (layer names may hold '+')
     unique = base
     for i in itertools.count(1):
         if not hasattr(gm, unique):
