@@ -31,6 +31,17 @@ OPTIONS = {
              "prune_channels options (ratio, criterion, scope, max_ratio, round_to, protect, heads)",
     "finetune": "with prune: distillation recovery from the unpruned model on calibration_data, "
                 "a dict of distill_pruned options, e.g. {'epochs': 2}",
+    # Accuracy-budgeted search (fxopt.budget): given eval_fn, optimize returns the fastest
+    # int8/fp32-per-layer and prune-ratio configuration whose metric stays within the budget.
+    "eval_fn": "eval_fn(model) -> float, higher is better: turns on the accuracy-budgeted search",
+    "max_accuracy_drop": "search: allowed metric drop from the unoptimized model (default 0.01)",
+    "drop_mode": "search: 'absolute' (units of eval_fn, default) or 'relative' (fraction of it)",
+    "max_evals": "search: most configurations evaluated with eval_fn (default 40)",
+    "time_budget_s": "search: no new evaluation after this many seconds (default none)",
+    "search_prune": "search: global prune ratios tried (default (0, 0.1, 0.2, 0.3, 0.5); () = no pruning)",
+    "finetune_budget": "search: distillation epochs (or distill_pruned options) for ratios that miss",
+    "plot_path": "search: save the Pareto front (latency vs metric) as a PNG here (needs matplotlib)",
+    "search_cost": "search: 'latency' (measured, default) or 'macs' (int8 MAC = half; deterministic)",
 }
 INSTRUMENTS = ("print_ir_after", "dump_dir", "stop_after", "disable", "drift")
 
@@ -48,7 +59,13 @@ def optimize(model: nn.Module, example_inputs=None, target: str = DEFAULT_TARGET
     drift=False (skip measuring drift after every pass).
 
         fast = fxopt.optimize(model, (x,), target="cpu-fp32", dump_dir="stages")
+
+    With eval_fn=, the accuracy-budgeted search (fxopt.budget) picks per layer int8
+    or fp32 and a prune ratio within max_accuracy_drop; see OPTIONS.
     """
+    if options.get("eval_fn") is not None:
+        from fxopt.budget import search
+        return search(model, example_inputs, target, calibration_data, dynamic, options)
     gm, report = _compile(model, example_inputs, target, calibration_data, dynamic, options)
     gm.fxopt_report = report
     return gm
