@@ -86,6 +86,8 @@ class Evaluator:
         return e
 
     def _check_budget(self) -> None:
+        if not self.evals:
+            return   # the plain target is always evaluated: the search never returns nothing
         if len(self.evals) >= self.s["max_evals"]:
             raise BudgetExhausted(f"max_evals={self.s['max_evals']} reached")
         limit = self.s["time_budget_s"]
@@ -239,14 +241,19 @@ def _greedy(ev, order, forced: set, ratio: float, tuned: bool) -> None:
             fp32.discard(name)
 
 
-def choose(evals: list[dict]) -> tuple[int, bool]:
+def choose(evals: list[dict], tol: float = 0.0) -> tuple[int, bool]:
     """(index, met): the cheapest evaluation that meets the budget, else the best metric.
+
+    Costs within `tol` (a fraction) of the cheapest count as equal and the fewest MACs
+    wins among them, so timing noise does not pick a bigger model.
 
         choose([{"cost": 2, "metric": .9, "meets": True}, {"cost": 1, "metric": .8, "meets": False}]) -> (0, True)
     """
     meeting = [i for i, e in enumerate(evals) if e["meets"]]
     if meeting:
-        return min(meeting, key=lambda i: (evals[i]["cost"], -evals[i]["metric"], i)), True
+        best = min(evals[i]["cost"] for i in meeting)
+        near = [i for i in meeting if evals[i]["cost"] <= best * (1 + tol)]
+        return min(near, key=lambda i: (evals[i].get("macs", 0), evals[i]["cost"], -evals[i]["metric"], i)), True
     return min(range(len(evals)), key=lambda i: (-evals[i]["metric"], evals[i]["cost"], i)), False
 
 
@@ -254,7 +261,7 @@ def _finish(ev: Evaluator, compile_fn, options: dict, s: dict, state: dict):
     if not ev.evals:
         raise RuntimeError(f"the search made no evaluation ({state['stopped']}); raise max_evals "
                            f"or time_budget_s")
-    best, met = choose(ev.evals)
+    best, met = choose(ev.evals, 0.05 if s["search_cost"] == "latency" else 0.0)
     e = ev.evals[best]
     config = Config(tuple(e["fp32"]), e["ratio"], e["finetune"])
     gm = compile_fn(config, **{k: v for k, v in options.items() if k in ("latency_repeats", "report_layers")})

@@ -137,6 +137,26 @@ def test_max_evals_stops_the_search_and_still_returns_a_model(models, data):
     assert accuracy(fast, *data["val"]) == pytest.approx(s["final_metric"])
 
 
+def test_time_budget_stops_after_the_plain_target(models, data):
+    fast = _search(models["mlp"], data, 0.02, time_budget_s=0)
+    s = fast.fxopt_report.search
+    assert [e["label"] for e in s["evaluations"]] == ["prune=0 fp32=[-]"]
+    assert "time_budget_s=0" in s["stopped"]
+
+
+def test_layer_latency_times_every_layer_in_both_precisions(models, data):
+    from fxopt.sensitivity import layer_latency
+    model = models["mlp"]
+    layers = ["net.1", "net.4", "net.6"]
+    int8 = fxopt.optimize(model, data["example"], "cpu-int8", calibration_data=data["calib"], latency_repeats=0)
+    fp32 = fxopt.optimize(model, data["example"], str(with_fp32_layers(target_pipeline("cpu-int8"), layers)),
+                          calibration_data=data["calib"], latency_repeats=0)
+    assert [r["precision"] for r in fp32.fxopt_report.layers] == ["fp32"] * 3
+    times = layer_latency(int8, fp32, data["example"], {}, repeats=3)
+    assert sorted(times) == layers
+    assert all(t8 > 0 and t32 > 0 for t8, t32 in times.values())
+
+
 def test_plot_and_saved_report(models, data, tmp_path):
     pytest.importorskip("matplotlib")
     fast = _search(models["mlp"], data, 0.02, plot_path=str(tmp_path / "front.png"))
@@ -158,6 +178,8 @@ def test_pieces():
                          {"cost": 3, "metric": 0.95}]) == [0, 2]
     assert choose([{"cost": 2, "metric": .9, "meets": True},
                    {"cost": 1, "metric": .8, "meets": False}]) == (0, True)
+    near = [{"cost": 1.0, "macs": 9, "metric": .9, "meets": True}, {"cost": 1.04, "macs": 5, "metric": .9, "meets": True}]
+    assert choose(near, 0.05) == (1, True) and choose(near) == (0, True)
     assert choose([{"cost": 2, "metric": .7, "meets": False},
                    {"cost": 1, "metric": .8, "meets": False}]) == (1, False)
     assert quant_proxy([{"layer": "a", "precision": "int8", "sqnr_db": 40.0},
