@@ -117,6 +117,10 @@ class PassManager:
         record = PassRecord(index, spec.name, spec.options, status="ok", seconds=seconds,
                             changed=result.changed, stats=dict(result.stats),
                             counts=ir.node_counts(gm), nodes=_n_nodes(gm), ir=format_ir(gm))
+        previous = next((r.drift for r in reversed(report.records) if r.drift is not None), None)
+        if not result.changed and previous is not None:
+            record.drift = previous  # the same graph computes the same values: no need to run it
+            return record
         try:
             record.drift = self._drift(gm)
         except Exception as e:
