@@ -9,6 +9,8 @@
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -75,6 +77,7 @@ def _compile(model, example_inputs, target, calibration_data, dynamic, options, 
     _check_options(options)
     if not isinstance(model, nn.Module):
         raise TypeError(f"optimize expects a torch.nn.Module, got {type(model).__name__}")
+    calibration_data = _reiterable(calibration_data)
     example_inputs = _example_from(example_inputs, calibration_data)
     args, kwargs = normalize_inputs(example_inputs)
     pipeline = target_pipeline(target) if isinstance(target, str) else _as_pipeline(target)
@@ -126,6 +129,18 @@ def _as_pipeline(target) -> Pipeline:
         target.validate()
         return target
     raise PipelineError(f"target must be a target name or a pipeline string, got {type(target).__name__}")
+
+
+def _reiterable(data):
+    """Several passes read the calibration data; a one-shot iterator would be empty for
+    all but the first, so its items are kept in a list (and the user is told)."""
+    if data is None or iter(data) is not data:
+        return data
+    items = list(data)
+    warnings.warn(f"fxopt: calibration_data is a one-shot iterator; its {len(items)} items were kept "
+                  "in memory because several passes read them. Pass a list or a DataLoader to avoid this.",
+                  stacklevel=4)
+    return items
 
 
 def _example_from(example_inputs, calibration_data):

@@ -212,3 +212,11 @@ def test_bisect_names_node_whose_weights_a_pass_corrupted():
     assert found.pass_name == "corrupt_bias"
     assert found.node_layer == "3" and found.node_op == "conv2d" and not found.rewired_from
     assert found.node_drift.max_abs == pytest.approx(0.5, abs=1e-5)
+
+
+def test_one_shot_calibration_iterator_serves_every_pass():
+    model, x = _cnn()
+    with pytest.warns(UserWarning, match="one-shot iterator"):
+        fast = fxopt.optimize(model, target="cpu-int8", calibration_data=(x for _ in range(3)),
+                              latency_repeats=0)
+    torch.testing.assert_close(fast(*x), model(*x), rtol=0.05, atol=0.05)
