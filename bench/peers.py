@@ -229,7 +229,7 @@ def fxopt_int8(model, inputs, ctx: Context) -> Prepared:
     info = {"setup": "fxopt.optimize(target='cpu-int8', latency_repeats=0), inference_mode",
             "optimize_s": optimize_s, "first_call_s": first_call_s,
             "layers_int8": int8, "layers_total": len(layers),
-            # where optimize's time goes: per pass, and the rest (capture, drift, report)
+            # where optimize's time goes: per pass, and the rest (capture, per-pass drift, layer report)
             "pass_seconds": passes, "outside_passes_s": optimize_s - sum(passes.values()),
             "fp32_layers": sorted({r["op"] for r in layers if r.get("precision") != "int8"})}
     return Prepared(fn, info)

@@ -97,7 +97,7 @@ def _notes(row: dict) -> str:
     notes = []
     if "optimize_s" in row:
         slowest = sorted(row.get("pass_seconds", {}).items(), key=lambda kv: -kv[1])[:2]
-        where = ", ".join([f"outside passes {row.get('outside_passes_s', 0):.0f}s"] +
+        where = ", ".join([f"capture+drift+report {row.get('outside_passes_s', 0):.0f}s"] +
                           [f"{k} {v:.0f}s" for k, v in slowest])
         notes.append(f"optimize {row['optimize_s']:.1f}s ({where}), first call "
                      f"{row['first_call_s']:.2f}s, int8 layers {row['layers_int8']}/{row['layers_total']}")
