@@ -75,8 +75,8 @@ def bisect(model, example_inputs, target: str = "cpu-fp32", tol: float = 1e-4,
 
 
 def _first_node(result: BisectResult, before: GraphModule, after: GraphModule, ctx, tol, metric):
-    old = record_values(before, ctx.example_args, ctx.example_kwargs)
-    new_values = record_values(after, ctx.example_args, ctx.example_kwargs)
+    old = record_values(before, *ctx.probe_inputs)
+    new_values = record_values(after, *ctx.probe_inputs)
     for node in after.graph.nodes:
         nid = node.meta.get(ID)
         if node.op != "call_function" or nid not in old or nid not in new_values:

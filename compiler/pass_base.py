@@ -38,6 +38,7 @@ class PassContext:
     """
     example_args: tuple = ()
     example_kwargs: dict = field(default_factory=dict)
+    probe: tuple | None = None     # (args, kwargs) drift is measured on; default: the example
     options: dict = field(default_factory=dict)
     state: dict = field(default_factory=dict)
     seed: int = 0
@@ -48,6 +49,10 @@ class PassContext:
         import warnings
         self.warnings.append(message)
         warnings.warn(message, stacklevel=3)
+
+    @property
+    def probe_inputs(self) -> tuple:
+        return self.probe if self.probe is not None else (self.example_args, self.example_kwargs)
 
     def get(self, key: str, default: Any = None) -> Any:
         return self.options.get(key, default)

@@ -148,7 +148,8 @@ class PassManager:
         if not self.instruments.drift or self.reference is None:
             return None
         with torch.no_grad():
-            out = gm(*self.ctx.example_args, **self.ctx.example_kwargs)
+            args, kwargs = self.ctx.probe_inputs
+            out = gm(*args, **kwargs)
         return drift(self.reference, out)
 
     def _instrument(self, gm: GraphModule, record: PassRecord) -> None:

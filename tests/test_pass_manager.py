@@ -220,3 +220,14 @@ def test_one_shot_calibration_iterator_serves_every_pass():
         fast = fxopt.optimize(model, target="cpu-int8", calibration_data=(x for _ in range(3)),
                               latency_repeats=0)
     torch.testing.assert_close(fast(*x), model(*x), rtol=0.05, atol=0.05)
+
+
+def test_drift_probe_is_two_samples_of_a_dynamic_batch():
+    from fxopt.api import _probe_inputs
+    model, _ = _cnn()
+    x = torch.randn(8, 3, 8, 8)
+    gm = fxopt.capture(model, (x,))
+    (probe,), kwargs = _probe_inputs(gm, (x,), {})
+    assert torch.equal(probe, x[:2]) and kwargs == {}
+    static = fxopt.capture(model, (x,), dynamic=False)
+    assert _probe_inputs(static, (x,), {})[0][0] is x      # a static batch is never cut
