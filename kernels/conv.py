@@ -21,7 +21,7 @@ from .linear import _bias, _run, epilogue_params, rows_share_l1_set
 from .pack import pack_weights_s8, quantize_weights_s8
 from .quantize import padded_k, quantize_rows_into, quantize_tensor_into
 
-KERNEL_VERSION = "conv-2"
+KERNEL_VERSION = "conv-3"
 _NO_X = np.empty((0, 0), np.float32)
 
 
@@ -148,6 +148,33 @@ def _quantize_image_static(img, scale, zp):
     return q.reshape(img.shape), np.float32(scale), np.int32(zp)
 
 
+def _conv_batched(x, nhwc, pc, geo, bias, ep, n_threads, oh, ow, a_scale, a_zp):
+    """All images of a batch in one GEMM (M = N*OH*OW): small late-stage images (7x7)
+    would starve the GEMM one by one. Each image keeps its own scale and zero point
+    through the GEMM's per-row quantization parameters. Returns (N, OH, OW, O)."""
+    n, rows = x.shape[0], oh * ow
+    cg = pc.in_channels
+    kp = padded_k(cg * pc.kh * pc.kw)
+    direct = pc.kh == pc.kw == 1 and kp == cg and geo == (1, 1, 0, 0, 1, 1)
+    cols = np.empty((n * rows, a_stride(kp // 4)), np.uint8)
+    rows_s = np.empty(n * rows, np.float32)
+    rows_z = np.empty(n * rows, np.int32)
+    for i, img in enumerate(x):
+        xq, s, z = _quantize_image(img) if a_scale <= 0 else _quantize_image_static(img, a_scale, a_zp)
+        hwc = xq if nhwc else np.ascontiguousarray(xq.transpose(1, 2, 0))
+        block = cols[i * rows:(i + 1) * rows]
+        if direct:  # 1x1 conv: the HWC image is the GEMM's A already
+            block[:, :cg] = hwc.reshape(rows, cg)
+        else:
+            im2col_u8(hwc, 0, cg, pc.kh, pc.kw, *geo, z, block)
+        rows_s[i * rows:(i + 1) * rows] = s
+        rows_z[i * rows:(i + 1) * rows] = z
+    out = np.empty((n * rows, pc.out_channels), np.float32)
+    _run(_NO_X, cols, rows_s, rows_z, pc.parts[0], _bias(bias if bias.size else None, pc.out_channels),
+         ep, out, n_threads)
+    return out.reshape(n, oh, ow, pc.out_channels)
+
+
 def _gemm_groups(xq, pc, geo, s, z, bias, ep, n_threads, oh, ow):
     og = pc.out_channels // pc.groups
     cg = pc.in_channels // pc.groups
@@ -202,6 +229,9 @@ def conv2d_f32(x, pc, bias=None, stride=1, padding=0, dilation=1, act="none",
     b = np.zeros(pc.out_channels, np.float32) if bias is None else _bias(bias, pc.out_channels)
     ep = epilogue_params(act, tuple(act_args))
     geo = (sh, sw, ph, pw, dh, dw)
+    if pc.dw_q is None and pc.groups == 1 and x.shape[0] > 1:
+        y = _conv_batched(x, nhwc, pc, geo, b, ep, n_threads, oh, ow, a_scale, a_zero_point)
+        return y if nhwc else np.ascontiguousarray(y.transpose(0, 3, 1, 2))
     outs = []
     for img in x:
         xq, s, z = _quantize_image(img) if a_scale <= 0 else _quantize_image_static(img, a_scale, a_zero_point)

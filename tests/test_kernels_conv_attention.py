@@ -93,3 +93,20 @@ def test_pack_conv_int8_weights_as_given():
     np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
     with pytest.raises(K.KernelError, match="int8"):
         K.pack_conv_weights_s8(w, scales=s)
+
+
+@pytest.mark.parametrize("case", [CONVS[0], CONVS[1], CONVS[3]])
+def test_conv2d_static_activation_scale(case):
+    c, o, k, stride, padding, dilation, groups, h = case
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((3, c, h, h)).astype(np.float32)
+    w = rng.standard_normal((o, c // groups, *k)).astype(np.float32)
+    scale, zp = 0.03, 100   # clips the tails on purpose: static ranges are not the image's own
+    pc = K.pack_conv_weights_s8(w, groups)
+    y = K.conv2d_f32(x, pc, None, stride, padding, dilation, a_scale=scale, a_zero_point=zp)
+    q = R.quantize_tensor_f32_u8(x.reshape(1, -1), scale, zp).reshape(x.shape)
+    xd = (q.astype(np.float64) - zp) * scale
+    wq, ws = R.quantize_weights_s8(w.reshape(o, -1))
+    ref = R.conv2d_f32(xd, (wq * ws[:, None].astype(np.float64)).reshape(w.shape), None, stride, padding,
+                       dilation, groups)
+    np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
