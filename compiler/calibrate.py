@@ -220,7 +220,8 @@ def _progress(data, enabled: bool):
     except ImportError:  # the bar is a convenience: calibrate runs the same without it
         return _NoBar()
     total = len(data) if hasattr(data, "__len__") else None
-    return tqdm(total=total, desc="fxopt calibrate", unit="batch", leave=False)
+    # disable=None: a bar on a terminal, nothing in logs and pipes
+    return tqdm(total=total, desc="fxopt calibrate", unit="batch", leave=False, disable=None)
 
 
 # ------------------------------------------------------------- input checks
