@@ -240,8 +240,12 @@ def test_progress_bar_and_fallback(mlp_graph, capsys, monkeypatch):
     _, gm = mlp_graph
     nid = _ids_by_layer(gm)["fc1"]
     data = [torch.randn(4, 32) for _ in range(3)]
+    plain = calibrate(gm, data, [nid], progress=True)
+    assert capsys.readouterr().err == ""                    # no bar in logs and pipes
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
     with_bar = calibrate(gm, data, [nid], progress=True)
-    assert "fxopt calibrate" in capsys.readouterr().err
+    assert "fxopt calibrate" in capsys.readouterr().err     # a bar on a terminal
+    assert with_bar == plain
     monkeypatch.setitem(sys.modules, "tqdm.auto", None)   # import now fails
     assert calibrate(gm, data, [nid], progress=True) == with_bar
 
