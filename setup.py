@@ -24,6 +24,8 @@ setup(
         "numba>=0.60",
         "numpy>=1.26",
         "networkx>=3.0",
+        "safetensors>=0.4",   # fxopt.save/load: weights without pickle
+        "tqdm>=4.60",         # progress bars (calibration, distillation, search)
     ],
     extras_require={
         "peers": ["onnxruntime>=1.18", "onnx>=1.16", "onnxscript>=0.1", "transformers>=4.45"],
