@@ -184,10 +184,18 @@ def _impure(node: Node) -> bool:
 
 
 def _drop_unused_buffers(gm: GraphModule) -> None:
+    """Forget weights no node reads (e.g. fp32 weights replaced by packed int8 ones), so the
+    optimized model does not hold both."""
     used = {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"}
-    for name in [name for name, _ in gm.named_buffers(recurse=False)]:
-        if name not in used:
-            delattr(gm, name)
+    names = [n for n, _ in gm.named_buffers(remove_duplicate=False)]
+    names += [n for n, _ in gm.named_parameters(remove_duplicate=False)]
+    for name in names:
+        if name in used:
+            continue
+        owner_path, _, leaf = name.rpartition(".")
+        owner = gm.get_submodule(owner_path) if owner_path else gm
+        if hasattr(owner, leaf):
+            delattr(owner, leaf)
 
 
 # --- inspection --------------------------------------------------------------
