@@ -21,7 +21,7 @@ from .linear import _bias, _run, epilogue_params, rows_share_l1_set
 from .pack import pack_weights_s8, quantize_weights_s8
 from .quantize import padded_k, quantize_rows_into, quantize_tensor_into
 
-KERNEL_VERSION = "conv-3"
+KERNEL_VERSION = "conv-4"
 _NO_X = np.empty((0, 0), np.float32)
 
 
@@ -157,18 +157,25 @@ def _conv_batched(x, nhwc, pc, geo, bias, ep, n_threads, oh, ow, a_scale, a_zp):
     kp = padded_k(cg * pc.kh * pc.kw)
     direct = pc.kh == pc.kw == 1 and kp == cg and geo == (1, 1, 0, 0, 1, 1)
     cols = np.empty((n * rows, a_stride(kp // 4)), np.uint8)
-    rows_s = np.empty(n * rows, np.float32)
-    rows_z = np.empty(n * rows, np.int32)
-    for i, img in enumerate(x):
-        xq, s, z = _quantize_image(img) if a_scale <= 0 else _quantize_image_static(img, a_scale, a_zp)
-        hwc = xq if nhwc else np.ascontiguousarray(xq.transpose(1, 2, 0))
+    # one call quantizes every image (a row each), then im2col runs per image
+    flat = x.reshape(n, -1)
+    xq = np.empty(flat.shape, np.uint8)
+    if a_scale <= 0:
+        scales, zps = np.empty(n, np.float32), np.empty(n, np.int32)
+        quantize_rows_into(flat, xq, scales, zps)
+    else:
+        quantize_tensor_into(flat, np.float32(a_scale), np.int32(a_zp), xq)
+        scales, zps = np.full(n, a_scale, np.float32), np.full(n, a_zp, np.int32)
+    xq = xq.reshape(x.shape)
+    for i in range(n):
+        hwc = xq[i] if nhwc else np.ascontiguousarray(xq[i].transpose(1, 2, 0))
         block = cols[i * rows:(i + 1) * rows]
         if direct:  # 1x1 conv: the HWC image is the GEMM's A already
             block[:, :cg] = hwc.reshape(rows, cg)
         else:
-            im2col_u8(hwc, 0, cg, pc.kh, pc.kw, *geo, z, block)
-        rows_s[i * rows:(i + 1) * rows] = s
-        rows_z[i * rows:(i + 1) * rows] = z
+            im2col_u8(hwc, 0, cg, pc.kh, pc.kw, *geo, zps[i], block)
+    rows_s = np.repeat(scales, rows)
+    rows_z = np.repeat(zps, rows)
     out = np.empty((n * rows, pc.out_channels), np.float32)
     _run(_NO_X, cols, rows_s, rows_z, pc.parts[0], _bias(bias if bias.size else None, pc.out_channels),
          ep, out, n_threads)
