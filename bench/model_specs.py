@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from fxopt import examples
+
 SEED = 0
 INPUT_SEED = 1
 CALIB_SEED = 2
@@ -97,21 +99,10 @@ def build(family: str, small: bool, seed: int = SEED) -> nn.Module:
     return randomize_batchnorm(model, seed).eval()
 
 
-# Why: freshly built BatchNorms hold identity statistics, which would make
-# BN folding a no-op and hide its cost or its error.
 def randomize_batchnorm(model: nn.Module, seed: int = SEED) -> nn.Module:
-    """Give every BatchNorm non-trivial running stats and affine parameters."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for mod in model.modules():
-            if isinstance(mod, nn.modules.batchnorm._BatchNorm):
-                n = mod.num_features
-                mod.running_mean.copy_(torch.randn(n, generator=gen) * 0.1)
-                mod.running_var.copy_(torch.rand(n, generator=gen) * 0.5 + 0.75)
-                if mod.affine:
-                    mod.weight.copy_(torch.rand(n, generator=gen) * 0.5 + 0.75)
-                    mod.bias.copy_(torch.randn(n, generator=gen) * 0.1)
-    return model
+    """Non-trivial BatchNorm statistics (small, so a 50-layer net stays well scaled)."""
+    return examples.randomize_batchnorm(model, seed, mean_std=0.1, var_range=(0.75, 1.25),
+                                        gamma_range=(0.75, 1.25), beta_std=0.1)
 
 
 def make_inputs(spec: Spec, small: bool, batch: int | None = None, seed: int = INPUT_SEED) -> dict:

@@ -77,6 +77,30 @@ class DigitsMLP(nn.Module):
         return self.net(x)
 
 
+def randomize_batchnorm(model: nn.Module, seed: int = 0, mean_std: float = 0.5,
+                        var_range: tuple = (0.5, 2.0), gamma_range: tuple = (0.5, 1.5),
+                        beta_std: float = 0.2) -> nn.Module:
+    """Give every BatchNorm non-trivial running stats and affine parameters, in place.
+
+    Freshly built BatchNorms hold identity statistics, which would make BN folding a
+    no-op and hide its cost or its error in tests and benchmarks.
+
+        model = randomize_batchnorm(build(), seed=0, mean_std=0.1)
+    """
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for mod in model.modules():
+            if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+                n = mod.num_features
+                mod.running_mean.copy_(torch.randn(n, generator=gen) * mean_std)
+                mod.running_var.copy_(torch.rand(n, generator=gen) * (var_range[1] - var_range[0]) + var_range[0])
+                if mod.affine:
+                    mod.weight.copy_(torch.rand(n, generator=gen) * (gamma_range[1] - gamma_range[0])
+                                     + gamma_range[0])
+                    mod.bias.copy_(torch.randn(n, generator=gen) * beta_std)
+    return model
+
+
 def train(model: nn.Module, data: Digits, epochs: int = 15, lr: float = 3e-3, seed: int = 0) -> nn.Module:
     """Train with Adam and cross-entropy; returns the model in eval mode."""
     torch.manual_seed(seed)

@@ -13,24 +13,15 @@ models are built from small configs.
 import torch
 from torch import nn
 
+from fxopt import examples
+
 SEED = 0
 
 
-# Why: BN folding must be tested against running stats and affine params
-# that are not the identity defaults, or a wrong fold would still pass.
 def randomize_batchnorm(model: nn.Module, seed: int = SEED) -> nn.Module:
-    """Give every BatchNorm non-trivial running stats and affine parameters."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for mod in model.modules():
-            if isinstance(mod, nn.modules.batchnorm._BatchNorm):
-                n = mod.num_features
-                mod.running_mean.copy_(torch.randn(n, generator=gen) * 0.5)
-                mod.running_var.copy_(torch.rand(n, generator=gen) * 1.5 + 0.5)
-                if mod.affine:
-                    mod.weight.copy_(torch.rand(n, generator=gen) + 0.5)
-                    mod.bias.copy_(torch.randn(n, generator=gen) * 0.2)
-    return model
+    """Non-trivial BatchNorm statistics, so BN folding is really tested."""
+    return examples.randomize_batchnorm(model, seed, mean_std=0.5, var_range=(0.5, 2.0),
+                                        gamma_range=(0.5, 1.5), beta_std=0.2)
 
 
 def _image(batch: int, channels: int = 3, size: int = 32) -> torch.Tensor:
