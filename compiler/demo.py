@@ -1,32 +1,11 @@
 """`fxopt demo`: train a CNN on sklearn's digits, optimize it, compare before and after."""
 from __future__ import annotations
 
-import statistics
 import time
-
-import torch
 
 import fxopt
 from fxopt.examples import DigitsCNN, accuracy, digits, train
-
-
-def model_bytes(module: torch.nn.Module) -> int:
-    """Bytes of every parameter and buffer a module holds."""
-    tensors = {id(t): t for t in list(module.parameters()) + list(module.buffers())}
-    return sum(t.numel() * t.element_size() for t in tensors.values())
-
-
-def median_latency(fn, x, repeats: int = 50) -> float:
-    """Median seconds of fn(x) after a warm-up."""
-    with torch.no_grad():
-        for _ in range(5):
-            fn(x)
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn(x)
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+from fxopt.model_report import median_latency, model_bytes
 
 
 def run_demo(target: str | None = None, epochs: int = 15) -> dict:
@@ -40,8 +19,8 @@ def run_demo(target: str | None = None, epochs: int = 15) -> dict:
     print(fast.fxopt_report)
     batch = data.x_test[:64]
     rows = {
-        "original": (accuracy(model, data.x_test, data.y_test), model_bytes(model), median_latency(model, batch)),
-        f"fxopt {target}": (accuracy(fast, data.x_test, data.y_test), model_bytes(fast), median_latency(fast, batch)),
+        "original": (accuracy(model, data.x_test, data.y_test), model_bytes(model), median_latency(lambda: model(batch), 50, warmup=5)),
+        f"fxopt {target}": (accuracy(fast, data.x_test, data.y_test), model_bytes(fast), median_latency(lambda: fast(batch), 50, warmup=5)),
     }
     print(f"\n{'model':20s} {'test acc':>9s} {'size KB':>9s} {'latency ms (batch 64)':>22s}")
     for name, (acc, size, lat) in rows.items():

@@ -115,10 +115,11 @@ def graph_bytes(gm: GraphModule) -> int:
     return sum(seen.values())
 
 
-def median_latency(fn, repeats: int = 5) -> float:
-    """Median wall seconds of fn() after one warm-up call."""
+def median_latency(fn, repeats: int = 5, warmup: int = 1) -> float:
+    """Median wall seconds of fn() after `warmup` warm-up calls."""
     with torch.no_grad():
-        fn()
+        for _ in range(warmup):
+            fn()
         times = []
         for _ in range(repeats):
             t0 = time.perf_counter()

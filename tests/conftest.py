@@ -31,3 +31,12 @@ def _quiet_export_warnings():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=FutureWarning)
         yield
+
+
+@pytest.fixture
+def one_torch_thread():
+    """torch on one thread for the test, restored after (small training loops run faster)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -22,12 +22,7 @@ from fxopt.sensitivity import quant_proxy, slower_in_int8
 TEST_SLACK = 0.02
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

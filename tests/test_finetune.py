@@ -16,12 +16,7 @@ from fxopt.pruning import prune  # noqa: E402
 warnings.filterwarnings("ignore", category=UserWarning)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_digits_cnn_pruned_half_recovers_within_one_point():
