@@ -14,7 +14,7 @@ import numpy as np
 from numba import njit, types
 from numba.extending import intrinsic
 
-KERNEL_VERSION = "epilogue-1"
+KERNEL_VERSION = "epilogue-2"
 
 ACTIVATIONS = {"none": 0, "relu": 1, "hardtanh": 2, "relu6": 2,
                "gelu": 3, "gelu_tanh": 4, "silu": 5}
@@ -73,7 +73,7 @@ def tanh_f32(x):
     return _F1 - _F2 / (exp_f32(_F2 * x) + _F1)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def apply_activation(v, i, j0, n, act, p0, p1):
     """In place on v[i, j0:j0+n] (float32); act is an ACTIVATIONS code.
 
