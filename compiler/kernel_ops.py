@@ -18,10 +18,11 @@ from fxopt.fxops import _lib
 
 # x may arrive already quantized (uint8, with the static a_scale/a_zp of this op), and with
 # out_scale > 0 the op hands its output on as uint8 for the next int8 op: chained int8 ops
-# never round-trip through float.
+# never round-trip through float. A residual (same shape as the output) is added after the
+# activation inside the kernel's epilogue.
 _lib.define("linear_int8(Tensor x, Tensor packed, Tensor w_scale, Tensor col_sums, Tensor? b, "
             "int n, int k, str act, float[] act_args, float a_scale, int a_zp, "
-            "float out_scale=0.0, int out_zp=0) -> Tensor")
+            "float out_scale=0.0, int out_zp=0, Tensor? residual=None) -> Tensor")
 
 
 _lib.define("conv2d_int8(Tensor x, Tensor packed, Tensor w_scale, Tensor col_sums, Tensor? b, int[] geometry, "
@@ -110,8 +111,13 @@ def _aligned(a: np.ndarray) -> np.ndarray:
 
 
 def _linear_int8(x, packed, w_scale, col_sums, b, n, k, act, act_args, a_scale, a_zp,
-                 out_scale=0.0, out_zp=0):
+                 out_scale=0.0, out_zp=0, residual=None):
     pw, bias = _packed(packed, w_scale, col_sums, b, n, k)
+    res = None
+    if residual is not None:
+        if out_scale > 0:
+            raise ValueError("fxopt::linear_int8: a residual needs float output (out_scale=0)")
+        res = (residual if residual.dtype == torch.float32 else residual.float()).detach().numpy()
     threads = torch.get_num_threads()
     lead = tuple(x.shape[:-1])
     if x.dtype == torch.uint8:           # chained: already quantized with (a_scale, a_zp)
@@ -119,7 +125,8 @@ def _linear_int8(x, packed, w_scale, col_sums, b, n, k, act, act_args, a_scale, 
     else:
         xn = (x if x.dtype == torch.float32 else x.float()).detach().numpy()
         if a_scale <= 0 and out_scale <= 0:
-            return torch.from_numpy(K.linear_f32(xn, pw, bias, act, tuple(act_args), n_threads=threads))
+            return torch.from_numpy(K.linear_f32(xn, pw, bias, act, tuple(act_args), n_threads=threads,
+                                                 residual=res))
         x2 = np.ascontiguousarray(xn.reshape(-1, k))
         if a_scale > 0:
             q = K.quantize_tensor_f32_u8(x2, a_scale, a_zp)
@@ -139,7 +146,7 @@ _lib.impl("conv2d_int8", _conv2d_int8, "CPU")
 
 @torch.library.register_fake("fxopt::linear_int8")
 def _linear_int8_fake(x, packed, w_scale, col_sums, b, n, k, act, act_args, a_scale, a_zp,
-                      out_scale=0.0, out_zp=0):
+                      out_scale=0.0, out_zp=0, residual=None):
     dtype = torch.uint8 if out_scale > 0 else torch.float32
     return x.new_empty((*x.shape[:-1], n), dtype=dtype)
 

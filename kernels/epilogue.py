@@ -1,7 +1,7 @@
 """Fused GEMM epilogues, applied to one int32 tile while it is in L1.
 
 float:   y = (acc - zp_a[i] * colsum[j]) * (scale_a[i] * scale_w[j]) + bias[j]
-         then act(y), act in ACTIVATIONS
+         then act(y), act in ACTIVATIONS, then + res[i, j] if a residual is given
 uint8:   q = clip(rint(y / out_scale) + out_zp, 0, 255) after act
 int32:   raw acc
 
@@ -14,7 +14,7 @@ import numpy as np
 from numba import njit, types
 from numba.extending import intrinsic
 
-KERNEL_VERSION = "epilogue-3"
+KERNEL_VERSION = "epilogue-4"
 
 ACTIVATIONS = {"none": 0, "relu": 1, "hardtanh": 2, "relu6": 2,
                "gelu": 3, "gelu_tanh": 4, "silu": 5}
@@ -109,6 +109,15 @@ def apply_activation(v, i, j0, n, act, p0, p1):
             k = uj + np.uint64(j)
             x = v[ui, k]
             v[ui, k] = x / (_F1 + exp_f32(-x))
+
+
+@njit(cache=True)
+def add_row(out, res, i, j0, n):
+    """out[i, j0:j0+n] += res[i, j0:j0+n] (float32; the fused residual add)."""
+    ui, uj = np.uint64(i), np.uint64(j0)
+    for j in range(n):
+        k = uj + np.uint64(j)
+        out[ui, k] += res[ui, k]
 
 
 @njit(inline="always")

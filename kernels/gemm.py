@@ -14,13 +14,13 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
-from .epilogue import (EP_ACT, EP_P0, EP_P1, apply_activation, store_tile_f32,
+from .epilogue import (EP_ACT, EP_P0, EP_P1, add_row, apply_activation, store_tile_f32,
                        store_tile_s32, store_tile_u8)
 from .quantize import quantize_rows_into, row_range, scale_zero_point, quantize_row
 from .simd import (BLOCK_COLS, GROUP_BYTES, TAGS, is_portable, isa_geometry, tile_f32,
                    tile_s32)
 
-KERNEL_VERSION = "gemm-1"
+KERNEL_VERSION = "gemm-2"
 
 _AVX512_VNNI = TAGS["avx512_vnni"]
 _AVX_VNNI = TAGS["avx_vnni"]
@@ -92,16 +92,16 @@ def _tiles_s32(tag, mr, m0, ncols, aq, bp, boff, kg, t):
 
 
 def _compute(tag, mr, m0, n0, ncols, aq, bp, boff, kg, colsum, ascale, azp, wscale,
-             bias, ep, out, t, y):
+             bias, res, ep, out, t, y):
     raise NotImplementedError  # compiled through the overload below
 
 
 @overload(_compute, inline="always")
 def _compute_impl(tag, mr, m0, n0, ncols, aq, bp, boff, kg, colsum, ascale, azp,
-                  wscale, bias, ep, out, t, y):
+                  wscale, bias, res, ep, out, t, y):
     if out.dtype == types.float32:
         def impl(tag, mr, m0, n0, ncols, aq, bp, boff, kg, colsum, ascale, azp, wscale,
-                 bias, ep, out, t, y):
+                 bias, res, ep, out, t, y):
             if ncols == BLOCK_COLS and bias.shape[0] > 0 and not is_portable(tag):
                 # full block: dequantize in registers, straight into out
                 tc, lda = isa_geometry(tag)[1], aq.shape[1]
@@ -116,15 +116,18 @@ def _compute_impl(tag, mr, m0, n0, ncols, aq, bp, boff, kg, colsum, ascale, azp,
                 _tiles_s32(tag, mr, m0, ncols, aq, bp, boff, kg, t)
                 store_tile_f32(t, BLOCK_COLS, mr, m0, n0, ncols, colsum, ascale, azp,
                                wscale, bias, ep, out)
+            if res.shape[0] > 0:  # fused residual: out += res, after the activation
+                for r in range(mr):
+                    add_row(out, res, m0 + r, n0, ncols)
     elif out.dtype == types.uint8:
         def impl(tag, mr, m0, n0, ncols, aq, bp, boff, kg, colsum, ascale, azp, wscale,
-                 bias, ep, out, t, y):
+                 bias, res, ep, out, t, y):
             _tiles_s32(tag, mr, m0, ncols, aq, bp, boff, kg, t)
             store_tile_u8(t, BLOCK_COLS, mr, m0, n0, ncols, colsum, ascale, azp,
                           wscale, bias, ep, out, y)
     elif out.dtype == types.int32:
         def impl(tag, mr, m0, n0, ncols, aq, bp, boff, kg, colsum, ascale, azp, wscale,
-                 bias, ep, out, t, y):
+                 bias, res, ep, out, t, y):
             _tiles_s32(tag, mr, m0, ncols, aq, bp, boff, kg, t)
             store_tile_s32(t, BLOCK_COLS, mr, m0, n0, ncols, out)
     else:
@@ -134,7 +137,7 @@ def _compute_impl(tag, mr, m0, n0, ncols, aq, bp, boff, kg, colsum, ascale, azp,
 
 @njit
 def _job(tag, job, nmc, mchunk, aq, bp, kg, colsum, ascale, azp, wscale, bias,
-         ep, out):
+         res, ep, out):
     mr_max = isa_geometry(tag)[0]
     m, n = aq.shape[0], out.shape[1]
     nb = job // nmc
@@ -148,7 +151,7 @@ def _job(tag, job, nmc, mchunk, aq, bp, kg, colsum, ascale, azp, wscale, bias,
     for m0 in range(m_start, m_end, mr_max):
         mr = min(mr_max, m_end - m0)
         _compute(tag, mr, m0, n0, ncols, aq, bp, boff, kg, colsum, ascale, azp,
-                 wscale, bias, ep, out, t, y)
+                 wscale, bias, res, ep, out, t, y)
 
 
 @njit
@@ -188,7 +191,7 @@ def _starts(njobs, threads):
 
 @njit
 def _worker(tag, w, threads, nxt, njobs, nmc, mchunk, aq, bp, kg, colsum, ascale, azp,
-            wscale, bias, ep, out):
+            wscale, bias, res, ep, out):
     """Run worker w's contiguous share of the jobs, then help the others.
 
     Owner and helpers take jobs from the same atomic counter, so each job
@@ -204,7 +207,7 @@ def _worker(tag, w, threads, nxt, njobs, nmc, mchunk, aq, bp, kg, colsum, ascale
             if job >= hi:
                 break
             _job(tag, job, nmc, mchunk, aq, bp, kg, colsum, ascale, azp, wscale, bias,
-                 ep, out)
+                 res, ep, out)
 
 
 @njit
@@ -249,83 +252,83 @@ def _prepare_par(x, aq, ascale, azp, kg):
 
 
 @njit
-def _run_serial(tag, x, aq, ascale, azp, bp, kg, colsum, wscale, bias, ep, out):
+def _run_serial(tag, x, aq, ascale, azp, bp, kg, colsum, wscale, bias, res, ep, out):
     aq, ascale, azp = _prepare(x, aq, ascale, azp, kg)
     nblocks = (out.shape[1] + BLOCK_COLS - 1) // BLOCK_COLS
     for job in range(nblocks):
         _job(tag, job, 1, max(aq.shape[0], 1), aq, bp, kg, colsum, ascale, azp,
-             wscale, bias, ep, out)
+             wscale, bias, res, ep, out)
 
 
 # One serial and one threaded entry per ISA; the threaded body is repeated
 # because prange must sit in the function compiled with parallel=True.
 # prange runs one worker per thread; workers share jobs (_worker).
 @njit(cache=True)
-def avx512_vnni_serial(x, aq, ascale, azp, bp, kg, colsum, wscale, bias, ep, out,
+def avx512_vnni_serial(x, aq, ascale, azp, bp, kg, colsum, wscale, bias, res, ep, out,
         threads):
-    _run_serial(_AVX512_VNNI, x, aq, ascale, azp, bp, kg, colsum, wscale, bias, ep, out)
+    _run_serial(_AVX512_VNNI, x, aq, ascale, azp, bp, kg, colsum, wscale, bias, res, ep, out)
 
 
 @njit(cache=True, parallel=True)
-def avx512_vnni_parallel(x, aq, ascale, azp, bp, kg, colsum, wscale, bias, ep, out,
+def avx512_vnni_parallel(x, aq, ascale, azp, bp, kg, colsum, wscale, bias, res, ep, out,
         threads):
     aq, ascale, azp = _prepare_par(x, aq, ascale, azp, kg)
     nblocks, nmc, mchunk = _plan(_AVX512_VNNI, aq.shape[0], out.shape[1], threads)
     nxt = _starts(nblocks * nmc, threads)
     for w in prange(threads):
         _worker(_AVX512_VNNI, w, threads, nxt, nblocks * nmc, nmc, mchunk, aq, bp, kg, colsum,
-                ascale, azp, wscale, bias, ep, out)
+                ascale, azp, wscale, bias, res, ep, out)
 
 
 @njit(cache=True)
-def avx_vnni_serial(x, aq, ascale, azp, bp, kg, colsum, wscale, bias, ep, out,
+def avx_vnni_serial(x, aq, ascale, azp, bp, kg, colsum, wscale, bias, res, ep, out,
         threads):
-    _run_serial(_AVX_VNNI, x, aq, ascale, azp, bp, kg, colsum, wscale, bias, ep, out)
+    _run_serial(_AVX_VNNI, x, aq, ascale, azp, bp, kg, colsum, wscale, bias, res, ep, out)
 
 
 @njit(cache=True, parallel=True)
-def avx_vnni_parallel(x, aq, ascale, azp, bp, kg, colsum, wscale, bias, ep, out,
+def avx_vnni_parallel(x, aq, ascale, azp, bp, kg, colsum, wscale, bias, res, ep, out,
         threads):
     aq, ascale, azp = _prepare_par(x, aq, ascale, azp, kg)
     nblocks, nmc, mchunk = _plan(_AVX_VNNI, aq.shape[0], out.shape[1], threads)
     nxt = _starts(nblocks * nmc, threads)
     for w in prange(threads):
         _worker(_AVX_VNNI, w, threads, nxt, nblocks * nmc, nmc, mchunk, aq, bp, kg, colsum,
-                ascale, azp, wscale, bias, ep, out)
+                ascale, azp, wscale, bias, res, ep, out)
 
 
 @njit(cache=True)
-def avx2_serial(x, aq, ascale, azp, bp, kg, colsum, wscale, bias, ep, out,
+def avx2_serial(x, aq, ascale, azp, bp, kg, colsum, wscale, bias, res, ep, out,
         threads):
-    _run_serial(_AVX2, x, aq, ascale, azp, bp, kg, colsum, wscale, bias, ep, out)
+    _run_serial(_AVX2, x, aq, ascale, azp, bp, kg, colsum, wscale, bias, res, ep, out)
 
 
 @njit(cache=True, parallel=True)
-def avx2_parallel(x, aq, ascale, azp, bp, kg, colsum, wscale, bias, ep, out,
+def avx2_parallel(x, aq, ascale, azp, bp, kg, colsum, wscale, bias, res, ep, out,
         threads):
     aq, ascale, azp = _prepare_par(x, aq, ascale, azp, kg)
     nblocks, nmc, mchunk = _plan(_AVX2, aq.shape[0], out.shape[1], threads)
     nxt = _starts(nblocks * nmc, threads)
     for w in prange(threads):
         _worker(_AVX2, w, threads, nxt, nblocks * nmc, nmc, mchunk, aq, bp, kg, colsum,
-                ascale, azp, wscale, bias, ep, out)
+                ascale, azp, wscale, bias, res, ep, out)
 
 
 @njit(cache=True)
-def portable_serial(x, aq, ascale, azp, bp, kg, colsum, wscale, bias, ep, out,
+def portable_serial(x, aq, ascale, azp, bp, kg, colsum, wscale, bias, res, ep, out,
         threads):
-    _run_serial(_PORTABLE, x, aq, ascale, azp, bp, kg, colsum, wscale, bias, ep, out)
+    _run_serial(_PORTABLE, x, aq, ascale, azp, bp, kg, colsum, wscale, bias, res, ep, out)
 
 
 @njit(cache=True, parallel=True)
-def portable_parallel(x, aq, ascale, azp, bp, kg, colsum, wscale, bias, ep, out,
+def portable_parallel(x, aq, ascale, azp, bp, kg, colsum, wscale, bias, res, ep, out,
         threads):
     aq, ascale, azp = _prepare_par(x, aq, ascale, azp, kg)
     nblocks, nmc, mchunk = _plan(_PORTABLE, aq.shape[0], out.shape[1], threads)
     nxt = _starts(nblocks * nmc, threads)
     for w in prange(threads):
         _worker(_PORTABLE, w, threads, nxt, nblocks * nmc, nmc, mchunk, aq, bp, kg, colsum,
-                ascale, azp, wscale, bias, ep, out)
+                ascale, azp, wscale, bias, res, ep, out)
 
 
 ENTRIES = {

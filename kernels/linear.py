@@ -23,7 +23,7 @@ from .dispatch import KernelError
 from .pack import PackedWeights
 from .quantize import padded_k
 
-KERNEL_VERSION = "linear-1"
+KERNEL_VERSION = "linear-2"
 # below this many multiply-adds a thread launch costs more than it saves
 PARALLEL_MIN_MACS = 1 << 18
 
@@ -68,16 +68,27 @@ def epilogue_params(act="none", act_args=(), out_scale=1.0, out_zero_point=0):
     return ep
 
 
-def _run(x, aq, ascale, azp, pw, bias, ep, out, n_threads):
+def _run(x, aq, ascale, azp, pw, bias, ep, out, n_threads, res=_NO_X):
     serial, parallel = ENTRIES[_dispatch._current[0]]
     threads = n_threads or _threads[0]
     if threads > 1 and out.shape[0] * pw.n * pw.k >= PARALLEL_MIN_MACS:
         parallel(x, aq, ascale, azp, pw.data, pw.k_groups, pw.col_sums, pw.scales,
-                 bias, ep, out, threads)
+                 bias, res, ep, out, threads)
     else:
         serial(x, aq, ascale, azp, pw.data, pw.k_groups, pw.col_sums, pw.scales,
-               bias, ep, out, 1)
+               bias, res, ep, out, 1)
     return out
+
+
+def _residual(res, m, n):
+    """The residual added after the epilogue: float32 (m, n), C-contiguous."""
+    if res is None:
+        return _NO_X
+    if type(res) is not np.ndarray or res.dtype is not _F32 or not res.flags.c_contiguous:
+        res = np.ascontiguousarray(res, np.float32)
+    if res.shape != (m, n):
+        raise KernelError(f"residual must have the output's shape ({m}, {n}), got {res.shape}")
+    return res
 
 
 def _bias(bias, n):
@@ -99,11 +110,13 @@ def _check_packed(pw):
         raise KernelError("weights must be a PackedWeights from pack_weights_s8")
 
 
-def linear_f32(x, pw, bias=None, act="none", act_args=(), n_threads=None):
-    """y = act(x @ W.T * scales + bias) with x quantized per row on the fly.
+def linear_f32(x, pw, bias=None, act="none", act_args=(), n_threads=None, residual=None):
+    """y = act(x @ W.T * scales + bias) (+ residual) with x quantized per row on the fly.
 
     x: float32 (..., K), any leading shape; returns float32 (..., N).
     act: one of ACTIVATIONS; act_args: (min, max) for hardtanh/relu6.
+    residual: optional float32 (..., N), added after the activation while
+    the tile is in cache (a transformer's `dense(x) + hidden` in one pass).
     The hot path of lowered graphs: keep x float32 and C-contiguous and
     bias float32 (N,) to skip every conversion.
 
@@ -116,8 +129,10 @@ def linear_f32(x, pw, bias=None, act="none", act_args=(), n_threads=None):
             _check_packed(pw)
             raise KernelError(f"linear_f32: input has shape {x.shape}, weights expect "
                               f"K={pw.k} in the last dimension")
+        if residual is not None:
+            residual = np.asarray(residual).reshape(-1, pw.n)
         return linear_f32(x.reshape(-1, pw.k), pw, bias, act, act_args,
-                          n_threads).reshape(x.shape[:-1] + (pw.n,))
+                          n_threads, residual).reshape(x.shape[:-1] + (pw.n,))
     n = pw.n
     ep = _EP_CACHE.get((act, act_args, 1.0, 0)) if type(act_args) is tuple else None
     if ep is None:
@@ -129,15 +144,16 @@ def linear_f32(x, pw, bias=None, act="none", act_args=(), n_threads=None):
             bias = _bias(None, n)
     elif type(bias) is not np.ndarray or bias.dtype is not _F32 or bias.shape != (n,):
         bias = _bias(bias, n)
+    res = _NO_X if residual is None else _residual(residual, x.shape[0], n)
     out = np.empty((x.shape[0], n), _F32)
     serial, parallel = ENTRIES[_dispatch._current[0]]
     threads = n_threads or _threads[0]
     if threads > 1 and x.shape[0] * n * pw.k >= PARALLEL_MIN_MACS:
         parallel(x, _NO_Q, _NO_F, _NO_I, pw.data, (pw.k + 3) >> 2, pw.col_sums, pw.scales,
-                 bias, ep, out, threads)
+                 bias, res, ep, out, threads)
     else:
         serial(x, _NO_Q, _NO_F, _NO_I, pw.data, (pw.k + 3) >> 2, pw.col_sums, pw.scales,
-               bias, ep, out, 1)
+               bias, res, ep, out, 1)
     return out
 
 
@@ -190,10 +206,11 @@ def gemm_u8s8_s32(a, pw, n_threads=None):
 
 
 def gemm_u8s8_f32(a, a_scales, a_zero_points, pw, bias=None, act="none",
-                  act_args=(), n_threads=None):
-    """Dequantizing GEMM: act((a - zp) @ W.T * a_scale * w_scale + bias).
+                  act_args=(), n_threads=None, residual=None):
+    """Dequantizing GEMM: act((a - zp) @ W.T * a_scale * w_scale + bias) (+ residual).
 
-    a_scales / a_zero_points: per row (M,) or one scalar for the tensor.
+    a_scales / a_zero_points: per row (M,) or one scalar for the tensor;
+    residual: optional float32 (M, N) added after the activation.
     """
     a = _prepare_u8(a, pw)
     m = a.shape[0]
@@ -201,7 +218,7 @@ def gemm_u8s8_f32(a, a_scales, a_zero_points, pw, bias=None, act="none",
     z = _per_row(a_zero_points, m, np.int32, "a_zero_points")
     out = np.empty((m, pw.n), np.float32)
     return _run(_NO_X, a, s, z, pw, _bias(bias, pw.n), epilogue_params(act, act_args),
-                out, n_threads)
+                out, n_threads, _residual(residual, m, pw.n))
 
 
 def gemm_u8s8_u8(a, a_scales, a_zero_points, pw, out_scale, out_zero_point,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from fxopt import kernel_ops, qops
-from fxopt.ir import add_weight, get_weight, infer_meta, insert_call
+from fxopt.ir import ID, add_weight, get_weight, infer_meta, insert_call
 from fxopt.pass_base import PassInfo, PassResult
 
 aten = torch.ops.aten
@@ -33,6 +33,7 @@ def run(gm, ctx) -> PassResult:
     if stats["conv2d"]:
         stats["view_to_reshape"] = _views_to_reshapes(gm)
     stats["chained"] = _chain(gm)
+    stats["residual_adds"] = _fuse_residual_adds(gm)
     from fxopt import kernels
     gm.meta.setdefault("fxopt_artifact", {})["kernel_isa"] = kernels.isa()
     return PassResult(stats["linear"] + stats["conv2d"] > 0, stats)
@@ -77,6 +78,48 @@ def _chain(gm) -> int:
         node.meta.setdefault("fxopt_quant", {})["chained"] = True
         count += 1
     return count
+
+
+def _fuse_residual_adds(gm) -> int:
+    """`linear(x) + r` becomes one kernel call adding r in the epilogue, while each output
+    tile is still in cache: a transformer's residual adds stop being a separate pass over
+    the activations. Only for a float-output linear whose one user is the add, and an r of
+    exactly the output's shape and dtype (no broadcasting, no type promotion)."""
+    count = 0
+    for add in list(gm.graph.nodes):
+        if add.target is not aten.add.Tensor or len(add.args) != 2 or add.kwargs:
+            continue
+        for lin, res in (add.args, add.args[::-1]):
+            if _fusable_residual(lin, res):
+                out_scale = lin.args[11] if len(lin.args) > 11 else 0.0
+                out_zp = lin.args[12] if len(lin.args) > 12 else 0
+                new = insert_call(gm, add, kernel_ops.linear_int8,
+                                  (*lin.args[:11], out_scale, out_zp, res), like=lin)
+                if ID in add.meta:
+                    new.meta[ID] = add.meta[ID]  # the fused node computes the add's value
+                for key in ("fxopt_quant", "fxopt_activation"):
+                    if key in lin.meta:
+                        new.meta[key] = lin.meta[key]
+                new.meta.setdefault("fxopt_quant", {})["residual"] = True
+                add.replace_all_uses_with(new)
+                gm.graph.erase_node(add)
+                gm.graph.erase_node(lin)
+                count += 1
+                break
+    return count
+
+
+def _fusable_residual(lin, res) -> bool:
+    if (not isinstance(lin, torch.fx.Node) or lin.target is not kernel_ops.linear_int8
+            or len(lin.users) != 1 or not isinstance(res, torch.fx.Node) or res is lin):
+        return False
+    if len(lin.args) > 11 and lin.args[11] > 0:  # uint8 output (chained): no float tile to add to
+        return False
+    if len(lin.args) > 13 and lin.args[13] is not None:
+        return False
+    a, b = lin.meta.get("val"), res.meta.get("val")
+    return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype == torch.float32
+            and len(a.shape) == len(b.shape) and all(x == y for x, y in zip(a.shape, b.shape)))
 
 
 def _views_to_reshapes(gm) -> int:

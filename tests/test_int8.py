@@ -170,3 +170,35 @@ def test_depthwise_convs_stay_fp32_unless_asked():
     assert all(r["precision"] == "int8" for r in forced.fxopt_report.layers)
     with torch.no_grad():
         assert drift(model(*x), fast(*x)).cosine > 0.999 and drift(model(*x), forced(*x)).cosine > 0.999
+
+
+class _Residual(nn.Module):
+    """Three adds: a residual (fusable), a broadcast bias-like add and an add of a linear
+    that has a second user (neither fusable)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(32, 48), nn.Linear(48, 32), nn.Linear(32, 32)
+        self.shift = nn.Parameter(torch.randn(32))
+
+    def forward(self, x):
+        h = self.fc2(torch.relu(self.fc1(x))) + x          # fused into fc2's epilogue
+        g = self.fc3(h)
+        return (g + self.shift) * (g + h)                    # broadcast; fc3 has two users
+
+
+def test_residual_add_fuses_into_the_linear_epilogue(monkeypatch):
+    from fxopt.passes import lower_to_kernels
+    torch.manual_seed(0)
+    model, x = _Residual().eval(), (torch.randn(2, 5, 32),)
+    fused = fxopt.optimize(model, x, latency_repeats=0)
+    assert fused.fxopt_report.record("lower_to_kernels").stats["residual_adds"] == 1
+    residuals = [n for n in fused.graph.nodes if n.target is kernel_ops.linear_int8 and len(n.args) > 13]
+    assert len(residuals) == 1 and residuals[0].args[13] is not None
+    monkeypatch.setattr(lower_to_kernels, "_fuse_residual_adds", lambda gm: 0)
+    separate = fxopt.optimize(model, x, latency_repeats=0)
+    with torch.no_grad():
+        for inp in (x[0], torch.randn(3, 7, 32)):   # other batch and sequence sizes too
+            # one float32 add either way: in the epilogue or as aten.add
+            torch.testing.assert_close(fused(inp), separate(inp), rtol=0, atol=0)
+            assert drift(model(inp), fused(inp)).cosine > 0.999

@@ -138,6 +138,35 @@ def test_linear_f32_matches_reference(isa, monkeypatch, threads, m, k, n):
     np.testing.assert_allclose(got, ref, rtol=2e-5, atol=2e-5 * np.abs(ref).max())
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("act", ["none", "gelu"])
+@pytest.mark.parametrize("m,k,n", [(7, 40, 64), (13, 96, 150)])  # full blocks, and a column tail
+def test_linear_f32_fused_residual(isa, monkeypatch, threads, act, m, k, n):
+    """The residual is added after bias and activation: exactly what a separate add gives."""
+    if threads == 2 and isa not in THREADED_ISAS:
+        pytest.skip("threaded driver checked on THREADED_ISAS")
+    monkeypatch.setattr(L, "PARALLEL_MIN_MACS", 0)
+    x, q, s, b = _float_case(np.random.default_rng(9), m, k, n)
+    res = np.random.default_rng(10).standard_normal((m, n)).astype(np.float32)
+    pw = K.pack_weights_s8(q, s)
+    plain = K.linear_f32(x, pw, b, act, n_threads=threads)
+    fused = K.linear_f32(x, pw, b, act, n_threads=threads, residual=res)
+    np.testing.assert_array_equal(fused, plain + res)
+    aq, sa, za = R.quantize_rows_f32_u8(x)
+    got = K.gemm_u8s8_f32(aq, sa, za, pw, b, act, n_threads=threads, residual=res)
+    np.testing.assert_array_equal(got, K.gemm_u8s8_f32(aq, sa, za, pw, b, act, n_threads=threads) + res)
+
+
+def test_linear_f32_residual_leading_dims_and_errors():
+    x, q, s, b = _float_case(np.random.default_rng(11), 6, 32, 20)
+    pw = K.pack_weights_s8(q, s)
+    res = np.random.default_rng(12).standard_normal((2, 3, 20)).astype(np.float64)  # converted
+    got = K.linear_f32(x.reshape(2, 3, 32), pw, b, residual=res)
+    np.testing.assert_array_equal(got, K.linear_f32(x, pw, b).reshape(2, 3, 20) + res.astype(np.float32))
+    with pytest.raises(K.KernelError, match="residual must have the output's shape"):
+        K.linear_f32(x, pw, b, residual=np.zeros((6, 21), np.float32))
+
+
 def test_linear_f32_close_to_float_linear():
     x, _, _, b = _float_case(np.random.default_rng(7), 16, 256, 96)
     w = np.random.default_rng(8).standard_normal((96, 256)).astype(np.float32)
