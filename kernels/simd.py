@@ -26,7 +26,7 @@ from numba.core.imputils import lower_constant
 from numba.extending import (intrinsic, models,
                              register_model, typeof_impl)
 
-KERNEL_VERSION = "simd-1"
+KERNEL_VERSION = "simd-2"
 
 ISAS = ("avx512_vnni", "avx_vnni", "avx2", "portable")
 # isa -> (rows per tile, columns per tile)
@@ -240,13 +240,14 @@ def tile_f32(typingctx, tag, mr, a, a_off, lda, b, b_off, kg, colsum, wscale, bi
         if isa not in _SPECS or nrows > GEOMETRY[isa][0]:
             return context.get_dummy_value()
         ar = _Args(context, builder, sig, args)
-        accs = _emit_accumulate(ar, isa, nrows, 2, 5, 7)
         n0v, m0v = ar.int(11), ar.int(14)
-        cs_p, ws_p, b_p = ar.ptr(8, 11), ar.ptr(9, 11), ar.ptr(10, 11)
-        sa_p, zp_p = ar.ptr(12, 14), ar.ptr(13, 14)
         out_st = cgutils.create_struct_proxy(sig.args[15])(context, builder, value=args[15])
         ldo = builder.sdiv(builder.extract_value(out_st.strides, 0), ar.cst(4))
         o_ptr = builder.gep(out_st.data, [builder.add(builder.mul(m0v, ldo), n0v)])
+        _prefetch_for_write(builder, o_ptr, ldo, nrows, GEOMETRY[isa][1], ar)
+        accs = _emit_accumulate(ar, isa, nrows, 2, 5, 7)
+        cs_p, ws_p, b_p = ar.ptr(8, 11), ar.ptr(9, 11), ar.ptr(10, 11)
+        sa_p, zp_p = ar.ptr(12, 14), ar.ptr(13, 14)
         n = accs[0][0].type.count
         fvec, ivec = _vec(ir.FloatType(), n), _vec(_i32, n)
         cols = [( _load_vec(builder, cs_p, ar.cst(c * n), ivec),
@@ -266,6 +267,19 @@ def tile_f32(typingctx, tag, mr, a, a_off, lda, b, b_off, kg, colsum, wscale, bi
                            builder.add(base, ar.cst(c * n)))
         return context.get_dummy_value()
     return sig, codegen
+
+
+def _prefetch_for_write(builder, o_ptr, ldo, nrows, ncols, ar):
+    """Ask for the tile's output lines (owned, for writing) before the K loop, so that
+    their misses overlap the arithmetic instead of stalling the epilogue's stores."""
+    i8p = ir.IntType(8).as_pointer()
+    fnty = ir.FunctionType(ir.VoidType(), [i8p, _i32, _i32, _i32])
+    fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0i8")
+    for r in range(nrows):
+        row = builder.gep(o_ptr, [builder.mul(ldo, ar.cst(r))])
+        for line in range(max(1, ncols * 4 // 64)):
+            p = builder.bitcast(builder.gep(row, [ar.cst(line * 16)]), i8p)
+            builder.call(fn, [p, ir.Constant(_i32, 1), ir.Constant(_i32, 3), ir.Constant(_i32, 1)])
 
 
 def _splat(builder, scalar, n):
