@@ -12,7 +12,7 @@ moves runs of bytes, not floats, and out-of-image taps read the zero point
 from typing import NamedTuple, Optional
 
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
 from .dispatch import KernelError
 from .epilogue import apply_activation
@@ -21,7 +21,7 @@ from .linear import _bias, _run, epilogue_params, rows_share_l1_set
 from .pack import pack_weights_s8, quantize_weights_s8
 from .quantize import padded_k, quantize_rows_into, quantize_tensor_into
 
-KERNEL_VERSION = "conv-4"
+KERNEL_VERSION = "conv-5"
 _NO_X = np.empty((0, 0), np.float32)
 
 
@@ -102,6 +102,16 @@ def im2col_u8(x, c0, cg, kh, kw, sh, sw, ph, pw, dh, dw, zp, out):
                 out[row, np.uint64(k)] = zq
 
 
+@njit(cache=True, parallel=True)
+def im2col_batch_u8(x, cg, kh, kw, sh, sw, ph, pw, dh, dw, zps, out):
+    """im2col_u8 of every image of a uint8 NHWC batch, image i (zero point zps[i]) into
+    its OH*OW consecutive rows of out: one call, images spread over the threads."""
+    n = x.shape[0]
+    rows = out.shape[0] // n
+    for i in prange(n):
+        im2col_u8(x[i], 0, cg, kh, kw, sh, sw, ph, pw, dh, dw, zps[i], out[i * rows:(i + 1) * rows])
+
+
 @njit(cache=True)
 def depthwise_u8(x, nhwc, q, kh, kw, sh, sw, ph, pw, dh, dw, zp, sx, ws, bias, ep, out):
     """Direct depthwise conv on a uint8 image; out float32 (C, OH, OW)."""
@@ -167,13 +177,12 @@ def _conv_batched(x, nhwc, pc, geo, bias, ep, n_threads, oh, ow, a_scale, a_zp):
         quantize_tensor_into(flat, np.float32(a_scale), np.int32(a_zp), xq)
         scales, zps = np.full(n, a_scale, np.float32), np.full(n, a_zp, np.int32)
     xq = xq.reshape(x.shape)
-    for i in range(n):
-        hwc = xq[i] if nhwc else np.ascontiguousarray(xq[i].transpose(1, 2, 0))
-        block = cols[i * rows:(i + 1) * rows]
-        if direct:  # 1x1 conv: the HWC image is the GEMM's A already
-            block[:, :cg] = hwc.reshape(rows, cg)
-        else:
-            im2col_u8(hwc, 0, cg, pc.kh, pc.kw, *geo, zps[i], block)
+    if not nhwc:
+        xq = np.ascontiguousarray(xq.transpose(0, 2, 3, 1))
+    if direct:  # 1x1 conv: the HWC images are the GEMM's A already
+        cols[:, :cg] = xq.reshape(n * rows, cg)
+    else:
+        im2col_batch_u8(xq, cg, pc.kh, pc.kw, *geo, zps, cols)
     rows_s = np.repeat(scales, rows)
     rows_z = np.repeat(zps, rows)
     out = np.empty((n * rows, pc.out_channels), np.float32)
