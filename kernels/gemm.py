@@ -20,7 +20,7 @@ from .quantize import quantize_rows_into, row_range, scale_zero_point, quantize_
 from .simd import (BLOCK_COLS, GROUP_BYTES, TAGS, is_portable, isa_geometry, tile_f32,
                    tile_s32)
 
-KERNEL_VERSION = "gemm-2"
+KERNEL_VERSION = "gemm-3"
 
 _AVX512_VNNI = TAGS["avx512_vnni"]
 _AVX_VNNI = TAGS["avx_vnni"]
@@ -48,19 +48,25 @@ def _tile(tag, mr, a, a_off, lda, b, b_off, kg, t, t_off):
 
 @njit(inline="always")
 def _tile_f32(tag, mr, a, a_off, lda, b, b_off, kg, colsum, wscale, bias, n0,
-              ascale, azp, m0, out):
+              ascale, azp, m0, out, act, p0, p1):
     if mr == 6:
-        tile_f32(tag, 6, a, a_off, lda, b, b_off, kg, colsum, wscale, bias, n0, ascale, azp, m0, out)
+        tile_f32(tag, 6, a, a_off, lda, b, b_off, kg, colsum, wscale, bias, n0, ascale, azp, m0, out,
+                 act, p0, p1)
     elif mr == 5:
-        tile_f32(tag, 5, a, a_off, lda, b, b_off, kg, colsum, wscale, bias, n0, ascale, azp, m0, out)
+        tile_f32(tag, 5, a, a_off, lda, b, b_off, kg, colsum, wscale, bias, n0, ascale, azp, m0, out,
+                 act, p0, p1)
     elif mr == 4:
-        tile_f32(tag, 4, a, a_off, lda, b, b_off, kg, colsum, wscale, bias, n0, ascale, azp, m0, out)
+        tile_f32(tag, 4, a, a_off, lda, b, b_off, kg, colsum, wscale, bias, n0, ascale, azp, m0, out,
+                 act, p0, p1)
     elif mr == 3:
-        tile_f32(tag, 3, a, a_off, lda, b, b_off, kg, colsum, wscale, bias, n0, ascale, azp, m0, out)
+        tile_f32(tag, 3, a, a_off, lda, b, b_off, kg, colsum, wscale, bias, n0, ascale, azp, m0, out,
+                 act, p0, p1)
     elif mr == 2:
-        tile_f32(tag, 2, a, a_off, lda, b, b_off, kg, colsum, wscale, bias, n0, ascale, azp, m0, out)
+        tile_f32(tag, 2, a, a_off, lda, b, b_off, kg, colsum, wscale, bias, n0, ascale, azp, m0, out,
+                 act, p0, p1)
     else:
-        tile_f32(tag, 1, a, a_off, lda, b, b_off, kg, colsum, wscale, bias, n0, ascale, azp, m0, out)
+        tile_f32(tag, 1, a, a_off, lda, b, b_off, kg, colsum, wscale, bias, n0, ascale, azp, m0, out,
+                 act, p0, p1)
 
 
 @njit
@@ -105,11 +111,11 @@ def _compute_impl(tag, mr, m0, n0, ncols, aq, bp, boff, kg, colsum, ascale, azp,
             if ncols == BLOCK_COLS and bias.shape[0] > 0 and not is_portable(tag):
                 # full block: dequantize in registers, straight into out
                 tc, lda = isa_geometry(tag)[1], aq.shape[1]
+                act = np.int32(ep[EP_ACT])
                 for cs in range(0, BLOCK_COLS, tc):
                     _tile_f32(tag, mr, aq, m0 * lda, lda, bp, boff + 4 * cs, kg, colsum,
-                              wscale, bias, n0 + cs, ascale, azp, m0, out)
-                act = np.int32(ep[EP_ACT])
-                if act != 0:
+                              wscale, bias, n0 + cs, ascale, azp, m0, out, act, ep[EP_P0], ep[EP_P1])
+                if act > 3:  # relu, clamp and GELU were applied in registers
                     for r in range(mr):
                         apply_activation(out, m0 + r, n0, ncols, act, ep[EP_P0], ep[EP_P1])
             else:

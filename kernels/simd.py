@@ -20,13 +20,14 @@ Packed B layout (see pack.py): 64-column blocks; inside a block, k-group g
 ``vbytes`` bytes therefore covers ``vbytes / 4`` columns for 4 k.
 """
 import llvmlite.ir as ir
+import numpy as np
 from numba import types
 from numba.core import cgutils
 from numba.core.imputils import lower_constant
 from numba.extending import (intrinsic, models,
                              register_model, typeof_impl)
 
-KERNEL_VERSION = "simd-2"
+KERNEL_VERSION = "simd-3"
 
 ISAS = ("avx512_vnni", "avx_vnni", "avx2", "portable")
 # isa -> (rows per tile, columns per tile)
@@ -221,19 +222,22 @@ def tile_s32(typingctx, tag, mr, a, a_off, lda, b, b_off, kg, t, t_off, ldt):
 
 @intrinsic(prefer_literal=True)
 def tile_f32(typingctx, tag, mr, a, a_off, lda, b, b_off, kg, colsum, wscale, bias,
-             n0, ascale, azp, m0, out):
+             n0, ascale, azp, m0, out, act, p0, p1):
     """Full-width tile with the dequantizing epilogue done in registers:
 
-    out[m0 + r, n0 + j] = float32(acc - azp[m0+r] * colsum[n0+j])
-                          * (ascale[m0+r] * wscale[n0+j]) + bias[n0+j]
+    out[m0 + r, n0 + j] = act(float32(acc - azp[m0+r] * colsum[n0+j])
+                              * (ascale[m0+r] * wscale[n0+j]) + bias[n0+j])
 
     for r < mr, j < tile columns (all columns must exist in out and bias).
-    Same float32 operation order as epilogue.dequant_row.
+    Same float32 operation order as epilogue.dequant_row; act (an
+    epilogue.ACTIVATIONS code) is applied in registers for relu (1),
+    clamp(p0, p1) (2) and erf GELU (3), the formulas of epilogue.py, and
+    left to the caller otherwise.
     """
     if not isinstance(tag, IsaType) or not isinstance(mr, types.IntegerLiteral):
         return None
     sig = types.void(tag, mr, a, a_off, lda, b, b_off, kg, colsum, wscale, bias,
-                     n0, ascale, azp, m0, out)
+                     n0, ascale, azp, m0, out, act, p0, p1)
     isa, nrows = tag.isa, mr.literal_value
 
     def codegen(context, builder, sig, args):
@@ -253,6 +257,7 @@ def tile_f32(typingctx, tag, mr, a, a_off, lda, b, b_off, kg, colsum, wscale, bi
         cols = [( _load_vec(builder, cs_p, ar.cst(c * n), ivec),
                   _load_vec(builder, ws_p, ar.cst(c * n), fvec),
                   _load_vec(builder, b_p, ar.cst(c * n), fvec)) for c in range(len(accs[0]))]
+        ys = []
         for r, row in enumerate(accs):
             zp = builder.load(builder.gep(zp_p, [ar.cst(r)]))
             sa = builder.load(builder.gep(sa_p, [ar.cst(r)]))
@@ -263,8 +268,33 @@ def tile_f32(typingctx, tag, mr, a, a_off, lda, b, b_off, kg, colsum, wscale, bi
                 cs, ws, bv = cols[c]
                 acc = builder.sub(v, builder.mul(zpv, cs))
                 y = builder.fmul(builder.sitofp(acc, fvec), builder.fmul(sav, ws))
-                _store_vec(builder, builder.fadd(y, bv), o_ptr,
-                           builder.add(base, ar.cst(c * n)))
+                ys.append((builder.fadd(y, bv), builder.add(base, ar.cst(c * n))))
+        act_v = context.cast(builder, args[16], sig.args[16], types.int32)
+        p0v = _splat(builder, context.cast(builder, args[17], sig.args[17], types.float32), n)
+        p1v = _splat(builder, context.cast(builder, args[18], sig.args[18], types.float32), n)
+
+        def store(fn):
+            for y, off in ys:
+                _store_vec(builder, fn(y), o_ptr, off)
+
+        def is_act(code):
+            return builder.icmp_signed("==", act_v, ir.Constant(_i32, code))
+
+        zero = ir.Constant(fvec, None)
+        with builder.if_else(is_act(3)) as (gelu, other):
+            with gelu:
+                store(lambda y: _gelu_vec(builder, y))
+            with other:
+                with builder.if_else(is_act(1)) as (relu, other2):
+                    with relu:
+                        store(lambda y: _vcall(builder, "llvm.maxnum", y, zero))
+                    with other2:
+                        with builder.if_else(is_act(2)) as (clamp, plain):
+                            with clamp:
+                                store(lambda y: _vcall(builder, "llvm.minnum",
+                                                       _vcall(builder, "llvm.maxnum", y, p0v), p1v))
+                            with plain:
+                                store(lambda y: y)
         return context.get_dummy_value()
     return sig, codegen
 
@@ -280,6 +310,35 @@ def _prefetch_for_write(builder, o_ptr, ldo, nrows, ncols, ar):
         for line in range(max(1, ncols * 4 // 64)):
             p = builder.bitcast(builder.gep(row, [ar.cst(line * 16)]), i8p)
             builder.call(fn, [p, ir.Constant(_i32, 1), ir.Constant(_i32, 3), ir.Constant(_i32, 1)])
+
+
+def _vcall(builder, name, *vecs):
+    """Call a float vector LLVM intrinsic (llvm.maxnum, llvm.fma, ...) on <n x float>."""
+    n = vecs[0].type.count
+    return _call(builder, f"{name}.v{n}f32", vecs[0].type, list(vecs))
+
+
+# erf GELU, as epilogue.erf_f32 computes it (Abramowitz & Stegun 7.1.28)
+_ERF_A = (0.0705230784, 0.0422820123, 0.0092705272, 0.0001520143, 0.0002765672, 0.0000430638)
+
+
+def _gelu_vec(builder, x):
+    """0.5 * x * (1 + erf(x / sqrt 2)) on a float vector, in registers."""
+    n, fty = x.type.count, x.type
+
+    def k(v):
+        return ir.Constant(fty, [ir.Constant(ir.FloatType(), float(np.float32(v)))] * n)
+    u = builder.fmul(x, k(0.7071067811865476))
+    z = _vcall(builder, "llvm.minnum", _vcall(builder, "llvm.fabs", u), k(6.0))
+    p = k(_ERF_A[5])
+    for a in reversed(_ERF_A[:5]):
+        p = builder.fadd(k(a), builder.fmul(z, p))
+    p = builder.fadd(k(1.0), builder.fmul(z, p))
+    for _ in range(4):
+        p = builder.fmul(p, p)
+    e = builder.fsub(k(1.0), builder.fdiv(k(1.0), p))
+    erf = builder.select(builder.fcmp_ordered(">=", u, k(0.0)), e, builder.fneg(e))
+    return builder.fmul(builder.fmul(k(0.5), x), builder.fadd(k(1.0), erf))
 
 
 def _splat(builder, scalar, n):
