@@ -17,10 +17,10 @@ from numba.extending import intrinsic, overload
 from .epilogue import (EP_ACT, EP_P0, EP_P1, add_row, apply_activation, store_tile_f32,
                        store_tile_s32, store_tile_u8)
 from .quantize import quantize_rows_into, row_range, scale_zero_point, quantize_row
-from .simd import (BLOCK_COLS, GROUP_BYTES, TAGS, is_portable, isa_geometry, tile_f32,
+from .simd import (BLOCK_COLS, GROUP_BYTES, TAGS, is_portable, isa_geometry, prefetch_lines, tile_f32,
                    tile_s32)
 
-KERNEL_VERSION = "gemm-3"
+KERNEL_VERSION = "gemm-4"
 
 _AVX512_VNNI = TAGS["avx512_vnni"]
 _AVX_VNNI = TAGS["avx_vnni"]
@@ -108,6 +108,9 @@ def _compute_impl(tag, mr, m0, n0, ncols, aq, bp, boff, kg, colsum, ascale, azp,
     if out.dtype == types.float32:
         def impl(tag, mr, m0, n0, ncols, aq, bp, boff, kg, colsum, ascale, azp, wscale,
                  bias, res, ep, out, t, y):
+            if res.shape[0] > 0:  # the residual rows arrive while the K loop runs
+                for r in range(mr):
+                    prefetch_lines(res, m0 + r, n0, 4)
             if ncols == BLOCK_COLS and bias.shape[0] > 0 and not is_portable(tag):
                 # full block: dequantize in registers, straight into out
                 tc, lda = isa_geometry(tag)[1], aq.shape[1]
