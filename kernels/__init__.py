@@ -11,14 +11,14 @@ from . import _cache  # noqa: F401  (must precede every @njit(cache=True))
 from .epilogue import ACTIVATIONS
 from .dispatch import KernelError, available_isas, isa, select_isa, use_isa
 from .linear import (gemm_u8s8_f32, gemm_u8s8_s32, gemm_u8s8_u8, get_num_threads,
-                     linear_f32, set_num_threads)
+                     linear_f32, pad_rows_u8, set_num_threads)
 from .pack import PackedWeights, aligned_empty, pack_weights_s8, quantize_weights_s8
 from .quantize import quantize_rows_f32_u8, quantize_tensor_f32_u8
 
 __all__ = [
     "ACTIVATIONS", "KernelError", "PackedWeights", "aligned_empty", "available_isas",
     "gemm_u8s8_f32", "gemm_u8s8_s32", "gemm_u8s8_u8", "get_num_threads", "isa",
-    "linear_f32", "pack_weights_s8", "quantize_rows_f32_u8", "quantize_tensor_f32_u8",
+    "linear_f32", "pack_weights_s8", "pad_rows_u8", "quantize_rows_f32_u8", "quantize_tensor_f32_u8",
     "quantize_weights_s8", "select_isa", "set_num_threads", "use_isa",
 ]
 from .attention import bmm_f32_int8  # noqa: E402

@@ -20,7 +20,7 @@ from .quantize import quantize_rows_into, row_range, scale_zero_point, quantize_
 from .simd import (BLOCK_COLS, GROUP_BYTES, TAGS, is_portable, isa_geometry, prefetch_lines, tile_f32,
                    tile_s32)
 
-KERNEL_VERSION = "gemm-4"
+KERNEL_VERSION = "gemm-5"
 
 _AVX512_VNNI = TAGS["avx512_vnni"]
 _AVX_VNNI = TAGS["avx_vnni"]
@@ -145,8 +145,24 @@ def _compute_impl(tag, mr, m0, n0, ncols, aq, bp, boff, kg, colsum, ascale, azp,
 
 
 @njit
+def _scratch(tag):
+    """A worker's tile buffers: int32 tile t, float32 row y (allocated once per call)."""
+    return (np.empty(isa_geometry(tag)[0] * BLOCK_COLS, np.int32),
+            np.empty((1, BLOCK_COLS), np.float32))
+
+
+@njit
 def _job(tag, job, nmc, mchunk, aq, bp, kg, colsum, ascale, azp, wscale, bias,
          res, ep, out):
+    t, y = _scratch(tag)
+    _job_into(tag, job, nmc, mchunk, aq, bp, kg, colsum, ascale, azp, wscale, bias,
+              res, ep, out, t, y)
+
+
+@njit
+def _job_into(tag, job, nmc, mchunk, aq, bp, kg, colsum, ascale, azp, wscale, bias,
+              res, ep, out, t, y):
+    """One job: a column block of B times a chunk of A's rows, tile by tile."""
     mr_max = isa_geometry(tag)[0]
     m, n = aq.shape[0], out.shape[1]
     nb = job // nmc
@@ -155,8 +171,6 @@ def _job(tag, job, nmc, mchunk, aq, bp, kg, colsum, ascale, azp, wscale, bias,
     n0 = nb * BLOCK_COLS
     ncols = min(BLOCK_COLS, n - n0)
     boff = nb * kg * GROUP_BYTES
-    t = np.empty(mr_max * BLOCK_COLS, np.int32)
-    y = np.empty((1, BLOCK_COLS), np.float32)
     for m0 in range(m_start, m_end, mr_max):
         mr = min(mr_max, m_end - m0)
         _compute(tag, mr, m0, n0, ncols, aq, bp, boff, kg, colsum, ascale, azp,
@@ -208,6 +222,7 @@ def _worker(tag, w, threads, nxt, njobs, nmc, mchunk, aq, bp, kg, colsum, ascale
     holds up its whole static share, while in the common case every thread
     keeps the same columns of B (warm in its own L2) from call to call.
     """
+    t, y = _scratch(tag)
     for v in range(threads):
         owner = (w + v) % threads
         hi = (owner + 1) * njobs // threads
@@ -215,8 +230,8 @@ def _worker(tag, w, threads, nxt, njobs, nmc, mchunk, aq, bp, kg, colsum, ascale
             job = _fetch_add(nxt, owner)
             if job >= hi:
                 break
-            _job(tag, job, nmc, mchunk, aq, bp, kg, colsum, ascale, azp, wscale, bias,
-                 res, ep, out)
+            _job_into(tag, job, nmc, mchunk, aq, bp, kg, colsum, ascale, azp, wscale, bias,
+                      res, ep, out, t, y)
 
 
 @njit
@@ -264,9 +279,10 @@ def _prepare_par(x, aq, ascale, azp, kg):
 def _run_serial(tag, x, aq, ascale, azp, bp, kg, colsum, wscale, bias, res, ep, out):
     aq, ascale, azp = _prepare(x, aq, ascale, azp, kg)
     nblocks = (out.shape[1] + BLOCK_COLS - 1) // BLOCK_COLS
+    t, y = _scratch(tag)
     for job in range(nblocks):
-        _job(tag, job, 1, max(aq.shape[0], 1), aq, bp, kg, colsum, ascale, azp,
-             wscale, bias, res, ep, out)
+        _job_into(tag, job, 1, max(aq.shape[0], 1), aq, bp, kg, colsum, ascale, azp,
+                  wscale, bias, res, ep, out, t, y)
 
 
 # One serial and one threaded entry per ISA; the threaded body is repeated

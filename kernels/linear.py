@@ -167,6 +167,32 @@ def rows_share_l1_set(stride_bytes):
     return False
 
 
+def pad_rows_u8(a):
+    """uint8 A (M, K) in the GEMM's own row layout: an (M, K) view of rows a_stride
+    bytes apart, which gemm_u8s8_* read in place (any other A is copied into that
+    layout on every call). Quantize once, pad once, multiply many times:
+
+        >>> aq = pad_rows_u8(quantize_rows_f32_u8(x)[0])
+    """
+    if not isinstance(a, np.ndarray) or a.dtype != np.uint8 or a.ndim != 2:
+        raise KernelError("pad_rows_u8: A must be a 2-D uint8 numpy array")
+    m, k = a.shape
+    padded = np.zeros((m, a_stride((k + 3) // 4)), np.uint8)
+    padded[:, :k] = a
+    return padded[:, :k]
+
+
+def _padded_rows(a, kg):
+    """The whole padded rows behind a pad_rows_u8 view, or None if a is not one."""
+    stride = a_stride(kg)
+    base = a.base
+    if (a.strides != (stride, 1) or not isinstance(base, np.ndarray) or base.dtype != np.uint8
+            or base.shape != (a.shape[0], stride) or not base.flags.c_contiguous
+            or base.ctypes.data != a.ctypes.data):
+        return None
+    return base
+
+
 def _prepare_u8(a, pw):
     _check_packed(pw)
     if not isinstance(a, np.ndarray) or a.dtype != np.uint8 or a.ndim != 2:
@@ -174,6 +200,9 @@ def _prepare_u8(a, pw):
                           f"{getattr(a, 'dtype', type(a))} {getattr(a, 'shape', '')}")
     if a.shape[1] != pw.k:
         raise KernelError(f"A has K={a.shape[1]}, weights expect K={pw.k}")
+    rows = _padded_rows(a, (pw.k + 3) // 4)
+    if rows is not None:
+        return rows
     kp = padded_k(pw.k)
     if (kp != pw.k or not a.flags.c_contiguous
             or (a.shape[0] > 1 and rows_share_l1_set(a.strides[0]))):

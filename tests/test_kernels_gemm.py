@@ -227,6 +227,24 @@ def test_quantize_tensor_and_padding():
         K.quantize_tensor_f32_u8(x, 0.0, 3)
 
 
+@pytest.mark.parametrize("k", [10, 1024, 3072])   # 1024/3072: unpadded rows would alias in L1
+def test_padded_rows_are_read_in_place_and_give_the_same_product(k):
+    rng = np.random.default_rng(14)
+    a = rng.integers(0, 256, (7, k), dtype=np.uint8)
+    q, s = K.quantize_weights_s8(rng.standard_normal((70, k)).astype(np.float32))
+    pw = K.pack_weights_s8(q, s)
+    padded = K.pad_rows_u8(a)
+    assert padded.shape == a.shape and (padded == a).all()
+    assert L._prepare_u8(padded, pw).ctypes.data == padded.ctypes.data   # no copy
+    np.testing.assert_array_equal(K.gemm_u8s8_s32(padded, pw), K.gemm_u8s8_s32(a, pw))
+    np.testing.assert_array_equal(K.gemm_u8s8_s32(padded, pw), R.gemm_u8s8_s32(a, q))
+    # a look-alike view (same strides, other base) is copied, not trusted
+    other = np.zeros((8, padded.base.shape[1]), np.uint8)[1:, :k]
+    other[:] = a
+    assert L._prepare_u8(other, pw).ctypes.data != other.ctypes.data
+    np.testing.assert_array_equal(K.gemm_u8s8_s32(other, pw), K.gemm_u8s8_s32(a, pw))
+
+
 def test_quantize_weights_matches_reference():
     w = np.random.default_rng(13).standard_normal((10, 30)).astype(np.float32)
     w[3] = 0
