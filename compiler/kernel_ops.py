@@ -25,9 +25,10 @@ _lib.define("linear_int8(Tensor x, Tensor packed, Tensor w_scale, Tensor col_sum
             "float out_scale=0.0, int out_zp=0, Tensor? residual=None) -> Tensor")
 
 
+# A conv's residual (same shape as its output) is added before the activation: relu(conv(x) + r).
 _lib.define("conv2d_int8(Tensor x, Tensor packed, Tensor w_scale, Tensor col_sums, Tensor? b, int[] geometry, "
-            "int[] stride, int[] padding, int[] dilation, str act, float[] act_args, float a_scale, int a_zp) "
-            "-> Tensor")
+            "int[] stride, int[] padding, int[] dilation, str act, float[] act_args, float a_scale, int a_zp, "
+            "Tensor? residual=None) -> Tensor")
 
 
 def pack_conv(w_q: torch.Tensor, w_scale: torch.Tensor, groups: int) -> dict:
@@ -71,7 +72,7 @@ def _packed_conv(packed, w_scale, col_sums, b, geometry):
 
 
 def _conv2d_int8(x, packed, w_scale, col_sums, b, geometry, stride, padding, dilation, act, act_args,
-                 a_scale, a_zp):
+                 a_scale, a_zp, residual=None):
     pc, bias = _packed_conv(packed, w_scale, col_sums, b, geometry)
     x = x if x.dtype == torch.float32 else x.float()
     # Work in NHWC, the layout im2col reads, and hand back a channels_last tensor (logical
@@ -79,8 +80,13 @@ def _conv2d_int8(x, packed, w_scale, col_sums, b, geometry, stride, padding, dil
     # elementwise ops and pools keep the format.
     nhwc = x.permute(0, 2, 3, 1)
     xn = (nhwc if nhwc.is_contiguous() else nhwc.contiguous()).detach().numpy()
+    res = None
+    if residual is not None:
+        r = residual.permute(0, 2, 3, 1)
+        res = (r if r.is_contiguous() and r.dtype == torch.float32 else r.float().contiguous()).detach().numpy()
     y = K.conv2d_f32(xn, pc, bias, tuple(stride), tuple(padding), tuple(dilation), act, tuple(act_args),
-                     layout="NHWC", n_threads=torch.get_num_threads(), a_scale=a_scale, a_zero_point=a_zp)
+                     layout="NHWC", n_threads=torch.get_num_threads(), a_scale=a_scale, a_zero_point=a_zp,
+                     residual=res)
     return torch.from_numpy(y).permute(0, 3, 1, 2)
 
 
@@ -153,7 +159,7 @@ def _linear_int8_fake(x, packed, w_scale, col_sums, b, n, k, act, act_args, a_sc
 
 @torch.library.register_fake("fxopt::conv2d_int8")
 def _conv2d_int8_fake(x, packed, w_scale, col_sums, b, geometry, stride, padding, dilation, act, act_args,
-                      a_scale, a_zp):
+                      a_scale, a_zp, residual=None):
     n, _, h, w = x.shape
     o, _, kh, kw = geometry[:4]
     oh = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1

@@ -21,7 +21,7 @@ from .linear import _bias, _run, epilogue_params, rows_share_l1_set
 from .pack import pack_weights_s8, quantize_weights_s8
 from .quantize import padded_k, quantize_rows_into, quantize_tensor_into
 
-KERNEL_VERSION = "conv-5"
+KERNEL_VERSION = "conv-6"
 _NO_X = np.empty((0, 0), np.float32)
 
 
@@ -158,7 +158,20 @@ def _quantize_image_static(img, scale, zp):
     return q.reshape(img.shape), np.float32(scale), np.int32(zp)
 
 
-def _conv_batched(x, nhwc, pc, geo, bias, ep, n_threads, oh, ow, a_scale, a_zp):
+def _residual_rows(residual, pc, n, oh, ow, nhwc):
+    """The residual as the GEMM's (N*OH*OW, O) output rows (NHWC order)."""
+    if pc.dw_q is not None or pc.groups != 1:
+        raise KernelError("conv2d_f32: a residual needs a dense conv (groups == 1)")
+    r = np.asarray(residual)
+    shape = (n, oh, ow, pc.out_channels) if nhwc else (n, pc.out_channels, oh, ow)
+    if r.shape != shape:
+        raise KernelError(f"conv2d_f32: residual must have the output's shape {shape}, got {r.shape}")
+    if not nhwc:
+        r = r.transpose(0, 2, 3, 1)
+    return np.ascontiguousarray(r, np.float32).reshape(n * oh * ow, pc.out_channels)
+
+
+def _conv_batched(x, nhwc, pc, geo, bias, ep, n_threads, oh, ow, a_scale, a_zp, res=_NO_X):
     """All images of a batch in one GEMM (M = N*OH*OW): small late-stage images (7x7)
     would starve the GEMM one by one. Each image keeps its own scale and zero point
     through the GEMM's per-row quantization parameters. Returns (N, OH, OW, O)."""
@@ -187,7 +200,7 @@ def _conv_batched(x, nhwc, pc, geo, bias, ep, n_threads, oh, ow, a_scale, a_zp):
     rows_z = np.repeat(zps, rows)
     out = np.empty((n * rows, pc.out_channels), np.float32)
     _run(_NO_X, cols, rows_s, rows_z, pc.parts[0], _bias(bias if bias.size else None, pc.out_channels),
-         ep, out, n_threads)
+         ep, out, n_threads, res)
     return out.reshape(n, oh, ow, pc.out_channels)
 
 
@@ -217,7 +230,8 @@ def _gemm_groups(xq, pc, geo, s, z, bias, ep, n_threads, oh, ow):
 
 
 def conv2d_f32(x, pc, bias=None, stride=1, padding=0, dilation=1, act="none",
-               act_args=(), layout="NCHW", n_threads=None, a_scale=0.0, a_zero_point=0):
+               act_args=(), layout="NCHW", n_threads=None, a_scale=0.0, a_zero_point=0,
+               residual=None):
     """Quantized conv2d: float input, PackedConv weights, float output.
 
     x: float32 (N, C, H, W) (or (N, H, W, C) with layout="NHWC"); returns
@@ -225,6 +239,9 @@ def conv2d_f32(x, pc, bias=None, stride=1, padding=0, dilation=1, act="none",
     torch.nn.functional.conv2d up to int8 quantization of x and the weights.
     Activations are quantized per image from the image itself, or, with
     a_scale > 0, with the given static scale and zero point.
+    residual: optional float32 of the output's shape and layout, added before
+    the activation, act(conv(x) + bias + residual) as in a ResNet block
+    (dense convs only: groups == 1).
     """
     if a_scale > 0 and not 0 <= a_zero_point <= 255:
         raise KernelError(f"a_zero_point must be in [0, 255], got {a_zero_point}")
@@ -243,10 +260,13 @@ def conv2d_f32(x, pc, bias=None, stride=1, padding=0, dilation=1, act="none",
     if oh <= 0 or ow <= 0:
         raise KernelError(f"conv2d_f32: kernel larger than padded input {x.shape}")
     b = np.zeros(pc.out_channels, np.float32) if bias is None else _bias(bias, pc.out_channels)
-    ep = epilogue_params(act, tuple(act_args))
+    ep = epilogue_params(act, tuple(act_args), residual_first=residual is not None)
     geo = (sh, sw, ph, pw, dh, dw)
-    if pc.dw_q is None and pc.groups == 1 and x.shape[0] > 1:
-        y = _conv_batched(x, nhwc, pc, geo, b, ep, n_threads, oh, ow, a_scale, a_zero_point)
+    res = _NO_X
+    if residual is not None:
+        res = _residual_rows(residual, pc, x.shape[0], oh, ow, nhwc)
+    if pc.dw_q is None and pc.groups == 1 and (x.shape[0] > 1 or residual is not None):
+        y = _conv_batched(x, nhwc, pc, geo, b, ep, n_threads, oh, ow, a_scale, a_zero_point, res)
         return y if nhwc else np.ascontiguousarray(y.transpose(0, 3, 1, 2))
     outs = []
     for img in x:

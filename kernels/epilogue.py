@@ -5,7 +5,10 @@ float:   y = (acc - zp_a[i] * colsum[j]) * (scale_a[i] * scale_w[j]) + bias[j]
 uint8:   q = clip(rint(y / out_scale) + out_zp, 0, 255) after act
 int32:   raw acc
 
-``ep`` is a float32 parameter vector: [act code, p0, p1, out_scale, out_zp].
+``ep`` is a float32 parameter vector: [act code, p0, p1, out_scale, out_zp,
+residual first]. A residual is added after the activation (a transformer's
+`dense(x) + h`), or before it when "residual first" is set (a ResNet's
+`relu(conv(x) + h)`).
 exp/erf/tanh are written with polynomials so the loops vectorize (libm
 calls would cost more than the GEMM for GELU at BERT shapes).
 """
@@ -14,11 +17,11 @@ import numpy as np
 from numba import njit, types
 from numba.extending import intrinsic
 
-KERNEL_VERSION = "epilogue-4"
+KERNEL_VERSION = "epilogue-5"
 
 ACTIVATIONS = {"none": 0, "relu": 1, "hardtanh": 2, "relu6": 2,
                "gelu": 3, "gelu_tanh": 4, "silu": 5}
-EP_ACT, EP_P0, EP_P1, EP_OSCALE, EP_OZP = range(5)
+EP_ACT, EP_P0, EP_P1, EP_OSCALE, EP_OZP, EP_RES_FIRST = range(6)
 
 _F0, _F1, _F2, _HALF, _F255 = (np.float32(v) for v in (0.0, 1.0, 2.0, 0.5, 255.0))
 _LOG2E = np.float32(1.4426950408889634)
@@ -139,8 +142,8 @@ def dequant_row(t, t_off, ncols, zp, sa, colsum, wscale, bias, n0, y, yi, y0):
 
 @njit(cache=True)
 def store_tile_f32(t, ldt, mr, m0, n0, ncols, colsum, ascale, azp, wscale,
-                   bias, ep, out):
-    act = np.int32(ep[EP_ACT])
+                   bias, ep, act, out):
+    """Dequantize an int32 tile into out, then apply act (an ACTIVATIONS code)."""
     for r in range(mr):
         i = m0 + r
         dequant_row(t, r * ldt, ncols, azp[i], ascale[i], colsum, wscale, bias, n0,

@@ -14,13 +14,13 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
-from .epilogue import (EP_ACT, EP_P0, EP_P1, add_row, apply_activation, store_tile_f32,
+from .epilogue import (EP_ACT, EP_P0, EP_P1, EP_RES_FIRST, add_row, apply_activation, store_tile_f32,
                        store_tile_s32, store_tile_u8)
 from .quantize import quantize_rows_into, row_range, scale_zero_point, quantize_row
 from .simd import (BLOCK_COLS, GROUP_BYTES, TAGS, is_portable, isa_geometry, prefetch_lines, tile_f32,
                    tile_s32)
 
-KERNEL_VERSION = "gemm-5"
+KERNEL_VERSION = "gemm-6"
 
 _AVX512_VNNI = TAGS["avx512_vnni"]
 _AVX_VNNI = TAGS["avx_vnni"]
@@ -108,26 +108,32 @@ def _compute_impl(tag, mr, m0, n0, ncols, aq, bp, boff, kg, colsum, ascale, azp,
     if out.dtype == types.float32:
         def impl(tag, mr, m0, n0, ncols, aq, bp, boff, kg, colsum, ascale, azp, wscale,
                  bias, res, ep, out, t, y):
-            if res.shape[0] > 0:  # the residual rows arrive while the K loop runs
+            act = np.int32(ep[EP_ACT])
+            has_res = res.shape[0] > 0
+            if has_res:  # the residual rows arrive while the K loop runs
                 for r in range(mr):
                     prefetch_lines(res, m0 + r, n0, 4)
+            # with the residual first, the activation waits for it
+            pre = has_res and ep[EP_RES_FIRST] != 0
+            now = 0 if pre else act
             if ncols == BLOCK_COLS and bias.shape[0] > 0 and not is_portable(tag):
                 # full block: dequantize in registers, straight into out
                 tc, lda = isa_geometry(tag)[1], aq.shape[1]
-                act = np.int32(ep[EP_ACT])
                 for cs in range(0, BLOCK_COLS, tc):
                     _tile_f32(tag, mr, aq, m0 * lda, lda, bp, boff + 4 * cs, kg, colsum,
-                              wscale, bias, n0 + cs, ascale, azp, m0, out, act, ep[EP_P0], ep[EP_P1])
-                if act > 3:  # relu, clamp and GELU were applied in registers
+                              wscale, bias, n0 + cs, ascale, azp, m0, out, now, ep[EP_P0], ep[EP_P1])
+                if now > 3:  # relu, clamp and GELU were applied in registers
                     for r in range(mr):
-                        apply_activation(out, m0 + r, n0, ncols, act, ep[EP_P0], ep[EP_P1])
+                        apply_activation(out, m0 + r, n0, ncols, now, ep[EP_P0], ep[EP_P1])
             else:
                 _tiles_s32(tag, mr, m0, ncols, aq, bp, boff, kg, t)
                 store_tile_f32(t, BLOCK_COLS, mr, m0, n0, ncols, colsum, ascale, azp,
-                               wscale, bias, ep, out)
-            if res.shape[0] > 0:  # fused residual: out += res, after the activation
+                               wscale, bias, ep, now, out)
+            if has_res:  # fused residual: out += res, then the activation if it waited
                 for r in range(mr):
                     add_row(out, res, m0 + r, n0, ncols)
+                    if pre and act != 0:
+                        apply_activation(out, m0 + r, n0, ncols, act, ep[EP_P0], ep[EP_P1])
     elif out.dtype == types.uint8:
         def impl(tag, mr, m0, n0, ncols, aq, bp, boff, kg, colsum, ascale, azp, wscale,
                  bias, res, ep, out, t, y):

@@ -48,9 +48,9 @@ def get_num_threads():
     return _threads[0]
 
 
-def epilogue_params(act="none", act_args=(), out_scale=1.0, out_zero_point=0):
-    """float32 vector [act, p0, p1, out_scale, out_zp] (cached by value)."""
-    key = (act, tuple(act_args), out_scale, out_zero_point)
+def epilogue_params(act="none", act_args=(), out_scale=1.0, out_zero_point=0, residual_first=False):
+    """float32 vector [act, p0, p1, out_scale, out_zp, residual first] (cached by value)."""
+    key = (act, tuple(act_args), out_scale, out_zero_point, bool(residual_first))
     ep = _EP_CACHE.get(key)
     if ep is None:
         if act not in ACTIVATIONS:
@@ -63,7 +63,8 @@ def epilogue_params(act="none", act_args=(), out_scale=1.0, out_zero_point=0):
         p0, p1 = (tuple(act_args) + (0.0, 0.0))[:2]
         if not out_scale > 0:
             raise KernelError(f"out_scale must be > 0, got {out_scale}")
-        ep = np.array([ACTIVATIONS[act], p0, p1, out_scale, out_zero_point], np.float32)
+        ep = np.array([ACTIVATIONS[act], p0, p1, out_scale, out_zero_point, float(bool(residual_first))],
+                      np.float32)
         _EP_CACHE[key] = ep
     return ep
 
@@ -134,7 +135,7 @@ def linear_f32(x, pw, bias=None, act="none", act_args=(), n_threads=None, residu
         return linear_f32(x.reshape(-1, pw.k), pw, bias, act, act_args,
                           n_threads, residual).reshape(x.shape[:-1] + (pw.n,))
     n = pw.n
-    ep = _EP_CACHE.get((act, act_args, 1.0, 0)) if type(act_args) is tuple else None
+    ep = _EP_CACHE.get((act, act_args, 1.0, 0, False)) if type(act_args) is tuple else None
     if ep is None:
         _check_packed(pw)
         ep = epilogue_params(act, act_args)

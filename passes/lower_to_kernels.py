@@ -33,7 +33,7 @@ def run(gm, ctx) -> PassResult:
     if stats["conv2d"]:
         stats["view_to_reshape"] = _views_to_reshapes(gm)
     stats["chained"] = _chain(gm)
-    stats["residual_adds"] = _fuse_residual_adds(gm)
+    stats["residual_adds"] = _fuse_residual_adds(gm) + _fuse_conv_residuals(gm)
     from fxopt import kernels
     gm.meta.setdefault("fxopt_artifact", {})["kernel_isa"] = kernels.isa()
     return PassResult(stats["linear"] + stats["conv2d"] > 0, stats)
@@ -87,7 +87,7 @@ def _fuse_residual_adds(gm) -> int:
     exactly the output's shape and dtype (no broadcasting, no type promotion)."""
     count = 0
     for add in list(gm.graph.nodes):
-        if add.target is not aten.add.Tensor or len(add.args) != 2 or add.kwargs:
+        if not _is_plain_add(add):
             continue
         for lin, res in (add.args, add.args[::-1]):
             if _fusable_residual(lin, res):
@@ -109,6 +109,68 @@ def _fuse_residual_adds(gm) -> int:
     return count
 
 
+def _fuse_conv_residuals(gm) -> int:
+    """`relu(conv(x) + r)` (a ResNet block's end; relu, relu6/hardtanh or no activation)
+    becomes one conv call that adds r and then activates in its epilogue, while each
+    output tile is in cache. Dense int8 convs (groups == 1) with no activation of
+    their own, whose one user is the add; r of exactly the output's shape and dtype."""
+    count = 0
+    for add in list(gm.graph.nodes):
+        if not _is_plain_add(add):
+            continue
+        for conv, res in (add.args, add.args[::-1]):
+            if not _fusable_conv_residual(conv, res):
+                continue
+            last, act, act_args = add, "none", []
+            user = next(iter(add.users)) if len(add.users) == 1 else None
+            if user is not None and user.target in (aten.relu.default, aten.relu_.default):
+                last, act = user, "relu"
+            elif (user is not None and user.target is aten.hardtanh.default and len(user.args) == 3
+                  and not user.kwargs):
+                last, act, act_args = user, "hardtanh", [float(user.args[1]), float(user.args[2])]
+            args = (*conv.args[:9], act, act_args, *conv.args[11:13], res)
+            new = insert_call(gm, last, kernel_ops.conv2d_int8, args, like=conv)
+            if ID in last.meta:
+                new.meta[ID] = last.meta[ID]  # the fused node computes the last fused value
+            if "fxopt_quant" in conv.meta:
+                new.meta["fxopt_quant"] = conv.meta["fxopt_quant"]
+            new.meta.setdefault("fxopt_quant", {})["residual"] = True
+            last.replace_all_uses_with(new)
+            for node in ([last] if last is add else [last, add]) + [conv]:
+                gm.graph.erase_node(node)
+            count += 1
+            break
+    return count
+
+
+def _is_plain_add(node) -> bool:
+    """a + b with no alpha; also the in-place a += b (eager code such as Hugging Face's
+    ResNet writes `hidden += residual`) when nothing else reads a, so the mutation is
+    unobservable and the node is just a sum."""
+    if node.op != "call_function" or len(node.args) != 2 or node.kwargs:
+        return False
+    if node.target is aten.add.Tensor:
+        return True
+    return (node.target is aten.add_.Tensor and isinstance(node.args[0], torch.fx.Node)
+            and len(node.args[0].users) == 1)
+
+
+def _fusable_conv_residual(conv, res) -> bool:
+    if (not isinstance(conv, torch.fx.Node) or conv.target is not kernel_ops.conv2d_int8
+            or len(conv.users) != 1 or not isinstance(res, torch.fx.Node) or res is conv):
+        return False
+    geometry, act = conv.args[5], conv.args[9]
+    if geometry[4] != 1 or geometry[5] or act != "none" or (len(conv.args) > 13 and conv.args[13] is not None):
+        return False
+    return _same_float32_shape(conv, res)
+
+
+def _same_float32_shape(a_node, b_node) -> bool:
+    a, b = a_node.meta.get("val"), b_node.meta.get("val")
+    return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype == torch.float32
+            and len(a.shape) == len(b.shape) and all(x == y for x, y in zip(a.shape, b.shape)))
+
+
 def _fusable_residual(lin, res) -> bool:
     if (not isinstance(lin, torch.fx.Node) or lin.target is not kernel_ops.linear_int8
             or len(lin.users) != 1 or not isinstance(res, torch.fx.Node) or res is lin):
@@ -117,9 +179,7 @@ def _fusable_residual(lin, res) -> bool:
         return False
     if len(lin.args) > 13 and lin.args[13] is not None:
         return False
-    a, b = lin.meta.get("val"), res.meta.get("val")
-    return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype == torch.float32
-            and len(a.shape) == len(b.shape) and all(x == y for x, y in zip(a.shape, b.shape)))
+    return _same_float32_shape(lin, res)
 
 
 def _views_to_reshapes(gm) -> int:

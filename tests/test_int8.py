@@ -202,3 +202,39 @@ def test_residual_add_fuses_into_the_linear_epilogue(monkeypatch):
             # one float32 add either way: in the epilogue or as aten.add
             torch.testing.assert_close(fused(inp), separate(inp), rtol=0, atol=0)
             assert drift(model(inp), fused(inp)).cosine > 0.999
+
+
+class _ResBlock(nn.Module):
+    """Two ResNet-style block ends: relu(bn(conv(x)) + x) and an in-place conv += skip."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(16, 16, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.conv2 = nn.Conv2d(16, 16, 3, padding=1)
+
+    def forward(self, x):
+        h = torch.relu(self.bn1(self.conv1(x)) + x)   # fused: add, then relu, in the epilogue
+        y = self.conv2(h)
+        y += h                                         # fused too: in place, y is read nowhere else
+        return y
+
+
+def test_conv_residual_and_relu_fuse_into_the_epilogue(monkeypatch):
+    from fxopt.examples import randomize_batchnorm
+    from fxopt.passes import lower_to_kernels
+    torch.manual_seed(0)
+    model = randomize_batchnorm(_ResBlock()).eval()
+    x = (torch.randn(2, 16, 10, 10),)
+    fused = fxopt.optimize(model, x, calibration_data=[x], latency_repeats=0)
+    assert fused.fxopt_report.record("lower_to_kernels").stats["residual_adds"] == 2
+    convs = [n for n in fused.graph.nodes if n.target is kernel_ops.conv2d_int8]
+    assert [n.args[9] for n in convs] == ["relu", "none"] and all(n.args[13] is not None for n in convs)
+    aten = torch.ops.aten
+    assert not any(n.target in (aten.add.Tensor, aten.add_.Tensor, aten.relu.default) for n in fused.graph.nodes)
+    monkeypatch.setattr(lower_to_kernels, "_fuse_conv_residuals", lambda gm: 0)
+    separate = fxopt.optimize(model, x, calibration_data=[x], latency_repeats=0)
+    with torch.no_grad():
+        for inp in (x[0], torch.randn(3, 16, 10, 10)):   # other batch sizes too
+            torch.testing.assert_close(fused(inp), separate(inp), rtol=0, atol=0)
+            assert drift(model(inp), fused(inp)).cosine > 0.999

@@ -48,6 +48,36 @@ def test_conv2d_matches_quantized_reference(isa, case, layout):
     assert np.abs(y - exact).max() < 0.03 * np.abs(exact).max()
 
 
+@pytest.mark.parametrize("isa", ["avx512_vnni", "avx2", "portable"])
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+@pytest.mark.parametrize("n,o", [(1, 64), (2, 70)])   # one image; a column tail
+def test_conv2d_fused_residual_goes_before_the_activation(isa, layout, n, o):
+    """act(conv(x) + b + r), exactly the separate add and relu of a ResNet block."""
+    rng = np.random.default_rng(o + n)
+    x = rng.standard_normal((n, 8, 9, 7)).astype(np.float32)
+    pc = K.pack_conv_weights_s8(rng.standard_normal((o, 8, 3, 3)).astype(np.float32))
+    b = rng.standard_normal(o).astype(np.float32)
+    nhwc = layout == "NHWC"
+    xin = np.ascontiguousarray(x.transpose(0, 2, 3, 1)) if nhwc else x
+    with K.use_isa(isa):
+        plain = K.conv2d_f32(xin, pc, b, padding=1, layout=layout)
+        r = rng.standard_normal(plain.shape).astype(np.float32)
+        fused = K.conv2d_f32(xin, pc, b, padding=1, act="relu", layout=layout, residual=r)
+        np.testing.assert_array_equal(fused, np.maximum(plain + r, 0))
+        clamped = K.conv2d_f32(xin, pc, b, padding=1, act="relu6", layout=layout, residual=r)
+        np.testing.assert_array_equal(clamped, np.clip(plain + r, 0, 6))
+
+
+def test_conv2d_residual_errors():
+    x = np.ones((1, 4, 6, 6), np.float32)
+    grouped = K.pack_conv_weights_s8(np.ones((4, 2, 3, 3), np.float32), groups=2)
+    with pytest.raises(K.KernelError, match="dense conv"):
+        K.conv2d_f32(x, grouped, padding=1, residual=np.zeros((1, 4, 6, 6), np.float32))
+    dense = K.pack_conv_weights_s8(np.ones((4, 4, 3, 3), np.float32))
+    with pytest.raises(K.KernelError, match="residual must have the output's shape"):
+        K.conv2d_f32(x, dense, padding=1, residual=np.zeros((1, 4, 5, 6), np.float32))
+
+
 def test_conv2d_errors():
     pc = K.pack_conv_weights_s8(np.ones((4, 3, 3, 3), np.float32))
     with pytest.raises(K.KernelError, match="channels"):
