@@ -4,7 +4,7 @@
     >>> pw = K.pack_weights_s8(*K.quantize_weights_s8(w))     # w: (N, K) float32
     >>> y = K.linear_f32(x, pw, bias, act="gelu")             # x: (..., K) float32
 
-See linear.py (GEMM/linear), attention.py (bmm), conv.py (conv2d),
+See linear.py (GEMM/linear), attention.py (fused int8 attention), conv.py (conv2d),
 isa.py (CPU dispatch), pack.py (layout), reference.py (numpy twins).
 """
 from . import _cache  # noqa: F401  (must precede every @njit(cache=True))
@@ -21,7 +21,7 @@ __all__ = [
     "linear_f32", "pack_weights_s8", "pad_rows_u8", "quantize_rows_f32_u8", "quantize_tensor_f32_u8",
     "quantize_weights_s8", "select_isa", "set_num_threads", "use_isa",
 ]
-from .attention import bmm_f32_int8  # noqa: E402
+from .attention import attention_int8  # noqa: E402
 from .conv import PackedConv, conv2d_f32, pack_conv_weights_s8  # noqa: E402
 
-__all__ += ["PackedConv", "bmm_f32_int8", "conv2d_f32", "pack_conv_weights_s8"]
+__all__ += ["PackedConv", "attention_int8", "conv2d_f32", "pack_conv_weights_s8"]

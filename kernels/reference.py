@@ -82,18 +82,52 @@ def linear_f32(x, w_q, w_scales, bias=None, act="none", act_args=()):
     return gemm_u8s8_f32(q, s, z, w_q, w_scales, bias, act, act_args)
 
 
-def bmm_f32_int8(a, b, transpose_b=False):
-    """Float reference of the quantized batched matmul: per-row quantized a
-    (rows of M), per-column (or per-row of b when transpose_b) quantized b."""
-    a = np.asarray(a, np.float32)
-    b = np.asarray(b, np.float32)
-    bt = b if transpose_b else np.swapaxes(b, -1, -2)
-    out = []
-    for ai, bi in zip(a, bt):
-        qa, sa, za = quantize_rows_f32_u8(ai)
-        wq, ws = quantize_weights_s8(bi)
-        out.append(gemm_u8s8_f32(qa, sa, za, wq, ws))
-    return np.stack(out).astype(np.float32)
+def _quantize_sym_rows(x):
+    """Symmetric int8 per row as the attention kernel rounds it: x * (1 / scale)."""
+    amax = np.abs(x).max(axis=1)
+    scales = np.where(amax > 0, amax / np.float32(127), np.float32(1)).astype(np.float32)
+    inv = (_F1 / scales).astype(np.float32)
+    return np.clip(np.rint(x * inv[:, None]), -127, 127).astype(np.int64), scales
+
+
+def attention_int8(q, k, v, mask=None, scale=None, is_causal=False):
+    """Twin of attention.attention_int8, one (batch, head) at a time: Q rows
+    uint8 per row, K int8 per key (softmax scale folded into its scale), P
+    = rint(255 exp(s - max)) with scale 1 / (255 sum exp), V int8 per
+    column; integer products exact. Returns float64 (B, H, Sq, Dv) and the
+    P scales (B, H, Sq), for tolerances."""
+    q, k, v = (np.asarray(x, np.float32) for x in (q, k, v))
+    nb, nh, sq, d = q.shape
+    sk = k.shape[2]
+    scale = np.float32(1.0 / math.sqrt(d) if scale is None else scale)
+    if is_causal:
+        mask = np.tril(np.ones((sq, sk), bool))
+    full = None if mask is None else np.broadcast_to(mask, (nb, nh, sq, sk))
+    out = np.zeros((nb, nh, sq, v.shape[3]))
+    pscales = np.zeros((nb, nh, sq), np.float32)
+    for b in range(nb):
+        for h in range(nh):
+            qq, qs, qz = quantize_rows_f32_u8(q[b, h])
+            kq, ks = _quantize_sym_rows(k[b, h])
+            acc = (qq.astype(np.int64) - qz[:, None]) @ kq.T
+            s = acc.astype(np.float32) * (qs[:, None] * (ks * scale)[None, :])
+            keep = np.ones((sq, sk), bool)
+            if full is not None and full.dtype == bool:
+                keep = full[b, h]
+            elif full is not None:
+                s = s + full[b, h].astype(np.float32)
+            s = np.where(keep, s, np.float32(-np.inf))
+            mx = s.max(axis=1, keepdims=True)
+            live = np.isfinite(mx[:, 0])
+            e = np.where(keep & live[:, None], np.exp(s - np.where(live[:, None], mx, 0)), 0)
+            e = e.astype(np.float32)
+            pq = np.rint(e * _F255).astype(np.int64)
+            total = e.sum(axis=1, dtype=np.float32)
+            ps = np.where(live, _F1 / (_F255 * np.where(live, total, 1)), 0).astype(np.float32)
+            vq, vs = _quantize_sym_rows(v[b, h].T)
+            out[b, h] = (pq @ vq.T) * ps[:, None].astype(np.float64) * vs[None, :]
+            pscales[b, h] = ps
+    return out, pscales
 
 
 def im2col_nchw(x, kh, kw, stride, padding, dilation):

@@ -1,6 +1,7 @@
-"""conv2d and batched attention matmul against numpy references."""
+"""conv2d and fused int8 attention against numpy references."""
 import numpy as np
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from fxopt import kernels as K
 from fxopt.kernels import reference as R
@@ -88,55 +89,183 @@ def test_conv2d_errors():
         K.pack_conv_weights_s8(np.ones((5, 1, 3, 3), np.float32), groups=2)
 
 
-@pytest.mark.parametrize("isa", ["avx512_vnni", "avx2"])
-@pytest.mark.parametrize("transpose_b", [True, False])
-def test_bmm_matches_reference(isa, transpose_b):
-    rng = np.random.default_rng(5)
-    a = rng.standard_normal((2, 3, 10, 17)).astype(np.float32)
-    shape = (2, 3, 70, 17) if transpose_b else (2, 3, 17, 70)
-    b = rng.standard_normal(shape).astype(np.float32)
-    with K.use_isa(isa):
-        got = K.bmm_f32_int8(a, b, transpose_b=transpose_b)
-    ref = R.bmm_f32_int8(a.reshape(6, 10, 17), b.reshape(6, *shape[2:]), transpose_b)
-    np.testing.assert_allclose(got.reshape(6, 10, 70), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
-    exact = a @ (np.swapaxes(b, -1, -2) if transpose_b else b)
-    assert np.abs(got - exact).max() < 0.03 * np.abs(exact).max()
+# --- fused int8 attention ----------------------------------------------------------
+
+ISAS = K.available_isas()
 
 
-def test_bmm_shape_errors():
-    with pytest.raises(K.KernelError, match="inner"):
-        K.bmm_f32_int8(np.ones((2, 3, 4), np.float32), np.ones((2, 5, 6), np.float32))
-    with pytest.raises(K.KernelError, match="batch"):
-        K.bmm_f32_int8(np.ones((2, 3, 4), np.float32), np.ones((3, 4, 6), np.float32))
+def _qkv(rng, b, h, sq, sk, d, dv, strided=True):
+    """q, k, v as the graph hands them: views of one fused projection (B, S, 3*H*D)
+    reshaped to (B, S, H, D) and transposed to (B, H, S, D); or contiguous."""
+    if not strided:
+        return (rng.standard_normal((b, h, sq, d), dtype=np.float32),
+                rng.standard_normal((b, h, sk, d), dtype=np.float32),
+                rng.standard_normal((b, h, sk, dv), dtype=np.float32))
+    fused = rng.standard_normal((b, max(sq, sk), h * (2 * d + dv)), dtype=np.float32)
+    q = fused[:, :sq, :h * d].reshape(b, sq, h, d).transpose(0, 2, 1, 3)
+    k = fused[:, :sk, h * d:2 * h * d].reshape(b, sk, h, d).transpose(0, 2, 1, 3)
+    v = fused[:, :sk, 2 * h * d:].reshape(b, sk, h, dv).transpose(0, 2, 1, 3)
+    return q, k, v
 
 
-def test_pack_conv_int8_weights_as_given():
-    rng = np.random.default_rng(9)
-    w = rng.standard_normal((8, 4, 3, 3)).astype(np.float32)
-    q, s = R.quantize_weights_s8(w.reshape(8, -1))
-    q[:, 0] = 5   # channels whose max |q| is not 127 must be kept as given
-    x = rng.standard_normal((1, 4, 7, 7)).astype(np.float32)
-    from_int8 = K.pack_conv_weights_s8(q.reshape(w.shape), scales=s)
-    y = K.conv2d_f32(x, from_int8, padding=1)
-    wd = (q * s[:, None]).reshape(w.shape)
-    ref = _dequantized_conv(x, wd, None, 1, 1, 1, 1)
-    np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
-    with pytest.raises(K.KernelError, match="int8"):
-        K.pack_conv_weights_s8(w, scales=s)
+def _softmax_attention(q, k, v, mask=None, scale=None, is_causal=False):
+    """float64 softmax(q k^T * scale + mask) v, fully masked rows 0 (torch's rule);
+    also returns the probabilities."""
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    scale = 1 / np.sqrt(q.shape[-1]) if scale is None else scale
+    s = q @ np.swapaxes(k, -1, -2) * scale
+    keep = np.ones(s.shape, bool)
+    if is_causal:
+        keep = np.broadcast_to(np.tril(np.ones(s.shape[-2:], bool)), s.shape)
+    elif mask is not None and mask.dtype == bool:
+        keep = np.broadcast_to(mask, s.shape)
+    elif mask is not None:
+        s = s + mask
+    s = np.where(keep, s, -np.inf)
+    mx = s.max(axis=-1, keepdims=True)
+    e = np.exp(s - np.where(np.isfinite(mx), mx, 0))
+    total = e.sum(axis=-1, keepdims=True)
+    p = np.divide(e, total, out=np.zeros_like(e), where=total > 0)
+    return p @ v, p
 
 
-@pytest.mark.parametrize("case", [CONVS[0], CONVS[1], CONVS[3]])
-def test_conv2d_static_activation_scale(case):
-    c, o, k, stride, padding, dilation, groups, h = case
+def _error_bound(q, k, v, p, scale=None):
+    """Worst-case |int8 - exact| per output element, from the quantization steps.
+
+    Q rows (uint8, step sq_i; an extreme value may clip: error <= sq_i), K rows
+    (int8, step sk_j: error <= sk_j / 2) perturb each score by at most
+    E_ij = scale * (sq_i |k_j|_1 + sk_j / 2 |q_i|_1 + D sq_i sk_j / 2); a row's
+    probabilities then move by a factor within exp(+-2 E_i), E_i = max_j E_ij.
+    P is rounded to 1/255 of its row max: <= pmax_i e^(2 E_i) / 510 each. V
+    columns (int8, step sv_d) add <= sv_d / 2 times the (<= 1 + Sk c_i) mass.
+    """
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    scale = 1 / np.sqrt(q.shape[-1]) if scale is None else scale
+    sq = (np.maximum(q.max(-1), 0) - np.minimum(q.min(-1), 0)) / 255
+    sk = np.abs(k).max(-1) / 127
+    sv = np.abs(v).max(-2) / 127
+    d = q.shape[-1]
+    e = scale * (sq[..., :, None] * np.abs(k).sum(-1)[..., None, :]
+                 + sk[..., None, :] / 2 * np.abs(q).sum(-1)[..., :, None]
+                 + d * sq[..., :, None] * sk[..., None, :] / 2)
+    grow = np.exp(2 * np.where(p > 0, e, 0).max(-1, keepdims=True))
+    c = p.max(-1, keepdims=True) * grow / 510
+    weights = p * (grow - 1) + c * (p.max(-1, keepdims=True) > 0)
+    mass = 1 + k.shape[-2] * c
+    bound = weights @ np.abs(v) + mass * sv[..., None, :] / 2
+    return bound + 1e-5 * np.abs(v).max()   # float32 arithmetic and exp_f32 (~1e-7 relative)
+
+
+def _check(q, k, v, mask=None, scale=None, is_causal=False, n_threads=None):
+    got = K.attention_int8(q, k, v, mask, scale, is_causal, n_threads=n_threads)
+    exact, p = _softmax_attention(q, k, v, mask, scale, is_causal)
+    assert got.shape == exact.shape and got.dtype == np.float32
+    err = np.abs(got - exact)
+    bound = _error_bound(q, k, v, p, scale)
+    assert (err <= bound).all(), f"max err {err.max():.3g}, worst err/bound {(err / bound).max():.3g}"
+    # the numpy twin computes the same integers: only rounding flips of P (exp_f32
+    # against np.exp) may differ, each moving an output by <= 127 * pscale * vscale
+    twin, pscale = R.attention_int8(q, k, v, mask, scale, is_causal)
+    sv = np.abs(np.asarray(v, np.float64)).max(-2) / 127
+    flips = 2 * 127 * pscale[..., None] * sv[..., None, :]
+    assert (np.abs(got - twin) <= flips + 1e-6 * np.abs(twin).max()).all()
+    return got, exact
+
+
+# (B, H, Sq, Sk, D, Dv): tails of the 6-row tile, the 4-key group and the 64-column block
+ATTENTION_SHAPES = [(1, 1, 1, 1, 32, 32), (2, 3, 37, 29, 64, 64), (1, 2, 70, 131, 80, 80),
+                    (2, 1, 13, 64, 32, 48), (1, 12, 128, 128, 64, 64), (3, 2, 5, 7, 64, 32)]
+
+
+@pytest.mark.parametrize("shape", ATTENTION_SHAPES)
+@pytest.mark.parametrize("strided", [True, False])
+def test_attention_matches_reference(shape, strided):
+    b, h, sq, sk, d, dv = shape
+    rng = np.random.default_rng(sq * sk + d)
+    q, k, v = _qkv(rng, b, h, sq, sk, d, dv, strided)
+    _check(q, k, v)
+
+
+def _masks(rng, b, h, sq, sk):
+    pad = np.ones((b, 1, 1, sk), bool)
+    pad[0, ..., sk // 2:] = False                      # key padding, as BERT's
+    full = rng.random((b, 1, sq, sk)) > 0.3
+    full[-1, 0, sq // 2, :] = False                    # one fully masked query row
+    additive = np.where(rng.random((b, h, sq, sk)) > 0.2, rng.standard_normal((b, h, sq, sk)),
+                        -np.inf).astype(np.float32)
+    return {"pad": pad, "full": full, "float": additive,
+            "float_pad": np.where(pad, 0, np.finfo(np.float32).min).astype(np.float32),
+            "float_2d": rng.standard_normal((sq, sk)).astype(np.float32)}
+
+
+@pytest.mark.parametrize("which", ["pad", "full", "float", "float_pad", "float_2d"])
+@pytest.mark.parametrize("shape", [(2, 3, 37, 29, 64, 64), (2, 2, 9, 70, 80, 80)])
+def test_attention_masks(which, shape):
+    b, h, sq, sk, d, dv = shape
     rng = np.random.default_rng(7)
-    x = rng.standard_normal((3, c, h, h)).astype(np.float32)
-    w = rng.standard_normal((o, c // groups, *k)).astype(np.float32)
-    scale, zp = 0.03, 100   # clips the tails on purpose: static ranges are not the image's own
-    pc = K.pack_conv_weights_s8(w, groups)
-    y = K.conv2d_f32(x, pc, None, stride, padding, dilation, a_scale=scale, a_zero_point=zp)
-    q = R.quantize_tensor_f32_u8(x.reshape(1, -1), scale, zp).reshape(x.shape)
-    xd = (q.astype(np.float64) - zp) * scale
-    wq, ws = R.quantize_weights_s8(w.reshape(o, -1))
-    ref = R.conv2d_f32(xd, (wq * ws[:, None].astype(np.float64)).reshape(w.shape), None, stride, padding,
-                       dilation, groups)
-    np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+    q, k, v = _qkv(rng, b, h, sq, sk, d, dv)
+    _check(q, k, v, _masks(rng, b, h, sq, sk)[which])
+
+
+@pytest.mark.parametrize("sq,sk", [(20, 20), (9, 30), (30, 9)])
+def test_attention_causal(sq, sk):
+    rng = np.random.default_rng(sq + sk)
+    q, k, v = _qkv(rng, 2, 2, sq, sk, 32, 32)
+    _check(q, k, v, is_causal=True, scale=0.3)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_attention_every_isa(isa, threads):
+    rng = np.random.default_rng(3)
+    q, k, v = _qkv(rng, 2, 3, 37, 70, 64, 64)
+    mask = _masks(rng, 2, 3, 37, 70)["full"]
+    with K.use_isa(isa):
+        got, _ = _check(q, k, v, mask, n_threads=threads)
+    # same integers on every path; each compiled entry may sum exp in another order
+    np.testing.assert_allclose(got, K.attention_int8(q, k, v, mask), rtol=1e-6, atol=1e-6)
+
+
+def test_attention_fully_masked_rows_match_torch():
+    torch = pytest.importorskip("torch")
+    F = torch.nn.functional
+    rng = np.random.default_rng(4)
+    q, k, v = _qkv(rng, 2, 2, 6, 8, 32, 32)
+    bool_mask = np.ones((2, 1, 6, 8), bool)
+    bool_mask[1, 0, 2] = False
+    float_mask = np.where(bool_mask, 0, -np.inf).astype(np.float32)
+    for mask in (bool_mask, float_mask):
+        got = K.attention_int8(q, k, v, mask)
+        ref = F.scaled_dot_product_attention(*(torch.from_numpy(x) for x in (q, k, v, mask))).numpy()
+        assert np.all(got[1, :, 2] == 0) and np.all(ref[1, :, 2] == 0)
+        assert np.abs(got - ref).max() < 0.05
+
+
+def test_attention_output_is_a_view_of_bshd():
+    q, k, v = _qkv(np.random.default_rng(5), 2, 3, 10, 12, 32, 32)
+    out = K.attention_int8(q, k, v)
+    assert out.shape == (2, 3, 10, 32) and out.transpose(0, 2, 1, 3).flags.c_contiguous
+
+
+def test_attention_errors():
+    q = np.ones((1, 2, 3, 8), np.float32)
+    with pytest.raises(K.KernelError, match="not both"):
+        K.attention_int8(q, q, q, np.ones((3, 3), bool), is_causal=True)
+    with pytest.raises(K.KernelError, match="broadcast"):
+        K.attention_int8(q, q, q, np.ones((2, 3), bool))
+    with pytest.raises(K.KernelError, match="bool"):
+        K.attention_int8(q, q, q, np.ones((3, 3), np.int64))
+    with pytest.raises(K.KernelError, match="match"):
+        K.attention_int8(q, np.ones((1, 2, 3, 4), np.float32), q)
+    with pytest.raises(K.KernelError, match="4-D"):
+        K.attention_int8(q[0], q[0], q[0])
+
+
+@settings(max_examples=15, deadline=None)
+@given(b=st.integers(1, 2), h=st.integers(1, 3), sq=st.integers(1, 70), sk=st.integers(1, 70),
+       d=st.sampled_from([8, 32, 64, 80]), masked=st.booleans(), seed=st.integers(0, 2**16))
+def test_attention_property(b, h, sq, sk, d, masked, seed):
+    rng = np.random.default_rng(seed)
+    q, k, v = _qkv(rng, b, h, sq, sk, d, d)
+    mask = rng.random((b, 1, sq, sk)) > 0.3 if masked else None
+    _check(q, k, v, mask)
