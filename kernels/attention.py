@@ -38,7 +38,7 @@ from numba.extending import intrinsic
 from .dispatch import KernelError
 from . import dispatch as _dispatch
 from .epilogue import exp_f32
-from .gemm import _fetch_add, _job, a_stride
+from .gemm import _fetch_add, _job_into, _scratch, a_stride
 from .linear import epilogue_params, get_num_threads
 from .quantize import scale_zero_point
 from .simd import BLOCK_COLS, TAGS
@@ -371,8 +371,10 @@ def _softmax_rows(s, sk, mkind, mf, mb, moff, mrow, causal, pa, pscale):
 def _gemm(tag, aq, bp, kg, colsum, ascale, azp, wscale, bias, ep, out):
     """out = dequantized aq x packed bp, every column block on this thread."""
     m = aq.shape[0]
+    t, y = _scratch(tag)
+    no_residual = out[:0]
     for job in range((out.shape[1] + BLOCK_COLS - 1) // BLOCK_COLS):
-        _job(tag, job, 1, m, aq, bp, kg, colsum, ascale, azp, wscale, bias, ep, out)
+        _job_into(tag, job, 1, m, aq, bp, kg, colsum, ascale, azp, wscale, bias, no_residual, ep, out, t, y)
 
 
 @njit
