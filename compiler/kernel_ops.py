@@ -7,13 +7,14 @@ PackedWeights and keeps it on the packed tensor itself, so later calls cost a
 dictionary look-up, not a re-wrap, and the cache dies with the model.
 
     y = torch.ops.fxopt.linear_int8(x, packed, w_scale, col_sums, b, n, k, "relu", [], 0.0, 0)
+    o = torch.ops.fxopt.attention_int8(q, k, v, mask, None, False)   # no weights: all dynamic
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from fxopt import kernels as K
+from fxopt import kernels as K, qops
 from fxopt.fxops import _lib
 
 # x may arrive already quantized (uint8, with the static a_scale/a_zp of this op), and with
@@ -29,6 +30,10 @@ _lib.define("linear_int8(Tensor x, Tensor packed, Tensor w_scale, Tensor col_sum
 _lib.define("conv2d_int8(Tensor x, Tensor packed, Tensor w_scale, Tensor col_sums, Tensor? b, int[] geometry, "
             "int[] stride, int[] padding, int[] dilation, str act, float[] act_args, float a_scale, int a_zp, "
             "Tensor? residual=None) -> Tensor")
+
+
+_lib.define("attention_int8(Tensor q, Tensor k, Tensor v, Tensor? attn_mask=None, float? scale=None, "
+            "bool is_causal=False) -> Tensor")
 
 
 def pack_conv(w_q: torch.Tensor, w_scale: torch.Tensor, groups: int) -> dict:
@@ -146,7 +151,39 @@ def _linear_int8(x, packed, w_scale, col_sums, b, n, k, act, act_args, a_scale, 
     return torch.from_numpy(y.reshape(*lead, n))
 
 
+def _strided(t: torch.Tensor, dtype=torch.float32):
+    """(tensor kept alive, K.Strided) of t as the attention kernel reads it: in place
+    unless its dtype differs or its last stride is not 1."""
+    if t.dtype != dtype:
+        t = t.to(dtype)
+    st = t.stride()   # torch strides are never negative
+    if st and st[-1] != 1 and t.shape[-1] > 1:
+        t = t.contiguous()
+        st = t.stride()
+    return t, K.Strided(t.data_ptr(), t.shape, st)
+
+
+def _attention_int8(q, k, v, attn_mask=None, scale=None, is_causal=False):
+    # q/k/v are usually strided views of a fused QKV projection: the kernel reads them in
+    # place (through their data pointers: no numpy wrapping on this small-shape hot path)
+    # and returns (B, H, Sq, Dv) laid out (B, Sq, H, Dv), like torch's sdpa, so the
+    # transpose(1, 2).reshape that follows in the graph is free
+    q, qs = _strided(q)
+    k, ks = _strided(k)
+    v, vs = _strided(v)
+    mask, ms, is_bool = attn_mask, None, True
+    if mask is not None:
+        is_bool = mask.dtype == torch.bool
+        if mask.dim() == 0 or (mask.shape[-1] == 1 and k.shape[2] > 1):   # repeated along the keys
+            mask = mask.expand(*mask.shape[:-1], k.shape[2])
+        mask, ms = _strided(mask, torch.bool if is_bool else torch.float32)
+    out = K.attention_int8_strided(qs, ks, vs, ms, is_bool, scale, is_causal,
+                                   n_threads=torch.get_num_threads())
+    return torch.from_numpy(out)
+
+
 _lib.impl("linear_int8", _linear_int8, "CPU")
+_lib.impl("attention_int8", _attention_int8, "CPU")
 _lib.impl("conv2d_int8", _conv2d_int8, "CPU")
 
 
@@ -167,5 +204,11 @@ def _conv2d_int8_fake(x, packed, w_scale, col_sums, b, geometry, stride, padding
     return x.new_empty((n, o, oh, ow), dtype=torch.float32)
 
 
+@torch.library.register_fake("fxopt::attention_int8")
+def _attention_int8_fake(q, k, v, attn_mask=None, scale=None, is_causal=False):
+    return qops.attention_like(q, v)
+
+
 linear_int8 = torch.ops.fxopt.linear_int8.default
+attention_int8 = torch.ops.fxopt.attention_int8.default
 conv2d_int8 = torch.ops.fxopt.conv2d_int8.default

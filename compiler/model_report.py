@@ -23,16 +23,17 @@ from fxopt.bisect import record_values
 from fxopt.drift import tensor_drift
 from fxopt.ir import ID, LAYER, get_weight, op_name
 from fxopt.macs import concrete_shape, macs_of
-from fxopt.ops import OpKind, kind_of
+from fxopt.ops import OpKind, attention_parts, kind_of
 
 _FP32_UNITS = {fxops.linear_act: "linear", fxops.conv2d_act: "conv2d"}
 _INT8_UNITS = {qops.quantized_linear: "linear", qops.quantized_conv2d: "conv2d",
                kernel_ops.linear_int8: "linear", kernel_ops.conv2d_int8: "conv2d",
-               qops.embedding_int8: "embedding"}
+               qops.embedding_int8: "embedding", qops.quantized_attention: "attention",
+               kernel_ops.attention_int8: "attention"}
 
 
 def layer_kind(node: Node) -> str | None:
-    """linear / conv2d / embedding for a layer node in any of its forms, else None."""
+    """linear / conv2d / embedding / attention for a layer node in any of its forms, else None."""
     if node.op != "call_function":
         return None
     if node.target in _FP32_UNITS:
@@ -40,7 +41,8 @@ def layer_kind(node: Node) -> str | None:
     if node.target in _INT8_UNITS:
         return _INT8_UNITS[node.target]
     kind = kind_of(node)
-    return {OpKind.LINEAR: "linear", OpKind.CONV: "conv2d", OpKind.EMBEDDING: "embedding"}.get(kind)
+    return {OpKind.LINEAR: "linear", OpKind.CONV: "conv2d", OpKind.EMBEDDING: "embedding",
+            OpKind.ATTENTION: "attention"}.get(kind)
 
 
 def node_macs(node: Node) -> int:
@@ -59,6 +61,10 @@ def node_macs(node: Node) -> int:
     if t is kernel_ops.conv2d_int8:
         o, c, kh, kw, groups = node.args[5][:5]
         return numel * (c // groups) * kh * kw
+    if t in (qops.quantized_attention, kernel_ops.attention_int8):
+        q, k, _, _ = attention_parts(node)
+        qs, ks = concrete_shape(q), concrete_shape(k)
+        return math.prod(qs[:-1]) * ks[-2] * (qs[-1] + out[-1])
     try:
         return macs_of(node)
     except Exception:  # an op macs does not know: counted as cheap
@@ -66,7 +72,7 @@ def node_macs(node: Node) -> int:
 
 
 def layer_rows(original: GraphModule, optimized: GraphModule, args: tuple, kwargs: dict) -> list[dict]:
-    """One row per linear/conv/embedding layer of the optimized graph."""
+    """One row per linear/conv/embedding/attention layer of the optimized graph."""
     ids = {n.meta.get(ID) for n in optimized.graph.nodes if layer_kind(n) is not None}
     ref = record_values(original, args, kwargs, keep=ids)
     got = record_values(optimized, args, kwargs, keep=ids)
@@ -128,10 +134,14 @@ def median_latency(fn, repeats: int = 5, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
-# Why an op without an int8 layer rule stays fp32, where we measured it.
+# Why an op without an int8 layer rule stays fp32, where we measured it. Attention has a
+# rule now (quantize_int8 -> fused int8 kernel); its rows in the layer table say int8 or
+# fp32 and why.
 FP32_WHY = {
-    "scaled_dot_product_attention": "int8 Q.K^T alone measured 2x slower than the whole fp32 SDPA "
-                                    "(BERT-base b8xs128, this CPU)",
+    "matmul": "activation x activation products outside scaled_dot_product_attention have no "
+              "int8 kernel",
+    "bmm": "activation x activation products outside scaled_dot_product_attention have no "
+           "int8 kernel",
 }
 
 

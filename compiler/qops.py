@@ -14,6 +14,8 @@ Activation quantization schemes, chosen per op:
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -26,6 +28,9 @@ _lib.define("quantized_conv2d(Tensor x, Tensor w_q, Tensor w_scale, Tensor? b, i
             "int[] padding, int[] dilation, int groups, str act, float[] act_args, float a_scale, "
             "int a_zp) -> Tensor")
 _lib.define("embedding_int8(Tensor w_q, Tensor w_scale, Tensor indices) -> Tensor")
+# softmax(q k^T * scale + mask) v with both products in int8 (see _quantized_attention)
+_lib.define("quantized_attention(Tensor q, Tensor k, Tensor v, Tensor? attn_mask=None, "
+            "float? scale=None, bool is_causal=False) -> Tensor")
 
 
 # --- quantization arithmetic (shared with the passes) ---------------------------
@@ -107,9 +112,50 @@ def _embedding_int8(w_q, w_scale, indices):
     return w_q[indices].float() * w_scale[indices].unsqueeze(-1)
 
 
+def quantize_symmetric_rows(x: torch.Tensor):
+    """Symmetric int8 per row of the last dim, rounded as the attention kernel does
+    (x * (1 / scale)): (q as float64, scale)."""
+    amax = x.abs().amax(dim=-1)
+    scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    q = torch.clamp(torch.round(x * (1.0 / scale)[..., None]), -127, 127)
+    return q.double(), scale
+
+
+def _quantized_attention(q, k, v, attn_mask=None, scale=None, is_causal=False):
+    """The int8 attention the kernel computes: Q rows uint8 (dynamic, asymmetric), K per
+    key and V per column int8 (symmetric), P = softmax rounded to rint(255 e) / (255 sum e)
+    with e = exp(s - row max) in [0, 1]. Fully masked rows give 0, as torch's sdpa.
+    Returns (B, H, Sq, Dv) laid out as (B, Sq, H, Dv), as the kernel and torch's sdpa do."""
+    q, k, v = q.float(), k.float(), v.float()
+    sq, sk = q.shape[-2], k.shape[-2]
+    s_f = torch.tensor(1.0 / math.sqrt(q.shape[-1]) if scale is None else scale, dtype=torch.float32)
+    qq, qs, qz = quantize_rows(q.reshape(-1, q.shape[-1]))
+    qq = (qq.double() - qz.double()[:, None]).reshape(q.shape)
+    kq, ks = quantize_symmetric_rows(k)
+    acc = (qq @ kq.transpose(-1, -2)).float()
+    s = acc * (qs.reshape(q.shape[:-1])[..., None] * (ks * s_f)[..., None, :])
+    keep = torch.ones(s.shape, dtype=torch.bool)
+    if is_causal:
+        keep = torch.ones(sq, sk, dtype=torch.bool).tril().expand(s.shape)
+    elif attn_mask is not None and attn_mask.dtype == torch.bool:
+        keep = attn_mask.expand(s.shape)
+    elif attn_mask is not None:
+        s = s + attn_mask.float()
+    s = s.masked_fill(~keep, float("-inf"))
+    mx = s.amax(dim=-1, keepdim=True)
+    live = torch.isfinite(mx)
+    e = torch.where(keep & live, torch.exp(s - torch.where(live, mx, 0.0)), 0.0)
+    pq = torch.round(e * 255.0).double()
+    ps = torch.where(live, 1.0 / (255.0 * e.sum(dim=-1, keepdim=True)), 0.0)
+    vq, vs = quantize_symmetric_rows(v.transpose(-1, -2))
+    out = ((pq @ vq.transpose(-1, -2)) * ps.double() * vs.double()[..., None, :]).float()
+    return out.transpose(1, 2).contiguous().transpose(1, 2)
+
+
 _lib.impl("quantized_linear", _quantized_linear, "CompositeExplicitAutograd")
 _lib.impl("quantized_conv2d", _quantized_conv2d, "CompositeExplicitAutograd")
 _lib.impl("embedding_int8", _embedding_int8, "CompositeExplicitAutograd")
+_lib.impl("quantized_attention", _quantized_attention, "CompositeExplicitAutograd")
 
 
 @torch.library.register_fake("fxopt::quantized_linear")
@@ -129,6 +175,18 @@ def _embedding_int8_fake(w_q, w_scale, indices):
     return w_scale.new_empty((*indices.shape, w_q.shape[1]))
 
 
+@torch.library.register_fake("fxopt::quantized_attention")
+def _quantized_attention_fake(q, k, v, attn_mask=None, scale=None, is_causal=False):
+    return attention_like(q, v)
+
+
+def attention_like(q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """An empty attention output (B, H, Sq, Dv), laid out (B, Sq, H, Dv) like torch's sdpa."""
+    b, h, sq, _ = q.shape
+    return q.new_empty((b, sq, h, v.shape[-1]), dtype=torch.float32).transpose(1, 2)
+
+
 quantized_linear = torch.ops.fxopt.quantized_linear.default
 quantized_conv2d = torch.ops.fxopt.quantized_conv2d.default
 embedding_int8 = torch.ops.fxopt.embedding_int8.default
+quantized_attention = torch.ops.fxopt.quantized_attention.default

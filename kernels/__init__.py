@@ -21,7 +21,8 @@ __all__ = [
     "linear_f32", "pack_weights_s8", "pad_rows_u8", "quantize_rows_f32_u8", "quantize_tensor_f32_u8",
     "quantize_weights_s8", "select_isa", "set_num_threads", "use_isa",
 ]
-from .attention import attention_int8  # noqa: E402
+from .attention import Strided, attention_int8, attention_int8_strided  # noqa: E402
 from .conv import PackedConv, conv2d_f32, pack_conv_weights_s8  # noqa: E402
 
-__all__ += ["PackedConv", "attention_int8", "conv2d_f32", "pack_conv_weights_s8"]
+__all__ += ["PackedConv", "Strided", "attention_int8", "attention_int8_strided", "conv2d_f32",
+            "pack_conv_weights_s8"]

@@ -28,6 +28,7 @@ one element); the output is a (B, Sq, H, Dv) buffer returned as its
 that follows attention costs no copy.
 """
 import math
+from typing import NamedTuple
 
 import llvmlite.ir as ir
 import numpy as np
@@ -550,64 +551,123 @@ ENTRIES = {
 
 # --- Python entry ----------------------------------------------------------------------
 
-def _strided(a):
-    """(a, address, span, (b, h, row) strides in elements) of a 4-D float32 operand.
+class Strided(NamedTuple):
+    """An operand in memory its caller keeps alive during the call: data address,
+    shape and strides in elements (last stride 1 where the last dim is read, none
+    negative). A mask may have fewer than 4 dims (leading dims broadcast).
 
-    The kernel reads the caller's memory through these, so strided inputs
-    (views of a fused QKV projection) are used in place; only a last stride
-    other than one element, or a negative or misaligned one, costs a copy.
+        >>> Strided(t.data_ptr(), tuple(t.shape), t.stride())     # from a torch tensor
     """
-    sb, sh, ss, sd = a.strides
-    if sd != 4 or sb < 0 or sh < 0 or ss < 0 or (sb | sh | ss) & 3:
-        a = np.ascontiguousarray(a)
-        sb, sh, ss, sd = a.strides
-    nb, nh, n, d = a.shape
-    span = d + ((nb - 1) * sb + (nh - 1) * sh + (n - 1) * ss) // 4
-    return a, a.ctypes.data, span, (sb >> 2, sh >> 2, ss >> 2)
+    address: int
+    shape: tuple
+    strides: tuple
 
 
-def _operand(x, what):
+def _span(shape, strides):
+    """Elements from a 4-D operand's first element to its last one, inclusive."""
+    return (1 + (shape[0] - 1) * strides[0] + (shape[1] - 1) * strides[1]
+            + (shape[2] - 1) * strides[2] + (shape[3] - 1) * strides[3])
+
+
+def _check_operand(x, what):
+    if len(x.shape) != 4:
+        raise KernelError(f"attention_int8: {what} must be 4-D (B, H, S, D), got shape {x.shape}")
+    sb, sh, ss, sd = x.strides
+    if sd != 1 or sb < 0 or sh < 0 or ss < 0:
+        raise KernelError(f"attention_int8: {what} needs a last stride of 1 element and no "
+                          f"negative strides, got strides {x.strides}; pass a contiguous copy")
+
+
+def _mask_geometry(mask, shape):
+    """(span, (b, h, row) strides) of a mask read as `shape`: broadcast dims stride 0."""
+    dims, steps = tuple(mask.shape), tuple(mask.strides)
+    if len(dims) < 4:
+        dims, steps = (1,) * (4 - len(dims)) + dims, (0,) * (4 - len(dims)) + steps
+    if len(dims) > 4 or any(m != 1 and m != t for m, t in zip(dims, shape)):
+        raise KernelError(f"attention_int8: mask of shape {tuple(mask.shape)} does not "
+                          f"broadcast to (B, H, Sq, Sk) = {shape}")
+    if shape[3] > 1 and (dims[3] == 1 or steps[3] != 1) or min(steps) < 0:
+        raise KernelError(f"attention_int8: the mask must be read with stride 1 along the keys, "
+                          f"got shape {tuple(mask.shape)}, strides {tuple(mask.strides)}; "
+                          "pass a contiguous, key-expanded mask")
+    steps = (0 if dims[0] == 1 else steps[0], 0 if dims[1] == 1 else steps[1],
+             0 if dims[2] == 1 else steps[2], 1)
+    return _span(shape, steps), steps[:3]
+
+
+def attention_int8_strided(q, k, v, mask=None, mask_bool=True, scale=None, is_causal=False,
+                           n_threads=None):
+    """attention_int8 on operands given as Strided (address, shape, strides): the
+    float32 q/k/v and a bool (mask_bool) or float32 mask, read in place. For callers
+    that own the memory in another array library (the graph's op passes torch
+    tensors' data pointers); attention_int8 is the numpy form. Returns the same
+    (B, H, Sq, Dv) view of a fresh (B, Sq, H, Dv) float32 array.
+    """
+    for x, what in ((q, "q"), (k, "k"), (v, "v")):
+        _check_operand(x, what)
+    (nb, nh, sq, d), sk, dv = q.shape, k.shape[2], v.shape[3]
+    if tuple(k.shape) != (nb, nh, sk, d) or tuple(v.shape[:3]) != (nb, nh, sk):
+        raise KernelError(f"attention_int8: shapes do not match: q {q.shape}, k {k.shape}, "
+                          f"v {v.shape} (need k (B, H, Sk, D) and v (B, H, Sk, Dv))")
+    if is_causal and mask is not None:
+        raise KernelError("attention_int8: pass a mask or is_causal=True, not both")
+    out = np.empty((nb, sq, nh, dv), np.float32)
+    if out.size == 0:
+        return out.transpose(0, 2, 1, 3)
+    if sk == 0 or d == 0:
+        raise KernelError(f"attention_int8: needs at least one key and D > 0, got k {k.shape}")
+    mkind, maddr, mspan, ms = MASK_NONE, 0, 0, (0, 0, 0)
+    if mask is not None:
+        mkind, maddr = MASK_BOOL if mask_bool else MASK_FLOAT, mask.address
+        mspan, ms = _mask_geometry(mask, (nb, nh, sq, sk))
+    qs, ks, vs = q.strides, k.strides, v.strides
+    geo = np.array([q.address, k.address, v.address, maddr,
+                    _span(q.shape, qs), _span(k.shape, ks), _span(v.shape, vs), mspan,
+                    qs[0], qs[1], qs[2], ks[0], ks[1], ks[2], vs[0], vs[1], vs[2], *ms, sk, d],
+                   np.int64)
+    scale = np.float32(1.0 / math.sqrt(d) if scale is None else scale)
+    serial, parallel = ENTRIES[_dispatch._current[0]]
+    threads = min(n_threads or get_num_threads(), nb * nh)
+    run = parallel if threads > 1 and nb * nh * sq * sk * (d + dv) >= PARALLEL_MIN_MACS else serial
+    run(geo, mkind, bool(is_causal), scale, epilogue_params(), out, threads)
+    return out.transpose(0, 2, 1, 3)
+
+
+def _numpy_operand(x, what):
+    """(array, Strided) of a 4-D operand as float32; copies only if the last stride
+    is not one element or a stride is negative or not a whole element."""
     if type(x) is not np.ndarray:
         x = np.asarray(x)
     if x.dtype != np.float32:
-        if not np.issubdtype(x.dtype, np.floating):
+        if x.dtype.kind != "f":
             raise KernelError(f"attention_int8: {what} must be floating point, got {x.dtype}")
         x = x.astype(np.float32)
     if x.ndim != 4:
         raise KernelError(f"attention_int8: {what} must be 4-D (B, H, S, D), got shape {x.shape}")
-    return x
+    sb, sh, ss, sd = x.strides
+    if sd != 4 or min(sb, sh, ss) < 0 or (sb | sh | ss) & 3:
+        x = np.ascontiguousarray(x)
+        sb, sh, ss, sd = x.strides
+    return x, Strided(x.ctypes.data, x.shape, (sb >> 2, sh >> 2, ss >> 2, 1))
 
 
-def _mask(mask, shape):
-    """(kind, mask array, address, span, (b, h, row) strides) of a mask
-    broadcast to `shape`: broadcast dims read with stride 0, so nothing is
-    copied unless the mask repeats along the keys."""
-    if mask is None:
-        return MASK_NONE, None, 0, 0, (0, 0, 0)
+def _numpy_mask(mask, shape):
+    """(array, Strided, is bool) of a bool or float mask; copied (expanded) only if it
+    repeats along the keys or has strides the kernel cannot read."""
     if type(mask) is not np.ndarray:
         mask = np.asarray(mask)
-    if mask.dtype == np.bool_:
-        kind = MASK_BOOL
-    elif mask.dtype.kind == "f":
-        kind, mask = MASK_FLOAT, mask.astype(np.float32, copy=False)
-    else:
+    if mask.dtype.kind == "f":
+        mask = mask.astype(np.float32, copy=False)
+    elif mask.dtype != np.bool_:
         raise KernelError(f"attention_int8: mask must be bool (True = attend) or float "
                           f"(added to the scores), got {mask.dtype}")
-    if mask.ndim < 4:
-        mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
-    if mask.ndim > 4 or any(n != 1 and n != t for n, t in zip(mask.shape, shape)):
-        raise KernelError(f"attention_int8: mask of shape {mask.shape} does not broadcast "
-                          f"to (B, H, Sq, Sk) = {shape}")
     item = mask.itemsize
-    sb, sh, ss, sk = mask.strides
-    if (shape[3] > 1 and sk != item) or min(sb, sh, ss) < 0 or (sb | sh | ss) % item:
-        mask = np.ascontiguousarray(np.broadcast_to(mask, shape))
-        sb, sh, ss, sk = mask.strides
-    nb, nh, n, _ = mask.shape
-    steps = (0 if nb == 1 else sb // item, 0 if nh == 1 else sh // item,
-             0 if n == 1 else ss // item)
-    span = shape[3] + (shape[0] - 1) * steps[0] + (shape[1] - 1) * steps[1] + (shape[2] - 1) * steps[2]
-    return kind, mask, mask.ctypes.data, span, steps
+    if 0 < mask.ndim <= 4 and ((mask.shape[-1] == 1 and shape[3] > 1)
+                               or any(st < 0 or st % item for st in mask.strides)
+                               or (mask.shape[-1] > 1 and mask.strides[-1] != item)):
+        mask = np.ascontiguousarray(np.broadcast_to(mask, mask.shape[:-1] + shape[3:]))
+    steps = tuple(st // item for st in mask.strides)
+    return mask, Strided(mask.ctypes.data, mask.shape, steps), mask.dtype == np.bool_
 
 
 def attention_int8(q, k, v, mask=None, scale=None, is_causal=False, n_threads=None):
@@ -622,28 +682,12 @@ def attention_int8(q, k, v, mask=None, scale=None, is_causal=False, n_threads=No
 
         >>> out = attention_int8(q, k, v, mask=key_padding[:, None, None, :])
     """
-    q, k, v = _operand(q, "q"), _operand(k, "k"), _operand(v, "v")
-    (nb, nh, sq, d), sk, dv = q.shape, k.shape[2], v.shape[3]
-    if k.shape != (nb, nh, sk, d) or v.shape[:3] != (nb, nh, sk):
-        raise KernelError(f"attention_int8: shapes do not match: q {q.shape}, k {k.shape}, "
-                          f"v {v.shape} (need k (B, H, Sk, D) and v (B, H, Sk, Dv))")
-    if is_causal and mask is not None:
-        raise KernelError("attention_int8: pass a mask or is_causal=True, not both")
-    out = np.empty((nb, sq, nh, dv), np.float32)
-    if out.size == 0:
-        return out.transpose(0, 2, 1, 3)
-    if sk == 0 or d == 0:
-        raise KernelError(f"attention_int8: needs at least one key and D > 0, got k {k.shape}")
-    mkind, mask, maddr, mspan, ms = _mask(mask, (nb, nh, sq, sk))
-    q, qaddr, qspan, qs = _strided(q)
-    k, kaddr, kspan, ks = _strided(k)
-    v, vaddr, vspan, vs = _strided(v)
-    geo = np.array([qaddr, kaddr, vaddr, maddr, qspan, kspan, vspan, mspan,
-                    *qs, *ks, *vs, *ms, sk, d], np.int64)
-    scale = np.float32(1.0 / math.sqrt(d) if scale is None else scale)
-    serial, parallel = ENTRIES[_dispatch._current[0]]
-    threads = min(n_threads or get_num_threads(), nb * nh)
-    run = parallel if threads > 1 and nb * nh * sq * sk * (d + dv) >= PARALLEL_MIN_MACS else serial
+    q, qv = _numpy_operand(q, "q")
+    k, kv = _numpy_operand(k, "k")
+    v, vv = _numpy_operand(v, "v")
+    mv, is_bool = None, True
+    if mask is not None:
+        shape = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+        mask, mv, is_bool = _numpy_mask(mask, shape)
     # q, k, v and mask stay referenced here until the kernel returns
-    run(geo, mkind, bool(is_causal), scale, epilogue_params(), out, threads)
-    return out.transpose(0, 2, 1, 3)
+    return attention_int8_strided(qv, kv, vv, mv, is_bool, scale, is_causal, n_threads)

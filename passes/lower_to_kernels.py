@@ -2,6 +2,8 @@
 
     fxopt.quantized_linear(x, w_q, w_scale, b, act, ...)   (torch reference)
  -> fxopt.linear_int8(x, packed, w_scale, col_sums, b, n, k, act, ...)
+    fxopt.quantized_attention(q, k, v, attn_mask=..., ...) (no weights)
+ -> fxopt.attention_int8(q, k, v, attn_mask=..., ...)
 
 Packing (VNNI order, 64-byte aligned, column sums for the zero point) happens
 here, at optimize time; the op only runs the kernel. Ops without a kernel
@@ -22,7 +24,7 @@ PASS = PassInfo("lower_to_kernels", requires=("quantize_int8",),
 
 
 def run(gm, ctx) -> PassResult:
-    stats = {"linear": 0, "conv2d": 0}
+    stats = {"linear": 0, "conv2d": 0, "attention": 0}
     for node in list(gm.graph.nodes):
         if node.target is qops.quantized_linear:
             _lower_linear(gm, node)
@@ -30,13 +32,16 @@ def run(gm, ctx) -> PassResult:
         elif node.target is qops.quantized_conv2d:
             _lower_conv(gm, node)
             stats["conv2d"] += 1
+        elif node.target is qops.quantized_attention:
+            _replace(gm, node, kernel_ops.attention_int8, node.args, node.kwargs)
+            stats["attention"] += 1
     if stats["conv2d"]:
         stats["view_to_reshape"] = _views_to_reshapes(gm)
     stats["chained"] = _chain(gm)
     stats["residual_adds"] = _fuse_residual_adds(gm) + _fuse_conv_residuals(gm)
     from fxopt import kernels
     gm.meta.setdefault("fxopt_artifact", {})["kernel_isa"] = kernels.isa()
-    return PassResult(stats["linear"] + stats["conv2d"] > 0, stats)
+    return PassResult(stats["linear"] + stats["conv2d"] + stats["attention"] > 0, stats)
 
 
 def _lower_linear(gm, node) -> None:
@@ -193,8 +198,8 @@ def _views_to_reshapes(gm) -> int:
     return count
 
 
-def _replace(gm, node, target, args):
-    new = insert_call(gm, node, target, args, like=node)
+def _replace(gm, node, target, args, kwargs=None):
+    new = insert_call(gm, node, target, args, kwargs, like=node)
     for key in ("fxopt_quant", "fxopt_activation"):
         if key in node.meta:
             new.meta[key] = node.meta[key]

@@ -7,21 +7,27 @@ per op, by the scheme that suits it:
   static   (per tensor, calibrated by calibrate_ranges) - the default for convs,
            whose ranges are stable and where a static scale lets int8 ops chain.
 Embedding tables are stored int8 with a scale per row (weight-only).
+Attention (scaled_dot_product_attention) becomes fxopt.quantized_attention: both of its
+products in int8, all operands quantized on the fly (attention="fp32" keeps it fp32).
 
 Every unit records its decision and the reason in node.meta["fxopt_quant"],
 so the report can say why a layer stayed fp32.
 """
 from __future__ import annotations
 
+import torch
+from torch.fx import Node
+
 from fxopt import bias_correction, fxops, qops
 from fxopt.ir import add_weight, get_weight, insert_call, is_weight, layer_name
-from fxopt.ops import OpKind, arg, kind_of
+from fxopt.macs import concrete
+from fxopt.ops import OpKind, arg, attention_parts, kind_of
 from fxopt.pass_base import PassInfo, PassResult
 
 PASS = PassInfo(
     "quantize_int8", requires=("fuse_epilogues",),
     options={"activations": "auto", "skip": (), "per_layer": {}, "embeddings": True,
-             "min_macs": 0, "bias_correction": "auto", "depthwise": "fp32"},
+             "min_macs": 0, "bias_correction": "auto", "depthwise": "fp32", "attention": "int8"},
     doc="int8 weights per channel; activations dynamic (linear) or static (conv)")
 
 MODES = ("auto", "dynamic", "static", "fp32")
@@ -29,16 +35,18 @@ QUANT = "fxopt_quant"
 
 
 def run(gm, ctx, activations="auto", skip=(), per_layer=None, embeddings=True, min_macs=0,
-        bias_correction="auto", depthwise="fp32") -> PassResult:
+        bias_correction="auto", depthwise="fp32", attention="int8") -> PassResult:
     if activations not in MODES:
         raise ValueError(f"quantize_int8: activations={activations!r}; use one of {MODES}")
+    if attention not in ("int8", "fp32"):
+        raise ValueError(f"quantize_int8: attention={attention!r}; use int8 or fp32")
     if bias_correction not in ("auto", "off"):
         raise ValueError(f"quantize_int8: bias_correction={bias_correction!r}; use auto or off")
     per_layer = dict(per_layer or {})
     ranges = ctx.state.get("calibrate_ranges", {})
     inputs = ctx.state.get("calibrate_inputs", {}) if bias_correction == "auto" else {}
-    stats = {"linear": 0, "conv2d": 0, "embedding": 0, "dynamic": 0, "static": 0, "kept_fp32": 0,
-             "bias_corrected": 0}
+    stats = {"linear": 0, "conv2d": 0, "embedding": 0, "attention": 0, "dynamic": 0, "static": 0,
+             "kept_fp32": 0, "bias_corrected": 0}
     for node in list(gm.graph.nodes):
         if node.target in (fxops.linear_act, fxops.conv2d_act):
             mode, reason = _choose(node, activations, skip, per_layer, ranges, gm, min_macs)
@@ -54,7 +62,10 @@ def run(gm, ctx, activations="auto", skip=(), per_layer=None, embeddings=True, m
             stats[mode] += 1
         elif embeddings and kind_of(node) is OpKind.EMBEDDING and _layer(node) not in skip:
             stats["embedding"] += _quantize_embedding(gm, node)
-    changed = stats["linear"] + stats["conv2d"] + stats["embedding"] > 0
+        elif kind_of(node) is OpKind.ATTENTION:
+            done = _quantize_attention(gm, node, attention, skip, per_layer)
+            stats["attention" if done else "kept_fp32"] += 1
+    changed = stats["linear"] + stats["conv2d"] + stats["embedding"] + stats["attention"] > 0
     return PassResult(changed, stats)
 
 
@@ -175,3 +186,48 @@ def _quantize_embedding(gm, node) -> int:
     gm.graph.erase_node(node)
     return 1
 
+
+
+ATTENTION_WHY = "int8 Q.K^T and P.V: Q and P per row, K per key, V per column, all dynamic"
+
+
+def _attention_blocker(node, wanted: str, skip, per_layer) -> str:
+    """Why this attention node must stay fp32, or "" if the int8 kernel can take it."""
+    name = _layer(node)
+    if name in skip:
+        return "skipped by the user (skip=)"
+    if per_layer.get(name, wanted) == "fp32":
+        return "kept fp32 by per_layer" if name in per_layer else "kept fp32 by attention='fp32'"
+    q, k, v, mask = attention_parts(node)
+    vals = [a.meta.get("val") if isinstance(a, Node) else None for a in (q, k, v)]
+    if arg(node, 4, "dropout_p", 0.0) != 0:
+        return "dropout_p > 0: the int8 kernel has no dropout"
+    if any(not isinstance(t, torch.Tensor) or t.dim() != 4 or t.dtype != torch.float32 for t in vals):
+        return "q/k/v are not 4-D float32 (B, H, S, D) tensors"
+    if not (_lead(vals[0]) == _lead(vals[1]) == _lead(vals[2])):
+        return "q, k and v differ in batch or head count (GQA or broadcast)"
+    m = mask.meta.get("val") if isinstance(mask, Node) else None
+    if mask is not None and not (isinstance(m, torch.Tensor) and (m.dtype == torch.bool or m.is_floating_point())):
+        return "attention mask is neither bool nor float"
+    return ""
+
+
+def _lead(t: torch.Tensor) -> list:
+    """(batch, heads) of an attention operand, at the example sizes."""
+    return [concrete(s) for s in t.shape[:2]]
+
+
+def _quantize_attention(gm, node, wanted: str, skip, per_layer) -> bool:
+    """Rewrite one scaled_dot_product_attention to quantized_attention; False if kept fp32."""
+    why = _attention_blocker(node, wanted, skip, per_layer)
+    if why:
+        node.meta[QUANT] = {"int8": False, "reason": why}
+        return False
+    q, k, v, mask = attention_parts(node)
+    kwargs = {"attn_mask": mask, "scale": node.kwargs.get("scale"),
+              "is_causal": bool(arg(node, 5, "is_causal", False))}
+    new = insert_call(gm, node, qops.quantized_attention, (q, k, v), kwargs, like=node)
+    new.meta[QUANT] = {"int8": True, "mode": "dynamic", "reason": ATTENTION_WHY}
+    node.replace_all_uses_with(new)
+    gm.graph.erase_node(node)
+    return True

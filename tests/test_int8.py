@@ -238,3 +238,86 @@ def test_conv_residual_and_relu_fuse_into_the_epilogue(monkeypatch):
         for inp in (x[0], torch.randn(3, 16, 10, 10)):   # other batch sizes too
             torch.testing.assert_close(fused(inp), separate(inp), rtol=0, atol=0)
             assert drift(model(inp), fused(inp)).cosine > 0.999
+
+
+# --- attention ------------------------------------------------------------------------
+
+def _identical(got, expected):
+    leaves = torch.utils._pytree.tree_leaves
+    return all(g.dtype == e.dtype and torch.equal(g, e) for g, e in zip(leaves(got), leaves(expected)))
+
+
+@pytest.mark.parametrize("name", ["bert", "distilbert", "vit"])
+def test_attention_lowered_saved_and_loaded(name, tmp_path):
+    model, example, other = ZOO[name]()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # calibrating on the example inputs warns; expected here
+        fast = fxopt.optimize(model, example, target="cpu-int8", calibration_data=[example, other],
+                              latency_repeats=0)
+    targets = [n.target for n in fast.graph.nodes]
+    assert targets.count(kernel_ops.attention_int8) == 2
+    assert torch.ops.aten.scaled_dot_product_attention.default not in targets
+    rows = [r for r in fast.fxopt_report.layers if r["op"] == "attention"]
+    assert len(rows) == 2 and all(r["precision"] == "int8" and "Q.K^T" in r["why"] for r in rows)
+    fxopt.save(fast, tmp_path / "m.fxopt")
+    loaded = fxopt.load(tmp_path / "m.fxopt")
+    assert kernel_ops.attention_int8 in {n.target for n in loaded.graph.nodes}
+    with torch.no_grad():
+        for inputs in (example, other):  # other: another batch size (and sequence length)
+            assert drift(call(model, inputs), call(fast, inputs)).cosine >= 0.99
+            assert _identical(call(loaded, inputs), call(fast, inputs))
+
+
+def test_attention_fp32_option_and_per_layer_keep_sdpa_with_reason():
+    model, example, other = ZOO["bert"]()
+    sdpa = torch.ops.aten.scaled_dot_product_attention.default
+    layer0 = "bert.encoder.layer.0.attention.self"
+    for options, fp32_layers in (("attention=fp32", 2), (f"per_layer={{'{layer0}': 'fp32'}}", 1)):
+        target = fxopt.TARGETS["cpu-int8"].replace("quantize_int8", f"quantize_int8{{{options}}}")
+        fast = fxopt.optimize(model, example, target=target, calibration_data=[example], latency_repeats=0)
+        targets = [n.target for n in fast.graph.nodes]
+        assert targets.count(sdpa) == fp32_layers and targets.count(kernel_ops.attention_int8) == 2 - fp32_layers
+        rows = {r["layer"]: r for r in fast.fxopt_report.layers if r["op"] == "attention"}
+        assert rows[layer0]["precision"] == "fp32"
+        assert ("attention='fp32'" if fp32_layers == 2 else "per_layer") in rows[layer0]["why"]
+        with torch.no_grad():
+            assert drift(call(model, other), call(fast, other)).cosine >= 0.99
+
+
+class _Attention(nn.Module):
+    """One attention call on a fused QKV projection, as transformer blocks make it."""
+
+    def __init__(self, heads=2, dim=32, **sdpa):
+        super().__init__()
+        self.heads, self.qkv, self.sdpa = heads, nn.Linear(dim, 3 * dim), sdpa
+
+    def forward(self, x, mask=None):
+        b, s, _ = x.shape
+        q, k, v = (t.view(b, s, self.heads, -1).transpose(1, 2) for t in self.qkv(x).chunk(3, dim=-1))
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, **self.sdpa)
+        return out.transpose(1, 2).reshape(b, s, -1)
+
+
+@pytest.mark.filterwarnings("ignore:.*is static")  # the (2, 1, 10, 10) mask fixes the sequence
+@pytest.mark.parametrize("case", ["causal", "float_mask", "dropout"])
+def test_attention_variants(case):
+    torch.manual_seed(0)
+    model = _Attention(**({"is_causal": True} if case == "causal" else
+                          {"dropout_p": 0.1} if case == "dropout" else {})).eval()
+    x = torch.randn(2, 10, 32)
+    mask = torch.zeros(2, 1, 10, 10)
+    mask[1, ..., 7:] = float("-inf")
+    inputs = (x, mask) if case == "float_mask" else (x,)
+    fast = fxopt.optimize(model, inputs, target="cpu-int8", calibration_data=[inputs], latency_repeats=0)
+    row, = [r for r in fast.fxopt_report.layers if r["op"] == "attention"]
+    if case == "dropout":
+        # the graph keeps dropout_p > 0 (it samples even in eval): it stays fp32, with the reason
+        assert row["precision"] == "fp32" and "dropout" in row["why"]
+        return
+    assert row["precision"] == "int8"
+    reference = fxopt.optimize(model, inputs, latency_repeats=0,
+                               target=fxopt.TARGETS["cpu-fp32"] + ",quantize_int8")
+    with torch.no_grad():
+        assert drift(model(*inputs), fast(*inputs)).cosine >= 0.999
+        # the kernel computes the reference op's integers; only exp and float rounding differ
+        assert drift(reference(*inputs), fast(*inputs)).sqnr_db > 80
