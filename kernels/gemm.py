@@ -20,7 +20,7 @@ from .quantize import quantize_rows_into, row_range, scale_zero_point, quantize_
 from .simd import (BLOCK_COLS, GROUP_BYTES, TAGS, is_portable, isa_geometry, prefetch_lines, tile_f32,
                    tile_s32)
 
-KERNEL_VERSION = "gemm-6"
+KERNEL_VERSION = "gemm-7"
 
 _AVX512_VNNI = TAGS["avx512_vnni"]
 _AVX_VNNI = TAGS["avx_vnni"]
@@ -95,6 +95,57 @@ def _tiles_s32(tag, mr, m0, ncols, aq, bp, boff, kg, t):
         tc, lda = isa_geometry(tag)[1], aq.shape[1]
         for cs in range(0, ncols, tc):
             _tile(tag, mr, aq, m0 * lda, lda, bp, boff + 4 * cs, kg, t, cs)
+
+
+def _is_float32(a):
+    raise NotImplementedError  # compiled through the overload below
+
+
+@overload(_is_float32, inline="always")
+def _is_float32_impl(a):
+    flag = a.dtype == types.float32
+    return lambda a: flag
+
+
+def _compute_full_block(tag, mr, m0, n0, aq, bp, boff, kg, colsum, ascale, azp, wscale,
+                        bias, res, ep, out):
+    raise NotImplementedError  # compiled through the overload below
+
+
+@overload(_compute_full_block, inline="always")
+def _compute_full_block_impl(tag, mr, m0, n0, aq, bp, boff, kg, colsum, ascale, azp, wscale,
+                             bias, res, ep, out):
+    """A whole 64-column block tile with float output: dequantized and activated in
+    registers (tile_f32), a fused residual added after. The hot path, kept apart from
+    the tail and int32-staging code of _compute: in the same loop body that code,
+    though never run, cost ~240 cycles a tile."""
+    if out.dtype != types.float32:
+        def impl(tag, mr, m0, n0, aq, bp, boff, kg, colsum, ascale, azp, wscale, bias, res, ep, out):
+            pass  # never called: _job_into routes other outputs to _compute
+        return impl
+
+    def impl(tag, mr, m0, n0, aq, bp, boff, kg, colsum, ascale, azp, wscale, bias, res, ep, out):
+        act = np.int32(ep[EP_ACT])
+        has_res = res.shape[0] > 0
+        if has_res:  # the residual rows arrive while the K loop runs
+            for r in range(mr):
+                prefetch_lines(res, m0 + r, n0, 4)
+        # with the residual first, the activation waits for it
+        pre = has_res and ep[EP_RES_FIRST] != 0
+        now = 0 if pre else act
+        tc, lda = isa_geometry(tag)[1], aq.shape[1]
+        for cs in range(0, BLOCK_COLS, tc):
+            _tile_f32(tag, mr, aq, m0 * lda, lda, bp, boff + 4 * cs, kg, colsum,
+                      wscale, bias, n0 + cs, ascale, azp, m0, out, now, ep[EP_P0], ep[EP_P1])
+        if now > 3:  # relu, clamp and GELU were applied in registers
+            for r in range(mr):
+                apply_activation(out, m0 + r, n0, BLOCK_COLS, now, ep[EP_P0], ep[EP_P1])
+        if has_res:  # fused residual: out += res, then the activation if it waited
+            for r in range(mr):
+                add_row(out, res, m0 + r, n0, BLOCK_COLS)
+                if pre and act != 0:
+                    apply_activation(out, m0 + r, n0, BLOCK_COLS, act, ep[EP_P0], ep[EP_P1])
+    return impl
 
 
 def _compute(tag, mr, m0, n0, ncols, aq, bp, boff, kg, colsum, ascale, azp, wscale,
@@ -177,10 +228,16 @@ def _job_into(tag, job, nmc, mchunk, aq, bp, kg, colsum, ascale, azp, wscale, bi
     n0 = nb * BLOCK_COLS
     ncols = min(BLOCK_COLS, n - n0)
     boff = nb * kg * GROUP_BYTES
-    for m0 in range(m_start, m_end, mr_max):
-        mr = min(mr_max, m_end - m0)
-        _compute(tag, mr, m0, n0, ncols, aq, bp, boff, kg, colsum, ascale, azp,
-                 wscale, bias, res, ep, out, t, y)
+    if ncols == BLOCK_COLS and bias.shape[0] > 0 and not is_portable(tag) and _is_float32(out):
+        for m0 in range(m_start, m_end, mr_max):
+            mr = min(mr_max, m_end - m0)
+            _compute_full_block(tag, mr, m0, n0, aq, bp, boff, kg, colsum, ascale, azp,
+                                wscale, bias, res, ep, out)
+    else:  # column tails, int32/uint8 outputs, the portable ISA
+        for m0 in range(m_start, m_end, mr_max):
+            mr = min(mr_max, m_end - m0)
+            _compute(tag, mr, m0, n0, ncols, aq, bp, boff, kg, colsum, ascale, azp,
+                     wscale, bias, res, ep, out, t, y)
 
 
 @njit
