@@ -342,8 +342,10 @@ def _numpy_mask(mask, shape):
     elif mask.dtype != np.bool_:
         raise KernelError(f"attention_int8: mask must be bool (True = attend) or float "
                           f"(added to the scores), got {mask.dtype}")
+    if mask.ndim == 0:
+        mask = mask.reshape(1)
     item = mask.itemsize
-    if 0 < mask.ndim <= 4 and ((mask.shape[-1] == 1 and shape[3] > 1)
+    if mask.ndim <= 4 and ((mask.shape[-1] == 1 and shape[3] > 1)
                                or any(st < 0 or st % item for st in mask.strides)
                                or (mask.shape[-1] > 1 and mask.strides[-1] != item)):
         mask = np.ascontiguousarray(np.broadcast_to(mask, mask.shape[:-1] + shape[3:]))

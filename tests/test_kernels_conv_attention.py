@@ -165,10 +165,13 @@ def _masks(rng, b, h, sq, sk):
                         -np.inf).astype(np.float32)
     return {"pad": pad, "full": full, "float": additive,
             "float_pad": np.where(pad, 0, np.finfo(np.float32).min).astype(np.float32),
-            "float_2d": rng.standard_normal((sq, sk)).astype(np.float32)}
+            "float_2d": rng.standard_normal((sq, sk)).astype(np.float32),
+            "bool_rows": rng.random((b, 1, sq, 1)) > 0.2,   # repeats along the keys: expanded
+            "scalar": np.array(True)}
 
 
-@pytest.mark.parametrize("which", ["pad", "full", "float", "float_pad", "float_2d"])
+@pytest.mark.parametrize("which", ["pad", "full", "float", "float_pad", "float_2d", "bool_rows",
+                                   "scalar"])
 @pytest.mark.parametrize("shape", [(2, 3, 37, 29, 64, 64), (2, 2, 9, 70, 80, 80)])
 def test_attention_masks(which, shape):
     b, h, sq, sk, d, dv = shape
