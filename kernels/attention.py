@@ -125,14 +125,14 @@ def _head(tag, b, h, geo, qf, kf, vf, mf, mb, mkind, causal, scale, ep, bufs, ou
     kgd, kgs = kt32.shape[1], (sk + 3) // 4
     kscale, vscale, bias, vmax, vinv = cols_f[0], cols_f[1], cols_f[2], cols_f[3], cols_f[4]
     quantize_q_rows(qf, b * geo[_QS] + h * geo[_QS + 1], geo[_QS + 2], sq, d, qa,
-                     rows_f[0], rows_i[0], tmp)
+                    rows_f[0], rows_i[0], tmp)
     quantize_k_rows(kf, b * geo[_KS] + h * geo[_KS + 1], geo[_KS + 2], sk, d, scale,
-                     kt32.view(np.int8), kscale, cols_i[0], tmp)
+                    kt32.view(np.int8), kscale, cols_i[0], tmp)
     pack_k(sk, kt32, kp32)
     _gemm(tag, qa, kp32.view(np.int8), kgd, cols_i[0], rows_f[0], rows_i[0], kscale, bias, ep,
           scores)
     softmax_rows(scores, sk, mkind, mf, mb, b * geo[_MS] + h * geo[_MS + 1], geo[_MS + 2],
-                  causal, pa, rows_f[1])
+                 causal, pa, rows_f[1])
     vbase = b * geo[_VS] + h * geo[_VS + 1]
     v_scales(vf, vbase, geo[_VS + 2], sk, dv, vmax, vscale, vinv)
     pack_v(vf, vbase, geo[_VS + 2], sk, dv, vinv, vp32)

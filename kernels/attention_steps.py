@@ -172,7 +172,7 @@ def pack_v(vf, base, row_stride, sk, dv, vinv, vp32):
                     vp32[dst + np.uint64(c)] = w
 
 
-# --- one head: masked softmax, quantized to uint8 ----------------------------------
+# --- masked softmax, quantized to uint8 -------------------------------------------------
 
 @njit
 def _add_mask_float(s, ui, n, mf, moff):
