@@ -4,8 +4,9 @@
     >>> pw = K.pack_weights_s8(*K.quantize_weights_s8(w))     # w: (N, K) float32
     >>> y = K.linear_f32(x, pw, bias, act="gelu")             # x: (..., K) float32
 
-See linear.py (GEMM/linear), attention.py (fused int8 attention), conv.py (conv2d),
-isa.py (CPU dispatch), pack.py (layout), reference.py (numpy twins).
+See linear.py (GEMM/linear), attention.py (fused int8 attention, with attention_steps.py
+and rowops.py), conv.py (conv2d), isa.py (CPU dispatch), pack.py (layout), reference.py
+(numpy twins).
 """
 from . import _cache  # noqa: F401  (must precede every @njit(cache=True))
 from .epilogue import ACTIVATIONS

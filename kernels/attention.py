@@ -17,6 +17,11 @@ micro-kernel of gemm.py, no nested parallel region):
 5. V columns -> int8, symmetric per d, packed as the N x K operand (N = D, K = keys)
 6. O = P V, dequantized in the epilogue straight into the output.
 
+The steps live in attention_steps.py (their row reductions and raw-memory
+intrinsics in rowops.py); this file runs heads on workers, each claiming its
+next job one ahead so that job's q/k/v rows can be prefetched meanwhile, and
+holds the Python entries.
+
 Masks: None, float32 additive or bool (True = attend), broadcastable to
 (B, H, Sq, Sk); ``is_causal`` keeps key j for query i when j <= i (torch's
 top-left alignment). A query row whose keys are all masked (bool False, or
@@ -30,340 +35,29 @@ that follows attention costs no copy.
 import math
 from typing import NamedTuple
 
-import llvmlite.ir as ir
 import numpy as np
-from numba import carray, njit, prange, types
-from numba.core import cgutils
-from numba.extending import intrinsic
+from numba import carray, njit, prange
 
+from .attention_steps import (MASK_BOOL, MASK_FLOAT, MASK_NONE, pack_k, pack_v,
+                              quantize_k_rows, quantize_q_rows, softmax_rows, v_scales)
 from .dispatch import KernelError
 from . import dispatch as _dispatch
-from .epilogue import exp_f32
 from .gemm import _fetch_add, _job_into, _scratch, a_stride
 from .linear import epilogue_params, get_num_threads
-from .quantize import scale_zero_point
+from .rowops import pointer, prefetch
 from .simd import BLOCK_COLS, TAGS
 
-KERNEL_VERSION = "attention-2"
+KERNEL_VERSION = "attention-3"
 # below this many multiply-adds per call a thread launch costs more than it saves
 PARALLEL_MIN_MACS = 1 << 20
-MASK_NONE, MASK_FLOAT, MASK_BOOL = 0, 1, 2
 
 _AVX512_VNNI = TAGS["avx512_vnni"]
 _AVX_VNNI = TAGS["avx_vnni"]
 _AVX2 = TAGS["avx2"]
 _PORTABLE = TAGS["portable"]
-_F0, _F1, _F127, _F255 = (np.float32(v) for v in (0.0, 1.0, 127.0, 255.0))
-_NEG_INF = np.float32(-np.inf)
 # geo vector: operand addresses (q, k, v, mask), spans in elements, strides in
 # elements of q, k, v, mask over (batch, head, row), Sk and D
 _ADDR, _SPAN, _QS, _KS, _VS, _MS, _SK, _D = 0, 4, 8, 11, 14, 17, 20, 21
-_S8, _S16, _S24 = np.int32(8), np.int32(16), np.int32(24)
-
-
-# --- one head: quantize and pack the operands ----------------------------------
-
-_LANES = 16
-_f32 = ir.FloatType()
-_v16 = ir.VectorType(_f32, _LANES)
-
-
-def _call(builder, name, ret, args):
-    fnty = ir.FunctionType(ret, [a.type for a in args])
-    # no NaNs: lets the horizontal reductions be a shuffle tree, not a lane-by-lane chain
-    return builder.call(cgutils.get_or_insert_function(builder.module, fnty, name), args,
-                        fastmath=("nnan", "nsz"))
-
-
-def _array_ptr(context, builder, ty, value, off_ty, off):
-    data = cgutils.create_struct_proxy(ty)(context, builder, value=value).data
-    return builder.gep(data, [context.cast(builder, off, off_ty, types.intp)])
-
-
-def _emit_minmax(context, builder, base, count, keep=None):
-    """(min, max) of `count` float32 from pointer `base`, skipping elements
-    whose byte in `keep` (a uint8 pointer, optional) is 0."""
-    intp = context.get_value_type(types.intp)
-    i8 = ir.IntType(8)
-
-    def kept(v, p, ty, lanes):
-        if keep is None:
-            return v, v
-        m = builder.load(builder.bitcast(builder.gep(keep, [p]), ty.as_pointer()), align=1)
-        on = builder.icmp_unsigned("!=", m, ir.Constant(ty, None))
-        inf = ir.Constant(v.type, [float("inf")] * lanes if lanes else float("inf"))
-        ninf = ir.Constant(v.type, [float("-inf")] * lanes if lanes else float("-inf"))
-        return builder.select(on, v, inf), builder.select(on, v, ninf)
-
-    lo_v = cgutils.alloca_once_value(builder, ir.Constant(_v16, [float("inf")] * _LANES))
-    hi_v = cgutils.alloca_once_value(builder, ir.Constant(_v16, [float("-inf")] * _LANES))
-    nvec = builder.udiv(count, ir.Constant(intp, _LANES))
-    with cgutils.for_range(builder, nvec) as loop:
-        i = builder.mul(loop.index, ir.Constant(intp, _LANES))
-        v = builder.load(builder.bitcast(builder.gep(base, [i]), _v16.as_pointer()), align=4)
-        for_min, for_max = kept(v, i, ir.VectorType(i8, _LANES), _LANES)
-        builder.store(_call(builder, "llvm.minnum.v16f32", _v16, [builder.load(lo_v), for_min]), lo_v)
-        builder.store(_call(builder, "llvm.maxnum.v16f32", _v16, [builder.load(hi_v), for_max]), hi_v)
-    lo = cgutils.alloca_once_value(
-        builder, _call(builder, "llvm.vector.reduce.fmin.v16f32", _f32, [builder.load(lo_v)]))
-    hi = cgutils.alloca_once_value(
-        builder, _call(builder, "llvm.vector.reduce.fmax.v16f32", _f32, [builder.load(hi_v)]))
-    tail = builder.mul(nvec, ir.Constant(intp, _LANES))
-    with cgutils.for_range(builder, builder.sub(count, tail)) as loop:
-        i = builder.add(tail, loop.index)
-        for_min, for_max = kept(builder.load(builder.gep(base, [i])), i, i8, 0)
-        builder.store(_call(builder, "llvm.minnum.f32", _f32, [builder.load(lo), for_min]), lo)
-        builder.store(_call(builder, "llvm.maxnum.f32", _f32, [builder.load(hi), for_max]), hi)
-    return builder.load(lo), builder.load(hi)
-
-
-# Reductions written as 16-lane llvm.minnum/maxnum: LLVM, as Numba drives it,
-# turns a scalar min/max loop into an in-loop (per iteration horizontal)
-# reduction that runs at scalar speed. NaN inputs give an undefined result.
-@intrinsic
-def _minmax(typingctx, x, off, n):
-    """(min, max) of the n float32 values from element `off` of x's data
-    ((+inf, -inf) if n == 0); x must be C-contiguous from there on."""
-    if not (isinstance(x, types.Array) and x.dtype == types.float32):
-        return None
-    sig = types.UniTuple(types.float32, 2)(x, off, n)
-
-    def codegen(context, builder, sig, args):
-        base = _array_ptr(context, builder, sig.args[0], args[0], sig.args[1], args[1])
-        count = context.cast(builder, args[2], sig.args[2], types.intp)
-        lo, hi = _emit_minmax(context, builder, base, count)
-        return context.make_tuple(builder, sig.return_type, [lo, hi])
-    return sig, codegen
-
-
-@intrinsic
-def _masked_max(typingctx, x, off, n, m, moff):
-    """max of x[off + j] over j < n where the byte m[moff + j] != 0 (-inf if none)."""
-    if not (isinstance(x, types.Array) and x.dtype == types.float32
-            and isinstance(m, types.Array) and m.dtype == types.uint8):
-        return None
-    sig = types.float32(x, off, n, m, moff)
-
-    def codegen(context, builder, sig, args):
-        base = _array_ptr(context, builder, sig.args[0], args[0], sig.args[1], args[1])
-        keep = _array_ptr(context, builder, sig.args[3], args[3], sig.args[4], args[4])
-        count = context.cast(builder, args[2], sig.args[2], types.intp)
-        return _emit_minmax(context, builder, base, count, keep)[1]
-    return sig, codegen
-
-
-@intrinsic
-def _prefetch(typingctx, x, off):
-    """Hint the cache line holding element `off` of x's data into L2 (prefetcht1)."""
-    if not isinstance(x, types.Array):
-        return None
-    sig = types.void(x, off)
-
-    def codegen(context, builder, sig, args):
-        i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
-        p = _array_ptr(context, builder, sig.args[0], args[0], sig.args[1], args[1])
-        fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
-        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
-        # read, locality 2, data cache
-        builder.call(fn, [builder.bitcast(p, i8p), ir.Constant(i32, 0), ir.Constant(i32, 2),
-                          ir.Constant(i32, 1)])
-        return context.get_dummy_value()
-    return sig, codegen
-
-
-@njit(inline="always")
-def _range(x, off, n):
-    """(min(0, x[off:off+n]), max(0, ...)), as quantize.row_range."""
-    lo, hi = _minmax(x, off, n)
-    return min(lo, _F0), max(hi, _F0)
-
-
-@njit(inline="always")
-def _abs_max(x, off, n):
-    lo, hi = _minmax(x, off, n)
-    return max(-lo, hi, _F0)
-
-
-@njit(error_model="numpy")
-def _quantize_q_rows(qf, base, row_stride, sq, d, qa, qscale, qzp):
-    """Rows of Q (flat, from `base`) -> uint8 rows of qa with per-row scale/zp;
-    columns d..(d rounded up to 4) get the zero point (they meet zero keys)."""
-    kp = (d + 3) // 4 * 4
-    for i in range(sq):
-        off = np.uint64(base + i * row_stride)
-        lo, hi = _range(qf, off, d)
-        s, zp = scale_zero_point(lo, hi)
-        qscale[i] = s
-        qzp[i] = np.int32(zp)
-        inv = _F1 / s
-        ui = np.uint64(i)
-        for c in range(d):
-            v = np.rint(qf[off + np.uint64(c)] * inv) + zp
-            v = min(max(v, _F0), _F255)
-            qa[ui, np.uint64(c)] = np.uint8(np.int32(v))
-        for c in range(d, kp):
-            qa[ui, np.uint64(c)] = np.uint8(zp)
-
-
-@njit(error_model="numpy")
-def _quantize_k_rows(kf, base, row_stride, sk, d, scale, kt, kscale, ksum):
-    """Keys -> int8 rows of kt, symmetric per key; kscale gets the key's scale
-    times the softmax scale, ksum the key's sum (for the zero point term)."""
-    for j in range(sk):
-        off = np.uint64(base + j * row_stride)
-        amax = _abs_max(kf, off, d)
-        s = amax / _F127 if amax > _F0 else _F1
-        inv = _F1 / s
-        uj = np.uint64(j)
-        total = np.int32(0)
-        for c in range(d):
-            v = np.rint(kf[off + np.uint64(c)] * inv)
-            qv = np.int32(min(max(v, -_F127), _F127))
-            kt[uj, np.uint64(c)] = np.int8(qv)
-            total += qv
-        kscale[j] = s * scale
-        ksum[j] = total
-
-
-@njit
-def _pack_k(sk, kt32, kp32):
-    """Quantized keys (rows of kt32, 4-byte k-groups) into the packed N x K
-    operand (N = keys): block nb, k-group g holds the words of keys
-    64 nb .. 64 nb + 63 side by side. Written as contiguous stores with
-    strided loads: the other loop order vectorizes into scatters, which
-    are microcoded and slow on AMD."""
-    kg = kt32.shape[1]
-    for nb in range((sk + BLOCK_COLS - 1) // BLOCK_COLS):
-        j0 = nb * BLOCK_COLS
-        n = min(BLOCK_COLS, sk - j0)
-        for g in range(kg):
-            dst = np.uint64((nb * kg + g) * BLOCK_COLS)
-            ug = np.uint64(g)
-            for c in range(n):
-                kp32[dst + np.uint64(c)] = kt32[np.uint64(j0 + c), ug]
-
-
-@njit(error_model="numpy")
-def _v_scales(vf, base, row_stride, sk, dv, vmax, vscale, vinv):
-    """Per-column (d) symmetric int8 scales of V and their inverses."""
-    for c in range(dv):
-        vmax[c] = _F0
-    for j in range(sk):
-        off = np.uint64(base + j * row_stride)
-        for c in range(dv):
-            uc = np.uint64(c)
-            vmax[uc] = max(vmax[uc], abs(vf[off + uc]))
-    for c in range(dv):
-        s = vmax[c] / _F127 if vmax[c] > _F0 else _F1
-        vscale[c] = s
-        vinv[c] = _F1 / s
-
-
-@njit(inline="always")
-def _q8(x, inv):
-    """One value to int8 (as the low byte of an int32)."""
-    v = min(max(np.rint(x * inv), -_F127), _F127)
-    return np.int32(v) & np.int32(0xFF)
-
-
-@njit(fastmath={"nnan", "nsz"}, error_model="numpy")
-def _pack_v(vf, base, row_stride, sk, dv, vinv, vp32):
-    """V (keys x dv) -> int8 packed as the N x K operand (N = dv, K = keys).
-
-    A k-group holds 4 consecutive keys: the packed word of column c is the
-    4 quantized bytes V[4g..4g+3, c], built with shifts so the loop over c
-    vectorizes. Keys past sk (the last group's tail) stay zero.
-    """
-    kg = (sk + 3) // 4
-    for g in range(kg):
-        o0 = base + 4 * g * row_stride
-        nk = min(4, sk - 4 * g)
-        for nb in range((dv + BLOCK_COLS - 1) // BLOCK_COLS):
-            c0 = nb * BLOCK_COLS
-            dst = np.uint64((nb * kg + g) * BLOCK_COLS)
-            n = min(BLOCK_COLS, dv - c0)
-            if nk == 4:
-                r0, r1 = np.uint64(o0 + c0), np.uint64(o0 + row_stride + c0)
-                r2, r3 = np.uint64(o0 + 2 * row_stride + c0), np.uint64(o0 + 3 * row_stride + c0)
-                for c in range(n):
-                    u = np.uint64(c)
-                    inv = vinv[np.uint64(c0) + u]
-                    vp32[dst + u] = (_q8(vf[r0 + u], inv) | (_q8(vf[r1 + u], inv) << _S8)
-                                     | (_q8(vf[r2 + u], inv) << _S16)
-                                     | (_q8(vf[r3 + u], inv) << _S24))
-            else:
-                for c in range(n):
-                    inv = vinv[c0 + c]
-                    w = np.int32(0)
-                    for kk in range(nk):
-                        w |= _q8(vf[o0 + kk * row_stride + c0 + c], inv) << np.int32(8 * kk)
-                    vp32[dst + np.uint64(c)] = w
-
-
-# --- one head: masked softmax, quantized to uint8 ----------------------------------
-
-@njit
-def _add_mask_float(s, ui, n, mf, moff):
-    for j in range(n):
-        u = np.uint64(j)
-        s[ui, u] += mf[moff + u]
-
-
-@njit(fastmath={"reassoc", "nsz", "contract"}, error_model="numpy")
-def _exp_quantize_row(s, ui, n, mx, pa):
-    """pa[i, j] = rint(255 exp(s - mx)) for j < n; returns the float sum of exp."""
-    total = _F0
-    for j in range(n):
-        u = np.uint64(j)
-        e = exp_f32(s[ui, u] - mx)
-        total += e
-        pa[ui, u] = np.uint8(np.int32(min(np.rint(e * _F255), _F255)))
-    return total
-
-
-@njit(fastmath={"reassoc", "nsz", "contract"}, error_model="numpy")
-def _exp_quantize_row_kept(s, ui, n, mx, mb, moff, pa):
-    """_exp_quantize_row with e = 0 where the bool mask byte is 0."""
-    total = _F0
-    for j in range(n):
-        u = np.uint64(j)
-        e = exp_f32(s[ui, u] - mx) if mb[moff + u] != 0 else _F0
-        total += e
-        pa[ui, u] = np.uint8(np.int32(min(np.rint(e * _F255), _F255)))
-    return total
-
-
-@njit(error_model="numpy")
-def _softmax_rows(s, sk, mkind, mf, mb, moff, mrow, causal, pa, pscale):
-    """Scaled scores s (Sq, Sk) -> uint8 P rows in pa and their scales.
-
-    Keys a row may not see (causal tail) and the columns up to the k-group
-    boundary are 0 in pa; a fully masked row gets scale 0, so its output is
-    exactly 0.
-    """
-    kp = (sk + 3) // 4 * 4
-    ld = np.uint64(s.shape[1])
-    for i in range(s.shape[0]):
-        ui = np.uint64(i)
-        n = min(sk, i + 1) if causal else sk
-        roff = np.uint64(moff + i * mrow)
-        if mkind == MASK_BOOL:
-            mx = _masked_max(s, ui * ld, n, mb, roff)
-        else:
-            if mkind == MASK_FLOAT:
-                _add_mask_float(s, ui, n, mf, roff)
-            mx = _minmax(s, ui * ld, n)[1]
-        if mx == _NEG_INF or n == 0:
-            n = 0
-            pscale[i] = _F0
-        else:
-            if mkind == MASK_BOOL:
-                total = _exp_quantize_row_kept(s, ui, n, mx, mb, roff, pa)
-            else:
-                total = _exp_quantize_row(s, ui, n, mx, pa)
-            pscale[i] = _F1 / (_F255 * total)
-        for j in range(n, kp):
-            pa[ui, np.uint64(j)] = np.uint8(0)
 
 
 # --- one head, one worker ------------------------------------------------------------
@@ -384,8 +78,8 @@ def _prefetch_rows(x, base, row_stride, rows, n):
     for i in range(rows):
         off = base + i * row_stride
         for c in range(0, n, 16):
-            _prefetch(x, off + c)
-        _prefetch(x, off + n - 1)
+            prefetch(x, off + c)
+        prefetch(x, off + n - 1)
 
 
 @njit
@@ -415,34 +109,35 @@ def _buffers(sq, sk, d, dv):
     # GEMM outputs span whole 64-column blocks: only full blocks take the
     # in-register epilogue (tile_f32); padding keys have scale 0, so score 0
     scores = np.empty((sq, nbk * BLOCK_COLS), np.float32)
+    tmp = np.empty((4, max(sq, sk)), np.float32)
     ctx = np.empty((sq if dv % BLOCK_COLS else 0, nbv * BLOCK_COLS), np.float32)
     # per row / column vectors: q scale, q zp, p scale, p zp (0)
     rows_f, rows_i = np.empty((2, sq), np.float32), np.zeros((2, sq), np.int32)
     # per key / column: k scale, v scale, bias (0), v max, v 1/scale; k sums, v sums (0)
     cols_f = np.zeros((5, max(nbk, nbv) * BLOCK_COLS), np.float32)
     cols_i = np.zeros((2, max(nbk, nbv) * BLOCK_COLS), np.int32)
-    return qa, kt32, kp32, pa, vp32, scores, ctx, rows_f, rows_i, cols_f, cols_i
+    return qa, kt32, kp32, pa, vp32, scores, ctx, tmp, rows_f, rows_i, cols_f, cols_i
 
 
 @njit
 def _head(tag, b, h, geo, qf, kf, vf, mf, mb, mkind, causal, scale, ep, bufs, out):
     """softmax(q k^T * scale + mask) v of one (batch, head) into out[b, :, h, :]."""
-    qa, kt32, kp32, pa, vp32, scores, ctx, rows_f, rows_i, cols_f, cols_i = bufs
+    qa, kt32, kp32, pa, vp32, scores, ctx, tmp, rows_f, rows_i, cols_f, cols_i = bufs
     sq, sk, d, dv = out.shape[1], geo[_SK], geo[_D], out.shape[3]
     kgd, kgs = kt32.shape[1], (sk + 3) // 4
     kscale, vscale, bias, vmax, vinv = cols_f[0], cols_f[1], cols_f[2], cols_f[3], cols_f[4]
-    _quantize_q_rows(qf, b * geo[_QS] + h * geo[_QS + 1], geo[_QS + 2], sq, d, qa,
-                     rows_f[0], rows_i[0])
-    _quantize_k_rows(kf, b * geo[_KS] + h * geo[_KS + 1], geo[_KS + 2], sk, d, scale,
-                     kt32.view(np.int8), kscale, cols_i[0])
-    _pack_k(sk, kt32, kp32)
+    quantize_q_rows(qf, b * geo[_QS] + h * geo[_QS + 1], geo[_QS + 2], sq, d, qa,
+                    rows_f[0], rows_i[0], tmp)
+    quantize_k_rows(kf, b * geo[_KS] + h * geo[_KS + 1], geo[_KS + 2], sk, d, scale,
+                    kt32.view(np.int8), kscale, cols_i[0], tmp)
+    pack_k(sk, kt32, kp32)
     _gemm(tag, qa, kp32.view(np.int8), kgd, cols_i[0], rows_f[0], rows_i[0], kscale, bias, ep,
           scores)
-    _softmax_rows(scores, sk, mkind, mf, mb, b * geo[_MS] + h * geo[_MS + 1], geo[_MS + 2],
-                  causal, pa, rows_f[1])
+    softmax_rows(scores, sk, mkind, mf, mb, b * geo[_MS] + h * geo[_MS + 1], geo[_MS + 2],
+                 causal, pa, rows_f[1])
     vbase = b * geo[_VS] + h * geo[_VS + 1]
-    _v_scales(vf, vbase, geo[_VS + 2], sk, dv, vmax, vscale, vinv)
-    _pack_v(vf, vbase, geo[_VS + 2], sk, dv, vinv, vp32)
+    v_scales(vf, vbase, geo[_VS + 2], sk, dv, vmax, vscale, vinv)
+    pack_v(vf, vbase, geo[_VS + 2], sk, dv, vinv, vp32)
     o = out[b, :, h, :]
     if dv % BLOCK_COLS == 0:
         _gemm(tag, pa, vp32.view(np.int8), kgs, cols_i[1], rows_f[1], rows_i[1], vscale, bias,
@@ -455,28 +150,16 @@ def _head(tag, b, h, geo, qf, kf, vf, mf, mb, mkind, causal, scale, ep, bufs, ou
                 o[i, c] = ctx[i, c]
 
 
-@intrinsic
-def _pointer(typingctx, addr, dtype):
-    """The address `addr` (an int) as a pointer to `dtype`."""
-    if not isinstance(dtype, types.NumberClass):
-        return None
-    sig = types.CPointer(dtype.dtype)(addr, dtype)
-
-    def codegen(context, builder, sig, args):
-        return builder.inttoptr(args[0], context.get_value_type(sig.return_type))
-    return sig, codegen
-
-
 @njit
 def _worker(tag, nxt, geo, mkind, causal, scale, ep, out):
     """Run (batch, head) jobs from the shared counter nxt[0] until none are left."""
     nb, sq, nh, dv = out.shape
     # the operands, as flat views of the caller's memory (alive for the call)
-    qf = carray(_pointer(geo[_ADDR], np.float32), geo[_SPAN])
-    kf = carray(_pointer(geo[_ADDR + 1], np.float32), geo[_SPAN + 1])
-    vf = carray(_pointer(geo[_ADDR + 2], np.float32), geo[_SPAN + 2])
-    mf = carray(_pointer(geo[_ADDR + 3], np.float32), geo[_SPAN + 3] if mkind == MASK_FLOAT else 0)
-    mb = carray(_pointer(geo[_ADDR + 3], np.uint8), geo[_SPAN + 3] if mkind == MASK_BOOL else 0)
+    qf = carray(pointer(geo[_ADDR], np.float32), geo[_SPAN])
+    kf = carray(pointer(geo[_ADDR + 1], np.float32), geo[_SPAN + 1])
+    vf = carray(pointer(geo[_ADDR + 2], np.float32), geo[_SPAN + 2])
+    mf = carray(pointer(geo[_ADDR + 3], np.float32), geo[_SPAN + 3] if mkind == MASK_FLOAT else 0)
+    mb = carray(pointer(geo[_ADDR + 3], np.uint8), geo[_SPAN + 3] if mkind == MASK_BOOL else 0)
     bufs = _buffers(sq, geo[_SK], geo[_D], dv)
     jobs = nb * nh
     # claim one job ahead, so its operands can be prefetched during this one
@@ -661,8 +344,10 @@ def _numpy_mask(mask, shape):
     elif mask.dtype != np.bool_:
         raise KernelError(f"attention_int8: mask must be bool (True = attend) or float "
                           f"(added to the scores), got {mask.dtype}")
+    if mask.ndim == 0:
+        mask = mask.reshape(1)
     item = mask.itemsize
-    if 0 < mask.ndim <= 4 and ((mask.shape[-1] == 1 and shape[3] > 1)
+    if mask.ndim <= 4 and ((mask.shape[-1] == 1 and shape[3] > 1)
                                or any(st < 0 or st % item for st in mask.strides)
                                or (mask.shape[-1] > 1 and mask.strides[-1] != item)):
         mask = np.ascontiguousarray(np.broadcast_to(mask, mask.shape[:-1] + shape[3:]))

@@ -321,3 +321,23 @@ def test_attention_variants(case):
         assert drift(model(*inputs), fast(*inputs)).cosine >= 0.999
         # the kernel computes the reference op's integers; only exp and float rounding differ
         assert drift(reference(*inputs), fast(*inputs)).sqnr_db > 80
+
+
+@pytest.mark.parametrize("mask_shape,dtype", [(None, None), ((2, 1, 1, 12), torch.bool),
+                                              ((2, 1, 9, 12), torch.bool), ((9, 12), torch.float32),
+                                              ((2, 3, 9, 1), torch.bool), ((2, 1, 9, 12), torch.float16)])
+def test_attention_op_matches_reference_op(mask_shape, dtype):
+    torch.manual_seed(0)
+    fused = torch.randn(2, 12, 3 * 3 * 16)           # q/k/v as views of one projection
+    q, k, v = (t.view(2, 12, 3, 16).transpose(1, 2) for t in fused.split(48, dim=-1))
+    q = q[:, :, :9]
+    mask = None
+    if mask_shape is not None:
+        mask = torch.rand(mask_shape) > 0.3 if dtype == torch.bool else torch.randn(mask_shape).to(dtype)
+    got = kernel_ops.attention_int8(q, k, v, mask)
+    ref = qops.quantized_attention(q, k, v, mask)
+    exact = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask if mask is None or
+                                                             mask.dtype == torch.bool else mask.float())
+    assert got.shape == exact.shape and got.stride() == exact.stride() == ref.stride()
+    assert drift(ref, got).sqnr_db > 80
+    assert drift(exact, got).cosine > 0.999

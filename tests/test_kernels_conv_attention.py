@@ -193,18 +193,25 @@ def _masks(rng, b, h, sq, sk):
     full[-1, 0, sq // 2, :] = False                    # one fully masked query row
     additive = np.where(rng.random((b, h, sq, sk)) > 0.2, rng.standard_normal((b, h, sq, sk)),
                         -np.inf).astype(np.float32)
-    return {"pad": pad, "full": full, "float": additive,
+    empty = np.ones((b, 1, 1, sk), bool)
+    empty[-1] = False                                  # a sequence that is all padding
+    return {"pad": pad, "full": full, "float": additive, "empty": empty,
             "float_pad": np.where(pad, 0, np.finfo(np.float32).min).astype(np.float32),
-            "float_2d": rng.standard_normal((sq, sk)).astype(np.float32)}
+            "float_2d": rng.standard_normal((sq, sk)).astype(np.float32),
+            "bool_rows": rng.random((b, 1, sq, 1)) > 0.2,   # repeats along the keys: expanded
+            "scalar": np.array(True)}
 
 
-@pytest.mark.parametrize("which", ["pad", "full", "float", "float_pad", "float_2d"])
+@pytest.mark.parametrize("which", ["pad", "full", "empty", "float", "float_pad", "float_2d",
+                                   "bool_rows", "scalar"])
 @pytest.mark.parametrize("shape", [(2, 3, 37, 29, 64, 64), (2, 2, 9, 70, 80, 80)])
 def test_attention_masks(which, shape):
     b, h, sq, sk, d, dv = shape
     rng = np.random.default_rng(7)
     q, k, v = _qkv(rng, b, h, sq, sk, d, dv)
-    _check(q, k, v, _masks(rng, b, h, sq, sk)[which])
+    got, _ = _check(q, k, v, _masks(rng, b, h, sq, sk)[which])
+    if which == "empty":
+        assert np.all(got[-1] == 0)   # every query of the all-padding sequence: 0, as torch
 
 
 @pytest.mark.parametrize("sq,sk", [(20, 20), (9, 30), (30, 9)])

@@ -1,0 +1,137 @@
+"""Row reductions and raw-memory helpers for the attention kernel, as LLVM intrinsics.
+
+    lo, hi = minmax_f32(x, off, n)          # min and max of x[off:off+n]
+    mx = masked_max_f32(x, off, n, m, moff)  # max where the uint8 mask m is not 0
+    prefetch(x, off)                         # cache hint for element off
+    p = pointer(address, np.float32)         # an integer address as a typed pointer
+
+LLVM, as Numba drives it, turns a scalar min/max loop into an in-loop (per
+iteration horizontal) reduction that runs at scalar speed, so the reductions
+are written here as 16-lane llvm.minnum/maxnum with one horizontal step at the
+end. NaN inputs give an undefined result. x must be contiguous from `off` on.
+"""
+import llvmlite.ir as ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+KERNEL_VERSION = "rowops-1"
+
+_LANES = 16
+_f32 = ir.FloatType()
+_v16 = ir.VectorType(_f32, _LANES)
+
+
+def _call(builder, name, ret, args):
+    fnty = ir.FunctionType(ret, [a.type for a in args])
+    # no NaNs: lets the horizontal reductions be a shuffle tree, not a lane-by-lane chain
+    return builder.call(cgutils.get_or_insert_function(builder.module, fnty, name), args,
+                        fastmath=("nnan", "nsz"))
+
+
+def _array_ptr(context, builder, ty, value, off_ty, off):
+    data = cgutils.create_struct_proxy(ty)(context, builder, value=value).data
+    return builder.gep(data, [context.cast(builder, off, off_ty, types.intp)])
+
+
+def _emit_minmax(context, builder, base, count, keep=None):
+    """(min, max) of `count` float32 from pointer `base`, skipping elements
+    whose byte in `keep` (a uint8 pointer, optional) is 0."""
+    intp = context.get_value_type(types.intp)
+    i8 = ir.IntType(8)
+
+    def kept(v, p, ty, lanes):
+        if keep is None:
+            return v, v
+        m = builder.load(builder.bitcast(builder.gep(keep, [p]), ty.as_pointer()), align=1)
+        on = builder.icmp_unsigned("!=", m, ir.Constant(ty, None))
+        inf = ir.Constant(v.type, [float("inf")] * lanes if lanes else float("inf"))
+        ninf = ir.Constant(v.type, [float("-inf")] * lanes if lanes else float("-inf"))
+        return builder.select(on, v, inf), builder.select(on, v, ninf)
+
+    lo_v = cgutils.alloca_once_value(builder, ir.Constant(_v16, [float("inf")] * _LANES))
+    hi_v = cgutils.alloca_once_value(builder, ir.Constant(_v16, [float("-inf")] * _LANES))
+    nvec = builder.udiv(count, ir.Constant(intp, _LANES))
+    with cgutils.for_range(builder, nvec) as loop:
+        i = builder.mul(loop.index, ir.Constant(intp, _LANES))
+        v = builder.load(builder.bitcast(builder.gep(base, [i]), _v16.as_pointer()), align=4)
+        for_min, for_max = kept(v, i, ir.VectorType(i8, _LANES), _LANES)
+        builder.store(_call(builder, "llvm.minnum.v16f32", _v16, [builder.load(lo_v), for_min]), lo_v)
+        builder.store(_call(builder, "llvm.maxnum.v16f32", _v16, [builder.load(hi_v), for_max]), hi_v)
+    lo = cgutils.alloca_once_value(
+        builder, _call(builder, "llvm.vector.reduce.fmin.v16f32", _f32, [builder.load(lo_v)]))
+    hi = cgutils.alloca_once_value(
+        builder, _call(builder, "llvm.vector.reduce.fmax.v16f32", _f32, [builder.load(hi_v)]))
+    tail = builder.mul(nvec, ir.Constant(intp, _LANES))
+    with cgutils.for_range(builder, builder.sub(count, tail)) as loop:
+        i = builder.add(tail, loop.index)
+        for_min, for_max = kept(builder.load(builder.gep(base, [i])), i, i8, 0)
+        builder.store(_call(builder, "llvm.minnum.f32", _f32, [builder.load(lo), for_min]), lo)
+        builder.store(_call(builder, "llvm.maxnum.f32", _f32, [builder.load(hi), for_max]), hi)
+    return builder.load(lo), builder.load(hi)
+
+
+@intrinsic
+def minmax_f32(typingctx, x, off, n):
+    """(min, max) of the n float32 values from element `off` of x's data
+    ((+inf, -inf) if n == 0); x must be C-contiguous from there on."""
+    if not (isinstance(x, types.Array) and x.dtype == types.float32):
+        return None
+    sig = types.UniTuple(types.float32, 2)(x, off, n)
+
+    def codegen(context, builder, sig, args):
+        base = _array_ptr(context, builder, sig.args[0], args[0], sig.args[1], args[1])
+        count = context.cast(builder, args[2], sig.args[2], types.intp)
+        lo, hi = _emit_minmax(context, builder, base, count)
+        return context.make_tuple(builder, sig.return_type, [lo, hi])
+    return sig, codegen
+
+
+@intrinsic
+def masked_max_f32(typingctx, x, off, n, m, moff):
+    """max of x[off + j] over j < n where the byte m[moff + j] != 0 (-inf if none)."""
+    if not (isinstance(x, types.Array) and x.dtype == types.float32
+            and isinstance(m, types.Array) and m.dtype == types.uint8):
+        return None
+    sig = types.float32(x, off, n, m, moff)
+
+    def codegen(context, builder, sig, args):
+        base = _array_ptr(context, builder, sig.args[0], args[0], sig.args[1], args[1])
+        keep = _array_ptr(context, builder, sig.args[3], args[3], sig.args[4], args[4])
+        count = context.cast(builder, args[2], sig.args[2], types.intp)
+        return _emit_minmax(context, builder, base, count, keep)[1]
+    return sig, codegen
+
+
+@intrinsic
+def prefetch(typingctx, x, off):
+    """Hint the cache line holding element `off` of x's data into L2 (prefetcht1)."""
+    if not isinstance(x, types.Array):
+        return None
+    sig = types.void(x, off)
+
+    def codegen(context, builder, sig, args):
+        i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
+        p = _array_ptr(context, builder, sig.args[0], args[0], sig.args[1], args[1])
+        fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
+        # read, locality 2, data cache
+        builder.call(fn, [builder.bitcast(p, i8p), ir.Constant(i32, 0), ir.Constant(i32, 2),
+                          ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+    return sig, codegen
+
+
+
+@intrinsic
+def pointer(typingctx, addr, dtype):
+    """The address `addr` (an int) as a pointer to `dtype`."""
+    if not isinstance(dtype, types.NumberClass):
+        return None
+    sig = types.CPointer(dtype.dtype)(addr, dtype)
+
+    def codegen(context, builder, sig, args):
+        return builder.inttoptr(args[0], context.get_value_type(sig.return_type))
+    return sig, codegen
+
+
