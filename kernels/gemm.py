@@ -20,7 +20,7 @@ from .quantize import quantize_rows_into, row_range, scale_zero_point, quantize_
 from .simd import (BLOCK_COLS, GROUP_BYTES, TAGS, is_portable, isa_geometry, prefetch_lines, tile_f32,
                    tile_s32)
 
-KERNEL_VERSION = "gemm-7"
+KERNEL_VERSION = "gemm-8"
 
 _AVX512_VNNI = TAGS["avx512_vnni"]
 _AVX_VNNI = TAGS["avx_vnni"]
@@ -157,30 +157,17 @@ def _compute(tag, mr, m0, n0, ncols, aq, bp, boff, kg, colsum, ascale, azp, wsca
 def _compute_impl(tag, mr, m0, n0, ncols, aq, bp, boff, kg, colsum, ascale, azp,
                   wscale, bias, res, ep, out, t, y):
     if out.dtype == types.float32:
+        # column tails, no bias vector, the portable ISA (whole blocks take
+        # _compute_full_block): the int32 tile is staged in t, then dequantized
         def impl(tag, mr, m0, n0, ncols, aq, bp, boff, kg, colsum, ascale, azp, wscale,
                  bias, res, ep, out, t, y):
             act = np.int32(ep[EP_ACT])
             has_res = res.shape[0] > 0
-            if has_res:  # the residual rows arrive while the K loop runs
-                for r in range(mr):
-                    prefetch_lines(res, m0 + r, n0, 4)
-            # with the residual first, the activation waits for it
-            pre = has_res and ep[EP_RES_FIRST] != 0
-            now = 0 if pre else act
-            if ncols == BLOCK_COLS and bias.shape[0] > 0 and not is_portable(tag):
-                # full block: dequantize in registers, straight into out
-                tc, lda = isa_geometry(tag)[1], aq.shape[1]
-                for cs in range(0, BLOCK_COLS, tc):
-                    _tile_f32(tag, mr, aq, m0 * lda, lda, bp, boff + 4 * cs, kg, colsum,
-                              wscale, bias, n0 + cs, ascale, azp, m0, out, now, ep[EP_P0], ep[EP_P1])
-                if now > 3:  # relu, clamp and GELU were applied in registers
-                    for r in range(mr):
-                        apply_activation(out, m0 + r, n0, ncols, now, ep[EP_P0], ep[EP_P1])
-            else:
-                _tiles_s32(tag, mr, m0, ncols, aq, bp, boff, kg, t)
-                store_tile_f32(t, BLOCK_COLS, mr, m0, n0, ncols, colsum, ascale, azp,
-                               wscale, bias, ep, now, out)
-            if has_res:  # fused residual: out += res, then the activation if it waited
+            pre = has_res and ep[EP_RES_FIRST] != 0  # the activation waits for the residual
+            _tiles_s32(tag, mr, m0, ncols, aq, bp, boff, kg, t)
+            store_tile_f32(t, BLOCK_COLS, mr, m0, n0, ncols, colsum, ascale, azp,
+                           wscale, bias, ep, 0 if pre else act, out)
+            if has_res:
                 for r in range(mr):
                     add_row(out, res, m0 + r, n0, ncols)
                     if pre and act != 0:
@@ -206,14 +193,6 @@ def _scratch(tag):
     """A worker's tile buffers: int32 tile t, float32 row y (allocated once per call)."""
     return (np.empty(isa_geometry(tag)[0] * BLOCK_COLS, np.int32),
             np.empty((1, BLOCK_COLS), np.float32))
-
-
-@njit
-def _job(tag, job, nmc, mchunk, aq, bp, kg, colsum, ascale, azp, wscale, bias,
-         res, ep, out):
-    t, y = _scratch(tag)
-    _job_into(tag, job, nmc, mchunk, aq, bp, kg, colsum, ascale, azp, wscale, bias,
-              res, ep, out, t, y)
 
 
 @njit
