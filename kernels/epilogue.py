@@ -17,7 +17,7 @@ import numpy as np
 from numba import njit, types
 from numba.extending import intrinsic
 
-KERNEL_VERSION = "epilogue-5"
+KERNEL_VERSION = "epilogue-6"
 
 ACTIVATIONS = {"none": 0, "relu": 1, "hardtanh": 2, "relu6": 2,
                "gelu": 3, "gelu_tanh": 4, "silu": 5}
@@ -121,6 +121,16 @@ def add_row(out, res, i, j0, n):
     for j in range(n):
         k = uj + np.uint64(j)
         out[ui, k] += res[ui, k]
+
+
+@njit(cache=True)
+def add_residual_rows(out, res, m0, mr, n0, ncols, act, p0, p1):
+    """out[m0:m0+mr, n0:n0+ncols] += res there, then act (an ACTIVATIONS code; 0 when the
+    activation already ran, i.e. the residual comes after it)."""
+    for r in range(mr):
+        add_row(out, res, m0 + r, n0, ncols)
+        if act != 0:
+            apply_activation(out, m0 + r, n0, ncols, act, p0, p1)
 
 
 @njit(inline="always")

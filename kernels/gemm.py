@@ -14,13 +14,14 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
-from .epilogue import (EP_ACT, EP_P0, EP_P1, EP_RES_FIRST, add_row, apply_activation, store_tile_f32,
+from .epilogue import (EP_ACT, EP_P0, EP_P1, EP_RES_FIRST, add_residual_rows, apply_activation, store_tile_f32,
                        store_tile_s32, store_tile_u8)
+from .rowops import prefetch
 from .quantize import quantize_rows_into, row_range, scale_zero_point, quantize_row
-from .simd import (BLOCK_COLS, GROUP_BYTES, TAGS, is_portable, isa_geometry, prefetch_lines, tile_f32,
+from .simd import (BLOCK_COLS, GROUP_BYTES, TAGS, is_portable, isa_geometry, tile_f32,
                    tile_s32)
 
-KERNEL_VERSION = "gemm-8"
+KERNEL_VERSION = "gemm-9"
 
 _AVX512_VNNI = TAGS["avx512_vnni"]
 _AVX_VNNI = TAGS["avx_vnni"]
@@ -129,7 +130,8 @@ def _compute_full_block_impl(tag, mr, m0, n0, aq, bp, boff, kg, colsum, ascale, 
         has_res = res.shape[0] > 0
         if has_res:  # the residual rows arrive while the K loop runs
             for r in range(mr):
-                prefetch_lines(res, m0 + r, n0, 4)
+                for line in range(0, BLOCK_COLS, 16):
+                    prefetch(res, (m0 + r) * res.shape[1] + n0 + line)
         # with the residual first, the activation waits for it
         pre = has_res and ep[EP_RES_FIRST] != 0
         now = 0 if pre else act
@@ -141,10 +143,7 @@ def _compute_full_block_impl(tag, mr, m0, n0, aq, bp, boff, kg, colsum, ascale, 
             for r in range(mr):
                 apply_activation(out, m0 + r, n0, BLOCK_COLS, now, ep[EP_P0], ep[EP_P1])
         if has_res:  # fused residual: out += res, then the activation if it waited
-            for r in range(mr):
-                add_row(out, res, m0 + r, n0, BLOCK_COLS)
-                if pre and act != 0:
-                    apply_activation(out, m0 + r, n0, BLOCK_COLS, act, ep[EP_P0], ep[EP_P1])
+            add_residual_rows(out, res, m0, mr, n0, BLOCK_COLS, act if pre else 0, ep[EP_P0], ep[EP_P1])
     return impl
 
 
@@ -168,10 +167,7 @@ def _compute_impl(tag, mr, m0, n0, ncols, aq, bp, boff, kg, colsum, ascale, azp,
             store_tile_f32(t, BLOCK_COLS, mr, m0, n0, ncols, colsum, ascale, azp,
                            wscale, bias, ep, 0 if pre else act, out)
             if has_res:
-                for r in range(mr):
-                    add_row(out, res, m0 + r, n0, ncols)
-                    if pre and act != 0:
-                        apply_activation(out, m0 + r, n0, ncols, act, ep[EP_P0], ep[EP_P1])
+                add_residual_rows(out, res, m0, mr, n0, ncols, act if pre else 0, ep[EP_P0], ep[EP_P1])
     elif out.dtype == types.uint8:
         def impl(tag, mr, m0, n0, ncols, aq, bp, boff, kg, colsum, ascale, azp, wscale,
                  bias, res, ep, out, t, y):

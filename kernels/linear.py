@@ -208,9 +208,7 @@ def _prepare_u8(a, pw):
     if (kp != pw.k or not a.flags.c_contiguous
             or (a.shape[0] > 1 and rows_share_l1_set(a.strides[0]))):
         # rows must be contiguous, whole 4-byte k-groups, and not alias in L1
-        padded = np.zeros((a.shape[0], a_stride((pw.k + 3) // 4)), np.uint8)
-        padded[:, :pw.k] = a
-        a = padded
+        a = pad_rows_u8(a).base
     return a
 
 

@@ -15,7 +15,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-KERNEL_VERSION = "rowops-1"
+KERNEL_VERSION = "rowops-2"
 
 _LANES = 16
 _f32 = ir.FloatType()
@@ -111,15 +111,20 @@ def prefetch(typingctx, x, off):
     sig = types.void(x, off)
 
     def codegen(context, builder, sig, args):
-        i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
         p = _array_ptr(context, builder, sig.args[0], args[0], sig.args[1], args[1])
-        fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
-        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
-        # read, locality 2, data cache
-        builder.call(fn, [builder.bitcast(p, i8p), ir.Constant(i32, 0), ir.Constant(i32, 2),
-                          ir.Constant(i32, 1)])
+        emit_prefetch(builder, p, write=False, locality=2)
         return context.get_dummy_value()
     return sig, codegen
+
+
+def emit_prefetch(builder, ptr, write, locality):
+    """A cache hint (llvm.prefetch, data cache) for the line holding *ptr; for writing
+    asks for the line owned. locality 3 keeps it in L1, 2 in L2."""
+    i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
+    fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
+    fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
+    builder.call(fn, [builder.bitcast(ptr, i8p), ir.Constant(i32, int(write)), ir.Constant(i32, locality),
+                      ir.Constant(i32, 1)])
 
 
 

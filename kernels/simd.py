@@ -27,7 +27,9 @@ from numba.core.imputils import lower_constant
 from numba.extending import (intrinsic, models,
                              register_model, typeof_impl)
 
-KERNEL_VERSION = "simd-4"
+from .rowops import emit_prefetch
+
+KERNEL_VERSION = "simd-5"
 
 ISAS = ("avx512_vnni", "avx_vnni", "avx2", "portable")
 # isa -> (rows per tile, columns per tile)
@@ -302,41 +304,10 @@ def tile_f32(typingctx, tag, mr, a, a_off, lda, b, b_off, kg, colsum, wscale, bi
 def _prefetch_for_write(builder, o_ptr, ldo, nrows, ncols, ar):
     """Ask for the tile's output lines (owned, for writing) before the K loop, so that
     their misses overlap the arithmetic instead of stalling the epilogue's stores."""
-    i8p = ir.IntType(8).as_pointer()
-    fnty = ir.FunctionType(ir.VoidType(), [i8p, _i32, _i32, _i32])
-    fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0i8")
     for r in range(nrows):
         row = builder.gep(o_ptr, [builder.mul(ldo, ar.cst(r))])
         for line in range(max(1, ncols * 4 // 64)):
-            p = builder.bitcast(builder.gep(row, [ar.cst(line * 16)]), i8p)
-            builder.call(fn, [p, ir.Constant(_i32, 1), ir.Constant(_i32, 3), ir.Constant(_i32, 1)])
-
-
-@intrinsic
-def prefetch_lines(typingctx, arr, i, j, nlines):
-    """Prefetch (for reading) the cache lines starting at arr[i, j] of a C-contiguous
-    2-D float32 array: a tile's residual rows, fetched while the K loop runs."""
-    if not (isinstance(arr, types.Array) and arr.ndim == 2 and isinstance(nlines, types.IntegerLiteral)):
-        return None
-    count = nlines.literal_value
-
-    def codegen(context, builder, sig, args):
-        st = cgutils.create_struct_proxy(sig.args[0])(context, builder, value=args[0])
-        intp = context.get_value_type(types.intp)
-        row_elems = builder.sdiv(builder.extract_value(st.strides, 0),
-                                 ir.Constant(intp, context.get_abi_sizeof(st.data.type.pointee)))
-        ii = context.cast(builder, args[1], sig.args[1], types.intp)
-        jj = context.cast(builder, args[2], sig.args[2], types.intp)
-        base = builder.gep(st.data, [builder.add(builder.mul(ii, row_elems), jj)])
-        i8p = ir.IntType(8).as_pointer()
-        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, _i32, _i32, _i32]),
-                                            "llvm.prefetch.p0i8")
-        per_line = 64 // context.get_abi_sizeof(st.data.type.pointee)
-        for line in range(count):
-            p = builder.bitcast(builder.gep(base, [ir.Constant(intp, line * per_line)]), i8p)
-            builder.call(fn, [p, ir.Constant(_i32, 0), ir.Constant(_i32, 3), ir.Constant(_i32, 1)])
-        return context.get_dummy_value()
-    return types.void(arr, i, j, nlines), codegen
+            emit_prefetch(builder, builder.gep(row, [ar.cst(line * 16)]), write=True, locality=3)
 
 
 def _vcall(builder, name, *vecs):

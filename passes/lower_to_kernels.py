@@ -98,15 +98,8 @@ def _fuse_residual_adds(gm) -> int:
             if _fusable_residual(lin, res):
                 out_scale = lin.args[11] if len(lin.args) > 11 else 0.0
                 out_zp = lin.args[12] if len(lin.args) > 12 else 0
-                new = insert_call(gm, add, kernel_ops.linear_int8,
-                                  (*lin.args[:11], out_scale, out_zp, res), like=lin)
-                if ID in add.meta:
-                    new.meta[ID] = add.meta[ID]  # the fused node computes the add's value
-                for key in ("fxopt_quant", "fxopt_activation"):
-                    if key in lin.meta:
-                        new.meta[key] = lin.meta[key]
-                new.meta.setdefault("fxopt_quant", {})["residual"] = True
-                add.replace_all_uses_with(new)
+                _fused(gm, add, lin, kernel_ops.linear_int8, (*lin.args[:11], out_scale, out_zp, res),
+                       ("fxopt_quant", "fxopt_activation"))
                 gm.graph.erase_node(add)
                 gm.graph.erase_node(lin)
                 count += 1
@@ -134,18 +127,28 @@ def _fuse_conv_residuals(gm) -> int:
                   and not user.kwargs):
                 last, act, act_args = user, "hardtanh", [float(user.args[1]), float(user.args[2])]
             args = (*conv.args[:9], act, act_args, *conv.args[11:13], res)
-            new = insert_call(gm, last, kernel_ops.conv2d_int8, args, like=conv)
-            if ID in last.meta:
-                new.meta[ID] = last.meta[ID]  # the fused node computes the last fused value
-            if "fxopt_quant" in conv.meta:
-                new.meta["fxopt_quant"] = conv.meta["fxopt_quant"]
-            new.meta.setdefault("fxopt_quant", {})["residual"] = True
-            last.replace_all_uses_with(new)
+            # the conv's own activation meta is not carried: the fused node's act differs
+            _fused(gm, last, conv, kernel_ops.conv2d_int8, args, ("fxopt_quant",))
             for node in ([last] if last is add else [last, add]) + [conv]:
                 gm.graph.erase_node(node)
             count += 1
             break
     return count
+
+
+def _fused(gm, last, like, target, args, meta_keys):
+    """Insert target(*args) for the chain ending at `last` (`like` is the kernel node it
+    absorbs: its layer name and the given meta), send last's users to it; the caller
+    erases the absorbed nodes."""
+    new = insert_call(gm, last, target, args, like=like)
+    if ID in last.meta:
+        new.meta[ID] = last.meta[ID]  # the fused node computes the chain's final value
+    for key in meta_keys:
+        if key in like.meta:
+            new.meta[key] = like.meta[key]
+    new.meta.setdefault("fxopt_quant", {})["residual"] = True
+    last.replace_all_uses_with(new)
+    return new
 
 
 def _is_plain_add(node) -> bool:
