@@ -9,10 +9,10 @@ import numpy as np
 from numba import njit
 
 from .epilogue import exp_f32
-from .rowops import masked_max_f32, minmax_f32
+from .rowops import masked_max_f32, minmax_f32, quantize_u8
 from .simd import BLOCK_COLS
 
-KERNEL_VERSION = "attention-steps-1"
+KERNEL_VERSION = "attention-steps-2"
 MASK_NONE, MASK_FLOAT, MASK_BOOL = 0, 1, 2
 
 _F0, _F1, _F127, _F255 = (np.float32(v) for v in (0.0, 1.0, 127.0, 255.0))
@@ -60,11 +60,8 @@ def quantize_q_rows(qf, base, row_stride, sq, d, qa, qscale, qzp, tmp):
         lo[i], hi[i] = _range(qf, np.uint64(base + i * row_stride), d)
     _q_row_params(lo, hi, sq, qscale, qzp, zp, inv)
     for i in range(sq):
-        off, ui = np.uint64(base + i * row_stride), np.uint64(i)
-        r, z = inv[i], zp[i]
-        for c in range(d):
-            v = min(max(np.rint(qf[off + np.uint64(c)] * r) + z, _F0), _F255)
-            qa[ui, np.uint64(c)] = np.uint8(np.int32(v))
+        ui, z = np.uint64(i), zp[i]
+        quantize_u8(qf, base + i * row_stride, d, inv[i], np.int32(z), qa, i * qa.shape[1])
         for c in range(d, kp):
             qa[ui, np.uint64(c)] = np.uint8(z)
 

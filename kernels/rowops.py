@@ -1,7 +1,8 @@
-"""Row reductions and raw-memory helpers for the attention kernel, as LLVM intrinsics.
+"""Row reductions and raw-memory helpers for the kernels, as LLVM intrinsics.
 
     lo, hi = minmax_f32(x, off, n)          # min and max of x[off:off+n]
     mx = masked_max_f32(x, off, n, m, moff)  # max where the uint8 mask m is not 0
+    quantize_u8(x, off, n, inv, zp, q, qoff) # q[qoff:qoff+n] = uint8 of x[off:off+n]
     prefetch(x, off)                         # cache hint for element off
     p = pointer(address, np.float32)         # an integer address as a typed pointer
 
@@ -9,6 +10,10 @@ LLVM, as Numba drives it, turns a scalar min/max loop into an in-loop (per
 iteration horizontal) reduction that runs at scalar speed, so the reductions
 are written here as 16-lane llvm.minnum/maxnum with one horizontal step at the
 end. NaN inputs give an undefined result. x must be contiguous from `off` on.
+quantize_u8 is written out for the same reason: Numba's loop rounds, adds the
+zero point and clamps in float32 (8 vector operations per 16 values); here the
+rounding is the conversion to int32 itself (round to nearest even, as np.rint)
+and the clamp a saturating narrow (5 operations), with identical results.
 """
 import llvmlite.ir as ir
 from numba import types
@@ -20,6 +25,7 @@ KERNEL_VERSION = "rowops-2"
 _LANES = 16
 _f32 = ir.FloatType()
 _v16 = ir.VectorType(_f32, _LANES)
+_i8, _i32 = ir.IntType(8), ir.IntType(32)
 
 
 def _call(builder, name, ret, args):
@@ -27,6 +33,11 @@ def _call(builder, name, ret, args):
     # no NaNs: lets the horizontal reductions be a shuffle tree, not a lane-by-lane chain
     return builder.call(cgutils.get_or_insert_function(builder.module, fnty, name), args,
                         fastmath=("nnan", "nsz"))
+
+
+def _call_int(builder, name, ret, args):
+    fnty = ir.FunctionType(ret, [a.type for a in args])
+    return builder.call(cgutils.get_or_insert_function(builder.module, fnty, name), args)
 
 
 def _array_ptr(context, builder, ty, value, off_ty, off):
@@ -100,6 +111,58 @@ def masked_max_f32(typingctx, x, off, n, m, moff):
         keep = _array_ptr(context, builder, sig.args[3], args[3], sig.args[4], args[4])
         count = context.cast(builder, args[2], sig.args[2], types.intp)
         return _emit_minmax(context, builder, base, count, keep)[1]
+    return sig, codegen
+
+
+def _emit_quantize(builder, v, inv, zp, lo, hi, suffix):
+    """clamp(lrint(v * inv) + zp, lo, hi) narrowed to bytes, for a float or a float vector."""
+    n = v.type.count if isinstance(v.type, ir.VectorType) else 0
+    ity = ir.VectorType(_i32, n) if n else _i32
+    i = _call_int(builder, f"llvm.lrint.{suffix[0]}.{suffix[1]}", ity, [builder.fmul(v, inv)])
+    i = _call_int(builder, f"llvm.smax.{suffix[0]}", ity, [builder.add(i, zp), lo])
+    i = _call_int(builder, f"llvm.smin.{suffix[0]}", ity, [i, hi])
+    return builder.trunc(i, ir.VectorType(_i8, n) if n else _i8)
+
+
+def _splat(builder, scalar, n):
+    v = builder.insert_element(ir.Constant(ir.VectorType(scalar.type, n), ir.Undefined), scalar,
+                               ir.Constant(_i32, 0))
+    return builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_i32, n), [0] * n))
+
+
+@intrinsic
+def quantize_u8(typingctx, x, off, n, inv, zp, q, qoff):
+    """q[qoff + j] = clip(rint(x[off + j] * inv) + zp, 0, 255) for j < n: float32 x,
+    uint8 q, both contiguous from their offsets; inv float32, zp an integer in [0, 255].
+    Exactly quantize.quantize_row's float formula (|x * inv| < 2**31)."""
+    if not (isinstance(x, types.Array) and x.dtype == types.float32
+            and isinstance(q, types.Array) and q.dtype == types.uint8):
+        return None
+    sig = types.void(x, off, n, types.float32, types.int32, q, qoff)
+
+    def codegen(context, builder, sig, args):
+        intp = context.get_value_type(types.intp)
+        src = _array_ptr(context, builder, sig.args[0], args[0], sig.args[1], args[1])
+        dst = _array_ptr(context, builder, sig.args[5], args[5], sig.args[6], args[6])
+        count = context.cast(builder, args[2], sig.args[2], types.intp)
+        inv, zp = args[3], args[4]
+        vi = ir.VectorType(_i32, _LANES)
+        vb = ir.VectorType(_i8, _LANES)
+        lanes = (_splat(builder, inv, _LANES), _splat(builder, zp, _LANES),
+                 ir.Constant(vi, [0] * _LANES), ir.Constant(vi, [255] * _LANES))
+        nvec = builder.udiv(count, ir.Constant(intp, _LANES))
+        with cgutils.for_range(builder, nvec) as loop:
+            i = builder.mul(loop.index, ir.Constant(intp, _LANES))
+            v = builder.load(builder.bitcast(builder.gep(src, [i]), _v16.as_pointer()), align=4)
+            b = _emit_quantize(builder, v, *lanes, ("v16i32", "v16f32"))
+            builder.store(b, builder.bitcast(builder.gep(dst, [i]), vb.as_pointer()), align=1)
+        tail = builder.mul(nvec, ir.Constant(intp, _LANES))
+        scalars = (inv, zp, ir.Constant(_i32, 0), ir.Constant(_i32, 255))
+        with cgutils.for_range(builder, builder.sub(count, tail)) as loop:
+            i = builder.add(tail, loop.index)
+            b = _emit_quantize(builder, builder.load(builder.gep(src, [i])), *scalars, ("i32", "f32"))
+            builder.store(b, builder.gep(dst, [i]))
+        return context.get_dummy_value()
     return sig, codegen
 
 

@@ -217,6 +217,22 @@ def test_quantize_rows_exact_vs_reference():
     assert np.abs(deq - x).max() <= s.max() / 2 + 1e-6
 
 
+@pytest.mark.parametrize("k", [1, 15, 16, 37, 768])  # vector body of 16 values, scalar tail
+def test_quantize_exact_on_ties_clamps_and_strided_rows(k):
+    """The vector row quantizer rounds half to even (np.rint) and clamps to [0, 255]
+    exactly as the float formula does, for contiguous and strided rows alike."""
+    rng = np.random.default_rng(15)
+    x = rng.integers(-400, 400, (5, k)).astype(np.float32) / 2   # many x.5 ties, out of range
+    ref = R.quantize_tensor_f32_u8(x, 1.0, 3)
+    np.testing.assert_array_equal(K.quantize_tensor_f32_u8(x, 1.0, 3), ref)
+    wide = np.zeros((5, 2 * k), np.float32)
+    wide[:, ::2] = x                                              # inner stride 2: the scalar loop
+    np.testing.assert_array_equal(K.quantize_tensor_f32_u8(wide[:, ::2], 1.0, 3), ref)
+    rows = rng.standard_normal((6, k)).astype(np.float32)
+    for got, want in zip(K.quantize_rows_f32_u8(rows[::-2]), R.quantize_rows_f32_u8(rows[::-2])):
+        np.testing.assert_array_equal(got, want)                  # negative row stride
+
+
 def test_quantize_tensor_and_padding():
     x = np.random.default_rng(12).standard_normal((4, 10)).astype(np.float32) * 20
     np.testing.assert_array_equal(K.quantize_tensor_f32_u8(x, 0.1, 7),
