@@ -324,22 +324,26 @@ _ERF_A = (0.0705230784, 0.0422820123, 0.0092705272, 0.0001520143, 0.0002765672, 
 
 
 def _gelu_vec(builder, x):
-    """0.5 * x * (1 + erf(x / sqrt 2)) on a float vector, in registers."""
+    """0.5 * x * (1 + erf(x / sqrt 2)) on a float vector, in registers.
+
+    Written with erfc(|u|) = 1 / p(|u|)^16 (the formula of epilogue.erf_f32),
+    u = x / sqrt 2: gelu = x - x r for x >= 0 and x r below, r = erfc(|u|) / 2.
+    The 1 / sqrt 2 and a factor 2^(1/16) (so that p^16 doubles) are folded
+    into the polynomial's coefficients: 19 vector operations."""
     n, fty = x.type.count, x.type
 
     def k(v):
         return ir.Constant(fty, [ir.Constant(ir.FloatType(), float(np.float32(v)))] * n)
-    u = builder.fmul(x, k(0.7071067811865476))
-    z = _vcall(builder, "llvm.minnum", _vcall(builder, "llvm.fabs", u), k(6.0))
-    p = k(_ERF_A[5])
-    for a in reversed(_ERF_A[:5]):
-        p = _vcall(builder, "llvm.fma", z, p, k(a))
-    p = _vcall(builder, "llvm.fma", z, p, k(1.0))
+    t = _vcall(builder, "llvm.minnum", _vcall(builder, "llvm.fabs", x), k(6.0 * np.sqrt(2.0)))
+    c, s = 1.0 / np.sqrt(2.0), 2.0 ** (1.0 / 16.0)
+    p = k(s * float(_ERF_A[5]) * c ** 6)
+    for i in range(4, -1, -1):
+        p = _vcall(builder, "llvm.fma", t, p, k(s * float(_ERF_A[i]) * c ** (i + 1)))
+    p = _vcall(builder, "llvm.fma", t, p, k(s))
     for _ in range(4):
         p = builder.fmul(p, p)
-    e = builder.fsub(k(1.0), _reciprocal(builder, p))
-    erf = builder.select(builder.fcmp_ordered(">=", u, k(0.0)), e, builder.fneg(e))
-    return builder.fmul(builder.fmul(k(0.5), x), builder.fadd(k(1.0), erf))
+    h = builder.fmul(x, _reciprocal(builder, p))
+    return builder.select(builder.fcmp_ordered(">=", x, k(0.0)), builder.fsub(x, h), h)
 
 
 def _reciprocal(builder, p):
