@@ -9,10 +9,10 @@ import numpy as np
 from numba import njit
 
 from .epilogue import exp_f32
-from .rowops import masked_max_f32, minmax_f32, quantize_u8
+from .rowops import absmax_cols, masked_max_f32, minmax_f32, quantize_u8
 from .simd import BLOCK_COLS
 
-KERNEL_VERSION = "attention-steps-2"
+KERNEL_VERSION = "attention-steps-3"
 MASK_NONE, MASK_FLOAT, MASK_BOOL = 0, 1, 2
 
 _F0, _F1, _F127, _F255 = (np.float32(v) for v in (0.0, 1.0, 127.0, 255.0))
@@ -115,13 +115,7 @@ def pack_k(sk, kt32, kp32):
 @njit(error_model="numpy")
 def v_scales(vf, base, row_stride, sk, dv, vmax, vscale, vinv):
     """Per-column (d) symmetric int8 scales of V and their inverses."""
-    for c in range(dv):
-        vmax[c] = _F0
-    for j in range(sk):
-        off = np.uint64(base + j * row_stride)
-        for c in range(dv):
-            uc = np.uint64(c)
-            vmax[uc] = max(vmax[uc], abs(vf[off + uc]))
+    absmax_cols(vf, base, row_stride, sk, dv, vmax)
     for c in range(dv):
         s = vmax[c] / _F127 if vmax[c] > _F0 else _F1
         vscale[c] = s

@@ -3,6 +3,7 @@
     lo, hi = minmax_f32(x, off, n)          # min and max of x[off:off+n]
     mx = masked_max_f32(x, off, n, m, moff)  # max where the uint8 mask m is not 0
     quantize_u8(x, off, n, inv, zp, q, qoff) # q[qoff:qoff+n] = uint8 of x[off:off+n]
+    absmax_cols(x, off, stride, rows, n, out)  # out[c] = max_r |x[off + r*stride + c]|
     prefetch(x, off)                         # cache hint for element off
     p = pointer(address, np.float32)         # an integer address as a typed pointer
 
@@ -162,6 +163,43 @@ def quantize_u8(typingctx, x, off, n, inv, zp, q, qoff):
             i = builder.add(tail, loop.index)
             b = _emit_quantize(builder, builder.load(builder.gep(src, [i])), *scalars, ("i32", "f32"))
             builder.store(b, builder.gep(dst, [i]))
+        return context.get_dummy_value()
+    return sig, codegen
+
+
+@intrinsic
+def absmax_cols(typingctx, x, off, stride, rows, n, out):
+    """out[c] = max(0, max over r < rows of |x[off + r * stride + c]|) for c < n:
+    the per-column range of a block of float32 rows, 16 columns in registers at a
+    time (a loop over out[c] in memory would chain every row through a store)."""
+    if not (isinstance(x, types.Array) and x.dtype == types.float32
+            and isinstance(out, types.Array) and out.dtype == types.float32):
+        return None
+    sig = types.void(x, off, stride, rows, n, out)
+
+    def codegen(context, builder, sig, args):
+        intp = context.get_value_type(types.intp)
+        base = _array_ptr(context, builder, sig.args[0], args[0], sig.args[1], args[1])
+        dst = _array_ptr(context, builder, sig.args[5], args[5], sig.args[4], ir.Constant(intp, 0))
+        stride = context.cast(builder, args[2], sig.args[2], types.intp)
+        nrows = context.cast(builder, args[3], sig.args[3], types.intp)
+        count = context.cast(builder, args[4], sig.args[4], types.intp)
+
+        def column_block(c0, ty, suffix):
+            acc = cgutils.alloca_once_value(builder, ir.Constant(ty, None))
+            with cgutils.for_range(builder, nrows) as rows:
+                p = builder.gep(base, [builder.add(builder.mul(rows.index, stride), c0)])
+                v = builder.load(builder.bitcast(p, ty.as_pointer()), align=4)
+                a = _call(builder, f"llvm.fabs.{suffix}", ty, [v])
+                builder.store(_call(builder, f"llvm.maxnum.{suffix}", ty, [builder.load(acc), a]), acc)
+            builder.store(builder.load(acc), builder.bitcast(builder.gep(dst, [c0]), ty.as_pointer()),
+                          align=4)
+        nvec = builder.udiv(count, ir.Constant(intp, _LANES))
+        with cgutils.for_range(builder, nvec) as blocks:
+            column_block(builder.mul(blocks.index, ir.Constant(intp, _LANES)), _v16, "v16f32")
+        tail = builder.mul(nvec, ir.Constant(intp, _LANES))
+        with cgutils.for_range(builder, builder.sub(count, tail)) as cols:
+            column_block(builder.add(tail, cols.index), _f32, "f32")
         return context.get_dummy_value()
     return sig, codegen
 
