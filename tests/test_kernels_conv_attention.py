@@ -276,3 +276,21 @@ def test_attention_property(b, h, sq, sk, d, masked, seed):
     q, k, v = _qkv(rng, b, h, sq, sk, d, d)
     mask = rng.random((b, 1, sq, sk)) > 0.3 if masked else None
     _check(q, k, v, mask)
+
+
+@pytest.mark.parametrize("n", [1, 13, 16, 48, 100])   # 16-column vectors and a scalar tail
+def test_absmax_cols_matches_numpy_on_strided_rows(n):
+    """The per-column range that V's int8 scales come from, read from rows of a
+    wider (fused QKV-like) buffer."""
+    from numba import njit
+    from fxopt.kernels.rowops import absmax_cols
+
+    @njit
+    def run(x, off, stride, rows, n, out):
+        absmax_cols(x, off, stride, rows, n, out)
+    rows, stride, off = 37, 2 * n + 5, 3
+    x = np.random.default_rng(n).standard_normal(off + rows * stride).astype(np.float32)
+    out = np.full(n, -1.0, np.float32)
+    run(x, off, stride, rows, n, out)
+    want = np.abs(x[off:off + rows * stride].reshape(rows, stride)[:, :n]).max(0)
+    np.testing.assert_array_equal(out, want)
