@@ -21,7 +21,7 @@ from .quantize import quantize_rows_into, row_range, scale_zero_point, quantize_
 from .simd import (BLOCK_COLS, GROUP_BYTES, TAGS, is_portable, isa_geometry, tile_f32,
                    tile_s32)
 
-KERNEL_VERSION = "gemm-9"
+KERNEL_VERSION = "gemm-10"
 
 _AVX512_VNNI = TAGS["avx512_vnni"]
 _AVX_VNNI = TAGS["avx_vnni"]
@@ -49,25 +49,25 @@ def _tile(tag, mr, a, a_off, lda, b, b_off, kg, t, t_off):
 
 @njit(inline="always")
 def _tile_f32(tag, mr, a, a_off, lda, b, b_off, kg, colsum, wscale, bias, n0,
-              ascale, azp, m0, out, act, p0, p1):
+              ascale, azp, m0, out, act, p0, p1, res, first):
     if mr == 6:
         tile_f32(tag, 6, a, a_off, lda, b, b_off, kg, colsum, wscale, bias, n0, ascale, azp, m0, out,
-                 act, p0, p1)
+                 act, p0, p1, res, first)
     elif mr == 5:
         tile_f32(tag, 5, a, a_off, lda, b, b_off, kg, colsum, wscale, bias, n0, ascale, azp, m0, out,
-                 act, p0, p1)
+                 act, p0, p1, res, first)
     elif mr == 4:
         tile_f32(tag, 4, a, a_off, lda, b, b_off, kg, colsum, wscale, bias, n0, ascale, azp, m0, out,
-                 act, p0, p1)
+                 act, p0, p1, res, first)
     elif mr == 3:
         tile_f32(tag, 3, a, a_off, lda, b, b_off, kg, colsum, wscale, bias, n0, ascale, azp, m0, out,
-                 act, p0, p1)
+                 act, p0, p1, res, first)
     elif mr == 2:
         tile_f32(tag, 2, a, a_off, lda, b, b_off, kg, colsum, wscale, bias, n0, ascale, azp, m0, out,
-                 act, p0, p1)
+                 act, p0, p1, res, first)
     else:
         tile_f32(tag, 1, a, a_off, lda, b, b_off, kg, colsum, wscale, bias, n0, ascale, azp, m0, out,
-                 act, p0, p1)
+                 act, p0, p1, res, first)
 
 
 @njit
@@ -116,10 +116,11 @@ def _compute_full_block(tag, mr, m0, n0, aq, bp, boff, kg, colsum, ascale, azp, 
 @overload(_compute_full_block, inline="always")
 def _compute_full_block_impl(tag, mr, m0, n0, aq, bp, boff, kg, colsum, ascale, azp, wscale,
                              bias, res, ep, out):
-    """A whole 64-column block tile with float output: dequantized and activated in
-    registers (tile_f32), a fused residual added after. The hot path, kept apart from
+    """A whole 64-column block tile with float output: dequantized, activated and
+    the fused residual added in registers (tile_f32). The hot path, kept apart from
     the tail and int32-staging code of _compute: in the same loop body that code,
-    though never run, cost ~240 cycles a tile."""
+    though never run, cost ~240 cycles a tile. (Adding the residual to the stored
+    tile instead cost ~600 cycles a tile: the reloads wait on the stores.)"""
     if out.dtype != types.float32:
         def impl(tag, mr, m0, n0, aq, bp, boff, kg, colsum, ascale, azp, wscale, bias, res, ep, out):
             pass  # never called: _job_into routes other outputs to _compute
@@ -132,18 +133,21 @@ def _compute_full_block_impl(tag, mr, m0, n0, aq, bp, boff, kg, colsum, ascale, 
             for r in range(mr):
                 for line in range(0, BLOCK_COLS, 16):
                     prefetch(res, (m0 + r) * res.shape[1] + n0 + line)
-        # with the residual first, the activation waits for it
-        pre = has_res and ep[EP_RES_FIRST] != 0
-        now = 0 if pre else act
+        first = ep[EP_RES_FIRST] != 0  # act(y + res), else act(y) + res
         tc, lda = isa_geometry(tag)[1], aq.shape[1]
-        for cs in range(0, BLOCK_COLS, tc):
-            _tile_f32(tag, mr, aq, m0 * lda, lda, bp, boff + 4 * cs, kg, colsum,
-                      wscale, bias, n0 + cs, ascale, azp, m0, out, now, ep[EP_P0], ep[EP_P1])
-        if now > 3:  # relu, clamp and GELU were applied in registers
+        if act <= 3:  # none, relu, clamp, GELU: all in registers
+            for cs in range(0, BLOCK_COLS, tc):
+                _tile_f32(tag, mr, aq, m0 * lda, lda, bp, boff + 4 * cs, kg, colsum, wscale, bias,
+                          n0 + cs, ascale, azp, m0, out, act, ep[EP_P0], ep[EP_P1], res, first)
+        else:  # SiLU, tanh GELU: on the stored tile, between the residual's two places
+            for cs in range(0, BLOCK_COLS, tc):
+                _tile_f32(tag, mr, aq, m0 * lda, lda, bp, boff + 4 * cs, kg, colsum, wscale, bias,
+                          n0 + cs, ascale, azp, m0, out, 0, ep[EP_P0], ep[EP_P1],
+                          res if first else res[:0], first)
             for r in range(mr):
-                apply_activation(out, m0 + r, n0, BLOCK_COLS, now, ep[EP_P0], ep[EP_P1])
-        if has_res:  # fused residual: out += res, then the activation if it waited
-            add_residual_rows(out, res, m0, mr, n0, BLOCK_COLS, act if pre else 0, ep[EP_P0], ep[EP_P1])
+                apply_activation(out, m0 + r, n0, BLOCK_COLS, act, ep[EP_P0], ep[EP_P1])
+            if has_res and not first:
+                add_residual_rows(out, res, m0, mr, n0, BLOCK_COLS, 0, ep[EP_P0], ep[EP_P1])
     return impl
 
 

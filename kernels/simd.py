@@ -29,7 +29,7 @@ from numba.extending import (intrinsic, models,
 
 from .rowops import emit_prefetch
 
-KERNEL_VERSION = "simd-6"
+KERNEL_VERSION = "simd-7"
 
 ISAS = ("avx512_vnni", "avx_vnni", "avx2", "portable")
 # isa -> (rows per tile, columns per tile)
@@ -224,13 +224,15 @@ def tile_s32(typingctx, tag, mr, a, a_off, lda, b, b_off, kg, t, t_off, ldt):
 
 @intrinsic(prefer_literal=True)
 def tile_f32(typingctx, tag, mr, a, a_off, lda, b, b_off, kg, colsum, wscale, bias,
-             n0, ascale, azp, m0, out, act, p0, p1):
+             n0, ascale, azp, m0, out, act, p0, p1, res, res_first):
     """Full-width tile with the dequantizing epilogue done in registers:
 
     out[m0 + r, n0 + j] = act(float32(acc - azp[m0+r] * colsum[n0+j])
                               * (ascale[m0+r] * wscale[n0+j]) + bias[n0+j])
 
     for r < mr, j < tile columns (all columns must exist in out and bias).
+    A residual res (float32, out's shape; an empty array for none) is added
+    in registers too: act(y) + res, or act(y + res) with res_first.
     The formulas of epilogue.dequant_row, with scale and bias one fused
     multiply-add (within an ulp of the staged path); act (an
     epilogue.ACTIVATIONS code) is applied in registers for relu (1),
@@ -242,7 +244,7 @@ def tile_f32(typingctx, tag, mr, a, a_off, lda, b, b_off, kg, colsum, wscale, bi
     if not isinstance(tag, IsaType) or not isinstance(mr, types.IntegerLiteral):
         return None
     sig = types.void(tag, mr, a, a_off, lda, b, b_off, kg, colsum, wscale, bias,
-                     n0, ascale, azp, m0, out, act, p0, p1)
+                     n0, ascale, azp, m0, out, act, p0, p1, res, res_first)
     isa, nrows = tag.isa, mr.literal_value
 
     def codegen(context, builder, sig, args):
@@ -273,33 +275,57 @@ def tile_f32(typingctx, tag, mr, a, a_off, lda, b, b_off, kg, colsum, wscale, bi
                 cs, ws, bv = cols[c]
                 acc = builder.sub(v, builder.mul(zpv, cs))
                 y = _vcall(builder, "llvm.fma", builder.sitofp(acc, fvec), builder.fmul(sav, ws), bv)
-                ys.append((y, builder.add(base, ar.cst(c * n))))
+                ys.append((y, r, c, builder.add(base, ar.cst(c * n))))
         act_v = context.cast(builder, args[16], sig.args[16], types.int32)
         p0v = _splat(builder, context.cast(builder, args[17], sig.args[17], types.float32), n)
         p1v = _splat(builder, context.cast(builder, args[18], sig.args[18], types.float32), n)
+        res_st = cgutils.create_struct_proxy(sig.args[19])(context, builder, value=args[19])
+        ldr = builder.sdiv(builder.extract_value(res_st.strides, 0), ar.cst(4))
+        r_ptr = builder.gep(res_st.data, [builder.add(builder.mul(m0v, ldr), n0v)])
+        first = builder.icmp_signed("!=", context.cast(builder, args[20], sig.args[20], types.int32),
+                                    ir.Constant(_i32, 0))
+        # -0.0 is the exact identity of float addition (x + -0.0 == x, signed zeros too)
+        neg0 = ir.Constant(fvec, [ir.Constant(ir.FloatType(), -0.0)] * n)
 
-        def store(fn):
-            for y, off in ys:
-                _store_vec(builder, fn(y), o_ptr, off)
+        def store(fn, with_res):
+            for y, r, c, off in ys:
+                if not with_res:
+                    _store_vec(builder, fn(y), o_ptr, off)
+                    continue
+                rv = _load_vec(builder, r_ptr, builder.add(builder.mul(ldr, ar.cst(r)), ar.cst(c * n)),
+                               fvec)
+                before, after = builder.select(first, rv, neg0), builder.select(first, neg0, rv)
+                _store_vec(builder, builder.fadd(fn(builder.fadd(y, before)), after), o_ptr, off)
 
         def is_act(code):
             return builder.icmp_signed("==", act_v, ir.Constant(_i32, code))
 
         zero = ir.Constant(fvec, None)
-        with builder.if_else(is_act(3)) as (gelu, other):
-            with gelu:
-                store(lambda y: _gelu_vec(builder, y))
-            with other:
-                with builder.if_else(is_act(1)) as (relu, other2):
-                    with relu:
-                        store(lambda y: _vcall(builder, "llvm.maxnum", y, zero))
-                    with other2:
-                        with builder.if_else(is_act(2)) as (clamp, plain):
-                            with clamp:
-                                store(lambda y: _vcall(builder, "llvm.minnum",
-                                                       _vcall(builder, "llvm.maxnum", y, p0v), p1v))
-                            with plain:
-                                store(lambda y: y)
+
+        def activations(with_res):
+            with builder.if_else(is_act(3)) as (gelu, other):
+                with gelu:
+                    store(lambda y: _gelu_vec(builder, y), with_res)
+                with other:
+                    with builder.if_else(is_act(1)) as (relu, other2):
+                        with relu:
+                            store(lambda y: _vcall(builder, "llvm.maxnum", y, zero), with_res)
+                        with other2:
+                            with builder.if_else(is_act(2)) as (clamp, plain):
+                                with clamp:
+                                    store(lambda y: _vcall(builder, "llvm.minnum",
+                                                           _vcall(builder, "llvm.maxnum", y, p0v), p1v),
+                                          with_res)
+                                with plain:
+                                    store(lambda y: y, with_res)
+
+        has_res = builder.icmp_signed(">", builder.extract_value(res_st.shape, 0),
+                                      ir.Constant(context.get_value_type(types.intp), 0))
+        with builder.if_else(has_res) as (residual, alone):
+            with residual:
+                activations(True)
+            with alone:
+                activations(False)
         return context.get_dummy_value()
     return sig, codegen
 

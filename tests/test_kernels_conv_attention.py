@@ -67,6 +67,10 @@ def test_conv2d_fused_residual_goes_before_the_activation(isa, layout, n, o):
         np.testing.assert_array_equal(fused, np.maximum(plain + r, 0))
         clamped = K.conv2d_f32(xin, pc, b, padding=1, act="relu6", layout=layout, residual=r)
         np.testing.assert_array_equal(clamped, np.clip(plain + r, 0, 6))
+        # SiLU runs on the stored tile, not in registers: the residual still goes first
+        silu = K.conv2d_f32(xin, pc, b, padding=1, act="silu", layout=layout, residual=r)
+        s = (plain + r).astype(np.float64)
+        np.testing.assert_allclose(silu, s / (1 + np.exp(-s)), rtol=1e-5, atol=1e-6)
 
 
 def test_conv2d_residual_errors():

@@ -139,7 +139,7 @@ def test_linear_f32_matches_reference(isa, monkeypatch, threads, m, k, n):
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("act", ["none", "gelu"])
+@pytest.mark.parametrize("act", ["none", "relu", "gelu", "silu"])  # in registers, and after the tile
 @pytest.mark.parametrize("m,k,n", [(7, 40, 64), (13, 96, 150)])  # full blocks, and a column tail
 def test_linear_f32_fused_residual(isa, monkeypatch, threads, act, m, k, n):
     """The residual is added after bias and activation: exactly what a separate add gives."""
