@@ -36,6 +36,10 @@ _lib.define("attention_int8(Tensor q, Tensor k, Tensor v, Tensor? attn_mask=None
             "bool is_causal=False) -> Tensor")
 
 
+# aten.layer_norm over the last dimension, on the kernels' thread pool (see kernels/layernorm.py)
+_lib.define("layer_norm(Tensor x, Tensor? weight=None, Tensor? bias=None, float eps=1e-05) -> Tensor")
+
+
 def pack_conv(w_q: torch.Tensor, w_scale: torch.Tensor, groups: int) -> dict:
     """Pack int8 conv weights (O, I/g, kh, kw) with their per-channel scales.
 
@@ -182,7 +186,16 @@ def _attention_int8(q, k, v, attn_mask=None, scale=None, is_causal=False):
     return torch.from_numpy(out)
 
 
+def _layer_norm(x, weight=None, bias=None, eps=1e-05):
+    def arr(t):
+        return None if t is None else t.detach().float().numpy()
+    xn = (x if x.dtype == torch.float32 else x.float()).detach().numpy()
+    return torch.from_numpy(K.layer_norm_f32(xn, arr(weight), arr(bias), eps,
+                                             n_threads=torch.get_num_threads()))
+
+
 _lib.impl("linear_int8", _linear_int8, "CPU")
+_lib.impl("layer_norm", _layer_norm, "CPU")
 _lib.impl("attention_int8", _attention_int8, "CPU")
 _lib.impl("conv2d_int8", _conv2d_int8, "CPU")
 
@@ -209,6 +222,12 @@ def _attention_int8_fake(q, k, v, attn_mask=None, scale=None, is_causal=False):
     return qops.attention_like(q, v)
 
 
+@torch.library.register_fake("fxopt::layer_norm")
+def _layer_norm_fake(x, weight=None, bias=None, eps=1e-05):
+    return x.new_empty(x.shape, dtype=torch.float32)
+
+
 linear_int8 = torch.ops.fxopt.linear_int8.default
+layer_norm = torch.ops.fxopt.layer_norm.default
 attention_int8 = torch.ops.fxopt.attention_int8.default
 conv2d_int8 = torch.ops.fxopt.conv2d_int8.default

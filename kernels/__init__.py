@@ -24,6 +24,7 @@ __all__ = [
 ]
 from .attention import Strided, attention_int8, attention_int8_strided  # noqa: E402
 from .conv import PackedConv, conv2d_f32, pack_conv_weights_s8  # noqa: E402
+from .layernorm import layer_norm_f32  # noqa: E402
 
 __all__ += ["PackedConv", "Strided", "attention_int8", "attention_int8_strided", "conv2d_f32",
-            "pack_conv_weights_s8"]
+            "layer_norm_f32", "pack_conv_weights_s8"]

@@ -4,6 +4,12 @@
  -> fxopt.linear_int8(x, packed, w_scale, col_sums, b, n, k, act, ...)
     fxopt.quantized_attention(q, k, v, attn_mask=..., ...) (no weights)
  -> fxopt.attention_int8(q, k, v, attn_mask=..., ...)
+    aten.layer_norm(x, [N], w, b, eps)                    (float32, last dim)
+ -> fxopt.layer_norm(x, w, b, eps)
+
+LayerNorm moves too, though it stays float: between kernel calls, torch's own
+thread pool (a second OpenMP runtime) would wake for it and spin on the cores
+the kernels' pool needs.
 
 Packing (VNNI order, 64-byte aligned, column sums for the zero point) happens
 here, at optimize time; the op only runs the kernel. Ops without a kernel
@@ -35,6 +41,8 @@ def run(gm, ctx) -> PassResult:
         elif node.target is qops.quantized_attention:
             _replace(gm, node, kernel_ops.attention_int8, node.args, node.kwargs)
             stats["attention"] += 1
+    if stats["linear"] + stats["conv2d"] + stats["attention"]:
+        stats["layer_norm"] = _lower_layer_norms(gm)
     if stats["conv2d"]:
         stats["view_to_reshape"] = _views_to_reshapes(gm)
     stats["chained"] = _chain(gm)
@@ -65,6 +73,22 @@ def _lower_conv(gm, node) -> None:
     args = (x, packed, scale, col_sums, b, buffers["geometry"], stride, padding, dilation, act, act_args,
             a_scale, a_zp)
     _replace(gm, node, kernel_ops.conv2d_int8, args)
+
+
+def _lower_layer_norms(gm) -> int:
+    """aten.layer_norm over the last dimension of a float32 tensor -> fxopt.layer_norm."""
+    count = 0
+    for node in list(gm.graph.nodes):
+        if node.target is not aten.layer_norm.default or node.kwargs:
+            continue
+        x, shape, weight, bias, eps = (list(node.args) + [None, None, 1e-05])[:5]
+        val = node.meta.get("val")
+        if (len(shape) != 1 or not isinstance(val, torch.Tensor) or val.dtype != torch.float32
+                or val.dim() < 1 or val.shape[-1] != shape[0]):
+            continue
+        _replace(gm, node, kernel_ops.layer_norm, (x, weight, bias, float(eps)))
+        count += 1
+    return count
 
 
 def _chain(gm) -> int:

@@ -257,6 +257,8 @@ def test_attention_lowered_saved_and_loaded(name, tmp_path):
     targets = [n.target for n in fast.graph.nodes]
     assert targets.count(kernel_ops.attention_int8) == 2
     assert torch.ops.aten.scaled_dot_product_attention.default not in targets
+    # LayerNorms run on the kernels' pool too (saved and loaded like the int8 ops)
+    assert kernel_ops.layer_norm in targets and torch.ops.aten.layer_norm.default not in targets
     rows = [r for r in fast.fxopt_report.layers if r["op"] == "attention"]
     assert len(rows) == 2 and all(r["precision"] == "int8" and "Q.K^T" in r["why"] for r in rows)
     fxopt.save(fast, tmp_path / "m.fxopt")
@@ -341,3 +343,16 @@ def test_attention_op_matches_reference_op(mask_shape, dtype):
     assert got.shape == exact.shape and got.stride() == exact.stride() == ref.stride()
     assert drift(ref, got).sqnr_db > 80
     assert drift(exact, got).cosine > 0.999
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 32), (7, 768), (3, 1)])
+def test_layer_norm_op_matches_torch(shape):
+    torch.manual_seed(0)
+    x = torch.randn(*shape) * 3 + 1
+    w, b = torch.randn(shape[-1]), torch.randn(shape[-1])
+    for args, kw in (((w, b), {"eps": 1e-12}), ((None, None), {})):
+        want = torch.nn.functional.layer_norm(x, (shape[-1],), *args, **kw)
+        torch.testing.assert_close(kernel_ops.layer_norm(x, *args, **kw), want, rtol=1e-5, atol=1e-5)
+    strided = torch.randn(shape[-1], *shape[:-1]).movedim(0, -1)      # not contiguous
+    torch.testing.assert_close(kernel_ops.layer_norm(strided, w, b),
+                               torch.nn.functional.layer_norm(strided, (shape[-1],), w, b))

@@ -341,3 +341,31 @@ def test_aliasing_row_strides_are_repacked_exactly():
     x, q, s, b = _float_case(np.random.default_rng(16), 9, 1024, 64)
     np.testing.assert_allclose(K.linear_f32(x, K.pack_weights_s8(q, s), b),
                                R.linear_f32(x, q, s, b), rtol=2e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("m,n", [(1, 5), (64, 768), (700, 100)])
+def test_layer_norm_against_float64(monkeypatch, threads, m, n):
+    from fxopt.kernels import layernorm
+    monkeypatch.setattr(layernorm, "PARALLEL_MIN_ELEMENTS", 0)
+    rng = np.random.default_rng(m + n)
+    x = (rng.standard_normal((m, n)) * 4 + 2).astype(np.float32)
+    w, b = rng.standard_normal(n).astype(np.float32), rng.standard_normal(n).astype(np.float32)
+    xd = x.astype(np.float64)
+    mean, var = xd.mean(1, keepdims=True), xd.var(1, keepdims=True)
+    want = (xd - mean) / np.sqrt(var + 1e-5) * w + b
+    got = K.layer_norm_f32(x, w, b, 1e-5, n_threads=threads)
+    assert got.dtype == np.float32 and got.shape == x.shape
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    plain = K.layer_norm_f32(x.reshape(1, m, n), n_threads=threads)   # no weight and bias
+    np.testing.assert_allclose(plain[0], (xd - mean) / np.sqrt(var + 1e-5), rtol=1e-5, atol=1e-5)
+
+
+def test_layer_norm_errors():
+    x = np.zeros((2, 4), np.float32)
+    with pytest.raises(K.KernelError, match="float32"):
+        K.layer_norm_f32(x.astype(np.float64))
+    with pytest.raises(K.KernelError, match=r"shape \(4,\)"):
+        K.layer_norm_f32(x, np.ones(3, np.float32))
+    with pytest.raises(K.KernelError, match="eps"):
+        K.layer_norm_f32(x, eps=float("nan"))
