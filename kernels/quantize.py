@@ -73,7 +73,7 @@ def quantize_row(x, i, inv, zp, q):
     """q[i, :K] = clip(rint(x[i] * inv) + zp, 0, 255); q[i, K:] = zp."""
     ui = np.uint64(i)
     K = x.shape[1]
-    if x.strides[1] == 4 and q.strides[1] == 1:  # rows in place: the vector intrinsic
+    if x.strides[1] == 4 and x.strides[0] % 4 == 0 and q.strides[1] == 1:  # the vector intrinsic
         quantize_u8(x, i * (x.strides[0] // 4), K, np.float32(inv), np.int32(zp), q,
                     i * q.strides[0])
     else:
