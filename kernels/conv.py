@@ -17,7 +17,7 @@ from numba import njit, prange
 from .dispatch import KernelError
 from .epilogue import apply_activation
 from .gemm import a_stride
-from .linear import _bias, _run, epilogue_params, rows_share_l1_set
+from .linear import _bias, _run, epilogue_params
 from .pack import pack_weights_s8, quantize_weights_s8
 from .quantize import padded_k, quantize_rows_into, quantize_tensor_into
 
@@ -205,27 +205,22 @@ def _conv_batched(x, nhwc, pc, geo, bias, ep, n_threads, oh, ow, a_scale, a_zp, 
 
 
 def _gemm_groups(xq, pc, geo, s, z, bias, ep, n_threads, oh, ow):
+    """A grouped conv of one HWC image: one GEMM per group (dense convs, groups == 1,
+    take _conv_batched)."""
     og = pc.out_channels // pc.groups
     cg = pc.in_channels // pc.groups
     kp = padded_k(cg * pc.kh * pc.kw)
     out = np.empty((oh * ow, pc.out_channels), np.float32)
     rows_s = np.full(oh * ow, s, np.float32)
     rows_z = np.full(oh * ow, z, np.int32)
-    direct = pc.groups == 1 and pc.kh == pc.kw == 1 and kp == cg and geo == (1, 1, 0, 0, 1, 1)
-    cols = None if direct else np.empty((oh * ow, a_stride(kp // 4)), np.uint8)
+    cols = np.empty((oh * ow, a_stride(kp // 4)), np.uint8)
     for g, pw in enumerate(pc.parts):
-        if direct:  # 1x1 conv: the HWC image already is the GEMM's A
-            cols = xq.reshape(oh * ow, cg)
-            if rows_share_l1_set(cols.strides[0]):
-                cols = np.ascontiguousarray(np.pad(cols, ((0, 0), (0, 64)), constant_values=z))
-        else:
-            im2col_u8(xq, g * cg, cg, pc.kh, pc.kw, *geo, z, cols)
-        part = out if pc.groups == 1 else np.empty((oh * ow, og), np.float32)
+        im2col_u8(xq, g * cg, cg, pc.kh, pc.kw, *geo, z, cols)
+        part = np.empty((oh * ow, og), np.float32)
         b = bias[g * og:(g + 1) * og] if bias.size else bias
         _run(_NO_X, cols, rows_s, rows_z, pw, _bias(b if b.size else None, og), ep, part,
              n_threads)
-        if pc.groups > 1:
-            out[:, g * og:(g + 1) * og] = part
+        out[:, g * og:(g + 1) * og] = part
     return out
 
 
@@ -265,7 +260,7 @@ def conv2d_f32(x, pc, bias=None, stride=1, padding=0, dilation=1, act="none",
     res = _NO_X
     if residual is not None:
         res = _residual_rows(residual, pc, x.shape[0], oh, ow, nhwc)
-    if pc.dw_q is None and pc.groups == 1 and (x.shape[0] > 1 or residual is not None):
+    if pc.dw_q is None and pc.groups == 1:  # dense: one GEMM for the batch, at batch 1 too
         y = _conv_batched(x, nhwc, pc, geo, b, ep, n_threads, oh, ow, a_scale, a_zero_point, res)
         return y if nhwc else np.ascontiguousarray(y.transpose(0, 3, 1, 2))
     outs = []
