@@ -21,7 +21,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-KERNEL_VERSION = "rowops-2"
+KERNEL_VERSION = "rowops-3"
 
 _LANES = 16
 _f32 = ir.FloatType()
