@@ -88,9 +88,11 @@ def print_table(result: dict) -> None:
         speed = f"{row['speedup']:.2f}x" if "speedup" in row else "-"
         print(f"{LABELS[name]:<20}{row['median_ms']:>11.2f}{row['min_ms']:>9.2f}{speed:>9}"
               f"{row['cosine']:>10.5f}  {_notes(row)}")
-    recheck = result.get("torch_fp32_recheck")
-    if recheck:
-        print(f"torch fp32 again at the end: {recheck['median_ms']:.2f} ms ({100 * recheck['drift']:+.1f}%)")
+    drift = result.get("torch_fp32_drift")
+    if drift:
+        print(f"systems timed in {len(result['systems']['torch_fp32']['round_medians_ms'])} rounds, in turns; "
+              f"torch fp32 first round {drift['first_round_ms']:.2f} ms, last {drift['last_round_ms']:.2f} ms "
+              f"({100 * drift['drift']:+.1f}%)")
 
 
 def _notes(row: dict) -> str:
