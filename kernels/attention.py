@@ -51,10 +51,6 @@ KERNEL_VERSION = "attention-3"
 # below this many multiply-adds per call a thread launch costs more than it saves
 PARALLEL_MIN_MACS = 1 << 20
 
-_AVX512_VNNI = TAGS["avx512_vnni"]
-_AVX_VNNI = TAGS["avx_vnni"]
-_AVX2 = TAGS["avx2"]
-_PORTABLE = TAGS["portable"]
 # geo vector: operand addresses (q, k, v, mask), spans in elements, strides in
 # elements of q, k, v, mask over (batch, head, row), Sk and D
 _ADDR, _SPAN, _QS, _KS, _VS, _MS, _SK, _D = 0, 4, 8, 11, 14, 17, 20, 21
@@ -173,63 +169,24 @@ def _worker(tag, nxt, geo, mkind, causal, scale, ep, out):
         job = ahead
 
 
-# One serial and one threaded entry per ISA, each bound to its ISA by a
-# compile-time tag (see gemm.py). geo: addresses, sizes and strides of the
-# operands (layout at _ADDR.._D); out: (B, Sq, H, Dv) float32.
-@njit(cache=True)
-def avx512_vnni_serial(geo, mkind, causal, scale, ep, out, threads):
-    _worker(_AVX512_VNNI, np.zeros(1, np.int64), geo, mkind, causal, scale, ep, out)
+def _entries(tag):
+    """The serial and the threaded entry of one ISA, bound to it by the closure's tag
+    (a compile-time constant, as for gemm.py's entries; Numba's disk cache keys each
+    closure on its tag). geo: addresses, sizes and strides of the operands (layout
+    at _ADDR.._D); out: (B, Sq, H, Dv) float32."""
+    @njit(cache=True)
+    def serial(geo, mkind, causal, scale, ep, out, threads):
+        _worker(tag, np.zeros(1, np.int64), geo, mkind, causal, scale, ep, out)
+
+    @njit(cache=True, parallel=True)
+    def parallel(geo, mkind, causal, scale, ep, out, threads):
+        nxt = np.zeros(1, np.int64)
+        for _ in prange(threads):
+            _worker(tag, nxt, geo, mkind, causal, scale, ep, out)
+    return serial, parallel
 
 
-@njit(cache=True, parallel=True)
-def avx512_vnni_parallel(geo, mkind, causal, scale, ep, out, threads):
-    nxt = np.zeros(1, np.int64)
-    for _ in prange(threads):
-        _worker(_AVX512_VNNI, nxt, geo, mkind, causal, scale, ep, out)
-
-
-@njit(cache=True)
-def avx_vnni_serial(geo, mkind, causal, scale, ep, out, threads):
-    _worker(_AVX_VNNI, np.zeros(1, np.int64), geo, mkind, causal, scale, ep, out)
-
-
-@njit(cache=True, parallel=True)
-def avx_vnni_parallel(geo, mkind, causal, scale, ep, out, threads):
-    nxt = np.zeros(1, np.int64)
-    for _ in prange(threads):
-        _worker(_AVX_VNNI, nxt, geo, mkind, causal, scale, ep, out)
-
-
-@njit(cache=True)
-def avx2_serial(geo, mkind, causal, scale, ep, out, threads):
-    _worker(_AVX2, np.zeros(1, np.int64), geo, mkind, causal, scale, ep, out)
-
-
-@njit(cache=True, parallel=True)
-def avx2_parallel(geo, mkind, causal, scale, ep, out, threads):
-    nxt = np.zeros(1, np.int64)
-    for _ in prange(threads):
-        _worker(_AVX2, nxt, geo, mkind, causal, scale, ep, out)
-
-
-@njit(cache=True)
-def portable_serial(geo, mkind, causal, scale, ep, out, threads):
-    _worker(_PORTABLE, np.zeros(1, np.int64), geo, mkind, causal, scale, ep, out)
-
-
-@njit(cache=True, parallel=True)
-def portable_parallel(geo, mkind, causal, scale, ep, out, threads):
-    nxt = np.zeros(1, np.int64)
-    for _ in prange(threads):
-        _worker(_PORTABLE, nxt, geo, mkind, causal, scale, ep, out)
-
-
-ENTRIES = {
-    "avx512_vnni": (avx512_vnni_serial, avx512_vnni_parallel),
-    "avx_vnni": (avx_vnni_serial, avx_vnni_parallel),
-    "avx2": (avx2_serial, avx2_parallel),
-    "portable": (portable_serial, portable_parallel),
-}
+ENTRIES = {name: _entries(tag) for name, tag in TAGS.items()}
 
 
 # --- Python entry ----------------------------------------------------------------------

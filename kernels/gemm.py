@@ -23,10 +23,6 @@ from .simd import (BLOCK_COLS, GROUP_BYTES, TAGS, is_portable, isa_geometry, til
 
 KERNEL_VERSION = "gemm-10"
 
-_AVX512_VNNI = TAGS["avx512_vnni"]
-_AVX_VNNI = TAGS["avx_vnni"]
-_AVX2 = TAGS["avx2"]
-_PORTABLE = TAGS["portable"]
 _F1 = np.float32(1.0)
 
 
@@ -327,80 +323,24 @@ def _run_serial(tag, x, aq, ascale, azp, bp, kg, colsum, wscale, bias, res, ep, 
                   wscale, bias, res, ep, out, t, y)
 
 
-# One serial and one threaded entry per ISA; the threaded body is repeated
-# because prange must sit in the function compiled with parallel=True.
-# prange runs one worker per thread; workers share jobs (_worker).
-@njit(cache=True)
-def avx512_vnni_serial(x, aq, ascale, azp, bp, kg, colsum, wscale, bias, res, ep, out,
-        threads):
-    _run_serial(_AVX512_VNNI, x, aq, ascale, azp, bp, kg, colsum, wscale, bias, res, ep, out)
+def _entries(tag):
+    """The serial and the threaded entry of one ISA, bound to it by the closure's tag:
+    a compile-time constant, so each ISA compiles to its own machine code, and Numba's
+    disk cache keys each closure on its tag. prange must sit in the function compiled
+    with parallel=True; it runs one worker per thread, and workers share jobs (_worker)."""
+    @njit(cache=True)
+    def serial(x, aq, ascale, azp, bp, kg, colsum, wscale, bias, res, ep, out, threads):
+        _run_serial(tag, x, aq, ascale, azp, bp, kg, colsum, wscale, bias, res, ep, out)
+
+    @njit(cache=True, parallel=True)
+    def parallel(x, aq, ascale, azp, bp, kg, colsum, wscale, bias, res, ep, out, threads):
+        aq, ascale, azp = _prepare_par(x, aq, ascale, azp, kg)
+        nblocks, nmc, mchunk = _plan(tag, aq.shape[0], out.shape[1], threads)
+        nxt = _starts(nblocks * nmc, threads)
+        for w in prange(threads):
+            _worker(tag, w, threads, nxt, nblocks * nmc, nmc, mchunk, aq, bp, kg, colsum,
+                    ascale, azp, wscale, bias, res, ep, out)
+    return serial, parallel
 
 
-@njit(cache=True, parallel=True)
-def avx512_vnni_parallel(x, aq, ascale, azp, bp, kg, colsum, wscale, bias, res, ep, out,
-        threads):
-    aq, ascale, azp = _prepare_par(x, aq, ascale, azp, kg)
-    nblocks, nmc, mchunk = _plan(_AVX512_VNNI, aq.shape[0], out.shape[1], threads)
-    nxt = _starts(nblocks * nmc, threads)
-    for w in prange(threads):
-        _worker(_AVX512_VNNI, w, threads, nxt, nblocks * nmc, nmc, mchunk, aq, bp, kg, colsum,
-                ascale, azp, wscale, bias, res, ep, out)
-
-
-@njit(cache=True)
-def avx_vnni_serial(x, aq, ascale, azp, bp, kg, colsum, wscale, bias, res, ep, out,
-        threads):
-    _run_serial(_AVX_VNNI, x, aq, ascale, azp, bp, kg, colsum, wscale, bias, res, ep, out)
-
-
-@njit(cache=True, parallel=True)
-def avx_vnni_parallel(x, aq, ascale, azp, bp, kg, colsum, wscale, bias, res, ep, out,
-        threads):
-    aq, ascale, azp = _prepare_par(x, aq, ascale, azp, kg)
-    nblocks, nmc, mchunk = _plan(_AVX_VNNI, aq.shape[0], out.shape[1], threads)
-    nxt = _starts(nblocks * nmc, threads)
-    for w in prange(threads):
-        _worker(_AVX_VNNI, w, threads, nxt, nblocks * nmc, nmc, mchunk, aq, bp, kg, colsum,
-                ascale, azp, wscale, bias, res, ep, out)
-
-
-@njit(cache=True)
-def avx2_serial(x, aq, ascale, azp, bp, kg, colsum, wscale, bias, res, ep, out,
-        threads):
-    _run_serial(_AVX2, x, aq, ascale, azp, bp, kg, colsum, wscale, bias, res, ep, out)
-
-
-@njit(cache=True, parallel=True)
-def avx2_parallel(x, aq, ascale, azp, bp, kg, colsum, wscale, bias, res, ep, out,
-        threads):
-    aq, ascale, azp = _prepare_par(x, aq, ascale, azp, kg)
-    nblocks, nmc, mchunk = _plan(_AVX2, aq.shape[0], out.shape[1], threads)
-    nxt = _starts(nblocks * nmc, threads)
-    for w in prange(threads):
-        _worker(_AVX2, w, threads, nxt, nblocks * nmc, nmc, mchunk, aq, bp, kg, colsum,
-                ascale, azp, wscale, bias, res, ep, out)
-
-
-@njit(cache=True)
-def portable_serial(x, aq, ascale, azp, bp, kg, colsum, wscale, bias, res, ep, out,
-        threads):
-    _run_serial(_PORTABLE, x, aq, ascale, azp, bp, kg, colsum, wscale, bias, res, ep, out)
-
-
-@njit(cache=True, parallel=True)
-def portable_parallel(x, aq, ascale, azp, bp, kg, colsum, wscale, bias, res, ep, out,
-        threads):
-    aq, ascale, azp = _prepare_par(x, aq, ascale, azp, kg)
-    nblocks, nmc, mchunk = _plan(_PORTABLE, aq.shape[0], out.shape[1], threads)
-    nxt = _starts(nblocks * nmc, threads)
-    for w in prange(threads):
-        _worker(_PORTABLE, w, threads, nxt, nblocks * nmc, nmc, mchunk, aq, bp, kg, colsum,
-                ascale, azp, wscale, bias, res, ep, out)
-
-
-ENTRIES = {
-    "avx512_vnni": (avx512_vnni_serial, avx512_vnni_parallel),
-    "avx_vnni": (avx_vnni_serial, avx_vnni_parallel),
-    "avx2": (avx2_serial, avx2_parallel),
-    "portable": (portable_serial, portable_parallel),
-}
+ENTRIES = {name: _entries(tag) for name, tag in TAGS.items()}
