@@ -36,7 +36,8 @@ def _call(builder, name, ret, args):
                         fastmath=("nnan", "nsz"))
 
 
-def _call_int(builder, name, ret, args):
+def call_llvm(builder, name, ret, args):
+    """Call the LLVM intrinsic `name` returning type `ret` (no fast-math flags)."""
     fnty = ir.FunctionType(ret, [a.type for a in args])
     return builder.call(cgutils.get_or_insert_function(builder.module, fnty, name), args)
 
@@ -119,13 +120,14 @@ def _emit_quantize(builder, v, inv, zp, lo, hi, suffix):
     """clamp(lrint(v * inv) + zp, lo, hi) narrowed to bytes, for a float or a float vector."""
     n = v.type.count if isinstance(v.type, ir.VectorType) else 0
     ity = ir.VectorType(_i32, n) if n else _i32
-    i = _call_int(builder, f"llvm.lrint.{suffix[0]}.{suffix[1]}", ity, [builder.fmul(v, inv)])
-    i = _call_int(builder, f"llvm.smax.{suffix[0]}", ity, [builder.add(i, zp), lo])
-    i = _call_int(builder, f"llvm.smin.{suffix[0]}", ity, [i, hi])
+    i = call_llvm(builder, f"llvm.lrint.{suffix[0]}.{suffix[1]}", ity, [builder.fmul(v, inv)])
+    i = call_llvm(builder, f"llvm.smax.{suffix[0]}", ity, [builder.add(i, zp), lo])
+    i = call_llvm(builder, f"llvm.smin.{suffix[0]}", ity, [i, hi])
     return builder.trunc(i, ir.VectorType(_i8, n) if n else _i8)
 
 
-def _splat(builder, scalar, n):
+def splat(builder, scalar, n):
+    """An n-lane vector of the LLVM scalar value `scalar`."""
     v = builder.insert_element(ir.Constant(ir.VectorType(scalar.type, n), ir.Undefined), scalar,
                                ir.Constant(_i32, 0))
     return builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_i32, n), [0] * n))
@@ -149,7 +151,7 @@ def quantize_u8(typingctx, x, off, n, inv, zp, q, qoff):
         inv, zp = args[3], args[4]
         vi = ir.VectorType(_i32, _LANES)
         vb = ir.VectorType(_i8, _LANES)
-        lanes = (_splat(builder, inv, _LANES), _splat(builder, zp, _LANES),
+        lanes = (splat(builder, inv, _LANES), splat(builder, zp, _LANES),
                  ir.Constant(vi, [0] * _LANES), ir.Constant(vi, [255] * _LANES))
         nvec = builder.udiv(count, ir.Constant(intp, _LANES))
         with cgutils.for_range(builder, nvec) as loop:

@@ -11,9 +11,10 @@ One intrinsic, ``tile_s32``, computes an ``mr x tile_cols`` int32 tile of
   ``vpmaddwd`` (exact; ``vpmaddubsw`` would saturate int16 pairs)
 - ``portable``:    no intrinsic; gemm.py uses plain Numba loops.
 
-The ISA is chosen at compile time by an ``IsaTag`` constant (a module global
-of the calling kernel), so one driver source compiles to one machine-code
-variant per ISA and nothing is looked up per call.
+The ISA is chosen at compile time by an ``IsaTag`` constant (a closure
+variable of the calling kernel's entry, see gemm._entries), so one driver
+source compiles to one machine-code variant per ISA and nothing is looked up
+per call.
 
 Packed B layout (see pack.py): 64-column blocks; inside a block, k-group g
 (4 consecutive k) holds 256 bytes ``[col 0..63][k 0..3]``. A vector of
@@ -27,7 +28,7 @@ from numba.core.imputils import lower_constant
 from numba.extending import (intrinsic, models,
                              register_model, typeof_impl)
 
-from .rowops import emit_prefetch
+from .rowops import call_llvm as _call, emit_prefetch, splat as _splat
 
 KERNEL_VERSION = "simd-7"
 
@@ -42,7 +43,8 @@ _i8, _i16, _i32 = ir.IntType(8), ir.IntType(16), ir.IntType(32)
 
 
 class IsaTag:
-    """Compile-time marker naming an ISA; use as a module-level constant."""
+    """Compile-time marker naming an ISA; a constant of the compiled function
+    (a closure variable, as in gemm._entries, or a module global)."""
     __slots__ = ("name",)
 
     def __init__(self, name):
@@ -80,12 +82,6 @@ def _vec(t, n):
 
 def _const_vec(values):
     return ir.Constant(_vec(_i32, len(values)), list(values))
-
-
-def _call(builder, name, ret, args):
-    fnty = ir.FunctionType(ret, [a.type for a in args])
-    fn = cgutils.get_or_insert_function(builder.module, fnty, name)
-    return builder.call(fn, args)
 
 
 def _dot_vnni512(builder, acc, a, b):
@@ -386,12 +382,6 @@ def _reciprocal(builder, p):
         return builder.fdiv(ir.Constant(fty, [ir.Constant(ir.FloatType(), 1.0)] * n), p)
     two = ir.Constant(fty, [ir.Constant(ir.FloatType(), 2.0)] * n)
     return builder.fmul(r, _vcall(builder, "llvm.fma", builder.fneg(p), r, two))
-
-
-def _splat(builder, scalar, n):
-    v = builder.insert_element(ir.Constant(_vec(scalar.type, n), ir.Undefined), scalar,
-                               ir.Constant(_i32, 0))
-    return builder.shuffle_vector(v, v, _const_vec([0] * n))
 
 
 @intrinsic
