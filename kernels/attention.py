@@ -42,12 +42,12 @@ from .attention_steps import (MASK_BOOL, MASK_FLOAT, MASK_NONE, pack_k, pack_v,
                               quantize_k_rows, quantize_q_rows, softmax_rows, v_scales)
 from .dispatch import KernelError
 from . import dispatch as _dispatch
-from .gemm import _fetch_add, _job_into, _scratch, a_stride
+from .gemm import _fetch_add, _job_into, _scratch, a_rows
 from .linear import epilogue_params, get_num_threads
 from .rowops import pointer, prefetch
 from .simd import BLOCK_COLS, TAGS
 
-KERNEL_VERSION = "attention-3"
+KERNEL_VERSION = "attention-4"
 # below this many multiply-adds per call a thread launch costs more than it saves
 PARALLEL_MIN_MACS = 1 << 20
 
@@ -91,16 +91,18 @@ def _prefetch_head(job, nh, sq, geo, qf, kf, vf, dv):
 
 
 @njit
-def _buffers(sq, sk, d, dv):
-    """One worker's buffers. Packed operands and padding columns start at zero
-    and only real positions are ever written, so they stay zero."""
+def _buffers(tag, sq, sk, d, dv):
+    """One worker's buffers (Q and P rows in the A element type of tag's path).
+    Packed operands and padding columns start at zero and only real positions
+    are ever written, so they stay zero."""
     kgd, kgs = (d + 3) // 4, (sk + 3) // 4
     nbk = (sk + BLOCK_COLS - 1) // BLOCK_COLS
     nbv = (dv + BLOCK_COLS - 1) // BLOCK_COLS
-    qa = np.empty((sq, a_stride(kgd)), np.uint8)
+    qa = a_rows(tag, sq, kgd)
     kt32 = np.zeros((sk, kgd), np.int32)
     kp32 = np.zeros(nbk * kgd * BLOCK_COLS, np.int32)
-    pa = np.zeros((sq, a_stride(kgs)), np.uint8)
+    pa = a_rows(tag, sq, kgs)
+    pa[:] = 0
     vp32 = np.zeros(nbv * kgs * BLOCK_COLS, np.int32)
     # GEMM outputs span whole 64-column blocks: only full blocks take the
     # in-register epilogue (tile_f32); padding keys have scale 0, so score 0
@@ -156,7 +158,7 @@ def _worker(tag, nxt, geo, mkind, causal, scale, ep, out):
     vf = carray(pointer(geo[_ADDR + 2], np.float32), geo[_SPAN + 2])
     mf = carray(pointer(geo[_ADDR + 3], np.float32), geo[_SPAN + 3] if mkind == MASK_FLOAT else 0)
     mb = carray(pointer(geo[_ADDR + 3], np.uint8), geo[_SPAN + 3] if mkind == MASK_BOOL else 0)
-    bufs = _buffers(sq, geo[_SK], geo[_D], dv)
+    bufs = _buffers(tag, sq, geo[_SK], geo[_D], dv)
     jobs = nb * nh
     # claim one job ahead, so its operands can be prefetched during this one
     job = _fetch_add(nxt, 0)

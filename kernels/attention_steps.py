@@ -1,7 +1,8 @@
 """One (batch, head) of the fused int8 attention, step by step (see attention.py).
 
 Operands are read from flat float32 views at a base offset with a row stride
-(elements); the outputs are the GEMM's operands: uint8 rows (Q, P) with their
+(elements); the outputs are the GEMM's operands: uint8 rows (Q, P; stored as uint16
+on the avx2 path, simd.A_DTYPES) with their
 per-row scale and zero point, and int8 columns packed in pack.py's VNNI layout
 (K, V) with their per-column scale and sums.
 """
@@ -12,7 +13,7 @@ from .epilogue import exp_f32
 from .rowops import absmax_cols, masked_max_f32, minmax_f32, quantize_u8
 from .simd import BLOCK_COLS
 
-KERNEL_VERSION = "attention-steps-3"
+KERNEL_VERSION = "attention-steps-4"
 MASK_NONE, MASK_FLOAT, MASK_BOOL = 0, 1, 2
 
 _F0, _F1, _F127, _F255 = (np.float32(v) for v in (0.0, 1.0, 127.0, 255.0))

@@ -16,12 +16,11 @@ from numba import njit, prange
 
 from .dispatch import KernelError
 from .epilogue import apply_activation
-from .gemm import a_stride
-from .linear import _bias, _run, epilogue_params
+from .linear import _bias, _run, epilogue_params, new_a_rows
 from .pack import pack_weights_s8, quantize_weights_s8
 from .quantize import padded_k, quantize_rows_into, quantize_tensor_into
 
-KERNEL_VERSION = "conv-6"
+KERNEL_VERSION = "conv-7"
 _NO_X = np.empty((0, 0), np.float32)
 
 
@@ -75,7 +74,8 @@ def pack_conv_weights_s8(weight, groups=1, scales=None):
 def im2col_u8(x, c0, cg, kh, kw, sh, sw, ph, pw, dh, dw, zp, out):
     """Patches of channels c0..c0+cg of one uint8 HWC image into out
     (OH*OW, Kp), columns ordered (kh, kw, c): each tap is one contiguous
-    run of cg bytes, copied with vector moves."""
+    run of cg values, copied with vector moves (out is uint8, or uint16 A
+    rows for the avx2 GEMM)."""
     h, w = x.shape[0], x.shape[1]
     oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
     ow = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
@@ -179,7 +179,7 @@ def _conv_batched(x, nhwc, pc, geo, bias, ep, n_threads, oh, ow, a_scale, a_zp, 
     cg = pc.in_channels
     kp = padded_k(cg * pc.kh * pc.kw)
     direct = pc.kh == pc.kw == 1 and kp == cg and geo == (1, 1, 0, 0, 1, 1)
-    cols = np.empty((n * rows, a_stride(kp // 4)), np.uint8)
+    cols = new_a_rows(n * rows, kp // 4)
     # one call quantizes every image (a row each), then im2col runs per image
     flat = x.reshape(n, -1)
     xq = np.empty(flat.shape, np.uint8)
@@ -213,7 +213,7 @@ def _gemm_groups(xq, pc, geo, s, z, bias, ep, n_threads, oh, ow):
     out = np.empty((oh * ow, pc.out_channels), np.float32)
     rows_s = np.full(oh * ow, s, np.float32)
     rows_z = np.full(oh * ow, z, np.int32)
-    cols = np.empty((oh * ow, a_stride(kp // 4)), np.uint8)
+    cols = new_a_rows(oh * ow, kp // 4)
     for g, pw in enumerate(pc.parts):
         im2col_u8(xq, g * cg, cg, pc.kh, pc.kw, *geo, z, cols)
         part = np.empty((oh * ow, og), np.float32)

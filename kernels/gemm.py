@@ -18,10 +18,10 @@ from .epilogue import (EP_ACT, EP_P0, EP_P1, EP_RES_FIRST, add_residual_rows, ap
                        store_tile_s32, store_tile_u8)
 from .rowops import prefetch
 from .quantize import quantize_rows_into, row_range, scale_zero_point, quantize_row
-from .simd import (BLOCK_COLS, GROUP_BYTES, TAGS, is_portable, isa_geometry, tile_f32,
+from .simd import (A_DTYPES, BLOCK_COLS, GROUP_BYTES, TAGS, is_portable, isa_geometry, tile_f32,
                    tile_s32)
 
-KERNEL_VERSION = "gemm-10"
+KERNEL_VERSION = "gemm-11"
 
 _F1 = np.float32(1.0)
 
@@ -273,20 +273,31 @@ def _worker(tag, w, threads, nxt, njobs, nmc, mchunk, aq, bp, kg, colsum, ascale
 
 
 @njit
-def a_stride(kg):
-    """Row stride of quantized A: whole cache lines plus one, so the MR rows a
-    tile reads never share an L1 set (a stride of 1 KiB multiples would put
-    4-6 rows in one 8-way set and let the B stream evict them)."""
-    return (4 * kg + 63) // 64 * 64 + 64
+def a_stride(kg, itemsize=1):
+    """Row stride of quantized A, in elements of `itemsize` bytes: whole cache lines
+    plus one, so the MR rows a tile reads never share an L1 set (a stride of 1 KiB
+    multiples would put 4-6 rows in one 8-way set and let the B stream evict them)."""
+    return ((4 * kg * itemsize + 63) // 64 * 64 + 64) // itemsize
+
+
+def a_rows(tag, m, kg):
+    """Fresh (m, a_stride) A rows for k-groups kg, of the element type the tag's
+    path reads fastest (simd.A_DTYPES)."""
+    raise NotImplementedError  # compiled through the overload below
+
+
+@overload(a_rows, inline="always")
+def _a_rows_impl(tag, m, kg):
+    dtype = A_DTYPES[tag.isa]
+    size = np.dtype(dtype).itemsize
+    return lambda tag, m, kg: np.empty((m, a_stride(kg, size)), dtype)
 
 
 @njit
-def _prepare(x, aq, ascale, azp, kg):
-    """Quantize float rows x into fresh buffers, or pass the uint8 ones on."""
-    if x.shape[1] == 0:
-        return aq, ascale, azp
+def _quantized(tag, x, kg):
+    """x's rows quantized (dynamic, per row) into fresh A rows."""
     m = x.shape[0]
-    q = np.empty((m, a_stride(kg)), np.uint8)
+    q = a_rows(tag, m, kg)
     s = np.empty(m, np.float32)
     z = np.empty(m, np.int32)
     quantize_rows_into(x, q, s, z)
@@ -294,14 +305,12 @@ def _prepare(x, aq, ascale, azp, kg):
 
 
 @njit(parallel=True)
-def _prepare_par(x, aq, ascale, azp, kg):
-    if x.shape[1] == 0:
-        return aq, ascale, azp
+def _quantized_par(tag, x, kg):
     m = x.shape[0]
     if m * x.shape[1] < 32768:
         # a second parallel launch would cost more than quantizing these rows
-        return _prepare(x, aq, ascale, azp, kg)
-    q = np.empty((m, a_stride(kg)), np.uint8)
+        return _quantized(tag, x, kg)
+    q = a_rows(tag, m, kg)
     s = np.empty(m, np.float32)
     z = np.empty(m, np.int32)
     for i in prange(m):
@@ -314,8 +323,7 @@ def _prepare_par(x, aq, ascale, azp, kg):
 
 
 @njit
-def _run_serial(tag, x, aq, ascale, azp, bp, kg, colsum, wscale, bias, res, ep, out):
-    aq, ascale, azp = _prepare(x, aq, ascale, azp, kg)
+def _serial_jobs(tag, aq, ascale, azp, bp, kg, colsum, wscale, bias, res, ep, out):
     nblocks = (out.shape[1] + BLOCK_COLS - 1) // BLOCK_COLS
     t, y = _scratch(tag)
     for job in range(nblocks):
@@ -323,23 +331,39 @@ def _run_serial(tag, x, aq, ascale, azp, bp, kg, colsum, wscale, bias, res, ep, 
                   wscale, bias, res, ep, out, t, y)
 
 
+@njit(parallel=True)
+def _parallel_jobs(tag, aq, ascale, azp, bp, kg, colsum, wscale, bias, res, ep, out, threads):
+    """One worker per thread over Numba's pool; workers share jobs (_worker)."""
+    nblocks, nmc, mchunk = _plan(tag, aq.shape[0], out.shape[1], threads)
+    nxt = _starts(nblocks * nmc, threads)
+    for w in prange(threads):
+        _worker(tag, w, threads, nxt, nblocks * nmc, nmc, mchunk, aq, bp, kg, colsum,
+                ascale, azp, wscale, bias, res, ep, out)
+
+
 def _entries(tag):
     """The serial and the threaded entry of one ISA, bound to it by the closure's tag:
     a compile-time constant, so each ISA compiles to its own machine code, and Numba's
-    disk cache keys each closure on its tag. prange must sit in the function compiled
-    with parallel=True; it runs one worker per thread, and workers share jobs (_worker)."""
+    disk cache keys each closure on its tag. An entry quantizes float rows x, or with
+    an empty x takes the quantized rows aq as they are; pass an aq of the ISA's
+    A_DTYPES element type (an empty one with x) so that both branches share one
+    compiled body."""
     @njit(cache=True)
     def serial(x, aq, ascale, azp, bp, kg, colsum, wscale, bias, res, ep, out, threads):
-        _run_serial(tag, x, aq, ascale, azp, bp, kg, colsum, wscale, bias, res, ep, out)
+        if x.shape[1] == 0:
+            _serial_jobs(tag, aq, ascale, azp, bp, kg, colsum, wscale, bias, res, ep, out)
+        else:
+            q, s, z = _quantized(tag, x, kg)
+            _serial_jobs(tag, q, s, z, bp, kg, colsum, wscale, bias, res, ep, out)
 
-    @njit(cache=True, parallel=True)
+    @njit(cache=True)  # the threads are launched by the parallel=True callees
     def parallel(x, aq, ascale, azp, bp, kg, colsum, wscale, bias, res, ep, out, threads):
-        aq, ascale, azp = _prepare_par(x, aq, ascale, azp, kg)
-        nblocks, nmc, mchunk = _plan(tag, aq.shape[0], out.shape[1], threads)
-        nxt = _starts(nblocks * nmc, threads)
-        for w in prange(threads):
-            _worker(tag, w, threads, nxt, nblocks * nmc, nmc, mchunk, aq, bp, kg, colsum,
-                    ascale, azp, wscale, bias, res, ep, out)
+        if x.shape[1] == 0:
+            _parallel_jobs(tag, aq, ascale, azp, bp, kg, colsum, wscale, bias, res, ep, out,
+                           threads)
+        else:
+            q, s, z = _quantized_par(tag, x, kg)
+            _parallel_jobs(tag, q, s, z, bp, kg, colsum, wscale, bias, res, ep, out, threads)
     return serial, parallel
 
 

@@ -22,14 +22,16 @@ from .gemm import ENTRIES, a_stride
 from .dispatch import KernelError
 from .pack import PackedWeights
 from .quantize import padded_k
+from .simd import A_DTYPES
 
-KERNEL_VERSION = "linear-2"
+KERNEL_VERSION = "linear-3"
 # below this many multiply-adds a thread launch costs more than it saves
 PARALLEL_MIN_MACS = 1 << 18
 
 _threads = [max(1, min(numba.config.NUMBA_NUM_THREADS, os.cpu_count() or 1))]
 _NO_X = np.empty((0, 0), np.float32)
-_NO_Q = np.empty((0, 0), np.uint8)
+# "no quantized rows" per path, in its A element type (one compiled entry body)
+_NO_Q = {name: np.empty((0, 0), dtype) for name, dtype in A_DTYPES.items()}
 _NO_F = np.empty(0, np.float32)
 _NO_I = np.empty(0, np.int32)
 _F32 = np.dtype(np.float32)
@@ -147,13 +149,14 @@ def linear_f32(x, pw, bias=None, act="none", act_args=(), n_threads=None, residu
         bias = _bias(bias, n)
     res = _NO_X if residual is None else _residual(residual, x.shape[0], n)
     out = np.empty((x.shape[0], n), _F32)
-    serial, parallel = ENTRIES[_dispatch._current[0]]
+    isa = _dispatch._current[0]
+    serial, parallel = ENTRIES[isa]
     threads = n_threads or _threads[0]
     if threads > 1 and x.shape[0] * n * pw.k >= PARALLEL_MIN_MACS:
-        parallel(x, _NO_Q, _NO_F, _NO_I, pw.data, (pw.k + 3) >> 2, pw.col_sums, pw.scales,
+        parallel(x, _NO_Q[isa], _NO_F, _NO_I, pw.data, (pw.k + 3) >> 2, pw.col_sums, pw.scales,
                  bias, res, ep, out, threads)
     else:
-        serial(x, _NO_Q, _NO_F, _NO_I, pw.data, (pw.k + 3) >> 2, pw.col_sums, pw.scales,
+        serial(x, _NO_Q[isa], _NO_F, _NO_I, pw.data, (pw.k + 3) >> 2, pw.col_sums, pw.scales,
                bias, res, ep, out, 1)
     return out
 
@@ -168,26 +171,37 @@ def rows_share_l1_set(stride_bytes):
     return False
 
 
-def pad_rows_u8(a):
-    """uint8 A (M, K) in the GEMM's own row layout: an (M, K) view of rows a_stride
-    bytes apart, which gemm_u8s8_* read in place (any other A is copied into that
-    layout on every call). Quantize once, pad once, multiply many times:
+def new_a_rows(m, kg):
+    """Fresh (m, a_stride) A rows for k-groups kg, in the current path's element type
+    (producers such as im2col write them, the GEMM reads them in place)."""
+    dtype = np.dtype(A_DTYPES[_dispatch._current[0]])
+    return np.empty((m, a_stride(kg, dtype.itemsize)), dtype)
+
+
+def pad_rows_u8(a, isa=None):
+    """uint8 A (M, K) in the GEMM's own row layout for path `isa` (default: the current
+    one): an (M, K) view of rows a_stride elements apart, which gemm_u8s8_* read in place
+    (any other A is copied into that layout on every call). On avx2 the view is uint16,
+    holding the same values. Quantize once, pad once, multiply many times:
 
         >>> aq = pad_rows_u8(quantize_rows_f32_u8(x)[0])
     """
     if not isinstance(a, np.ndarray) or a.dtype != np.uint8 or a.ndim != 2:
         raise KernelError("pad_rows_u8: A must be a 2-D uint8 numpy array")
+    dtype = np.dtype(A_DTYPES[isa or _dispatch._current[0]])
     m, k = a.shape
-    padded = np.zeros((m, a_stride((k + 3) // 4)), np.uint8)
+    padded = np.zeros((m, a_stride((k + 3) // 4, dtype.itemsize)), dtype)
     padded[:, :k] = a
     return padded[:, :k]
 
 
-def _padded_rows(a, kg):
-    """The whole padded rows behind a pad_rows_u8 view, or None if a is not one."""
-    stride = a_stride(kg)
+def _padded_rows(a, kg, dtype):
+    """The whole padded rows behind a pad_rows_u8 view of element type dtype, or None
+    if a is not one."""
+    stride = a_stride(kg, dtype.itemsize)
     base = a.base
-    if (a.strides != (stride, 1) or not isinstance(base, np.ndarray) or base.dtype != np.uint8
+    if (a.dtype != dtype or a.strides != (stride * dtype.itemsize, dtype.itemsize)
+            or not isinstance(base, np.ndarray) or base.dtype != dtype
             or base.shape != (a.shape[0], stride) or not base.flags.c_contiguous
             or base.ctypes.data != a.ctypes.data):
         return None
@@ -195,20 +209,28 @@ def _padded_rows(a, kg):
 
 
 def _prepare_u8(a, pw):
+    """A as the current path reads it: uint8 rows (contiguous, whole k-groups, no L1
+    aliasing) read in place, else copied into pad_rows_u8's layout."""
     _check_packed(pw)
-    if not isinstance(a, np.ndarray) or a.dtype != np.uint8 or a.ndim != 2:
-        raise KernelError(f"A must be a 2-D uint8 numpy array, got "
+    isa = _dispatch._current[0]
+    dtype = np.dtype(A_DTYPES[isa])
+    if not isinstance(a, np.ndarray) or a.ndim != 2 or a.dtype not in (np.uint8, np.uint16):
+        raise KernelError(f"A must be a 2-D uint8 numpy array (or a pad_rows_u8 view), got "
                           f"{getattr(a, 'dtype', type(a))} {getattr(a, 'shape', '')}")
     if a.shape[1] != pw.k:
         raise KernelError(f"A has K={a.shape[1]}, weights expect K={pw.k}")
-    rows = _padded_rows(a, (pw.k + 3) // 4)
+    rows = _padded_rows(a, (pw.k + 3) // 4, dtype)
     if rows is not None:
         return rows
-    kp = padded_k(pw.k)
-    if (kp != pw.k or not a.flags.c_contiguous
+    if a.dtype != np.uint8:  # a uint16 pad_rows_u8 view, made for the avx2 path
+        if a.size and a.max() > 255:
+            raise KernelError("A is uint16 with values above 255: pass uint8 A (uint16 only "
+                              "as pad_rows_u8 returns it)")
+        a = a.astype(np.uint8)
+    if (dtype != np.uint8 or padded_k(pw.k) != pw.k or not a.flags.c_contiguous
             or (a.shape[0] > 1 and rows_share_l1_set(a.strides[0]))):
-        # rows must be contiguous, whole 4-byte k-groups, and not alias in L1
-        a = pad_rows_u8(a).base
+        # rows must be contiguous, whole 4-byte k-groups, not alias in L1, in the path's type
+        a = pad_rows_u8(a, isa).base
     return a
 
 

@@ -23,7 +23,7 @@ from numba.extending import intrinsic
 
 from .rowops import quantize_u8
 
-KERNEL_VERSION = "quantize-2"
+KERNEL_VERSION = "quantize-3"
 
 _F0 = np.float32(0.0)
 _F1 = np.float32(1.0)
@@ -70,12 +70,16 @@ def scale_zero_point(lo, hi):
 
 @njit(cache=True)
 def quantize_row(x, i, inv, zp, q):
-    """q[i, :K] = clip(rint(x[i] * inv) + zp, 0, 255); q[i, K:] = zp."""
+    """q[i, :K] = clip(rint(x[i] * inv) + zp, 0, 255); q[i, K:] = zp.
+
+    q is uint8, or uint16 (the AVX2 GEMM's A rows: the same values, widened)."""
     ui = np.uint64(i)
     K = x.shape[1]
-    if x.strides[1] == 4 and x.strides[0] % 4 == 0 and q.strides[1] == 1:  # the vector intrinsic
+    qsize = q.itemsize
+    if (x.strides[1] == 4 and x.strides[0] % 4 == 0 and q.strides[1] == qsize
+            and q.strides[0] % qsize == 0):  # the vector intrinsic
         quantize_u8(x, i * (x.strides[0] // 4), K, np.float32(inv), np.int32(zp), q,
-                    i * q.strides[0])
+                    i * (q.strides[0] // qsize))
     else:
         for k in range(K):
             uk = np.uint64(k)

@@ -21,7 +21,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-KERNEL_VERSION = "rowops-3"
+KERNEL_VERSION = "rowops-4"
 
 _LANES = 16
 _f32 = ir.FloatType()
@@ -116,14 +116,15 @@ def masked_max_f32(typingctx, x, off, n, m, moff):
     return sig, codegen
 
 
-def _emit_quantize(builder, v, inv, zp, lo, hi, suffix):
-    """clamp(lrint(v * inv) + zp, lo, hi) narrowed to bytes, for a float or a float vector."""
+def _emit_quantize(builder, v, inv, zp, lo, hi, suffix, out_ty=_i8):
+    """clamp(lrint(v * inv) + zp, lo, hi) narrowed to out_ty (bytes, or 16-bit lanes),
+    for a float or a float vector."""
     n = v.type.count if isinstance(v.type, ir.VectorType) else 0
     ity = ir.VectorType(_i32, n) if n else _i32
     i = call_llvm(builder, f"llvm.lrint.{suffix[0]}.{suffix[1]}", ity, [builder.fmul(v, inv)])
     i = call_llvm(builder, f"llvm.smax.{suffix[0]}", ity, [builder.add(i, zp), lo])
     i = call_llvm(builder, f"llvm.smin.{suffix[0]}", ity, [i, hi])
-    return builder.trunc(i, ir.VectorType(_i8, n) if n else _i8)
+    return builder.trunc(i, ir.VectorType(out_ty, n) if n else out_ty)
 
 
 def splat(builder, scalar, n):
@@ -136,11 +137,13 @@ def splat(builder, scalar, n):
 @intrinsic
 def quantize_u8(typingctx, x, off, n, inv, zp, q, qoff):
     """q[qoff + j] = clip(rint(x[off + j] * inv) + zp, 0, 255) for j < n: float32 x,
-    uint8 q, both contiguous from their offsets; inv float32, zp an integer in [0, 255].
+    uint8 q (or uint16 q, the AVX2 GEMM's A rows: the same values, widened), both
+    contiguous from their offsets; inv float32, zp an integer in [0, 255].
     Exactly quantize.quantize_row's float formula (|x * inv| < 2**31)."""
     if not (isinstance(x, types.Array) and x.dtype == types.float32
-            and isinstance(q, types.Array) and q.dtype == types.uint8):
+            and isinstance(q, types.Array) and q.dtype in (types.uint8, types.uint16)):
         return None
+    out_ty = ir.IntType(q.dtype.bitwidth)
     sig = types.void(x, off, n, types.float32, types.int32, q, qoff)
 
     def codegen(context, builder, sig, args):
@@ -150,20 +153,21 @@ def quantize_u8(typingctx, x, off, n, inv, zp, q, qoff):
         count = context.cast(builder, args[2], sig.args[2], types.intp)
         inv, zp = args[3], args[4]
         vi = ir.VectorType(_i32, _LANES)
-        vb = ir.VectorType(_i8, _LANES)
+        vb = ir.VectorType(out_ty, _LANES)
         lanes = (splat(builder, inv, _LANES), splat(builder, zp, _LANES),
                  ir.Constant(vi, [0] * _LANES), ir.Constant(vi, [255] * _LANES))
         nvec = builder.udiv(count, ir.Constant(intp, _LANES))
         with cgutils.for_range(builder, nvec) as loop:
             i = builder.mul(loop.index, ir.Constant(intp, _LANES))
             v = builder.load(builder.bitcast(builder.gep(src, [i]), _v16.as_pointer()), align=4)
-            b = _emit_quantize(builder, v, *lanes, ("v16i32", "v16f32"))
+            b = _emit_quantize(builder, v, *lanes, ("v16i32", "v16f32"), out_ty)
             builder.store(b, builder.bitcast(builder.gep(dst, [i]), vb.as_pointer()), align=1)
         tail = builder.mul(nvec, ir.Constant(intp, _LANES))
         scalars = (inv, zp, ir.Constant(_i32, 0), ir.Constant(_i32, 255))
         with cgutils.for_range(builder, builder.sub(count, tail)) as loop:
             i = builder.add(tail, loop.index)
-            b = _emit_quantize(builder, builder.load(builder.gep(src, [i])), *scalars, ("i32", "f32"))
+            b = _emit_quantize(builder, builder.load(builder.gep(src, [i])), *scalars, ("i32", "f32"),
+                               out_ty)
             builder.store(b, builder.gep(dst, [i]))
         return context.get_dummy_value()
     return sig, codegen

@@ -11,6 +11,13 @@ One intrinsic, ``tile_s32``, computes an ``mr x tile_cols`` int32 tile of
   ``vpmaddwd`` (exact; ``vpmaddubsw`` would saturate int16 pairs)
 - ``portable``:    no intrinsic; gemm.py uses plain Numba loops.
 
+A is uint8 rows, or for ``avx2`` preferably uint16 rows holding the same
+values (``A_DTYPES``): the 4 k of a row's k-group are then one 8-byte
+broadcast, where uint8 rows need a broadcast and a widening per row and
+k-group. On Zen 3 that widening was the bottleneck: 2 x 16 tile at K=768,
+one thread, 15.2 MAC/cycle with uint8 A, 22.7 with uint16 A (the
+vpmaddwd + vpaddd peak measured ~24).
+
 The ISA is chosen at compile time by an ``IsaTag`` constant (a closure
 variable of the calling kernel's entry, see gemm._entries), so one driver
 source compiles to one machine-code variant per ISA and nothing is looked up
@@ -30,12 +37,15 @@ from numba.extending import (intrinsic, models,
 
 from .rowops import call_llvm as _call, emit_prefetch, splat as _splat
 
-KERNEL_VERSION = "simd-7"
+KERNEL_VERSION = "simd-8"
 
 ISAS = ("avx512_vnni", "avx_vnni", "avx2", "portable")
 # isa -> (rows per tile, columns per tile)
 GEOMETRY = {"avx512_vnni": (6, 64), "avx_vnni": (4, 16), "avx2": (2, 16),
             "portable": (4, 64)}
+# element type of the A rows each path reads fastest (any path reads uint8)
+A_DTYPES = {"avx512_vnni": np.uint8, "avx_vnni": np.uint8, "avx2": np.uint16,
+            "portable": np.uint8}
 BLOCK_COLS = 64
 GROUP_BYTES = 4 * BLOCK_COLS
 
@@ -93,13 +103,17 @@ def _dot_vnni256(builder, acc, a, b):
 
 
 def _dot_avx2(builder, acc, a, b):
-    # acc holds 16 pair sums for 8 columns: [c0 k01, c0 k23, c1 k01, ...]
-    az = builder.zext(a, _vec(_i16, 32))
+    # acc holds 16 pair sums for 8 columns: [c0 k01, c0 k23, c1 k01, ...];
+    # a is the row's 4 k as 32 bytes or as 16 int16 (a0..a3 four times)
     bs = builder.sext(b, _vec(_i16, 32))
     lo, hi = _const_vec(range(16)), _const_vec(range(16, 32))
+    if a.type.element == _i16:
+        az, a_masks = a, (None, None)
+    else:
+        az, a_masks = builder.zext(a, _vec(_i16, 32)), (lo, hi)
     halves = []
-    for mask in (lo, hi):
-        x = builder.shuffle_vector(az, az, mask)
+    for mask, a_mask in zip((lo, hi), a_masks):
+        x = az if a_mask is None else builder.shuffle_vector(az, az, a_mask)
         y = builder.shuffle_vector(bs, bs, mask)
         halves.append(_call(builder, "llvm.x86.avx2.pmadd.wd", _vec(_i32, 8), [x, y]))
     both = builder.shuffle_vector(halves[0], halves[1], _const_vec(range(16)))
@@ -134,6 +148,27 @@ def _splat_bytes(builder, word, vbytes):
                                ir.Constant(_i32, 0))
     v = builder.shuffle_vector(v, v, _const_vec([0] * n))
     return builder.bitcast(v, _vec(_i8, vbytes))
+
+
+def _splat_k_group(builder, row, k4, vbytes):
+    """A row's 4 k from element k4 on, repeated to fill a B vector: 4 bytes of a
+    uint8 row as <vbytes x i8>, or 4 values of a uint16 row as <vbytes/2 x i16>."""
+    p = builder.gep(row, [k4])
+    if row.type.pointee == _i8:
+        return _splat_bytes(builder, builder.load(builder.bitcast(p, _i32.as_pointer()), align=1), vbytes)
+    i64 = ir.IntType(64)
+    word = builder.load(builder.bitcast(p, i64.as_pointer()), align=2)
+    n = vbytes // 8
+    v = builder.insert_element(ir.Constant(_vec(i64, n), ir.Undefined), word, ir.Constant(_i32, 0))
+    v = builder.shuffle_vector(v, v, _const_vec([0] * n))
+    return builder.bitcast(v, _vec(_i16, vbytes // 2))
+
+
+def _a_type_ok(isa, a):
+    """uint8 A on every path; uint16 A (values 0..255) where A_DTYPES says so."""
+    if not isinstance(a, types.Array):
+        return False
+    return a.dtype == types.uint8 or (a.dtype == types.uint16 and A_DTYPES.get(isa) == np.uint16)
 
 
 class _Args:
@@ -175,8 +210,7 @@ def _emit_accumulate(ar, isa, mr, a_ix, b_ix, kg_ix):
             bvecs.append(builder.load(builder.bitcast(p, spec.byte_ty.as_pointer()), align=1))
         k4 = builder.mul(g, ar.cst(4))
         for r in range(mr):
-            p = builder.bitcast(builder.gep(rows[r], [k4]), _i32.as_pointer())
-            av = _splat_bytes(builder, builder.load(p, align=1), spec.vbytes)
+            av = _splat_k_group(builder, rows[r], k4, spec.vbytes)
             for c in range(nvec):
                 acc = builder.load(accs[r][c])
                 builder.store(spec.dot(builder, acc, av, bvecs[c]), accs[r][c])
@@ -196,9 +230,11 @@ def tile_s32(typingctx, tag, mr, a, a_off, lda, b, b_off, kg, t, t_off, ldt):
     """T[t_off + r*ldt + j] = sum_k A[a_off + r*lda + k] * B(packed)[k, j].
 
     ``mr`` must be a literal; ``kg`` counts k-groups of 4; ``b_off`` is the
-    byte offset of the tile's first column inside its packed block.
+    byte offset of the tile's first column inside its packed block; A is
+    uint8, or uint16 on the paths A_DTYPES names (a_off, lda in elements).
     """
-    if not isinstance(tag, IsaType) or not isinstance(mr, types.IntegerLiteral):
+    if (not isinstance(tag, IsaType) or not isinstance(mr, types.IntegerLiteral)
+            or not _a_type_ok(tag.isa, a)):
         return None
     sig = types.void(tag, mr, a, a_off, lda, b, b_off, kg, t, t_off, ldt)
     isa, nrows = tag.isa, mr.literal_value
@@ -237,7 +273,8 @@ def tile_f32(typingctx, tag, mr, a, a_off, lda, b, b_off, kg, colsum, wscale, bi
     caller otherwise. Every vector operation here costs about a cycle per
     tile vector on Zen 4, where 512-bit float ops issue once per cycle.
     """
-    if not isinstance(tag, IsaType) or not isinstance(mr, types.IntegerLiteral):
+    if (not isinstance(tag, IsaType) or not isinstance(mr, types.IntegerLiteral)
+            or not _a_type_ok(tag.isa, a)):
         return None
     sig = types.void(tag, mr, a, a_off, lda, b, b_off, kg, colsum, wscale, bias,
                      n0, ascale, azp, m0, out, act, p0, p1, res, res_first)

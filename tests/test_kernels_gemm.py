@@ -233,6 +233,46 @@ def test_quantize_exact_on_ties_clamps_and_strided_rows(k):
         np.testing.assert_array_equal(got, want)                  # negative row stride
 
 
+@pytest.mark.parametrize("k", [1, 15, 16, 37, 768])
+def test_quantize_into_uint16_rows_gives_the_uint8_values(k):
+    """The avx2 GEMM's A rows are uint16: the vector quantizer writes them directly."""
+    from fxopt.kernels.quantize import quantize_rows_into
+    rng = np.random.default_rng(16)
+    x = rng.standard_normal((5, k)).astype(np.float32) * 4
+    q8, s8, z8 = R.quantize_rows_f32_u8(x)
+    q16 = np.full((5, k + 3), 999, np.uint16)
+    s16, z16 = np.empty(5, np.float32), np.empty(5, np.int32)
+    quantize_rows_into(x, q16, s16, z16)
+    np.testing.assert_array_equal(q16[:, :k], q8)
+    assert (q16[:, k:] == z8[:, None]).all()             # padding columns hold the zero point
+    np.testing.assert_array_equal(s16, s8)
+    np.testing.assert_array_equal(z16, z8)
+
+
+@pytest.mark.skipif("avx2" not in ISAS, reason="this CPU has no AVX2")
+@pytest.mark.parametrize("m,k,n", [(1, 5, 3), (7, 130, 70), (13, 768, 128)])
+def test_avx2_tile_reads_uint8_and_uint16_rows_alike(m, k, n):
+    """avx2 reads A as uint16 rows (pad_rows_u8's layout there) or, in the same
+    loop, widens uint8 rows itself: both give the reference product."""
+    a, w = _operands(np.random.default_rng(m + k + n), m, k, n)
+    pw = _pack(w)
+    ref = R.gemm_u8s8_s32(a, w)
+    with K.use_isa("avx2"):
+        wide = K.pad_rows_u8(a)
+        assert wide.dtype == np.uint16 and (wide == a).all()
+        np.testing.assert_array_equal(K.gemm_u8s8_s32(wide, pw), ref)
+        narrow = K.pad_rows_u8(a, "portable").base          # uint8 rows, the same layout
+        out = np.empty((m, n), np.int32)
+        L._run(L._NO_X, narrow, L._NO_F, L._NO_I, pw, L._NO_F, L.epilogue_params(), out, 1)
+        np.testing.assert_array_equal(out, ref)
+        np.testing.assert_array_equal(K.gemm_u8s8_s32(a, pw), ref)   # uint8 in: widened copy
+    # a uint16 view made for avx2 still works on another path (narrowed copy)
+    with K.use_isa("portable"):
+        np.testing.assert_array_equal(K.gemm_u8s8_s32(wide, pw), ref)
+        with pytest.raises(K.KernelError, match="above 255"):
+            K.gemm_u8s8_s32(np.full((m, k), 256, np.uint16), pw)
+
+
 def test_quantize_tensor_and_padding():
     x = np.random.default_rng(12).standard_normal((4, 10)).astype(np.float32) * 20
     np.testing.assert_array_equal(K.quantize_tensor_f32_u8(x, 0.1, 7),
@@ -369,3 +409,4 @@ def test_layer_norm_errors():
         K.layer_norm_f32(x, np.ones(3, np.float32))
     with pytest.raises(K.KernelError, match="eps"):
         K.layer_norm_f32(x, eps=float("nan"))
+
