@@ -5,7 +5,8 @@
 Per shape (M, K, N): our GEMM (uint8 in, fp32 out), our full linear (fp32
 in/out, quantization included), torch fp32 nn.Linear and torch dynamic int8
 Linear (quantize_dynamic, fbgemm). Prints GOP/s (2*M*N*K ops), % of the
-measured vpdpbusd peak and ratios to torch int8 (medians, compile excluded),
+measured peak of the path's multiply-accumulate (vpdpbusd; vpmaddwd + vpaddd
+on avx2; none on portable) and ratios to torch int8 (medians, compile excluded),
 the first-call (compile or cache-load) times, the warm call overhead of a
 1x64x64 linear, and writes gemm.json (+ gemm.png if matplotlib is present).
 """
@@ -21,7 +22,7 @@ from numba import njit, prange
 
 from fxopt import kernels as K
 from fxopt.bench.timing import first_call_seconds, interleaved_medians, median_seconds
-from fxopt.kernels.simd import dpbusd_chains
+from fxopt.kernels.simd import PEAK_CHAINS, TAGS, peak_chains
 
 BERT_SHAPES = [(1, 768, 768), (8, 768, 768), (128, 768, 768), (128, 768, 3072),
                (128, 3072, 768), (512, 1024, 1024)]
@@ -33,30 +34,50 @@ CONV_SHAPES = {"conv3x3 64->64 @56": (56 * 56, 64 * 9, 64),
 CONVS = {"conv3x3 64->64 @56": (64, 64, 3, 56), "conv1x1 256->64 @56": (256, 64, 1, 56),
          "conv3x3 256->256 @14": (256, 256, 3, 14)}
 PEAK_ITERS = 2_000_000
-OPS_PER_ITER = 24 * 64 * 2   # 24 chains x 64 MACs x 2 ops
 
 
-@njit
-def _peak_serial(n):
-    return dpbusd_chains(n, 3)
+def _peak_probes(tag):
+    """Serial and threaded peak probes of one ISA (the tag a closure constant)."""
+    @njit
+    def serial(n):
+        return peak_chains(tag, n, 3)
+
+    @njit(parallel=True)
+    def parallel(n, threads):
+        total = 0
+        for i in prange(threads):
+            total += peak_chains(tag, n, 3 + i)
+        return total
+    return serial, parallel
 
 
-@njit(parallel=True)
-def _peak_parallel(n, threads):
-    total = 0
-    for i in prange(threads):
-        total += dpbusd_chains(n, 3 + i)
-    return total
+_PROBES = {}
 
 
-def measure_peak(threads):
-    """Measured int8 TOP/s of independent vpdpbusd chains, 1 and n threads."""
-    _peak_serial(10)
-    _peak_parallel(10, threads)
-    one = median_seconds(lambda: _peak_serial(PEAK_ITERS), repeats=7, warmup=1)
-    many = median_seconds(lambda: _peak_parallel(PEAK_ITERS, threads), repeats=7, warmup=1)
-    return (PEAK_ITERS * OPS_PER_ITER / one / 1e12,
-            threads * PEAK_ITERS * OPS_PER_ITER / many / 1e12)
+def peak_probe(isa):
+    """(serial, parallel, int8 ops per iteration) of the ISA's peak probe, or None for
+    a path without one (portable)."""
+    if isa not in PEAK_CHAINS:
+        return None
+    if isa not in _PROBES:
+        chains, macs = PEAK_CHAINS[isa]
+        _PROBES[isa] = (*_peak_probes(TAGS[isa]), chains * macs * 2)
+    return _PROBES[isa]
+
+
+def measure_peak(threads, isa=None):
+    """Measured int8 TOP/s of independent chains of the ISA's multiply-accumulate
+    (vpdpbusd, or vpmaddwd + vpaddd on avx2), 1 and n threads; (None, None) if the
+    path has no probe."""
+    probe = peak_probe(isa or K.isa())
+    if probe is None:
+        return None, None
+    serial, parallel, ops = probe
+    serial(10)
+    parallel(10, threads)
+    one = median_seconds(lambda: serial(PEAK_ITERS), repeats=7, warmup=1)
+    many = median_seconds(lambda: parallel(PEAK_ITERS, threads), repeats=7, warmup=1)
+    return PEAK_ITERS * ops / one / 1e12, threads * PEAK_ITERS * ops / many / 1e12
 
 
 def _torch_models(w, b):
@@ -83,20 +104,23 @@ def bench_shape(name, m, k, n, repeats, threads, rng):
     fp32, int8 = _torch_models(w, b)
     xt = torch.from_numpy(x)
     ops = 2.0 * m * n * k
-    # probe sized to about one GEMM call so both see the same load
-    iters = max(1000, int(ops / (threads * OPS_PER_ITER)))
     runs = {
         "ours_gemm": lambda: K.gemm_u8s8_f32(aq, s, z, pw, b),
         "ours_linear": lambda: K.linear_f32(x, pw, b),
         "torch_fp32": lambda: fp32(xt),
         "torch_int8": lambda: int8(xt),
-        "peak": ((lambda: _peak_parallel(iters, threads)) if threads > 1
-                 else (lambda: _peak_serial(iters))),
     }
+    probe = peak_probe(K.isa())
+    if probe is not None:
+        serial, parallel, per_iter = probe
+        # probe sized to about one GEMM call so both see the same load
+        iters = max(1000, int(ops / (threads * per_iter)))
+        runs["peak"] = ((lambda: parallel(iters, threads)) if threads > 1
+                        else (lambda: serial(iters)))
     with torch.no_grad():
         med = interleaved_medians(runs, repeats=repeats)
     row = {"name": name, "m": m, "k": k, "n": n,
-           "peak_gops": threads * iters * OPS_PER_ITER / med.pop("peak") / 1e9}
+           "peak_gops": threads * iters * per_iter / med.pop("peak") / 1e9 if probe else None}
     for key, sec in med.items():
         row[key + "_us"] = sec * 1e6
         row[key + "_gops"] = ops / sec / 1e9
@@ -126,14 +150,19 @@ def _fmt_table(rows):
             f"{'linear GOP/s':>12}{'%peak':>7} | {'torch fp32':>10} {'torch int8':>10} | "
             f"{'gemm/int8':>9} {'linear/int8':>11} | {'peak GOP/s':>10}")
     lines = [head, "-" * len(head)]
+
+    def pct(gops, peak):
+        return f"{100 * gops / peak:>6.1f}%" if peak else f"{'n/a':>7}"
     for r in rows:
+        peak = r["peak_gops"]
         lines.append(
             f"{r['name']:<22}{r['m']:>5}{r['k']:>6}{r['n']:>6} | "
-            f"{r['ours_gemm_gops']:>10.1f}{100 * r['ours_gemm_gops'] / r['peak_gops']:>6.1f}% | "
-            f"{r['ours_linear_gops']:>12.1f}{100 * r['ours_linear_gops'] / r['peak_gops']:>6.1f}% | "
+            f"{r['ours_gemm_gops']:>10.1f}{pct(r['ours_gemm_gops'], peak)} | "
+            f"{r['ours_linear_gops']:>12.1f}{pct(r['ours_linear_gops'], peak)} | "
             f"{r['torch_fp32_gops']:>10.1f} {r['torch_int8_gops']:>10.1f} | "
             f"{r['ours_gemm_gops'] / r['torch_int8_gops']:>8.2f}x "
-            f"{r['ours_linear_gops'] / r['torch_int8_gops']:>10.2f}x | {r['peak_gops']:>10.1f}")
+            f"{r['ours_linear_gops'] / r['torch_int8_gops']:>10.2f}x | "
+            + (f"{peak:>10.1f}" if peak else f"{'n/a':>10}"))
     return "\n".join(lines)
 
 
@@ -157,7 +186,7 @@ def _cache_state():
     from fxopt.kernels._cache import package_stamp
     cache_dir = numba.config.CACHE_DIR or os.path.join(os.path.dirname(K.__file__),
                                                        "__pycache__")
-    pattern = os.path.join(cache_dir, "**", "gemm.avx512_vnni_serial-*.nbi")
+    pattern = os.path.join(cache_dir, "**", "gemm._entries.locals.serial-*.nbi")
     for path in glob.glob(pattern, recursive=True):
         try:
             with open(path, "rb") as f:
@@ -188,7 +217,7 @@ def _plot(rows, peak, path):
     fig, ax = plt.subplots(figsize=(12, 5))
     for i, key in enumerate(keys):
         ax.bar(idx + (i - 1.5) * 0.2, [r[key + "_gops"] for r in rows], 0.2, label=key)
-    ax.plot(idx, [r["peak_gops"] for r in rows], "k_", ms=20, label="measured peak")
+    ax.plot(idx, [r["peak_gops"] or np.nan for r in rows], "k_", ms=20, label="measured peak")
     ax.set_xticks(idx, [f"{r['m']}x{r['k']}x{r['n']}" for r in rows], rotation=30, fontsize=8)
     ax.set_ylabel("GOP/s")
     ax.legend()
@@ -225,11 +254,15 @@ def main(argv=None):
             "linear_1x64x64_call_us": overhead, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
     print(f"fxopt bench gemm | torch {info['torch']} | numba {info['numba']} | "
           f"isa {info['isa']} | threads {args.threads} (torch and numba)")
-    print(f"measured vpdpbusd peak: {peak1:.3f} TOP/s (1 thread), {peak:.3f} TOP/s "
-          f"({args.threads} threads)")
+    probe_op = {"avx2": "vpmaddwd+vpaddd"}.get(info["isa"], "vpdpbusd")
+    if peak:
+        print(f"measured {probe_op} peak: {peak1:.3f} TOP/s (1 thread), {peak:.3f} TOP/s "
+              f"({args.threads} threads)")
+    else:
+        print(f"no peak probe for the {info['isa']} path: %peak columns are n/a")
     print(f"first call (numba cache {cache}: {'load' if cache == 'warm' else 'JIT compile'}): " +
           ", ".join(f"{k} {v:.2f}s" for k, v in first.items()))
-    print(f"medians, candidates interleaved; %peak against a {args.threads}-thread vpdpbusd "
+    print(f"medians, candidates interleaved; %peak against a {args.threads}-thread {probe_op} "
           "probe interleaved with each shape (last column)\n")
     print(_fmt_table(rows))
     if convs:

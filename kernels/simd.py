@@ -446,25 +446,46 @@ def is_portable(typingctx, tag):
     return types.boolean(tag), codegen
 
 
-@intrinsic
-def dpbusd_chains(typingctx, n, seed):
-    """Peak probe: n iterations of 24 independent vpdpbusd.512 chains.
+# peak probe: independent chains of the ISA's multiply-accumulate, as many as its
+# registers hold (ISA -> (chains, int8 multiply-adds per chain step))
+PEAK_CHAINS = {"avx512_vnni": (24, 64), "avx_vnni": (12, 32), "avx2": (12, 16)}
 
-    Returns a value depending on every chain so nothing is optimized away.
-    """
-    sig = types.int32(n, seed)
+
+@intrinsic
+def peak_chains(typingctx, tag, n, seed):
+    """Peak probe: n iterations of PEAK_CHAINS[isa] independent chains of the
+    tile's multiply-accumulate: vpdpbusd (512 or 256-bit), or for avx2
+    vpmaddwd + vpaddd, whose int16 operand is the chain's own accumulator so
+    that nothing is loop-invariant. Returns a value depending on every chain."""
+    if not isinstance(tag, IsaType) or tag.isa not in PEAK_CHAINS:
+        return None
+    sig = types.int32(tag, n, seed)
+    isa = tag.isa
+    chains = PEAK_CHAINS[isa][0]
 
     def codegen(context, builder, sig, args):
-        spec = _SPECS["avx512_vnni"]
-        cnt = context.cast(builder, args[0], sig.args[0], types.intp)
-        word = context.cast(builder, args[1], sig.args[1], types.int32)
-        av = _splat_bytes(builder, word, 64)
-        bv = _splat_bytes(builder, builder.add(word, ir.Constant(_i32, 1)), 64)
-        accs = [cgutils.alloca_once_value(builder, ir.Constant(spec.acc_ty, None))
-                for _ in range(24)]
+        spec = _SPECS[isa]
+        cnt = context.cast(builder, args[1], sig.args[1], types.intp)
+        word = context.cast(builder, args[2], sig.args[2], types.int32)
+        av = _splat_bytes(builder, word, spec.vbytes)
+        bv = _splat_bytes(builder, builder.add(word, ir.Constant(_i32, 1)), spec.vbytes)
+        acc_ty = spec.acc_ty if isa != "avx2" else _vec(_i32, 8)
+        if isa == "avx2":  # chains start apart and non-zero (a zero chain would stay zero)
+            start = builder.bitcast(av, acc_ty)
+            accs = [cgutils.alloca_once_value(builder, builder.add(start, _splat(builder, ir.Constant(_i32, c), 8)))
+                    for c in range(chains)]
+        else:
+            accs = [cgutils.alloca_once_value(builder, ir.Constant(acc_ty, None)) for _ in range(chains)]
+        b16 = builder.bitcast(bv, _vec(_i16, 16))
         with cgutils.for_range(builder, cnt):
             for acc in accs:
-                builder.store(_dot_vnni512(builder, builder.load(acc), av, bv), acc)
+                v = builder.load(acc)
+                if isa == "avx2":
+                    prod = _call(builder, "llvm.x86.avx2.pmadd.wd", acc_ty,
+                                 [builder.bitcast(v, _vec(_i16, 16)), b16])
+                    builder.store(builder.add(v, prod), acc)
+                else:
+                    builder.store(spec.dot(builder, v, av, bv), acc)
         total = ir.Constant(_i32, 0)
         for acc in accs:
             lane = builder.extract_element(builder.load(acc), ir.Constant(_i32, 0))

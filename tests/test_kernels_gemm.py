@@ -9,6 +9,7 @@ from hypothesis import given, settings, strategies as st
 
 from fxopt import kernels as K
 from fxopt.kernels import dispatch, linear as L, reference as R
+from fxopt.kernels.simd import PEAK_CHAINS
 
 ISAS = K.available_isas()
 SHAPES = [(1, 1, 1), (1, 768, 64), (1, 5, 3), (2, 7, 65), (7, 13, 70), (6, 64, 64),
@@ -410,3 +411,35 @@ def test_layer_norm_errors():
     with pytest.raises(K.KernelError, match="eps"):
         K.layer_norm_f32(x, eps=float("nan"))
 
+
+def _peak_reference(isa, n, seed):
+    """numpy model of simd.peak_chains: the sum of lane 0 of every chain."""
+    chains, _ = PEAK_CHAINS[isa]
+    vbytes = 32 if isa != "avx512_vnni" else 64
+    a = np.full(vbytes // 4, seed, np.int32).view(np.uint8)
+    b = np.full(vbytes // 4, seed + 1, np.int32).view(np.int8)
+    total = np.int64(0)
+    for c in range(chains):
+        if isa == "avx2":
+            acc = a.view(np.int32) + np.int32(c)
+            for _ in range(n):
+                pairs = acc.view(np.int16).astype(np.int64) * b.view(np.int16).astype(np.int64)
+                acc = (acc.astype(np.int64) + pairs.reshape(-1, 2).sum(1)).astype(np.int32)
+        else:
+            acc = np.zeros(vbytes // 4, np.int64)
+            for _ in range(n):
+                acc = acc + (a.astype(np.int64) * b.astype(np.int64)).reshape(-1, 4).sum(1)
+            acc = acc.astype(np.int32)
+        total += acc[0]
+    return np.int64(total).astype(np.int32)
+
+
+@pytest.mark.parametrize("isa", [i for i in ISAS if i in PEAK_CHAINS])
+def test_peak_probe_runs_the_chains_it_claims(isa):
+    """The bench's peak probe computes its chains (nothing folded away), on every path
+    this CPU has: its result matches a numpy model of the same chains."""
+    from fxopt.bench.gemm import peak_probe
+    serial, parallel, ops = peak_probe(isa)
+    assert ops == 2 * PEAK_CHAINS[isa][0] * PEAK_CHAINS[isa][1]
+    assert serial(5) == _peak_reference(isa, 5, 3)
+    assert parallel(5, 2) == int(_peak_reference(isa, 5, 3)) + int(_peak_reference(isa, 5, 4))
