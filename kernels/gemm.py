@@ -21,7 +21,7 @@ from .quantize import quantize_rows_into, row_range, scale_zero_point, quantize_
 from .simd import (A_DTYPES, BLOCK_COLS, GROUP_BYTES, TAGS, is_portable, isa_geometry, tile_f32,
                    tile_s32)
 
-KERNEL_VERSION = "gemm-11"
+KERNEL_VERSION = "gemm-12"
 
 _F1 = np.float32(1.0)
 
@@ -104,18 +104,20 @@ def _is_float32_impl(a):
     return lambda a: flag
 
 
-def _compute_full_block(tag, mr, m0, n0, aq, bp, boff, kg, colsum, ascale, azp, wscale,
-                        bias, res, ep, out):
+def _register_tile(tag, mr, m0, n0, aq, bp, boff, kg, colsum, ascale, azp, wscale,
+                   bias, res, ep, out):
     raise NotImplementedError  # compiled through the overload below
 
 
-@overload(_compute_full_block, inline="always")
-def _compute_full_block_impl(tag, mr, m0, n0, aq, bp, boff, kg, colsum, ascale, azp, wscale,
-                             bias, res, ep, out):
-    """A whole 64-column block tile with float output: dequantized, activated and
-    the fused residual added in registers (tile_f32). The hot path, kept apart from
-    the tail and int32-staging code of _compute: in the same loop body that code,
-    though never run, cost ~240 cycles a tile. (Adding the residual to the stored
+@overload(_register_tile, inline="always")
+def _register_tile_impl(tag, mr, m0, n0, aq, bp, boff, kg, colsum, ascale, azp, wscale,
+                        bias, res, ep, out):
+    """A whole 64-column block tile with float output and an activation done in
+    registers (none, relu, clamp, erf GELU): dequantized, activated and the fused
+    residual added in registers (tile_f32). The hot path, kept apart from the tail
+    and int32-staging code of _compute and from _stored_tile's path: with either in
+    the same loop body, though never run, a tile cost ~240 cycles more on Zen 4, and
+    an AVX2 tile at K=64 ran 1.5x slower on Zen 3. (Adding the residual to the stored
     tile instead cost ~600 cycles a tile: the reloads wait on the stores.)"""
     if out.dtype != types.float32:
         def impl(tag, mr, m0, n0, aq, bp, boff, kg, colsum, ascale, azp, wscale, bias, res, ep, out):
@@ -123,27 +125,45 @@ def _compute_full_block_impl(tag, mr, m0, n0, aq, bp, boff, kg, colsum, ascale, 
         return impl
 
     def impl(tag, mr, m0, n0, aq, bp, boff, kg, colsum, ascale, azp, wscale, bias, res, ep, out):
-        act = np.int32(ep[EP_ACT])
-        has_res = res.shape[0] > 0
-        if has_res:  # the residual rows arrive while the K loop runs
+        if res.shape[0] > 0:  # the residual rows arrive while the K loop runs
             for r in range(mr):
                 for line in range(0, BLOCK_COLS, 16):
                     prefetch(res, (m0 + r) * res.shape[1] + n0 + line)
+        act, first = np.int32(ep[EP_ACT]), ep[EP_RES_FIRST] != 0
+        tc, lda = isa_geometry(tag)[1], aq.shape[1]
+        for cs in range(0, BLOCK_COLS, tc):
+            _tile_f32(tag, mr, aq, m0 * lda, lda, bp, boff + 4 * cs, kg, colsum, wscale, bias,
+                      n0 + cs, ascale, azp, m0, out, act, ep[EP_P0], ep[EP_P1], res, first)
+    return impl
+
+
+def _stored_tile(tag, mr, m0, n0, aq, bp, boff, kg, colsum, ascale, azp, wscale,
+                 bias, res, ep, out):
+    raise NotImplementedError  # compiled through the overload below
+
+
+@overload(_stored_tile, inline="always")
+def _stored_tile_impl(tag, mr, m0, n0, aq, bp, boff, kg, colsum, ascale, azp, wscale,
+                      bias, res, ep, out):
+    """A whole 64-column block tile, float output, activation SiLU or tanh GELU: those
+    run on the stored tile, between the residual's two places."""
+    if out.dtype != types.float32:
+        def impl(tag, mr, m0, n0, aq, bp, boff, kg, colsum, ascale, azp, wscale, bias, res, ep, out):
+            pass  # never called: _job_into routes other outputs to _compute
+        return impl
+
+    def impl(tag, mr, m0, n0, aq, bp, boff, kg, colsum, ascale, azp, wscale, bias, res, ep, out):
+        act = np.int32(ep[EP_ACT])
         first = ep[EP_RES_FIRST] != 0  # act(y + res), else act(y) + res
         tc, lda = isa_geometry(tag)[1], aq.shape[1]
-        if act <= 3:  # none, relu, clamp, GELU: all in registers
-            for cs in range(0, BLOCK_COLS, tc):
-                _tile_f32(tag, mr, aq, m0 * lda, lda, bp, boff + 4 * cs, kg, colsum, wscale, bias,
-                          n0 + cs, ascale, azp, m0, out, act, ep[EP_P0], ep[EP_P1], res, first)
-        else:  # SiLU, tanh GELU: on the stored tile, between the residual's two places
-            for cs in range(0, BLOCK_COLS, tc):
-                _tile_f32(tag, mr, aq, m0 * lda, lda, bp, boff + 4 * cs, kg, colsum, wscale, bias,
-                          n0 + cs, ascale, azp, m0, out, 0, ep[EP_P0], ep[EP_P1],
-                          res if first else res[:0], first)
-            for r in range(mr):
-                apply_activation(out, m0 + r, n0, BLOCK_COLS, act, ep[EP_P0], ep[EP_P1])
-            if has_res and not first:
-                add_residual_rows(out, res, m0, mr, n0, BLOCK_COLS, 0, ep[EP_P0], ep[EP_P1])
+        for cs in range(0, BLOCK_COLS, tc):
+            _tile_f32(tag, mr, aq, m0 * lda, lda, bp, boff + 4 * cs, kg, colsum, wscale, bias,
+                      n0 + cs, ascale, azp, m0, out, 0, ep[EP_P0], ep[EP_P1],
+                      res if first else res[:0], first)
+        for r in range(mr):
+            apply_activation(out, m0 + r, n0, BLOCK_COLS, act, ep[EP_P0], ep[EP_P1])
+        if res.shape[0] > 0 and not first:
+            add_residual_rows(out, res, m0, mr, n0, BLOCK_COLS, 0, ep[EP_P0], ep[EP_P1])
     return impl
 
 
@@ -157,7 +177,7 @@ def _compute_impl(tag, mr, m0, n0, ncols, aq, bp, boff, kg, colsum, ascale, azp,
                   wscale, bias, res, ep, out, t, y):
     if out.dtype == types.float32:
         # column tails, no bias vector, the portable ISA (whole blocks take
-        # _compute_full_block): the int32 tile is staged in t, then dequantized
+        # _register_tile / _stored_tile): the int32 tile is staged in t, then dequantized
         def impl(tag, mr, m0, n0, ncols, aq, bp, boff, kg, colsum, ascale, azp, wscale,
                  bias, res, ep, out, t, y):
             act = np.int32(ep[EP_ACT])
@@ -204,10 +224,14 @@ def _job_into(tag, job, nmc, mchunk, aq, bp, kg, colsum, ascale, azp, wscale, bi
     ncols = min(BLOCK_COLS, n - n0)
     boff = nb * kg * GROUP_BYTES
     if ncols == BLOCK_COLS and bias.shape[0] > 0 and not is_portable(tag) and _is_float32(out):
-        for m0 in range(m_start, m_end, mr_max):
-            mr = min(mr_max, m_end - m0)
-            _compute_full_block(tag, mr, m0, n0, aq, bp, boff, kg, colsum, ascale, azp,
-                                wscale, bias, res, ep, out)
+        if ep[EP_ACT] <= 3:  # one loop per kind of tile (see _register_tile)
+            for m0 in range(m_start, m_end, mr_max):
+                _register_tile(tag, min(mr_max, m_end - m0), m0, n0, aq, bp, boff, kg, colsum,
+                               ascale, azp, wscale, bias, res, ep, out)
+        else:
+            for m0 in range(m_start, m_end, mr_max):
+                _stored_tile(tag, min(mr_max, m_end - m0), m0, n0, aq, bp, boff, kg, colsum,
+                             ascale, azp, wscale, bias, res, ep, out)
     else:  # column tails, int32/uint8 outputs, the portable ISA
         for m0 in range(m_start, m_end, mr_max):
             mr = min(mr_max, m_end - m0)
