@@ -104,15 +104,15 @@ def _is_float32_impl(a):
     return lambda a: flag
 
 
-def _register_tile(tag, mr, m0, n0, aq, bp, boff, kg, colsum, ascale, azp, wscale,
+def _register_tile(tag, mr, m0, n0, width, aq, bp, boff, kg, colsum, ascale, azp, wscale,
                    bias, res, ep, out):
     raise NotImplementedError  # compiled through the overload below
 
 
 @overload(_register_tile, inline="always")
-def _register_tile_impl(tag, mr, m0, n0, aq, bp, boff, kg, colsum, ascale, azp, wscale,
+def _register_tile_impl(tag, mr, m0, n0, width, aq, bp, boff, kg, colsum, ascale, azp, wscale,
                         bias, res, ep, out):
-    """A whole 64-column block tile with float output and an activation done in
+    """The first `width` columns (whole tiles of the ISA) of a block, float output, an activation done in
     registers (none, relu, clamp, erf GELU): dequantized, activated and the fused
     residual added in registers (tile_f32). The hot path, kept apart from the tail
     and int32-staging code of _compute and from _stored_tile's path: with either in
@@ -120,50 +120,52 @@ def _register_tile_impl(tag, mr, m0, n0, aq, bp, boff, kg, colsum, ascale, azp, 
     an AVX2 tile at K=64 ran 1.5x slower on Zen 3. (Adding the residual to the stored
     tile instead cost ~600 cycles a tile: the reloads wait on the stores.)"""
     if out.dtype != types.float32:
-        def impl(tag, mr, m0, n0, aq, bp, boff, kg, colsum, ascale, azp, wscale, bias, res, ep, out):
+        def impl(tag, mr, m0, n0, width, aq, bp, boff, kg, colsum, ascale, azp, wscale, bias, res, ep,
+                 out):
             pass  # never called: _job_into routes other outputs to _compute
         return impl
 
-    def impl(tag, mr, m0, n0, aq, bp, boff, kg, colsum, ascale, azp, wscale, bias, res, ep, out):
+    def impl(tag, mr, m0, n0, width, aq, bp, boff, kg, colsum, ascale, azp, wscale, bias, res, ep, out):
         if res.shape[0] > 0:  # the residual rows arrive while the K loop runs
             for r in range(mr):
-                for line in range(0, BLOCK_COLS, 16):
+                for line in range(0, width, 16):
                     prefetch(res, (m0 + r) * res.shape[1] + n0 + line)
         act, first = np.int32(ep[EP_ACT]), ep[EP_RES_FIRST] != 0
         tc, lda = isa_geometry(tag)[1], aq.shape[1]
-        for cs in range(0, BLOCK_COLS, tc):
+        for cs in range(0, width, tc):
             _tile_f32(tag, mr, aq, m0 * lda, lda, bp, boff + 4 * cs, kg, colsum, wscale, bias,
                       n0 + cs, ascale, azp, m0, out, act, ep[EP_P0], ep[EP_P1], res, first)
     return impl
 
 
-def _stored_tile(tag, mr, m0, n0, aq, bp, boff, kg, colsum, ascale, azp, wscale,
+def _stored_tile(tag, mr, m0, n0, width, aq, bp, boff, kg, colsum, ascale, azp, wscale,
                  bias, res, ep, out):
     raise NotImplementedError  # compiled through the overload below
 
 
 @overload(_stored_tile, inline="always")
-def _stored_tile_impl(tag, mr, m0, n0, aq, bp, boff, kg, colsum, ascale, azp, wscale,
+def _stored_tile_impl(tag, mr, m0, n0, width, aq, bp, boff, kg, colsum, ascale, azp, wscale,
                       bias, res, ep, out):
-    """A whole 64-column block tile, float output, activation SiLU or tanh GELU: those
-    run on the stored tile, between the residual's two places."""
+    """The first `width` columns (whole tiles) of a block, float output, activation SiLU
+    or tanh GELU: those run on the stored tile, between the residual's two places."""
     if out.dtype != types.float32:
-        def impl(tag, mr, m0, n0, aq, bp, boff, kg, colsum, ascale, azp, wscale, bias, res, ep, out):
+        def impl(tag, mr, m0, n0, width, aq, bp, boff, kg, colsum, ascale, azp, wscale, bias, res, ep,
+                 out):
             pass  # never called: _job_into routes other outputs to _compute
         return impl
 
-    def impl(tag, mr, m0, n0, aq, bp, boff, kg, colsum, ascale, azp, wscale, bias, res, ep, out):
+    def impl(tag, mr, m0, n0, width, aq, bp, boff, kg, colsum, ascale, azp, wscale, bias, res, ep, out):
         act = np.int32(ep[EP_ACT])
         first = ep[EP_RES_FIRST] != 0  # act(y + res), else act(y) + res
         tc, lda = isa_geometry(tag)[1], aq.shape[1]
-        for cs in range(0, BLOCK_COLS, tc):
+        for cs in range(0, width, tc):
             _tile_f32(tag, mr, aq, m0 * lda, lda, bp, boff + 4 * cs, kg, colsum, wscale, bias,
                       n0 + cs, ascale, azp, m0, out, 0, ep[EP_P0], ep[EP_P1],
                       res if first else res[:0], first)
         for r in range(mr):
-            apply_activation(out, m0 + r, n0, BLOCK_COLS, act, ep[EP_P0], ep[EP_P1])
+            apply_activation(out, m0 + r, n0, width, act, ep[EP_P0], ep[EP_P1])
         if res.shape[0] > 0 and not first:
-            add_residual_rows(out, res, m0, mr, n0, BLOCK_COLS, 0, ep[EP_P0], ep[EP_P1])
+            add_residual_rows(out, res, m0, mr, n0, width, 0, ep[EP_P0], ep[EP_P1])
     return impl
 
 
@@ -223,20 +225,23 @@ def _job_into(tag, job, nmc, mchunk, aq, bp, kg, colsum, ascale, azp, wscale, bi
     n0 = nb * BLOCK_COLS
     ncols = min(BLOCK_COLS, n - n0)
     boff = nb * kg * GROUP_BYTES
-    if ncols == BLOCK_COLS and bias.shape[0] > 0 and not is_portable(tag) and _is_float32(out):
+    # whole tiles of the ISA with float output take the in-register epilogue; column
+    # tails (under one tile), int32/uint8 outputs and the portable ISA are staged
+    fast = bias.shape[0] > 0 and not is_portable(tag) and _is_float32(out)
+    width = ncols - ncols % isa_geometry(tag)[1] if fast else 0
+    if width > 0:
         if ep[EP_ACT] <= 3:  # one loop per kind of tile (see _register_tile)
             for m0 in range(m_start, m_end, mr_max):
-                _register_tile(tag, min(mr_max, m_end - m0), m0, n0, aq, bp, boff, kg, colsum,
-                               ascale, azp, wscale, bias, res, ep, out)
+                _register_tile(tag, min(mr_max, m_end - m0), m0, n0, width, aq, bp, boff, kg,
+                               colsum, ascale, azp, wscale, bias, res, ep, out)
         else:
             for m0 in range(m_start, m_end, mr_max):
-                _stored_tile(tag, min(mr_max, m_end - m0), m0, n0, aq, bp, boff, kg, colsum,
-                             ascale, azp, wscale, bias, res, ep, out)
-    else:  # column tails, int32/uint8 outputs, the portable ISA
+                _stored_tile(tag, min(mr_max, m_end - m0), m0, n0, width, aq, bp, boff, kg,
+                             colsum, ascale, azp, wscale, bias, res, ep, out)
+    if width < ncols:
         for m0 in range(m_start, m_end, mr_max):
-            mr = min(mr_max, m_end - m0)
-            _compute(tag, mr, m0, n0, ncols, aq, bp, boff, kg, colsum, ascale, azp,
-                     wscale, bias, res, ep, out, t, y)
+            _compute(tag, min(mr_max, m_end - m0), m0, n0 + width, ncols - width, aq, bp,
+                     boff + 4 * width, kg, colsum, ascale, azp, wscale, bias, res, ep, out, t, y)
 
 
 @njit

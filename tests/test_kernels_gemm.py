@@ -98,7 +98,9 @@ ACTS = [("none", ()), ("relu", ()), ("relu6", ()), ("hardtanh", (-0.5, 0.25)),
 
 
 @pytest.mark.parametrize("act,act_args", ACTS)
-@pytest.mark.parametrize("n", [64, 70])  # full block (in-register epilogue) and tail
+# a full block (in-register epilogue), a tail under one tile (staged), and a tail of 36:
+# on avx2 two whole 16-column tiles in registers, 4 columns staged
+@pytest.mark.parametrize("n", [64, 70, 100])
 def test_gemm_f32_epilogues(isa, act, act_args, n):
     rng = np.random.default_rng(3)
     x, q, s, b = _float_case(rng, 9, 50, n)
@@ -141,7 +143,7 @@ def test_linear_f32_matches_reference(isa, monkeypatch, threads, m, k, n):
 
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("act", ["none", "relu", "gelu", "silu"])  # in registers, and after the tile
-@pytest.mark.parametrize("m,k,n", [(7, 40, 64), (13, 96, 150)])  # full blocks, and a column tail
+@pytest.mark.parametrize("m,k,n", [(7, 40, 64), (13, 96, 150)])  # full blocks; a tail (avx2: 16 + 6)
 def test_linear_f32_fused_residual(isa, monkeypatch, threads, act, m, k, n):
     """The residual is added after bias and activation: exactly what a separate add gives."""
     if threads == 2 and isa not in THREADED_ISAS:
