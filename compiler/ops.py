@@ -298,6 +298,22 @@ def reduced_dims(node: Node, rank: int) -> tuple[set, bool] | None:
     return {d % rank for d in dims}, bool(arg(node, 2, "keepdim", False))
 
 
+def pad_parts(node: Node) -> dict:
+    """Normalised arguments of a pad node: input, amounts (pairs from the last dim
+    backward), mode and fill value (0.0 where the op's default is zero)."""
+    if node.target in _overloads(aten.constant_pad_nd):
+        return dict(x=node.args[0], amounts=list(node.args[1]), mode="constant",
+                    value=arg(node, 2, "value", 0.0))
+    value = arg(node, 3, "value", None)
+    return dict(x=node.args[0], amounts=list(node.args[1]), mode=arg(node, 2, "mode", "constant"),
+                value=0.0 if value is None else value)
+
+
+def is_conv2d(node: Node) -> bool:
+    """An aten.conv2d node (the arguments conv_parts normalises, in that order)."""
+    return isinstance(node, Node) and node.target in _overloads(aten.conv2d)
+
+
 def padded_dims(node: Node, rank: int) -> set:
     """The trailing dims a pad node pads (pad lists pairs from the last dim backward)."""
     return {rank - 1 - i for i in range(len(node.args[1]) // 2)}

@@ -19,7 +19,7 @@ from fxopt.errors import PipelineError
 from fxopt.registry import get_pass, pass_names
 
 # The front every target shares: clean the graph, then fold what can be folded.
-_FP32 = ("eliminate_dead_code,remove_identity,fold_constants,fold_batchnorm,"
+_FP32 = ("eliminate_dead_code,remove_identity,fold_padding,fold_constants,fold_batchnorm,"
          "fuse_epilogues,fuse_parallel_linears,eliminate_dead_code")
 
 _INT8 = "smooth_activations,calibrate_ranges,quantize_int8,lower_to_kernels,eliminate_dead_code"

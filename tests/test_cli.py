@@ -19,7 +19,7 @@ def test_inspect_prints_table_and_dumps(capsys, tmp_path):
                  "--dump-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "// IR after fold_batchnorm" in out and "folded=" in out
-    assert os.path.exists(tmp_path / "004_fold_batchnorm.txt")
+    assert os.path.exists(tmp_path / "005_fold_batchnorm.txt")
 
 
 def test_bisect_clean_pipeline_exits_zero(capsys):

@@ -66,7 +66,7 @@ def test_report_records_every_pass():
     assert fold.counts.get("batch_norm") is None and report.records[0].counts["batch_norm"] == 2
     assert fold.drift.cosine > 0.999999 and fold.drift.max_abs < 1e-5
     d = report.to_dict()
-    assert d["passes"][4]["pass"] == "fold_batchnorm" and d["passes"][4]["stats"]["folded"] == 2
+    assert d["passes"][5]["pass"] == "fold_batchnorm" and d["passes"][5]["stats"]["folded"] == 2
     text = str(report)
     assert "fold_batchnorm" in text and "folded=2" in text and "sqnr dB" in text
 
@@ -87,14 +87,14 @@ def test_print_ir_after_dump_dir_stop_after_disable(tmp_path):
     fast = fxopt.optimize(model, x, target="cpu-fp32", print_ir_after=["fold_batchnorm"],
                           dump_dir=str(tmp_path), stop_after="fold_batchnorm", disable=["fold_constants"])
     files = sorted(os.listdir(tmp_path))
-    assert "000_input.txt" in files and "004_fold_batchnorm.txt" in files
-    assert any(f.startswith("004_fold_batchnorm.png") for f in files)
+    assert "000_input.txt" in files and "005_fold_batchnorm.txt" in files
+    assert any(f.startswith("005_fold_batchnorm.png") for f in files)
     assert not any("fuse_epilogues" in f for f in files)  # stopped after fold_batchnorm
-    assert "003_fold_constants.txt" not in files           # disabled
+    assert "004_fold_constants.txt" not in files           # disabled
     records = {r.name: r for r in fast.fxopt_report.records}
     assert records["fold_constants"].status == "disabled"
     assert "fuse_epilogues" not in records and fast.fxopt_report.stopped_after == "fold_batchnorm"
-    with open(tmp_path / "004_fold_batchnorm.txt") as f:
+    with open(tmp_path / "005_fold_batchnorm.txt") as f:
         assert "batch_norm" not in f.read()
     fxopt.optimize(model, x, target="cpu-fp32", print_ir_after="all", drift=False)
     torch.testing.assert_close(fast(*x), model(*x), rtol=1e-5, atol=1e-5)

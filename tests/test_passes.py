@@ -110,9 +110,64 @@ def test_remove_identity_drops_dropout_and_clone():
 
     fast, expected, got = _run(M(), torch.randn(3, 4), "remove_identity")
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
-    assert _stats(fast, "remove_identity") == {"dropout": 1, "identity": 1, "skipped_training_dropout": 0}
+    assert _stats(fast, "remove_identity") == {"dropout": 1, "identity": 1, "zero_pad": 0,
+                                               "skipped_training_dropout": 0}
     counts = fxopt.ir.node_counts(fast)
     assert "dropout" not in counts and "clone" not in counts
+
+
+class PaddedConvs(nn.Module):
+    """TF-style explicit pads before convs: zero (a copy), symmetric (the conv's own
+    padding), symmetric on top of the conv's padding, and four that must stay: an
+    asymmetric one, a non-zero fill, reflect mode, and one whose value is also added."""
+
+    def __init__(self):
+        super().__init__()
+        self.convs = nn.ModuleList([nn.Conv2d(4, 4, 3, padding=p) for p in (1, 0, 1, 0, 0, 0, 0)])
+
+    def forward(self, x):
+        F = nn.functional
+        c = self.convs
+        y = c[0](F.pad(x, (0, 0, 0, 0)))
+        y = c[1](F.pad(y, (1, 1, 1, 1)))
+        y = c[2](F.pad(y, (2, 2, 1, 1)))                 # W by 2, H by 1, plus padding=1
+        y = c[3](F.pad(y, (0, 1, 0, 1)))                 # stride-2 "same": asymmetric
+        y = c[4](F.pad(y, (1, 1, 1, 1), value=0.5))
+        y = c[5](F.pad(y, (1, 1, 1, 1), mode="reflect"))
+        p = F.pad(y, (1, 1, 1, 1))
+        return c[6](p) + p[:, :, 1:-1, 1:-1].sum()
+
+
+def test_fold_padding_and_zero_pads():
+    model, x = PaddedConvs(), torch.randn(2, 4, 9, 9)
+    fast, expected, got = _run(model, x, "remove_identity,fold_padding")
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert _stats(fast, "remove_identity")["zero_pad"] == 1
+    assert _stats(fast, "fold_padding") == {"folded": 2, "skipped_asymmetric": 1,
+                                            "skipped_not_zero_constant": 2, "skipped_shared_pad": 1,
+                                            "skipped_not_2d": 0}
+    assert fxopt.ir.node_counts(fast)["pad"] == 4
+    paddings = [fxopt.ops.conv_parts(n)["padding"] for n in fast.graph.nodes if fxopt.ops.is_conv2d(n)]
+    assert [list(p) for p in paddings[:3]] == [[1, 1], [1, 1], [2, 3]]
+    # another batch size (a dynamic dim) still agrees
+    x2 = torch.randn(3, 4, 9, 9)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x2), model(x2), rtol=1e-5, atol=1e-5)
+
+
+def test_fold_padding_on_mobilenet_v2():
+    """Hugging Face MobileNetV2 pads every conv TF-style: zero pads go, the symmetric ones
+    fold into the convs, only the stride-2 ones (asymmetric) are left."""
+    import zoo
+    model, example, other = zoo.ZOO["mobilenet_v2"]()
+    fast = fxopt.optimize(model, example, target="remove_identity,fold_padding")
+    with torch.no_grad():
+        expected, got = model(**other), fast(**other)
+    torch.testing.assert_close(got.last_hidden_state, expected.last_hidden_state, rtol=1e-4, atol=1e-4)
+    zero, folded = _stats(fast, "remove_identity")["zero_pad"], _stats(fast, "fold_padding")["folded"]
+    assert zero > 0 and folded > 0
+    left = [n for n in fast.graph.nodes if "pad" in str(n.target)]
+    assert left and all(list(n.args[1]) == [0, 1, 0, 1] for n in left)
 
 
 def test_fold_constants_precomputes_weight_only_subgraph():
