@@ -18,9 +18,9 @@ from .dispatch import KernelError
 from .epilogue import apply_activation
 from .linear import _bias, _run, epilogue_params, new_a_rows
 from .pack import pack_weights_s8, quantize_weights_s8
-from .quantize import padded_k, quantize_rows_into, quantize_tensor_into
+from .quantize import padded_k, quantize_rows_into, quantize_tensor_into, quantize_tensor_par
 
-KERNEL_VERSION = "conv-7"
+KERNEL_VERSION = "conv-8"
 _NO_X = np.empty((0, 0), np.float32)
 
 
@@ -144,6 +144,13 @@ def _pair(v, name):
     return t
 
 
+def _quantize_static(x2d, scale, zp, q):
+    """Static quantization of float rows x2d into the GEMM's A rows q; large tensors
+    over the threads."""
+    fn = quantize_tensor_par if x2d.size >= 1 << 16 else quantize_tensor_into
+    fn(x2d, np.float32(scale), np.int32(zp), q)
+
+
 def _quantize_image(img):
     q = np.empty((1, img.size), np.uint8)
     s = np.empty(1, np.float32)
@@ -180,22 +187,27 @@ def _conv_batched(x, nhwc, pc, geo, bias, ep, n_threads, oh, ow, a_scale, a_zp, 
     kp = padded_k(cg * pc.kh * pc.kw)
     direct = pc.kh == pc.kw == 1 and kp == cg and geo == (1, 1, 0, 0, 1, 1)
     cols = new_a_rows(n * rows, kp // 4)
-    # one call quantizes every image (a row each), then im2col runs per image
-    flat = x.reshape(n, -1)
-    xq = np.empty(flat.shape, np.uint8)
-    if a_scale <= 0:
-        scales, zps = np.empty(n, np.float32), np.empty(n, np.int32)
-        quantize_rows_into(flat, xq, scales, zps)
-    else:
-        quantize_tensor_into(flat, np.float32(a_scale), np.int32(a_zp), xq)
+    if a_scale > 0:
         scales, zps = np.full(n, a_scale, np.float32), np.full(n, a_zp, np.int32)
-    xq = xq.reshape(x.shape)
-    if not nhwc:
-        xq = np.ascontiguousarray(xq.transpose(0, 2, 3, 1))
-    if direct:  # 1x1 conv: the HWC images are the GEMM's A already
-        cols[:, :cg] = xq.reshape(n * rows, cg)
+    if a_scale > 0 and direct and nhwc and cg >= 128:
+        # static 1x1 conv on NHWC: the quantized pixels are the GEMM's A rows already
+        # (with fewer channels, per-pixel rows cost more calls than the copy they save)
+        _quantize_static(x.reshape(n * rows, cg), a_scale, a_zp, cols)
     else:
-        im2col_batch_u8(xq, cg, pc.kh, pc.kw, *geo, zps, cols)
+        # quantize every image (dynamic: a scale per image), then im2col per image
+        xq = np.empty(x.shape, np.uint8)
+        if a_scale <= 0:
+            scales, zps = np.empty(n, np.float32), np.empty(n, np.int32)
+            quantize_rows_into(x.reshape(n, -1), xq.reshape(n, -1), scales, zps)
+        else:
+            quantize_tensor_into(x.reshape(n, -1), np.float32(a_scale), np.int32(a_zp),
+                                 xq.reshape(n, -1))
+        if not nhwc:
+            xq = np.ascontiguousarray(xq.transpose(0, 2, 3, 1))
+        if direct:  # 1x1 conv: the HWC images are the GEMM's A already
+            cols[:, :cg] = xq.reshape(n * rows, cg)
+        else:
+            im2col_batch_u8(xq, cg, pc.kh, pc.kw, *geo, zps, cols)
     rows_s = np.repeat(scales, rows)
     rows_z = np.repeat(zps, rows)
     out = np.empty((n * rows, pc.out_channels), np.float32)

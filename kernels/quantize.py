@@ -17,13 +17,13 @@ k-group), padding columns set to the zero point (they meet zero weights).
 """
 import llvmlite.ir as ir
 import numpy as np
-from numba import njit, types
+from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .rowops import quantize_u8
 
-KERNEL_VERSION = "quantize-3"
+KERNEL_VERSION = "quantize-4"
 
 _F0 = np.float32(0.0)
 _F1 = np.float32(1.0)
@@ -70,7 +70,8 @@ def scale_zero_point(lo, hi):
 
 @njit(cache=True)
 def quantize_row(x, i, inv, zp, q):
-    """q[i, :K] = clip(rint(x[i] * inv) + zp, 0, 255); q[i, K:] = zp.
+    """q[i, :K] = clip(rint(x[i] * inv) + zp, 0, 255); q[i, K:Kp] = zp, Kp = K rounded
+    up to the k-group of 4 (q's columns past Kp are row padding the GEMM never reads).
 
     q is uint8, or uint16 (the AVX2 GEMM's A rows: the same values, widened)."""
     ui = np.uint64(i)
@@ -87,7 +88,7 @@ def quantize_row(x, i, inv, zp, q):
             v = v if v > _F0 else _F0
             v = v if v < _F255 else _F255
             q[ui, uk] = np.uint8(np.int32(v))
-    for k in range(K, q.shape[1]):
+    for k in range(K, min(q.shape[1], (K + 3) & ~3)):
         q[ui, np.uint64(k)] = np.uint8(zp)
 
 
@@ -108,6 +109,16 @@ def quantize_tensor_into(x, scale, zp, q):
     inv = _F1 / np.float32(scale)
     z = np.float32(zp)
     for i in range(x.shape[0]):
+        quantize_row(x, i, inv, z, q)
+
+
+@njit(cache=True, parallel=True)
+def quantize_tensor_par(x, scale, zp, q):
+    """quantize_tensor_into with the rows spread over Numba's threads (large tensors:
+    one launch costs a few microseconds)."""
+    inv = _F1 / np.float32(scale)
+    z = np.float32(zp)
+    for i in prange(x.shape[0]):
         quantize_row(x, i, inv, z, q)
 
 

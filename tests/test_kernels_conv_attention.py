@@ -76,6 +76,31 @@ def test_conv2d_fused_residual_goes_before_the_activation(isa, layout, n, o):
         np.testing.assert_allclose(silu, s / (1 + np.exp(-s)), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("isa", sorted({ISAS[0], "portable"}))
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+@pytest.mark.parametrize("k,c,h", [(1, 24, 9), (1, 128, 5), (3, 8, 7), (1, 7000, 3)])  # 128+: into the rows; 7000: threaded
+def test_conv2d_static_scale_matches_quantized_reference(isa, layout, k, c, h):
+    """With a calibrated (static) input scale every image uses it; a 1x1 NHWC conv
+    quantizes straight into the GEMM's rows."""
+    rng = np.random.default_rng(k * c + h)
+    x = rng.standard_normal((2, c, h, h)).astype(np.float32)
+    w = rng.standard_normal((16, c, k, k)).astype(np.float32)
+    b = rng.standard_normal(16).astype(np.float32)
+    scale, zp = 0.02, 120    # clips x beyond [-2.4, 2.7]: saturation is part of the contract
+    xin = x if layout == "NCHW" else np.ascontiguousarray(x.transpose(0, 2, 3, 1))
+    with K.use_isa(isa):
+        y = K.conv2d_f32(xin, K.pack_conv_weights_s8(w), b, padding=k // 2, layout=layout,
+                         a_scale=scale, a_zero_point=zp)
+    if layout == "NHWC":
+        y = y.transpose(0, 3, 1, 2)
+    q = R.quantize_tensor_f32_u8(x.reshape(2, -1), scale, zp).reshape(x.shape)
+    xd = (q.astype(np.float64) - zp) * scale
+    wq, ws = R.quantize_weights_s8(w.reshape(16, -1))
+    wd = (wq * ws[:, None].astype(np.float64)).reshape(w.shape)
+    ref = R.conv2d_f32(xd, wd, b, 1, k // 2, 1, 1)
+    np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
 def test_conv2d_residual_errors():
     x = np.ones((1, 4, 6, 6), np.float32)
     grouped = K.pack_conv_weights_s8(np.ones((4, 2, 3, 3), np.float32), groups=2)

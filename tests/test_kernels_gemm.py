@@ -247,7 +247,9 @@ def test_quantize_into_uint16_rows_gives_the_uint8_values(k):
     s16, z16 = np.empty(5, np.float32), np.empty(5, np.int32)
     quantize_rows_into(x, q16, s16, z16)
     np.testing.assert_array_equal(q16[:, :k], q8)
-    assert (q16[:, k:] == z8[:, None]).all()             # padding columns hold the zero point
+    kp = (k + 3) // 4 * 4
+    assert (q16[:, k:kp] == z8[:, None]).all()           # the k-group's padding: the zero point
+    assert (q16[:, kp:] == 999).all()                    # row padding past it is not written
     np.testing.assert_array_equal(s16, s8)
     np.testing.assert_array_equal(z16, z8)
 
