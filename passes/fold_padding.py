@@ -63,10 +63,10 @@ def _pair(v):
 
 
 def _fold(gm, pad, conv) -> None:
-    parts = conv_parts(conv)
-    top, left = _spatial(pad_parts(pad)["amounts"])
+    parts, padded = conv_parts(conv), pad_parts(pad)
+    top, left = _spatial(padded["amounts"])
     ph, pw = _pair(parts["padding"])
-    conv.args = (pad_parts(pad)["x"], parts["weight"], parts["bias"], _pair(parts["stride"]),
+    conv.args = (padded["x"], parts["weight"], parts["bias"], _pair(parts["stride"]),
                  [ph + top, pw + left], _pair(parts["dilation"]), parts["groups"])
     conv.kwargs = {}
     gm.graph.erase_node(pad)
