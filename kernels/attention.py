@@ -65,7 +65,7 @@ def _gemm(tag, aq, bp, kg, colsum, ascale, azp, wscale, bias, ep, out):
     t, y = _scratch(tag)
     no_residual = out[:0]
     for job in range((out.shape[1] + BLOCK_COLS - 1) // BLOCK_COLS):
-        _job_into(tag, job, 1, m, aq, bp, kg, colsum, ascale, azp, wscale, bias, no_residual, ep, out, t, y)
+        _job_into(tag, job, 1, m, False, aq, bp, kg, colsum, ascale, azp, wscale, bias, no_residual, ep, out, t, y)
 
 
 @njit

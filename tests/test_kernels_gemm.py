@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from fxopt import kernels as K
-from fxopt.kernels import dispatch, linear as L, reference as R
-from fxopt.kernels.simd import PEAK_CHAINS
+from fxopt.kernels import dispatch, gemm as G, linear as L, reference as R
+from fxopt.kernels.simd import A_DTYPES, GEOMETRY, PEAK_CHAINS
 
 ISAS = K.available_isas()
 SHAPES = [(1, 1, 1), (1, 768, 64), (1, 5, 3), (2, 7, 65), (7, 13, 70), (6, 64, 64),
@@ -63,6 +63,34 @@ def test_gemm_s32_threaded_bit_exact(isa_name, force_parallel, m, k, n):
     with K.use_isa(isa_name):
         got = K.gemm_u8s8_s32(a, _pack(w), n_threads=2)
     np.testing.assert_array_equal(got, R.gemm_u8s8_s32(a, w))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_gemm_rows_first_order_bit_exact(isa, monkeypatch, threads):
+    """A large A with a small B (an early conv's shape) is walked chunk of rows by chunk
+    (gemm._plan): same int32 product, and with a residual the same floats as the
+    block-by-block order gives for the same rows."""
+    if threads == 2 and isa not in THREADED_ISAS:
+        pytest.skip("threaded driver checked on THREADED_ISAS")
+    monkeypatch.setattr(L, "PARALLEL_MIN_MACS", 0)
+    m, k, n = 3000, 64, 200   # row chunks with a tail, a column tail block
+    a, w = _operands(np.random.default_rng(12), m, k, n)
+    size, kg = np.dtype(A_DTYPES[isa]).itemsize, (k + 3) // 4
+    nblocks, nchunks, mchunk, rows_first = G._plan(GEOMETRY[isa][0], m, n, G.a_stride(kg, size) * size,
+                                                   kg, threads)
+    assert rows_first and nchunks > 1 and m % mchunk
+    pw = _pack(w, np.random.default_rng(13).uniform(0.5, 2, n).astype(np.float32))
+    np.testing.assert_array_equal(K.gemm_u8s8_s32(a, pw, n_threads=threads), R.gemm_u8s8_s32(a, w))
+    sa = np.random.default_rng(14).uniform(0.01, 0.1, m).astype(np.float32)
+    za = np.random.default_rng(15).integers(0, 256, m).astype(np.int32)
+    b = np.random.default_rng(16).standard_normal(n).astype(np.float32)
+    res = np.random.default_rng(17).standard_normal((m, n)).astype(np.float32)
+    got = K.gemm_u8s8_f32(a, sa, za, pw, b, "relu", n_threads=threads, residual=res)
+    # 100 rows (A of 20 KB) take the block-by-block order
+    for lo in range(0, m, 100):
+        part = K.gemm_u8s8_f32(a[lo:lo + 100], sa[lo:lo + 100], za[lo:lo + 100], pw, b, "relu",
+                               n_threads=threads, residual=res[lo:lo + 100])
+        np.testing.assert_array_equal(got[lo:lo + 100], part)
 
 
 @pytest.mark.parametrize("a_val,w_val", [(255, -128), (255, 127), (0, -128), (255, 0)])
