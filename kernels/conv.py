@@ -20,7 +20,7 @@ from .linear import _bias, _run, epilogue_params, new_a_rows
 from .pack import pack_weights_s8, quantize_weights_s8
 from .quantize import padded_k, quantize_rows_into, quantize_tensor_into, quantize_tensor_par
 
-KERNEL_VERSION = "conv-8"
+KERNEL_VERSION = "conv-9"
 _NO_X = np.empty((0, 0), np.float32)
 
 
@@ -72,21 +72,34 @@ def pack_conv_weights_s8(weight, groups=1, scales=None):
 
 @njit(cache=True)
 def im2col_u8(x, c0, cg, kh, kw, sh, sw, ph, pw, dh, dw, zp, out):
-    """Patches of channels c0..c0+cg of one uint8 HWC image into out
+    """Patches of channels c0..c0+cg of one uint8 HWC image (C-contiguous) into out
     (OH*OW, Kp), columns ordered (kh, kw, c): each tap is one contiguous
     run of cg values, copied with vector moves (out is uint8, or uint16 A
     rows for the avx2 GEMM)."""
-    h, w = x.shape[0], x.shape[1]
+    h, w, c_all = x.shape
     oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
     ow = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
     zq = np.uint8(zp)
     uc0 = np.uint64(c0)
+    # all channels, no dilation: a kernel row inside the image is kw * cg contiguous
+    # values of x, one run (a stem conv's 3 channels would be runs of 3 otherwise)
+    whole_rows = cg == c_all and dw == 1
+    flat = x.reshape(-1)
+    run = np.uint64(kw * cg)
     for oy in range(oh):
         for ox in range(ow):
             row = np.uint64(oy * ow + ox)
             col = np.uint64(0)
+            x0 = ox * sw - pw
+            inside = whole_rows and 0 <= x0 and x0 + kw <= w
             for i in range(kh):
                 y = oy * sh - ph + i * dh
+                if inside and 0 <= y < h:
+                    src = np.uint64((y * w + x0) * c_all)
+                    for t in range(run):
+                        out[row, col + np.uint64(t)] = flat[src + np.uint64(t)]
+                    col += run
+                    continue
                 for j in range(kw):
                     xx = ox * sw - pw + j * dw
                     if 0 <= y < h and 0 <= xx < w:
