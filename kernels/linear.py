@@ -32,10 +32,12 @@ _threads = [max(1, min(numba.config.NUMBA_NUM_THREADS, os.cpu_count() or 1))]
 _NO_X = np.empty((0, 0), np.float32)
 # "no quantized rows" per path, in its A element type (one compiled entry body)
 _NO_Q = {name: np.empty((0, 0), dtype) for name, dtype in A_DTYPES.items()}
+_A_DTYPES = {name: np.dtype(dtype) for name, dtype in A_DTYPES.items()}
 _NO_F = np.empty(0, np.float32)
 _NO_I = np.empty(0, np.int32)
 _F32 = np.dtype(np.float32)
 _EP_CACHE = {}
+_EP_PLAIN = {}  # act -> epilogue_params(act), linear_f32's common case
 _ZERO_BIAS = {}
 
 
@@ -68,6 +70,8 @@ def epilogue_params(act="none", act_args=(), out_scale=1.0, out_zero_point=0, re
         ep = np.array([ACTIVATIONS[act], p0, p1, out_scale, out_zero_point, float(bool(residual_first))],
                       np.float32)
         _EP_CACHE[key] = ep
+        if key[1:] == ((), 1.0, 0, False):
+            _EP_PLAIN[act] = ep
     return ep
 
 
@@ -127,7 +131,8 @@ def linear_f32(x, pw, bias=None, act="none", act_args=(), n_threads=None, residu
     """
     if type(x) is not np.ndarray or x.dtype is not _F32 or not x.flags.c_contiguous:
         x = np.ascontiguousarray(x, np.float32)
-    if x.ndim != 2 or x.shape[1] != pw.k:
+    shape = x.shape
+    if len(shape) != 2 or shape[1] != pw.k:
         if x.ndim < 1 or x.shape[-1] != pw.k:
             _check_packed(pw)
             raise KernelError(f"linear_f32: input has shape {x.shape}, weights expect "
@@ -136,8 +141,9 @@ def linear_f32(x, pw, bias=None, act="none", act_args=(), n_threads=None, residu
             residual = np.asarray(residual).reshape(-1, pw.n)
         return linear_f32(x.reshape(-1, pw.k), pw, bias, act, act_args,
                           n_threads, residual).reshape(x.shape[:-1] + (pw.n,))
-    n = pw.n
-    ep = _EP_CACHE.get((act, act_args, 1.0, 0, False)) if type(act_args) is tuple else None
+    # the per-call path of a lowered graph: each step here is ~0.05-0.3 us
+    m, n = shape[0], pw.n
+    ep = _EP_PLAIN.get(act) if act_args == () else None
     if ep is None:
         _check_packed(pw)
         ep = epilogue_params(act, act_args)
@@ -145,19 +151,18 @@ def linear_f32(x, pw, bias=None, act="none", act_args=(), n_threads=None, residu
         bias = _ZERO_BIAS.get(n)
         if bias is None:
             bias = _bias(None, n)
-    elif type(bias) is not np.ndarray or bias.dtype is not _F32 or bias.shape != (n,):
+    elif type(bias) is not np.ndarray or bias.dtype is not _F32 or bias.ndim != 1 or bias.shape[0] != n:
         bias = _bias(bias, n)
-    res = _NO_X if residual is None else _residual(residual, x.shape[0], n)
-    out = np.empty((x.shape[0], n), _F32)
+    res = _NO_X if residual is None else _residual(residual, m, n)
+    out = np.empty((m, n), _F32)
     isa = _dispatch._current[0]
-    serial, parallel = ENTRIES[isa]
     threads = n_threads or _threads[0]
-    if threads > 1 and x.shape[0] * n * pw.k >= PARALLEL_MIN_MACS:
-        parallel(x, _NO_Q[isa], _NO_F, _NO_I, pw.data, (pw.k + 3) >> 2, pw.col_sums, pw.scales,
-                 bias, res, ep, out, threads)
+    if threads > 1 and m * n * pw.k >= PARALLEL_MIN_MACS:
+        ENTRIES[isa][1](x, _NO_Q[isa], _NO_F, _NO_I, pw.data, (pw.k + 3) >> 2, pw.col_sums, pw.scales,
+                        bias, res, ep, out, threads)
     else:
-        serial(x, _NO_Q[isa], _NO_F, _NO_I, pw.data, (pw.k + 3) >> 2, pw.col_sums, pw.scales,
-               bias, res, ep, out, 1)
+        ENTRIES[isa][0](x, _NO_Q[isa], _NO_F, _NO_I, pw.data, (pw.k + 3) >> 2, pw.col_sums, pw.scales,
+                        bias, res, ep, out, 1)
     return out
 
 
@@ -174,7 +179,7 @@ def rows_share_l1_set(stride_bytes):
 def new_a_rows(m, kg):
     """Fresh (m, a_stride) A rows for k-groups kg, in the current path's element type
     (producers such as im2col write them, the GEMM reads them in place)."""
-    dtype = np.dtype(A_DTYPES[_dispatch._current[0]])
+    dtype = _A_DTYPES[_dispatch._current[0]]
     return np.empty((m, a_stride(kg, dtype.itemsize)), dtype)
 
 
@@ -188,7 +193,7 @@ def pad_rows_u8(a, isa=None):
     """
     if not isinstance(a, np.ndarray) or a.dtype != np.uint8 or a.ndim != 2:
         raise KernelError("pad_rows_u8: A must be a 2-D uint8 numpy array")
-    dtype = np.dtype(A_DTYPES[isa or _dispatch._current[0]])
+    dtype = _A_DTYPES[isa or _dispatch._current[0]]
     m, k = a.shape
     padded = np.zeros((m, a_stride((k + 3) // 4, dtype.itemsize)), dtype)
     padded[:, :k] = a
@@ -198,14 +203,25 @@ def pad_rows_u8(a, isa=None):
 def _padded_rows(a, kg, dtype):
     """The whole padded rows behind a pad_rows_u8 view of element type dtype, or None
     if a is not one."""
-    stride = a_stride(kg, dtype.itemsize)
     base = a.base
-    if (a.dtype != dtype or a.strides != (stride * dtype.itemsize, dtype.itemsize)
-            or not isinstance(base, np.ndarray) or base.dtype != dtype
-            or base.shape != (a.shape[0], stride) or not base.flags.c_contiguous
-            or base.ctypes.data != a.ctypes.data):
+    if type(base) is not np.ndarray or a.dtype != dtype or base.dtype != dtype:
+        return None
+    stride = _a_strides.get((kg, dtype.itemsize))
+    if stride is None:
+        stride = _a_strides[(kg, dtype.itemsize)] = a_stride(kg, dtype.itemsize)
+    if (a.strides != (stride * dtype.itemsize, dtype.itemsize) or base.shape != (a.shape[0], stride)
+            or not base.flags.c_contiguous or not _same_start(a, base)):
         return None
     return base
+
+
+_a_strides = {}  # (k-groups, element bytes) -> a_stride
+
+
+@numba.njit(cache=True)
+def _same_start(a, b):
+    # from Python, .ctypes.data costs ~2.7 us per array
+    return a.ctypes.data == b.ctypes.data
 
 
 def _prepare_u8(a, pw):
@@ -213,8 +229,8 @@ def _prepare_u8(a, pw):
     aliasing) read in place, else copied into pad_rows_u8's layout."""
     _check_packed(pw)
     isa = _dispatch._current[0]
-    dtype = np.dtype(A_DTYPES[isa])
-    if not isinstance(a, np.ndarray) or a.ndim != 2 or a.dtype not in (np.uint8, np.uint16):
+    dtype = _A_DTYPES[isa]
+    if not isinstance(a, np.ndarray) or a.ndim != 2 or a.dtype.type not in (np.uint8, np.uint16):
         raise KernelError(f"A must be a 2-D uint8 numpy array (or a pad_rows_u8 view), got "
                           f"{getattr(a, 'dtype', type(a))} {getattr(a, 'shape', '')}")
     if a.shape[1] != pw.k:
@@ -222,7 +238,7 @@ def _prepare_u8(a, pw):
     rows = _padded_rows(a, (pw.k + 3) // 4, dtype)
     if rows is not None:
         return rows
-    if a.dtype != np.uint8:  # a uint16 pad_rows_u8 view, made for the avx2 path
+    if a.dtype.type is not np.uint8:  # a uint16 pad_rows_u8 view, made for the avx2 path
         if a.size and a.max() > 255:
             raise KernelError("A is uint16 with values above 255: pass uint8 A (uint16 only "
                               "as pad_rows_u8 returns it)")

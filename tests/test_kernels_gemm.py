@@ -332,6 +332,11 @@ def test_padded_rows_are_read_in_place_and_give_the_same_product(k):
     other[:] = a
     assert L._prepare_u8(other, pw).ctypes.data != other.ctypes.data
     np.testing.assert_array_equal(K.gemm_u8s8_s32(other, pw), K.gemm_u8s8_s32(a, pw))
+    # a view of the same padded rows that starts one element in is copied too
+    shifted = np.zeros_like(padded.base)[:, 1:k + 1]
+    shifted[:] = a
+    assert L._prepare_u8(shifted, pw).ctypes.data != shifted.ctypes.data
+    np.testing.assert_array_equal(K.gemm_u8s8_s32(shifted, pw), R.gemm_u8s8_s32(a, q))
 
 
 def test_quantize_weights_matches_reference():
