@@ -22,7 +22,7 @@ from numba import njit, prange
 
 from fxopt import kernels as K
 from fxopt.bench.timing import first_call_seconds, interleaved_medians, median_seconds
-from fxopt.kernels.simd import PEAK_CHAINS, TAGS, peak_chains
+from fxopt.kernels.simd import PEAK_CHAINS, PEAK_OPS, TAGS, peak_chains
 
 BERT_SHAPES = [(1, 768, 768), (8, 768, 768), (128, 768, 768), (128, 768, 3072),
                (128, 3072, 768), (512, 1024, 1024)]
@@ -254,7 +254,7 @@ def main(argv=None):
             "linear_1x64x64_call_us": overhead, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
     print(f"fxopt bench gemm | torch {info['torch']} | numba {info['numba']} | "
           f"isa {info['isa']} | threads {args.threads} (torch and numba)")
-    probe_op = {"avx2": "vpmaddwd+vpaddd"}.get(info["isa"], "vpdpbusd")
+    probe_op = PEAK_OPS.get(info["isa"])
     if peak:
         print(f"measured {probe_op} peak: {peak1:.3f} TOP/s (1 thread), {peak:.3f} TOP/s "
               f"({args.threads} threads)")

@@ -15,14 +15,25 @@ from numba.core import caching
 _PKG_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
-def package_stamp():
-    """Hash of the source of every module in this package."""
+def _hash_sources():
     h = hashlib.sha256()
     for name in sorted(os.listdir(_PKG_DIR)):
         if name.endswith(".py"):
             with open(os.path.join(_PKG_DIR, name), "rb") as f:
                 h.update(name.encode() + b"\0" + f.read())
     return h.hexdigest()
+
+
+# taken once, as the package is imported (this module comes first): the source this
+# process runs. Re-read at each cache lookup, a process still running the old code after
+# an edit would store its machine code under the new source's stamp, for every later
+# process to load as current.
+_STAMP = _hash_sources()
+
+
+def package_stamp():
+    """Hash of the source of every module in this package, as this process imported it."""
+    return _STAMP
 
 
 def _in_package(py_file):

@@ -449,6 +449,8 @@ def is_portable(typingctx, tag):
 # peak probe: independent chains of the ISA's multiply-accumulate, as many as its
 # registers hold (ISA -> (chains, int8 multiply-adds per chain step))
 PEAK_CHAINS = {"avx512_vnni": (24, 64), "avx_vnni": (12, 32), "avx2": (12, 16)}
+# the instructions each probe chains, for reports
+PEAK_OPS = {"avx512_vnni": "vpdpbusd.512", "avx_vnni": "vpdpbusd.256", "avx2": "vpmaddwd+vpaddd"}
 
 
 @intrinsic
