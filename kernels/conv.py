@@ -101,7 +101,7 @@ def im2col_u8(x, c0, cg, kh, kw, sh, sw, ph, pw, dh, dw, zp, out):
                     col += run
                     continue
                 for j in range(kw):
-                    xx = ox * sw - pw + j * dw
+                    xx = x0 + j * dw
                     if 0 <= y < h and 0 <= xx < w:
                         uy, ux = np.uint64(y), np.uint64(xx)
                         for c in range(cg):

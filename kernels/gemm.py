@@ -259,10 +259,10 @@ L2_KEEP_BYTES = 128 * 1024
 
 @njit
 def _plan(mr_max, m, n, row_bytes, kg, threads):
-    """(column blocks, row chunks, rows per chunk, rows first) giving >= 2 jobs/thread.
+    """(column blocks, row chunks, rows per chunk, rows first).
 
     Block by block (the default), every column block streams all of A past its
-    columns of B. When A is too big for L2 and all of B fits, chunk by chunk instead:
+    columns of B, in row chunks enough for >= 2 jobs per thread. When A is too big for L2 and all of B fits, chunk by chunk instead:
     a chunk of A's rows stays in L2 while every block of B passes, so A comes from
     memory once, not once per block. That is the early convs of a conv net (M = N*H*W
     in the ten thousands, K and N small): 25088x64x256 with a residual 1.23-1.35x,
@@ -377,7 +377,8 @@ def _quantized_par(tag, x, kg):
 
 @njit
 def _serial_jobs(tag, aq, ascale, azp, bp, kg, colsum, wscale, bias, res, ep, out):
-    nblocks, nmc, mchunk, rows_first = _plan(isa_geometry(tag)[0], aq.shape[0], out.shape[1], aq.strides[0], kg, 1)
+    nblocks, nmc, mchunk, rows_first = _plan(isa_geometry(tag)[0], aq.shape[0], out.shape[1],
+                                             aq.strides[0], kg, 1)
     t, y = _scratch(tag)
     for job in range(nblocks * nmc):
         _job_into(tag, job, nmc, mchunk, rows_first, aq, bp, kg, colsum, ascale, azp,
