@@ -478,7 +478,7 @@ def peak_chains(typingctx, tag, n, seed):
                     for c in range(chains)]
         else:
             accs = [cgutils.alloca_once_value(builder, ir.Constant(acc_ty, None)) for _ in range(chains)]
-        b16 = builder.bitcast(bv, _vec(_i16, 16))
+        b16 = builder.bitcast(bv, _vec(_i16, 16)) if isa == "avx2" else None
         with cgutils.for_range(builder, cnt):
             for acc in accs:
                 v = builder.load(acc)
