@@ -21,7 +21,7 @@ from .quantize import quantize_rows_into, row_range, scale_zero_point, quantize_
 from .simd import (A_DTYPES, BLOCK_COLS, GROUP_BYTES, TAGS, is_portable, isa_geometry, tile_f32,
                    tile_s32)
 
-KERNEL_VERSION = "gemm-13"
+KERNEL_VERSION = "gemm-14"
 
 _F1 = np.float32(1.0)
 
@@ -213,7 +213,7 @@ def _scratch(tag):
             np.empty((1, BLOCK_COLS), np.float32))
 
 
-@njit
+@njit(inline="always")
 def _job_into(tag, job, nmc, mchunk, rows_first, aq, bp, kg, colsum, ascale, azp, wscale, bias,
               res, ep, out, t, y):
     """One job: a column block of B times a chunk of A's rows, tile by tile. Jobs are
