@@ -198,9 +198,10 @@ class _Args:
 MIN_CHAINS = {"avx512_vnni": 16, "avx_vnni": 8, "avx2": 1}
 
 
-def k_sets(isa, mr):
-    """Accumulator sets the K loop of an mr-row tile is split over."""
-    chains = mr * GEOMETRY[isa][1] * 4 // _SPECS[isa].vbytes
+def k_sets(isa, mr, cols=None):
+    """Accumulator sets the K loop of an mr-row tile (cols columns, default the
+    ISA's tile width) is split over."""
+    chains = mr * (cols or GEOMETRY[isa][1]) * 4 // _SPECS[isa].vbytes
     return max(1, min(4, MIN_CHAINS[isa] // chains))
 
 
@@ -217,13 +218,14 @@ def _plain_load(builder, ptr, ty, keep):
                              keep, ir.Constant(ty, None)])
 
 
-def _emit_accumulate(ar, isa, mr, a_ix, b_ix, kg_ix):
-    """K loop of one tile; returns mr x nvec accumulator values."""
+def _emit_accumulate(ar, isa, mr, a_ix, b_ix, kg_ix, cols=None):
+    """K loop of one tile (cols columns, default the ISA's tile width); returns
+    mr x nvec accumulator values."""
     builder, spec = ar.b, _SPECS[isa]
     a_ptr, b_ptr = ar.ptr(a_ix, a_ix + 1), ar.ptr(b_ix, b_ix + 1)
     lda, kg = ar.int(a_ix + 2), ar.int(kg_ix)
-    nvec = GEOMETRY[isa][1] * 4 // spec.vbytes
-    nsets = k_sets(isa, mr)
+    nvec = (cols or GEOMETRY[isa][1]) * 4 // spec.vbytes
+    nsets = k_sets(isa, mr, cols)
     zero = ir.Constant(spec.acc_ty, None)
     sets = [[[cgutils.alloca_once_value(builder, zero) for _ in range(nvec)]
              for _ in range(mr)] for _ in range(nsets)]
@@ -307,10 +309,25 @@ def tile_s32(typingctx, tag, mr, a, a_off, lda, b, b_off, kg, t, t_off, ldt):
     return sig, codegen
 
 
-@intrinsic(prefer_literal=True)
-def tile_f32(typingctx, tag, mr, a, a_off, lda, b, b_off, kg, colsum, wscale, bias,
+def _tile_f32_intrinsic(half):
+    """tile_f32 (the ISA's tile width), or with half the columns of its first vectors
+    (HALF_COLS: a block's column tail in registers instead of staged)."""
+    @intrinsic(prefer_literal=True)
+    def tile(typingctx, tag, mr, a, a_off, lda, b, b_off, kg, colsum, wscale, bias,
              n0, ascale, azp, m0, out, act, p0, p1, res, res_first):
-    """Full-width tile with the dequantizing epilogue done in registers:
+        return _tile_f32_typer(half, tag, mr, a, a_off, lda, b, b_off, kg, colsum, wscale, bias,
+                               n0, ascale, azp, m0, out, act, p0, p1, res, res_first)
+    return tile
+
+
+# columns of a half-width tile, per ISA (0: none; it must be whole vectors)
+HALF_COLS = {"avx512_vnni": 32}
+
+
+def _tile_f32_typer(half, tag, mr, a, a_off, lda, b, b_off, kg, colsum, wscale, bias,
+                    n0, ascale, azp, m0, out, act, p0, p1, res, res_first):
+    """A tile (the ISA's width; with half, HALF_COLS columns) with the dequantizing
+    epilogue done in registers:
 
     out[m0 + r, n0 + j] = act(float32(acc - azp[m0+r] * colsum[n0+j])
                               * (ascale[m0+r] * wscale[n0+j]) + bias[n0+j])
@@ -332,17 +349,18 @@ def tile_f32(typingctx, tag, mr, a, a_off, lda, b, b_off, kg, colsum, wscale, bi
     sig = types.void(tag, mr, a, a_off, lda, b, b_off, kg, colsum, wscale, bias,
                      n0, ascale, azp, m0, out, act, p0, p1, res, res_first)
     isa, nrows = tag.isa, mr.literal_value
+    width = HALF_COLS.get(isa, 0) if half else GEOMETRY[isa][1]
 
     def codegen(context, builder, sig, args):
-        if isa not in _SPECS or nrows > GEOMETRY[isa][0]:
+        if isa not in _SPECS or nrows > GEOMETRY[isa][0] or not width:
             return context.get_dummy_value()
         ar = _Args(context, builder, sig, args)
         n0v, m0v = ar.int(11), ar.int(14)
         out_st = cgutils.create_struct_proxy(sig.args[15])(context, builder, value=args[15])
         ldo = builder.sdiv(builder.extract_value(out_st.strides, 0), ar.cst(4))
         o_ptr = builder.gep(out_st.data, [builder.add(builder.mul(m0v, ldo), n0v)])
-        _prefetch_for_write(builder, o_ptr, ldo, nrows, GEOMETRY[isa][1], ar)
-        accs = _emit_accumulate(ar, isa, nrows, 2, 5, 7)
+        _prefetch_for_write(builder, o_ptr, ldo, nrows, width, ar)
+        accs = _emit_accumulate(ar, isa, nrows, 2, 5, 7, width)
         cs_p, ws_p, b_p = ar.ptr(8, 11), ar.ptr(9, 11), ar.ptr(10, 11)
         sa_p, zp_p = ar.ptr(12, 14), ar.ptr(13, 14)
         n = accs[0][0].type.count
@@ -414,6 +432,10 @@ def tile_f32(typingctx, tag, mr, a, a_off, lda, b, b_off, kg, colsum, wscale, bi
                 activations(False)
         return context.get_dummy_value()
     return sig, codegen
+
+
+tile_f32 = _tile_f32_intrinsic(False)
+tile_f32_half = _tile_f32_intrinsic(True)
 
 
 def _prefetch_for_write(builder, o_ptr, ldo, nrows, ncols, ar):

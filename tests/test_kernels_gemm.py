@@ -127,8 +127,10 @@ ACTS = [("none", ()), ("relu", ()), ("relu6", ()), ("hardtanh", (-0.5, 0.25)),
 
 @pytest.mark.parametrize("act,act_args", ACTS)
 # a full block (in-register epilogue), a tail under one tile (staged), and a tail of 36:
-# on avx2 two whole 16-column tiles in registers, 4 columns staged
-@pytest.mark.parametrize("n", [64, 70, 100])
+# on avx2 two whole 16-column tiles in registers, 4 columns staged; on avx512 a
+# 32-column half tile in registers and 4 staged. 32 and 40: a half tile alone, and
+# with 8 columns staged
+@pytest.mark.parametrize("n", [64, 70, 100, 32, 40])
 def test_gemm_f32_epilogues(isa, act, act_args, n):
     rng = np.random.default_rng(3)
     x, q, s, b = _float_case(rng, 9, 50, n)
@@ -171,7 +173,8 @@ def test_linear_f32_matches_reference(isa, monkeypatch, threads, m, k, n):
 
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("act", ["none", "relu", "gelu", "silu"])  # in registers, and after the tile
-@pytest.mark.parametrize("m,k,n", [(7, 40, 64), (13, 96, 150)])  # full blocks; a tail (avx2: 16 + 6)
+# full blocks; a tail (avx2: 16 + 6); a half tile (avx512: 32 + 4)
+@pytest.mark.parametrize("m,k,n", [(7, 40, 64), (13, 96, 150), (7, 40, 100)])
 def test_linear_f32_fused_residual(isa, monkeypatch, threads, act, m, k, n):
     """The residual is added after bias and activation: exactly what a separate add gives."""
     if threads == 2 and isa not in THREADED_ISAS:
