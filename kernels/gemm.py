@@ -22,7 +22,7 @@ from .simd import (A_DTYPES, BLOCK_COLS, GEOMETRY, GROUP_BYTES, TAGS, is_portabl
                    tile_f32_half, HALF_COLS,
                    tile_s32)
 
-KERNEL_VERSION = "gemm-15"
+KERNEL_VERSION = "gemm-16"
 
 _F1 = np.float32(1.0)
 
@@ -44,51 +44,35 @@ def _tile(tag, mr, a, a_off, lda, b, b_off, kg, t, t_off):
         tile_s32(tag, 1, a, a_off, lda, b, b_off, kg, t, t_off, BLOCK_COLS)
 
 
-@njit(inline="always")
-def _tile_f32(tag, mr, a, a_off, lda, b, b_off, kg, colsum, wscale, bias, n0,
-              ascale, azp, m0, out, act, p0, p1, res, first):
-    if mr == 6:
-        tile_f32(tag, 6, a, a_off, lda, b, b_off, kg, colsum, wscale, bias, n0, ascale, azp, m0, out,
+def _f32_dispatch(tile):
+    """A call of the tile intrinsic `tile` (tile_f32 or tile_f32_half) for a run-time
+    row count mr: the intrinsic needs mr as a literal, one specialization per count."""
+    @njit(inline="always")
+    def dispatch(tag, mr, a, a_off, lda, b, b_off, kg, colsum, wscale, bias, n0,
+                 ascale, azp, m0, out, act, p0, p1, res, first):
+        if mr == 6:
+            tile(tag, 6, a, a_off, lda, b, b_off, kg, colsum, wscale, bias, n0, ascale, azp, m0, out,
                  act, p0, p1, res, first)
-    elif mr == 5:
-        tile_f32(tag, 5, a, a_off, lda, b, b_off, kg, colsum, wscale, bias, n0, ascale, azp, m0, out,
+        elif mr == 5:
+            tile(tag, 5, a, a_off, lda, b, b_off, kg, colsum, wscale, bias, n0, ascale, azp, m0, out,
                  act, p0, p1, res, first)
-    elif mr == 4:
-        tile_f32(tag, 4, a, a_off, lda, b, b_off, kg, colsum, wscale, bias, n0, ascale, azp, m0, out,
+        elif mr == 4:
+            tile(tag, 4, a, a_off, lda, b, b_off, kg, colsum, wscale, bias, n0, ascale, azp, m0, out,
                  act, p0, p1, res, first)
-    elif mr == 3:
-        tile_f32(tag, 3, a, a_off, lda, b, b_off, kg, colsum, wscale, bias, n0, ascale, azp, m0, out,
+        elif mr == 3:
+            tile(tag, 3, a, a_off, lda, b, b_off, kg, colsum, wscale, bias, n0, ascale, azp, m0, out,
                  act, p0, p1, res, first)
-    elif mr == 2:
-        tile_f32(tag, 2, a, a_off, lda, b, b_off, kg, colsum, wscale, bias, n0, ascale, azp, m0, out,
+        elif mr == 2:
+            tile(tag, 2, a, a_off, lda, b, b_off, kg, colsum, wscale, bias, n0, ascale, azp, m0, out,
                  act, p0, p1, res, first)
-    else:
-        tile_f32(tag, 1, a, a_off, lda, b, b_off, kg, colsum, wscale, bias, n0, ascale, azp, m0, out,
+        else:
+            tile(tag, 1, a, a_off, lda, b, b_off, kg, colsum, wscale, bias, n0, ascale, azp, m0, out,
                  act, p0, p1, res, first)
+    return dispatch
 
 
-@njit(inline="always")
-def _tile_f32_half(tag, mr, a, a_off, lda, b, b_off, kg, colsum, wscale, bias, n0,
-                   ascale, azp, m0, out, act, p0, p1, res, first):
-    # _tile_f32 for the half-width tile (simd.HALF_COLS)
-    if mr == 6:
-        tile_f32_half(tag, 6, a, a_off, lda, b, b_off, kg, colsum, wscale, bias, n0, ascale, azp, m0, out,
-                      act, p0, p1, res, first)
-    elif mr == 5:
-        tile_f32_half(tag, 5, a, a_off, lda, b, b_off, kg, colsum, wscale, bias, n0, ascale, azp, m0, out,
-                      act, p0, p1, res, first)
-    elif mr == 4:
-        tile_f32_half(tag, 4, a, a_off, lda, b, b_off, kg, colsum, wscale, bias, n0, ascale, azp, m0, out,
-                      act, p0, p1, res, first)
-    elif mr == 3:
-        tile_f32_half(tag, 3, a, a_off, lda, b, b_off, kg, colsum, wscale, bias, n0, ascale, azp, m0, out,
-                      act, p0, p1, res, first)
-    elif mr == 2:
-        tile_f32_half(tag, 2, a, a_off, lda, b, b_off, kg, colsum, wscale, bias, n0, ascale, azp, m0, out,
-                      act, p0, p1, res, first)
-    else:
-        tile_f32_half(tag, 1, a, a_off, lda, b, b_off, kg, colsum, wscale, bias, n0, ascale, azp, m0, out,
-                      act, p0, p1, res, first)
+_tile_f32 = _f32_dispatch(tile_f32)
+_tile_f32_half = _f32_dispatch(tile_f32_half)  # the half-width tile (simd.HALF_COLS)
 
 
 @njit

@@ -230,9 +230,11 @@ def _emit_accumulate(ar, isa, mr, a_ix, b_ix, kg_ix, cols=None):
     sets = [[[cgutils.alloca_once_value(builder, zero) for _ in range(nvec)]
              for _ in range(mr)] for _ in range(nsets)]
     rows = [builder.gep(a_ptr, [builder.mul(lda, ar.cst(r))]) for r in range(mr)]
-    nb = spec.vbytes
-    keep = builder.bitcast(builder.sext(builder.icmp_signed(">=", kg, ar.cst(0)), ir.IntType(nb)),
-                           _vec(ir.IntType(1), nb))
+    unfold = mr == 1 and isa != "avx2"  # see _plain_load
+    if unfold:
+        nb = spec.vbytes
+        keep = builder.bitcast(builder.sext(builder.icmp_signed(">=", kg, ar.cst(0)), ir.IntType(nb)),
+                               _vec(ir.IntType(1), nb))
 
     def k_group(g, accs):
         # load the B vectors of k-group g once, broadcast 4 bytes of each A row
@@ -241,7 +243,7 @@ def _emit_accumulate(ar, isa, mr, a_ix, b_ix, kg_ix, cols=None):
         bvecs = []
         for c in range(nvec):
             p = builder.gep(bg, [ar.cst(c * spec.vbytes)])
-            if mr == 1 and isa != "avx2":
+            if unfold:
                 bvecs.append(_plain_load(builder, p, spec.byte_ty, keep))
             else:
                 bvecs.append(builder.load(builder.bitcast(p, spec.byte_ty.as_pointer()), align=1))
