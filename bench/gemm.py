@@ -22,7 +22,8 @@ from numba import njit, prange
 
 from fxopt import kernels as K
 from fxopt.bench.timing import first_call_seconds, interleaved_medians, median_seconds
-from fxopt.kernels.simd import PEAK_CHAINS, PEAK_OPS, TAGS, peak_chains
+from fxopt.kernels import amx
+from fxopt.kernels.simd import AMX_ISAS, PEAK_CHAINS, PEAK_OPS, TAGS, peak_chains
 
 BERT_SHAPES = [(1, 768, 768), (8, 768, 768), (128, 768, 768), (128, 768, 3072),
                (128, 3072, 768), (512, 1024, 1024)]
@@ -78,6 +79,28 @@ def measure_peak(threads, isa=None):
     one = median_seconds(lambda: serial(PEAK_ITERS), repeats=7, warmup=1)
     many = median_seconds(lambda: parallel(PEAK_ITERS, threads), repeats=7, warmup=1)
     return PEAK_ITERS * ops / one / 1e12, threads * PEAK_ITERS * ops / many / 1e12
+
+
+@njit(parallel=True)
+def _amx_peak_parallel(n, threads):
+    total = 0
+    for _ in prange(threads):
+        total += amx.peak_probe(n)
+    return total
+
+
+def measure_amx_peak(threads):
+    """Measured int8 TOP/s of AMX tdpbusd (amx.peak_probe), 1 and n threads; (None,
+    None) on a CPU (or path) without AMX."""
+    if K.isa() not in AMX_ISAS:
+        return None, None
+    amx.peak_probe(10)
+    _amx_peak_parallel(10, threads)
+    iters = PEAK_ITERS // 8   # a tdpbusd step is 16 cycles
+    one = median_seconds(lambda: amx.peak_probe(iters), repeats=7, warmup=1)
+    many = median_seconds(lambda: _amx_peak_parallel(iters, threads), repeats=7, warmup=1)
+    ops = amx.PEAK_OPS_PER_STEP * iters
+    return ops / one / 1e12, threads * ops / many / 1e12
 
 
 def _torch_models(w, b):
@@ -240,6 +263,7 @@ def main(argv=None):
     cache = _cache_state()
     first = _first_calls(rng)
     peak1, peak = measure_peak(args.threads)
+    amx1, amx_peak = measure_amx_peak(args.threads)
     shapes = [(f"bert {m}x{k}x{n}", m, k, n) for m, k, n in BERT_SHAPES]
     if not args.quick:
         shapes += [(name, *s) for name, s in CONV_SHAPES.items()]
@@ -250,7 +274,8 @@ def main(argv=None):
     overhead = _call_overhead_us(rng)
     info = {"torch": torch.__version__, "numba": numba.__version__, "numpy": np.__version__,
             "isa": K.isa(), "threads": args.threads, "cpu": platform.processor() or platform.machine(),
-            "peak_tops_1thread": peak1, "peak_tops": peak, "first_call_s": first, "numba_cache": cache,
+            "peak_tops_1thread": peak1, "peak_tops": peak,
+            "amx_peak_tops_1thread": amx1, "amx_peak_tops": amx_peak, "first_call_s": first, "numba_cache": cache,
             "linear_1x64x64_call_us": overhead, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
     print(f"fxopt bench gemm | torch {info['torch']} | numba {info['numba']} | "
           f"isa {info['isa']} | threads {args.threads} (torch and numba)")
@@ -260,6 +285,10 @@ def main(argv=None):
               f"({args.threads} threads)")
     else:
         print(f"no peak probe for the {info['isa']} path: %peak columns are n/a")
+    if amx_peak:
+        print(f"measured AMX tdpbusd peak: {amx1:.3f} TOP/s (1 thread), {amx_peak:.3f} TOP/s "
+              f"({args.threads} threads); blocks with K % 64 == 0 and 32 rows run on AMX tiles, "
+              f"so %peak (of {probe_op}) passes 100% there")
     print(f"first call (numba cache {cache}: {'load' if cache == 'warm' else 'JIT compile'}): " +
           ", ".join(f"{k} {v:.2f}s" for k, v in first.items()))
     print(f"medians, candidates interleaved; %peak against a {args.threads}-thread {probe_op} "

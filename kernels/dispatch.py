@@ -6,7 +6,7 @@ by ``select_isa(name)`` (tests use it to run every path in one process).
 
     >>> from fxopt.kernels import isa, available_isas, select_isa
     >>> isa()
-    'avx512_vnni'
+    'amx_int8'
     >>> previous = select_isa("portable")   # until select_isa(previous)
 """
 import contextlib
@@ -14,12 +14,15 @@ import os
 
 import llvmlite.binding as llb
 
-from .simd import ISAS
+from .amx import os_permits
+from .simd import AMX_ISAS, ISAS
 
-KERNEL_VERSION = "isa-1"
+KERNEL_VERSION = "isa-2"
 ENV_VAR = "FXOPT_KERNEL_ISA"
 
 _REQUIRES = {
+    # and the OS's leave to use the tile state (amx.os_permits)
+    "amx_int8": (("avx512f", "avx512bw", "avx512vl", "avx512vnni", "amx-tile", "amx-int8"),),
     "avx512_vnni": (("avx512f", "avx512bw", "avx512vl", "avx512vnni"),),
     # AVX-VNNI (VEX) or AVX512-VNNI with VL both run the 256-bit vpdpbusd
     "avx_vnni": (("avx2", "avxvnni"), ("avx2", "avx512vl", "avx512vnni")),
@@ -40,14 +43,18 @@ def supports(name, features=None):
     """True if the host CPU (or the given feature set) can run path ``name``."""
     if name not in _REQUIRES:
         raise KernelError(f"unknown kernel ISA {name!r}; choose one of {ISAS}")
-    feats = host_features() if features is None else set(features)
-    return any(all(f in feats for f in need) for need in _REQUIRES[name])
+    host = features is None
+    feats = host_features() if host else set(features)
+    if not any(all(f in feats for f in need) for need in _REQUIRES[name]):
+        return False
+    return not host or name not in AMX_ISAS or os_permits()
 
 
 def available_isas():
     """ISA paths this CPU can run, fastest first."""
     feats = host_features()
-    return [name for name in ISAS if supports(name, feats)]
+    return [name for name in ISAS if supports(name, feats)
+            and (name not in AMX_ISAS or os_permits())]
 
 
 def _checked(name):

@@ -16,13 +16,13 @@ from numba.extending import intrinsic, overload
 
 from .epilogue import (EP_ACT, EP_P0, EP_P1, EP_RES_FIRST, add_residual_rows, apply_activation, store_tile_f32,
                        store_tile_s32, store_tile_u8)
+from . import amx
 from .rowops import prefetch
 from .quantize import quantize_rows_into, row_range, scale_zero_point, quantize_row
-from .simd import (A_DTYPES, BLOCK_COLS, GEOMETRY, GROUP_BYTES, TAGS, is_portable, isa_geometry, tile_f32,
-                   tile_f32_half, HALF_COLS,
-                   tile_s32)
+from .simd import (A_DTYPES, AMX_ISAS, BLOCK_COLS, GEOMETRY, GROUP_BYTES, TAGS, is_portable, isa_geometry, tile_f32,
+                   tile_f32_half, HALF_COLS, staged_f32, tile_s32)
 
-KERNEL_VERSION = "gemm-16"
+KERNEL_VERSION = "gemm-17"
 
 _F1 = np.float32(1.0)
 
@@ -204,48 +204,151 @@ def _stored_tile_impl(tag, mr, m0, n0, width, aq, bp, boff, kg, colsum, ascale, 
     return impl
 
 
-def _compute(tag, mr, m0, n0, ncols, aq, bp, boff, kg, colsum, ascale, azp, wscale,
-             bias, res, ep, out, t, y):
+def _staged(mr, m0, n0, ncols, colsum, ascale, azp, wscale, bias, res, ep, out, t, y):
     raise NotImplementedError  # compiled through the overload below
 
 
-@overload(_compute, inline="always")
-def _compute_impl(tag, mr, m0, n0, ncols, aq, bp, boff, kg, colsum, ascale, azp,
-                  wscale, bias, res, ep, out, t, y):
+@overload(_staged, inline="always")
+def _staged_impl(mr, m0, n0, ncols, colsum, ascale, azp, wscale, bias, res, ep, out, t, y):
+    """The epilogue of an int32 tile staged in t (mr rows of BLOCK_COLS) into out's
+    rows m0.. and columns n0..n0+ncols, by out's type."""
     if out.dtype == types.float32:
-        # column tails, no bias vector, the portable ISA (whole blocks take
-        # _register_tile / _stored_tile): the int32 tile is staged in t, then dequantized
-        def impl(tag, mr, m0, n0, ncols, aq, bp, boff, kg, colsum, ascale, azp, wscale,
-                 bias, res, ep, out, t, y):
+        def impl(mr, m0, n0, ncols, colsum, ascale, azp, wscale, bias, res, ep, out, t, y):
             act = np.int32(ep[EP_ACT])
             has_res = res.shape[0] > 0
             pre = has_res and ep[EP_RES_FIRST] != 0  # the activation waits for the residual
-            _tiles_s32(tag, mr, m0, ncols, aq, bp, boff, kg, t)
             store_tile_f32(t, BLOCK_COLS, mr, m0, n0, ncols, colsum, ascale, azp,
                            wscale, bias, ep, 0 if pre else act, out)
             if has_res:
                 add_residual_rows(out, res, m0, mr, n0, ncols, act if pre else 0, ep[EP_P0], ep[EP_P1])
     elif out.dtype == types.uint8:
-        def impl(tag, mr, m0, n0, ncols, aq, bp, boff, kg, colsum, ascale, azp, wscale,
-                 bias, res, ep, out, t, y):
-            _tiles_s32(tag, mr, m0, ncols, aq, bp, boff, kg, t)
+        def impl(mr, m0, n0, ncols, colsum, ascale, azp, wscale, bias, res, ep, out, t, y):
             store_tile_u8(t, BLOCK_COLS, mr, m0, n0, ncols, colsum, ascale, azp,
                           wscale, bias, ep, out, y)
     elif out.dtype == types.int32:
-        def impl(tag, mr, m0, n0, ncols, aq, bp, boff, kg, colsum, ascale, azp, wscale,
-                 bias, res, ep, out, t, y):
-            _tiles_s32(tag, mr, m0, ncols, aq, bp, boff, kg, t)
+        def impl(mr, m0, n0, ncols, colsum, ascale, azp, wscale, bias, res, ep, out, t, y):
             store_tile_s32(t, BLOCK_COLS, mr, m0, n0, ncols, out)
     else:
         return None
     return impl
 
 
-@njit
+@njit(inline="always")
+def _compute(tag, mr, m0, n0, ncols, aq, bp, boff, kg, colsum, ascale, azp, wscale,
+             bias, res, ep, out, t, y):
+    """Column tails, no bias vector, int32/uint8 outputs, the portable ISA (whole blocks
+    with float output take _register_tile / _stored_tile): the int32 tile staged in t."""
+    _tiles_s32(tag, mr, m0, ncols, aq, bp, boff, kg, t)
+    _staged(mr, m0, n0, ncols, colsum, ascale, azp, wscale, bias, res, ep, out, t, y)
+
+
+def _amx_rows(tag, m_start, m_end, n0, ncols, aq, bp, boff, kg, colsum, ascale, azp, wscale,
+              bias, res, ep, out, t, y):
+    raise NotImplementedError  # compiled through the overload below
+
+
+@overload(_amx_rows, inline="always")
+def _amx_rows_impl(tag, m_start, m_end, n0, ncols, aq, bp, boff, kg, colsum, ascale, azp, wscale,
+                   bias, res, ep, out, t, y):
+    """On an AMX path, rows m_start.. of a block in AMX blocks of 32 rows (amx.block_s32),
+    each staged in t and finished by the epilogue; returns the first row left for the
+    vpdpbusd tiles (m_start itself on other paths, or when K is not whole AMX tiles)."""
+    if tag.isa not in AMX_ISAS:
+        return lambda tag, m_start, m_end, n0, ncols, aq, bp, boff, kg, colsum, ascale, azp, \
+            wscale, bias, res, ep, out, t, y: m_start
+
+    def impl(tag, m_start, m_end, n0, ncols, aq, bp, boff, kg, colsum, ascale, azp, wscale, bias,
+             res, ep, out, t, y):
+        if kg % amx.K_GROUPS:
+            return m_start
+        lda = aq.shape[1]
+        m_amx = m_start + (m_end - m_start) // amx.ROWS * amx.ROWS
+        for m0 in range(m_start, m_amx, amx.ROWS):
+            amx.block_s32(aq, m0 * lda, lda, bp, boff, kg, t)
+            _amx_epilogue(tag, m0, n0, ncols, colsum, ascale, azp, wscale, bias, res, ep, out, t, y)
+        return m_amx
+    return impl
+
+
+def _amx_epilogue(tag, m0, n0, ncols, colsum, ascale, azp, wscale, bias, res, ep, out, t, y):
+    raise NotImplementedError  # compiled through the overload below
+
+
+_EP_ROWS = 4  # rows of an AMX block staged_f32 finishes at a time (their vectors stay in registers)
+
+
+@overload(_amx_epilogue, inline="always")
+def _amx_epilogue_impl(tag, m0, n0, ncols, colsum, ascale, azp, wscale, bias, res, ep, out, t, y):
+    """The epilogue of an AMX block (amx.ROWS rows staged in t): for float output,
+    a bias and all 64 columns, in registers (simd.staged_f32, as _register_tile and
+    _stored_tile do it); else _staged."""
+    if out.dtype != types.float32:
+        def impl(tag, m0, n0, ncols, colsum, ascale, azp, wscale, bias, res, ep, out, t, y):
+            _staged(amx.ROWS, m0, n0, ncols, colsum, ascale, azp, wscale, bias, res, ep, out, t, y)
+        return impl
+
+    def impl(tag, m0, n0, ncols, colsum, ascale, azp, wscale, bias, res, ep, out, t, y):
+        if ncols < BLOCK_COLS or bias.shape[0] == 0:
+            _staged(amx.ROWS, m0, n0, ncols, colsum, ascale, azp, wscale, bias, res, ep, out, t, y)
+            return
+        act, first = np.int32(ep[EP_ACT]), ep[EP_RES_FIRST] != 0
+        if act <= 3:
+            for r in range(0, amx.ROWS, _EP_ROWS):
+                staged_f32(tag, _EP_ROWS, t, r * BLOCK_COLS, BLOCK_COLS, colsum, wscale, bias, n0,
+                           ascale, azp, m0 + r, out, act, ep[EP_P0], ep[EP_P1], res, first)
+            return
+        for r in range(0, amx.ROWS, _EP_ROWS):  # SiLU, tanh GELU: as _stored_tile
+            staged_f32(tag, _EP_ROWS, t, r * BLOCK_COLS, BLOCK_COLS, colsum, wscale, bias, n0,
+                       ascale, azp, m0 + r, out, 0, ep[EP_P0], ep[EP_P1],
+                       res if first else res[:0], first)
+        for r in range(amx.ROWS):
+            apply_activation(out, m0 + r, n0, BLOCK_COLS, act, ep[EP_P0], ep[EP_P1])
+        if res.shape[0] > 0 and not first:
+            add_residual_rows(out, res, m0, amx.ROWS, n0, BLOCK_COLS, 0, ep[EP_P0], ep[EP_P1])
+    return impl
+
+
+def _plan_rows(tag, kg):
+    raise NotImplementedError  # compiled through the overload below
+
+
+@overload(_plan_rows, inline="always")
+def _plan_rows_impl(tag, kg):
+    """Rows a job's row chunk is a multiple of: AMX blocks where they run, else the
+    vpdpbusd tile's rows."""
+    mr = GEOMETRY[tag.isa][0]
+    if tag.isa not in AMX_ISAS:
+        return lambda tag, kg: mr
+    return lambda tag, kg: mr if kg % amx.K_GROUPS else amx.ROWS
+
+
+def _tile_state(tag, on):
+    raise NotImplementedError  # compiled through the overload below
+
+
+@overload(_tile_state, inline="always")
+def _tile_state_impl(tag, on):
+    """A thread's AMX tile configuration loaded (on) or released; nothing elsewhere."""
+    if tag.isa not in AMX_ISAS:
+        return lambda tag, on: None
+
+    def impl(tag, on):
+        if on:
+            amx.configure()
+        else:
+            amx.release()
+    return impl
+
+
 def _scratch(tag):
+    raise NotImplementedError  # compiled through the overload below
+
+
+@overload(_scratch)
+def _scratch_impl(tag):
     """A worker's tile buffers: int32 tile t, float32 row y (allocated once per call)."""
-    return (np.empty(isa_geometry(tag)[0] * BLOCK_COLS, np.int32),
-            np.empty((1, BLOCK_COLS), np.float32))
+    rows = max(GEOMETRY[tag.isa][0], amx.ROWS if tag.isa in AMX_ISAS else 0)
+    return lambda tag: (np.empty(rows * BLOCK_COLS, np.int32), np.empty((1, BLOCK_COLS), np.float32))
 
 
 @njit(inline="always")
@@ -268,6 +371,8 @@ def _job_into(tag, job, nmc, mchunk, rows_first, aq, bp, kg, colsum, ascale, azp
     n0 = nb * BLOCK_COLS
     ncols = min(BLOCK_COLS, n - n0)
     boff = nb * kg * GROUP_BYTES
+    m_start = _amx_rows(tag, m_start, m_end, n0, ncols, aq, bp, boff, kg, colsum, ascale, azp,
+                        wscale, bias, res, ep, out, t, y)
     # whole tiles of the ISA with float output take the in-register epilogue; column
     # tails (under one tile), int32/uint8 outputs and the portable ISA are staged
     fast = bias.shape[0] > 0 and not is_portable(tag) and _is_float32(out)
@@ -351,6 +456,7 @@ def _worker(tag, w, threads, nxt, njobs, nmc, mchunk, rows_first, aq, bp, kg, co
     keeps the same columns of B (warm in its own L2) from call to call.
     """
     t, y = _scratch(tag)
+    _tile_state(tag, True)
     for v in range(threads):
         owner = (w + v) % threads
         hi = (owner + 1) * njobs // threads
@@ -360,6 +466,7 @@ def _worker(tag, w, threads, nxt, njobs, nmc, mchunk, rows_first, aq, bp, kg, co
                 break
             _job_into(tag, job, nmc, mchunk, rows_first, aq, bp, kg, colsum, ascale, azp, wscale,
                       bias, res, ep, out, t, y)
+    _tile_state(tag, False)
 
 
 @njit
@@ -414,18 +521,20 @@ def _quantized_par(tag, x, kg):
 
 @njit
 def _serial_jobs(tag, aq, ascale, azp, bp, kg, colsum, wscale, bias, res, ep, out):
-    nblocks, nmc, mchunk, rows_first = _plan(isa_geometry(tag)[0], aq.shape[0], out.shape[1],
+    nblocks, nmc, mchunk, rows_first = _plan(_plan_rows(tag, kg), aq.shape[0], out.shape[1],
                                              aq.strides[0], kg, 1)
     t, y = _scratch(tag)
+    _tile_state(tag, True)
     for job in range(nblocks * nmc):
         _job_into(tag, job, nmc, mchunk, rows_first, aq, bp, kg, colsum, ascale, azp,
                   wscale, bias, res, ep, out, t, y)
+    _tile_state(tag, False)
 
 
 @njit(parallel=True)
 def _parallel_jobs(tag, aq, ascale, azp, bp, kg, colsum, wscale, bias, res, ep, out, threads):
     """One worker per thread over Numba's pool; workers share jobs (_worker)."""
-    nblocks, nmc, mchunk, rows_first = _plan(isa_geometry(tag)[0], aq.shape[0], out.shape[1],
+    nblocks, nmc, mchunk, rows_first = _plan(_plan_rows(tag, kg), aq.shape[0], out.shape[1],
                                              aq.strides[0], kg, threads)
     nxt = _starts(nblocks * nmc, threads)
     for w in prange(threads):

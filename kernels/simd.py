@@ -10,6 +10,8 @@ One intrinsic, ``tile_s32``, computes an ``mr x tile_cols`` int32 tile of
 - ``avx2``:        2 x 16 tile, u8/s8 widened to int16 and multiplied with
   ``vpmaddwd`` (exact; ``vpmaddubsw`` would saturate int16 pairs)
 - ``portable``:    no intrinsic; gemm.py uses plain Numba loops.
+- ``amx_int8``:    the avx512_vnni tiles here, and AMX tiles (amx.py) for the
+  blocks gemm.py can give them.
 
 A is uint8 rows, or for ``avx2`` preferably uint16 rows holding the same
 values (``A_DTYPES``): the 4 k of a row's k-group are then one 8-byte
@@ -37,9 +39,11 @@ from numba.extending import (intrinsic, models,
 
 from .rowops import call_llvm as _call, emit_prefetch, splat as _splat
 
-KERNEL_VERSION = "simd-9"
+KERNEL_VERSION = "simd-10"
 
-ISAS = ("avx512_vnni", "avx_vnni", "avx2", "portable")
+ISAS = ("amx_int8", "avx512_vnni", "avx_vnni", "avx2", "portable")
+# amx_int8 is avx512_vnni plus AMX tiles for the large blocks (amx.py, gemm.py): every
+# table below gives it avx512_vnni's entry
 # isa -> (rows per tile, columns per tile)
 GEOMETRY = {"avx512_vnni": (6, 64), "avx_vnni": (4, 16), "avx2": (2, 16),
             "portable": (4, 64)}
@@ -84,6 +88,7 @@ def _lower_tag(context, builder, ty, pyval):
 
 
 TAGS = {name: IsaTag(name) for name in ISAS}
+AMX_ISAS = ("amx_int8",)
 
 
 def _vec(t, n):
@@ -357,83 +362,120 @@ def _tile_f32_typer(half, tag, mr, a, a_off, lda, b, b_off, kg, colsum, wscale, 
         if isa not in _SPECS or nrows > GEOMETRY[isa][0] or not width:
             return context.get_dummy_value()
         ar = _Args(context, builder, sig, args)
-        n0v, m0v = ar.int(11), ar.int(14)
-        out_st = cgutils.create_struct_proxy(sig.args[15])(context, builder, value=args[15])
-        ldo = builder.sdiv(builder.extract_value(out_st.strides, 0), ar.cst(4))
-        o_ptr = builder.gep(out_st.data, [builder.add(builder.mul(m0v, ldo), n0v)])
-        _prefetch_for_write(builder, o_ptr, ldo, nrows, width, ar)
-        accs = _emit_accumulate(ar, isa, nrows, 2, 5, 7, width)
-        cs_p, ws_p, b_p = ar.ptr(8, 11), ar.ptr(9, 11), ar.ptr(10, 11)
-        sa_p, zp_p = ar.ptr(12, 14), ar.ptr(13, 14)
-        n = accs[0][0].type.count
-        fvec, ivec = _vec(ir.FloatType(), n), _vec(_i32, n)
-        cols = [( _load_vec(builder, cs_p, ar.cst(c * n), ivec),
-                  _load_vec(builder, ws_p, ar.cst(c * n), fvec),
-                  _load_vec(builder, b_p, ar.cst(c * n), fvec)) for c in range(len(accs[0]))]
-        ys = []
-        for r, row in enumerate(accs):
-            zp = builder.load(builder.gep(zp_p, [ar.cst(r)]))
-            sa = builder.load(builder.gep(sa_p, [ar.cst(r)]))
-            zpv = _splat(builder, zp, n)
-            sav = _splat(builder, sa, n)
-            base = builder.mul(ldo, ar.cst(r))
-            for c, v in enumerate(row):
-                cs, ws, bv = cols[c]
-                acc = builder.sub(v, builder.mul(zpv, cs))
-                y = _vcall(builder, "llvm.fma", builder.sitofp(acc, fvec), builder.fmul(sav, ws), bv)
-                ys.append((y, r, c, builder.add(base, ar.cst(c * n))))
-        act_v = context.cast(builder, args[16], sig.args[16], types.int32)
-        p0v = _splat(builder, context.cast(builder, args[17], sig.args[17], types.float32), n)
-        p1v = _splat(builder, context.cast(builder, args[18], sig.args[18], types.float32), n)
-        res_st = cgutils.create_struct_proxy(sig.args[19])(context, builder, value=args[19])
-        ldr = builder.sdiv(builder.extract_value(res_st.strides, 0), ar.cst(4))
-        r_ptr = builder.gep(res_st.data, [builder.add(builder.mul(m0v, ldr), n0v)])
-        first = builder.icmp_signed("!=", context.cast(builder, args[20], sig.args[20], types.int32),
-                                    ir.Constant(_i32, 0))
-        # -0.0 is the exact identity of float addition (x + -0.0 == x, signed zeros too)
-        neg0 = ir.Constant(fvec, [ir.Constant(ir.FloatType(), -0.0)] * n)
-
-        def store(fn, with_res):
-            for y, r, c, off in ys:
-                if not with_res:
-                    _store_vec(builder, fn(y), o_ptr, off)
-                    continue
-                rv = _load_vec(builder, r_ptr, builder.add(builder.mul(ldr, ar.cst(r)), ar.cst(c * n)),
-                               fvec)
-                before, after = builder.select(first, rv, neg0), builder.select(first, neg0, rv)
-                _store_vec(builder, builder.fadd(fn(builder.fadd(y, before)), after), o_ptr, off)
-
-        def is_act(code):
-            return builder.icmp_signed("==", act_v, ir.Constant(_i32, code))
-
-        zero = ir.Constant(fvec, None)
-
-        def activations(with_res):
-            with builder.if_else(is_act(3)) as (gelu, other):
-                with gelu:
-                    store(lambda y: _gelu_vec(builder, y), with_res)
-                with other:
-                    with builder.if_else(is_act(1)) as (relu, other2):
-                        with relu:
-                            store(lambda y: _vcall(builder, "llvm.maxnum", y, zero), with_res)
-                        with other2:
-                            with builder.if_else(is_act(2)) as (clamp, plain):
-                                with clamp:
-                                    store(lambda y: _vcall(builder, "llvm.minnum",
-                                                           _vcall(builder, "llvm.maxnum", y, p0v), p1v),
-                                          with_res)
-                                with plain:
-                                    store(lambda y: y, with_res)
-
-        has_res = builder.icmp_signed(">", builder.extract_value(res_st.shape, 0),
-                                      ir.Constant(context.get_value_type(types.intp), 0))
-        with builder.if_else(has_res) as (residual, alone):
-            with residual:
-                activations(True)
-            with alone:
-                activations(False)
+        _emit_f32_epilogue(context, builder, ar, 8, nrows, width,
+                           lambda: _emit_accumulate(ar, isa, nrows, 2, 5, 7, width))
         return context.get_dummy_value()
     return sig, codegen
+
+
+@intrinsic(prefer_literal=True)
+def staged_f32(typingctx, tag, mr, t, t_off, ldt, colsum, wscale, bias, n0, ascale, azp, m0, out,
+               act, p0, p1, res, res_first):
+    """tile_f32's epilogue, in registers, on an int32 tile already computed: mr rows of
+    the ISA's tile width from t[t_off + r * ldt] (an AMX block, amx.py)."""
+    if (not isinstance(tag, IsaType) or not isinstance(mr, types.IntegerLiteral)
+            or not (isinstance(t, types.Array) and t.dtype == types.int32)):
+        return None
+    sig = types.void(tag, mr, t, t_off, ldt, colsum, wscale, bias, n0, ascale, azp, m0, out,
+                     act, p0, p1, res, res_first)
+    isa, nrows = tag.isa, mr.literal_value
+
+    def codegen(context, builder, sig, args):
+        if isa not in _SPECS:
+            return context.get_dummy_value()
+        ar = _Args(context, builder, sig, args)
+        spec, width = _SPECS[isa], GEOMETRY[isa][1]
+        n = spec.acc_ty.count
+
+        def accs():
+            t_ptr, ldt_v = ar.ptr(2, 3), ar.int(4)
+            return [[_load_vec(builder, t_ptr, builder.add(builder.mul(ldt_v, ar.cst(r)), ar.cst(c * n)),
+                               spec.acc_ty) for c in range(width // n)] for r in range(nrows)]
+        _emit_f32_epilogue(context, builder, ar, 5, nrows, width, accs)
+        return context.get_dummy_value()
+    return sig, codegen
+
+
+def _emit_f32_epilogue(context, builder, ar, i0, nrows, width, accumulate):
+    """The epilogue of tile_f32 on the int32 vectors accumulate() returns (mr x vectors);
+    the arguments from colsum on start at index i0 (colsum, wscale, bias, n0, ascale,
+    azp, m0, out, act, p0, p1, res, res_first)."""
+    sig, args = ar.tys, ar.args
+    n0v, m0v = ar.int(i0 + 3), ar.int(i0 + 6)
+    out_st = cgutils.create_struct_proxy(sig[i0 + 7])(context, builder, value=args[i0 + 7])
+    ldo = builder.sdiv(builder.extract_value(out_st.strides, 0), ar.cst(4))
+    o_ptr = builder.gep(out_st.data, [builder.add(builder.mul(m0v, ldo), n0v)])
+    _prefetch_for_write(builder, o_ptr, ldo, nrows, width, ar)
+    accs = accumulate()
+    cs_p, ws_p, b_p = ar.ptr(i0, i0 + 3), ar.ptr(i0 + 1, i0 + 3), ar.ptr(i0 + 2, i0 + 3)
+    sa_p, zp_p = ar.ptr(i0 + 4, i0 + 6), ar.ptr(i0 + 5, i0 + 6)
+    n = accs[0][0].type.count
+    fvec, ivec = _vec(ir.FloatType(), n), _vec(_i32, n)
+    cols = [(_load_vec(builder, cs_p, ar.cst(c * n), ivec),
+             _load_vec(builder, ws_p, ar.cst(c * n), fvec),
+             _load_vec(builder, b_p, ar.cst(c * n), fvec)) for c in range(len(accs[0]))]
+    ys = []
+    for r, row in enumerate(accs):
+        zp = builder.load(builder.gep(zp_p, [ar.cst(r)]))
+        sa = builder.load(builder.gep(sa_p, [ar.cst(r)]))
+        zpv = _splat(builder, zp, n)
+        sav = _splat(builder, sa, n)
+        base = builder.mul(ldo, ar.cst(r))
+        for c, v in enumerate(row):
+            cs, ws, bv = cols[c]
+            acc = builder.sub(v, builder.mul(zpv, cs))
+            y = _vcall(builder, "llvm.fma", builder.sitofp(acc, fvec), builder.fmul(sav, ws), bv)
+            ys.append((y, r, c, builder.add(base, ar.cst(c * n))))
+    act_v = context.cast(builder, args[i0 + 8], sig[i0 + 8], types.int32)
+    p0v = _splat(builder, context.cast(builder, args[i0 + 9], sig[i0 + 9], types.float32), n)
+    p1v = _splat(builder, context.cast(builder, args[i0 + 10], sig[i0 + 10], types.float32), n)
+    res_st = cgutils.create_struct_proxy(sig[i0 + 11])(context, builder, value=args[i0 + 11])
+    ldr = builder.sdiv(builder.extract_value(res_st.strides, 0), ar.cst(4))
+    r_ptr = builder.gep(res_st.data, [builder.add(builder.mul(m0v, ldr), n0v)])
+    first = builder.icmp_signed("!=", context.cast(builder, args[i0 + 12], sig[i0 + 12], types.int32),
+                                ir.Constant(_i32, 0))
+    # -0.0 is the exact identity of float addition (x + -0.0 == x, signed zeros too)
+    neg0 = ir.Constant(fvec, [ir.Constant(ir.FloatType(), -0.0)] * n)
+
+    def store(fn, with_res):
+        for y, r, c, off in ys:
+            if not with_res:
+                _store_vec(builder, fn(y), o_ptr, off)
+                continue
+            rv = _load_vec(builder, r_ptr, builder.add(builder.mul(ldr, ar.cst(r)), ar.cst(c * n)),
+                           fvec)
+            before, after = builder.select(first, rv, neg0), builder.select(first, neg0, rv)
+            _store_vec(builder, builder.fadd(fn(builder.fadd(y, before)), after), o_ptr, off)
+
+    def is_act(code):
+        return builder.icmp_signed("==", act_v, ir.Constant(_i32, code))
+
+    zero = ir.Constant(fvec, None)
+
+    def activations(with_res):
+        with builder.if_else(is_act(3)) as (gelu, other):
+            with gelu:
+                store(lambda y: _gelu_vec(builder, y), with_res)
+            with other:
+                with builder.if_else(is_act(1)) as (relu, other2):
+                    with relu:
+                        store(lambda y: _vcall(builder, "llvm.maxnum", y, zero), with_res)
+                    with other2:
+                        with builder.if_else(is_act(2)) as (clamp, plain):
+                            with clamp:
+                                store(lambda y: _vcall(builder, "llvm.minnum",
+                                                       _vcall(builder, "llvm.maxnum", y, p0v), p1v),
+                                      with_res)
+                            with plain:
+                                store(lambda y: y, with_res)
+
+    has_res = builder.icmp_signed(">", builder.extract_value(res_st.shape, 0),
+                                  ir.Constant(context.get_value_type(types.intp), 0))
+    with builder.if_else(has_res) as (residual, alone):
+        with residual:
+            activations(True)
+        with alone:
+            activations(False)
 
 
 tile_f32 = _tile_f32_intrinsic(False)
@@ -528,6 +570,9 @@ def is_portable(typingctx, tag):
 PEAK_CHAINS = {"avx512_vnni": (24, 64), "avx_vnni": (12, 32), "avx2": (12, 16)}
 # the instructions each probe chains, for reports
 PEAK_OPS = {"avx512_vnni": "vpdpbusd.512", "avx_vnni": "vpdpbusd.256", "avx2": "vpmaddwd+vpaddd"}
+
+for _table in (GEOMETRY, A_DTYPES, _SPECS, MIN_CHAINS, HALF_COLS, PEAK_CHAINS, PEAK_OPS):
+    _table["amx_int8"] = _table["avx512_vnni"]
 
 
 @intrinsic

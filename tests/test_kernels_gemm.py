@@ -13,7 +13,9 @@ from fxopt.kernels.simd import A_DTYPES, GEOMETRY, PEAK_CHAINS
 
 ISAS = K.available_isas()
 SHAPES = [(1, 1, 1), (1, 768, 64), (1, 5, 3), (2, 7, 65), (7, 13, 70), (6, 64, 64),
-          (13, 64, 130), (5, 3, 129), (37, 130, 200)]
+          (13, 64, 130), (5, 3, 129), (37, 130, 200),
+          # K a multiple of 64: AMX blocks of 32 rows, then their row tails on vpdpbusd
+          (32, 64, 64), (40, 128, 70), (96, 256, 192), (65, 192, 130)]
 
 
 @pytest.fixture(params=ISAS)
@@ -41,8 +43,16 @@ def _pack(w, scales=None):
 
 def test_available_paths_fastest_first():
     assert ISAS[-1] == "portable" and K.isa() in ISAS
-    if "avx512vnni" in dispatch.host_features():   # e.g. the Zen 5 dev machine
-        assert ISAS == ["avx512_vnni", "avx_vnni", "avx2", "portable"]
+    feats = dispatch.host_features()
+    if "avx512vnni" in feats:   # e.g. the Zen 5 and the AMX Xeon dev machines
+        amx = ["amx_int8"] if {"amx-tile", "amx-int8"} <= feats else []
+        assert ISAS == amx + ["avx512_vnni", "avx_vnni", "avx2", "portable"]
+
+
+def test_amx_needs_its_features():
+    base = {"avx2", "avx512f", "avx512bw", "avx512vl", "avx512vnni"}
+    assert not dispatch.supports("amx_int8", base)
+    assert dispatch.supports("amx_int8", base | {"amx-tile", "amx-int8"})
 
 
 @pytest.mark.parametrize("m,k,n", SHAPES)
@@ -53,11 +63,11 @@ def test_gemm_s32_bit_exact(isa, m, k, n):
 
 # The threaded driver is ISA-independent code around the same tiles the
 # serial tests check on every path; two paths keep the compile time down.
-THREADED_ISAS = [name for name in ("avx512_vnni", "avx2") if name in ISAS]
+THREADED_ISAS = [name for name in ("amx_int8", "avx512_vnni", "avx2") if name in ISAS]
 
 
 @pytest.mark.parametrize("isa_name", THREADED_ISAS)
-@pytest.mark.parametrize("m,k,n", [(1, 33, 64), (20, 770, 130), (64, 64, 10)])
+@pytest.mark.parametrize("m,k,n", [(1, 33, 64), (20, 770, 130), (64, 64, 10), (100, 128, 200)])
 def test_gemm_s32_threaded_bit_exact(isa_name, force_parallel, m, k, n):
     a, w = _operands(np.random.default_rng(1), m, k, n)
     with K.use_isa(isa_name):
@@ -94,9 +104,10 @@ def test_gemm_rows_first_order_bit_exact(isa, monkeypatch, threads):
 
 
 @pytest.mark.parametrize("a_val,w_val", [(255, -128), (255, 127), (0, -128), (255, 0)])
-def test_gemm_s32_saturation_edges(isa, a_val, w_val):
+@pytest.mark.parametrize("m,k", [(7, 1027), (40, 1024)])   # (40, 1024): AMX blocks too
+def test_gemm_s32_saturation_edges(isa, a_val, w_val, m, k):
     # 255 * -128 pairs are where vpmaddubsw would saturate int16
-    m, k, n = 7, 1027, 70
+    n = 70
     a = np.full((m, k), a_val, np.uint8)
     w = np.full((n, k), w_val, np.int8)
     w[1::2] = -w_val if w_val != -128 else 127
@@ -140,6 +151,23 @@ def test_gemm_f32_epilogues(isa, act, act_args, n):
     np.testing.assert_allclose(got, ref, rtol=2e-5, atol=2e-5 * np.abs(ref).max())
 
 
+@pytest.mark.parametrize("act,act_args", ACTS)
+@pytest.mark.parametrize("n", [64, 100])   # whole blocks (epilogue in registers), a tail block
+def test_gemm_f32_epilogues_on_amx_sized_blocks(isa, act, act_args, n):
+    """M and K that the AMX path takes (32-row blocks, K a multiple of 64, a 6-row tail),
+    every activation, with and without a fused residual, on every path."""
+    rng = np.random.default_rng(30)
+    x, q, s, b = _float_case(rng, 38, 128, n)
+    aq, sa, za = R.quantize_rows_f32_u8(x)
+    pw = K.pack_weights_s8(q, s)
+    got = K.gemm_u8s8_f32(aq, sa, za, pw, b, act, act_args)
+    ref = R.gemm_u8s8_f32(aq, sa, za, q, s, b, act, act_args)
+    np.testing.assert_allclose(got, ref, rtol=2e-5, atol=2e-5 * np.abs(ref).max())
+    res = rng.standard_normal((38, n)).astype(np.float32)
+    np.testing.assert_array_equal(K.gemm_u8s8_f32(aq, sa, za, pw, b, act, act_args, residual=res),
+                                  got + res)
+
+
 def test_gemm_f32_scalar_scale_and_no_bias(isa):
     x, q, s, _ = _float_case(np.random.default_rng(4), 5, 40, 64)
     aq = R.quantize_tensor_f32_u8(x, 0.05, 128)
@@ -149,8 +177,9 @@ def test_gemm_f32_scalar_scale_and_no_bias(isa):
 
 
 @pytest.mark.parametrize("act", ["none", "relu"])
-def test_gemm_u8_requantize(isa, act):
-    x, q, s, b = _float_case(np.random.default_rng(5), 11, 70, 70)
+@pytest.mark.parametrize("m,k", [(11, 70), (40, 128)])
+def test_gemm_u8_requantize(isa, act, m, k):
+    x, q, s, b = _float_case(np.random.default_rng(5), m, k, 70)
     aq, sa, za = R.quantize_rows_f32_u8(x)
     got = K.gemm_u8s8_u8(aq, sa, za, K.pack_weights_s8(q, s), 0.1, 100, b, act)
     ref = R.gemm_u8s8_u8(aq, sa, za, q, s, 0.1, 100, b, act)
@@ -472,6 +501,13 @@ def _peak_reference(isa, n, seed):
             acc = acc.astype(np.int32)
         total += acc[0]
     return np.int64(total).astype(np.int32)
+
+
+@pytest.mark.skipif("amx_int8" not in ISAS, reason="no AMX on this CPU")
+def test_amx_peak_probe_computes_its_tiles():
+    from fxopt.kernels import amx
+    # A and B all ones: each tdpbusd adds 64 (one k-row of 64 products) to every element
+    assert amx.peak_probe(5) == 5 * 64
 
 
 @pytest.mark.parametrize("isa", [i for i in ISAS if i in PEAK_CHAINS])
