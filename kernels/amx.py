@@ -13,8 +13,9 @@ rows, 64 k (16 k-groups) a tile row.
 
 ``block_s32`` computes 32 rows x one 64-column block as two halves of 2 x 2
 int32 tiles (tmm0-3), with A in tmm4-5 and B in tmm6-7. It needs whole tiles in
-K (k-groups a multiple of 16: ``K % 64 == 0``) and 32 rows of A; gemm.py runs
-the rest (row tails, other K) on the avx512 vpdpbusd tiles.
+K (k-groups a multiple of 16: ``K % 64 == 0``); a GEMM of fewer than 32 rows
+configures tiles of its own row count, a larger one runs 32-row blocks and
+gemm.py gives their row tail (and any other K) to the avx512 vpdpbusd tiles.
 
 Linux hands AMX's tile state to a process only on request
 (``arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)``); ``os_permits`` asks
@@ -36,6 +37,10 @@ KERNEL_VERSION = "amx-1"
 
 ROWS = 32          # rows of A one block_s32 covers (2 tiles of 16)
 K_GROUPS = 16      # k-groups (64 k) per tile step
+# fewest rows a GEMM gives AMX tiles: below, a tile's B load (1 KiB) feeds too few
+# multiply-adds. 2 threads, linear 768x768: M=1 9.1 us on AMX against 8.0 on vpdpbusd,
+# M=2 9.8 / 8.9, M=4 9.4 / 10.5, M=8 11.6 / 14.8
+MIN_ROWS = 4
 
 _i8, _i64 = ir.IntType(8), ir.IntType(64)
 _void = ir.VoidType()
@@ -145,42 +150,62 @@ def _tdpbusd(typingctx, c, a, b):
 
 
 @njit(inline="always")
-def configure():
-    """Load the tile configuration: palette 1, all 8 tiles 16 rows x 64 bytes."""
+def _tile_shape(cfg, tile, rows):
+    """Tile `tile` of rows x 64 bytes in the configuration cfg (0 rows: unused)."""
+    if rows > 0:
+        cfg[16 + 2 * tile] = 64     # bytes per row (little-endian uint16)
+        cfg[48 + tile] = rows
+
+
+@njit
+def configure(rows0, rows1):
+    """Load the tile configuration (palette 1, 64-byte rows): C tiles 0-1 and A tile 4
+    of rows0 rows, C tiles 2-3 and A tile 5 of rows1 (0: unused), B tiles 6-7 of 16.
+    Whole blocks take 16 and 16; a GEMM of fewer than 32 rows takes its own rows."""
     cfg = np.zeros(64, np.uint8)
     cfg[0] = 1
-    for tile in range(8):
-        cfg[16 + 2 * tile] = 64     # bytes per row (little-endian uint16)
-        cfg[48 + tile] = 16         # rows
+    _tile_shape(cfg, 0, rows0)
+    _tile_shape(cfg, 1, rows0)
+    _tile_shape(cfg, 4, rows0)
+    _tile_shape(cfg, 2, rows1)
+    _tile_shape(cfg, 3, rows1)
+    _tile_shape(cfg, 5, rows1)
+    _tile_shape(cfg, 6, 16)
+    _tile_shape(cfg, 7, 16)
     _ldtilecfg(cfg)
 
 
 @njit(inline="always")
-def block_s32(a, a_off, lda, b, b_off, kg, t):
-    """t[r * 64 + c] = sum over k of A[r, k] * B[k, c] (int32), for 32 rows of A (uint8,
-    from byte a_off, lda bytes a row) and one 64-column block of packed B (int8, the
-    block from byte b_off); kg, the block's k-groups, a multiple of 16."""
+def block_s32(a, a_off, lda, b, b_off, kg, t, two):
+    """t[r * 64 + c] = sum over k of A[r, k] * B[k, c] (int32), for the rows of A the
+    configuration gives (uint8, from byte a_off, lda bytes a row; tiles 4 and, with two,
+    5) and one 64-column block of packed B (int8, the block from byte b_off); kg, the
+    block's k-groups, a multiple of 16. Two 32-column halves, each 2 x 2 int32 tiles
+    (1 x 2 without two)."""
     step_b = K_GROUPS * 256
-    for cs in range(0, 64, 32):          # two 32-column halves: 2 x 2 tiles each
+    for cs in range(0, 64, 32):
         _tilezero(0)
         _tilezero(1)
-        _tilezero(2)
-        _tilezero(3)
+        if two:
+            _tilezero(2)
+            _tilezero(3)
         bo = b_off + 4 * cs
         for s in range(kg // K_GROUPS):
             ao = a_off + 64 * s
             _tileload(4, a, ao, lda)
-            _tileload(5, a, ao + 16 * lda, lda)
             _tileload(6, b, bo + s * step_b, 256)
             _tileload(7, b, bo + s * step_b + 64, 256)
             _tdpbusd(0, 4, 6)
             _tdpbusd(1, 4, 7)
-            _tdpbusd(2, 5, 6)
-            _tdpbusd(3, 5, 7)
+            if two:
+                _tileload(5, a, ao + 16 * lda, lda)
+                _tdpbusd(2, 5, 6)
+                _tdpbusd(3, 5, 7)
         _tilestore(0, t, 4 * cs, 256)
         _tilestore(1, t, 4 * (cs + 16), 256)
-        _tilestore(2, t, 4 * (16 * 64 + cs), 256)
-        _tilestore(3, t, 4 * (16 * 64 + cs + 16), 256)
+        if two:
+            _tilestore(2, t, 4 * (16 * 64 + cs), 256)
+            _tilestore(3, t, 4 * (16 * 64 + cs + 16), 256)
 
 
 PEAK_TILES = 4   # independent int32 tiles the probe keeps in flight
@@ -190,7 +215,7 @@ PEAK_TILES = 4   # independent int32 tiles the probe keeps in flight
 def peak_probe(n):
     """n steps of PEAK_TILES independent tdpbusd (16 x 16 x 64 multiply-adds each);
     returns a value of the last tile, so the work is not dead."""
-    configure()
+    configure(16, 16)
     a = np.ones(2048, np.uint8)
     b = np.ones(2048, np.int8)
     t = np.zeros(256, np.int32)

@@ -42,12 +42,12 @@ from .attention_steps import (MASK_BOOL, MASK_FLOAT, MASK_NONE, pack_k, pack_v,
                               quantize_k_rows, quantize_q_rows, softmax_rows, v_scales)
 from .dispatch import KernelError
 from . import dispatch as _dispatch
-from .gemm import _fetch_add, _job_into, _scratch, a_rows
+from .gemm import _fetch_add, _job_into, _scratch, _tile_state, a_rows
 from .linear import epilogue_params, get_num_threads
 from .rowops import pointer, prefetch
 from .simd import BLOCK_COLS, TAGS
 
-KERNEL_VERSION = "attention-4"
+KERNEL_VERSION = "attention-5"
 # below this many multiply-adds per call a thread launch costs more than it saves
 PARALLEL_MIN_MACS = 1 << 20
 
@@ -64,8 +64,10 @@ def _gemm(tag, aq, bp, kg, colsum, ascale, azp, wscale, bias, ep, out):
     m = aq.shape[0]
     t, y = _scratch(tag)
     no_residual = out[:0]
+    _tile_state(tag, True, m, kg)   # AMX tiles where the path has them (gemm._amx_rows)
     for job in range((out.shape[1] + BLOCK_COLS - 1) // BLOCK_COLS):
         _job_into(tag, job, 1, m, False, aq, bp, kg, colsum, ascale, azp, wscale, bias, no_residual, ep, out, t, y)
+    _tile_state(tag, False, m, kg)
 
 
 @njit

@@ -259,18 +259,25 @@ def _amx_rows_impl(tag, m_start, m_end, n0, ncols, aq, bp, boff, kg, colsum, asc
 
     def impl(tag, m_start, m_end, n0, ncols, aq, bp, boff, kg, colsum, ascale, azp, wscale, bias,
              res, ep, out, t, y):
-        if kg % amx.K_GROUPS:
-            return m_start
+        m_amx = m_start
         lda = aq.shape[1]
-        m_amx = m_start + (m_end - m_start) // amx.ROWS * amx.ROWS
-        for m0 in range(m_start, m_amx, amx.ROWS):
-            amx.block_s32(aq, m0 * lda, lda, bp, boff, kg, t)
-            _amx_epilogue(tag, m0, n0, ncols, colsum, ascale, azp, wscale, bias, res, ep, out, t, y)
+        if kg % amx.K_GROUPS == 0 and amx.MIN_ROWS <= aq.shape[0] < amx.ROWS:
+            # tiles of the GEMM's own rows (_tile_state): all of them one block
+            amx.block_s32(aq, m_start * lda, lda, bp, boff, kg, t, m_end - m_start > 16)
+            _amx_epilogue(tag, m_start, m_end - m_start, n0, ncols, colsum, ascale, azp, wscale, bias,
+                          res, ep, out, t, y)
+            m_amx = m_end
+        elif kg % amx.K_GROUPS == 0:
+            m_amx = m_start + (m_end - m_start) // amx.ROWS * amx.ROWS
+            for m0 in range(m_start, m_amx, amx.ROWS):
+                amx.block_s32(aq, m0 * lda, lda, bp, boff, kg, t, True)
+                _amx_epilogue(tag, m0, amx.ROWS, n0, ncols, colsum, ascale, azp, wscale, bias, res,
+                              ep, out, t, y)
         return m_amx
     return impl
 
 
-def _amx_epilogue(tag, m0, n0, ncols, colsum, ascale, azp, wscale, bias, res, ep, out, t, y):
+def _amx_epilogue(tag, m0, rows, n0, ncols, colsum, ascale, azp, wscale, bias, res, ep, out, t, y):
     raise NotImplementedError  # compiled through the overload below
 
 
@@ -278,33 +285,36 @@ _EP_ROWS = 4  # rows of an AMX block staged_f32 finishes at a time (their vector
 
 
 @overload(_amx_epilogue, inline="always")
-def _amx_epilogue_impl(tag, m0, n0, ncols, colsum, ascale, azp, wscale, bias, res, ep, out, t, y):
-    """The epilogue of an AMX block (amx.ROWS rows staged in t): for float output,
+def _amx_epilogue_impl(tag, m0, rows, n0, ncols, colsum, ascale, azp, wscale, bias, res, ep, out,
+                       t, y):
+    """The epilogue of an AMX block (rows of out from m0, staged in t): for float output,
     a bias and all 64 columns, in registers (simd.staged_f32, as _register_tile and
-    _stored_tile do it); else _staged."""
+    _stored_tile do it) _EP_ROWS rows at a time; else, and for the last rows, _staged."""
     if out.dtype != types.float32:
-        def impl(tag, m0, n0, ncols, colsum, ascale, azp, wscale, bias, res, ep, out, t, y):
-            _staged(amx.ROWS, m0, n0, ncols, colsum, ascale, azp, wscale, bias, res, ep, out, t, y)
+        def impl(tag, m0, rows, n0, ncols, colsum, ascale, azp, wscale, bias, res, ep, out, t, y):
+            _staged(rows, m0, n0, ncols, colsum, ascale, azp, wscale, bias, res, ep, out, t, y)
         return impl
 
-    def impl(tag, m0, n0, ncols, colsum, ascale, azp, wscale, bias, res, ep, out, t, y):
-        if ncols < BLOCK_COLS or bias.shape[0] == 0:
-            _staged(amx.ROWS, m0, n0, ncols, colsum, ascale, azp, wscale, bias, res, ep, out, t, y)
-            return
+    def impl(tag, m0, rows, n0, ncols, colsum, ascale, azp, wscale, bias, res, ep, out, t, y):
+        # no variable set on two paths here (inlined in a loop, Numba's IR check warns of
+        # their phis): the choices are arithmetic
+        whole = (ncols == BLOCK_COLS) & (bias.shape[0] > 0)
+        full = (rows - rows % _EP_ROWS) * np.intp(whole)
+        if full < rows:
+            _staged(rows - full, m0 + full, n0, ncols, colsum, ascale, azp, wscale, bias, res, ep,
+                    out, t[full * BLOCK_COLS:], y)
         act, first = np.int32(ep[EP_ACT]), ep[EP_RES_FIRST] != 0
-        if act <= 3:
-            for r in range(0, amx.ROWS, _EP_ROWS):
-                staged_f32(tag, _EP_ROWS, t, r * BLOCK_COLS, BLOCK_COLS, colsum, wscale, bias, n0,
-                           ascale, azp, m0 + r, out, act, ep[EP_P0], ep[EP_P1], res, first)
-            return
-        for r in range(0, amx.ROWS, _EP_ROWS):  # SiLU, tanh GELU: as _stored_tile
+        in_regs = act <= 3   # else SiLU, tanh GELU: after the tile, as _stored_tile
+        tile_act = act * np.int32(in_regs)
+        tile_res = res[:res.shape[0] * np.intp(in_regs | first)]
+        for r in range(0, full, _EP_ROWS):
             staged_f32(tag, _EP_ROWS, t, r * BLOCK_COLS, BLOCK_COLS, colsum, wscale, bias, n0,
-                       ascale, azp, m0 + r, out, 0, ep[EP_P0], ep[EP_P1],
-                       res if first else res[:0], first)
-        for r in range(amx.ROWS):
-            apply_activation(out, m0 + r, n0, BLOCK_COLS, act, ep[EP_P0], ep[EP_P1])
-        if res.shape[0] > 0 and not first:
-            add_residual_rows(out, res, m0, amx.ROWS, n0, BLOCK_COLS, 0, ep[EP_P0], ep[EP_P1])
+                       ascale, azp, m0 + r, out, tile_act, ep[EP_P0], ep[EP_P1], tile_res, first)
+        if not in_regs:
+            for r in range(full):
+                apply_activation(out, m0 + r, n0, BLOCK_COLS, act, ep[EP_P0], ep[EP_P1])
+            if res.shape[0] > 0 and not first:
+                add_residual_rows(out, res, m0, full, n0, BLOCK_COLS, 0, ep[EP_P0], ep[EP_P1])
     return impl
 
 
@@ -322,21 +332,25 @@ def _plan_rows_impl(tag, kg):
     return lambda tag, kg: mr if kg % amx.K_GROUPS else amx.ROWS
 
 
-def _tile_state(tag, on):
+def _tile_state(tag, on, m, kg):
     raise NotImplementedError  # compiled through the overload below
 
 
 @overload(_tile_state, inline="always")
-def _tile_state_impl(tag, on):
-    """A thread's AMX tile configuration loaded (on) or released; nothing elsewhere."""
+def _tile_state_impl(tag, on, m, kg):
+    """A thread's AMX tile configuration loaded (on) for a GEMM of m rows and kg k-groups
+    (tiles of 16 rows, or of its own rows when m < amx.ROWS), or released; nothing on
+    other paths, or where _amx_rows leaves the GEMM to vpdpbusd (~0.3 us saved at M=1)."""
     if tag.isa not in AMX_ISAS:
-        return lambda tag, on: None
+        return lambda tag, on, m, kg: None
 
-    def impl(tag, on):
-        if on:
-            amx.configure()
-        else:
-            amx.release()
+    def impl(tag, on, m, kg):
+        if kg % amx.K_GROUPS == 0 and m >= amx.MIN_ROWS:
+            if on:
+                r0 = min(m, 16)
+                amx.configure(r0, min(m - r0, 16))
+            else:
+                amx.release()
     return impl
 
 
@@ -456,7 +470,7 @@ def _worker(tag, w, threads, nxt, njobs, nmc, mchunk, rows_first, aq, bp, kg, co
     keeps the same columns of B (warm in its own L2) from call to call.
     """
     t, y = _scratch(tag)
-    _tile_state(tag, True)
+    _tile_state(tag, True, aq.shape[0], kg)
     for v in range(threads):
         owner = (w + v) % threads
         hi = (owner + 1) * njobs // threads
@@ -466,7 +480,7 @@ def _worker(tag, w, threads, nxt, njobs, nmc, mchunk, rows_first, aq, bp, kg, co
                 break
             _job_into(tag, job, nmc, mchunk, rows_first, aq, bp, kg, colsum, ascale, azp, wscale,
                       bias, res, ep, out, t, y)
-    _tile_state(tag, False)
+    _tile_state(tag, False, aq.shape[0], kg)
 
 
 @njit
@@ -478,8 +492,8 @@ def a_stride(kg, itemsize=1):
 
 
 def a_rows(tag, m, kg):
-    """Fresh (m, a_stride) A rows for k-groups kg, of the element type the tag's
-    path reads fastest (simd.A_DTYPES)."""
+    """Fresh (m, a_stride) A rows for k-groups kg, 64-byte aligned, of the element type
+    the tag's path reads fastest (simd.A_DTYPES)."""
     raise NotImplementedError  # compiled through the overload below
 
 
@@ -487,7 +501,14 @@ def a_rows(tag, m, kg):
 def _a_rows_impl(tag, m, kg):
     dtype = A_DTYPES[tag.isa]
     size = np.dtype(dtype).itemsize
-    return lambda tag, m, kg: np.empty((m, a_stride(kg, size)), dtype)
+
+    def impl(tag, m, kg):
+        # 64-byte aligned (Numba's np.empty gives 32): an AMX tile row is then one line
+        stride = a_stride(kg, size)
+        raw = np.empty(m * stride + 64 // size, dtype)
+        off = ((-raw.ctypes.data) % 64) // size
+        return raw[off:off + m * stride].reshape((m, stride))
+    return impl
 
 
 @njit
@@ -524,11 +545,11 @@ def _serial_jobs(tag, aq, ascale, azp, bp, kg, colsum, wscale, bias, res, ep, ou
     nblocks, nmc, mchunk, rows_first = _plan(_plan_rows(tag, kg), aq.shape[0], out.shape[1],
                                              aq.strides[0], kg, 1)
     t, y = _scratch(tag)
-    _tile_state(tag, True)
+    _tile_state(tag, True, aq.shape[0], kg)
     for job in range(nblocks * nmc):
         _job_into(tag, job, nmc, mchunk, rows_first, aq, bp, kg, colsum, ascale, azp,
                   wscale, bias, res, ep, out, t, y)
-    _tile_state(tag, False)
+    _tile_state(tag, False, aq.shape[0], kg)
 
 
 @njit(parallel=True)

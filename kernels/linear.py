@@ -20,7 +20,7 @@ from . import dispatch as _dispatch
 from .epilogue import ACTIVATIONS
 from .gemm import ENTRIES, a_stride
 from .dispatch import KernelError
-from .pack import PackedWeights
+from .pack import PackedWeights, aligned_empty
 from .quantize import padded_k
 from .simd import A_DTYPES
 
@@ -180,7 +180,7 @@ def new_a_rows(m, kg):
     """Fresh (m, a_stride) A rows for k-groups kg, in the current path's element type
     (producers such as im2col write them, the GEMM reads them in place)."""
     dtype = _A_DTYPES[_dispatch._current[0]]
-    return np.empty((m, a_stride(kg, dtype.itemsize)), dtype)
+    return aligned_empty((m, a_stride(kg, dtype.itemsize)), dtype)  # as gemm.a_rows
 
 
 def pad_rows_u8(a, isa=None):

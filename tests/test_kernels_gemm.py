@@ -14,8 +14,9 @@ from fxopt.kernels.simd import A_DTYPES, GEOMETRY, PEAK_CHAINS
 ISAS = K.available_isas()
 SHAPES = [(1, 1, 1), (1, 768, 64), (1, 5, 3), (2, 7, 65), (7, 13, 70), (6, 64, 64),
           (13, 64, 130), (5, 3, 129), (37, 130, 200),
-          # K a multiple of 64: AMX blocks of 32 rows, then their row tails on vpdpbusd
-          (32, 64, 64), (40, 128, 70), (96, 256, 192), (65, 192, 130)]
+          # K a multiple of 64: AMX blocks of 32 rows, then their row tails on vpdpbusd;
+          # under 32 rows, one AMX block of the GEMM's own rows (1 or 2 tiles of them)
+          (32, 64, 64), (40, 128, 70), (96, 256, 192), (65, 192, 130), (17, 128, 70), (31, 64, 64)]
 
 
 @pytest.fixture(params=ISAS)
@@ -67,7 +68,8 @@ THREADED_ISAS = [name for name in ("amx_int8", "avx512_vnni", "avx2") if name in
 
 
 @pytest.mark.parametrize("isa_name", THREADED_ISAS)
-@pytest.mark.parametrize("m,k,n", [(1, 33, 64), (20, 770, 130), (64, 64, 10), (100, 128, 200)])
+@pytest.mark.parametrize("m,k,n", [(1, 33, 64), (20, 770, 130), (64, 64, 10), (100, 128, 200),
+                                   (24, 128, 130)])
 def test_gemm_s32_threaded_bit_exact(isa_name, force_parallel, m, k, n):
     a, w = _operands(np.random.default_rng(1), m, k, n)
     with K.use_isa(isa_name):
