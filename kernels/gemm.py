@@ -250,9 +250,10 @@ def _amx_rows(tag, m_start, m_end, n0, ncols, aq, bp, boff, kg, colsum, ascale, 
 @overload(_amx_rows, inline="always")
 def _amx_rows_impl(tag, m_start, m_end, n0, ncols, aq, bp, boff, kg, colsum, ascale, azp, wscale,
                    bias, res, ep, out, t, y):
-    """On an AMX path, rows m_start.. of a block in AMX blocks of 32 rows (amx.block_s32),
-    each staged in t and finished by the epilogue; returns the first row left for the
-    vpdpbusd tiles (m_start itself on other paths, or when K is not whole AMX tiles)."""
+    """On an AMX path, rows m_start.. of a block in AMX blocks (amx.block_s32) of 32 rows,
+    or, in a GEMM of amx.MIN_ROWS to 31 rows, one block of all of them; each staged in t
+    and finished by _amx_epilogue. Returns the first row left for the vpdpbusd tiles
+    (m_start itself on other paths, when K is not whole AMX tiles, or under MIN_ROWS)."""
     if tag.isa not in AMX_ISAS:
         return lambda tag, m_start, m_end, n0, ncols, aq, bp, boff, kg, colsum, ascale, azp, \
             wscale, bias, res, ep, out, t, y: m_start

@@ -155,17 +155,19 @@ def test_gemm_f32_epilogues(isa, act, act_args, n):
 
 @pytest.mark.parametrize("act,act_args", ACTS)
 @pytest.mark.parametrize("n", [64, 100])   # whole blocks (epilogue in registers), a tail block
-def test_gemm_f32_epilogues_on_amx_sized_blocks(isa, act, act_args, n):
-    """M and K that the AMX path takes (32-row blocks, K a multiple of 64, a 6-row tail),
-    every activation, with and without a fused residual, on every path."""
+@pytest.mark.parametrize("m", [38, 17])
+def test_gemm_f32_epilogues_on_amx_sized_blocks(isa, act, act_args, n, m):
+    """M and K that the AMX path takes, every activation, with and without a fused
+    residual, on every path: K a multiple of 64; 38 rows, a 32-row block and a 6-row tail;
+    17 rows, one block of 17 (16 rows finished in registers, 1 staged)."""
     rng = np.random.default_rng(30)
-    x, q, s, b = _float_case(rng, 38, 128, n)
+    x, q, s, b = _float_case(rng, m, 128, n)
     aq, sa, za = R.quantize_rows_f32_u8(x)
     pw = K.pack_weights_s8(q, s)
     got = K.gemm_u8s8_f32(aq, sa, za, pw, b, act, act_args)
     ref = R.gemm_u8s8_f32(aq, sa, za, q, s, b, act, act_args)
     np.testing.assert_allclose(got, ref, rtol=2e-5, atol=2e-5 * np.abs(ref).max())
-    res = rng.standard_normal((38, n)).astype(np.float32)
+    res = rng.standard_normal((m, n)).astype(np.float32)
     np.testing.assert_array_equal(K.gemm_u8s8_f32(aq, sa, za, pw, b, act, act_args, residual=res),
                                   got + res)
 
