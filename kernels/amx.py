@@ -105,35 +105,27 @@ def _tilezero(typingctx, tile):
     return types.void(tile), codegen
 
 
-@intrinsic
-def _tileload(typingctx, tile, arr, off, stride):
-    """Tile `tile` <- 16 rows of 64 bytes of arr, from byte off, rows stride bytes apart."""
-    if not (_tiles(tile) and isinstance(arr, types.Array)):
-        return None
-    t = tile.literal_value
+def _tile_memory_op(llvm_name):
+    """An intrinsic (tile, arr, off, stride) calling tileloadd64 or tilestored64: tile
+    `tile` and the rows of 64 bytes of arr from byte off, rows stride bytes apart."""
+    @intrinsic
+    def op(typingctx, tile, arr, off, stride):
+        if not (_tiles(tile) and isinstance(arr, types.Array)):
+            return None
+        t = tile.literal_value
 
-    def codegen(context, builder, sig, args):
-        o = context.cast(builder, args[2], sig.args[2], types.int64)
-        s = context.cast(builder, args[3], sig.args[3], types.int64)
-        p = _byte_ptr(context, builder, sig.args[1], args[1], o)
-        _call(builder, "llvm.x86.tileloadd64", _void, [ir.Constant(_i8, t), p, s])
-        return context.get_dummy_value()
-    return types.void(tile, arr, off, stride), codegen
+        def codegen(context, builder, sig, args):
+            o = context.cast(builder, args[2], sig.args[2], types.int64)
+            s = context.cast(builder, args[3], sig.args[3], types.int64)
+            p = _byte_ptr(context, builder, sig.args[1], args[1], o)
+            _call(builder, llvm_name, _void, [ir.Constant(_i8, t), p, s])
+            return context.get_dummy_value()
+        return types.void(tile, arr, off, stride), codegen
+    return op
 
 
-@intrinsic
-def _tilestore(typingctx, tile, arr, off, stride):
-    if not (_tiles(tile) and isinstance(arr, types.Array)):
-        return None
-    t = tile.literal_value
-
-    def codegen(context, builder, sig, args):
-        o = context.cast(builder, args[2], sig.args[2], types.int64)
-        s = context.cast(builder, args[3], sig.args[3], types.int64)
-        p = _byte_ptr(context, builder, sig.args[1], args[1], o)
-        _call(builder, "llvm.x86.tilestored64", _void, [ir.Constant(_i8, t), p, s])
-        return context.get_dummy_value()
-    return types.void(tile, arr, off, stride), codegen
+_tileload = _tile_memory_op("llvm.x86.tileloadd64")     # tile <- memory
+_tilestore = _tile_memory_op("llvm.x86.tilestored64")   # memory <- tile
 
 
 @intrinsic
