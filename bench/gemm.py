@@ -287,7 +287,7 @@ def main(argv=None):
         print(f"no peak probe for the {info['isa']} path: %peak columns are n/a")
     if amx_peak:
         print(f"measured AMX tdpbusd peak: {amx1:.3f} TOP/s (1 thread), {amx_peak:.3f} TOP/s "
-              f"({args.threads} threads); blocks with K % 64 == 0 and 32 rows run on AMX tiles, "
+              f"({args.threads} threads); GEMMs with K % 64 == 0 and at least 4 rows run on AMX tiles, "
               f"so %peak (of {probe_op}) passes 100% there")
     print(f"first call (numba cache {cache}: {'load' if cache == 'warm' else 'JIT compile'}): " +
           ", ".join(f"{k} {v:.2f}s" for k, v in first.items()))
