@@ -24,6 +24,7 @@ the request succeeded. Each thread loads the tile configuration (``configure``)
 before its first tile and releases it after (``release``).
 """
 import ctypes
+import functools
 
 import llvmlite.ir as ir
 import numpy as np
@@ -48,19 +49,23 @@ _void = ir.VoidType()
 _SYS_ARCH_PRCTL = 158          # x86-64
 _ARCH_REQ_XCOMP_PERM = 0x1023
 _XFEATURE_XTILEDATA = 18
-_permitted = []
 
 
+@functools.cache
 def os_permits():
     """True once the kernel has granted this process AMX tile data (asked once)."""
-    if not _permitted:
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            ok = libc.syscall(_SYS_ARCH_PRCTL, _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA) == 0
-        except (OSError, AttributeError):
-            ok = False
-        _permitted.append(ok)
-    return _permitted[0]
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.syscall(_SYS_ARCH_PRCTL, _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+@njit(inline="always")
+def suits(m, kg):
+    """True if a GEMM of m rows and kg k-groups runs on AMX tiles (gemm._amx_rows): whole
+    tiles in K, at least MIN_ROWS rows. The tile state is loaded exactly then."""
+    return (kg % K_GROUPS == 0) & (m >= MIN_ROWS)  # no short circuit: inlined, no phi
 
 
 def _byte_ptr(context, builder, ty, value, off):

@@ -262,13 +262,14 @@ def _amx_rows_impl(tag, m_start, m_end, n0, ncols, aq, bp, boff, kg, colsum, asc
              res, ep, out, t, y):
         m_amx = m_start
         lda = aq.shape[1]
-        if kg % amx.K_GROUPS == 0 and amx.MIN_ROWS <= aq.shape[0] < amx.ROWS:
+        suits = amx.suits(aq.shape[0], kg)
+        if suits & (aq.shape[0] < amx.ROWS):
             # tiles of the GEMM's own rows (_tile_state): all of them one block
             amx.block_s32(aq, m_start * lda, lda, bp, boff, kg, t, m_end - m_start > 16)
             _amx_epilogue(tag, m_start, m_end - m_start, n0, ncols, colsum, ascale, azp, wscale, bias,
                           res, ep, out, t, y)
             m_amx = m_end
-        elif kg % amx.K_GROUPS == 0:
+        elif suits:
             m_amx = m_start + (m_end - m_start) // amx.ROWS * amx.ROWS
             for m0 in range(m_start, m_amx, amx.ROWS):
                 amx.block_s32(aq, m0 * lda, lda, bp, boff, kg, t, True)
@@ -346,7 +347,7 @@ def _tile_state_impl(tag, on, m, kg):
         return lambda tag, on, m, kg: None
 
     def impl(tag, on, m, kg):
-        if kg % amx.K_GROUPS == 0 and m >= amx.MIN_ROWS:
+        if amx.suits(m, kg):
             if on:
                 r0 = min(m, 16)
                 amx.configure(r0, min(m - r0, 16))
