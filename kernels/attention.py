@@ -42,12 +42,12 @@ from .attention_steps import (MASK_BOOL, MASK_FLOAT, MASK_NONE, pack_k, pack_v,
                               quantize_k_rows, quantize_q_rows, softmax_rows, v_scales)
 from .dispatch import KernelError
 from . import dispatch as _dispatch
-from .gemm import _fetch_add, _job_into, _scratch, _tile_state, a_rows
+from .gemm import _count_add, _job_into, _scratch, _tile_state, a_rows
 from .linear import epilogue_params, get_num_threads
 from .rowops import pointer, prefetch
 from .simd import BLOCK_COLS, TAGS
 
-KERNEL_VERSION = "attention-5"
+KERNEL_VERSION = "attention-6"
 # below this many multiply-adds per call a thread launch costs more than it saves
 PARALLEL_MIN_MACS = 1 << 20
 
@@ -163,9 +163,9 @@ def _worker(tag, nxt, geo, mkind, causal, scale, ep, out):
     bufs = _buffers(tag, sq, geo[_SK], geo[_D], dv)
     jobs = nb * nh
     # claim one job ahead, so its operands can be prefetched during this one
-    job = _fetch_add(nxt, 0)
+    job = _count_add(nxt, 0, 1)
     while job < jobs:
-        ahead = _fetch_add(nxt, 0)
+        ahead = _count_add(nxt, 0, 1)
         if ahead < jobs:
             _prefetch_head(ahead, nh, sq, geo, qf, kf, vf, dv)
         _head(tag, job // nh, job % nh, geo, qf, kf, vf, mf, mb, mkind, causal, scale, ep,

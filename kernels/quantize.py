@@ -23,7 +23,7 @@ from numba.extending import intrinsic
 
 from .rowops import quantize_u8
 
-KERNEL_VERSION = "quantize-4"
+KERNEL_VERSION = "quantize-5"
 
 _F0 = np.float32(0.0)
 _F1 = np.float32(1.0)
@@ -93,14 +93,20 @@ def quantize_row(x, i, inv, zp, q):
 
 
 @njit(cache=True)
-def quantize_rows_into(x, q, scales, zps):
-    """Dynamic per-row quantization of x (M, K) float32 into q (M, Kp)."""
-    for i in range(x.shape[0]):
+def quantize_rows_range(x, q, scales, zps, start, stop):
+    """Dynamic per-row quantization of rows start..stop-1 of x into q, scales, zps."""
+    for i in range(start, stop):
         lo, hi = row_range(x, i)
         s, zp = scale_zero_point(lo, hi)
         scales[i] = s
         zps[i] = np.int32(zp)
         quantize_row(x, i, _F1 / s, zp, q)
+
+
+@njit(cache=True)
+def quantize_rows_into(x, q, scales, zps):
+    """Dynamic per-row quantization of x (M, K) float32 into q (M, Kp)."""
+    quantize_rows_range(x, q, scales, zps, 0, x.shape[0])
 
 
 @njit(cache=True)
