@@ -44,10 +44,10 @@ from .dispatch import KernelError
 from . import dispatch as _dispatch
 from .gemm import _count_add, _job_into, _scratch, _tile_state, a_rows
 from .linear import epilogue_params, get_num_threads
-from .rowops import pointer, prefetch
+from .rowops import borrowed, pointer, prefetch
 from .simd import BLOCK_COLS, TAGS
 
-KERNEL_VERSION = "attention-6"
+KERNEL_VERSION = "attention-7"
 # below this many multiply-adds per call a thread launch costs more than it saves
 PARALLEL_MIN_MACS = 1 << 20
 
@@ -61,6 +61,10 @@ _ADDR, _SPAN, _QS, _KS, _VS, _MS, _SK, _D = 0, 4, 8, 11, 14, 17, 20, 21
 @njit
 def _gemm(tag, aq, bp, kg, colsum, ascale, azp, wscale, bias, ep, out):
     """out = dequantized aq x packed bp, every column block on this thread."""
+    # the caller holds these for the call (gemm._worker says why borrowed)
+    aq, bp, colsum, ascale = borrowed(aq), borrowed(bp), borrowed(colsum), borrowed(ascale)
+    azp, wscale, bias = borrowed(azp), borrowed(wscale), borrowed(bias)
+    ep, out = borrowed(ep), borrowed(out)
     m = aq.shape[0]
     t, y = _scratch(tag)
     no_residual = out[:0]

@@ -6,6 +6,7 @@
     absmax_cols(x, off, stride, rows, n, out)  # out[c] = max_r |x[off + r*stride + c]|
     prefetch(x, off)                         # cache hint for element off
     p = pointer(address, np.float32)         # an integer address as a typed pointer
+    a = borrowed(a)                          # a view of a that does no reference counting
 
 LLVM, as Numba drives it, turns a scalar min/max loop into an in-loop (per
 iteration horizontal) reduction that runs at scalar speed, so the reductions
@@ -21,7 +22,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-KERNEL_VERSION = "rowops-4"
+KERNEL_VERSION = "rowops-5"
 
 _LANES = 16
 _f32 = ir.FloatType()
@@ -247,3 +248,21 @@ def pointer(typingctx, addr, dtype):
     return sig, codegen
 
 
+
+
+@intrinsic
+def borrowed(typingctx, a):
+    """A view of array a without its memory owner, so that passing it on (to an inlined
+    function, whose argument copies Numba counts with atomic increments and decrements
+    on the owner's count) costs nothing. Only for an array the caller keeps alive for
+    as long as the view is used, such as a function's own argument: Numba frees a
+    local array after its last use, and the view does not count as a use."""
+    if not isinstance(a, types.Array):
+        return None
+
+    def codegen(context, builder, sig, args):
+        view = cgutils.create_struct_proxy(sig.args[0])(context, builder, value=args[0])
+        view.meminfo = cgutils.get_null_value(view.meminfo.type)
+        view.parent = cgutils.get_null_value(view.parent.type)
+        return view._getvalue()
+    return a(a), codegen

@@ -1,4 +1,5 @@
 """int8 GEMM kernels against the numpy reference, on every ISA path."""
+import gc
 import os
 import subprocess
 import sys
@@ -6,6 +7,7 @@ import sys
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
+from numba.core.runtime import _nrt_python as _nrt, rtsys
 
 from fxopt import kernels as K
 from fxopt.kernels import dispatch, gemm as G, linear as L, reference as R
@@ -202,6 +204,40 @@ def test_linear_f32_matches_reference(isa, monkeypatch, threads, m, k, n):
     got = K.linear_f32(x, K.pack_weights_s8(q, s), b, "gelu", n_threads=threads)
     ref = R.linear_f32(x, q, s, b, "gelu")
     np.testing.assert_allclose(got, ref, rtol=2e-5, atol=2e-5 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_entries_free_every_array_they_take(isa, monkeypatch, threads):
+    """Each entry frees every array it allocates or takes once it returns. The workers
+    hand their loops borrowed views (rowops.borrowed): a reference count taken or
+    dropped once too often shows here as a memory owner never freed, or freed twice."""
+    if threads == 2 and isa not in THREADED_ISAS:
+        pytest.skip("threaded driver checked on THREADED_ISAS")
+    monkeypatch.setattr(L, "PARALLEL_MIN_MACS", 0)
+    rng = np.random.default_rng(9)
+    x, q, s, b = _float_case(rng, 37, 128, 70)
+    pw = K.pack_weights_s8(q, s)
+    a = rng.integers(0, 256, (37, 128), dtype=np.uint8)
+    qk = rng.standard_normal((1, 2, 9, 64)).astype(np.float32)
+    calls = [lambda: K.linear_f32(x, pw, b, "relu", n_threads=threads, residual=x[:, :70]),
+             lambda: K.gemm_u8s8_s32(a, pw, n_threads=threads),
+             lambda: K.attention_int8(qk, qk, qk, n_threads=threads)]
+    stats_were_on = _nrt.memsys_stats_enabled()
+    _nrt.memsys_enable_stats()
+    try:
+        for call in calls:
+            call()   # compiled, and any one-time state made
+            before = rtsys.get_allocation_stats()
+            for _ in range(3):
+                call()
+            gc.collect()
+            after = rtsys.get_allocation_stats()
+            taken = after.mi_alloc - before.mi_alloc
+            assert taken > 0 and after.mi_free - before.mi_free == taken
+            assert after.free - before.free == after.alloc - before.alloc
+    finally:
+        if not stats_were_on:
+            _nrt.memsys_disable_stats()
 
 
 @pytest.mark.parametrize("threads", [1, 2])
