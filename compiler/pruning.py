@@ -11,7 +11,7 @@ prune_apply.py; passes/prune_channels.py runs it inside a pipeline.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
@@ -63,6 +63,14 @@ class PruneReport:
         lines += [str(g) for g in self.groups]
         lines += [f"left alone: {name}: {why}" for name, why in self.unsafe]
         return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        """The report as plain data (what fxopt.save stores); from_dict is the inverse."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> PruneReport:
+        return cls(**{**d, "groups": [GroupReport(**g) for g in d["groups"]]})
 
 
 def prune_graph(gm: GraphModule, data=None, loss_fn=None, seed: int = 0, **options) -> PruneReport:

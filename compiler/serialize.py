@@ -31,6 +31,7 @@ from torch import fx, nn
 from fxopt.errors import ArtifactError, FxoptError
 from fxopt.input_check import input_specs, install as install_input_check
 from fxopt.graph_json import decode_graph, decode_value, encode_graph, encode_value
+from fxopt.pruning import PruneReport
 from fxopt.report import Report
 from fxopt.tensor_store import assign_weight, collect_weights, rebuild_weights
 
@@ -104,12 +105,18 @@ def _fxopt_version() -> str:
     return getattr(fxopt, "__version__", "unknown")
 
 
+# gm.meta entries of a class of their own, saved as cls.to_dict() and loaded by cls.from_dict
+_META_CLASSES = {"fxopt_prune": PruneReport}
+
+
 def _graph_meta(gm) -> dict:
     """gm.meta["fxopt_*"] entries (bar the artifact meta), tagged-encoded."""
     out = {}
     for key, value in gm.meta.items():
         if not key.startswith("fxopt_") or key == ARTIFACT_META:
             continue
+        if isinstance(value, _META_CLASSES.get(key, ())):
+            value = value.to_dict()
         try:
             out[key] = encode_value(value, f"gm.meta[{key!r}]")
         except ArtifactError as e:
@@ -326,6 +333,12 @@ def _restore_meta(gm, graph_meta: dict, metadata: dict, path: str) -> None:
         raise ArtifactError(f"{path} is corrupt: graph meta is not a mapping")
     for key, value in graph_meta.items():
         gm.meta[key] = decode_value(value)
+        if key in _META_CLASSES:
+            try:
+                gm.meta[key] = _META_CLASSES[key].from_dict(gm.meta[key])
+            except (KeyError, TypeError, ValueError, AttributeError) as e:
+                raise ArtifactError(f"{path} holds a malformed gm.meta[{key!r}] "
+                                    f"({type(e).__name__}: {e})") from None
     artifact = _json(metadata, "artifact", path)
     if not isinstance(artifact, dict):
         raise ArtifactError(f"{path} is corrupt: artifact meta is not a mapping")

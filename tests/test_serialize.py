@@ -121,6 +121,33 @@ def test_a_loaded_model_saves_and_loads_again(tmp_path):
     assert str(again.fxopt_report) == str(fast.fxopt_report)
 
 
+def test_pruned_model_keeps_its_prune_report(tmp_path):
+    import warnings
+    model, example, other = ZOO["cnn_bn_residual"]()
+    small = fxopt.prune(model, example, ratio=0.5, round_to=1)
+    report = small.meta["fxopt_prune"]
+    assert report.groups and any(g.kept < g.count for g in report.groups)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")   # the report is saved, not dropped with a warning
+        fxopt.save(small, tmp_path / "p.fxopt")
+    loaded = fxopt.load(tmp_path / "p.fxopt")
+    assert loaded.meta["fxopt_prune"] == report and str(loaded.meta["fxopt_prune"]) == str(report)
+    with torch.no_grad():
+        assert_identical(call(loaded, other), call(small, other))
+
+
+def test_malformed_prune_report_is_an_artifact_error(tmp_path):
+    model, example, _ = ZOO["mlp"]()
+    fxopt.save(fxopt.prune(model, example, ratio=0.5, round_to=1), tmp_path / "p.fxopt")
+
+    def drop_groups(graph):
+        report = graph["meta"]["fxopt_prune"]
+        report["dict"] = [pair for pair in report["dict"] if pair[0] != "groups"]
+    rewrite(tmp_path / "p.fxopt", edit_graph=drop_groups)
+    with pytest.raises(ArtifactError, match="malformed gm.meta\\['fxopt_prune'\\]"):
+        fxopt.load(tmp_path / "p.fxopt")
+
+
 def test_loaded_model_checks_its_inputs(mlp_file, tmp_path):
     loaded = fxopt.load(mlp_file)
     loaded(torch.randn(9, 32))      # batch is dynamic
