@@ -18,10 +18,18 @@ from .dispatch import KernelError
 from .epilogue import apply_activation
 from .linear import _bias, _run, epilogue_params, new_a_rows
 from .pack import pack_weights_s8, quantize_weights_s8
-from .quantize import padded_k, quantize_rows_into, quantize_tensor_into, quantize_tensor_par
+from .quantize import (padded_k, quantize_rows_into, quantize_tensor_into, quantize_tensor_par,
+                       scale_zero_point)
+from .rowops import minmax_f32, quantize_u8
 
-KERNEL_VERSION = "conv-9"
+KERNEL_VERSION = "conv-10"
 _NO_X = np.empty((0, 0), np.float32)
+_F0, _F1, _F255 = np.float32(0.0), np.float32(1.0), np.float32(255.0)
+# blocks of quantize_chw_rows (pixels, channels) and of rows_to_chw (square), in L1
+_CHW_PIXELS, _CHW_CHANNELS = 128, 32
+_TILE = 32
+# float32 values per job of image_ranges
+_RANGE_CHUNK = 1 << 14
 
 
 class PackedConv(NamedTuple):
@@ -125,6 +133,77 @@ def im2col_batch_u8(x, cg, kh, kw, sh, sw, ph, pw, dh, dw, zps, out):
         im2col_u8(x[i], 0, cg, kh, kw, sh, sw, ph, pw, dh, dw, zps[i], out[i * rows:(i + 1) * rows])
 
 
+@njit(cache=True, parallel=True)
+def image_ranges(x, scales, zps):
+    """Dynamic quantization parameters of each image (row) of x (N, S), float32 and
+    C-contiguous: quantize.py's formula over the whole image, its min and max taken in
+    chunks spread over the threads."""
+    n, size = x.shape
+    chunks = (size + _RANGE_CHUNK - 1) // _RANGE_CHUNK
+    lo = np.empty(n * chunks, np.float32)
+    hi = np.empty(n * chunks, np.float32)
+    for job in prange(n * chunks):
+        i, c = job // chunks, job % chunks
+        start = c * _RANGE_CHUNK
+        lo[job], hi[job] = minmax_f32(x, i * size + start, min(_RANGE_CHUNK, size - start))
+    for i in range(n):
+        a, b = _F0, _F0
+        for job in range(i * chunks, (i + 1) * chunks):
+            a, b = min(a, lo[job]), max(b, hi[job])
+        scale, zp = scale_zero_point(a, b)
+        scales[i] = scale
+        zps[i] = np.int32(zp)
+
+
+@njit(cache=True, parallel=True)
+def quantize_chw_rows(x, scales, zps, out):
+    """Quantize CHW images x (N, C, P) float32 (P = H*W pixels, C-contiguous), image n
+    with scales[n] and zps[n], into pixel rows out (N*P, >= C): out[n*P + p, c], the
+    HWC order im2col and the GEMM read, zero points in the k-group padding. One pass,
+    in blocks of _CHW_PIXELS pixels x _CHW_CHANNELS channels: each channel's run of
+    pixels quantized with the vector intrinsic into a small tile, the tile then
+    copied across (numpy's transpose of a 256-channel 56x56 image to HWC alone takes
+    5 ms: it thrashes the cache)."""
+    n, c, p = x.shape
+    flat = x.reshape(-1)
+    pad_end = min(out.shape[1], (c + 3) & ~3)
+    bp, bc = (p + _CHW_PIXELS - 1) // _CHW_PIXELS, (c + _CHW_CHANNELS - 1) // _CHW_CHANNELS
+    for job in prange(n * bp * bc):
+        tile = np.empty(_CHW_CHANNELS * _CHW_PIXELS, np.uint8)
+        i = job // (bp * bc)
+        rest = job - i * bp * bc
+        p0, c0 = (rest // bc) * _CHW_PIXELS, (rest % bc) * _CHW_CHANNELS
+        inv, zp = _F1 / scales[i], np.int32(zps[i])
+        npx, nch = min(p, p0 + _CHW_PIXELS) - p0, min(c, c0 + _CHW_CHANNELS) - c0
+        for ch in range(nch):
+            quantize_u8(flat, (i * c + c0 + ch) * p + p0, npx, inv, zp, tile, ch * _CHW_PIXELS)
+        for px in range(npx):
+            row = np.uint64(i * p + p0 + px)
+            for ch in range(nch):
+                out[row, np.uint64(c0 + ch)] = tile[np.uint64(ch * _CHW_PIXELS + px)]
+            if c0 + nch == c:
+                for k in range(c, pad_end):
+                    out[row, np.uint64(k)] = zp
+
+
+@njit(cache=True, parallel=True)
+def rows_to_chw(y, out):
+    """out (N, O, P) = pixel rows y (N, P, O) transposed, in _TILE x _TILE blocks."""
+    n, p, o = y.shape
+    src, dst = y.reshape(-1), out.reshape(-1)
+    bp, bo = (p + _TILE - 1) // _TILE, (o + _TILE - 1) // _TILE
+    for job in prange(n * bp * bo):
+        i = job // (bp * bo)
+        rest = job - i * bp * bo
+        p0, o0 = (rest // bo) * _TILE, (rest % bo) * _TILE
+        base = np.uint64(i * p * o)
+        for ch in range(o0, min(o, o0 + _TILE)):
+            d = base + np.uint64(ch * p)
+            s = base + np.uint64(ch)
+            for px in range(p0, min(p, p0 + _TILE)):
+                dst[d + np.uint64(px)] = src[s + np.uint64(px * o)]
+
+
 @njit(cache=True)
 def depthwise_u8(x, nhwc, q, kh, kw, sh, sw, ph, pw, dh, dw, zp, sx, ws, bias, ep, out):
     """Direct depthwise conv on a uint8 image; out float32 (C, OH, OW)."""
@@ -206,6 +285,18 @@ def _conv_batched(x, nhwc, pc, geo, bias, ep, n_threads, oh, ow, a_scale, a_zp, 
         # static 1x1 conv on NHWC: the quantized pixels are the GEMM's A rows already
         # (with fewer channels, per-pixel rows cost more calls than the copy they save)
         _quantize_static(x.reshape(n * rows, cg), a_scale, a_zp, cols)
+    elif not nhwc:
+        # quantized and laid out HWC in one pass: for a 1x1 conv straight into A's rows
+        if a_scale <= 0:
+            scales, zps = np.empty(n, np.float32), np.empty(n, np.int32)
+            image_ranges(x.reshape(n, -1), scales, zps)
+        chw = x.reshape(n, cg, -1)
+        if direct:
+            quantize_chw_rows(chw, scales, zps, cols)
+        else:
+            xq = np.empty((n, x.shape[2], x.shape[3], cg), np.uint8)
+            quantize_chw_rows(chw, scales, zps, xq.reshape(-1, cg))
+            im2col_batch_u8(xq, cg, pc.kh, pc.kw, *geo, zps, cols)
     else:
         # quantize every image (dynamic: a scale per image), then im2col per image
         xq = np.empty(x.shape, np.uint8)
@@ -215,8 +306,6 @@ def _conv_batched(x, nhwc, pc, geo, bias, ep, n_threads, oh, ow, a_scale, a_zp, 
         else:
             quantize_tensor_into(x.reshape(n, -1), np.float32(a_scale), np.int32(a_zp),
                                  xq.reshape(n, -1))
-        if not nhwc:
-            xq = np.ascontiguousarray(xq.transpose(0, 2, 3, 1))
         if direct:  # 1x1 conv: the HWC images are the GEMM's A already
             cols[:, :cg] = xq.reshape(n * rows, cg)
         else:
@@ -287,7 +376,11 @@ def conv2d_f32(x, pc, bias=None, stride=1, padding=0, dilation=1, act="none",
         res = _residual_rows(residual, pc, x.shape[0], oh, ow, nhwc)
     if pc.dw_q is None and pc.groups == 1:  # dense: one GEMM for the batch, at batch 1 too
         y = _conv_batched(x, nhwc, pc, geo, b, ep, n_threads, oh, ow, a_scale, a_zero_point, res)
-        return y if nhwc else np.ascontiguousarray(y.transpose(0, 3, 1, 2))
+        if nhwc:
+            return y
+        out = np.empty((y.shape[0], pc.out_channels, oh, ow), np.float32)
+        rows_to_chw(y.reshape(y.shape[0], oh * ow, -1), out.reshape(out.shape[0], pc.out_channels, -1))
+        return out
     outs = []
     for img in x:
         xq, s, z = _quantize_image(img) if a_scale <= 0 else _quantize_image_static(img, a_scale, a_zero_point)

@@ -325,3 +325,50 @@ def test_absmax_cols_matches_numpy_on_strided_rows(n):
     run(x, off, stride, rows, n, out)
     want = np.abs(x[off:off + rows * stride].reshape(rows, stride)[:, :n]).max(0)
     np.testing.assert_array_equal(out, want)
+
+
+@pytest.mark.parametrize("c,h,w", [(70, 12, 13), (3, 20, 17), (256, 9, 15)])
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])   # uint16: the AVX2 GEMM's A rows
+def test_nchw_images_quantize_into_pixel_rows_exactly(c, h, w, dtype):
+    """quantize_chw_rows (blocks of 128 pixels x 32 channels, here with tails in both)
+    against the numpy reference quantizing each image whole, then laid out HWC."""
+    from fxopt.kernels import conv as KC
+    rng = np.random.default_rng(c + h)
+    x = (rng.standard_normal((2, c, h, w)) * 3 + 1).astype(np.float32)
+    scales, zps = np.empty(2, np.float32), np.empty(2, np.int32)
+    KC.image_ranges(x.reshape(2, -1), scales, zps)
+    kp = (c + 3) & ~3
+    rows = np.full((2 * h * w, kp + 5), 7, dtype)
+    KC.quantize_chw_rows(x.reshape(2, c, -1), scales, zps, rows)
+    for i in range(2):
+        q, s, z = R.quantize_rows_f32_u8(x[i].reshape(1, -1))
+        assert (s[0], z[0]) == (scales[i], zps[i])
+        got = rows[i * h * w:(i + 1) * h * w]
+        np.testing.assert_array_equal(got[:, :c], q.reshape(c, h * w).T)
+        assert (got[:, c:kp] == z[0]).all() and (got[:, kp:] == 7).all()   # pad, untouched
+
+
+@pytest.mark.parametrize("p,o", [(3136, 256), (37, 70), (1, 5)])
+def test_pixel_rows_transpose_to_chw(p, o):
+    from fxopt.kernels import conv as KC
+    y = np.random.default_rng(p).standard_normal((2, p, o)).astype(np.float32)
+    out = np.empty((2, o, p), np.float32)
+    KC.rows_to_chw(y, out)
+    np.testing.assert_array_equal(out, y.transpose(0, 2, 1))
+
+
+@pytest.mark.parametrize("isa", sorted({ISAS[0], "portable"}))
+@pytest.mark.parametrize("c,o,k,h", [(256, 64, 1, 20), (70, 40, 3, 13), (64, 256, 1, 14)])
+def test_conv2d_nchw_equals_nhwc_bit_for_bit(isa, c, o, k, h):
+    """The NCHW path (quantized straight into pixel rows, output transposed back) and the
+    NHWC path give the same numbers: the same quantization, the same GEMM."""
+    rng = np.random.default_rng(c * k)
+    x = rng.standard_normal((2, c, h, h + 3)).astype(np.float32)
+    w = rng.standard_normal((o, c, k, k)).astype(np.float32)
+    b = rng.standard_normal(o).astype(np.float32)
+    with K.use_isa(isa):
+        pc = K.pack_conv_weights_s8(w)
+        y = K.conv2d_f32(x, pc, b, padding=k // 2, act="relu")
+        y_nhwc = K.conv2d_f32(np.ascontiguousarray(x.transpose(0, 2, 3, 1)), pc, b,
+                              padding=k // 2, act="relu", layout="NHWC")
+    np.testing.assert_array_equal(y, y_nhwc.transpose(0, 3, 1, 2))
