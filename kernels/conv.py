@@ -22,7 +22,7 @@ from .quantize import (padded_k, quantize_rows_into, quantize_tensor_into, quant
                        scale_zero_point)
 from .rowops import minmax_f32, quantize_u8
 
-KERNEL_VERSION = "conv-10"
+KERNEL_VERSION = "conv-11"
 _NO_X = np.empty((0, 0), np.float32)
 _F0, _F1, _F255 = np.float32(0.0), np.float32(1.0), np.float32(255.0)
 # blocks of quantize_chw_rows (pixels, channels) and of rows_to_chw (square), in L1
@@ -79,11 +79,11 @@ def pack_conv_weights_s8(weight, groups=1, scales=None):
 
 
 @njit(cache=True)
-def im2col_u8(x, c0, cg, kh, kw, sh, sw, ph, pw, dh, dw, zp, out):
+def im2col_u8(x, c0, cg, kh, kw, sh, sw, ph, pw, dh, dw, zp, out, oy0, oy1):
     """Patches of channels c0..c0+cg of one uint8 HWC image (C-contiguous) into out
-    (OH*OW, Kp), columns ordered (kh, kw, c): each tap is one contiguous
-    run of cg values, copied with vector moves (out is uint8, or uint16 A
-    rows for the avx2 GEMM)."""
+    (OH*OW, Kp), columns ordered (kh, kw, c), output rows oy0..oy1-1 (of OH): each
+    tap is one contiguous run of cg values, copied with vector moves (out is uint8,
+    or uint16 A rows for the avx2 GEMM)."""
     h, w, c_all = x.shape
     oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
     ow = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
@@ -94,7 +94,7 @@ def im2col_u8(x, c0, cg, kh, kw, sh, sw, ph, pw, dh, dw, zp, out):
     whole_rows = cg == c_all and dw == 1
     flat = x.reshape(-1)
     run = np.uint64(kw * cg)
-    for oy in range(oh):
+    for oy in range(oy0, oy1):
         for ox in range(ow):
             row = np.uint64(oy * ow + ox)
             col = np.uint64(0)
@@ -126,11 +126,15 @@ def im2col_u8(x, c0, cg, kh, kw, sh, sw, ph, pw, dh, dw, zp, out):
 @njit(cache=True, parallel=True)
 def im2col_batch_u8(x, cg, kh, kw, sh, sw, ph, pw, dh, dw, zps, out):
     """im2col_u8 of every image of a uint8 NHWC batch, image i (zero point zps[i]) into
-    its OH*OW consecutive rows of out: one call, images spread over the threads."""
+    its OH*OW consecutive rows of out: one call, output rows spread over the threads
+    (a batch of 1 too: a 7x7 stem's patches alone cost more than its GEMM)."""
     n = x.shape[0]
     rows = out.shape[0] // n
-    for i in prange(n):
-        im2col_u8(x[i], 0, cg, kh, kw, sh, sw, ph, pw, dh, dw, zps[i], out[i * rows:(i + 1) * rows])
+    oh = (x.shape[1] + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    for job in prange(n * oh):
+        i, oy = job // oh, job % oh
+        im2col_u8(x[i], 0, cg, kh, kw, sh, sw, ph, pw, dh, dw, zps[i], out[i * rows:(i + 1) * rows],
+                  oy, oy + 1)
 
 
 @njit(cache=True, parallel=True)
@@ -329,7 +333,7 @@ def _gemm_groups(xq, pc, geo, s, z, bias, ep, n_threads, oh, ow):
     rows_z = np.full(oh * ow, z, np.int32)
     cols = new_a_rows(oh * ow, kp // 4)
     for g, pw in enumerate(pc.parts):
-        im2col_u8(xq, g * cg, cg, pc.kh, pc.kw, *geo, z, cols)
+        im2col_u8(xq, g * cg, cg, pc.kh, pc.kw, *geo, z, cols, 0, oh)
         part = np.empty((oh * ow, og), np.float32)
         b = bias[g * og:(g + 1) * og] if bias.size else bias
         _run(_NO_X, cols, rows_s, rows_z, pw, _bias(b if b.size else None, og), ep, part,
