@@ -18,8 +18,7 @@ from .dispatch import KernelError
 from .epilogue import apply_activation
 from .linear import _bias, _run, epilogue_params, new_a_rows
 from .pack import pack_weights_s8, quantize_weights_s8
-from .quantize import (padded_k, quantize_rows_into, quantize_tensor_into, quantize_tensor_par,
-                       scale_zero_point)
+from .quantize import padded_k, quantize_rows_into, quantize_tensor_into, scale_zero_point
 from .rowops import minmax_f32, quantize_u8
 
 KERNEL_VERSION = "conv-11"
@@ -28,8 +27,8 @@ _F0, _F1, _F255 = np.float32(0.0), np.float32(1.0), np.float32(255.0)
 # blocks of quantize_chw_rows (pixels, channels) and of rows_to_chw (square), in L1
 _CHW_PIXELS, _CHW_CHANNELS = 128, 32
 _TILE = 32
-# float32 values per job of image_ranges
-_RANGE_CHUNK = 1 << 14
+# float32 values per job of image_ranges and quantize_hwc_rows; pixel rows per job
+_RANGE_CHUNK, _ROW_BLOCK = 1 << 14, 32
 
 
 class PackedConv(NamedTuple):
@@ -191,6 +190,34 @@ def quantize_chw_rows(x, scales, zps, out):
 
 
 @njit(cache=True, parallel=True)
+def quantize_hwc_rows(x, scales, zps, out):
+    """Quantize HWC images x (N, P, C) float32 (C-contiguous), image n with scales[n]
+    and zps[n], into pixel rows out (N*P, >= C), zero points in the k-group padding:
+    into a plain (N*P, C) array in flat runs of _RANGE_CHUNK values, into wider rows
+    (the GEMM's A rows) _ROW_BLOCK rows a job; the jobs spread over the threads."""
+    n, p, c = x.shape
+    size = p * c
+    q_row = out.strides[0] // out.itemsize
+    if q_row == c:
+        chunks = (size + _RANGE_CHUNK - 1) // _RANGE_CHUNK
+        for job in prange(n * chunks):
+            i, k = job // chunks, job % chunks
+            start = i * size + k * _RANGE_CHUNK
+            quantize_u8(x, start, min(_RANGE_CHUNK, size - k * _RANGE_CHUNK), _F1 / scales[i],
+                        np.int32(zps[i]), out, start)
+        return
+    pad_end = min(out.shape[1], (c + 3) & ~3)
+    blocks = (p + _ROW_BLOCK - 1) // _ROW_BLOCK
+    for job in prange(n * blocks):
+        i, b = job // blocks, job % blocks
+        inv, zp = _F1 / scales[i], np.int32(zps[i])
+        for r in range(i * p + b * _ROW_BLOCK, i * p + min(p, (b + 1) * _ROW_BLOCK)):
+            quantize_u8(x, r * c, c, inv, zp, out, r * q_row)
+            for k in range(c, pad_end):
+                out[np.uint64(r), np.uint64(k)] = zp
+
+
+@njit(cache=True, parallel=True)
 def rows_to_chw(y, out):
     """out (N, O, P) = pixel rows y (N, P, O) transposed, in _TILE x _TILE blocks."""
     n, p, o = y.shape
@@ -240,13 +267,6 @@ def _pair(v, name):
     return t
 
 
-def _quantize_static(x2d, scale, zp, q):
-    """Static quantization of float rows x2d into the GEMM's A rows q; large tensors
-    over the threads."""
-    fn = quantize_tensor_par if x2d.size >= 1 << 16 else quantize_tensor_into
-    fn(x2d, np.float32(scale), np.int32(zp), q)
-
-
 def _quantize_image(img):
     q = np.empty((1, img.size), np.uint8)
     s = np.empty(1, np.float32)
@@ -285,35 +305,19 @@ def _conv_batched(x, nhwc, pc, geo, bias, ep, n_threads, oh, ow, a_scale, a_zp, 
     cols = new_a_rows(n * rows, kp // 4)
     if a_scale > 0:
         scales, zps = np.full(n, a_scale, np.float32), np.full(n, a_zp, np.int32)
-    if a_scale > 0 and direct and nhwc and cg >= 128:
-        # static 1x1 conv on NHWC: the quantized pixels are the GEMM's A rows already
-        # (with fewer channels, per-pixel rows cost more calls than the copy they save)
-        _quantize_static(x.reshape(n * rows, cg), a_scale, a_zp, cols)
-    elif not nhwc:
-        # quantized and laid out HWC in one pass: for a 1x1 conv straight into A's rows
-        if a_scale <= 0:
-            scales, zps = np.empty(n, np.float32), np.empty(n, np.int32)
-            image_ranges(x.reshape(n, -1), scales, zps)
-        chw = x.reshape(n, cg, -1)
-        if direct:
-            quantize_chw_rows(chw, scales, zps, cols)
-        else:
-            xq = np.empty((n, x.shape[2], x.shape[3], cg), np.uint8)
-            quantize_chw_rows(chw, scales, zps, xq.reshape(-1, cg))
-            im2col_batch_u8(xq, cg, pc.kh, pc.kw, *geo, zps, cols)
+    else:   # dynamic: a scale per image
+        scales, zps = np.empty(n, np.float32), np.empty(n, np.int32)
+        image_ranges(x.reshape(n, -1), scales, zps)
+    # quantized into HWC pixel rows: for a 1x1 conv those are the GEMM's A rows already
+    pixels = x.shape[1] * x.shape[2] if nhwc else x.shape[2] * x.shape[3]
+    xq = cols if direct else np.empty((n, pixels, cg), np.uint8)
+    if nhwc:
+        quantize_hwc_rows(x.reshape(n, pixels, cg), scales, zps, xq.reshape(-1, xq.shape[-1]))
     else:
-        # quantize every image (dynamic: a scale per image), then im2col per image
-        xq = np.empty(x.shape, np.uint8)
-        if a_scale <= 0:
-            scales, zps = np.empty(n, np.float32), np.empty(n, np.int32)
-            quantize_rows_into(x.reshape(n, -1), xq.reshape(n, -1), scales, zps)
-        else:
-            quantize_tensor_into(x.reshape(n, -1), np.float32(a_scale), np.int32(a_zp),
-                                 xq.reshape(n, -1))
-        if direct:  # 1x1 conv: the HWC images are the GEMM's A already
-            cols[:, :cg] = xq.reshape(n * rows, cg)
-        else:
-            im2col_batch_u8(xq, cg, pc.kh, pc.kw, *geo, zps, cols)
+        quantize_chw_rows(x.reshape(n, cg, pixels), scales, zps, xq.reshape(-1, xq.shape[-1]))
+    if not direct:
+        h, w = x.shape[1:3] if nhwc else x.shape[2:]
+        im2col_batch_u8(xq.reshape(n, h, w, cg), cg, pc.kh, pc.kw, *geo, zps, cols)
     rows_s = np.repeat(scales, rows)
     rows_z = np.repeat(zps, rows)
     out = np.empty((n * rows, pc.out_channels), np.float32)
