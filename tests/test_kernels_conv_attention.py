@@ -372,3 +372,23 @@ def test_conv2d_nchw_equals_nhwc_bit_for_bit(isa, c, o, k, h):
         y_nhwc = K.conv2d_f32(np.ascontiguousarray(x.transpose(0, 2, 3, 1)), pc, b,
                               padding=k // 2, act="relu", layout="NHWC")
     np.testing.assert_array_equal(y, y_nhwc.transpose(0, 3, 1, 2))
+
+
+@pytest.mark.parametrize("c,p", [(70, 156), (3, 40000), (64, 33)])   # 3 x 40000: several runs
+@pytest.mark.parametrize("wide", [False, True])   # a plain HWC image, or the GEMM's wider A rows
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_nhwc_images_quantize_into_pixel_rows_exactly(c, p, wide, dtype):
+    from fxopt.kernels import conv as KC
+    rng = np.random.default_rng(c + p)
+    x = (rng.standard_normal((2, p, c)) * 3 - 1).astype(np.float32)
+    scales, zps = np.empty(2, np.float32), np.empty(2, np.int32)
+    KC.image_ranges(x.reshape(2, -1), scales, zps)
+    kp = (c + 3) & ~3
+    rows = np.full((2 * p, kp + 5 if wide else c), 7, dtype)
+    KC.quantize_hwc_rows(x, scales, zps, rows)
+    for i in range(2):
+        q, s, z = R.quantize_rows_f32_u8(x[i].reshape(1, -1))
+        got = rows[i * p:(i + 1) * p]
+        np.testing.assert_array_equal(got[:, :c], q.reshape(p, c))
+        if wide:
+            assert (got[:, c:kp] == z[0]).all() and (got[:, kp:] == 7).all()
