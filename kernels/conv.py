@@ -21,7 +21,7 @@ from .pack import pack_weights_s8, quantize_weights_s8
 from .quantize import padded_k, quantize_rows_into, quantize_tensor_into, scale_zero_point
 from .rowops import minmax_f32, quantize_u8
 
-KERNEL_VERSION = "conv-11"
+KERNEL_VERSION = "conv-12"
 _NO_X = np.empty((0, 0), np.float32)
 _F0, _F1, _F255 = np.float32(0.0), np.float32(1.0), np.float32(255.0)
 # blocks of quantize_chw_rows (pixels, channels) and of rows_to_chw (square), in L1
@@ -235,29 +235,48 @@ def rows_to_chw(y, out):
                 dst[d + np.uint64(px)] = src[s + np.uint64(px * o)]
 
 
-@njit(cache=True)
-def depthwise_u8(x, nhwc, q, kh, kw, sh, sw, ph, pw, dh, dw, zp, sx, ws, bias, ep, out):
-    """Direct depthwise conv on a uint8 image; out float32 (C, OH, OW)."""
-    c_n, oh, ow = out.shape
-    h, w = (x.shape[0], x.shape[1]) if nhwc else (x.shape[1], x.shape[2])
-    for c in range(c_n):
-        scale = sx * ws[c]
-        for oy in range(oh):
-            for ox in range(ow):
-                acc = np.int32(0)
-                for i in range(kh):
-                    y = oy * sh - ph + i * dh
-                    if 0 <= y < h:
-                        for j in range(kw):
-                            xx = ox * sw - pw + j * dw
-                            if 0 <= xx < w:
-                                v = x[y, xx, c] if nhwc else x[c, y, xx]
-                                acc += (np.int32(v) - zp) * np.int32(q[c, i * kw + j])
-                out[c, oy, ox] = np.float32(acc) * scale + bias[c]
-        act = np.int32(ep[0])
-        if act != 0:
-            flat = out[c].reshape(1, oh * ow)
-            apply_activation(flat, 0, 0, oh * ow, act, ep[1], ep[2])
+@njit(cache=True, parallel=True)
+def depthwise_hwc(xq, taps, kh, kw, sh, sw, ph, pw, dh, dw, zps, scales, ws, bias, ep, out):
+    """Direct depthwise conv of uint8 HWC images xq (N, H, W, C), image n with zero point
+    zps[n] and scale scales[n], int32 taps (kh*kw, C) with channel scales ws: out float32
+    (N, OH, OW, C) = act(sum over taps of (x - zp) * tap * scale * ws + bias).
+
+    One job per output row, its int32 sums kept for the whole row: tap by tap, the
+    pixels of the row that tap sees inside the image (a range, found up front, so the
+    loop has no branches), channels innermost, contiguous in x, taps and sums: a vector
+    multiply-add per pixel and tap. The rows spread over the threads."""
+    n, h, w, c = xq.shape
+    oh, ow = out.shape[1], out.shape[2]
+    src, dst, tf = xq.reshape(-1), out.reshape(-1), taps.reshape(-1)
+    rows = out.reshape(n * oh * ow, c)
+    act = np.int32(ep[0])
+    for job in prange(n * oh):
+        acc = np.zeros(ow * c, np.int32)
+        i, oy = job // oh, job % oh
+        zp = np.int32(zps[i])
+        for ty in range(kh):
+            y = oy * sh - ph + ty * dh
+            if y < 0 or y >= h:
+                continue
+            for tx in range(kw):
+                off = tx * dw - pw   # input column of output column ox: ox * sw + off
+                lo = max(0, (-off + sw - 1) // sw)
+                hi = min(ow, (w - 1 - off) // sw + 1)
+                t = np.uint64((ty * kw + tx) * c)
+                for ox in range(lo, hi):
+                    a = np.uint64(ox * c)
+                    b = np.uint64(((i * h + y) * w + ox * sw + off) * c)
+                    for ch in range(c):
+                        uc = np.uint64(ch)
+                        acc[a + uc] += (np.int32(src[b + uc]) - zp) * tf[t + uc]
+        base = np.uint64((i * oh + oy) * ow * c)
+        s = scales[i]
+        for ox in range(ow):
+            for ch in range(c):
+                k = np.uint64(ox * c + ch)
+                dst[base + k] = np.float32(acc[k]) * (s * ws[ch]) + bias[ch]
+            if act != 0:
+                apply_activation(rows, np.uint64((i * oh + oy) * ow + ox), 0, c, act, ep[1], ep[2])
 
 
 def _pair(v, name):
@@ -294,6 +313,35 @@ def _residual_rows(residual, pc, n, oh, ow, nhwc):
     return np.ascontiguousarray(r, np.float32).reshape(n * oh * ow, pc.out_channels)
 
 
+def _pixel_rows(x, nhwc, cg, a_scale, a_zp, out):
+    """Quantize images x (NHWC or NCHW float32, contiguous) into HWC pixel rows out
+    (N*H*W, >= C); returns the images' scales and zero points (static a_scale > 0 for
+    all, else each image's own)."""
+    n = x.shape[0]
+    if a_scale > 0:
+        scales, zps = np.full(n, a_scale, np.float32), np.full(n, a_zp, np.int32)
+    else:
+        scales, zps = np.empty(n, np.float32), np.empty(n, np.int32)
+        image_ranges(x.reshape(n, -1), scales, zps)
+    if nhwc:
+        quantize_hwc_rows(x.reshape(n, -1, cg), scales, zps, out)
+    else:
+        quantize_chw_rows(x.reshape(n, cg, -1), scales, zps, out)
+    return scales, zps
+
+
+def _depthwise(x, nhwc, pc, geo, bias, ep, oh, ow, a_scale, a_zp):
+    """A depthwise conv of the batch (depthwise_hwc); returns (N, OH, OW, C)."""
+    n, c = x.shape[0], pc.in_channels
+    h, w = x.shape[1:3] if nhwc else x.shape[2:]
+    xq = np.empty((n, h, w, c), np.uint8)
+    scales, zps = _pixel_rows(x, nhwc, c, a_scale, a_zp, xq.reshape(-1, c))
+    taps = np.ascontiguousarray(pc.dw_q.T, np.int32)
+    out = np.empty((n, oh, ow, c), np.float32)
+    depthwise_hwc(xq, taps, pc.kh, pc.kw, *geo, zps, scales, pc.dw_scales, bias, ep, out)
+    return out
+
+
 def _conv_batched(x, nhwc, pc, geo, bias, ep, n_threads, oh, ow, a_scale, a_zp, res=_NO_X):
     """All images of a batch in one GEMM (M = N*OH*OW): small late-stage images (7x7)
     would starve the GEMM one by one. Each image keeps its own scale and zero point
@@ -303,18 +351,8 @@ def _conv_batched(x, nhwc, pc, geo, bias, ep, n_threads, oh, ow, a_scale, a_zp, 
     kp = padded_k(cg * pc.kh * pc.kw)
     direct = pc.kh == pc.kw == 1 and kp == cg and geo == (1, 1, 0, 0, 1, 1)
     cols = new_a_rows(n * rows, kp // 4)
-    if a_scale > 0:
-        scales, zps = np.full(n, a_scale, np.float32), np.full(n, a_zp, np.int32)
-    else:   # dynamic: a scale per image
-        scales, zps = np.empty(n, np.float32), np.empty(n, np.int32)
-        image_ranges(x.reshape(n, -1), scales, zps)
-    # quantized into HWC pixel rows: for a 1x1 conv those are the GEMM's A rows already
-    pixels = x.shape[1] * x.shape[2] if nhwc else x.shape[2] * x.shape[3]
-    xq = cols if direct else np.empty((n, pixels, cg), np.uint8)
-    if nhwc:
-        quantize_hwc_rows(x.reshape(n, pixels, cg), scales, zps, xq.reshape(-1, xq.shape[-1]))
-    else:
-        quantize_chw_rows(x.reshape(n, cg, pixels), scales, zps, xq.reshape(-1, xq.shape[-1]))
+    xq = cols if direct else np.empty((x.size // cg, cg), np.uint8)
+    scales, zps = _pixel_rows(x, nhwc, cg, a_scale, a_zp, xq)
     if not direct:
         h, w = x.shape[1:3] if nhwc else x.shape[2:]
         im2col_batch_u8(xq.reshape(n, h, w, cg), cg, pc.kh, pc.kw, *geo, zps, cols)
@@ -382,8 +420,11 @@ def conv2d_f32(x, pc, bias=None, stride=1, padding=0, dilation=1, act="none",
     res = _NO_X
     if residual is not None:
         res = _residual_rows(residual, pc, x.shape[0], oh, ow, nhwc)
-    if pc.dw_q is None and pc.groups == 1:  # dense: one GEMM for the batch, at batch 1 too
-        y = _conv_batched(x, nhwc, pc, geo, b, ep, n_threads, oh, ow, a_scale, a_zero_point, res)
+    if pc.dw_q is not None or pc.groups == 1:
+        if pc.dw_q is not None:
+            y = _depthwise(x, nhwc, pc, geo, b, ep, oh, ow, a_scale, a_zero_point)
+        else:  # dense: one GEMM for the batch, at batch 1 too
+            y = _conv_batched(x, nhwc, pc, geo, b, ep, n_threads, oh, ow, a_scale, a_zero_point, res)
         if nhwc:
             return y
         out = np.empty((y.shape[0], pc.out_channels, oh, ow), np.float32)
@@ -392,12 +433,7 @@ def conv2d_f32(x, pc, bias=None, stride=1, padding=0, dilation=1, act="none",
     outs = []
     for img in x:
         xq, s, z = _quantize_image(img) if a_scale <= 0 else _quantize_image_static(img, a_scale, a_zero_point)
-        if pc.dw_q is not None:
-            y = np.empty((pc.out_channels, oh, ow), np.float32)
-            depthwise_u8(xq, nhwc, pc.dw_q, pc.kh, pc.kw, *geo, z, s, pc.dw_scales, b, ep, y)
-            outs.append(y.transpose(1, 2, 0) if nhwc else y)
-        else:
-            hwc = xq if nhwc else np.ascontiguousarray(xq.transpose(1, 2, 0))
-            y = _gemm_groups(hwc, pc, geo, s, z, b, ep, n_threads, oh, ow)
-            outs.append(y.reshape(oh, ow, -1) if nhwc else y.T.reshape(-1, oh, ow))
+        hwc = xq if nhwc else np.ascontiguousarray(xq.transpose(1, 2, 0))
+        y = _gemm_groups(hwc, pc, geo, s, z, b, ep, n_threads, oh, ow)
+        outs.append(y.reshape(oh, ow, -1) if nhwc else y.T.reshape(-1, oh, ow))
     return np.ascontiguousarray(np.stack(outs))

@@ -13,6 +13,7 @@ CONVS = [  # (C, O, kernel, stride, padding, dilation, groups, H)
     (3, 8, (3, 3), 1, 1, 1, 1, 9),
     (3, 8, (7, 7), 2, 3, 1, 1, 16),         # a stem: kernel rows copied whole inside the image
     (16, 16, (3, 3), 2, 1, 1, 16, 10),      # depthwise, direct kernel
+    (40, 40, (5, 3), 1, (2, 1), (1, 2), 40, 9),  # depthwise: channel tails of 16, dilated
     (8, 12, (3, 3), 1, 2, 2, 4, 11),        # grouped, dilated
     (32, 16, (1, 1), 1, 0, 1, 1, 7),        # 1x1
     (5, 7, (2, 3), (2, 1), (0, 1), 1, 1, 8),
