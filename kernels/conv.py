@@ -18,10 +18,10 @@ from .dispatch import KernelError
 from .epilogue import apply_activation
 from .linear import _bias, _run, epilogue_params, new_a_rows
 from .pack import pack_weights_s8, quantize_weights_s8
-from .quantize import padded_k, quantize_rows_into, quantize_tensor_into, scale_zero_point
+from .quantize import padded_k, scale_zero_point
 from .rowops import minmax_f32, quantize_u8
 
-KERNEL_VERSION = "conv-12"
+KERNEL_VERSION = "conv-13"
 _NO_X = np.empty((0, 0), np.float32)
 _F0, _F1, _F255 = np.float32(0.0), np.float32(1.0), np.float32(255.0)
 # blocks of quantize_chw_rows (pixels, channels) and of rows_to_chw (square), in L1
@@ -286,20 +286,6 @@ def _pair(v, name):
     return t
 
 
-def _quantize_image(img):
-    q = np.empty((1, img.size), np.uint8)
-    s = np.empty(1, np.float32)
-    z = np.empty(1, np.int32)
-    quantize_rows_into(img.reshape(1, -1), q, s, z)
-    return q.reshape(img.shape), s[0], z[0]
-
-
-def _quantize_image_static(img, scale, zp):
-    q = np.empty((1, img.size), np.uint8)
-    quantize_tensor_into(img.reshape(1, -1), np.float32(scale), np.int32(zp), q)
-    return q.reshape(img.shape), np.float32(scale), np.int32(zp)
-
-
 def _residual_rows(residual, pc, n, oh, ow, nhwc):
     """The residual as the GEMM's (N*OH*OW, O) output rows (NHWC order)."""
     if pc.dw_q is not None or pc.groups != 1:
@@ -330,12 +316,20 @@ def _pixel_rows(x, nhwc, cg, a_scale, a_zp, out):
     return scales, zps
 
 
-def _depthwise(x, nhwc, pc, geo, bias, ep, oh, ow, a_scale, a_zp):
-    """A depthwise conv of the batch (depthwise_hwc); returns (N, OH, OW, C)."""
-    n, c = x.shape[0], pc.in_channels
+def _hwc_images(x, nhwc, a_scale, a_zp):
+    """x's images quantized (_pixel_rows) as uint8 HWC images (N, H, W, C), with
+    their scales and zero points."""
+    n, c = x.shape[0], x.shape[3 if nhwc else 1]
     h, w = x.shape[1:3] if nhwc else x.shape[2:]
     xq = np.empty((n, h, w, c), np.uint8)
     scales, zps = _pixel_rows(x, nhwc, c, a_scale, a_zp, xq.reshape(-1, c))
+    return xq, scales, zps
+
+
+def _depthwise(x, nhwc, pc, geo, bias, ep, oh, ow, a_scale, a_zp):
+    """A depthwise conv of the batch (depthwise_hwc); returns (N, OH, OW, C)."""
+    n, c = x.shape[0], pc.in_channels
+    xq, scales, zps = _hwc_images(x, nhwc, a_scale, a_zp)
     taps = np.ascontiguousarray(pc.dw_q.T, np.int32)
     out = np.empty((n, oh, ow, c), np.float32)
     depthwise_hwc(xq, taps, pc.kh, pc.kw, *geo, zps, scales, pc.dw_scales, bias, ep, out)
@@ -362,6 +356,13 @@ def _conv_batched(x, nhwc, pc, geo, bias, ep, n_threads, oh, ow, a_scale, a_zp, 
     _run(_NO_X, cols, rows_s, rows_z, pc.parts[0], _bias(bias if bias.size else None, pc.out_channels),
          ep, out, n_threads, res)
     return out.reshape(n, oh, ow, pc.out_channels)
+
+
+def _grouped(x, nhwc, pc, geo, bias, ep, n_threads, oh, ow, a_scale, a_zp):
+    """A grouped conv of the batch, image by image (_gemm_groups); returns (N, OH, OW, O)."""
+    xq, scales, zps = _hwc_images(x, nhwc, a_scale, a_zp)
+    return np.stack([_gemm_groups(img, pc, geo, s, z, bias, ep, n_threads, oh, ow).reshape(oh, ow, -1)
+                     for img, s, z in zip(xq, scales, zps)])
 
 
 def _gemm_groups(xq, pc, geo, s, z, bias, ep, n_threads, oh, ow):
@@ -420,20 +421,14 @@ def conv2d_f32(x, pc, bias=None, stride=1, padding=0, dilation=1, act="none",
     res = _NO_X
     if residual is not None:
         res = _residual_rows(residual, pc, x.shape[0], oh, ow, nhwc)
-    if pc.dw_q is not None or pc.groups == 1:
-        if pc.dw_q is not None:
-            y = _depthwise(x, nhwc, pc, geo, b, ep, oh, ow, a_scale, a_zero_point)
-        else:  # dense: one GEMM for the batch, at batch 1 too
-            y = _conv_batched(x, nhwc, pc, geo, b, ep, n_threads, oh, ow, a_scale, a_zero_point, res)
-        if nhwc:
-            return y
-        out = np.empty((y.shape[0], pc.out_channels, oh, ow), np.float32)
-        rows_to_chw(y.reshape(y.shape[0], oh * ow, -1), out.reshape(out.shape[0], pc.out_channels, -1))
-        return out
-    outs = []
-    for img in x:
-        xq, s, z = _quantize_image(img) if a_scale <= 0 else _quantize_image_static(img, a_scale, a_zero_point)
-        hwc = xq if nhwc else np.ascontiguousarray(xq.transpose(1, 2, 0))
-        y = _gemm_groups(hwc, pc, geo, s, z, b, ep, n_threads, oh, ow)
-        outs.append(y.reshape(oh, ow, -1) if nhwc else y.T.reshape(-1, oh, ow))
-    return np.ascontiguousarray(np.stack(outs))
+    if pc.dw_q is not None:
+        y = _depthwise(x, nhwc, pc, geo, b, ep, oh, ow, a_scale, a_zero_point)
+    elif pc.groups == 1:  # dense: one GEMM for the batch, at batch 1 too
+        y = _conv_batched(x, nhwc, pc, geo, b, ep, n_threads, oh, ow, a_scale, a_zero_point, res)
+    else:
+        y = _grouped(x, nhwc, pc, geo, b, ep, n_threads, oh, ow, a_scale, a_zero_point)
+    if nhwc:
+        return y
+    out = np.empty((y.shape[0], pc.out_channels, oh, ow), np.float32)
+    rows_to_chw(y.reshape(y.shape[0], oh * ow, -1), out.reshape(out.shape[0], pc.out_channels, -1))
+    return out

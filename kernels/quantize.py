@@ -17,13 +17,13 @@ k-group), padding columns set to the zero point (they meet zero weights).
 """
 import llvmlite.ir as ir
 import numpy as np
-from numba import njit, prange, types
+from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .rowops import quantize_u8
 
-KERNEL_VERSION = "quantize-5"
+KERNEL_VERSION = "quantize-6"
 
 _F0 = np.float32(0.0)
 _F1 = np.float32(1.0)
@@ -115,16 +115,6 @@ def quantize_tensor_into(x, scale, zp, q):
     inv = _F1 / np.float32(scale)
     z = np.float32(zp)
     for i in range(x.shape[0]):
-        quantize_row(x, i, inv, z, q)
-
-
-@njit(cache=True, parallel=True)
-def quantize_tensor_par(x, scale, zp, q):
-    """quantize_tensor_into with the rows spread over Numba's threads (large tensors:
-    one launch costs a few microseconds)."""
-    inv = _F1 / np.float32(scale)
-    z = np.float32(zp)
-    for i in prange(x.shape[0]):
         quantize_row(x, i, inv, z, q)
 
 

@@ -248,8 +248,6 @@ def pointer(typingctx, addr, dtype):
     return sig, codegen
 
 
-
-
 @intrinsic
 def borrowed(typingctx, a):
     """A view of array a without its memory owner, so that passing it on (to an inlined
