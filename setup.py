@@ -1,16 +1,23 @@
 """fxopt: make trained PyTorch models small and fast on CPUs.
 
 The repository keeps one folder per layer (compiler/, passes/, kernels/,
-bench/); this file maps them into the single import name ``fxopt``.
+bench/); this file maps them into the single import name ``fxopt``:
+compiler/ is the package fxopt (its subfolders fxopt.core, fxopt.quant, ...),
+passes/, kernels/ and bench/ are fxopt.passes, fxopt.kernels and fxopt.bench.
 """
-from setuptools import setup
+import re
+
+from setuptools import find_packages, setup
+
+VERSION = re.search(r'VERSION = "(.+)"', open("compiler/core/version.py").read()).group(1)
+SUBPACKAGES = [f"fxopt.{name}" for name in find_packages("compiler")]
 
 setup(
     name="fxopt",
-    version="0.1.0",
+    version=VERSION,
     description="Graph-level compression (fusion, pruning, int8) of PyTorch models for CPUs",
     python_requires=">=3.10",
-    packages=["fxopt", "fxopt.passes", "fxopt.kernels", "fxopt.bench"],
+    packages=["fxopt", *SUBPACKAGES, "fxopt.passes", "fxopt.kernels", "fxopt.bench"],
     package_dir={
         "fxopt": "compiler",
         "fxopt.passes": "passes",

@@ -21,9 +21,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fxopt import kernel_ops, kernels as K
 from fxopt.bench import model_specs
 from fxopt.bench.timing import interleaved_medians
+from fxopt.kernels import api as K
+from fxopt.runtime import kernel_ops
 
 HEADS, HEAD_DIM = 12, 64
 SHAPES = {"b8xs128": (8, 128), "b1xs32": (1, 32)}

@@ -20,9 +20,8 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from fxopt import kernels as K
 from fxopt.bench.timing import first_call_seconds, interleaved_medians, median_seconds
-from fxopt.kernels import amx
+from fxopt.kernels import amx, api as K
 from fxopt.kernels.simd import AMX_ISAS, PEAK_CHAINS, PEAK_OPS, TAGS, peak_chains
 
 BERT_SHAPES = [(1, 768, 768), (8, 768, 768), (128, 768, 768), (128, 768, 3072),

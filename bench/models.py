@@ -177,7 +177,7 @@ def set_threads(n: int) -> dict:
         torch.set_num_interop_threads(1)
     except RuntimeError:  # only settable before torch's first parallel work
         pass
-    from fxopt import kernels
+    from fxopt.kernels import api as kernels
     kernels.set_num_threads(n)
     return {"torch": torch.get_num_threads(), "torch_interop": torch.get_num_interop_threads(),
             "fxopt_kernels": kernels.get_num_threads(), "ort_intra_op": n, "ort_inter_op": 1}
@@ -213,7 +213,7 @@ def _subset(parser, flag, text, known) -> list[str]:
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args([str(a) for a in argv])
-    from fxopt import kernels
+    from fxopt.kernels import api as kernels
     saved = torch.get_num_threads(), kernels.get_num_threads()
     try:
         return _run(args, argv)

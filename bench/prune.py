@@ -58,7 +58,7 @@ def run(name, model, example, ratios, repeats, round_to, out):
     """Compile every (ratio, target) variant, then time them round-robin so that
     load drifting on a shared machine hits all variants alike; medians per variant."""
     import fxopt
-    from fxopt.macs import count_params, total_macs
+    from fxopt.core.macs import count_params, total_macs
     captured = fxopt.capture(model, example)
     full = {"params": count_params(captured), "macs": total_macs(captured)}
     del captured

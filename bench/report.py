@@ -31,7 +31,7 @@ def cpu_model() -> str:
 def versions() -> dict:
     import numba
     import torch
-    from fxopt import kernels
+    from fxopt.kernels import api as kernels
     out = {"python": platform.python_version(), "torch": torch.__version__,
            "numba": numba.__version__, "fxopt_isa": kernels.isa()}
     for name in ("onnxruntime", "onnx", "onnxscript", "transformers"):
@@ -43,7 +43,7 @@ def versions() -> dict:
 
 
 def run_info(args, threads: dict, command: str) -> dict:
-    from fxopt.pipeline import TARGETS
+    from fxopt.core.pipeline import TARGETS
     return {"command": command, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
             "cpu": cpu_model(), "cpu_count": os.cpu_count(), "vnni": cpu_has_vnni(),
             "threads": threads, "versions": versions(), "repeats": args.repeats,

@@ -1,4 +1,4 @@
-"""The user's entry points: optimize and bisect.
+"""The user's entry points: optimize, bisect and prune.
 
     fast = fxopt.optimize(model, (x,), target="cpu-fp32")
     fast(x)                        # same outputs, same structure
@@ -6,46 +6,25 @@
 
     found = fxopt.bisect(model, (x,), target="cpu-fp32", tol=1e-4)
     print(found)                   # first pass, then first node, over tol
+
+    small = fxopt.prune(model, (x,), ratio=0.5)
 """
 from __future__ import annotations
 
-import warnings
-
-import torch
 from torch import nn
+from torch.fx import GraphModule
 
-from fxopt.capture import capture, normalize_inputs
-from fxopt.errors import PipelineError
-from fxopt.pass_base import PassContext
-from fxopt import model_report
-from fxopt.pass_manager import Instruments, PassManager, snapshot
-from fxopt.pipeline import Pipeline, target_pipeline
-from fxopt.pruning import with_pruning
+from fxopt.core.bisect import BisectResult, locate
+from fxopt.core.capture import capture, normalize_inputs
+from fxopt.core.drift import METRICS
+from fxopt.core.pass_base import PassContext
+from fxopt.core.pass_manager import PassManager
+from fxopt.core.pipeline import PassSpec, Pipeline
+from fxopt.driver.compile import compile_model, reference_outputs
+from fxopt.pruning.structured import check_options as check_prune_options
+from fxopt.search.budget import search
 
 DEFAULT_TARGET = "cpu-int8"
-
-# Options optimize() takes besides the instruments; later stages add theirs here.
-OPTIONS = {
-    "seed": "seed for anything random a pass does (default 0)",
-    "report_layers": "per-layer precision and error table in the report (default True)",
-    "latency_repeats": "runs to time the model before and after for the report (default 5, 0 = skip)",
-    "prune": "structured pruning before fusion/quantization: a ratio (0.3) or a dict of "
-             "prune_channels options (ratio, criterion, scope, max_ratio, round_to, protect, heads)",
-    "finetune": "with prune: distillation recovery from the unpruned model on calibration_data, "
-                "a dict of distill_pruned options, e.g. {'epochs': 2}",
-    # Accuracy-budgeted search (fxopt.budget): given eval_fn, optimize returns the fastest
-    # int8/fp32-per-layer and prune-ratio configuration whose metric stays within the budget.
-    "eval_fn": "eval_fn(model) -> float, higher is better: turns on the accuracy-budgeted search",
-    "max_accuracy_drop": "search: allowed metric drop from the unoptimized model (default 0.01)",
-    "drop_mode": "search: 'absolute' (units of eval_fn, default) or 'relative' (fraction of it)",
-    "max_evals": "search: most configurations evaluated with eval_fn (default 40)",
-    "time_budget_s": "search: no new evaluation after this many seconds (default none)",
-    "search_prune": "search: global prune ratios tried (default (0, 0.1, 0.2, 0.3, 0.5); () = no pruning)",
-    "finetune_budget": "search: distillation epochs (or distill_pruned options) for ratios that miss",
-    "plot_path": "search: save the Pareto front (latency vs metric) as a PNG here (needs matplotlib)",
-    "search_cost": "search: 'latency' (measured, default) or 'macs' (int8 MAC = half; deterministic)",
-}
-INSTRUMENTS = ("print_ir_after", "dump_dir", "stop_after", "disable", "drift")
 
 
 def optimize(model: nn.Module, example_inputs=None, target: str = DEFAULT_TARGET, *,
@@ -62,126 +41,59 @@ def optimize(model: nn.Module, example_inputs=None, target: str = DEFAULT_TARGET
 
         fast = fxopt.optimize(model, (x,), target="cpu-fp32", dump_dir="stages")
 
-    With eval_fn=, the accuracy-budgeted search (fxopt.budget) picks per layer int8
-    or fp32 and a prune ratio within max_accuracy_drop; see OPTIONS.
+    With eval_fn=, the accuracy-budgeted search (fxopt.search.budget) picks per layer
+    int8 or fp32 and a prune ratio within max_accuracy_drop; see
+    fxopt.driver.compile.OPTIONS.
     """
     if options.get("eval_fn") is not None:
-        from fxopt.budget import search
         return search(model, example_inputs, target, calibration_data, dynamic, options)
-    gm, report = _compile(model, example_inputs, target, calibration_data, dynamic, options)
+    gm, report = compile_model(model, example_inputs, target, calibration_data, dynamic, options)
     gm.fxopt_report = report
     return gm
 
 
-def _compile(model, example_inputs, target, calibration_data, dynamic, options, keep=False):
-    _check_options(options)
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"optimize expects a torch.nn.Module, got {type(model).__name__}")
-    calibration_data = _reiterable(calibration_data)
-    example_inputs = _example_from(example_inputs, calibration_data)
+def bisect(model, example_inputs, target: str = "cpu-fp32", tol: float = 1e-4,
+           metric: str = "max_abs", **options) -> BisectResult:
+    """Run `target` on `model` and locate the first pass and node whose drift exceeds `tol`.
+
+    metric: "max_abs" (error above tol), "sqnr" (below tol dB) or "cosine" (below tol).
+
+        found = fxopt.bisect(model, (x,), target="cpu-int8", metric="sqnr", tol=30)
+        found.pass_name, found.node_layer, found.node_drift
+    """
+    if metric not in METRICS:
+        raise ValueError(f"unknown drift metric {metric!r}; use one of {METRICS}")
+    gm, report, manager = compile_model(model, example_inputs, target, options.pop("calibration_data", None),
+                                        options.pop("dynamic", True), options, keep=True)
+    return locate(gm, report, manager, tol, metric)
+
+
+def prune(model: nn.Module, example_inputs, ratio: float = 0.3, *, data=None, loss_fn=None,
+          seed: int = 0, dynamic: bool = True, **options) -> GraphModule:
+    """Capture `model` and remove the lowest-ranked channels, neurons and heads.
+
+    Options: criterion ("l1", "l2", "bn_scale", "taylor", "random"), scope
+    ("uniform": every group loses `ratio`; "global": the lowest `ratio` of all
+    indices, ranked across groups), max_ratio (cap per group), round_to (kept
+    widths are multiples of this many elements; 16 suits the int8 kernel),
+    protect (layer-name prefixes never cut), heads (prune attention heads).
+    taylor needs `data`: a few batches of inputs or (inputs, target) pairs,
+    and takes an optional loss_fn(output, target).
+    Returns a GraphModule called like `model`; `.fxopt_prune` is the
+    PruneReport and `.fxopt_report` the pass manager's record.
+
+        small = fxopt.prune(model, (x,), ratio=0.5, round_to=1)
+    """
+    check_prune_options({"ratio": ratio, **options})
     args, kwargs = normalize_inputs(example_inputs)
-    pipeline = target_pipeline(target) if isinstance(target, str) else _as_pipeline(target)
-    pipeline = with_pruning(pipeline, options.pop("prune", None), options.pop("finetune", None))
-    instruments = Instruments(**{k: _tuple(k, options.pop(k)) for k in INSTRUMENTS if k in options})
+    pipeline = Pipeline((PassSpec("prune_channels", {"ratio": ratio, **options}),))
+    pipeline.validate()
     gm = capture(model, example_inputs, dynamic=dynamic)
-    # drift after every pass and the per-layer table run the model many times: on a
-    # large example batch, two samples tell the same story at a fraction of the cost
-    probe_args, probe_kwargs = _probe_inputs(gm, args, kwargs)
-    reference = _reference_outputs(model, probe_args, probe_kwargs) if instruments.drift else None
-    original = snapshot(gm)
-    ctx = PassContext(example_args=args, example_kwargs=kwargs, probe=(probe_args, probe_kwargs),
-                      options=options, seed=options.get("seed", 0))
-    ctx.state["calibration_data"] = calibration_data
-    ctx.state["teacher"] = model
-    manager = PassManager(pipeline, ctx, reference, instruments, keep_snapshots=keep)
-    gm, report = manager.run(gm)
-    _model_sections(report, model, original, gm, (args, kwargs), (probe_args, probe_kwargs), options)
-    if keep:
-        return gm, report, manager
-    return gm, report
-
-
-def _model_sections(report, model, original, gm, full, probe, options) -> None:
-    """Per-layer table (on the probe inputs) and size/MACs/latency summary (on the full
-    example inputs), added to the report."""
-    rows = model_report.layer_rows(original, gm, *probe) if options.get("report_layers", True) else []
-    summary = model_report.model_summary(model, original, gm, *full, rows, options.get("latency_repeats", 5))
-    report.layers, report.summary = rows, summary
-    if rows:
-        report.sections["layers"] = model_report.format_layers(rows, model_report.fp32_ops(gm))
-    report.sections["model"] = model_report.format_summary(summary)
-
-
-def _check_options(options: dict) -> None:
-    unknown = sorted(set(options) - set(OPTIONS) - set(INSTRUMENTS))
-    if unknown:
-        valid = ", ".join(sorted(OPTIONS) + list(INSTRUMENTS) + ["calibration_data", "dynamic"])
-        raise PipelineError(f"unknown option(s) {', '.join(unknown)}; valid options: {valid}")
-
-
-def _tuple(key, value):
-    if key in ("print_ir_after", "disable") and isinstance(value, str) and value != "all":
-        return tuple(v for v in value.split(",") if v)
-    if key in ("print_ir_after", "disable") and value != "all":
-        return tuple(value)
-    return value
-
-
-def _as_pipeline(target) -> Pipeline:
-    if isinstance(target, Pipeline):
-        target.validate()
-        return target
-    raise PipelineError(f"target must be a target name or a pipeline string, got {type(target).__name__}")
-
-
-PROBE_BATCH = 2
-
-
-def _probe_inputs(gm, args, kwargs):
-    """The example inputs cut to PROBE_BATCH samples when every tensor input has the same,
-    dynamic batch dim; otherwise the example inputs as they are."""
-    import torch.utils._pytree as pytree
-    leaves = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
-    info = gm.meta.get("fxopt_capture", {})
-    dims = info.get("dynamic_dims", {})
-    batch_dynamic = len(dims) == len(leaves) and all(0 in d for d in dims.values())
-    sizes = {t.shape[0] if t.dim() else None for t in leaves}
-    if not batch_dynamic or len(sizes) != 1 or (sizes.pop() or 0) <= PROBE_BATCH:
-        return args, kwargs
-    cut = lambda t: t[:PROBE_BATCH] if isinstance(t, torch.Tensor) else t  # noqa: E731
-    return pytree.tree_map(cut, args), pytree.tree_map(cut, kwargs)
-
-
-def _reiterable(data):
-    """Several passes read the calibration data; a one-shot iterator would be empty for
-    all but the first, so its items are kept in a list (and the user is told)."""
-    if data is None or iter(data) is not data:
-        return data
-    items = list(data)
-    warnings.warn(f"fxopt: calibration_data is a one-shot iterator; its {len(items)} items were kept "
-                  "in memory because several passes read them. Pass a list or a DataLoader to avoid this.",
-                  stacklevel=4)
-    return items
-
-
-def _example_from(example_inputs, calibration_data):
-    if example_inputs is not None:
-        return example_inputs
-    if calibration_data is None:
-        raise TypeError("optimize needs example_inputs (a tuple of args or a dict of kwargs), "
-                        "or calibration_data whose first item serves as the example")
-    try:
-        return next(iter(calibration_data))
-    except StopIteration:
-        raise ValueError("calibration_data is empty; give at least one input") from None
-
-
-def _reference_outputs(model, args, kwargs):
-    """The unoptimized model's outputs on the example inputs (eval mode, model untouched)."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            return model(*args, **kwargs)
-    finally:
-        model.train(was_training)
+    ctx = PassContext(example_args=args, example_kwargs=kwargs, seed=seed)
+    ctx.state["calibration_data"] = data
+    ctx.state["prune_loss"] = loss_fn
+    manager = PassManager(pipeline, ctx, reference_outputs(model, args, kwargs))
+    gm, record = manager.run(gm)
+    gm.fxopt_report = record
+    gm.fxopt_prune = ctx.state.get("prune_channels")
+    return gm

@@ -20,7 +20,7 @@ import importlib.util
 import os
 import sys
 
-from fxopt.errors import FxoptError
+from fxopt.core.errors import FxoptError
 
 BENCHES = {"gemm": "fxopt.bench.gemm", "prune": "fxopt.bench.prune", "models": "fxopt.bench.models"}
 
@@ -86,8 +86,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _cmd_passes(ns, rest) -> int:
-    from fxopt.pipeline import TARGET_DOCS, TARGETS
-    from fxopt.registry import get_pass, pass_names
+    from fxopt.core.pipeline import TARGET_DOCS, TARGETS
+    from fxopt.core.registry import get_pass, pass_names
     print("targets:")
     for name, text in TARGETS.items():
         print(f"  {name}: {TARGET_DOCS.get(name, '')}\n    {text}")
@@ -133,7 +133,7 @@ def _cmd_optimize(ns, rest) -> int:
 
 
 def _cmd_report(ns, rest) -> int:
-    from fxopt.serialize import read_report
+    from fxopt.artifact.serialize import read_report
     print(read_report(ns.path))
     return 0
 

@@ -5,7 +5,7 @@ import time
 
 import fxopt
 from fxopt.examples import DigitsCNN, accuracy, digits, train
-from fxopt.model_report import median_latency, model_bytes
+from fxopt.report.model_report import median_latency, model_bytes
 
 
 def run_demo(target: str | None = None, epochs: int = 15) -> dict:

@@ -38,6 +38,7 @@ from typing import NamedTuple
 import numpy as np
 from numba import carray, njit, prange
 
+from . import _cache  # noqa: F401  (package-wide cache locators, before any @njit(cache=True))
 from .attention_steps import (MASK_BOOL, MASK_FLOAT, MASK_NONE, pack_k, pack_v,
                               quantize_k_rows, quantize_q_rows, softmax_rows, v_scales)
 from .dispatch import KernelError

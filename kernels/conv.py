@@ -14,6 +14,7 @@ from typing import NamedTuple, Optional
 import numpy as np
 from numba import njit, prange
 
+from . import _cache  # noqa: F401  (package-wide cache locators, before any @njit(cache=True))
 from .dispatch import KernelError
 from .epilogue import apply_activation
 from .linear import _bias, _run, epilogue_params, new_a_rows

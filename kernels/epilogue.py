@@ -17,6 +17,8 @@ import numpy as np
 from numba import njit, types
 from numba.extending import intrinsic
 
+from . import _cache  # noqa: F401  (package-wide cache locators, before any @njit(cache=True))
+
 KERNEL_VERSION = "epilogue-7"
 
 ACTIVATIONS = {"none": 0, "relu": 1, "hardtanh": 2, "relu6": 2,

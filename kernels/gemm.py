@@ -14,6 +14,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
+from . import _cache  # noqa: F401  (package-wide cache locators, before any @njit(cache=True))
 from .epilogue import (EP_ACT, EP_P0, EP_P1, EP_RES_FIRST, add_residual_rows, apply_activation, store_tile_f32,
                        store_tile_s32, store_tile_u8)
 from . import amx

@@ -18,6 +18,7 @@ import math
 import numpy as np
 from numba import njit, prange
 
+from . import _cache  # noqa: F401  (package-wide cache locators, before any @njit(cache=True))
 from .dispatch import KernelError
 from .linear import get_num_threads
 

@@ -16,6 +16,7 @@ import os
 import numba
 import numpy as np
 
+from . import _cache  # noqa: F401  (package-wide cache locators, before any @njit(cache=True))
 from . import dispatch as _dispatch
 from .epilogue import ACTIVATIONS
 from .gemm import ENTRIES, a_stride

@@ -21,6 +21,7 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from . import _cache  # noqa: F401  (package-wide cache locators, before any @njit(cache=True))
 from .rowops import quantize_u8
 
 KERNEL_VERSION = "quantize-6"

@@ -10,12 +10,12 @@ calibration data the example inputs serve, and a warning says so.
 """
 from __future__ import annotations
 
-from fxopt import fxops
-from fxopt.bias_correction import InputStats
-from fxopt.calibrate import calibration_inputs, observe
-from fxopt.errors import CalibrationError
-from fxopt.observers import Tee, make_observer
-from fxopt.pass_base import PassInfo, PassResult
+from fxopt.core import fxops
+from fxopt.core.errors import CalibrationError
+from fxopt.core.pass_base import PassInfo, PassResult
+from fxopt.quant.bias_correction import InputStats
+from fxopt.quant.calibrate import calibration_inputs, observe
+from fxopt.quant.observers import Tee, make_observer
 
 PASS = PassInfo("calibrate_ranges", requires=("fuse_epilogues",),
                 options={"observer": "minmax", "progress": True, "max_samples": 0},

@@ -2,15 +2,15 @@
 
 Runs right after prune_channels (before fusion and quantization) on
 ctx.state["calibration_data"]; the teacher is ctx.state["teacher"], the
-user's model. See fxopt.finetune for the loss.
+user's model. See fxopt.pruning.finetune for the loss.
 
     prune_channels{ratio=0.5},distill_pruned{epochs=2,temperature=4.0}
 """
 from __future__ import annotations
 
-from fxopt.errors import PassError
-from fxopt.finetune import finetune
-from fxopt.pass_base import PassInfo, PassResult
+from fxopt.core.errors import PassError
+from fxopt.core.pass_base import PassInfo, PassResult
+from fxopt.pruning.finetune import finetune
 
 PASS = PassInfo("distill_pruned", requires=("prune_channels",),
                 options={"epochs": 1, "temperature": 4.0, "lr": 1e-3, "loss": "kd", "alpha": 0.5},

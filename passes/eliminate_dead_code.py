@@ -1,8 +1,8 @@
 """Remove nodes whose values nothing uses (and the weights only they read)."""
 from __future__ import annotations
 
-from fxopt.ir import finish
-from fxopt.pass_base import PassInfo, PassResult
+from fxopt.core.ir import finish
+from fxopt.core.pass_base import PassInfo, PassResult
 
 PASS = PassInfo("eliminate_dead_code", doc="remove unused nodes and weights")
 

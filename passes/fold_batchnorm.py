@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import torch
 
-from fxopt.ir import add_weight, get_weight, is_weight, layer_name
-from fxopt.ops import OpKind, batch_norm_parts, conv_parts, is_eval_batch_norm, kind_of
-from fxopt.pass_base import PassInfo, PassResult
-from fxopt.pattern import Pat, find_all
+from fxopt.core.ir import add_weight, get_weight, is_weight, layer_name
+from fxopt.core.ops import OpKind, batch_norm_parts, conv_parts, is_eval_batch_norm, kind_of
+from fxopt.core.pass_base import PassInfo, PassResult
+from fxopt.core.pattern import Pat, find_all
 
 PASS = PassInfo("fold_batchnorm", doc="fold eval batch norms into the preceding conv/linear")
 

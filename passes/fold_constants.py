@@ -10,9 +10,9 @@ from __future__ import annotations
 import torch
 from torch.fx import Node
 
-from fxopt.ir import add_weight, get_weight, layer_name
-from fxopt.ops import OpKind, kind_of
-from fxopt.pass_base import PassInfo, PassResult
+from fxopt.core.ir import add_weight, get_weight, layer_name
+from fxopt.core.ops import OpKind, kind_of
+from fxopt.core.pass_base import PassInfo, PassResult
 
 PASS = PassInfo("fold_constants", doc="precompute weight-only subgraphs")
 

@@ -14,9 +14,9 @@ remove_identity drops them.)
 """
 from __future__ import annotations
 
-from fxopt.ops import OpKind, conv_parts, is_conv2d, pad_parts
-from fxopt.pass_base import PassInfo, PassResult
-from fxopt.pattern import Pat, find_all
+from fxopt.core.ops import OpKind, conv_parts, is_conv2d, pad_parts
+from fxopt.core.pass_base import PassInfo, PassResult
+from fxopt.core.pattern import Pat, find_all
 
 PASS = PassInfo("fold_padding", doc="fold symmetric zero pads into the conv2d that reads them")
 

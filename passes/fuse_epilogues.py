@@ -13,10 +13,10 @@ from __future__ import annotations
 import torch
 from torch.fx import Node
 
-from fxopt import fxops
-from fxopt.ir import add_weight, get_weight, insert_call, is_weight, layer_name
-from fxopt.ops import OpKind, activation_of, conv_parts, is_kind, kind_of
-from fxopt.pass_base import PassInfo, PassResult
+from fxopt.core import fxops
+from fxopt.core.ir import add_weight, get_weight, insert_call, is_weight, layer_name
+from fxopt.core.ops import OpKind, activation_of, conv_parts, is_kind, kind_of
+from fxopt.core.pass_base import PassInfo, PassResult
 
 aten = torch.ops.aten
 

@@ -16,9 +16,9 @@ from collections import defaultdict
 
 import torch
 
-from fxopt import fxops
-from fxopt.ir import ID, LAYER, add_weight, get_weight, insert_call, is_weight
-from fxopt.pass_base import PassInfo, PassResult
+from fxopt.core import fxops
+from fxopt.core.ir import ID, LAYER, add_weight, get_weight, insert_call, is_weight
+from fxopt.core.pass_base import PassInfo, PassResult
 
 aten = torch.ops.aten
 

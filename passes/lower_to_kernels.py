@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import torch
 
-from fxopt import kernel_ops, qops
-from fxopt.ir import ID, add_weight, get_weight, infer_meta, insert_call
-from fxopt.pass_base import PassInfo, PassResult
+from fxopt.core.ir import ID, add_weight, get_weight, infer_meta, insert_call
+from fxopt.core.pass_base import PassInfo, PassResult
+from fxopt.quant import qops
+from fxopt.runtime import kernel_ops
 
 aten = torch.ops.aten
 
@@ -47,7 +48,7 @@ def run(gm, ctx) -> PassResult:
         stats["view_to_reshape"] = _views_to_reshapes(gm)
     stats["chained"] = _chain(gm)
     stats["residual_adds"] = _fuse_residual_adds(gm) + _fuse_conv_residuals(gm)
-    from fxopt import kernels
+    from fxopt.kernels import api as kernels
     gm.meta.setdefault("fxopt_artifact", {})["kernel_isa"] = kernels.isa()
     return PassResult(stats["linear"] + stats["conv2d"] + stats["attention"] > 0, stats)
 

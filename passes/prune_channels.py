@@ -2,7 +2,7 @@
 
 Runs on the ATen graph before fold_batchnorm, so batch-norm scales are still
 there for the bn_scale criterion. Groups of dimensions that must shrink
-together come from fxopt.dependency; groups it cannot prove safe are left
+together come from fxopt.pruning.dependency; groups it cannot prove safe are left
 alone and counted in the stats. The full per-group report (widths, params,
 MACs before/after, removed indices) goes to ctx.state["prune_channels"] and
 gm.meta["fxopt_prune"].
@@ -11,8 +11,8 @@ gm.meta["fxopt_prune"].
 """
 from __future__ import annotations
 
-from fxopt.pass_base import PassInfo, PassResult
-from fxopt.pruning import DEFAULTS, prune_graph
+from fxopt.core.pass_base import PassInfo, PassResult
+from fxopt.pruning.structured import DEFAULTS, prune_graph
 
 PASS = PassInfo("prune_channels", options=dict(DEFAULTS),
                 doc="structured pruning of channels, FFN neurons and attention heads")

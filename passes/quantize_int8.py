@@ -18,11 +18,12 @@ from __future__ import annotations
 import torch
 from torch.fx import Node
 
-from fxopt import bias_correction, fxops, qops
-from fxopt.ir import add_weight, get_weight, insert_call, is_weight, layer_name
-from fxopt.macs import concrete
-from fxopt.ops import OpKind, arg, attention_parts, kind_of
-from fxopt.pass_base import PassInfo, PassResult
+from fxopt.core import fxops
+from fxopt.core.ir import add_weight, get_weight, insert_call, is_weight, layer_name
+from fxopt.core.macs import concrete
+from fxopt.core.ops import OpKind, arg, attention_parts, kind_of
+from fxopt.core.pass_base import PassInfo, PassResult
+from fxopt.quant import bias_correction, qops
 
 PASS = PassInfo(
     "quantize_int8", requires=("fuse_epilogues",),

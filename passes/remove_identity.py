@@ -2,8 +2,8 @@
 and pads of zero everywhere (TF-style "same" 1x1 convs pad by 0: a copy of the activation)."""
 from __future__ import annotations
 
-from fxopt.ops import OpKind, arg, kind_of, pad_parts
-from fxopt.pass_base import PassInfo, PassResult
+from fxopt.core.ops import OpKind, arg, kind_of, pad_parts
+from fxopt.core.pass_base import PassInfo, PassResult
 
 PASS = PassInfo("remove_identity", doc="drop eval-mode dropout and value-preserving copies")
 

@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import torch
 
-from fxopt import fxops, qops
-from fxopt.calibrate import calibration_inputs, observe
-from fxopt.ir import add_weight, get_weight, is_weight, layer_name
-from fxopt.observers import AbsMaxPerChannelObserver, Observer, Tee
-from fxopt.ops import OpKind, arg, kind_of
-from fxopt.pass_base import PassInfo, PassResult
+from fxopt.core import fxops
+from fxopt.core.ir import add_weight, get_weight, is_weight, layer_name
+from fxopt.core.ops import OpKind, arg, kind_of
+from fxopt.core.pass_base import PassInfo, PassResult
+from fxopt.quant import qops
+from fxopt.quant.calibrate import calibration_inputs, observe
+from fxopt.quant.observers import AbsMaxPerChannelObserver, Observer, Tee
 
 PASS = PassInfo("smooth_activations", requires=("fuse_epilogues",),
                 options={"alpha": 0.5, "mode": "auto", "sample_rows": 512},

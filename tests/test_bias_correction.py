@@ -3,9 +3,9 @@ import numpy as np
 import torch
 
 import fxopt
-from fxopt import qops
-from fxopt.bias_correction import InputStats, weight_shift
-from fxopt.drift import drift
+from fxopt.core.drift import drift
+from fxopt.quant import qops
+from fxopt.quant.bias_correction import InputStats, weight_shift
 from zoo import ZOO
 
 

@@ -1,4 +1,4 @@
-"""Accuracy-budgeted search (fxopt.budget) on small models trained on sklearn's digits.
+"""Accuracy-budgeted search (fxopt.search.budget) on small models trained on sklearn's digits.
 
 eval_fn scores a validation split; every claim is re-checked on a separate test split
 against the unoptimized model's accuracy computed here. Cost is search_cost="macs"
@@ -11,11 +11,11 @@ import pytest
 import torch
 
 import fxopt
-from fxopt.budget import Config, choose, with_fp32_layers
+from fxopt.core.pipeline import target_pipeline
 from fxopt.examples import Digits, DigitsCNN, DigitsMLP, accuracy, digits, train
-from fxopt.pareto import pareto_front
-from fxopt.pipeline import target_pipeline
-from fxopt.sensitivity import quant_proxy, slower_in_int8
+from fxopt.report.pareto import pareto_front
+from fxopt.search.budget import Config, choose, with_fp32_layers
+from fxopt.search.sensitivity import quant_proxy, slower_in_int8
 
 # On 450 test images one image is 0.22 points: a configuration chosen on the validation
 # split may lose a few more images on the test split than the budget allows.
@@ -140,7 +140,7 @@ def test_time_budget_stops_after_the_plain_target(models, data):
 
 
 def test_layer_latency_times_every_layer_in_both_precisions(models, data):
-    from fxopt.sensitivity import layer_latency
+    from fxopt.search.sensitivity import layer_latency
     model = models["mlp"]
     layers = ["net.1", "net.4", "net.6"]
     int8 = fxopt.optimize(model, data["example"], "cpu-int8", calibration_data=data["calib"], latency_repeats=0)
@@ -157,7 +157,7 @@ def test_plot_and_saved_report(models, data, tmp_path):
     fast = _search(models["mlp"], data, 0.02, plot_path=str(tmp_path / "front.png"))
     assert (tmp_path / "front.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     fxopt.save(fast, tmp_path / "m.fxopt")
-    from fxopt.serialize import read_report
+    from fxopt.artifact.serialize import read_report
     text = str(read_report(tmp_path / "m.fxopt"))
     assert "search:" in text and "chosen #" in text
 

@@ -7,11 +7,11 @@ import pytest
 import torch
 from torch import nn
 
-from fxopt.calibrate import (ModelInputs, calibrate, calibration_inputs, observe,
+from fxopt.core.capture import capture
+from fxopt.core.errors import CalibrationError, FxoptError
+from fxopt.quant.calibrate import (ModelInputs, calibrate, calibration_inputs, observe,
                              observe_input_channels)
-from fxopt.capture import capture
-from fxopt.errors import CalibrationError, FxoptError
-from fxopt.observers import (OBSERVERS, AbsMaxPerChannelObserver, MinMaxObserver,
+from fxopt.quant.observers import (OBSERVERS, AbsMaxPerChannelObserver, MinMaxObserver,
                              StreamingHistogram, make_observer)
 from zoo import ZOO
 

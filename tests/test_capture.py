@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import fx, nn
 
-from fxopt.capture import capture, normalize_inputs
-from fxopt.errors import CaptureError, FxoptError
+from fxopt.core.capture import capture, normalize_inputs
+from fxopt.core.errors import CaptureError, FxoptError
 from zoo import HF_MODELS, SEQUENCE_MODELS, ZOO
 
 _CAPTURED = {}

@@ -1,4 +1,4 @@
-"""Knowledge-distillation recovery of pruned models (fxopt.finetune)."""
+"""Knowledge-distillation recovery of pruned models (fxopt.pruning.finetune)."""
 import sys
 import warnings
 from pathlib import Path
@@ -10,8 +10,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 import zoo  # noqa: E402
 from digits import Loader, accuracy, trained_digits_cnn  # noqa: E402
 
-from fxopt.finetune import finetune, kd_loss, make_trainable  # noqa: E402
-from fxopt.pruning import prune  # noqa: E402
+from fxopt.api import prune  # noqa: E402
+from fxopt.pruning.finetune import finetune, kd_loss, make_trainable  # noqa: E402
 
 warnings.filterwarnings("ignore", category=UserWarning)
 

@@ -6,10 +6,11 @@ import torch
 from torch import nn
 
 import fxopt
-from fxopt import kernel_ops, qops
-from fxopt.drift import drift
-from fxopt.errors import CalibrationError
+from fxopt.core.drift import drift
+from fxopt.core.errors import CalibrationError
 from fxopt.examples import DigitsCNN, DigitsMLP, accuracy, digits, train
+from fxopt.quant import qops
+from fxopt.runtime import kernel_ops
 from zoo import ZOO
 
 

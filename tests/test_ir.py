@@ -6,9 +6,9 @@ import torch
 from torch import nn
 
 import fxopt
-from fxopt.drift import tensor_drift
-from fxopt.ops import Activation, OpKind, activation_of, is_eval_batch_norm, kind_of
-from fxopt.pattern import Pat, find_all
+from fxopt.core.drift import tensor_drift
+from fxopt.core.ops import Activation, OpKind, activation_of, is_eval_batch_norm, kind_of
+from fxopt.core.pattern import Pat, find_all
 
 
 class Net(nn.Module):
@@ -57,7 +57,7 @@ def test_ids_are_unique_and_survive_rewrites():
 
 
 def test_printer_is_stable_across_captures():
-    from fxopt.printer import format_ir
+    from fxopt.core.printer import format_ir
     assert format_ir(_gm()) == format_ir(_gm())
     assert "%0 = input x : f32[s0, 3, 6, 6]" in format_ir(_gm())
 

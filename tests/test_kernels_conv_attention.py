@@ -3,8 +3,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from fxopt import kernels as K
-from fxopt.kernels import reference as R
+from fxopt.kernels import api as K, reference as R
 
 # the paths this CPU can run, fastest first (avx512_vnni is absent on AVX2-only CPUs)
 ISAS = K.available_isas()

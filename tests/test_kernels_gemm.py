@@ -9,8 +9,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 from numba.core.runtime import _nrt_python as _nrt, rtsys
 
-from fxopt import kernels as K
-from fxopt.kernels import dispatch, gemm as G, linear as L, reference as R
+from fxopt.kernels import api as K, dispatch, gemm as G, linear as L, reference as R
 from fxopt.kernels.simd import A_DTYPES, GEOMETRY, PEAK_CHAINS
 
 ISAS = K.available_isas()
@@ -462,7 +461,7 @@ def test_select_isa_switches_and_restores():
 
 
 def test_env_var_forces_path():
-    code = "from fxopt import kernels as K; print(K.isa())"
+    code = "from fxopt.kernels import api as K; print(K.isa())"
     env = dict(os.environ, FXOPT_KERNEL_ISA="avx2")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.stdout.strip() == "avx2", out.stderr

@@ -7,11 +7,11 @@ import torch
 from torch import nn
 
 import fxopt
-from fxopt.errors import PassError, PipelineError
-from fxopt.ops import OpKind, kind_of
-from fxopt.pass_base import PassInfo, PassResult
-from fxopt.pipeline import Pipeline
-from fxopt.registry import register_pass, unregister_pass
+from fxopt.core.errors import PassError, PipelineError
+from fxopt.core.ops import OpKind, kind_of
+from fxopt.core.pass_base import PassInfo, PassResult
+from fxopt.core.pipeline import Pipeline
+from fxopt.core.registry import register_pass, unregister_pass
 
 
 def _cnn():
@@ -193,7 +193,7 @@ def test_example_inputs_from_calibration_data():
 
 
 def test_bisect_names_node_whose_weights_a_pass_corrupted():
-    from fxopt.ir import add_weight, get_weight
+    from fxopt.core.ir import add_weight, get_weight
 
     def run(gm, ctx):
         convs = [n for n in gm.graph.nodes if kind_of(n) is OpKind.CONV]
@@ -223,11 +223,11 @@ def test_one_shot_calibration_iterator_serves_every_pass():
 
 
 def test_drift_probe_is_two_samples_of_a_dynamic_batch():
-    from fxopt.api import _probe_inputs
+    from fxopt.driver.compile import probe_inputs
     model, _ = _cnn()
     x = torch.randn(8, 3, 8, 8)
     gm = fxopt.capture(model, (x,))
-    (probe,), kwargs = _probe_inputs(gm, (x,), {})
+    (probe,), kwargs = probe_inputs(gm, (x,), {})
     assert torch.equal(probe, x[:2]) and kwargs == {}
     static = fxopt.capture(model, (x,), dynamic=False)
-    assert _probe_inputs(static, (x,), {})[0][0] is x      # a static batch is never cut
+    assert probe_inputs(static, (x,), {})[0][0] is x      # a static batch is never cut

@@ -4,7 +4,8 @@ import torch
 from torch import nn
 
 import fxopt
-from fxopt.printer import format_ir
+from fxopt.core import ir, ops
+from fxopt.core.printer import format_ir
 
 torch.manual_seed(0)
 
@@ -64,7 +65,7 @@ def test_fold_batchnorm_conv(groups, bias):
     fast, expected, got = _run(model, x, "fold_batchnorm")
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     assert _stats(fast, "fold_batchnorm")["folded"] == 1
-    assert "batch_norm" not in fxopt.ir.node_counts(fast)
+    assert "batch_norm" not in ir.node_counts(fast)
     # the original weights are untouched (a new folded weight was made)
     assert not torch.equal(fast.get_buffer(_conv_weight_name(fast)), model.conv.weight)
 
@@ -95,7 +96,7 @@ def test_fold_batchnorm_leaves_shared_producer():
     stats = _stats(fast, "fold_batchnorm")
     assert stats["folded"] == 0 and stats["skipped_shared_producer"] == 1
     assert fast.fxopt_report.record("fold_batchnorm").changed is False
-    assert fxopt.ir.node_counts(fast)["batch_norm"] == 1
+    assert ir.node_counts(fast)["batch_norm"] == 1
 
 
 def test_remove_identity_drops_dropout_and_clone():
@@ -112,7 +113,7 @@ def test_remove_identity_drops_dropout_and_clone():
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
     assert _stats(fast, "remove_identity") == {"dropout": 1, "identity": 1, "zero_pad": 0,
                                                "skipped_training_dropout": 0}
-    counts = fxopt.ir.node_counts(fast)
+    counts = ir.node_counts(fast)
     assert "dropout" not in counts and "clone" not in counts
 
 
@@ -146,8 +147,8 @@ def test_fold_padding_and_zero_pads():
     assert _stats(fast, "fold_padding") == {"folded": 2, "skipped_asymmetric": 1,
                                             "skipped_not_zero_constant": 2, "skipped_shared_pad": 1,
                                             "skipped_not_2d": 0}
-    assert fxopt.ir.node_counts(fast)["pad"] == 4
-    paddings = [fxopt.ops.conv_parts(n)["padding"] for n in fast.graph.nodes if fxopt.ops.is_conv2d(n)]
+    assert ir.node_counts(fast)["pad"] == 4
+    paddings = [ops.conv_parts(n)["padding"] for n in fast.graph.nodes if ops.is_conv2d(n)]
     assert [list(p) for p in paddings[:3]] == [[1, 1], [1, 1], [2, 3]]
     # another batch size (a dynamic dim) still agrees
     x2 = torch.randn(3, 4, 9, 9)
@@ -184,7 +185,7 @@ def test_fold_constants_precomputes_weight_only_subgraph():
     # the folded weight is laid out contiguously, so the GEMM may sum in another order
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
     assert _stats(fast, "fold_constants")["folded"] == 1
-    counts = fxopt.ir.node_counts(fast)
+    counts = ir.node_counts(fast)
     assert "mul" not in counts and "t" not in counts and counts == {"matmul": 1}
 
 
@@ -210,7 +211,7 @@ def test_fuse_epilogues_linear_activation(act, name):
     fast, expected, got = _run(model, torch.randn(3, 8) * 4, "fuse_epilogues")
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
     fused = [n for n in fast.graph.nodes if n.op == "call_function"]
-    assert [fxopt.ir.op_name(n) for n in fused] == ["fxopt.linear_act", "fxopt.linear_act"]
+    assert [ir.op_name(n) for n in fused] == ["fxopt.linear_act", "fxopt.linear_act"]
     assert fused[0].meta["fxopt_activation"] == name and fused[1].meta["fxopt_activation"] == "none"
     assert _stats(fast, "fuse_epilogues")["with_activation"] == 1
 
@@ -236,7 +237,7 @@ def test_fuse_epilogues_activation_with_two_users_stays_separate():
     fast, expected, got = _run(M(), torch.randn(3, 4), "fuse_epilogues")
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
     assert _stats(fast, "fuse_epilogues")["with_activation"] == 0
-    assert fxopt.ir.node_counts(fast)["relu"] == 1
+    assert ir.node_counts(fast)["relu"] == 1
 
 
 def test_fuse_epilogues_addmm_becomes_linear():
@@ -253,7 +254,7 @@ def test_fuse_epilogues_addmm_becomes_linear():
     fast, expected, got = _run(Conv1D(), torch.randn(2, 3, 4), "fuse_epilogues")
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
     assert _stats(fast, "fuse_epilogues")["to_linear"] == 1
-    assert "addmm" not in fxopt.ir.node_counts(fast)
+    assert "addmm" not in ir.node_counts(fast)
 
 
 def test_eliminate_dead_code_removes_unused_branch():
@@ -269,7 +270,7 @@ def test_eliminate_dead_code_removes_unused_branch():
 
     fast, expected, got = _run(M(), torch.randn(2, 4), "eliminate_dead_code")
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
-    assert fxopt.ir.node_counts(fast) == {"linear": 1}
+    assert ir.node_counts(fast) == {"linear": 1}
     assert not any("unused" in name for name, _ in fast.named_parameters())
 
 
@@ -288,7 +289,7 @@ def test_fuse_parallel_linears_merges_same_input_same_activation():
     fast, expected, got = _run(QKV(), x, "fuse_epilogues,fuse_parallel_linears")
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
     assert _stats(fast, "fuse_parallel_linears") == {"merged_groups": 1, "merged_linears": 3}
-    linears = [n for n in fast.graph.nodes if fxopt.ir.op_name(n) == "fxopt.linear_act"]
+    linears = [n for n in fast.graph.nodes if ir.op_name(n) == "fxopt.linear_act"]
     # q, k, v (no activation) merged into one 20-wide linear; the relu-gated one stays apart
     assert sorted(tuple(n.meta["val"].shape) for n in linears) == [(2, 5, 8), (2, 5, 20)]
-    assert fxopt.ir.node_counts(fast)["split_with_sizes"] == 1
+    assert ir.node_counts(fast)["split_with_sizes"] == 1

@@ -16,9 +16,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import zoo  # noqa: E402
 
-from fxopt.capture import normalize_inputs  # noqa: E402
-from fxopt.pipeline import Pipeline  # noqa: E402
-from fxopt.pruning import prune  # noqa: E402
+from fxopt.api import prune  # noqa: E402
+from fxopt.core.capture import normalize_inputs  # noqa: E402
+from fxopt.core.pipeline import Pipeline  # noqa: E402
 
 warnings.filterwarnings("ignore", category=UserWarning)
 

@@ -17,8 +17,8 @@ import torch.utils._pytree as pytree
 from torch import fx, nn
 
 import fxopt
-from fxopt import serialize
-from fxopt.errors import ArtifactError
+from fxopt.artifact import serialize
+from fxopt.core.errors import ArtifactError
 from zoo import ZOO
 
 aten = torch.ops.aten

@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 import fxopt
-from fxopt.drift import drift
+from fxopt.core.drift import drift
 from zoo import ZOO
 
 INT8 = fxopt.TARGETS["cpu-int8"]

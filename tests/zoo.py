@@ -7,7 +7,7 @@ captured graph answers other shapes. Nothing is downloaded: Hugging Face
 models are built from small configs.
 
     model, example, other = ZOO["bert"]()
-    gm = fxopt.capture.capture(model, example)
+    gm = fxopt.capture(model, example)
     gm(**other)                     # HF models take keyword inputs
 """
 import torch

@@ -1,0 +1,99 @@
+"""The input check a loaded model runs first, rebuilt from data instead of generated code.
+
+torch.export guards a captured module with generated Python (`_guards_fn`);
+fxopt.save cannot carry code, so it records each input's shape instead: an
+int for a fixed size, a symbol name for a dynamic one (the same symbol on two
+inputs means their sizes must match). Load puts an InputCheck where the guard
+was, so a wrong input fails with a message naming it rather than deep inside
+a kernel.
+
+    specs = input_specs(gm)   # [{"name": "input_ids", "shape": ["s0", "s1"]}, ...]
+    InputCheck(specs)(ids, mask)       # ValueError if a fixed size or a shared size differs
+"""
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import fx, nn
+
+from fxopt.core.errors import ArtifactError
+
+GUARD = "_guards_fn"
+_SYMBOL = re.compile(r"^[A-Za-z_]\w*$")
+
+
+class InputCheck(nn.Module):
+    """Checks the rank, fixed sizes and shared dynamic sizes of a graph's inputs."""
+
+    def __init__(self, specs: list):
+        super().__init__()
+        self.specs = specs
+
+    def forward(self, *inputs) -> None:
+        seen: dict = {}
+        for spec, x in zip(self.specs, inputs):
+            if spec is not None and isinstance(x, torch.Tensor):
+                _check_one(spec, x, seen)
+
+
+def _check_one(spec: dict, x: torch.Tensor, seen: dict) -> None:
+    name, shape = spec["name"], spec["shape"]
+    wanted = "[" + ", ".join(str(d) if isinstance(d, int) else "*" for d in shape) + "]"
+    if x.dim() != len(shape):
+        raise ValueError(f"input '{name}' must have {len(shape)} dims {wanted} (* = any size), "
+                         f"got shape {list(x.shape)}")
+    for d, (want, got) in enumerate(zip(shape, x.shape)):
+        if isinstance(want, int) and want != got:
+            raise ValueError(f"input '{name}' dim {d} must be {want} (fixed when the model was "
+                             f"optimized; shape {wanted}), got shape {list(x.shape)}")
+        if isinstance(want, str):
+            first = seen.setdefault(want, (name, d, got))
+            if first[2] != got:
+                raise ValueError(f"input '{name}' dim {d} is {got} but input '{first[0]}' dim "
+                                 f"{first[1]} is {first[2]}; the model needs them equal")
+
+
+def input_specs(gm: fx.GraphModule) -> list | None:
+    """Each placeholder's {"name", "shape"} (None where unknown); None if no shape is known."""
+    guard = getattr(gm, GUARD, None)
+    if isinstance(guard, InputCheck):
+        return guard.specs
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    names = gm.meta.get("fxopt_capture", {}).get("input_names") or []
+    if len(names) != len(placeholders):
+        names = [n.name for n in placeholders]
+    specs = [_spec(name, n.meta.get("val")) for name, n in zip(names, placeholders)]
+    return specs if any(specs) else None
+
+
+def _spec(name: str, val):
+    if not isinstance(val, torch.Tensor):
+        return None
+    shape = []
+    for size in val.shape:
+        text = str(size)
+        # Why None: a size that is an expression of symbols is checked by the ops, not here.
+        shape.append(int(text) if text.isdigit() else text if _SYMBOL.match(text) else None)
+    return {"name": name, "shape": shape}
+
+
+def install(gm: fx.GraphModule, specs) -> None:
+    """Validate `specs` read from a file and call an InputCheck right after the inputs."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if not isinstance(specs, list) or len(specs) != len(placeholders):
+        raise ArtifactError("corrupt input specs: not one per graph input")
+    for spec in specs:
+        if spec is not None and not _valid(spec):
+            raise ArtifactError(f"corrupt input spec {spec!r:.80}")
+    gm.add_submodule(GUARD, InputCheck(specs))
+    with gm.graph.inserting_after(placeholders[-1]):
+        gm.graph.call_module(GUARD, tuple(placeholders))
+    gm.recompile()
+
+
+def _valid(spec) -> bool:
+    return (isinstance(spec, dict) and isinstance(spec.get("name"), str)
+            and isinstance(spec.get("shape"), list)
+            and all(d is None or (type(d) is int and d >= 0) or (isinstance(d, str) and _SYMBOL.match(d))
+                    for d in spec["shape"]))

@@ -1,0 +1,234 @@
+"""The lowered int8 ops: torch ops in the `fxopt` namespace that call the Numba kernels.
+
+Weights are packed once, at optimize time, and held as buffers of the graph
+module (plain uint8/float32/int32 tensors, so they save and load like any
+weight). On the first call the op wraps those buffers into the kernels'
+PackedWeights and keeps it on the packed tensor itself, so later calls cost a
+dictionary look-up, not a re-wrap, and the cache dies with the model.
+
+    y = torch.ops.fxopt.linear_int8(x, packed, w_scale, col_sums, b, n, k, "relu", [], 0.0, 0)
+    o = torch.ops.fxopt.attention_int8(q, k, v, mask, None, False)   # no weights: all dynamic
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from fxopt.core.fxops import _lib
+from fxopt.kernels import api as K
+from fxopt.quant import qops
+
+# x may arrive already quantized (uint8, with the static a_scale/a_zp of this op), and with
+# out_scale > 0 the op hands its output on as uint8 for the next int8 op: chained int8 ops
+# never round-trip through float. A residual (same shape as the output) is added after the
+# activation inside the kernel's epilogue.
+_lib.define("linear_int8(Tensor x, Tensor packed, Tensor w_scale, Tensor col_sums, Tensor? b, "
+            "int n, int k, str act, float[] act_args, float a_scale, int a_zp, "
+            "float out_scale=0.0, int out_zp=0, Tensor? residual=None) -> Tensor")
+
+
+# A conv's residual (same shape as its output) is added before the activation: relu(conv(x) + r).
+_lib.define("conv2d_int8(Tensor x, Tensor packed, Tensor w_scale, Tensor col_sums, Tensor? b, int[] geometry, "
+            "int[] stride, int[] padding, int[] dilation, str act, float[] act_args, float a_scale, int a_zp, "
+            "Tensor? residual=None) -> Tensor")
+
+
+_lib.define("attention_int8(Tensor q, Tensor k, Tensor v, Tensor? attn_mask=None, float? scale=None, "
+            "bool is_causal=False) -> Tensor")
+
+
+# aten.layer_norm over the last dimension, on the kernels' thread pool (see kernels/layernorm.py)
+_lib.define("layer_norm(Tensor x, Tensor? weight=None, Tensor? bias=None, float eps=1e-05) -> Tensor")
+
+
+def pack_conv(w_q: torch.Tensor, w_scale: torch.Tensor, groups: int) -> dict:
+    """Pack int8 conv weights (O, I/g, kh, kw) with their per-channel scales.
+
+    The kernels own the conv layout (which order im2col writes the taps in), so
+    the weights go through their packer. Returns the buffers the op takes: `packed` holds every group's packed GEMM
+    operand (or the depthwise taps), `geometry` = (O, C, kh, kw, groups, depthwise).
+    """
+    o, cg, kh, kw = w_q.shape
+    pc = K.pack_conv_weights_s8(w_q.numpy(), groups, scales=w_scale.float().numpy())
+    if pc.dw_q is not None:
+        packed = torch.from_numpy(np.ascontiguousarray(pc.dw_q).view(np.uint8))
+        scales, col_sums = pc.dw_scales, np.zeros(o, np.int32)
+    else:
+        packed = torch.from_numpy(np.stack([p.data.view(np.uint8) for p in pc.parts]))
+        scales = np.concatenate([p.scales for p in pc.parts])
+        col_sums = np.concatenate([p.col_sums for p in pc.parts])
+    return {"packed": packed, "w_scale": torch.from_numpy(np.ascontiguousarray(scales, np.float32)),
+            "col_sums": torch.from_numpy(np.ascontiguousarray(col_sums, np.int32)),
+            "geometry": [o, cg * groups, kh, kw, groups, int(pc.dw_q is not None)]}
+
+
+def _packed_conv(packed, w_scale, col_sums, b, geometry):
+    cached = getattr(packed, "_fxopt_packed", None)
+    if cached is None:
+        o, c, kh, kw, groups, depthwise = geometry
+        scales = w_scale.numpy()
+        if depthwise:
+            pc = K.PackedConv(o, c, kh, kw, groups, (), packed.numpy().view(np.int8), scales)
+        else:
+            og, k = o // groups, (c // groups) * kh * kw
+            sums = col_sums.numpy()
+            parts = tuple(K.PackedWeights(_aligned(packed[g].numpy().view(np.int8)), scales[g * og:(g + 1) * og],
+                                          sums[g * og:(g + 1) * og], og, k, K.isa()) for g in range(groups))
+            pc = K.PackedConv(o, c, kh, kw, groups, parts)
+        bias = None if b is None else np.ascontiguousarray(b.detach().numpy(), np.float32)
+        cached = (pc, bias)
+        packed._fxopt_packed = cached
+    return cached
+
+
+def _conv2d_int8(x, packed, w_scale, col_sums, b, geometry, stride, padding, dilation, act, act_args,
+                 a_scale, a_zp, residual=None):
+    pc, bias = _packed_conv(packed, w_scale, col_sums, b, geometry)
+    x = x if x.dtype == torch.float32 else x.float()
+    # Work in NHWC, the layout im2col reads, and hand back a channels_last tensor (logical
+    # NCHW, NHWC in memory): the next conv reads it without a copy, and torch's
+    # elementwise ops and pools keep the format.
+    nhwc = x.permute(0, 2, 3, 1)
+    xn = (nhwc if nhwc.is_contiguous() else nhwc.contiguous()).detach().numpy()
+    res = None
+    if residual is not None:
+        r = residual.permute(0, 2, 3, 1)
+        res = (r if r.is_contiguous() and r.dtype == torch.float32 else r.float().contiguous()).detach().numpy()
+    y = K.conv2d_f32(xn, pc, bias, tuple(stride), tuple(padding), tuple(dilation), act, tuple(act_args),
+                     layout="NHWC", n_threads=torch.get_num_threads(), a_scale=a_scale, a_zero_point=a_zp,
+                     residual=res)
+    return torch.from_numpy(y).permute(0, 3, 1, 2)
+
+
+def pack_linear(w_q: torch.Tensor, w_scale: torch.Tensor) -> dict:
+    """Pack int8 weights (N, K) for the GEMM; returns the buffers the op takes."""
+    pw = K.pack_weights_s8(w_q.numpy(), w_scale.numpy().astype(np.float32))
+    return {"packed": torch.from_numpy(pw.data.view(np.uint8)), "w_scale": torch.from_numpy(pw.scales),
+            "col_sums": torch.from_numpy(pw.col_sums), "n": int(pw.n), "k": int(pw.k)}
+
+
+def _packed(packed, w_scale, col_sums, b, n, k):
+    cached = getattr(packed, "_fxopt_packed", None)
+    if cached is None:
+        data = packed.numpy().view(np.int8)
+        if data.ctypes.data % 64:  # loaded weights may land unaligned; the kernel wants 64 bytes
+            data = _aligned(data)
+        pw = K.PackedWeights(data, w_scale.numpy(), col_sums.numpy(), int(n), int(k), K.isa())
+        bias = None if b is None else np.ascontiguousarray(b.detach().numpy(), np.float32)
+        cached = (pw, bias)
+        packed._fxopt_packed = cached
+    return cached
+
+
+def _aligned(a: np.ndarray) -> np.ndarray:
+    out = K.aligned_empty(a.shape, a.dtype)
+    out[...] = a
+    return out
+
+
+def _linear_int8(x, packed, w_scale, col_sums, b, n, k, act, act_args, a_scale, a_zp,
+                 out_scale=0.0, out_zp=0, residual=None):
+    pw, bias = _packed(packed, w_scale, col_sums, b, n, k)
+    res = None
+    if residual is not None:
+        if out_scale > 0:
+            raise ValueError("fxopt::linear_int8: a residual needs float output (out_scale=0)")
+        res = (residual if residual.dtype == torch.float32 else residual.float()).detach().numpy()
+    threads = torch.get_num_threads()
+    lead = tuple(x.shape[:-1])
+    if x.dtype == torch.uint8:           # chained: already quantized with (a_scale, a_zp)
+        q = np.ascontiguousarray(x.detach().numpy().reshape(-1, k))
+    else:
+        xn = (x if x.dtype == torch.float32 else x.float()).detach().numpy()
+        if a_scale <= 0 and out_scale <= 0:
+            return torch.from_numpy(K.linear_f32(xn, pw, bias, act, tuple(act_args), n_threads=threads,
+                                                 residual=res))
+        x2 = np.ascontiguousarray(xn.reshape(-1, k))
+        if a_scale > 0:
+            q = K.quantize_tensor_f32_u8(x2, a_scale, a_zp)
+        else:
+            q, a_scale, a_zp = K.quantize_rows_f32_u8(x2)
+    if out_scale > 0:
+        y = K.gemm_u8s8_u8(q, a_scale, a_zp, pw, out_scale, out_zp, bias, act, tuple(act_args),
+                           n_threads=threads)
+    else:
+        y = K.gemm_u8s8_f32(q, a_scale, a_zp, pw, bias, act, tuple(act_args), n_threads=threads)
+    return torch.from_numpy(y.reshape(*lead, n))
+
+
+def _strided(t: torch.Tensor, dtype=torch.float32):
+    """(tensor kept alive, K.Strided) of t as the attention kernel reads it: in place
+    unless its dtype differs or its last stride is not 1."""
+    if t.dtype != dtype:
+        t = t.to(dtype)
+    st = t.stride()   # torch strides are never negative
+    if st and st[-1] != 1 and t.shape[-1] > 1:
+        t = t.contiguous()
+        st = t.stride()
+    return t, K.Strided(t.data_ptr(), t.shape, st)
+
+
+def _attention_int8(q, k, v, attn_mask=None, scale=None, is_causal=False):
+    # q/k/v are usually strided views of a fused QKV projection: the kernel reads them in
+    # place (through their data pointers: no numpy wrapping on this small-shape hot path)
+    # and returns (B, H, Sq, Dv) laid out (B, Sq, H, Dv), like torch's sdpa, so the
+    # transpose(1, 2).reshape that follows in the graph is free
+    q, qs = _strided(q)
+    k, ks = _strided(k)
+    v, vs = _strided(v)
+    mask, ms, is_bool = attn_mask, None, True
+    if mask is not None:
+        is_bool = mask.dtype == torch.bool
+        if mask.dim() == 0 or (mask.shape[-1] == 1 and k.shape[2] > 1):   # repeated along the keys
+            mask = mask.expand(*mask.shape[:-1], k.shape[2])
+        mask, ms = _strided(mask, torch.bool if is_bool else torch.float32)
+    out = K.attention_int8_strided(qs, ks, vs, ms, is_bool, scale, is_causal,
+                                   n_threads=torch.get_num_threads())
+    return torch.from_numpy(out)
+
+
+def _layer_norm(x, weight=None, bias=None, eps=1e-05):
+    def arr(t):
+        return None if t is None else t.detach().float().numpy()
+    xn = (x if x.dtype == torch.float32 else x.float()).detach().numpy()
+    return torch.from_numpy(K.layer_norm_f32(xn, arr(weight), arr(bias), eps,
+                                             n_threads=torch.get_num_threads()))
+
+
+_lib.impl("linear_int8", _linear_int8, "CPU")
+_lib.impl("layer_norm", _layer_norm, "CPU")
+_lib.impl("attention_int8", _attention_int8, "CPU")
+_lib.impl("conv2d_int8", _conv2d_int8, "CPU")
+
+
+@torch.library.register_fake("fxopt::linear_int8")
+def _linear_int8_fake(x, packed, w_scale, col_sums, b, n, k, act, act_args, a_scale, a_zp,
+                      out_scale=0.0, out_zp=0, residual=None):
+    dtype = torch.uint8 if out_scale > 0 else torch.float32
+    return x.new_empty((*x.shape[:-1], n), dtype=dtype)
+
+
+@torch.library.register_fake("fxopt::conv2d_int8")
+def _conv2d_int8_fake(x, packed, w_scale, col_sums, b, geometry, stride, padding, dilation, act, act_args,
+                      a_scale, a_zp, residual=None):
+    n, _, h, w = x.shape
+    o, _, kh, kw = geometry[:4]
+    oh = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    ow = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    return x.new_empty((n, o, oh, ow), dtype=torch.float32)
+
+
+@torch.library.register_fake("fxopt::attention_int8")
+def _attention_int8_fake(q, k, v, attn_mask=None, scale=None, is_causal=False):
+    return qops.attention_like(q, v)
+
+
+@torch.library.register_fake("fxopt::layer_norm")
+def _layer_norm_fake(x, weight=None, bias=None, eps=1e-05):
+    return x.new_empty(x.shape, dtype=torch.float32)
+
+
+linear_int8 = torch.ops.fxopt.linear_int8.default
+layer_norm = torch.ops.fxopt.layer_norm.default
+attention_int8 = torch.ops.fxopt.attention_int8.default
+conv2d_int8 = torch.ops.fxopt.conv2d_int8.default

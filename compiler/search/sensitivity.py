@@ -1,0 +1,98 @@
+"""Sensitivity analysis for the accuracy-budgeted search (fxopt.search.budget).
+
+Three measurements, cheapest first:
+  quant_proxy    per-layer output SQNR of the all-int8 model (already in its report);
+  layer_latency  each layer's int8 op against its fp32 op, run alone on the inputs it
+                 really receives in the model (real kernels, real shapes);
+  slower_in_int8 the layers where int8 is not faster, with the reason the report shows.
+
+    rows = quant_proxy(int8_gm.fxopt_report.layers)       # [(layer, sqnr_db)], worst first
+    times = layer_latency(int8_gm, fp32_gm, (x,), {})     # {layer: (int8 s, fp32 s)}
+    slow = slower_in_int8(times, margin=0.10)             # {layer: "int8 not faster here (...)"}
+
+The per-layer metric effect (quantize one layer alone, prune at one ratio) is measured
+by the search itself through its evaluation cache, so each costs one evaluation.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+import time
+
+import torch
+from torch.fx import GraphModule, Interpreter
+
+from fxopt.core.ir import LAYER
+from fxopt.report.model_report import layer_kind
+
+
+def quant_proxy(rows: list[dict]) -> list[tuple[str, float]]:
+    """(layer, sqnr dB) of the int8 layers of a report, least accurate (lowest SQNR) first.
+
+        quant_proxy([{"layer": "fc1", "precision": "int8", "sqnr_db": 40.0}]) -> [("fc1", 40.0)]
+    """
+    out = [(r["layer"], r["sqnr_db"] if r["sqnr_db"] is not None else math.inf)
+           for r in rows if r["precision"] == "int8"]
+    return sorted(out, key=lambda t: (t[1], t[0]))
+
+
+class _Recorder(Interpreter):
+    """Runs a graph and keeps the concrete arguments of every layer node, by layer name."""
+
+    def __init__(self, gm):
+        super().__init__(gm)
+        self.calls = {}
+
+    def run_node(self, n):
+        out = super().run_node(n)
+        if layer_kind(n) is not None:
+            args, kwargs = self.fetch_args_kwargs_from_env(n)
+            self.calls[n.meta.get(LAYER, n.name)] = (n.target, args, kwargs)
+        return out
+
+
+def layer_calls(gm: GraphModule, args: tuple, kwargs: dict) -> dict:
+    """{layer: (op, args, kwargs)}: each layer's op with the values it receives in `gm`."""
+    rec = _Recorder(gm)
+    with torch.no_grad():
+        rec.run(*args, **kwargs)
+    return rec.calls
+
+
+def _time_call(call, repeats: int) -> float:
+    op, args, kwargs = call
+    with torch.no_grad():
+        op(*args, **kwargs)   # warm-up: kernel compile and weight packing are not the layer's cost
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            op(*args, **kwargs)
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def layer_latency(int8_gm: GraphModule, fp32_gm: GraphModule, args: tuple, kwargs: dict,
+                  repeats: int = 15) -> dict:
+    """{layer: (int8 seconds, fp32 seconds)} for the layers present in both graphs.
+
+    Each layer's op is called alone with the inputs recorded from a run of its own
+    graph, so the int8 time includes quantizing the activations it receives, as in the model.
+    """
+    int8_calls = layer_calls(int8_gm, args, kwargs)
+    fp32_calls = layer_calls(fp32_gm, args, kwargs)
+    out = {}
+    for name, call in int8_calls.items():
+        if name in fp32_calls:
+            out[name] = (_time_call(call, repeats), _time_call(fp32_calls[name], repeats))
+    return out
+
+
+def slower_in_int8(times: dict, margin: float = 0.10) -> dict:
+    """{layer: reason} for layers whose int8 op is slower than fp32 by more than `margin`.
+
+    The margin keeps timing noise on a shared machine from flipping a decision.
+
+        slower_in_int8({"fc": (2e-3, 1e-3)}) -> {"fc": "int8 not faster here (2.000 ms vs 1.000 ms fp32)"}
+    """
+    return {name: f"int8 not faster here ({t8 * 1e3:.3f} ms vs {t32 * 1e3:.3f} ms fp32)"
+            for name, (t8, t32) in times.items() if t8 > t32 * (1 + margin)}

@@ -1,0 +1,31 @@
+"""Numba int8 kernels: the public entry points. Plain numpy in, numpy out: no torch, no fx.
+
+    >>> from fxopt.kernels import api as K
+    >>> pw = K.pack_weights_s8(*K.quantize_weights_s8(w))     # w: (N, K) float32
+    >>> y = K.linear_f32(x, pw, bias, act="gelu")             # x: (..., K) float32
+
+kernels/ has no __init__.py on purpose: it is a namespace portion of fxopt, so that
+running Python from the repository root never lets this folder stand in for the
+installed `kernels` package (which transformers imports). Import its modules by name.
+
+See linear.py (GEMM/linear), attention.py (fused int8 attention, with attention_steps.py
+and rowops.py), conv.py (conv2d), layernorm.py, dispatch.py (CPU dispatch), pack.py
+(layout), reference.py (numpy twins).
+"""
+from .dispatch import KernelError, available_isas, isa, select_isa, use_isa
+from .epilogue import ACTIVATIONS
+from .linear import (gemm_u8s8_f32, gemm_u8s8_s32, gemm_u8s8_u8, get_num_threads,
+                     linear_f32, pad_rows_u8, set_num_threads)
+from .pack import PackedWeights, aligned_empty, pack_weights_s8, quantize_weights_s8
+from .quantize import quantize_rows_f32_u8, quantize_tensor_f32_u8
+from .attention import Strided, attention_int8, attention_int8_strided
+from .conv import PackedConv, conv2d_f32, pack_conv_weights_s8
+from .layernorm import layer_norm_f32
+
+__all__ = [
+    "ACTIVATIONS", "KernelError", "PackedConv", "PackedWeights", "Strided", "aligned_empty",
+    "attention_int8", "attention_int8_strided", "available_isas", "conv2d_f32", "gemm_u8s8_f32",
+    "gemm_u8s8_s32", "gemm_u8s8_u8", "get_num_threads", "isa", "layer_norm_f32", "linear_f32",
+    "pack_conv_weights_s8", "pack_weights_s8", "pad_rows_u8", "quantize_rows_f32_u8",
+    "quantize_tensor_f32_u8", "quantize_weights_s8", "select_isa", "set_num_threads", "use_isa",
+]
