@@ -4,6 +4,13 @@ The repository keeps one folder per layer (compiler/, passes/, kernels/,
 bench/); this file maps them into the single import name ``fxopt``:
 compiler/ is the package fxopt (its subfolders fxopt.core, fxopt.quant, ...),
 passes/, kernels/ and bench/ are fxopt.passes, fxopt.kernels and fxopt.bench.
+
+Only compiler/ has an __init__.py: the other three folders are namespace
+portions, so that Python run from the repository root never takes them for the
+installed packages of the same name (transformers imports `kernels`). An
+editable install must then be "strict" (setuptools' lenient editable finder does
+not find namespace subpackages mapped from other folders): it links each source
+file into build/__editable__.*, so a new module needs `pip install -e .` again.
 """
 import re
 
@@ -24,6 +31,7 @@ setup(
         "fxopt.kernels": "kernels",
         "fxopt.bench": "bench",
     },
+    options={"editable_wheel": {"mode": "strict"}},
     install_requires=[
         # 2.13.0 is the CPU build this project is developed and tested on;
         # install it first (`pip install torch==2.13.0`) so pip keeps it.

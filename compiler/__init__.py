@@ -12,18 +12,47 @@ accuracy-budgeted search). passes/, kernels/ and bench/ are fxopt.passes,
 fxopt.kernels and fxopt.bench.
 """
 
-from fxopt.core.errors import (ArtifactError, CalibrationError, CaptureError, FxoptError, PassError,
-                               PipelineError)
-from fxopt.core.version import VERSION as __version__
-from fxopt.core.capture import capture
-from fxopt.core import fxops as _fxops              # registers the fxopt:: torch ops
-from fxopt.quant import qops as _qops               # (a loaded graph calls them)
-from fxopt.runtime import kernel_ops as _kernel_ops
-from fxopt.core.pipeline import TARGETS, Pipeline
-from fxopt.api import bisect, optimize, prune
-from fxopt.artifact.serialize import load, save
-from fxopt.pruning.finetune import finetune
 
-__all__ = ["optimize", "bisect", "capture", "prune", "finetune", "save", "load", "Pipeline",
-           "TARGETS", "FxoptError", "ArtifactError", "CalibrationError", "CaptureError",
-           "PassError", "PipelineError"]
+def _defer_to_installed(name: str, folder: str):
+    """Load the installed top-level package `name`, skipping the repository root.
+
+    `python -m ...` or `python -c ...` run from the repository root put the root first
+    on sys.path, where this folder looks like a package named `compiler` (a name the
+    package index has too). It is only fxopt's source, so the import goes on to the
+    package of that name installed elsewhere on sys.path, or fails as it would without
+    this folder.
+    """
+    import os
+    import sys
+    from importlib.machinery import PathFinder
+    from importlib.util import module_from_spec
+
+    root = os.path.realpath(os.path.dirname(folder))
+    path = [p for p in sys.path if os.path.realpath(p or os.curdir) != root]
+    spec = PathFinder.find_spec(name, path)
+    if spec is None:
+        raise ModuleNotFoundError(f"No module named {name!r} (the repository's {name}/ folder is "
+                                  "fxopt's source; import fxopt instead)", name=name)
+    module = module_from_spec(spec)
+    sys.modules[name] = module          # the import statement hands back what sys.modules holds
+    spec.loader.exec_module(module)
+
+
+if __name__ != "fxopt":
+    _defer_to_installed(__name__, __path__[0])
+else:
+    from fxopt.core.errors import (ArtifactError, CalibrationError, CaptureError, FxoptError, PassError,
+                                   PipelineError)
+    from fxopt.core.version import VERSION as __version__
+    from fxopt.core.capture import capture
+    from fxopt.core import fxops as _fxops              # registers the fxopt:: torch ops
+    from fxopt.quant import qops as _qops               # (a loaded graph calls them)
+    from fxopt.runtime import kernel_ops as _kernel_ops
+    from fxopt.core.pipeline import TARGETS, Pipeline
+    from fxopt.api import bisect, optimize, prune
+    from fxopt.artifact.serialize import load, save
+    from fxopt.pruning.finetune import finetune
+
+    __all__ = ["optimize", "bisect", "capture", "prune", "finetune", "save", "load", "Pipeline",
+               "TARGETS", "FxoptError", "ArtifactError", "CalibrationError", "CaptureError",
+               "PassError", "PipelineError"]

@@ -1,1 +1,0 @@
-"""Benchmarks: kernel microbenchmarks and whole-model benchmarks."""

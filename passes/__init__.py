@@ -1,1 +1,0 @@
-"""Graph passes: one module per pass, registered by its module name."""
