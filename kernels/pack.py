@@ -37,6 +37,11 @@ def aligned_copy(a, align=ALIGN):
     return out
 
 
+def packed_nbytes(n, k):
+    """Bytes of the packed layout of an (n, k) int8 weight: N padded to 64, K to 4."""
+    return (n + BLOCK_COLS - 1) // BLOCK_COLS * ((k + 3) // 4) * 4 * BLOCK_COLS
+
+
 class PackedWeights(NamedTuple):
     """int8 weights (N x K) packed for the GEMM.
 
@@ -65,16 +70,21 @@ class PackedWeights(NamedTuple):
     @classmethod
     def from_arrays(cls, data, scales, col_sums, n, k, isa="portable"):
         n, k = int(n), int(k)
-        blocks = (n + BLOCK_COLS - 1) // BLOCK_COLS
-        expected = blocks * ((k + 3) // 4) * 4 * BLOCK_COLS
+        if n < 1 or k < 1:
+            raise KernelError(f"packed weights need N >= 1 and K >= 1, got N={n}, K={k}")
+        expected = packed_nbytes(n, k)
         data = np.asarray(data, np.int8).reshape(-1)
         if data.size != expected:
             raise KernelError(f"packed data has {data.size} bytes, expected "
                               f"{expected} for N={n}, K={k}")
         if data.ctypes.data % ALIGN:
             data = aligned_copy(data)
-        scales = np.ascontiguousarray(scales, np.float32).reshape(n)
-        col_sums = np.ascontiguousarray(col_sums, np.int32).reshape(n)
+        scales, col_sums = np.asarray(scales), np.asarray(col_sums)
+        if scales.shape != (n,) or col_sums.shape != (n,):
+            raise KernelError(f"scales and col_sums must have shape ({n},), got {scales.shape} "
+                              f"and {col_sums.shape}")
+        scales = np.ascontiguousarray(scales, np.float32)
+        col_sums = np.ascontiguousarray(col_sums, np.int32)
         return cls(data, scales, col_sums, n, k, str(isa))
 
 

@@ -1,7 +1,6 @@
 """fxopt.save / fxopt.load: identical outputs after a round trip, atomic writes, clear
 errors on bad files, and no code from a file ever runs."""
 import functools
-import json
 import os
 import pickle
 import subprocess
@@ -18,6 +17,7 @@ from torch import fx, nn
 
 import fxopt
 from fxopt.artifact import serialize
+from artifact_files import rewrite
 from fxopt.core.errors import ArtifactError
 from zoo import ZOO
 
@@ -53,23 +53,6 @@ def assert_identical(got, expected):
     assert len(got_leaves) == len(expected_leaves)
     for g, e in zip(got_leaves, expected_leaves):
         assert g.dtype == e.dtype and g.shape == e.shape and torch.equal(g, e)
-
-
-def rewrite(path, edit_metadata=None, edit_graph=None, fix_digest=True):
-    """Rewrite a saved file's header (as an attacker or a newer fxopt could), keeping tensors."""
-    with safetensors.safe_open(path, "pt") as f:
-        metadata = dict(f.metadata())
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    if edit_graph:
-        graph = json.loads(metadata["graph"])
-        edit_graph(graph)
-        metadata["graph"] = json.dumps(graph)
-    if edit_metadata:
-        edit_metadata(metadata)
-    if fix_digest:
-        blobs = [tensors[f"storage.{i}"] for i in range(int(metadata["storages"]))]
-        metadata["sha256"] = serialize._digest(metadata, blobs)
-    safetensors.torch.save_file(tensors, path, metadata=metadata)
 
 
 @pytest.fixture

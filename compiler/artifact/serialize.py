@@ -29,12 +29,14 @@ import torch
 from torch import fx, nn
 
 from fxopt.artifact.graph_json import decode_graph, decode_value, encode_graph, encode_value
+from fxopt.artifact.opset import check_graph
 from fxopt.artifact.tensor_store import assign_weight, collect_weights, rebuild_weights
 from fxopt.core.errors import ArtifactError, FxoptError
 from fxopt.core.report import Report
 from fxopt.core.version import VERSION
 from fxopt.pruning.structured import PruneReport
 from fxopt.runtime.input_check import input_specs, install as install_input_check
+from fxopt.runtime.kernel_args import check_lowered
 
 __all__ = ["save", "load", "read_report", "register_load_hook", "remove_load_hook",
            "FORMAT_VERSION", "ARTIFACT_META"]
@@ -85,6 +87,11 @@ def save(model: fx.GraphModule, path) -> None:
     if not isinstance(model, fx.GraphModule):
         raise TypeError(f"fxopt.save expects the GraphModule fxopt.optimize returned, got "
                         f"{type(model).__name__}")
+    try:
+        check_graph(model.graph)
+    except ArtifactError as e:
+        raise ArtifactError(f"cannot save {os.fspath(path)}: {e}. fxopt saves only the operators it "
+                            "loads; keep this one out of the model, or run it unsaved.") from None
     blobs, table = collect_weights(model)
     graph = encode_graph(model)
     graph.update(tensors=table, training=model.training, meta=_graph_meta(model),
@@ -249,7 +256,10 @@ def _module(graph_data: dict, blobs: list) -> fx.GraphModule:
     for module in OP_PROVIDERS:
         importlib.import_module(module)
     weights = rebuild_weights(graph_data.get("tensors"), blobs)
-    gm = _build_module(decode_graph(graph_data, set(weights)), weights)
+    graph = decode_graph(graph_data, set(weights))
+    check_graph(graph)
+    gm = _build_module(graph, weights)
+    check_lowered(gm)
     if graph_data.get("inputs") is not None:
         install_input_check(gm, graph_data["inputs"])
     gm.train(bool(graph_data.get("training", False)))

@@ -97,7 +97,10 @@ def _view(rec: dict, blobs: list, name: str) -> torch.Tensor:
     ints = list(shape) + list(stride) + [offset]
     if len(shape) != len(stride) or not all(type(i) is int and i >= 0 for i in ints):
         raise ValueError(f"shape {shape}, stride {stride}, offset {offset}")
-    blob = blobs[rec["storage"]]
+    index = rec["storage"]
+    if not (type(index) is int and 0 <= index < len(blobs)):
+        raise ValueError(f"storage {index!r:.20} is not one of the file's {len(blobs)} storages")
+    blob = blobs[index]
     extent = offset + sum((s - 1) * st for s, st in zip(shape, stride)) + 1
     if math.prod(shape) and extent * dtype.itemsize > blob.numel():
         raise ValueError(f"needs {extent * dtype.itemsize} bytes, storage has {blob.numel()}")

@@ -17,6 +17,7 @@ import torch
 from fxopt.core.fxops import _lib
 from fxopt.kernels import api as K
 from fxopt.quant import qops
+from fxopt.runtime.kernel_args import check_conv, check_linear
 
 # x may arrive already quantized (uint8, with the static a_scale/a_zp of this op), and with
 # out_scale > 0 the op hands its output on as uint8 for the next int8 op: chained int8 ops
@@ -62,9 +63,10 @@ def pack_conv(w_q: torch.Tensor, w_scale: torch.Tensor, groups: int) -> dict:
             "geometry": [o, cg * groups, kh, kw, groups, int(pc.dw_q is not None)]}
 
 
-def _packed_conv(packed, w_scale, col_sums, b, geometry):
+def _packed_conv(packed, w_scale, col_sums, b, geometry, stride, padding, dilation):
     cached = getattr(packed, "_fxopt_packed", None)
     if cached is None:
+        check_conv(packed, w_scale, col_sums, b, geometry, stride, padding, dilation)
         o, c, kh, kw, groups, depthwise = geometry
         scales = w_scale.numpy()
         if depthwise:
@@ -83,7 +85,7 @@ def _packed_conv(packed, w_scale, col_sums, b, geometry):
 
 def _conv2d_int8(x, packed, w_scale, col_sums, b, geometry, stride, padding, dilation, act, act_args,
                  a_scale, a_zp, residual=None):
-    pc, bias = _packed_conv(packed, w_scale, col_sums, b, geometry)
+    pc, bias = _packed_conv(packed, w_scale, col_sums, b, geometry, stride, padding, dilation)
     x = x if x.dtype == torch.float32 else x.float()
     # Work in NHWC, the layout im2col reads, and hand back a channels_last tensor (logical
     # NCHW, NHWC in memory): the next conv reads it without a copy, and torch's
@@ -110,6 +112,7 @@ def pack_linear(w_q: torch.Tensor, w_scale: torch.Tensor) -> dict:
 def _packed(packed, w_scale, col_sums, b, n, k):
     cached = getattr(packed, "_fxopt_packed", None)
     if cached is None:
+        check_linear(packed, w_scale, col_sums, b, n, k)
         data = packed.numpy().view(np.int8)
         if data.ctypes.data % 64:  # loaded weights may land unaligned; the kernel wants 64 bytes
             data = _aligned(data)

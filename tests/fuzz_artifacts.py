@@ -1,0 +1,295 @@
+"""Fuzz fxopt.load with corrupted int8 model files (run by test_hostile_files.py in a
+child process, so that a crash kills the child, not the test run).
+
+    python tests/fuzz_artifacts.py --mutations 1050 --seed 0 --dir /tmp/fuzz
+
+Each mutation edits one saved file (an MLP, a CNN and BERT, all cpu-int8) and recomputes
+its digest, as an attacker can: the tensor table (shapes, strides, offsets, dtypes,
+storage indices), the arguments of the lowered kernel ops, node references and targets,
+input specs and header fields. The outcome of each is one of
+  refused  - fxopt.load raised ArtifactError
+  raised   - the model loaded, and calling it raised an exception (not a crash)
+  same     - the model loaded and answered exactly as the original, twice
+and anything else is "bad": an error other than ArtifactError at load, two calls that
+disagree, or an answer that differs from the original's.
+
+Corruption is what is fuzzed: a value moved out of its domain or made inconsistent with
+the rest of the file. An edit that keeps the file a valid description of another model
+(another stride, another weight through an in-bounds offset) is what any file can say,
+whoever wrote it, so it is not drawn here. One JSON line per mutation; the last line
+sums them up.
+"""
+import argparse
+import copy
+import json
+import os
+import random
+import sys
+import time
+import warnings
+
+warnings.filterwarnings("ignore")
+sys.path.insert(0, os.path.dirname(__file__))
+
+import torch  # noqa: E402
+import torch.utils._pytree as pytree  # noqa: E402
+
+import fxopt  # noqa: E402
+from artifact_files import call, int8_bytes, int8_model, read, write  # noqa: E402
+from fxopt.core.errors import ArtifactError  # noqa: E402
+
+MODELS = ("mlp", "cnn_bn_residual", "bert")
+HUGE = (2**31, 2**40, 2**63)
+DTYPES = ("float32", "float64", "int8", "uint8", "int32", "int64", "bool", "float16", "complex64", "nope", 3)
+BAD_TARGETS = ("aten::from_file.default", "aten::empty.memory_format", "aten::copy_.default", "aten::save",
+               "aten::set_.source_Storage", "aten::seed.default", "fxopt::nope.default", "os.system",
+               "aten::linear", "", "aten:::linear.default")
+
+
+# --- mutations: each takes (rng, graph dict, metadata dict) and returns a description --------
+
+def _tensor(rng, graph):
+    name = rng.choice(sorted(graph["tensors"]))
+    return name, graph["tensors"][name]
+
+
+def tensor_shape(rng, graph, metadata):
+    name, rec = _tensor(rng, graph)
+    if not rec["shape"] or rng.random() < 0.2:
+        rec["shape"] = rec["shape"] + [rng.choice([1, 2, 7])]
+        return f"{name}: one more dim"
+    d = rng.randrange(len(rec["shape"]))
+    size = rec["shape"][d]
+    rec["shape"][d] = rng.choice([0, size - 1, size + 1, 2 * size, size // 2, -1, *HUGE, 1.5, "8"])
+    return f"{name}: shape[{d}] {size} -> {rec['shape'][d]}"
+
+
+def tensor_stride(rng, graph, metadata):
+    name, rec = _tensor(rng, graph)
+    if not rec["stride"]:
+        rec["stride"] = [1]
+        return f"{name}: a stride without a dim"
+    d = rng.randrange(len(rec["stride"]))
+    rec["stride"][d] = rng.choice([-1, *HUGE, None])
+    return f"{name}: stride[{d}] -> {rec['stride'][d]}"
+
+
+def tensor_offset(rng, graph, metadata):
+    name, rec = _tensor(rng, graph)
+    rec["offset"] = rng.choice([-1, *HUGE, 2**20 + 1, "0", None])
+    return f"{name}: offset -> {rec['offset']}"
+
+
+def tensor_dtype(rng, graph, metadata):
+    name, rec = _tensor(rng, graph)
+    old = rec["dtype"]
+    rec["dtype"] = rng.choice([d for d in DTYPES if d != old])
+    return f"{name}: dtype {old} -> {rec['dtype']}"
+
+
+def tensor_storage(rng, graph, metadata):
+    name, rec = _tensor(rng, graph)
+    rec["storage"] = rng.choice([-1, int(metadata["storages"]), *HUGE, True, "0", None])
+    return f"{name}: storage -> {rec['storage']}"
+
+
+def tensor_record(rng, graph, metadata):
+    name, rec = _tensor(rng, graph)
+    key = rng.choice(sorted(rec))
+    if rng.random() < 0.5:
+        del rec[key]
+        return f"{name}: no {key}"
+    rec[key] = rng.choice([None, [], {}, "x", -1])
+    return f"{name}: {key} -> {rec[key]}"
+
+
+def _kernel_nodes(graph):
+    return [n for n in graph["nodes"] if n["op"] == "call_function" and n["target"].startswith("fxopt::")]
+
+
+# Out-of-domain values per kernel-op argument position (in-domain ones describe another model).
+_OUT_OF_DOMAIN = {
+    "fxopt::linear_int8.default": {5: [0, -1, 1, *HUGE], 6: [0, -1, *HUGE], 9: [{"float": "nan"}, {"float": "inf"}],
+                                   10: [-1, 256, *HUGE]},
+    "fxopt::conv2d_int8.default": {11: [{"float": "nan"}, {"float": "inf"}], 12: [-1, 256, *HUGE]},
+}
+
+
+def kernel_int_arg(rng, graph, metadata):
+    node = rng.choice(_kernel_nodes(graph))
+    args = node["args"]["tuple"]
+    choices = _OUT_OF_DOMAIN.get(node["target"], {})
+    if node["target"] == "fxopt::conv2d_int8.default" and rng.random() < 0.6:
+        i = rng.choice([5, 6, 7, 8])                       # geometry, stride, padding, dilation
+        values = args[i]["list"]
+        j = rng.randrange(len(values))
+        old = values[j]
+        values[j] = rng.choice([0, -1, *HUGE] + ([old + 1, 2 * old] if i == 5 and j < 4 else []))
+        return f"{node['name']}: arg {i}[{j}] {old} -> {values[j]}"
+    if not choices:
+        return kernel_arg_type(rng, graph, metadata)
+    i = rng.choice(sorted(choices))
+    old, args[i] = args[i], rng.choice(choices[i])
+    return f"{node['name']}: arg {i} {old} -> {args[i]}"
+
+
+def _kind(value):
+    if isinstance(value, int) or (isinstance(value, dict) and "float" in value):
+        return "number"
+    return type(value).__name__ if not isinstance(value, dict) else next(iter(value), "dict")
+
+
+def kernel_arg_type(rng, graph, metadata):
+    """An argument of another kind (a number where a list was, ...): another number where a
+    number was would be another valid model, so the kind always changes."""
+    node = rng.choice(_kernel_nodes(graph))
+    args = node["args"]["tuple"]
+    i = rng.randrange(len(args))
+    old = args[i]
+    kinds = [{"float": 1.0}, "relu", {"list": [1]}, {"node": graph["nodes"][0]["name"]}, {"tuple": []},
+             {"dtype": "float32"}, {"device": "cpu"}]
+    args[i] = rng.choice([k for k in kinds if _kind(k) != _kind(old)])
+    return f"{node['name']}: arg {i} {json.dumps(old)[:40]} -> {json.dumps(args[i])}"
+
+
+def kernel_arg_count(rng, graph, metadata):
+    node = rng.choice(_kernel_nodes(graph))
+    args = node["args"]["tuple"]
+    if rng.random() < 0.5:     # the first, always required (a trailing one may have a default)
+        args.pop(0)
+        return f"{node['name']}: no first argument"
+    # past every parameter the op has (filling an optional one in is another valid model)
+    args += [rng.choice([0, {"float": 1.0}, None, "x"]) for _ in range(4)]
+    return f"{node['name']}: more arguments than the op takes"
+
+
+def _names(graph):
+    return [n["name"] for n in graph["nodes"]]
+
+
+def node_reference(rng, graph, metadata):
+    calls = [n for n in graph["nodes"] if n["op"] == "call_function"]
+    node = rng.choice(calls)
+    refs = [i for i, a in enumerate(node["args"]["tuple"]) if isinstance(a, dict) and "node" in a]
+    if not refs:
+        return node_target(rng, graph, metadata)
+    i = rng.choice(refs)
+    later = _names(graph)[_names(graph).index(node["name"]):]
+    node["args"]["tuple"][i] = {"node": rng.choice(["nobody", node["name"], *later[1:3]])}
+    return f"{node['name']}: arg {i} refers to {node['args']['tuple'][i]['node']}"
+
+
+def node_target(rng, graph, metadata):
+    node = rng.choice([n for n in graph["nodes"] if n["op"] == "call_function"])
+    old, node["target"] = node["target"], rng.choice(BAD_TARGETS)
+    return f"{node['name']}: target {old} -> {node['target']!r}"
+
+
+def node_structure(rng, graph, metadata):
+    nodes = graph["nodes"]
+    i = rng.randrange(len(nodes))
+    what = rng.choice(["delete", "duplicate name", "move last", "op"])
+    if what == "delete":
+        del nodes[i]
+    elif what == "duplicate name":
+        nodes[i]["name"] = nodes[(i + 1) % len(nodes)]["name"]
+    elif what == "move last":
+        nodes.append(nodes.pop(i))
+    else:
+        nodes[i]["op"] = rng.choice(["call_module", "call_method", "get_attr", "nope"])
+    return f"node {i}: {what}"
+
+
+def input_spec(rng, graph, metadata):
+    specs = graph.get("inputs") or []
+    shaped = [s for s in specs if s and s["shape"]]
+    if not shaped:
+        graph["inputs"] = rng.choice([None, [], "x"])
+        return "inputs replaced"
+    spec = rng.choice(shaped)
+    d = rng.randrange(len(spec["shape"]))
+    old = spec["shape"][d]
+    spec["shape"][d] = rng.choice([-1, 1.5, "1x", None if old is None else [old], *HUGE])
+    return f"input {spec['name']}: dim {d} {old} -> {spec['shape'][d]}"
+
+
+def header(rng, graph, metadata):
+    key = rng.choice(["format", "format_version", "storages", "byteorder", "report", "artifact", "graph"])
+    metadata[key] = rng.choice(["", "-1", "0", "99", "{", "[]", "null", "big", json.dumps({"nodes": 1})])
+    return f"header {key} -> {metadata[key]!r}"
+
+
+MUTATIONS = (tensor_shape, tensor_stride, tensor_offset, tensor_dtype, tensor_storage, tensor_record,
+             kernel_int_arg, kernel_arg_type, kernel_arg_count, node_reference, node_target,
+             node_structure, input_spec, header)
+
+
+# --- running one mutated file ------------------------------------------------------------
+
+def _leaves(out):
+    return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+
+
+def _same(a, b):
+    return len(a) == len(b) and all(x.dtype == y.dtype and x.shape == y.shape and torch.equal(x, y)
+                                    for x, y in zip(a, b))
+
+
+def outcome(path, example, expected) -> tuple[str, str]:
+    try:
+        model = fxopt.load(path)
+    except ArtifactError:
+        return "refused", ""
+    except Exception as e:  # noqa: BLE001 - any other error at load is a finding
+        return "bad", f"load raised {type(e).__name__}: {e}"[:300]
+    try:
+        with torch.no_grad():
+            first, second = _leaves(call(model, example)), _leaves(call(model, example))
+    except Exception as e:  # noqa: BLE001 - an error when called is not a silent answer
+        return "raised", f"{type(e).__name__}: {e}"[:200]
+    if not _same(first, second):
+        return "bad", "two calls disagree"
+    if not _same(first, expected):
+        return "bad", "answers differently from the original"
+    return "same", ""
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--mutations", type=int, default=1050)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dir", required=True)
+    opts = parser.parse_args()
+    rng = random.Random(opts.seed)
+    originals = {}
+    for name in MODELS:
+        path = os.path.join(opts.dir, f"{name}.fxopt")
+        with open(path, "wb") as f:
+            f.write(int8_bytes(name))
+        example = int8_model(name)[1]
+        with torch.no_grad():
+            originals[name] = (read(path), example, _leaves(call(fxopt.load(path), example)))
+    outcomes, bad = {"refused": 0, "raised": 0, "same": 0, "bad": 0}, []
+    path = os.path.join(opts.dir, "mutated.fxopt")
+    for i in range(opts.mutations):
+        name = MODELS[i % len(MODELS)]
+        (metadata, graph, tensors), example, expected = originals[name]
+        metadata, graph = dict(metadata), copy.deepcopy(graph)
+        mutation = rng.choice(MUTATIONS)
+        what = mutation(rng, graph, metadata)
+        if mutation is not header or "graph" not in what:
+            metadata["graph"] = json.dumps(graph)
+        write(path, metadata, None, tensors)
+        start = time.perf_counter()
+        result, detail = outcome(path, example, expected)
+        outcomes[result] += 1
+        record = {"i": i, "model": name, "mutation": mutation.__name__, "what": what, "outcome": result,
+                  "detail": detail, "seconds": round(time.perf_counter() - start, 3)}
+        if result == "bad":
+            bad.append(record)
+        print(json.dumps(record), flush=True)
+    print(json.dumps({"mutations": opts.mutations, "outcomes": outcomes, "bad": bad}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
