@@ -440,3 +440,48 @@ def test_failing_load_hook_is_named(mlp_file):
             fxopt.load(mlp_file)
     finally:
         serialize.remove_load_hook(repack)
+
+
+# --- killed saves and failing disks ------------------------------------------------------
+
+_KILLED_SAVE = textwrap.dedent("""
+    import os, sys, time
+    sys.path.insert(0, {tests!r})
+    import fxopt
+    from fxopt.artifact import serialize
+    from test_serialize import optimized
+
+    def stall(tensors, path, metadata):
+        with open(path, "wb") as f:
+            f.write(b"partial")
+        print("writing", flush=True)
+        time.sleep(60)
+
+    serialize._write_tensors = stall
+    fxopt.save(optimized("mlp")[0], {target!r})
+""")
+
+
+def test_a_killed_save_leaves_a_marked_temp_file_the_next_save_removes(tmp_path):
+    target = tmp_path / "m.fxopt"
+    child = subprocess.Popen([sys.executable, "-c", _KILLED_SAVE.format(tests=os.path.dirname(__file__),
+                                                                        target=str(target))],
+                             stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline().strip() == "writing"
+    child.kill()
+    child.wait()
+    orphans = [n for n in os.listdir(tmp_path) if serialize.TEMP_MARK in n]
+    assert len(orphans) == 1 and orphans[0].startswith(".m.fxopt") and not target.exists()
+    alive = tmp_path / f".other.fxopt{serialize.TEMP_MARK}{os.getpid()}.abc"   # a save still running
+    alive.write_bytes(b"partial")
+    fxopt.save(optimized("mlp")[0], target)
+    assert sorted(os.listdir(tmp_path)) == sorted([alive.name, "m.fxopt"])
+    assert_identical(fxopt.load(target)(torch.ones(2, 32)), optimized("mlp")[0](torch.ones(2, 32)))
+
+
+def test_a_failed_save_names_the_users_path(tmp_path, monkeypatch):
+    monkeypatch.setattr(serialize, "_write_tensors", _half_write_then_fail)
+    with pytest.raises(OSError, match=r"cannot save .*m\.fxopt: No space left on device") as caught:
+        fxopt.save(optimized("mlp")[0], tmp_path / "m.fxopt")
+    assert serialize.TEMP_MARK not in str(caught.value) and caught.value.errno == 28
+    assert os.listdir(tmp_path) == []

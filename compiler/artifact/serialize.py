@@ -175,10 +175,22 @@ def _write_tensors(tensors: dict, path: str, metadata: dict) -> None:
     safetensors.torch.save_file(tensors, path, metadata=metadata)
 
 
+TEMP_MARK = ".fxopt-partial."   # in the name of every temporary file a save writes
+
+
 def _write_atomic(path: str, tensors: dict, metadata: dict) -> None:
-    """Write to a temp file next to `path`, fsync it, then rename it over `path`."""
+    """Write to a temp file next to `path`, fsync it, then rename it over `path`.
+
+    The temp file is named `.<name>.fxopt-partial.<pid>.<random>`: a save killed before
+    its rename leaves one behind, and the next save to the folder removes those whose
+    process is gone. A failure is reported with `path`, never the temp file's name.
+    """
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    _remove_orphans(directory)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}{TEMP_MARK}{os.getpid()}.")
+    except OSError as e:
+        raise OSError(e.errno, f"cannot save {path}: {e.strerror} (while creating a file in {directory})") from e
     os.close(fd)
     try:
         _write_tensors(tensors, tmp, metadata)
@@ -186,9 +198,12 @@ def _write_atomic(path: str, tensors: dict, metadata: dict) -> None:
             os.fsync(f.fileno())
         os.chmod(tmp, _file_mode(path))
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise OSError(e.errno, f"cannot save {path}: {e.strerror or e}; the file at that path, "
+                                   "if any, is unchanged") from e
         raise
     # Why: the rename is durable only once the directory entry is on disk.
     with contextlib.suppress(OSError):
@@ -197,6 +212,28 @@ def _write_atomic(path: str, tensors: dict, metadata: dict) -> None:
             os.fsync(dfd)
         finally:
             os.close(dfd)
+
+
+def _remove_orphans(directory: str) -> None:
+    """Delete temp files of earlier saves into `directory` whose process no longer runs."""
+    with contextlib.suppress(OSError):
+        for name in os.listdir(directory):
+            owner = name.partition(TEMP_MARK)[2].split(".")[0]
+            if name.startswith(".") and owner.isdigit() and not _running(int(owner)):
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(directory, name))
+
+
+def _running(pid: int) -> bool:
+    if pid == os.getpid():
+        return True       # another thread of this process may be saving into the folder
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True       # alive, owned by another user
+    return True
 
 
 def _file_mode(path: str) -> int:
