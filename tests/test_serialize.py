@@ -16,7 +16,7 @@ import torch.utils._pytree as pytree
 from torch import fx, nn
 
 import fxopt
-from fxopt.artifact import serialize
+from fxopt.artifact import atomic_file, serialize
 from artifact_files import rewrite
 from fxopt.core.errors import ArtifactError
 from zoo import ZOO
@@ -470,9 +470,9 @@ def test_a_killed_save_leaves_a_marked_temp_file_the_next_save_removes(tmp_path)
     assert child.stdout.readline().strip() == "writing"
     child.kill()
     child.wait()
-    orphans = [n for n in os.listdir(tmp_path) if serialize.TEMP_MARK in n]
+    orphans = [n for n in os.listdir(tmp_path) if atomic_file.TEMP_MARK in n]
     assert len(orphans) == 1 and orphans[0].startswith(".m.fxopt") and not target.exists()
-    alive = tmp_path / f".other.fxopt{serialize.TEMP_MARK}{os.getpid()}.abc"   # a save still running
+    alive = tmp_path / f".other.fxopt{atomic_file.TEMP_MARK}{os.getpid()}.abc"   # a save still running
     alive.write_bytes(b"partial")
     fxopt.save(optimized("mlp")[0], target)
     assert sorted(os.listdir(tmp_path)) == sorted([alive.name, "m.fxopt"])
@@ -483,5 +483,5 @@ def test_a_failed_save_names_the_users_path(tmp_path, monkeypatch):
     monkeypatch.setattr(serialize, "_write_tensors", _half_write_then_fail)
     with pytest.raises(OSError, match=r"cannot save .*m\.fxopt: No space left on device") as caught:
         fxopt.save(optimized("mlp")[0], tmp_path / "m.fxopt")
-    assert serialize.TEMP_MARK not in str(caught.value) and caught.value.errno == 28
+    assert atomic_file.TEMP_MARK not in str(caught.value) and caught.value.errno == 28
     assert os.listdir(tmp_path) == []

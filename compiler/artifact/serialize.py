@@ -21,13 +21,13 @@ import importlib
 import json
 import os
 import sys
-import tempfile
 import warnings
 
 import safetensors.torch
 import torch
 from torch import fx, nn
 
+from fxopt.artifact.atomic_file import write_atomic
 from fxopt.artifact.graph_json import decode_graph, decode_value, encode_graph, encode_value
 from fxopt.artifact.opset import check_graph
 from fxopt.artifact.tensor_store import assign_weight, collect_weights, rebuild_weights
@@ -105,7 +105,8 @@ def save(model: fx.GraphModule, path) -> None:
         "artifact": json.dumps(_artifact_meta(model)),
     }
     metadata["sha256"] = _digest(metadata, blobs)
-    _write_atomic(os.fspath(path), {f"storage.{i}": b for i, b in enumerate(blobs)}, metadata)
+    tensors = {f"storage.{i}": b for i, b in enumerate(blobs)}
+    write_atomic(os.fspath(path), lambda tmp: _write_tensors(tensors, tmp, metadata))
 
 
 # gm.meta entries of a class of their own, saved as cls.to_dict() and loaded by cls.from_dict
@@ -174,75 +175,6 @@ def _digest(metadata: dict, blobs) -> str:
 def _write_tensors(tensors: dict, path: str, metadata: dict) -> None:
     safetensors.torch.save_file(tensors, path, metadata=metadata)
 
-
-TEMP_MARK = ".fxopt-partial."   # in the name of every temporary file a save writes
-
-
-def _write_atomic(path: str, tensors: dict, metadata: dict) -> None:
-    """Write to a temp file next to `path`, fsync it, then rename it over `path`.
-
-    The temp file is named `.<name>.fxopt-partial.<pid>.<random>`: a save killed before
-    its rename leaves one behind, and the next save to the folder removes those whose
-    process is gone. A failure is reported with `path`, never the temp file's name.
-    """
-    directory = os.path.dirname(os.path.abspath(path))
-    _remove_orphans(directory)
-    try:
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}{TEMP_MARK}{os.getpid()}.")
-    except OSError as e:
-        raise OSError(e.errno, f"cannot save {path}: {e.strerror} (while creating a file in {directory})") from e
-    os.close(fd)
-    try:
-        _write_tensors(tensors, tmp, metadata)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, _file_mode(path))
-        os.replace(tmp, path)
-    except BaseException as e:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        if isinstance(e, OSError):
-            raise OSError(e.errno, f"cannot save {path}: {e.strerror or e}; the file at that path, "
-                                   "if any, is unchanged") from e
-        raise
-    # Why: the rename is durable only once the directory entry is on disk.
-    with contextlib.suppress(OSError):
-        dfd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-
-
-def _remove_orphans(directory: str) -> None:
-    """Delete temp files of earlier saves into `directory` whose process no longer runs."""
-    with contextlib.suppress(OSError):
-        for name in os.listdir(directory):
-            owner = name.partition(TEMP_MARK)[2].split(".")[0]
-            if name.startswith(".") and owner.isdigit() and not _running(int(owner)):
-                with contextlib.suppress(OSError):
-                    os.unlink(os.path.join(directory, name))
-
-
-def _running(pid: int) -> bool:
-    if pid == os.getpid():
-        return True       # another thread of this process may be saving into the folder
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True       # alive, owned by another user
-    return True
-
-
-def _file_mode(path: str) -> int:
-    # mkstemp creates 0600 files; keep the old file's mode, or the umask default.
-    if os.path.exists(path):
-        return os.stat(path).st_mode & 0o777
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
 
 
 # --- load --------------------------------------------------------------------
