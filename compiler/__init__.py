@@ -47,7 +47,7 @@ else:
     from fxopt.core.capture import capture
     from fxopt.core import fxops as _fxops              # registers the fxopt:: torch ops
     from fxopt.quant import qops as _qops               # (a loaded graph calls them)
-    from fxopt.runtime import kernel_ops as _kernel_ops
+    from fxopt.runtime import kernel_ops as _kernel_ops, nonfinite as _nonfinite
     from fxopt.core.pipeline import TARGETS, Pipeline
     from fxopt.api import bisect, optimize, prune
     from fxopt.artifact.serialize import load, save

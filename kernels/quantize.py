@@ -24,11 +24,12 @@ from numba.extending import intrinsic
 from . import _cache  # noqa: F401  (package-wide cache locators, before any @njit(cache=True))
 from .rowops import quantize_u8
 
-KERNEL_VERSION = "quantize-6"
+KERNEL_VERSION = "quantize-7"
 
 _F0 = np.float32(0.0)
 _F1 = np.float32(1.0)
 _F255 = np.float32(255.0)
+_FMAX = np.float32(np.finfo(np.float32).max)
 
 
 def _minmax_intrinsic(name):
@@ -62,7 +63,10 @@ def row_range(x, i):
 
 @njit(cache=True)
 def scale_zero_point(lo, hi):
-    scale = (hi - lo) / _F255
+    span = hi - lo
+    # a span past float32's range (|x| near 3e38) overflowed to inf, which would quantize
+    # the whole row to its zero point; split, the scale stays finite
+    scale = span / _F255 if span <= _FMAX else hi / _F255 - lo / _F255
     if scale == _F0:
         scale = _F1
     zp = min(max(np.rint(-lo / scale), _F0), _F255)

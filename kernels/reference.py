@@ -22,7 +22,9 @@ def quantize_rows_f32_u8(x):
     x = np.asarray(x, np.float32)
     lo = np.minimum(x.min(axis=1, initial=0), _F0).astype(np.float32)
     hi = np.maximum(x.max(axis=1, initial=0), _F0).astype(np.float32)
-    scale = ((hi - lo) / _F255).astype(np.float32)
+    with np.errstate(over="ignore"):
+        span = (hi - lo).astype(np.float32)
+    scale = np.where(np.isfinite(span), span / _F255, hi / _F255 - lo / _F255).astype(np.float32)
     scale = np.where(scale == 0, _F1, scale).astype(np.float32)
     zp = np.clip(np.rint(-lo / scale), 0, 255).astype(np.float32)
     inv = (_F1 / scale).astype(np.float32)

@@ -22,6 +22,7 @@ from torch import fx
 
 from fxopt.artifact.graph_json import PY_FUNCTIONS
 from fxopt.core.errors import ArtifactError
+from fxopt.core.ir import storage_roots
 from fxopt.core.ops import FUSABLE_ACTIVATIONS
 
 ANY = None   # any string: a message, never a path or a name that is looked up
@@ -69,7 +70,7 @@ ATEN.update({"gelu.default": {"approximate": ("none", "tanh")},
 FXOPT = {"linear_act.default": _ACT, "conv2d_act.default": _ACT, "quantized_linear.default": _ACT,
          "quantized_conv2d.default": _ACT, "linear_int8.default": _ACT, "conv2d_int8.default": _ACT,
          "embedding_int8.default": {}, "quantized_attention.default": {}, "attention_int8.default": {},
-         "layer_norm.default": {}}
+         "layer_norm.default": {}, "nonfinite_samples.default": {}, "poison_samples_.default": {}}
 
 ALLOWED = {**{f"aten::{k}": v for k, v in ATEN.items()}, **{f"fxopt::{k}": v for k, v in FXOPT.items()}}
 ACT_ARGS = {"hardtanh": 2, "relu6": 2}   # activations that take (min, max); the rest take none
@@ -166,45 +167,10 @@ def _fits(kind: str, value) -> bool:
 
 def _check_written(node: fx.Node, name: str, value) -> None:
     """An in-place op may write only a tensor the graph computed afresh."""
-    roots = _storage_roots(value) if isinstance(value, fx.Node) else {value}
+    roots = storage_roots(value) if isinstance(value, fx.Node) else {value}
     if any(not isinstance(r, fx.Node) or r.op != "call_function" for r in roots):
         _refuse(node, f"writes its argument '{name}' in place, and that tensor is (a view of) a "
                       "weight or an input; a loaded model may not change either")
-
-
-def _storage_roots(start: fx.Node) -> set:
-    """The nodes whose storage `start` may be a view of: walks back through every op whose
-    schema says its result aliases an argument (views, reshape, split + getitem, ...)."""
-    roots, seen, todo = set(), set(), [start]
-    while todo:
-        node = todo.pop()
-        if node in seen:
-            continue
-        seen.add(node)
-        sources = _aliased_arguments(node)
-        if sources is None:
-            roots.add(node)
-        todo.extend(sources or ())
-    return roots
-
-
-def _aliased_arguments(node: fx.Node):
-    """The graph values `node`'s result may alias, or None if its storage is its own."""
-    if node.op != "call_function":
-        return None
-    if not isinstance(node.target, torch._ops.OpOverload):      # getitem: a piece of its source
-        return [a for a in node.args if isinstance(a, fx.Node)] or None
-    schema = node.target._schema
-    sets = {s for r in schema.returns if r.alias_info for s in r.alias_info.before_set}
-    if not sets:
-        return None
-    values = dict(zip((a.name for a in schema.arguments), node.args), **node.kwargs)
-    out = []
-    for argument in schema.arguments:
-        if argument.alias_info and set(argument.alias_info.before_set) & sets:
-            value = values.get(argument.name)
-            out += [v for v in (value if isinstance(value, (list, tuple)) else [value]) if isinstance(v, fx.Node)]
-    return out
 
 
 def _show(value) -> str:

@@ -204,6 +204,41 @@ def users(node: Node) -> list:
     return list(node.users)
 
 
+def storage_roots(start: Node) -> set:
+    """The nodes whose storage `start` may be a view of: walks back through every op whose
+    schema says its result aliases an argument (views, reshape, split + getitem, ...)."""
+    roots, seen, todo = set(), set(), [start]
+    while todo:
+        node = todo.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        sources = _aliased_arguments(node)
+        if sources is None:
+            roots.add(node)
+        todo.extend(sources or ())
+    return roots
+
+
+def _aliased_arguments(node: Node):
+    """The graph values `node`'s result may alias, or None if its storage is its own."""
+    if node.op != "call_function":
+        return None
+    if not isinstance(node.target, torch._ops.OpOverload):      # getitem: a piece of its source
+        return [a for a in node.args if isinstance(a, Node)] or None
+    schema = node.target._schema
+    sets = {s for r in schema.returns if r.alias_info for s in r.alias_info.before_set}
+    if not sets:
+        return None
+    values = dict(zip((a.name for a in schema.arguments), node.args), **node.kwargs)
+    out = []
+    for argument in schema.arguments:
+        if argument.alias_info and set(argument.alias_info.before_set) & sets:
+            value = values.get(argument.name)
+            out += [v for v in (value if isinstance(value, (list, tuple)) else [value]) if isinstance(v, Node)]
+    return out
+
+
 def shape_of(node) -> tuple | None:
     val = node.meta.get("val") if isinstance(node, Node) else None
     return tuple(val.shape) if isinstance(val, torch.Tensor) else None

@@ -22,7 +22,8 @@ from fxopt.core.registry import get_pass, pass_names
 _FP32 = ("eliminate_dead_code,remove_identity,fold_padding,fold_constants,fold_batchnorm,"
          "fuse_epilogues,fuse_parallel_linears,eliminate_dead_code")
 
-_INT8 = "smooth_activations,calibrate_ranges,quantize_int8,lower_to_kernels,eliminate_dead_code"
+_INT8 = ("smooth_activations,calibrate_ranges,quantize_int8,lower_to_kernels,propagate_nonfinite,"
+         "eliminate_dead_code")
 
 TARGETS: dict[str, str] = {
     "cpu-fp32": _FP32,

@@ -19,6 +19,7 @@ from fxopt.core.pass_manager import Instruments, PassManager, snapshot
 from fxopt.core.pipeline import Pipeline, target_pipeline
 from fxopt.pruning.structured import with_pruning
 from fxopt.report import model_report
+from fxopt.runtime.input_check import input_specs, install as install_input_check
 
 # Options optimize() takes besides the instruments; later stages add theirs here.
 OPTIONS = {
@@ -69,6 +70,9 @@ def compile_model(model, example_inputs, target, calibration_data, dynamic, opti
     ctx.state["teacher"] = model
     manager = PassManager(pipeline, ctx, reference, instruments, keep_snapshots=keep)
     gm, report = manager.run(gm)
+    specs = input_specs(gm)
+    if specs is not None:   # one entry check (device, dtype, rank, sizes), as a loaded model has
+        install_input_check(gm, specs)
     _model_sections(report, model, original, gm, (args, kwargs), (probe_args, probe_kwargs), options)
     if keep:
         return gm, report, manager

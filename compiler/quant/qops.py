@@ -109,6 +109,10 @@ def _quantized_conv2d(x, w_q, w_scale, b, stride, padding, dilation, groups, act
 
 
 def _embedding_int8(w_q, w_scale, indices):
+    # indexing would wrap negative indices to the table's end; eager embedding raises
+    if indices.numel() and not (0 <= int(indices.min()) and int(indices.max()) < w_q.shape[0]):
+        raise IndexError(f"index out of range in self: embedding indices must be in [0, {w_q.shape[0]}), "
+                         f"got values in [{int(indices.min())}, {int(indices.max())}]")
     return w_q[indices].float() * w_scale[indices].unsqueeze(-1)
 
 

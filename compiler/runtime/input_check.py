@@ -21,10 +21,11 @@ from fxopt.core.errors import ArtifactError
 
 GUARD = "_guards_fn"
 _SYMBOL = re.compile(r"^[A-Za-z_]\w*$")
+_DTYPES = ("float32", "float64", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "bool")
 
 
 class InputCheck(nn.Module):
-    """Checks the rank, fixed sizes and shared dynamic sizes of a graph's inputs."""
+    """Checks the device, dtype, rank, fixed sizes and shared dynamic sizes of a graph's inputs."""
 
     def __init__(self, specs: list):
         super().__init__()
@@ -40,6 +41,12 @@ class InputCheck(nn.Module):
 def _check_one(spec: dict, x: torch.Tensor, seen: dict) -> None:
     name, shape = spec["name"], spec["shape"]
     wanted = "[" + ", ".join(str(d) if isinstance(d, int) else "*" for d in shape) + "]"
+    if x.device.type != "cpu":
+        raise ValueError(f"input '{name}' is on {x.device}; fxopt models run on the CPU: pass it as .cpu()")
+    got = str(x.dtype).removeprefix("torch.")
+    if spec.get("dtype", got) != got:
+        raise TypeError(f"input '{name}' must be {spec['dtype']} like the example the model was optimized "
+                        f"with, got {got} (shape {wanted}); convert it with .to(torch.{spec['dtype']})")
     if x.dim() != len(shape):
         raise ValueError(f"input '{name}' must have {len(shape)} dims {wanted} (* = any size), "
                          f"got shape {list(x.shape)}")
@@ -75,25 +82,32 @@ def _spec(name: str, val):
         text = str(size)
         # Why None: a size that is an expression of symbols is checked by the ops, not here.
         shape.append(int(text) if text.isdigit() else text if _SYMBOL.match(text) else None)
-    return {"name": name, "shape": shape}
+    return {"name": name, "shape": shape, "dtype": str(val.dtype).removeprefix("torch.")}
 
 
 def install(gm: fx.GraphModule, specs) -> None:
-    """Validate `specs` read from a file and call an InputCheck right after the inputs."""
+    """Validate `specs` (read from a file, or input_specs of a graph) and make an InputCheck
+    the graph's first step, in place of torch.export's generated guard if it has one."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if not isinstance(specs, list) or len(specs) != len(placeholders):
         raise ArtifactError("corrupt input specs: not one per graph input")
     for spec in specs:
         if spec is not None and not _valid(spec):
             raise ArtifactError(f"corrupt input spec {spec!r:.80}")
+    calls = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == GUARD]
     gm.add_submodule(GUARD, InputCheck(specs))
-    with gm.graph.inserting_after(placeholders[-1]):
-        gm.graph.call_module(GUARD, tuple(placeholders))
+    if not calls:
+        with gm.graph.inserting_after(placeholders[-1]):
+            gm.graph.call_module(GUARD, tuple(placeholders))
+    else:
+        for call in calls:
+            call.args = tuple(placeholders)
     gm.recompile()
 
 
 def _valid(spec) -> bool:
     return (isinstance(spec, dict) and isinstance(spec.get("name"), str)
-            and isinstance(spec.get("shape"), list)
+            and isinstance(spec.get("shape"), list) and set(spec) <= {"name", "shape", "dtype"}
+            and spec.get("dtype", "float32") in _DTYPES
             and all(d is None or (type(d) is int and d >= 0) or (isinstance(d, str) and _SYMBOL.match(d))
                     for d in spec["shape"]))

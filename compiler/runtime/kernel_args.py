@@ -53,7 +53,7 @@ def check_conv(packed, w_scale, col_sums, b, geometry, stride, padding, dilation
     if depthwise:
         if not groups == c == o:
             raise BadKernelArgs(f"a depthwise conv needs groups == C == O, got {list(geometry)}")
-        _buffer("packed", packed, (torch.uint8, torch.int8), (o * kh * kw,))
+        _buffer("packed", packed, (torch.uint8, torch.int8), (o, kh * kw))   # int8 taps per channel
     else:
         per_group = packed_nbytes(o // groups, c // groups * kh * kw)
         _buffer("packed", packed, (torch.uint8, torch.int8), (groups, per_group))
