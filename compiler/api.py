@@ -20,7 +20,7 @@ from fxopt.core.drift import METRICS
 from fxopt.core.pass_base import PassContext
 from fxopt.core.pass_manager import PassManager
 from fxopt.core.pipeline import PassSpec, Pipeline
-from fxopt.driver.compile import compile_model, reference_outputs
+from fxopt.driver.compile import COMPILE_LOCK, compile_model, reference_outputs
 from fxopt.pruning.structured import check_options as check_prune_options
 from fxopt.search.budget import search
 
@@ -85,6 +85,11 @@ def prune(model: nn.Module, example_inputs, ratio: float = 0.3, *, data=None, lo
         small = fxopt.prune(model, (x,), ratio=0.5, round_to=1)
     """
     check_prune_options({"ratio": ratio, **options})
+    with COMPILE_LOCK:
+        return _prune(model, example_inputs, ratio, data, loss_fn, seed, dynamic, options)
+
+
+def _prune(model, example_inputs, ratio, data, loss_fn, seed, dynamic, options):
     args, kwargs = normalize_inputs(example_inputs)
     pipeline = Pipeline((PassSpec("prune_channels", {"ratio": ratio, **options}),))
     pipeline.validate()

@@ -7,6 +7,7 @@ place that turns a user's model, inputs and options into a pass-manager run.
 """
 from __future__ import annotations
 
+import threading
 import warnings
 
 import torch
@@ -45,10 +46,22 @@ OPTIONS = {
 INSTRUMENTS = ("print_ir_after", "dump_dir", "stop_after", "disable", "drift")
 
 
+# torch.export keeps process-wide state while it traces (its mode stack, fake-tensor
+# caches) and passes set torch's global RNG: two captures at once fail or interleave.
+# Optimizing is not a hot path, so calls from several threads take turns.
+COMPILE_LOCK = threading.RLock()
+
+
 def compile_model(model, example_inputs, target, calibration_data, dynamic, options, keep=False):
     """(optimized GraphModule, Report) for `model` under `target` (a target name, a pipeline
     string or a Pipeline); with keep=True also the PassManager, holding the graph before
-    every pass (what bisect reads). `options` are optimize()'s: OPTIONS and INSTRUMENTS."""
+    every pass (what bisect reads). `options` are optimize()'s: OPTIONS and INSTRUMENTS.
+    Thread-safe: concurrent calls run one after another (COMPILE_LOCK)."""
+    with COMPILE_LOCK:
+        return _compile(model, example_inputs, target, calibration_data, dynamic, options, keep)
+
+
+def _compile(model, example_inputs, target, calibration_data, dynamic, options, keep):
     _check_options(options)
     if not isinstance(model, nn.Module):
         raise TypeError(f"optimize expects a torch.nn.Module, got {type(model).__name__}")

@@ -11,11 +11,14 @@ dictionary look-up, not a re-wrap, and the cache dies with the model.
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 
 from fxopt.core.fxops import _lib
 from fxopt.kernels import api as K
+from fxopt.kernels.threads import launch_guard
 from fxopt.quant import qops
 from fxopt.runtime.kernel_args import check_conv, check_linear
 
@@ -198,10 +201,20 @@ def _layer_norm(x, weight=None, bias=None, eps=1e-05):
                                              n_threads=torch.get_num_threads()))
 
 
-_lib.impl("linear_int8", _linear_int8, "CPU")
-_lib.impl("layer_norm", _layer_norm, "CPU")
-_lib.impl("attention_int8", _attention_int8, "CPU")
-_lib.impl("conv2d_int8", _conv2d_int8, "CPU")
+def _guarded(op):
+    """`op` under the kernels' launch guard: a lock only where Numba's threading layer
+    cannot take launches from several threads at once (fxopt.kernels.threads)."""
+    @functools.wraps(op)
+    def call(*args, **kwargs):
+        with launch_guard():
+            return op(*args, **kwargs)
+    return call
+
+
+_lib.impl("linear_int8", _guarded(_linear_int8), "CPU")
+_lib.impl("layer_norm", _guarded(_layer_norm), "CPU")
+_lib.impl("attention_int8", _guarded(_attention_int8), "CPU")
+_lib.impl("conv2d_int8", _guarded(_conv2d_int8), "CPU")
 
 
 @torch.library.register_fake("fxopt::linear_int8")

@@ -1,0 +1,92 @@
+"""optimize from several threads gives what it gives alone, and one optimized model
+answers several threads at once correctly, under every Numba threading layer here."""
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+import torch.utils._pytree as pytree
+
+import fxopt
+from zoo import ZOO
+
+MODELS = ("mlp", "cnn_bn_residual", "bert")
+FAST = {"latency_repeats": 0, "report_layers": False, "drift": False}
+
+
+def _optimized_outputs(built):
+    model, example, other = built
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fast = fxopt.optimize(model, example, target="cpu-int8", calibration_data=[example, other], **FAST)
+    with torch.no_grad():
+        out = fast(**other) if isinstance(other, dict) else fast(*other)
+    return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+
+
+def test_optimize_from_three_threads_equals_sequential():
+    # the zoo draws weights and inputs from torch's global RNG: build them in one thread
+    built = {name: ZOO[name]() for name in MODELS}
+    sequential = {name: _optimized_outputs(built[name]) for name in MODELS}
+    for _ in range(20):
+        with ThreadPoolExecutor(len(MODELS)) as pool:
+            threaded = dict(zip(MODELS, pool.map(_optimized_outputs, built.values())))
+        for name in MODELS:
+            assert all(torch.equal(a, b) for a, b in zip(threaded[name], sequential[name])), name
+
+
+_CALLS = textwrap.dedent("""
+    import sys, warnings
+    from concurrent.futures import ThreadPoolExecutor
+    sys.path.insert(0, {tests!r})
+    warnings.simplefilter("ignore")
+    import numba, torch, fxopt
+    from fxopt.kernels import threads
+    from zoo import ZOO
+    threads.THREADSAFE = threads.THREADSAFE if {guarded} else True
+    model, example, _ = ZOO["mlp"]()
+    fast = fxopt.optimize(model, example, target="cpu-int8", calibration_data=[example],
+                          latency_repeats=0, report_layers=False, drift=False)
+    xs = [torch.randn(64, 32, generator=torch.Generator().manual_seed(i)) for i in range(8)]
+    want = [fast(x) for x in xs]
+    def work(t):
+        return all(torch.equal(fast(xs[(t + i) % 8]), want[(t + i) % 8]) for i in range(100))
+    with ThreadPoolExecutor(4) as pool:
+        ok = all(pool.map(work, range(4)))
+    print("layer", numba.threading_layer(), "equal", ok)
+""")
+
+
+def _calls(layer, guarded=True):
+    env = dict(os.environ, NUMBA_THREADING_LAYER=layer, NUMBA_NUM_THREADS="2")
+    code = _CALLS.format(tests=os.path.dirname(__file__), guarded=guarded)
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
+
+
+@pytest.mark.parametrize("layer", ["default", "workqueue", "omp", "tbb"])
+def test_one_model_answers_four_threads_under_every_threading_layer(layer):
+    if layer != "default" and not _available(layer):
+        pytest.skip(f"Numba's {layer} threading layer is not installed here")
+    done = _calls(layer)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().endswith("equal True"), done.stdout
+
+
+def test_workqueue_without_the_guard_is_what_the_guard_prevents():
+    done = _calls("workqueue", guarded=False)          # control: unguarded, Numba aborts
+    assert done.returncode != 0 and "workqueue threading layer is not threadsafe" in done.stderr, \
+        (done.returncode, done.stderr[-500:])
+
+
+def _available(layer):
+    module = {"omp": "numba.np.ufunc.omppool", "tbb": "numba.np.ufunc.tbbpool",
+              "workqueue": "numba.np.ufunc.workqueue"}[layer]
+    try:
+        __import__(module)
+    except ImportError:
+        return False
+    return True
