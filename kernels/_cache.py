@@ -9,6 +9,7 @@ Each kernel file also carries a ``KERNEL_VERSION`` string for humans.
 """
 import hashlib
 import os
+import warnings
 
 from numba.core import caching
 
@@ -73,4 +74,31 @@ def install():
             classes.insert(0, cls)
 
 
+def _writable_location():
+    """Whether some locator can keep compiled kernels for this package (Numba's own test:
+    the folder exists or can be made, and a file can be created in it)."""
+    def probe():
+        pass
+    for cls in caching.CacheImpl._locator_classes:
+        try:
+            locator = cls.from_function(probe, os.path.join(_PKG_DIR, "_cache.py"))
+            if locator is not None:
+                locator.ensure_cache_path()
+                return True
+        except OSError:
+            continue
+    return False
+
+
 install()
+
+# Every kernel is decorated @njit(cache=CACHE). Without a writable location Numba would
+# refuse to define a cached function at all ("no locator available"): compile anew in
+# each process instead, and say so once.
+CACHE = _writable_location()
+if not CACHE:
+    warnings.warn(
+        f"fxopt: no writable folder for compiled kernels (next to {_PKG_DIR}, the user cache "
+        "folder, or NUMBA_CACHE_DIR): this process compiles the kernels it uses without "
+        "keeping them (tens of seconds). Set NUMBA_CACHE_DIR to a writable folder to keep them.",
+        RuntimeWarning, stacklevel=2)

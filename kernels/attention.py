@@ -38,7 +38,7 @@ from typing import NamedTuple
 import numpy as np
 from numba import carray, njit, prange
 
-from . import _cache  # noqa: F401  (package-wide cache locators, before any @njit(cache=True))
+from ._cache import CACHE  # package-wide cache locators, before any @njit(cache=CACHE)
 from .attention_steps import (MASK_BOOL, MASK_FLOAT, MASK_NONE, pack_k, pack_v,
                               quantize_k_rows, quantize_q_rows, softmax_rows, v_scales)
 from .dispatch import KernelError
@@ -183,11 +183,11 @@ def _entries(tag):
     (a compile-time constant, as for gemm.py's entries; Numba's disk cache keys each
     closure on its tag). geo: addresses, sizes and strides of the operands (layout
     at _ADDR.._D); out: (B, Sq, H, Dv) float32."""
-    @njit(cache=True)
+    @njit(cache=CACHE)
     def serial(geo, mkind, causal, scale, ep, out, threads):
         _worker(tag, np.zeros(1, np.int64), geo, mkind, causal, scale, ep, out)
 
-    @njit(cache=True, parallel=True)
+    @njit(cache=CACHE, parallel=True)
     def parallel(geo, mkind, causal, scale, ep, out, threads):
         nxt = np.zeros(1, np.int64)
         for _ in prange(threads):

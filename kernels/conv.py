@@ -14,7 +14,7 @@ from typing import NamedTuple, Optional
 import numpy as np
 from numba import njit, prange
 
-from . import _cache  # noqa: F401  (package-wide cache locators, before any @njit(cache=True))
+from ._cache import CACHE  # package-wide cache locators, before any @njit(cache=CACHE)
 from .dispatch import KernelError
 from .epilogue import apply_activation
 from .linear import _bias, _run, epilogue_params, new_a_rows
@@ -78,7 +78,7 @@ def pack_conv_weights_s8(weight, groups=1, scales=None):
     return PackedConv(o, c, kh, kw, groups, parts)
 
 
-@njit(cache=True)
+@njit(cache=CACHE)
 def im2col_u8(x, c0, cg, kh, kw, sh, sw, ph, pw, dh, dw, zp, out, oy0, oy1):
     """Patches of channels c0..c0+cg of one uint8 HWC image (C-contiguous) into out
     (OH*OW, Kp), columns ordered (kh, kw, c), output rows oy0..oy1-1 (of OH): each
@@ -123,7 +123,7 @@ def im2col_u8(x, c0, cg, kh, kw, sh, sw, ph, pw, dh, dw, zp, out, oy0, oy1):
                 out[row, np.uint64(k)] = zq
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=CACHE, parallel=True)
 def im2col_batch_u8(x, cg, kh, kw, sh, sw, ph, pw, dh, dw, zps, out):
     """im2col_u8 of every image of a uint8 NHWC batch, image i (zero point zps[i]) into
     its OH*OW consecutive rows of out: one call, output rows spread over the threads
@@ -137,7 +137,7 @@ def im2col_batch_u8(x, cg, kh, kw, sh, sw, ph, pw, dh, dw, zps, out):
                   oy, oy + 1)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=CACHE, parallel=True)
 def image_ranges(x, scales, zps):
     """Dynamic quantization parameters of each image (row) of x (N, S), float32 and
     C-contiguous: quantize.py's formula over the whole image, its min and max taken in
@@ -159,7 +159,7 @@ def image_ranges(x, scales, zps):
         zps[i] = np.int32(zp)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=CACHE, parallel=True)
 def quantize_chw_rows(x, scales, zps, out):
     """Quantize CHW images x (N, C, P) float32 (P = H*W pixels, C-contiguous), image n
     with scales[n] and zps[n], into pixel rows out (N*P, >= C): out[n*P + p, c], the
@@ -190,7 +190,7 @@ def quantize_chw_rows(x, scales, zps, out):
                     out[row, np.uint64(k)] = zp
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=CACHE, parallel=True)
 def quantize_hwc_rows(x, scales, zps, out):
     """Quantize HWC images x (N, P, C) float32 (C-contiguous), image n with scales[n]
     and zps[n], into pixel rows out (N*P, >= C), zero points in the k-group padding:
@@ -218,7 +218,7 @@ def quantize_hwc_rows(x, scales, zps, out):
                 out[np.uint64(r), np.uint64(k)] = zp
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=CACHE, parallel=True)
 def rows_to_chw(y, out):
     """out (N, O, P) = pixel rows y (N, P, O) transposed, in _TILE x _TILE blocks."""
     n, p, o = y.shape
@@ -236,7 +236,7 @@ def rows_to_chw(y, out):
                 dst[d + np.uint64(px)] = src[s + np.uint64(px * o)]
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=CACHE, parallel=True)
 def depthwise_hwc(xq, taps, kh, kw, sh, sw, ph, pw, dh, dw, zps, scales, ws, bias, ep, out):
     """Direct depthwise conv of uint8 HWC images xq (N, H, W, C), image n with zero point
     zps[n] and scale scales[n], int32 taps (kh*kw, C) with channel scales ws: out float32

@@ -17,7 +17,7 @@ import numpy as np
 from numba import njit, types
 from numba.extending import intrinsic
 
-from . import _cache  # noqa: F401  (package-wide cache locators, before any @njit(cache=True))
+from ._cache import CACHE  # package-wide cache locators, before any @njit(cache=CACHE)
 
 KERNEL_VERSION = "epilogue-7"
 
@@ -82,7 +82,7 @@ def tanh_f32(x):
     return _F1 - _F2 / (exp_f32(_F2 * x) + _F1)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=CACHE, error_model="numpy")
 def apply_activation(v, i, j0, n, act, p0, p1):
     """In place on v[i, j0:j0+n] (float32); act is an ACTIVATIONS code.
 
@@ -116,7 +116,7 @@ def apply_activation(v, i, j0, n, act, p0, p1):
             v[ui, k] = x / (_F1 + exp_f32(-x))
 
 
-@njit(cache=True)
+@njit(cache=CACHE)
 def add_row(out, res, i, j0, n):
     """out[i, j0:j0+n] += res[i, j0:j0+n] (float32; the fused residual add)."""
     ui, uj = np.uint64(i), np.uint64(j0)
@@ -125,7 +125,7 @@ def add_row(out, res, i, j0, n):
         out[ui, k] += res[ui, k]
 
 
-@njit(cache=True)
+@njit(cache=CACHE)
 def add_residual_rows(out, res, m0, mr, n0, ncols, act, p0, p1):
     """out[m0:m0+mr, n0:n0+ncols] += res there, then act (an ACTIVATIONS code; 0 when the
     activation already ran, i.e. the residual comes after it)."""
@@ -152,7 +152,7 @@ def dequant_row(t, t_off, ncols, zp, sa, colsum, wscale, bias, n0, y, yi, y0):
             y[ui, uy + u] = np.float32(acc) * (sa * wscale[un + u])
 
 
-@njit(cache=True)
+@njit(cache=CACHE)
 def store_tile_f32(t, ldt, mr, m0, n0, ncols, colsum, ascale, azp, wscale,
                    bias, ep, act, out):
     """Dequantize an int32 tile into out, then apply act (an ACTIVATIONS code).
@@ -168,7 +168,7 @@ def store_tile_f32(t, ldt, mr, m0, n0, ncols, colsum, ascale, azp, wscale,
             apply_activation(out, m0 + r, n0, ncols, act, ep[EP_P0], ep[EP_P1])
 
 
-@njit(cache=True)
+@njit(cache=CACHE)
 def store_tile_u8(t, ldt, mr, m0, n0, ncols, colsum, ascale, azp, wscale,
                   bias, ep, out, y):
     """y: float32 scratch of shape (1, >= ncols)."""
@@ -189,7 +189,7 @@ def store_tile_u8(t, ldt, mr, m0, n0, ncols, colsum, ascale, azp, wscale,
             out[ui, un + np.uint64(j)] = np.uint8(np.int32(q))
 
 
-@njit(cache=True)
+@njit(cache=CACHE)
 def store_tile_s32(t, ldt, mr, m0, n0, ncols, out):
     un = np.uint64(n0)
     for r in range(mr):

@@ -14,7 +14,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
-from . import _cache  # noqa: F401  (package-wide cache locators, before any @njit(cache=True))
+from ._cache import CACHE  # package-wide cache locators, before any @njit(cache=CACHE)
 from .epilogue import (EP_ACT, EP_P0, EP_P1, EP_RES_FIRST, add_residual_rows, apply_activation, store_tile_f32,
                        store_tile_s32, store_tile_u8)
 from . import amx
@@ -600,7 +600,7 @@ def _entries(tag):
     an empty x takes the quantized rows aq as they are; pass an aq of the ISA's
     A_DTYPES element type (an empty one with x) so that both branches share one
     compiled body."""
-    @njit(cache=True)
+    @njit(cache=CACHE)
     def serial(x, aq, ascale, azp, bp, kg, colsum, wscale, bias, res, ep, out, threads):
         if x.shape[1] == 0:
             _serial_jobs(tag, x, aq, ascale, azp, bp, kg, colsum, wscale, bias, res, ep, out)
@@ -609,7 +609,7 @@ def _entries(tag):
             _serial_jobs(tag, x, a_rows(tag, m, kg), np.empty(m, np.float32),
                          np.empty(m, np.int32), bp, kg, colsum, wscale, bias, res, ep, out)
 
-    @njit(cache=True)  # the threads are launched by the parallel=True callees
+    @njit(cache=CACHE)  # the threads are launched by the parallel=True callees
     def parallel(x, aq, ascale, azp, bp, kg, colsum, wscale, bias, res, ep, out, threads):
         if x.shape[1] == 0:
             _parallel_jobs(tag, x, aq, ascale, azp, bp, kg, colsum, wscale, bias, res, ep, out,

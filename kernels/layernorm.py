@@ -18,7 +18,7 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from . import _cache  # noqa: F401  (package-wide cache locators, before any @njit(cache=True))
+from ._cache import CACHE  # package-wide cache locators, before any @njit(cache=CACHE)
 from .dispatch import KernelError
 from .linear import get_num_threads
 
@@ -27,7 +27,7 @@ KERNEL_VERSION = "layernorm-1"
 PARALLEL_MIN_ELEMENTS = 1 << 15
 
 
-@njit(fastmath={"reassoc", "nsz", "contract"}, error_model="numpy", cache=True)
+@njit(fastmath={"reassoc", "nsz", "contract"}, error_model="numpy", cache=CACHE)
 def _row(x, i, w, b, eps, out):
     n = x.shape[1]
     ui = np.uint64(i)
@@ -45,13 +45,13 @@ def _row(x, i, w, b, eps, out):
         out[ui, uk] = (x[ui, uk] - mean) * rstd * w[uk] + b[uk]
 
 
-@njit(cache=True)
+@njit(cache=CACHE)
 def _serial(x, w, b, eps, out):
     for i in range(x.shape[0]):
         _row(x, i, w, b, eps, out)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=CACHE, parallel=True)
 def _parallel(x, w, b, eps, out, threads):
     m = x.shape[0]
     for t in prange(threads):

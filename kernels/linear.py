@@ -16,7 +16,7 @@ import os
 import numba
 import numpy as np
 
-from . import _cache  # noqa: F401  (package-wide cache locators, before any @njit(cache=True))
+from ._cache import CACHE  # package-wide cache locators, before any @njit(cache=CACHE)
 from . import dispatch as _dispatch
 from .epilogue import ACTIVATIONS
 from .gemm import ENTRIES, a_stride
@@ -219,7 +219,7 @@ def _padded_rows(a, kg, dtype):
 _a_strides = {}  # (k-groups, element bytes) -> a_stride
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=CACHE)
 def _same_start(a, b):
     # from Python, .ctypes.data costs ~2.7 us per array
     return a.ctypes.data == b.ctypes.data

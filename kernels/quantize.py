@@ -21,7 +21,7 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from . import _cache  # noqa: F401  (package-wide cache locators, before any @njit(cache=True))
+from ._cache import CACHE  # package-wide cache locators, before any @njit(cache=CACHE)
 from .rowops import quantize_u8
 
 KERNEL_VERSION = "quantize-7"
@@ -47,7 +47,7 @@ _fmin = _minmax_intrinsic("llvm.minnum.f32")
 _fmax = _minmax_intrinsic("llvm.maxnum.f32")
 
 
-@njit(fastmath=True, cache=True)
+@njit(fastmath=True, cache=CACHE)
 def row_range(x, i):
     """(min(0, min x[i]), max(0, max x[i])) as float32."""
     # unsigned indices, no row view: no wraparound checks, no refcounting
@@ -61,7 +61,7 @@ def row_range(x, i):
     return lo, hi
 
 
-@njit(cache=True)
+@njit(cache=CACHE)
 def scale_zero_point(lo, hi):
     span = hi - lo
     # a span past float32's range (|x| near 3e38) overflowed to inf, which would quantize
@@ -73,7 +73,7 @@ def scale_zero_point(lo, hi):
     return np.float32(scale), np.float32(zp)
 
 
-@njit(cache=True)
+@njit(cache=CACHE)
 def quantize_row(x, i, inv, zp, q):
     """q[i, :K] = clip(rint(x[i] * inv) + zp, 0, 255); q[i, K:Kp] = zp, Kp = K rounded
     up to the k-group of 4 (q's columns past Kp are row padding the GEMM never reads).
@@ -97,7 +97,7 @@ def quantize_row(x, i, inv, zp, q):
         q[ui, np.uint64(k)] = np.uint8(zp)
 
 
-@njit(cache=True)
+@njit(cache=CACHE)
 def quantize_rows_range(x, q, scales, zps, start, stop):
     """Dynamic per-row quantization of rows start..stop-1 of x into q, scales, zps."""
     for i in range(start, stop):
@@ -108,13 +108,13 @@ def quantize_rows_range(x, q, scales, zps, start, stop):
         quantize_row(x, i, _F1 / s, zp, q)
 
 
-@njit(cache=True)
+@njit(cache=CACHE)
 def quantize_rows_into(x, q, scales, zps):
     """Dynamic per-row quantization of x (M, K) float32 into q (M, Kp)."""
     quantize_rows_range(x, q, scales, zps, 0, x.shape[0])
 
 
-@njit(cache=True)
+@njit(cache=CACHE)
 def quantize_tensor_into(x, scale, zp, q):
     """Static quantization of x (M, K) with one scale and zero point."""
     inv = _F1 / np.float32(scale)
