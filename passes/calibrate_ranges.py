@@ -30,7 +30,9 @@ def run(gm, ctx, observer="minmax", progress=True, max_samples=0) -> PassResult:
     # only convs default to static ranges; a model of linears alone (dynamic) need not warn
     has_static = any(n.target is fxops.conv2d_act for n in units)
     data = calibration_inputs(ctx.example_args, ctx.example_kwargs, ctx.state.get("calibration_data"),
-                              ctx.warn if has_static else (lambda message: None))
+                              ctx.warn if has_static else (lambda message: None),
+                              ctx.options.get("calibration_nonfinite", "error"),
+                              ctx.options.get("calibration_outliers", "drop"))
     if max_samples:
         data = list(_take(data, max_samples))
     ranges = {nid: make_observer(observer) for nid in inputs}

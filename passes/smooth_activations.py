@@ -55,7 +55,8 @@ def run(gm, ctx, alpha=0.5, mode="auto", sample_rows=512) -> PassResult:
     absmax = {ln: AbsMaxPerChannelObserver(-1) for ln in groups}
     rows = {ln: _RowSample(sample_rows) for ln in groups}
     data = calibration_inputs(ctx.example_args, ctx.example_kwargs, ctx.state.get("calibration_data"),
-                              lambda message: None)
+                              lambda message: None, ctx.options.get("calibration_nonfinite", "error"),
+                              ctx.options.get("calibration_outliers", "drop"))
     outputs = {}
     for ln in groups:
         outputs[ln.meta["fxopt_id"]] = Tee(absmax[ln], rows[ln])

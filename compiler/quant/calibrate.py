@@ -17,6 +17,7 @@ generator, when calibration runs more than once.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -105,12 +106,27 @@ def observe(gm: GraphModule, data, outputs: dict | None = None, inputs: dict | N
     return count
 
 
-def calibration_inputs(example_args: tuple, example_kwargs: dict, calibration_data, warn):
+NONFINITE = ("error", "skip")    # a batch holding NaN/inf: stop with an error, or leave it out
+OUTLIERS = ("drop", "keep")     # a batch whose |x| is OUTLIER_FACTOR x the others': leave it out, or keep it
+OUTLIER_FACTOR = 1000.0
+
+
+def calibration_inputs(example_args: tuple, example_kwargs: dict, calibration_data, warn,
+                       nonfinite: str = "error", outliers: str = "drop"):
     """The data to calibrate on: `calibration_data`, or else the example inputs with a warning.
+
+    Batches are screened first (one pass over the inputs, no model run): a batch whose
+    float inputs hold NaN or inf raises CalibrationError naming it (nonfinite="skip":
+    left out, with a warning); a batch whose largest |x| is OUTLIER_FACTOR times the
+    median batch's is left out with a warning naming it (outliers="keep" keeps it), so one
+    corrupt batch cannot stretch every static range.
 
         data = calibration_inputs(ctx.example_args, ctx.example_kwargs,
                                   ctx.state.get("calibration_data"), ctx.warn)
     """
+    if nonfinite not in NONFINITE or outliers not in OUTLIERS:
+        raise CalibrationError(f"calibration_nonfinite must be one of {NONFINITE} and calibration_outliers "
+                               f"one of {OUTLIERS}; got {nonfinite!r} and {outliers!r}")
     if calibration_data is None:
         warn("fxopt: no calibration_data was given, so static activation ranges were calibrated "
              "on the example inputs only; real inputs outside those ranges will be clipped. Pass "
@@ -118,7 +134,64 @@ def calibration_inputs(example_args: tuple, example_kwargs: dict, calibration_da
              "batches or (x for x, _ in loader)).")
         return [ModelInputs(tuple(example_args), dict(example_kwargs))]
     _check_iterable(calibration_data)
-    return calibration_data
+    skip = _screen(calibration_data, nonfinite, outliers, warn)
+    return _Without(calibration_data, skip) if skip else calibration_data
+
+
+class _Without:
+    """`data` without the items at indices `skip`; iterable again as often as `data` is."""
+
+    def __init__(self, data, skip: set):
+        self.data, self.skip = data, skip
+
+    def __iter__(self):
+        return (item for i, item in enumerate(self.data) if i not in self.skip)
+
+
+def _screen(data, nonfinite: str, outliers: str, warn) -> set:
+    """Indices of the batches to leave out (see calibration_inputs)."""
+    skip, peaks = set(), {}
+    for index, item in enumerate(data):
+        peak = 0.0
+        for name, t in _named_tensors(item):
+            if not (t.is_floating_point() and t.numel()):
+                continue
+            bad = int((~torch.isfinite(t)).sum())
+            if bad and nonfinite == "error":
+                raise CalibrationError(
+                    f"calibration batch {index}, input {name}: {bad} of its {t.numel()} values are NaN or "
+                    "inf, which would make every range it reaches meaningless. Clean or drop that batch, "
+                    "or pass calibration_nonfinite='skip' to leave such batches out.")
+            if bad:
+                warnings.warn(f"fxopt: calibration batch {index} left out: input {name} holds {bad} NaN/inf "
+                              "values (calibration_nonfinite='skip').", stacklevel=6)
+                skip.add(index)
+                break
+            peak = max(peak, float(t.abs().max()))
+        if index not in skip:
+            peaks[index] = peak
+    typical = sorted(peaks.values())[len(peaks) // 2] if len(peaks) >= 3 else 0.0
+    for index, peak in peaks.items():
+        if typical > 0 and peak > OUTLIER_FACTOR * typical:
+            kept = "kept (calibration_outliers='keep')" if outliers == "keep" else \
+                "left out (calibration_outliers='keep' keeps it)"
+            warnings.warn(f"fxopt: calibration batch {index} reaches |x| = {peak:.3g}, {peak / typical:.3g} "
+                          f"times the median batch's {typical:.3g}: {kept}. Check that batch.", stacklevel=6)
+            if outliers == "drop":
+                skip.add(index)
+    return skip
+
+
+def _named_tensors(item):
+    """(name, tensor) of a calibration item's inputs: keyword names, positions for the rest."""
+    if isinstance(item, ModelInputs):
+        args, kwargs = item.args, item.kwargs
+    elif isinstance(item, dict):
+        args, kwargs = (), item
+    else:
+        args, kwargs = (item if isinstance(item, (tuple, list)) else (item,)), {}
+    named = [(f"#{i}", a) for i, a in enumerate(args)] + [(f"'{k}'", v) for k, v in kwargs.items()]
+    return [(name, t) for name, t in named if isinstance(t, torch.Tensor)]
 
 
 # ------------------------------------------------------------------- running

@@ -1,0 +1,71 @@
+"""Calibration survives real data: a batch holding NaN/inf is a clear error (or left out on
+request), and one outlier batch cannot stretch every static range."""
+import functools
+import warnings
+
+import pytest
+import torch
+
+import fxopt
+from fxopt.core.drift import tensor_drift
+from fxopt.core.errors import CalibrationError
+from fxopt.examples import DigitsCNN, digits, train
+
+FAST = {"latency_repeats": 0, "report_layers": False, "drift": False}
+
+
+@functools.lru_cache(maxsize=None)
+def trained_cnn():
+    """A digits CNN (static int8 convs), its data, and 4 clean calibration batches."""
+    data = digits()
+    model = train(DigitsCNN(), data, epochs=3).eval()
+    batches = [(data.x_train[i * 64:(i + 1) * 64],) for i in range(4)]
+    return model, data, batches
+
+
+def _optimize(batches, **options):
+    model, data, _ = trained_cnn()
+    return fxopt.optimize(model, (data.x_test[:8],), target="cpu-int8", calibration_data=batches,
+                          **FAST, **options)
+
+
+def _sqnr(fast):
+    model, data, _ = trained_cnn()
+    with torch.no_grad():
+        return tensor_drift(model(data.x_test), fast(data.x_test)).sqnr_db
+
+
+def test_a_nan_pixel_in_a_batch_is_a_clear_error():
+    _, _, batches = trained_cnn()
+    bad = [b[0].clone() for b in batches]
+    bad[2][5, 0, 3, 3] = float("nan")
+    with pytest.raises(CalibrationError, match=r"calibration batch 2, input #0: 1 of its 4096 values are NaN "
+                                               r"or inf.*calibration_nonfinite='skip'"):
+        _optimize([(b,) for b in bad])
+
+
+def test_skipping_nonfinite_batches_is_calibrating_without_them():
+    _, data, batches = trained_cnn()
+    bad = [b[0].clone() for b in batches]
+    bad[1][0, 0, 0, 0] = float("inf")
+    with pytest.warns(UserWarning, match="calibration batch 1 left out: input #0 holds 1 NaN/inf"):
+        skipped = _optimize([(b,) for b in bad], calibration_nonfinite="skip")
+    without = _optimize([batches[0], batches[2], batches[3]])
+    x = data.x_test[:32]
+    assert torch.equal(skipped(x), without(x))
+
+
+def test_one_outlier_batch_is_left_out_and_named():
+    _, data, batches = trained_cnn()
+    outlier = [batches[0], (batches[1][0] * 1e30,), batches[2], batches[3]]
+    clean = _sqnr(_optimize(batches))
+    with pytest.warns(UserWarning, match=r"calibration batch 1 reaches \|x\| = 1e\+30.*left out"):
+        robust = _optimize(outlier)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        kept = _sqnr(_optimize(outlier, calibration_outliers="keep"))
+    without = _optimize([batches[0], batches[2], batches[3]])
+    x = data.x_test[:32]
+    assert torch.equal(robust(x), without(x))
+    assert clean > 25 and abs(_sqnr(robust) - clean) < 1, (clean, _sqnr(robust))
+    assert kept < clean - 10, (kept, clean)      # what the default protects against
