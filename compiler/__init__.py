@@ -52,7 +52,8 @@ else:
     from fxopt.api import bisect, optimize, prune
     from fxopt.artifact.serialize import load, save
     from fxopt.pruning.finetune import finetune
+    from fxopt.runtime.saturation import monitor as saturation_monitor
 
     __all__ = ["optimize", "bisect", "capture", "prune", "finetune", "save", "load", "Pipeline",
-               "TARGETS", "FxoptError", "ArtifactError", "CalibrationError", "CaptureError",
+               "TARGETS", "saturation_monitor", "FxoptError", "ArtifactError", "CalibrationError", "CaptureError",
                "PassError", "PipelineError"]

@@ -69,3 +69,22 @@ def test_one_outlier_batch_is_left_out_and_named():
     assert torch.equal(robust(x), without(x))
     assert clean > 25 and abs(_sqnr(robust) - clean) < 1, (clean, _sqnr(robust))
     assert kept < clean - 10, (kept, clean)      # what the default protects against
+
+
+def test_saturation_monitor_counts_what_static_scales_clip():
+    _, data, batches = trained_cnn()
+    fast = _optimize(batches)
+    stem = next(n for n in fast.graph.nodes if "conv2d_int8" in str(n.target))
+    scale, zero_point = stem.args[11], stem.args[12]
+    x = data.x_test[:64] * 4                      # past the calibrated range
+    with fxopt.saturation_monitor(fast) as counts:
+        fast(x)
+    layer = stem.meta["fxopt_layer"]
+    q = torch.round(x / scale) + zero_point       # the stem reads the model input itself
+    assert counts[layer] == (int(((q < 0) | (q > 255)).sum()), x.numel()) and counts[layer][0] > 0
+    assert set(counts) == {n.meta["fxopt_layer"] for n in fast.graph.nodes if "conv2d_int8" in str(n.target)}
+    with fxopt.saturation_monitor(fast) as calm:
+        fast(data.x_test[:64])
+    assert calm[layer][0] < counts[layer][0]
+    fast(x)                                        # off again: nothing counted
+    assert counts[layer][1] == x.numel()

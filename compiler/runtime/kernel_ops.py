@@ -20,6 +20,7 @@ from fxopt.core.fxops import _lib
 from fxopt.kernels import api as K
 from fxopt.kernels.threads import launch_guard
 from fxopt.quant import qops
+from fxopt.runtime import saturation
 from fxopt.runtime.kernel_args import check_conv, check_linear
 
 # x may arrive already quantized (uint8, with the static a_scale/a_zp of this op), and with
@@ -89,6 +90,7 @@ def _packed_conv(packed, w_scale, col_sums, b, geometry, stride, padding, dilati
 def _conv2d_int8(x, packed, w_scale, col_sums, b, geometry, stride, padding, dilation, act, act_args,
                  a_scale, a_zp, residual=None):
     pc, bias = _packed_conv(packed, w_scale, col_sums, b, geometry, stride, padding, dilation)
+    saturation.count(packed, x, a_scale, a_zp)
     x = x if x.dtype == torch.float32 else x.float()
     # Work in NHWC, the layout im2col reads, and hand back a channels_last tensor (logical
     # NCHW, NHWC in memory): the next conv reads it without a copy, and torch's
@@ -135,6 +137,7 @@ def _aligned(a: np.ndarray) -> np.ndarray:
 def _linear_int8(x, packed, w_scale, col_sums, b, n, k, act, act_args, a_scale, a_zp,
                  out_scale=0.0, out_zp=0, residual=None):
     pw, bias = _packed(packed, w_scale, col_sums, b, n, k)
+    saturation.count(packed, x, a_scale, a_zp)
     res = None
     if residual is not None:
         if out_scale > 0:
