@@ -16,7 +16,7 @@ PASS = PassInfo("propagate_nonfinite", doc="NaN/inf in a sample's inputs -> NaN 
 
 def run(gm, ctx) -> PassResult:
     graph = gm.graph
-    inputs = [n for n in graph.nodes if n.op == "placeholder" and _batched_float(n)]
+    inputs = [n for n in graph.nodes if n.op == "placeholder" and _batched_float(n) and not _mask_only(n)]
     batch = {_batch(n) for n in inputs}
     if len(batch) != 1:
         why = "no float input with a dynamic batch dim" if not batch else "inputs disagree on the batch dim"
@@ -36,6 +36,34 @@ def run(gm, ctx) -> PassResult:
         output.replace_input_with(node, marked)
     gm.recompile()
     return PassResult(changed=True, stats={"inputs": len(inputs), "outputs": len(fresh)})
+
+
+_ATTENTION = ("aten::scaled_dot_product_attention", "fxopt::attention_int8", "fxopt::quantized_attention")
+_METADATA = ("aten::sym_size", "aten::sym_numel", "aten::sym_stride", "aten::_assert_tensor_metadata")
+
+
+def _mask_only(start) -> bool:
+    """Whether an input reaches the model only as attention masks: -inf there means "do not
+    attend", not a bad value. Walks forward; entering an attention op through its attn_mask
+    argument ends a path, reaching the output or any other argument of one does not."""
+    seen, todo = set(), [start]
+    while todo:
+        node = todo.pop()
+        for user in node.users:
+            schema = getattr(user.target, "_schema", None)
+            if user.op == "output":
+                return False
+            if schema is not None and schema.name in _METADATA:
+                continue                              # reads the shape, not the values
+            if schema is not None and schema.name in _ATTENTION:
+                values = dict(zip((a.name for a in schema.arguments), user.args), **user.kwargs)
+                if any(v is node for k, v in values.items() if k != "attn_mask"):
+                    return False
+                continue
+            if user not in seen:
+                seen.add(user)
+                todo.append(user)
+    return True
 
 
 def _batched_float(node) -> bool:

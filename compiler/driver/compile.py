@@ -31,8 +31,8 @@ OPTIONS = {
              "prune_channels options (ratio, criterion, scope, max_ratio, round_to, protect, heads)",
     "finetune": "with prune: distillation recovery from the unpruned model on calibration_data, "
                 "a dict of distill_pruned options, e.g. {'epochs': 2}",
-    "calibration_nonfinite": "a calibration batch holding NaN/inf: 'error' (default) or 'skip' it with a warning",
-    "calibration_outliers": "a calibration batch whose |x| is 1000x the median batch's: 'drop' (default, "
+    "calibration_nonfinite": "a calibration batch holding NaN: 'error' (default) or 'skip' it with a warning",
+    "calibration_outliers": "a calibration batch whose |x| is 10x the median batch's: 'drop' (default, "
                             "with a warning) or 'keep'",
     # Accuracy-budgeted search (fxopt.search.budget): given eval_fn, optimize returns the fastest
     # int8/fp32-per-layer and prune-ratio configuration whose metric stays within the budget.
