@@ -14,6 +14,7 @@ import copy
 import inspect
 import linecache
 import re
+import threading
 import traceback
 import warnings
 
@@ -25,9 +26,16 @@ from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
 from fxopt.core.errors import CaptureError, FxoptError
 
-__all__ = ["capture", "normalize_inputs", "CAPTURE_META"]
+__all__ = ["capture", "normalize_inputs", "CAPTURE_META", "TRACE_LOCK"]
 
 CAPTURE_META = "fxopt_capture"
+
+# torch.export is not thread-safe: non-strict export swaps builtins.max, builtins.min and
+# math.pow for its own while it traces (two exports at once restore each other's swaps and
+# leave torch's in place for the rest of the process), and concurrent traces fail
+# ("Trying to pop empty mode stack", "... is not tracked with proxy"). capture() and the
+# compile driver (whose passes run fake-tensor propagation) hold this one lock.
+TRACE_LOCK = threading.RLock()
 
 _TOKEN_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool)
 
@@ -359,7 +367,8 @@ def capture(model: nn.Module, example_inputs, dynamic: bool = True) -> fx.GraphM
     ``gm.meta['fxopt_capture']`` records ``dynamic_dims``
     (``{input: {dim: symbol}}``), ``static_dims`` (wanted dynamic but fixed:
     ``{input: {dim: size}}``) and ``input_names``. The user's model is not
-    modified: it is deep-copied before export.
+    modified: it is deep-copied before export. Thread-safe: captures from several
+    threads take turns (TRACE_LOCK).
 
         gm = capture(model, (torch.randn(4, 32),))
         gm(torch.randn(7, 32))                    # another batch size
@@ -375,16 +384,17 @@ def capture(model: nn.Module, example_inputs, dynamic: bool = True) -> fx.GraphM
         raise CaptureError(f"could not deep-copy {name} before export ({e}); make the model "
                            "copyable (copy.deepcopy) or move non-copyable state out of it.") from e
     private = _name_extra_kwargs(private.eval(), kwargs)
-    try:
-        if dynamic:
-            gm = _export_dynamic(private, args, kwargs, name)
-        else:
-            gm = _export(private, args, kwargs, None)
-    except FxoptError:
-        raise
-    except Exception as e:  # noqa: BLE001 - every torch failure becomes a CaptureError
-        raise capture_error(e, name) from e
-    return _finish(gm, private, args, kwargs, dynamic, name)
+    with TRACE_LOCK:
+        try:
+            if dynamic:
+                gm = _export_dynamic(private, args, kwargs, name)
+            else:
+                gm = _export(private, args, kwargs, None)
+        except FxoptError:
+            raise
+        except Exception as e:  # noqa: BLE001 - every torch failure becomes a CaptureError
+            raise capture_error(e, name) from e
+        return _finish(gm, private, args, kwargs, dynamic, name)
 
 
 def _finish(gm, model, args, kwargs, dynamic, name):

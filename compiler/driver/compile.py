@@ -7,13 +7,12 @@ place that turns a user's model, inputs and options into a pass-manager run.
 """
 from __future__ import annotations
 
-import threading
 import warnings
 
 import torch
 from torch import nn
 
-from fxopt.core.capture import capture, normalize_inputs
+from fxopt.core.capture import TRACE_LOCK, capture, normalize_inputs
 from fxopt.core.errors import PipelineError
 from fxopt.core.pass_base import PassContext
 from fxopt.core.pass_manager import Instruments, PassManager, snapshot
@@ -49,10 +48,11 @@ OPTIONS = {
 INSTRUMENTS = ("print_ir_after", "dump_dir", "stop_after", "disable", "drift")
 
 
-# torch.export keeps process-wide state while it traces (its mode stack, fake-tensor
-# caches) and passes set torch's global RNG: two captures at once fail or interleave.
-# Optimizing is not a hot path, so calls from several threads take turns.
-COMPILE_LOCK = threading.RLock()
+# torch.export keeps process-wide state while it traces (capture.TRACE_LOCK says which),
+# passes propagate fake tensors, and distill_pruned seeds torch's global RNG: two compiles
+# at once fail or interleave. Optimizing is not a hot path, so calls from several threads
+# take turns, and with fxopt.capture too (one lock).
+COMPILE_LOCK = TRACE_LOCK
 
 
 def compile_model(model, example_inputs, target, calibration_data, dynamic, options, keep=False):
