@@ -49,11 +49,11 @@ else:
     from fxopt.quant import qops as _qops               # (a loaded graph calls them)
     from fxopt.runtime import kernel_ops as _kernel_ops, nonfinite as _nonfinite
     from fxopt.core.pipeline import TARGETS, Pipeline
-    from fxopt.api import bisect, optimize, prune
+    from fxopt.api import bisect, optimize, profile, prune
     from fxopt.artifact.serialize import load, save
     from fxopt.pruning.finetune import finetune
     from fxopt.runtime.saturation import monitor as saturation_monitor
 
-    __all__ = ["optimize", "bisect", "capture", "prune", "finetune", "save", "load", "Pipeline",
+    __all__ = ["optimize", "bisect", "capture", "prune", "profile", "finetune", "save", "load", "Pipeline",
                "TARGETS", "saturation_monitor", "FxoptError", "ArtifactError", "CalibrationError", "CaptureError",
                "PassError", "PipelineError"]

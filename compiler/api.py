@@ -1,4 +1,4 @@
-"""The user's entry points: optimize, bisect and prune.
+"""The user's entry points: optimize, bisect, prune and profile.
 
     fast = fxopt.optimize(model, (x,), target="cpu-fp32")
     fast(x)                        # same outputs, same structure
@@ -8,6 +8,8 @@
     print(found)                   # first pass, then first node, over tol
 
     small = fxopt.prune(model, (x,), ratio=0.5)
+
+    print(fxopt.profile(fast, x))  # per step of the execution plan: op, layer, us, %
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from fxopt.core.pass_manager import PassManager
 from fxopt.core.pipeline import PassSpec, Pipeline
 from fxopt.driver.compile import COMPILE_LOCK, compile_model, reference_outputs
 from fxopt.pruning.structured import check_options as check_prune_options
+from fxopt.runtime.plan import Plan, Profile, plan_of
 from fxopt.search.budget import search
 
 DEFAULT_TARGET = "cpu-int8"
@@ -102,3 +105,18 @@ def _prune(model, example_inputs, ratio, data, loss_fn, seed, dynamic, options):
     gm.fxopt_report = record
     gm.fxopt_prune = ctx.state.get("prune_channels")
     return gm
+
+
+def profile(model: GraphModule, *args, repeats: int = 20, **kwargs) -> Profile:
+    """Time each step of the execution plan `model` (what optimize or load returned) runs,
+    on these inputs: op, layer, output shape, dtype, us and % of the call, kernel steps
+    apart from the rest, and the time outside the steps. print() gives the table.
+
+        prof = fxopt.profile(fast, **inputs)
+        print(prof)              # slowest steps first
+        prof.kernel_us, prof.outside_us, prof.rows
+    """
+    if not isinstance(model, GraphModule):
+        raise TypeError(f"profile expects a model from fxopt.optimize or fxopt.load, got {type(model).__name__}")
+    plan = plan_of(model) or Plan(model)       # runtime="graph" models: the plan they would run
+    return plan.profile(*args, repeats=repeats, **kwargs)

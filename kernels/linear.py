@@ -22,7 +22,7 @@ from .epilogue import ACTIVATIONS
 from .gemm import ENTRIES, a_stride
 from .dispatch import KernelError
 from .pack import PackedWeights, aligned_empty
-from .quantize import padded_k
+from .quantize import padded_k, quantize_rows_f32_u8, quantize_tensor_f32_u8
 from .simd import A_DTYPES
 
 KERNEL_VERSION = "linear-3"
@@ -303,3 +303,74 @@ def gemm_u8s8_u8(a, a_scales, a_zero_points, pw, out_scale, out_zero_point,
     ep = epilogue_params(act, act_args, float(out_scale), int(out_zero_point))
     out = np.empty((m, pw.n), np.uint8)
     return _run(_NO_X, a, s, z, pw, _bias(bias, pw.n), ep, out, n_threads)
+
+
+def bind_linear(pw, bias=None, act="none", act_args=(), a_scale=0.0, a_zero_point=0,
+                out_scale=0.0, out_zero_point=0):
+    """One layer's GEMM with all but its input bound once, for a runtime that calls the
+    layer many times. Returns call(x, out=None, residual=None, n_threads=None) -> out:
+
+    x: float32 (M, K), C-contiguous, quantized per row in the workers (a_scale 0) or with
+    the static (a_scale, a_zero_point); or uint8 (M, K) already quantized with them.
+    out: float32 (M, N), or with out_scale > 0 uint8 requantized to (out_scale,
+    out_zero_point); given, it is written in place (C-contiguous, that dtype and shape).
+    residual: float32 (M, N), added after the activation (float output only).
+    The results are those of linear_f32, gemm_u8s8_f32 and gemm_u8s8_u8 given the same
+    arguments, bit for bit.
+
+        >>> call = bind_linear(pw, bias, act="gelu")
+        >>> y = call(x)                     # as linear_f32(x, pw, bias, act="gelu")
+    """
+    _check_packed(pw)
+    n, k, kg = pw.n, pw.k, (pw.k + 3) >> 2
+    b = _bias(bias, n)
+    static, chained_out = a_scale > 0, out_scale > 0
+    if chained_out:
+        if not 0 <= out_zero_point <= 255:
+            raise KernelError(f"out_zero_point must be in [0, 255], got {out_zero_point}")
+        ep, out_dtype = epilogue_params(act, act_args, float(out_scale), int(out_zero_point)), np.uint8
+    else:
+        ep, out_dtype = epilogue_params(act, act_args), np.float32
+    if static and not 0 <= a_zero_point <= 255:
+        raise KernelError(f"need 0 <= a_zero_point <= 255, got {a_zero_point}")
+    scale, zero_point = np.float32(a_scale), np.int32(a_zero_point)
+    data, col_sums, scales = pw.data, pw.col_sums, pw.scales
+    per_row = {}                                  # m -> (scales, zero points) of a static scale
+
+    def call(x, out=None, residual=None, n_threads=None):
+        m = x.shape[0]
+        if x.dtype is not _F32 and not static:
+            raise KernelError("bind_linear: uint8 x needs the static a_scale it was quantized with")
+        if out is None:
+            out = np.empty((m, n), out_dtype)
+        res = _NO_X if residual is None else _residual(residual, m, n)
+        if res is not _NO_X and chained_out:
+            raise KernelError("bind_linear: a residual needs float output (out_scale=0)")
+        isa = _dispatch._current[0]
+        threads = n_threads or _threads[0]
+        parallel = threads > 1 and m * n * k >= PARALLEL_MIN_MACS
+        entry = ENTRIES[isa][1 if parallel else 0]
+        if x.dtype is _F32 and not static and not chained_out:      # the workers quantize rows
+            if x.shape[1] != k or not x.flags.c_contiguous:
+                raise KernelError(f"bind_linear: x must be C-contiguous (M, {k}), got {x.shape}")
+            entry(x, _NO_Q[isa], _NO_F, _NO_I, data, kg, col_sums, scales, b, res, ep, out,
+                  threads if parallel else 1)
+            return out
+        if x.dtype is _F32:
+            if static:
+                q = quantize_tensor_f32_u8(x, scale, zero_point)
+            else:
+                q, s, z = quantize_rows_f32_u8(x)
+        else:
+            q = x
+        if static or x.dtype is not _F32:
+            rows = per_row.get(m)
+            if rows is None:
+                if len(per_row) > 64:             # many batch sizes: keep the table small
+                    per_row.clear()
+                rows = per_row[m] = (np.full(m, scale, np.float32), np.full(m, zero_point, np.int32))
+            s, z = rows
+        entry(_NO_X, _prepare_u8(q, pw), s, z, data, kg, col_sums, scales, b, res, ep, out,
+              threads if parallel else 1)
+        return out
+    return call

@@ -36,6 +36,7 @@ from fxopt.core.report import Report
 from fxopt.core.version import VERSION
 from fxopt.pruning.structured import PruneReport
 from fxopt.runtime.input_check import input_specs, install as install_input_check
+from fxopt.runtime.plan import RUNTIMES, install as install_plan
 from fxopt.runtime.kernel_args import check_lowered
 
 __all__ = ["save", "load", "read_report", "register_load_hook", "remove_load_hook",
@@ -179,8 +180,10 @@ def _write_tensors(tensors: dict, path: str, metadata: dict) -> None:
 
 # --- load --------------------------------------------------------------------
 
-def load(path) -> fx.GraphModule:
-    """Load a model written by fxopt.save: a GraphModule called like the saved one.
+def load(path, runtime: str = "plan") -> fx.GraphModule:
+    """Load a model written by fxopt.save: a GraphModule called like the saved one,
+    running on an execution plan rebuilt from its graph (runtime="graph": on the graph
+    itself, for debugging; see fxopt.runtime.plan).
 
     Only aten/fxopt operators and a fixed set of Python functions can appear
     in the graph, and only tensors are read from the file; anything else
@@ -190,6 +193,8 @@ def load(path) -> fx.GraphModule:
         fast(**inputs)
     """
     path = os.fspath(path)
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
     metadata, blobs = _read(path)
     graph_data = _json(metadata, "graph", path)
     if not isinstance(graph_data, dict):
@@ -204,7 +209,7 @@ def load(path) -> fx.GraphModule:
         gm.fxopt_report = _report(report, path)
     for hook in list(_LOAD_HOOKS):
         _run_hook(hook, gm)
-    return gm
+    return install_plan(gm, runtime)
 
 
 def _read(path: str) -> tuple[dict, list]:

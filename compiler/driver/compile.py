@@ -20,6 +20,7 @@ from fxopt.core.pipeline import Pipeline, target_pipeline
 from fxopt.pruning.structured import with_pruning
 from fxopt.report import model_report
 from fxopt.runtime.input_check import input_specs, install as install_input_check
+from fxopt.runtime.plan import install as install_plan
 
 # Options optimize() takes besides the instruments; later stages add theirs here.
 OPTIONS = {
@@ -30,6 +31,8 @@ OPTIONS = {
              "prune_channels options (ratio, criterion, scope, max_ratio, round_to, protect, heads)",
     "finetune": "with prune: distillation recovery from the unpruned model on calibration_data, "
                 "a dict of distill_pruned options, e.g. {'epochs': 2}",
+    "runtime": "how the optimized model runs: 'plan' (default: an execution plan calling the "
+               "kernels directly) or 'graph' (the lowered graph through torch's dispatcher, for debugging)",
     "calibration_nonfinite": "a calibration batch holding NaN: 'error' (default) or 'skip' it with a warning",
     "calibration_outliers": "a calibration batch whose |x| is 10x the median batch's: 'drop' (default, "
                             "with a warning) or 'keep'",
@@ -89,6 +92,7 @@ def _compile(model, example_inputs, target, calibration_data, dynamic, options, 
     specs = input_specs(gm)
     if specs is not None:   # one entry check (device, dtype, rank, sizes), as a loaded model has
         install_input_check(gm, specs)
+    install_plan(gm, options.get("runtime", "plan"))
     _model_sections(report, model, original, gm, (args, kwargs), (probe_args, probe_kwargs), options)
     if keep:
         return gm, report, manager

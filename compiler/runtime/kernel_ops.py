@@ -134,35 +134,87 @@ def _aligned(a: np.ndarray) -> np.ndarray:
     return out
 
 
+def linear_call(packed, w_scale, col_sums, b, n, k, act, act_args, a_scale, a_zp, out_scale=0.0, out_zp=0):
+    """The linear_int8 op for one layer with all but x and the residual bound, on torch
+    tensors: call(x, residual=None) -> tensor. The op calls it; see linear_np_call."""
+    np_call = linear_np_call(packed, w_scale, col_sums, b, n, k, act, act_args, a_scale, a_zp, out_scale, out_zp)
+    f32, u8 = torch.float32, torch.uint8
+
+    def call(x, residual=None):
+        x = x.detach()
+        if x.dtype is not f32 and x.dtype is not u8:
+            x = x.float()
+        r = None if residual is None else residual.detach().float().numpy()
+        return torch.from_numpy(np_call(x.numpy(), r))
+    return call
+
+
+class _Calls(dict):
+    """Bound calls kept on a packed tensor: a cache, so copies and pickles start empty."""
+
+    def __reduce__(self):
+        return (_Calls, ())
+
+    def __deepcopy__(self, memo):
+        return _Calls()
+
+
+def linear_np_call(packed, w_scale, col_sums, b, n, k, act, act_args, a_scale, a_zp, out_scale=0.0, out_zp=0):
+    """linear_int8 for one layer on numpy arrays: call(x, residual=None) -> array, x
+    (..., K) float32 or uint8 (quantized with a_scale, a_zp), the residual float32 (..., N).
+    Built once per layer and epilogue and kept on the packed tensor; the execution plan
+    calls it directly."""
+    key = (act, tuple(act_args), a_scale, a_zp, out_scale, out_zp, id(b))
+    calls = getattr(packed, "_fxopt_calls", None)
+    if calls is None:
+        calls = packed._fxopt_calls = _Calls()
+    call = calls.get(key)
+    if call is None:
+        call = calls[key] = _bind_linear(packed, w_scale, col_sums, b, n, k, act, act_args, a_scale, a_zp,
+                                         out_scale, out_zp)
+    return call
+
+
+def _bind_linear(packed, w_scale, col_sums, b, n, k, act, act_args, a_scale, a_zp, out_scale, out_zp):
+    pw, bias = _packed(packed, w_scale, col_sums, b, n, k)
+    kernel = K.bind_linear(pw, bias, act, tuple(act_args), a_scale, a_zp, out_scale, out_zp)
+    static = a_scale > 0
+    get_threads = torch.get_num_threads
+
+    def call(x, residual=None):
+        if static and saturation.active():
+            saturation.count(packed, torch.from_numpy(x), a_scale, a_zp)
+        lead = x.shape[:-1]
+        if x.dtype != np.float32 and x.dtype != np.uint8:
+            x = x.astype(np.float32)
+        if not x.flags.c_contiguous:
+            x = np.ascontiguousarray(x)
+        res = None
+        if residual is not None:
+            if out_scale > 0:
+                raise ValueError("fxopt::linear_int8: a residual needs float output (out_scale=0)")
+            res = residual.reshape(-1, n)
+        return kernel(x.reshape(-1, k), None, res, get_threads()).reshape(lead + (n,))
+    return call
+
+
+def layer_norm_np_call(weight, bias, eps):
+    """fxopt::layer_norm with its weight and bias bound, on numpy arrays: call(x) -> array."""
+    w = None if weight is None else weight.detach().float().numpy()
+    b = None if bias is None else bias.detach().float().numpy()
+    get_threads = torch.get_num_threads
+
+    def call(x):
+        if x.dtype != np.float32:
+            x = x.astype(np.float32)
+        return K.layer_norm_f32(x, w, b, eps, n_threads=get_threads())
+    return call
+
+
 def _linear_int8(x, packed, w_scale, col_sums, b, n, k, act, act_args, a_scale, a_zp,
                  out_scale=0.0, out_zp=0, residual=None):
-    pw, bias = _packed(packed, w_scale, col_sums, b, n, k)
-    saturation.count(packed, x, a_scale, a_zp)
-    res = None
-    if residual is not None:
-        if out_scale > 0:
-            raise ValueError("fxopt::linear_int8: a residual needs float output (out_scale=0)")
-        res = (residual if residual.dtype == torch.float32 else residual.float()).detach().numpy()
-    threads = torch.get_num_threads()
-    lead = tuple(x.shape[:-1])
-    if x.dtype == torch.uint8:           # chained: already quantized with (a_scale, a_zp)
-        q = np.ascontiguousarray(x.detach().numpy().reshape(-1, k))
-    else:
-        xn = (x if x.dtype == torch.float32 else x.float()).detach().numpy()
-        if a_scale <= 0 and out_scale <= 0:
-            return torch.from_numpy(K.linear_f32(xn, pw, bias, act, tuple(act_args), n_threads=threads,
-                                                 residual=res))
-        x2 = np.ascontiguousarray(xn.reshape(-1, k))
-        if a_scale > 0:
-            q = K.quantize_tensor_f32_u8(x2, a_scale, a_zp)
-        else:
-            q, a_scale, a_zp = K.quantize_rows_f32_u8(x2)
-    if out_scale > 0:
-        y = K.gemm_u8s8_u8(q, a_scale, a_zp, pw, out_scale, out_zp, bias, act, tuple(act_args),
-                           n_threads=threads)
-    else:
-        y = K.gemm_u8s8_f32(q, a_scale, a_zp, pw, bias, act, tuple(act_args), n_threads=threads)
-    return torch.from_numpy(y.reshape(*lead, n))
+    call = linear_call(packed, w_scale, col_sums, b, n, k, act, act_args, a_scale, a_zp, out_scale, out_zp)
+    return call(x, residual)
 
 
 def _strided(t: torch.Tensor, dtype=torch.float32):

@@ -39,6 +39,11 @@ def monitor(gm: torch.fx.GraphModule):
         _ACTIVE.reset(token)
 
 
+def active() -> bool:
+    """Whether a monitor is counting in this context."""
+    return _ACTIVE.get() is not None
+
+
 def count(packed: torch.Tensor, x: torch.Tensor, scale: float, zero_point: int) -> None:
     """Called by a static-scale kernel op with its input: adds its clipped values, if on."""
     state = _ACTIVE.get()

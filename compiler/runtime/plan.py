@@ -1,0 +1,617 @@
+"""The call path of an optimized model: an execution plan built once from the lowered graph.
+
+The lowered GraphModule is the IR: what passes rewrite, what the debugging tools print
+and what fxopt.save writes. Calling it goes through torch's dispatcher for every op
+(about 9 us per custom op), torch.export's generated guard and pytree glue. The plan
+calls the same implementations without that: each graph node becomes one step, a
+Python callable with its packed weights, scales and constants bound when the plan is
+built, and the steps become one straight-line Python function (as FX generates
+forward(), but calling the steps directly):
+
+    plan = Plan(gm)
+    y = plan(x)                 # == gm(x), bit for bit
+    print(plan.profile(x))      # per step: op, layer, shapes, us, % of the call
+
+install(gm) makes the plan the module's forward; gm.recompile() (any later graph edit)
+puts the graph's own forward back. Inputs a plan cannot run (fake tensors, proxies,
+tensor subclasses, anything requiring grad) take the graph path, so torch tools can
+still trace and export an optimized model.
+"""
+from __future__ import annotations
+
+import functools
+import keyword
+import math
+import operator
+import time
+
+import numpy as np
+import torch
+import torch.fx._pytree as fx_pytree
+import torch.utils._pytree as pytree
+from torch import fx
+
+from fxopt.kernels import api as K
+from fxopt.kernels.threads import launch_guard
+from fxopt.quant import qops
+from fxopt.runtime import kernel_ops, nonfinite, saturation
+from fxopt.runtime.input_check import GUARD, InputCheck
+
+__all__ = ["Plan", "install", "plan_of", "RUNTIMES"]
+
+RUNTIMES = ("plan", "graph")
+PLAN_ATTR = "fxopt_plan"
+aten = torch.ops.aten
+Tensor = torch.Tensor
+
+# ATen ops whose Tensor-method form runs the same kernel with less Python glue
+# (torch.ops.aten.view.default(x, s) costs about twice x.view(s)). Only exact equivalents.
+_METHODS = {
+    aten.view.default: Tensor.view,
+    aten.reshape.default: Tensor.reshape,
+    aten._unsafe_view.default: Tensor.view,
+    aten.transpose.int: Tensor.transpose,
+    aten.permute.default: Tensor.permute,
+    aten.unsqueeze.default: Tensor.unsqueeze,
+    aten.squeeze.dim: Tensor.squeeze,
+    aten.expand.default: Tensor.expand,
+    aten.select.int: Tensor.select,
+    aten.contiguous.default: Tensor.contiguous,
+    aten.clone.default: Tensor.clone,
+    aten.split_with_sizes.default: Tensor.split_with_sizes,
+    aten.sym_size.int: Tensor.size,
+    aten.add.Tensor: operator.add,
+    aten.sub.Tensor: operator.sub,
+    aten.mul.Tensor: operator.mul,
+    aten.div.Tensor: operator.truediv,
+    aten.relu.default: torch.relu,
+    aten.tanh.default: torch.tanh,
+    aten.sigmoid.default: torch.sigmoid,
+}
+# checks the tracer recorded about dtypes and devices it derived from the inputs, which the
+# entry check (exact dtypes, CPU) already guarantees
+_DROPPED = (aten._assert_tensor_metadata.default,)
+_NO_KWARGS = (aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor)
+
+
+# --- the numpy domain --------------------------------------------------------------------
+# Between kernels, activations stay numpy arrays: the kernels take and return them, and a
+# view, transpose or split of an array costs a fraction of torch's (0.5 against 5 us
+# measured for a view). Only layout ops, which move no value, run on both sides; every
+# other op runs in torch, so the plan computes exactly what the graph computes.
+
+def _np_unsqueeze(x, d):
+    d = d if d >= 0 else d + x.ndim + 1
+    return x.reshape(x.shape[:d] + (1,) + x.shape[d:])
+
+
+def _np_split(x, sizes, dim=0):
+    dim = dim if dim >= 0 else dim + x.ndim
+    lead, parts, start = (slice(None),) * dim, [], 0
+    for size in sizes:
+        parts.append(x[lead + (slice(start, start + size),)])
+        start += size
+    return parts
+
+
+_NP_LAYOUT = {
+    aten.view.default: np.ndarray.reshape,
+    aten.reshape.default: np.ndarray.reshape,
+    aten._unsafe_view.default: np.ndarray.reshape,
+    aten.transpose.int: np.ndarray.swapaxes,
+    aten.permute.default: np.ndarray.transpose,
+    aten.unsqueeze.default: _np_unsqueeze,
+    aten.split_with_sizes.default: _np_split,
+    aten.sym_size.int: lambda x, d: x.shape[d],
+}
+_NUMPY_DTYPES = (torch.float32, torch.float64, torch.uint8, torch.int8, torch.int16, torch.int32,
+                 torch.int64, torch.bool)
+
+
+def _is_tensor(node) -> bool:
+    """Whether node's value is a tensor (or a list of them): from its shape metadata, or, in
+    a loaded graph, which has none, from its op's schema."""
+    if not isinstance(node, fx.Node):
+        return False
+    val = node.meta.get("val")
+    if val is not None:
+        return isinstance(val, torch.Tensor) or (isinstance(val, (list, tuple)) and bool(val)
+                                                 and all(isinstance(v, torch.Tensor) for v in val))
+    if node.op in ("placeholder", "get_attr"):
+        return True
+    if node.target is operator.getitem:
+        return _is_tensor(node.args[0])
+    schema = getattr(node.target, "_schema", None)
+    return schema is not None and bool(schema.returns) and all(
+        str(r.type) in ("Tensor", "List[Tensor]") for r in schema.returns)
+
+
+def _tensor_args(node: fx.Node) -> list:
+    found = []
+    fx.node.map_arg((node.args, node.kwargs), lambda n: found.append(n) if _is_tensor(n) else None)
+    return found
+
+
+def _numpy_dtype(node: fx.Node):
+    """True if node's dtype has a numpy twin, False if not, None if unknown (no metadata)."""
+    val = node.meta.get("val")
+    vals = val if isinstance(val, (list, tuple)) else [val]
+    if not all(isinstance(v, torch.Tensor) for v in vals):
+        return None
+    return all(v.dtype in _NUMPY_DTYPES for v in vals)
+
+
+def _to_numpy(t: torch.Tensor):
+    """t as a numpy array (sharing memory), or a float32 copy for dtypes numpy lacks
+    (bfloat16): for kernel inputs, which the kernels take as float32 anyway."""
+    return t.numpy() if t.dtype in _NUMPY_DTYPES else t.float().numpy()
+
+
+class Step:
+    """One node of the graph as the plan calls it: fn(*args, **kwargs), where args hold
+    nodes (the values of earlier steps) and constants; a kernel step's weights are bound
+    into fn, so its args are the activations only."""
+    __slots__ = ("node", "fn", "kernel", "args", "kwargs", "domain", "out_domain")
+
+    def __init__(self, node: fx.Node, fn, kernel: bool, args=None, kwargs=None, domain="torch",
+                 out_domain=None):
+        self.node, self.fn, self.kernel, self.domain = node, fn, kernel, domain
+        self.out_domain = out_domain or domain     # where its inputs are, where its output is
+        self.args = node.args if args is None else args
+        self.kwargs = node.kwargs if kwargs is None else kwargs
+
+    @property
+    def op(self) -> str:
+        target = self.node.target
+        return getattr(target, "__name__", str(target)) if self.node.op != "call_module" else "input check"
+
+
+class Plan:
+    """Straight-line Python over the graph's nodes, with weights bound once (see module doc)."""
+
+    def __init__(self, gm: fx.GraphModule):
+        self.gm = gm
+        self.steps: list[Step] = []
+        self._globals: dict = {"_fx_graph": None, "_fx_tree_flatten_spec": fx_pytree.tree_flatten_spec,
+                               "_fx_tree_unflatten": pytree.tree_unflatten, "_fx_Tensor": torch.Tensor}
+        self._globals["_fx_from_numpy"], self._globals["_fx_to_numpy"] = torch.from_numpy, _to_numpy
+        forward = type(gm).forward
+        if forward is not _planned_forward:       # the graph's own forward: the path for other inputs
+            self._globals["_fx_graph"] = functools.partial(forward, gm)
+        self._names: dict = {}
+        self._home: dict = {}          # node -> the domain its step made it in: 'torch' or 'np'
+        self._converted: dict = {}     # (node, domain) -> name of its value converted there
+        params, body, calls = self._generate()
+        head = f"({', '.join(params)}):\n    "
+        timed = [line if i not in calls else calls[i] for i, line in enumerate(body)]
+        self.source = "def _fx_run" + head + "\n    ".join(body) + "\n"
+        source = self.source + "def _fx_run_timed" + head + "\n    ".join(timed) + "\n"
+        exec(compile(source, "<fxopt plan>", "exec"), self._globals)   # our own source: names and calls
+        self._run, self._run_timed = self._globals["_fx_run"], self._globals["_fx_run_timed"]
+
+    # --- building --------------------------------------------------------------------
+
+    def _const(self, value) -> str:
+        name = f"_fx_c{len(self._globals)}"
+        self._globals[name] = value
+        return name
+
+    def _generate(self):
+        """(run()'s parameters, its body lines, {line: the same call timed})."""
+        gm = self.gm
+        info = getattr(gm.graph._codegen, "pytree_info", None)
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        params, flat = _signature(info, placeholders)
+        if not all(p.isidentifier() and not keyword.iskeyword(p) for p in params):
+            raise ValueError(f"graph input names must be Python identifiers, got {params}")
+        if any(p.startswith("_fx_") for p in params):
+            raise ValueError(f"input names starting with _fx_ are reserved: {params}")
+        for i, node in enumerate(placeholders):
+            self._names[node] = params[i] if flat else f"_fx_a{i}"
+            self._home[node] = "torch"
+        leaves = [self._names[n] for n in placeholders]
+        body, calls = [], {}
+        self._body = body
+        if not flat and leaves:
+            body.append(f"{', '.join(leaves)}, = _fx_tree_flatten_spec({_packed_inputs(info, params)}, "
+                        f"{self._const(info.in_spec)})")
+        # inputs the plan cannot run take the graph path (fake tensors, proxies, grad)
+        tensors = [v for n, v in zip(placeholders, leaves) if _is_tensor(n)]
+        if tensors:
+            test = " or ".join(f"type({v}) is not _fx_Tensor or {v}.requires_grad" for v in tensors)
+            body.append(f"if {test}: return _fx_graph({', '.join(params)})")
+        for node in gm.graph.nodes:
+            if node.op in ("placeholder", "output"):
+                continue
+            name = self._names[node] = f"_fx_v{len(self._names)}"
+            self._home[node] = "torch"
+            if node.op == "get_attr":
+                body.append(f"{name} = {self._const(_attr(gm, node.target))}")
+                continue
+            step = self._step(node)
+            if step is None:            # dropped check
+                body.append(f"{name} = None")
+                continue
+            index, fn = len(self.steps), f"_fx_s{len(self.steps)}"
+            self.steps.append(step)
+            self._globals[fn] = step.fn
+            args = ([self._render(a, step.domain) for a in step.args]
+                    + [f"{k}={self._render(v, step.domain)}" for k, v in step.kwargs.items()])
+            self._home[node] = step.out_domain
+            calls[len(body)] = f"{name} = _fx_timed({index}, {', '.join([fn] + args)})"
+            body.append(f"{name} = {fn}({', '.join(args)})")
+        output = next(n for n in gm.graph.nodes if n.op == "output")
+        body.append(f"return {self._output(output.args[0], info)}")
+        return params, body, calls
+
+    def _in(self, node: fx.Node, domain: str) -> str:
+        """The name of node's value in `domain` ('torch' or 'np'), converting it (once, in
+        the line after its first use needs it) where it was made in the other."""
+        if domain == "any" or self._home.get(node, "torch") == domain or not _is_tensor(node):
+            return self._names[node]
+        key = (node, domain)
+        if key not in self._converted:
+            name = self._converted[key] = f"{self._names[node]}_{domain}"
+            source = self._names[node]
+            if domain == "torch":
+                line = f"{name} = _fx_from_numpy({source})"
+            elif _numpy_dtype(node):
+                line = f"{name} = {source}.numpy()"
+            else:
+                line = f"{name} = _fx_to_numpy({source})"
+            self._body.append(line)
+        return self._converted[key]
+
+    def _render(self, a, domain: str = "torch") -> str:
+        if isinstance(a, fx.Node):
+            return self._in(a, domain)
+        if isinstance(a, (list, tuple)):
+            inner = ", ".join(self._render(x, domain) for x in a)
+            return f"[{inner}]" if isinstance(a, list) else f"({inner}{',' if len(a) == 1 else ''})"
+        if a is None or type(a) in (bool, int):
+            return repr(a)
+        return self._const(a)
+
+    def _output(self, out, info) -> str:
+        rendered = self._render(out)
+        if info is None or info.out_spec is None:
+            return rendered
+        spec = info.out_spec
+        if spec.is_leaf():
+            return f"{rendered}[0]" if isinstance(out, (list, tuple)) else rendered
+        if spec.type in (tuple, list) and all(c.is_leaf() for c in spec.children()):
+            return f"{'tuple' if spec.type is tuple else 'list'}({rendered})"
+        return f"_fx_tree_unflatten({rendered}, {self._const(spec)})"
+
+    def _step(self, node: fx.Node):
+        if node.op == "call_module":
+            module = self.gm.get_submodule(node.target)
+            if node.target == GUARD and isinstance(module, InputCheck):
+                return Step(node, entry_check(module.specs), False)
+            return Step(node, module, False)
+        if node.op == "call_method":
+            return Step(node, operator.methodcaller(node.target), False)
+        target = node.target
+        if target in _DROPPED:
+            return None
+        tensors = _tensor_args(node)
+        build = _NP_BUILDERS.get(target)
+        if build is not None:                       # a kernel on numpy arrays
+            fn, args, kwargs = build(self.gm, node)
+            return Step(node, fn, True, args, kwargs, domain="np", out_domain=_NP_OUT.get(target, "np"))
+        if target is operator.getitem or target in _NP_LAYOUT:   # where its input already is
+            made_in_numpy = bool(tensors) and self._home.get(tensors[0]) == "np"
+            if made_in_numpy and target is operator.getitem:
+                return Step(node, target, False, domain="np")
+            if made_in_numpy:                       # kernel outputs: float32 or uint8
+                return Step(node, _NP_LAYOUT[target], False, domain="np")
+        build = _BUILDERS.get(target)
+        if build is not None:
+            fn, args, kwargs = build(self.gm, node)
+            return Step(node, fn, True, args, kwargs)
+        if target in _METHODS and not (target in _NO_KWARGS and node.kwargs):
+            return Step(node, _METHODS[target], False)
+        return Step(node, target, False)
+
+    # copies and pickles of the module run its graph (a plan holds compiled code)
+    def __deepcopy__(self, memo):
+        return None
+
+    def __reduce__(self):
+        return (_none, ())
+
+    # --- calling ---------------------------------------------------------------------
+
+    def __call__(self, *args, **kwargs):
+        with launch_guard():
+            return self._run(*args, **kwargs)
+
+    def profile(self, *args, repeats: int = 20, **kwargs) -> "Profile":
+        """Time each step over `repeats` calls after one warm-up call (see Profile): the
+        median per step, and the median of whole calls, timed and untimed."""
+        self(*args, **kwargs)
+        runs = []
+        clock = time.perf_counter
+
+        def timed(_i, _f, /, *a, **k):
+            start = clock()
+            out = _f(*a, **k)
+            steps[_i] += clock() - start
+            return out
+        self._globals["_fx_timed"] = timed
+        calls, plain = [], []
+        for _ in range(max(1, repeats)):
+            steps = [0.0] * len(self.steps)
+            with launch_guard():
+                start = clock()
+                self._run_timed(*args, **kwargs)
+                calls.append(clock() - start)
+            runs.append(steps)
+            start = clock()
+            self(*args, **kwargs)
+            plain.append(clock() - start)
+        per_step = [_median([run[i] for run in runs]) for i in range(len(self.steps))]
+        return Profile(self, per_step, _median(calls), _median(plain))
+
+
+def _median(values):
+    values = sorted(values)
+    return values[len(values) // 2]
+
+
+def _none():
+    return None
+
+
+def _attr(gm, target: str):
+    value = gm
+    for part in target.split("."):
+        value = getattr(value, part)
+    # parameters: detached once, so no step records autograd history; buffers as they are
+    # (the saturation monitor knows the packed weights by identity)
+    return value.detach() if isinstance(value, torch.Tensor) and value.requires_grad else value
+
+
+def _signature(info, placeholders):
+    """(run()'s parameter names, whether they are the graph inputs themselves)."""
+    n_leaves = len(placeholders)
+    if info is None:                      # forward(self, <placeholders>)
+        return [n.name for n in placeholders], True
+    spec, orig = info.in_spec, list(info.orig_args)
+    if spec.type is tuple and spec.num_children == 2 and spec.child(0).type is tuple \
+            and spec.child(1).type is dict:
+        children = spec.child(0).children() + spec.child(1).children()
+        same_order = orig[spec.child(0).num_children:] == list(spec.child(1).context)
+    else:
+        children, same_order = spec.children(), True
+    flat = same_order and len(orig) == len(children) == n_leaves and all(c.is_leaf() for c in children)
+    return orig, flat
+
+
+def _packed_inputs(info, params) -> str:
+    """The structure graph codegen hands tree_flatten_spec (see torch.fx _PyTreeCodeGen)."""
+    spec = info.in_spec
+    if spec.type is tuple and spec.num_children == 2 and spec.child(0).type is tuple \
+            and spec.child(1).type is dict:
+        n = spec.child(0).num_children
+        kwargs = ", ".join(f"{k!r}: {p}" for k, p in zip(spec.child(1).context, params[n:]))
+        return f"([{', '.join(params[:n])}], {{{kwargs}}})"
+    return f"[{', '.join(params)}]"
+
+
+def entry_check(specs: list):
+    """A fast form of InputCheck(specs): plain comparisons per input, and InputCheck itself
+    (its messages) on any mismatch."""
+    full = InputCheck(specs)
+    wanted = []
+    for spec in specs:
+        if spec is None:
+            wanted.append(None)
+            continue
+        dtype = getattr(torch, spec["dtype"]) if "dtype" in spec else None
+        fixed = tuple((d, s) for d, s in enumerate(spec["shape"]) if isinstance(s, int))
+        symbols = tuple((d, s) for d, s in enumerate(spec["shape"]) if isinstance(s, str))
+        wanted.append((dtype, len(spec["shape"]), fixed, symbols))
+    shared = {}
+    for w in wanted:
+        for _, s in (w[3] if w else ()):
+            shared[s] = shared.get(s, 0) + 1
+    tied = {s for s, n in shared.items() if n > 1}
+
+    def check(*inputs):
+        seen = {}
+        for want, x in zip(wanted, inputs):
+            if want is None or type(x) is not torch.Tensor:
+                continue
+            dtype, rank, fixed, symbols = want
+            shape = x.shape
+            if (dtype is not None and x.dtype is not dtype) or len(shape) != rank or not x.is_cpu:
+                return full(*inputs)
+            for d, s in fixed:
+                if shape[d] != s:
+                    return full(*inputs)
+            for d, s in symbols:
+                if s in tied and seen.setdefault(s, shape[d]) != shape[d]:
+                    return full(*inputs)
+        return None
+    return check
+
+
+# --- kernel steps: the fxopt ops, called without the dispatcher ------------------------
+
+def _value(gm, a):
+    if isinstance(a, fx.Node):
+        if a.op != "get_attr":
+            raise TypeError(f"expected a weight, got node {a.name}")
+        return _attr(gm, a.target)
+    return a
+
+
+def _linear(gm, node):
+    """linear_int8 bound to its weights and epilogue: called with x (and a residual)."""
+    bound = _bind(node)
+    weights = [_value(gm, bound[name]) for name in ("packed", "w_scale", "col_sums", "b")]
+    call = kernel_ops.linear_call(*weights, *(bound[a] for a in (
+        "n", "k", "act", "act_args", "a_scale", "a_zp", "out_scale", "out_zp")))
+    residual = bound["residual"]
+    return call, (bound["x"],) if residual is None else (bound["x"], residual), {}
+
+
+def _conv(gm, node):
+    a = node.args
+    kernel_ops._packed_conv(*(_value(gm, x) for x in a[1:5]), a[5], a[6], a[7], a[8])
+    return kernel_ops._conv2d_int8, node.args, node.kwargs
+
+
+def _same(fn):
+    return lambda gm, node: (fn, node.args, node.kwargs)
+
+
+def _nonfinite_samples(xs):
+    """nonfinite_samples, or None when every value is finite: a sum over the values is
+    finite exactly when they all are, unless it overflows (then the per-sample check)."""
+    for x in xs:
+        if x.dtype not in (torch.float32, torch.float64) or not math.isfinite(x.numpy().sum()):
+            return nonfinite._nonfinite_samples(xs)
+    return None
+
+
+def _poison_samples_(y, bad):
+    return y if bad is None else nonfinite._poison_samples_(y, bad)
+
+
+def _np_linear(gm, node):
+    """linear_int8 on numpy arrays, bound to its weights and epilogue."""
+    bound = _bind(node)
+    weights = [_value(gm, bound[name]) for name in ("packed", "w_scale", "col_sums", "b")]
+    call = kernel_ops.linear_np_call(*weights, *(bound[a] for a in (
+        "n", "k", "act", "act_args", "a_scale", "a_zp", "out_scale", "out_zp")))
+    residual = bound["residual"]
+    return call, (bound["x"],) if residual is None else (bound["x"], residual), {}
+
+
+def _np_layer_norm(gm, node):
+    bound = _bind(node)
+    w, b = (_value(gm, bound[name]) for name in ("weight", "bias"))
+    return kernel_ops.layer_norm_np_call(w, b, bound["eps"]), (bound["x"],), {}
+
+
+def _np_nonfinite(xs):
+    """nonfinite_samples on numpy inputs, or None when every value is finite: a sum is
+    finite exactly when all its terms are, unless it overflows (then the full check)."""
+    for x in xs:
+        if x.dtype.kind != "f" or not math.isfinite(x.sum()):
+            return nonfinite._nonfinite_samples([torch.from_numpy(x) for x in xs])
+    return None
+
+
+_NP_OUT = {nonfinite.nonfinite_samples: "torch"}    # None or a torch tensor
+_NP_BUILDERS = {
+    kernel_ops.linear_int8: _np_linear,
+    kernel_ops.layer_norm: _np_layer_norm,
+    nonfinite.nonfinite_samples: _same(_np_nonfinite),
+}
+
+
+def _bind(node: fx.Node) -> dict:
+    """node's arguments by their schema names, defaults filled in."""
+    schema = node.target._schema
+    bound = dict(zip((a.name for a in schema.arguments), node.args))
+    bound.update(node.kwargs)
+    for a in schema.arguments:
+        if a.name not in bound and a.has_default_value():
+            bound[a.name] = a.default_value
+    return bound
+
+
+_BUILDERS = {
+    kernel_ops.linear_int8: _linear,
+    kernel_ops.conv2d_int8: _conv,
+    kernel_ops.layer_norm: _same(kernel_ops._layer_norm),
+    kernel_ops.attention_int8: _same(kernel_ops._attention_int8),
+    torch.ops.fxopt.embedding_int8.default: _same(qops._embedding_int8),
+    nonfinite.nonfinite_samples: _same(_nonfinite_samples),
+    nonfinite.poison_samples_: _same(_poison_samples_),
+}
+
+
+class Profile:
+    """Per-step times of a plan: op, layer, output shape, us, % of the call, and the
+    time outside the steps (the plan's own glue). str() is a table."""
+
+    def __init__(self, plan: Plan, step_seconds: list, timed_call: float, call: float):
+        self.rows = []
+        for step, seconds in zip(plan.steps, step_seconds):
+            node = step.node
+            val = node.meta.get("val")
+            shape = list(val.shape) if isinstance(val, torch.Tensor) else ""
+            dtype = str(val.dtype).removeprefix("torch.") if isinstance(val, torch.Tensor) else ""
+            self.rows.append({"op": step.op, "layer": node.meta.get("fxopt_layer", node.name),
+                              "shape": shape, "dtype": dtype, "kernel": step.kernel, "us": seconds * 1e6})
+        self.timed_call_us = timed_call * 1e6    # the calls that timed each step
+        self.call_us = call * 1e6                # plain calls, as a user makes them
+        self.steps_us = sum(r["us"] for r in self.rows)
+        self.kernel_us = sum(r["us"] for r in self.rows if r["kernel"])
+
+    @property
+    def outside_us(self) -> float:
+        """Time of a (timed) call not spent in the steps: binding inputs, moving arrays
+        between torch and numpy, building the output, and the timer itself."""
+        return max(self.timed_call_us - self.steps_us, 0.0)
+
+    def __str__(self) -> str:
+        total = self.timed_call_us or 1.0
+        rows = sorted(self.rows, key=lambda r: -r["us"])
+        lines = [f"{'op':<28} {'layer':<40} {'output':<22} {'dtype':<8} {'us':>9} {'%':>6}"]
+        for r in rows:
+            lines.append(f"{r['op'][:28]:<28} {str(r['layer'])[:40]:<40} {str(r['shape'])[:22]:<22} "
+                         f"{r['dtype']:<8} {r['us']:9.1f} {100 * r['us'] / total:6.1f}")
+        lines.append(f"{'outside steps':<28} {'':<40} {'':<22} {'':<8} {self.outside_us:9.1f} "
+                     f"{100 * self.outside_us / total:6.1f}")
+        lines.append(f"call {self.call_us:.1f} us (median; {self.timed_call_us:.1f} us timing each step); "
+                     f"kernel steps {self.kernel_us:.1f} us ({100 * self.kernel_us / total:.1f} %), "
+                     f"other steps {self.steps_us - self.kernel_us:.1f} us")
+        return "\n".join(lines)
+
+
+# --- installing --------------------------------------------------------------------------
+
+def _planned_forward(self, *args, **kwargs):
+    return self.fxopt_plan(*args, **kwargs)
+
+
+_HOOKS = torch.nn.modules.module
+
+
+def _planned_call(self, *args, **kwargs):
+    """module(...) straight into the plan. nn.Module.__call__ (hooks, then forward) only when
+    someone has added hooks since install: torch.export's own two pre-hooks check what the
+    entry check and the plan's signature check (input structure), and cost tens of us."""
+    plan = self.fxopt_plan
+    if (len(self._forward_pre_hooks) != plan.hooks[0] or len(self._forward_hooks) != plan.hooks[1]
+            or _HOOKS._global_forward_pre_hooks or _HOOKS._global_forward_hooks):
+        return torch.nn.Module.__call__(self, *args, **kwargs)
+    return plan(*args, **kwargs)
+
+
+def install(gm: fx.GraphModule, runtime: str = "plan") -> fx.GraphModule:
+    """Make a plan built from `gm` its forward (runtime="plan"), or leave the graph's own
+    forward (runtime="graph", for debugging). gm.recompile() undoes it."""
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
+    if runtime == "graph":
+        return gm
+    plan = Plan(gm)
+    plan.hooks = (len(gm._forward_pre_hooks), len(gm._forward_hooks))
+    object.__setattr__(gm, PLAN_ATTR, plan)
+    type(gm).forward = _planned_forward      # the class is gm's own (GraphModule makes one per instance)
+    type(gm).__call__ = _planned_call
+    return gm
+
+
+def plan_of(gm) -> Plan | None:
+    """The plan `gm` runs on, or None when it runs its graph."""
+    plan = getattr(gm, PLAN_ATTR, None)
+    if plan is None or type(gm).forward is not _planned_forward:
+        return None
+    return plan

@@ -1,0 +1,190 @@
+"""The execution plan an optimized model runs on computes what its graph computes, bit for
+bit, on every zoo model; it is rebuilt on load, steps aside for tracing, hooks, copies and
+graph edits; and it reports per-step times (fxopt.profile)."""
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.utils._pytree as pytree
+
+import fxopt
+from fxopt.runtime.plan import Plan, plan_of
+from zoo import ZOO
+
+
+def call(model, inputs):
+    return model(**inputs) if isinstance(inputs, dict) else model(*inputs)
+
+
+def leaves(out):
+    return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+
+
+def assert_bitwise(a, b):
+    assert type(a) is type(b)
+    la, lb = leaves(a), leaves(b)
+    assert len(la) == len(lb) and la
+    for x, y in zip(la, lb):
+        assert x.dtype == y.dtype and x.shape == y.shape
+        assert torch.equal(x, y), (x - y).abs().max()
+
+
+def both_runtimes(model, example, target="cpu-int8", **options):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        kw = dict(target=target, report_layers=False, latency_repeats=0, **options)
+        return fxopt.optimize(model, example, **kw), fxopt.optimize(model, example, runtime="graph", **kw)
+
+
+@pytest.mark.parametrize("name", list(ZOO))
+def test_plan_equals_graph_bit_for_bit_on_the_zoo(name):
+    model, example, other = ZOO[name]()
+    fast, graph = both_runtimes(model, example)
+    assert plan_of(fast) is not None and plan_of(graph) is None
+    with torch.no_grad():
+        got_example, got_other = call(fast, example), call(fast, other)
+        # the outputs depend on the inputs (else equal outputs would prove nothing)
+        a, b = leaves(got_example)[0], leaves(got_other)[0]
+        assert a.shape != b.shape or not torch.allclose(a, b)
+        assert_bitwise(got_example, call(graph, example))
+        assert_bitwise(got_other, call(graph, other))
+
+
+@pytest.mark.parametrize("name", ["mlp", "bert", "cnn_bn_residual"])
+def test_plan_equals_graph_for_fp32_targets(name):
+    model, example, other = ZOO[name]()
+    fast, graph = both_runtimes(model, example, target="cpu-fp32")
+    with torch.no_grad():
+        assert_bitwise(call(fast, other), call(graph, other))
+
+
+class _Residual(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(64, 64), torch.nn.Linear(64, 64)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x))) + x
+
+
+def test_static_linear_keeps_its_fused_residual():
+    # a linear with a static activation scale and a fused residual add used to drop the
+    # residual in the op (cosine 0.25 to eager): both paths must add it
+    torch.manual_seed(0)
+    model = _Residual().eval()
+    x, x2 = torch.randn(16, 64), torch.randn(16, 64)
+    target = fxopt.core.pipeline.target_pipeline("cpu-int8")
+    target = str(target).replace("quantize_int8", "quantize_int8{activations=static}")
+    fast, graph = both_runtimes(model, (x,), target=target)
+    lowered = [n for n in fast.graph.nodes if "linear_int8" in str(n.target)]
+    assert any(n.args[9] > 0 and len(n.args) > 13 and n.args[13] is not None for n in lowered)
+    with torch.no_grad():
+        want = model(x2)
+        for m in (fast, graph):
+            got = m(x2)
+            assert torch.nn.functional.cosine_similarity(got.flatten(), want.flatten(), dim=0) > 0.999
+            assert (got - want).abs().max() < 0.05
+        assert torch.equal(fast(x2), graph(x2))
+
+
+def test_load_rebuilds_the_plan(tmp_path):
+    model, example, other = ZOO["bert"]()
+    fast, _ = both_runtimes(model, example)
+    path = tmp_path / "bert.fxopt"
+    fxopt.save(fast, path)
+    loaded, loaded_graph = fxopt.load(path), fxopt.load(path, runtime="graph")
+    assert plan_of(loaded) is not None and plan_of(loaded_graph) is None
+    with torch.no_grad():
+        assert_bitwise(call(loaded, other), call(fast, other))
+        assert_bitwise(call(loaded_graph, other), call(fast, other))
+    with pytest.raises(ValueError, match="runtime must be one of"):
+        fxopt.load(path, runtime="fast")
+
+
+def test_unknown_runtime_is_an_error():
+    model, example, _ = ZOO["mlp"]()
+    with pytest.raises(ValueError, match="runtime must be one of plan, graph"):
+        fxopt.optimize(model, example, runtime="numba", report_layers=False, latency_repeats=0)
+
+
+def test_graph_edits_and_copies_run_the_graph():
+    model, example, other = ZOO["mlp"]()
+    fast, _ = both_runtimes(model, example)
+    with torch.no_grad():
+        want = call(fast, other)
+        twin = copy.deepcopy(fast)
+        assert plan_of(twin) is None
+        assert_bitwise(call(twin, other), want)
+        fast.recompile()                      # a graph edit: the plan no longer describes it
+        assert plan_of(fast) is None
+        assert_bitwise(call(fast, other), want)
+
+
+def test_inputs_a_plan_cannot_run_take_the_graph_path():
+    model, example, other = ZOO["mlp"]()
+    fast, graph = both_runtimes(model, example)
+    x = other[0].clone().requires_grad_(True)
+    with torch.no_grad():
+        assert torch.equal(fast(x), graph(x.detach()))
+    # torch tools can still trace the optimized module (fake tensors take the graph path)
+    exported = torch.export.export(fast, (other[0],), strict=False)
+    assert any("linear_int8" in str(n.target) for n in exported.graph.nodes)
+
+
+def test_forward_hooks_still_run():
+    model, example, other = ZOO["mlp"]()
+    fast, graph = both_runtimes(model, example)
+    seen = []
+    handle = fast.register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    with torch.no_grad():
+        out = fast(*other)
+    handle.remove()
+    assert seen == [out.shape]
+    with torch.no_grad():
+        assert torch.equal(out, graph(*other))
+
+
+@pytest.mark.parametrize("bad, error, message", [
+    (lambda x: x.double(), TypeError, "must be float32"),
+    (lambda x: x[None], ValueError, "must have 2 dims"),
+    (lambda x: x[:, :5], ValueError, "dim 1 must be"),
+])
+def test_bad_inputs_get_the_entry_check_message(bad, error, message):
+    model, example, other = ZOO["mlp"]()
+    fast, graph = both_runtimes(model, example)
+    for m in (fast, graph):
+        with pytest.raises(error, match=message):
+            m(bad(other[0]))
+
+
+def test_profile_lists_every_step_and_the_time_outside():
+    model, example, other = ZOO["bert"]()
+    fast, _ = both_runtimes(model, example)
+    with torch.no_grad():
+        prof = fxopt.profile(fast, **other, repeats=3)
+    plan = plan_of(fast)
+    assert len(prof.rows) == len(plan.steps)
+    ops = {r["op"] for r in prof.rows}
+    assert {"linear_int8.default", "attention_int8.default", "layer_norm.default"} <= ops
+    assert all(r["us"] >= 0 for r in prof.rows) and 0 < prof.kernel_us <= prof.steps_us
+    assert prof.outside_us >= 0
+    text = str(prof)
+    assert "outside steps" in text and "encoder.layer.0" in text
+
+
+def test_profile_of_a_graph_runtime_model_builds_a_plan():
+    model, example, other = ZOO["mlp"]()
+    _, graph = both_runtimes(model, example)
+    with torch.no_grad():
+        prof = fxopt.profile(graph, *other, repeats=2)
+    assert any(r["kernel"] for r in prof.rows)
+
+
+def test_plan_source_is_names_and_calls_only():
+    # the generated function holds no values from the graph: constants are bound by name
+    model, example, _ = ZOO["bert"]()
+    fast, _ = both_runtimes(model, example)
+    source = plan_of(fast).source
+    assert "'" not in source and '"' not in source
+    assert isinstance(plan_of(fast), Plan)
