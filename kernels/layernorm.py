@@ -59,9 +59,10 @@ def _parallel(x, w, b, eps, out, threads):
             _row(x, i, w, b, eps, out)
 
 
-def layer_norm_f32(x, weight=None, bias=None, eps=1e-5, n_threads=None):
+def layer_norm_f32(x, weight=None, bias=None, eps=1e-5, n_threads=None, out=None):
     """LayerNorm of x (float32, (..., N)) over its last dimension; weight and bias
-    (N,) or None (1 and 0). Returns a new float32 array of x's shape."""
+    (N,) or None (1 and 0). Returns a float32 array of x's shape: a new one, or
+    `out` (float32 (M, N), C-contiguous, M the rows of x) written in place."""
     x = np.asarray(x)
     if x.dtype != np.float32:
         raise KernelError(f"layer_norm_f32: x must be float32, got {x.dtype}")
@@ -76,7 +77,12 @@ def layer_norm_f32(x, weight=None, bias=None, eps=1e-5, n_threads=None):
     if not (eps >= 0 and math.isfinite(eps)):
         raise KernelError(f"layer_norm_f32: eps must be finite and >= 0, got {eps}")
     rows = np.ascontiguousarray(x).reshape(-1, n)
-    out = np.empty_like(rows)
+    if out is None:
+        out = np.empty_like(rows)
+    elif (type(out) is not np.ndarray or out.dtype != np.float32 or out.shape != rows.shape
+          or not out.flags.c_contiguous):
+        raise KernelError(f"layer_norm_f32: out must be C-contiguous float32 {rows.shape}, got "
+                          f"{getattr(out, 'dtype', type(out))} {getattr(out, 'shape', '')}")
     threads = min(n_threads or get_num_threads(), rows.shape[0])
     if threads > 1 and rows.size >= PARALLEL_MIN_ELEMENTS:
         _parallel(rows, w, b, np.float32(eps), out, threads)

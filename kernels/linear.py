@@ -343,6 +343,9 @@ def bind_linear(pw, bias=None, act="none", act_args=(), a_scale=0.0, a_zero_poin
             raise KernelError("bind_linear: uint8 x needs the static a_scale it was quantized with")
         if out is None:
             out = np.empty((m, n), out_dtype)
+        elif out.shape != (m, n) or out.dtype != out_dtype or not out.flags.c_contiguous:
+            raise KernelError(f"bind_linear: out must be C-contiguous {np.dtype(out_dtype).name} ({m}, {n}), "
+                              f"got {out.dtype} {out.shape}")
         res = _NO_X if residual is None else _residual(residual, m, n)
         if res is not _NO_X and chained_out:
             raise KernelError("bind_linear: a residual needs float output (out_scale=0)")

@@ -47,8 +47,14 @@ def test_plan_equals_graph_bit_for_bit_on_the_zoo(name):
         # the outputs depend on the inputs (else equal outputs would prove nothing)
         a, b = leaves(got_example)[0], leaves(got_other)[0]
         assert a.shape != b.shape or not torch.allclose(a, b)
-        assert_bitwise(got_example, call(graph, example))
-        assert_bitwise(got_other, call(graph, other))
+        want_example, want_other = call(graph, example), call(graph, other)
+        assert_bitwise(got_example, want_example)
+        assert_bitwise(got_other, want_other)
+        # later calls write into the planned buffers (laid out at the second call of a shape)
+        for inputs, want in [(example, want_example), (other, want_other)] * 2:
+            assert_bitwise(call(fast, inputs), want)
+        # what a call handed back is the caller's: later calls do not write over it
+        assert_bitwise(got_example, want_example)
 
 
 @pytest.mark.parametrize("name", ["mlp", "bert", "cnn_bn_residual"])
@@ -188,3 +194,53 @@ def test_plan_source_is_names_and_calls_only():
     source = plan_of(fast).source
     assert "'" not in source and '"' not in source
     assert isinstance(plan_of(fast), Plan)
+
+
+def test_planned_buffers_are_reused_and_never_overlap_while_live():
+    import random
+    from fxopt.runtime.plan import place
+    rng = random.Random(0)
+    for _ in range(200):
+        n = rng.randint(1, 12)
+        sizes = [rng.choice([0, 64, 128, 640, 4096]) for _ in range(n)]
+        intervals = []
+        for _ in range(n):
+            first = rng.randint(0, 20)
+            intervals.append((first, first + rng.randint(0, 6)))
+        offsets = place(sizes, intervals)
+        for i in range(n):
+            for j in range(i + 1, n):
+                live = intervals[i][0] <= intervals[j][1] and intervals[j][0] <= intervals[i][1]
+                apart = offsets[i] + sizes[i] <= offsets[j] or offsets[j] + sizes[j] <= offsets[i]
+                assert not live or apart or not sizes[i] or not sizes[j]
+    # buffers that are never live together share memory
+    assert place([4096, 4096, 4096], [(0, 1), (2, 3), (4, 5)]) == [0, 0, 0]
+
+
+def test_memory_plan_holds_less_than_every_output_and_threads_get_their_own():
+    from concurrent.futures import ThreadPoolExecutor
+    model, example, other = ZOO["bert"]()
+    fast, graph = both_runtimes(model, example)
+    memory = plan_of(fast).memory
+    assert memory is not None and len(memory.intervals) >= 8
+    with torch.no_grad():
+        for _ in range(3):
+            call(fast, other)
+    assert 0 < memory.nbytes()
+    # the arena is smaller than all the planned outputs laid end to end
+    sizes = [b.nbytes for m in memory._local.arenas.values() for b in m.buffers if b is not None]
+    assert memory.nbytes() < sum(sizes)
+    inputs = []
+    for seed in range(4):
+        g = torch.Generator().manual_seed(seed)
+        batch = dict(other)
+        batch["input_ids"] = torch.randint(0, 99, other["input_ids"].shape, generator=g)
+        inputs.append(batch)
+    with torch.no_grad():
+        want = [call(graph, x) for x in inputs]
+
+        def work(t):
+            return all(torch.equal(leaves(call(fast, inputs[(t + i) % 4]))[0], leaves(want[(t + i) % 4])[0])
+                       for i in range(12))
+        with ThreadPoolExecutor(4) as pool:
+            assert all(pool.map(work, range(4)))

@@ -181,7 +181,8 @@ def _bind_linear(packed, w_scale, col_sums, b, n, k, act, act_args, a_scale, a_z
     static = a_scale > 0
     get_threads = torch.get_num_threads
 
-    def call(x, residual=None):
+    def call(x, residual=None, out=None):
+        # out: (M, N) to write into (the plan's buffer), or None for a fresh array
         if static and saturation.active():
             saturation.count(packed, torch.from_numpy(x), a_scale, a_zp)
         lead = x.shape[:-1]
@@ -194,7 +195,10 @@ def _bind_linear(packed, w_scale, col_sums, b, n, k, act, act_args, a_scale, a_z
             if out_scale > 0:
                 raise ValueError("fxopt::linear_int8: a residual needs float output (out_scale=0)")
             res = residual.reshape(-1, n)
-        return kernel(x.reshape(-1, k), None, res, get_threads()).reshape(lead + (n,))
+        rows = x.reshape(-1, k)
+        if out is not None and out.shape[0] != rows.shape[0]:
+            out = None
+        return kernel(rows, out, res, get_threads()).reshape(lead + (n,))
     return call
 
 
@@ -204,10 +208,12 @@ def layer_norm_np_call(weight, bias, eps):
     b = None if bias is None else bias.detach().float().numpy()
     get_threads = torch.get_num_threads
 
-    def call(x):
+    def call(x, out=None):
         if x.dtype != np.float32:
             x = x.astype(np.float32)
-        return K.layer_norm_f32(x, w, b, eps, n_threads=get_threads())
+        if out is not None and out.size != x.size:
+            out = None
+        return K.layer_norm_f32(x, w, b, eps, n_threads=get_threads(), out=out)
     return call
 
 
@@ -230,6 +236,11 @@ def _strided(t: torch.Tensor, dtype=torch.float32):
 
 
 def _attention_int8(q, k, v, attn_mask=None, scale=None, is_causal=False):
+    return torch.from_numpy(attention_array(q, k, v, attn_mask, scale, is_causal))
+
+
+def attention_array(q, k, v, attn_mask=None, scale=None, is_causal=False):
+    """attention_int8 on torch q/k/v (and mask), returning the kernel's numpy array."""
     # q/k/v are usually strided views of a fused QKV projection: the kernel reads them in
     # place (through their data pointers: no numpy wrapping on this small-shape hot path)
     # and returns (B, H, Sq, Dv) laid out (B, Sq, H, Dv), like torch's sdpa, so the
@@ -243,9 +254,8 @@ def _attention_int8(q, k, v, attn_mask=None, scale=None, is_causal=False):
         if mask.dim() == 0 or (mask.shape[-1] == 1 and k.shape[2] > 1):   # repeated along the keys
             mask = mask.expand(*mask.shape[:-1], k.shape[2])
         mask, ms = _strided(mask, torch.bool if is_bool else torch.float32)
-    out = K.attention_int8_strided(qs, ks, vs, ms, is_bool, scale, is_causal,
-                                   n_threads=torch.get_num_threads())
-    return torch.from_numpy(out)
+    return K.attention_int8_strided(qs, ks, vs, ms, is_bool, scale, is_causal,
+                                    n_threads=torch.get_num_threads())
 
 
 def _layer_norm(x, weight=None, bias=None, eps=1e-05):

@@ -23,6 +23,7 @@ import functools
 import keyword
 import math
 import operator
+import threading
 import time
 
 import numpy as np
@@ -31,6 +32,7 @@ import torch.fx._pytree as fx_pytree
 import torch.utils._pytree as pytree
 from torch import fx
 
+from fxopt.core.ir import storage_roots
 from fxopt.kernels import api as K
 from fxopt.kernels.threads import launch_guard
 from fxopt.quant import qops
@@ -94,6 +96,24 @@ def _np_split(x, sizes, dim=0):
     return parts
 
 
+def _np_split_size(x, size, dim=0):
+    dim = dim if dim >= 0 else dim + x.ndim
+    lead, n = (slice(None),) * dim, x.shape[dim]
+    if not n or not size:
+        return [x]
+    return [x[lead + (slice(start, start + size),)] for start in range(0, n, size)]
+
+
+def _np_slice(x, dim=0, start=None, end=None, step=1):
+    dim = dim if dim >= 0 else dim + x.ndim
+    return x[(slice(None),) * dim + (slice(start, end, step),)]
+
+
+def _np_select(x, dim, index):
+    dim = dim if dim >= 0 else dim + x.ndim
+    return x[(slice(None),) * dim + (index,)]
+
+
 _NP_LAYOUT = {
     aten.view.default: np.ndarray.reshape,
     aten.reshape.default: np.ndarray.reshape,
@@ -102,6 +122,9 @@ _NP_LAYOUT = {
     aten.permute.default: np.ndarray.transpose,
     aten.unsqueeze.default: _np_unsqueeze,
     aten.split_with_sizes.default: _np_split,
+    aten.split.Tensor: _np_split_size,
+    aten.slice.Tensor: _np_slice,
+    aten.select.int: _np_select,
     aten.sym_size.int: lambda x, d: x.shape[d],
 }
 _NUMPY_DTYPES = (torch.float32, torch.float64, torch.uint8, torch.int8, torch.int16, torch.int32,
@@ -141,6 +164,11 @@ def _numpy_dtype(node: fx.Node):
     return all(v.dtype in _NUMPY_DTYPES for v in vals)
 
 
+def _float32(node: fx.Node) -> bool:
+    val = node.meta.get("val")
+    return isinstance(val, torch.Tensor) and val.dtype == torch.float32
+
+
 def _to_numpy(t: torch.Tensor):
     """t as a numpy array (sharing memory), or a float32 copy for dtypes numpy lacks
     (bfloat16): for kernel inputs, which the kernels take as float32 anyway."""
@@ -178,6 +206,7 @@ class Plan:
         forward = type(gm).forward
         if forward is not _planned_forward:       # the graph's own forward: the path for other inputs
             self._globals["_fx_graph"] = functools.partial(forward, gm)
+        self.memory = None             # the activation arenas (see Memory)
         self._names: dict = {}
         self._home: dict = {}          # node -> the domain its step made it in: 'torch' or 'np'
         self._converted: dict = {}     # (node, domain) -> name of its value converted there
@@ -220,6 +249,11 @@ class Plan:
         if tensors:
             test = " or ".join(f"type({v}) is not _fx_Tensor or {v}.requires_grad" for v in tensors)
             body.append(f"if {test}: return _fx_graph({', '.join(params)})")
+        self._planned = _planned_buffers(gm)
+        if self._planned:
+            self.memory = Memory([self._planned[n] for n in self._planned])
+            self._globals["_fx_arena"] = self.memory.arena
+            body.append(f"_fx_m = _fx_arena(({''.join(f'{v}.shape, ' for v in tensors)}))")
         for node in gm.graph.nodes:
             if node.op in ("placeholder", "output"):
                 continue
@@ -237,6 +271,9 @@ class Plan:
             self._globals[fn] = step.fn
             args = ([self._render(a, step.domain) for a in step.args]
                     + [f"{k}={self._render(v, step.domain)}" for k, v in step.kwargs.items()])
+            if node in self._planned and step.domain == "np":     # its output goes in the arena
+                self._globals[fn] = step.fn = _in_arena(step.fn)
+                args = ["_fx_m", str(list(self._planned).index(node))] + args
             self._home[node] = step.out_domain
             calls[len(body)] = f"{name} = _fx_timed({index}, {', '.join([fn] + args)})"
             body.append(f"{name} = {fn}({', '.join(args)})")
@@ -299,12 +336,17 @@ class Plan:
         if build is not None:                       # a kernel on numpy arrays
             fn, args, kwargs = build(self.gm, node)
             return Step(node, fn, True, args, kwargs, domain="np", out_domain=_NP_OUT.get(target, "np"))
+        if target is aten.add.Tensor and not node.kwargs and len(tensors) == 2 and all(
+                self._home.get(t) == "np" and _float32(t) for t in tensors):
+            return Step(node, np.add, False, domain="np")       # IEEE float32 sum: the same bits
         if target is operator.getitem or target in _NP_LAYOUT:   # where its input already is
             made_in_numpy = bool(tensors) and self._home.get(tensors[0]) == "np"
             if made_in_numpy and target is operator.getitem:
                 return Step(node, target, False, domain="np")
             if made_in_numpy:                       # kernel outputs: float32 or uint8
                 return Step(node, _NP_LAYOUT[target], False, domain="np")
+        if target in _ARRAY_OUT:
+            return Step(node, _ARRAY_OUT[target], True, out_domain="np")
         build = _BUILDERS.get(target)
         if build is not None:
             fn, args, kwargs = build(self.gm, node)
@@ -333,10 +375,13 @@ class Plan:
         runs = []
         clock = time.perf_counter
 
+        shapes = [None] * len(self.steps)
+
         def timed(_i, _f, /, *a, **k):
             start = clock()
             out = _f(*a, **k)
             steps[_i] += clock() - start
+            shapes[_i] = out
             return out
         self._globals["_fx_timed"] = timed
         calls, plain = [], []
@@ -351,7 +396,17 @@ class Plan:
             self(*args, **kwargs)
             plain.append(clock() - start)
         per_step = [_median([run[i] for run in runs]) for i in range(len(self.steps))]
-        return Profile(self, per_step, _median(calls), _median(plain))
+        outputs = [_shape_of(out) for out in shapes]
+        return Profile(self, per_step, outputs, _median(calls), _median(plain))
+
+
+def _shape_of(value):
+    """(shape, dtype) of a step's output as the profile shows it."""
+    if isinstance(value, (torch.Tensor, np.ndarray)):
+        return list(value.shape), str(value.dtype).removeprefix("torch.")
+    if isinstance(value, (list, tuple)) and value and isinstance(value[0], (torch.Tensor, np.ndarray)):
+        return [list(v.shape) for v in value], str(value[0].dtype).removeprefix("torch.")
+    return "", type(value).__name__ if value is not None else ""
 
 
 def _median(values):
@@ -498,15 +553,35 @@ def _np_layer_norm(gm, node):
 
 def _np_nonfinite(xs):
     """nonfinite_samples on numpy inputs, or None when every value is finite: a sum is
-    finite exactly when all its terms are, unless it overflows (then the full check)."""
+    finite exactly when all its terms are (summed in float64, float32 terms cannot
+    overflow it; any NaN or inf does reach it)."""
     for x in xs:
-        if x.dtype.kind != "f" or not math.isfinite(x.sum()):
+        if x.dtype.kind != "f" or not math.isfinite(x.sum(dtype=np.float64)):
             return nonfinite._nonfinite_samples([torch.from_numpy(x) for x in xs])
     return None
 
 
+def _np_embedding(gm, node):
+    """embedding_int8 on numpy indices, table and scales bound (the op's own arithmetic:
+    an int8 row to float32, times its float32 scale)."""
+    w_q, w_scale = (_value(gm, a) for a in node.args[:2])
+    if w_q.dtype != torch.int8 or w_scale.dtype != torch.float32:
+        return _same(qops._embedding_int8)(gm, node)
+    table, scales, rows = w_q.numpy(), w_scale.numpy(), w_q.shape[0]
+
+    def call(indices):
+        if indices.size and not (0 <= indices.min() and indices.max() < rows):
+            return qops._embedding_int8(w_q, w_scale, torch.from_numpy(indices))   # its IndexError
+        return table[indices].astype(np.float32) * scales[indices][..., None]
+    return call, node.args[2:], {}
+
+
 _NP_OUT = {nonfinite.nonfinite_samples: "torch"}    # None or a torch tensor
+# kernels that take torch tensors (read in place through their data pointers) and hand
+# back numpy arrays, so that the layout ops after them run on the arrays
+_ARRAY_OUT = {kernel_ops.attention_int8: kernel_ops.attention_array}
 _NP_BUILDERS = {
+    torch.ops.fxopt.embedding_int8.default: _np_embedding,
     kernel_ops.linear_int8: _np_linear,
     kernel_ops.layer_norm: _np_layer_norm,
     nonfinite.nonfinite_samples: _same(_np_nonfinite),
@@ -535,42 +610,158 @@ _BUILDERS = {
 }
 
 
-class Profile:
-    """Per-step times of a plan: op, layer, output shape, us, % of the call, and the
-    time outside the steps (the plan's own glue). str() is a table."""
+# --- memory: activation buffers planned by liveness -------------------------------------
 
-    def __init__(self, plan: Plan, step_seconds: list, timed_call: float, call: float):
+_ARENA_OPS = (kernel_ops.linear_int8, kernel_ops.layer_norm)     # kernels that write into `out`
+
+
+def _planned_buffers(gm) -> dict:
+    """{node: (first step, last step)} for the kernel outputs the arena holds: those no graph
+    output can alias (the user gets fresh tensors), live from their step to the last use of
+    anything that may alias them (views, splits, torch views of them)."""
+    order = {node: i for i, node in enumerate(gm.graph.nodes)}
+    candidates = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in _ARENA_OPS]
+    if not candidates:
+        return {}
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    escaping = set()
+    fx.node.map_arg(output.args, lambda n: escaping.update(storage_roots(n)))
+    last = {n: order[n] for n in candidates}
+    for node in gm.graph.nodes:
+        uses = [order[u] for u in node.users]
+        if not uses:
+            continue
+        for root in storage_roots(node):
+            if root in last:
+                last[root] = max(last[root], *uses)
+    return {n: (order[n], last[n]) for n in candidates if n not in escaping}
+
+
+def _in_arena(call):
+    """A kernel step writing into its buffer j of the call's arena m (see Memory)."""
+    def step(m, j, *args):
+        y = call(*args, out=m.buffers[j])
+        if m.shapes is not None:                 # the first call of these input shapes
+            m.shapes[j] = (y.size // y.shape[-1] if y.shape[-1] else 0, y.shape[-1]), y.dtype
+        return y
+    step.__wrapped__ = call
+    return step
+
+
+class _Arena:
+    """The planned buffers of one input-shape signature on one thread."""
+    __slots__ = ("buffers", "shapes", "nbytes")
+
+    def __init__(self, n: int):
+        self.buffers = [None] * n       # None: the step allocates
+        self.shapes = [None] * n        # noted by the first call, then laid out
+        self.nbytes = 0
+
+
+class Memory:
+    """Activation buffers planned by liveness: per input-shape signature (and per thread,
+    so that threads calling one model never share a buffer), the first call notes each
+    planned output's shape, the second lays them out in one block, offsets chosen so that
+    buffers live at the same time never overlap, and every later call writes into it:
+    no allocation and no page faults for these outputs. A few signatures are kept per
+    thread (MAX_SIGNATURES); the oldest goes first."""
+    MAX_SIGNATURES = 8
+    ALIGN = 64
+
+    def __init__(self, intervals: list):
+        self.intervals = intervals
+        self._local = threading.local()
+
+    def arena(self, signature) -> _Arena:
+        arenas = getattr(self._local, "arenas", None)
+        if arenas is None:
+            arenas = self._local.arenas = {}
+        m = arenas.get(signature)
+        if m is None:
+            if len(arenas) >= self.MAX_SIGNATURES:
+                del arenas[next(iter(arenas))]
+            m = arenas[signature] = _Arena(len(self.intervals))
+        elif m.shapes is not None:
+            self._lay_out(m)
+        return m
+
+    def _lay_out(self, m: _Arena) -> None:
+        sizes = [0 if s is None else -(-int(np.prod(s[0])) * s[1].itemsize // self.ALIGN) * self.ALIGN
+                 for s in m.shapes]
+        offsets = place(sizes, self.intervals)
+        total = max([o + n for o, n in zip(offsets, sizes)] or [0])
+        block = K.aligned_empty((max(total, 1),), np.uint8)
+        block.fill(0)                   # fault the pages in now, not during calls
+        for j, (shape, offset) in enumerate(zip(m.shapes, offsets)):
+            if shape is not None and sizes[j]:
+                nbytes = int(np.prod(shape[0])) * shape[1].itemsize
+                m.buffers[j] = block[offset:offset + nbytes].view(shape[1]).reshape(shape[0])
+        m.shapes, m.nbytes = None, total
+
+    def nbytes(self) -> int:
+        """Bytes of the arenas this thread holds."""
+        return sum(m.nbytes for m in getattr(self._local, "arenas", {}).values())
+
+
+def place(sizes: list, intervals: list) -> list:
+    """Offsets for buffers of `sizes` bytes live over `intervals` (first, last step, both
+    included): the largest first, each at the lowest offset where it overlaps no placed
+    buffer that is live at the same time."""
+    offsets = [0] * len(sizes)
+    placed = []
+    for j in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
+        if not sizes[j]:
+            continue
+        first, last = intervals[j]
+        busy = sorted((offsets[i], offsets[i] + sizes[i]) for i in placed
+                      if intervals[i][0] <= last and first <= intervals[i][1])
+        at = 0
+        for start, end in busy:
+            if at + sizes[j] <= start:
+                break
+            at = max(at, end)
+        offsets[j] = at
+        placed.append(j)
+    return offsets
+
+
+class Profile:
+    """Per-step times of a plan on one input: op, layer, output shape and dtype, us (median
+    over the timed calls), % of the call, whether the step is a kernel; and the time of a
+    plain call outside the steps (binding inputs, moving arrays between torch and numpy,
+    building the output). str() is a table, slowest steps first."""
+
+    def __init__(self, plan: Plan, step_seconds: list, outputs: list, timed_call: float, call: float):
         self.rows = []
-        for step, seconds in zip(plan.steps, step_seconds):
+        for step, seconds, (shape, dtype) in zip(plan.steps, step_seconds, outputs):
             node = step.node
-            val = node.meta.get("val")
-            shape = list(val.shape) if isinstance(val, torch.Tensor) else ""
-            dtype = str(val.dtype).removeprefix("torch.") if isinstance(val, torch.Tensor) else ""
             self.rows.append({"op": step.op, "layer": node.meta.get("fxopt_layer", node.name),
                               "shape": shape, "dtype": dtype, "kernel": step.kernel, "us": seconds * 1e6})
-        self.timed_call_us = timed_call * 1e6    # the calls that timed each step
-        self.call_us = call * 1e6                # plain calls, as a user makes them
+        self.call_us = call * 1e6                # median plain call, as a user makes it
+        self.timed_call_us = timed_call * 1e6    # median call timing each step
         self.steps_us = sum(r["us"] for r in self.rows)
         self.kernel_us = sum(r["us"] for r in self.rows if r["kernel"])
 
     @property
     def outside_us(self) -> float:
-        """Time of a (timed) call not spent in the steps: binding inputs, moving arrays
-        between torch and numpy, building the output, and the timer itself."""
-        return max(self.timed_call_us - self.steps_us, 0.0)
+        """Time of a plain call not spent in any step."""
+        return max(self.call_us - self.steps_us, 0.0)
+
+    @property
+    def outside_kernels_pct(self) -> float:
+        """% of a plain call not spent in kernel steps (other ops and glue)."""
+        return 100.0 * max(self.call_us - self.kernel_us, 0.0) / (self.call_us or 1.0)
 
     def __str__(self) -> str:
-        total = self.timed_call_us or 1.0
-        rows = sorted(self.rows, key=lambda r: -r["us"])
+        total = self.call_us or 1.0
         lines = [f"{'op':<28} {'layer':<40} {'output':<22} {'dtype':<8} {'us':>9} {'%':>6}"]
-        for r in rows:
+        for r in sorted(self.rows, key=lambda r: -r["us"]):
             lines.append(f"{r['op'][:28]:<28} {str(r['layer'])[:40]:<40} {str(r['shape'])[:22]:<22} "
                          f"{r['dtype']:<8} {r['us']:9.1f} {100 * r['us'] / total:6.1f}")
         lines.append(f"{'outside steps':<28} {'':<40} {'':<22} {'':<8} {self.outside_us:9.1f} "
                      f"{100 * self.outside_us / total:6.1f}")
-        lines.append(f"call {self.call_us:.1f} us (median; {self.timed_call_us:.1f} us timing each step); "
-                     f"kernel steps {self.kernel_us:.1f} us ({100 * self.kernel_us / total:.1f} %), "
-                     f"other steps {self.steps_us - self.kernel_us:.1f} us")
+        lines.append(f"call {self.call_us:.1f} us (median; {self.timed_call_us:.1f} us when timing each step); "
+                     f"kernel steps {self.kernel_us:.1f} us; outside kernels {self.outside_kernels_pct:.1f} %")
         return "\n".join(lines)
 
 
