@@ -3,12 +3,15 @@
     python -m fxopt.bench.gemm [--threads 2] [--out bench_results] [--quick]
 
 Per shape (M, K, N): our GEMM (uint8 in, fp32 out), our full linear (fp32
-in/out, quantization included), torch fp32 nn.Linear and torch dynamic int8
+in/out, quantization included), the module fxopt.optimize returns for that
+nn.Linear (what a user calls: "optimize/int8", and its time over the linear
+kernel's, "call-kernel us"), torch fp32 nn.Linear and torch dynamic int8
 Linear (quantize_dynamic, fbgemm). Prints GOP/s (2*M*N*K ops), % of the
 measured peak of the path's multiply-accumulate (vpdpbusd; vpmaddwd + vpaddd
 on avx2; none on portable) and ratios to torch int8 (medians, compile excluded),
 the first-call (compile or cache-load) times, the warm call overhead of a
-1x64x64 linear, and writes gemm.json (+ gemm.png if matplotlib is present).
+1x64x64 linear, two batch-1 models through optimize against eager fp32, and
+writes gemm.json (+ gemm.png if matplotlib is present).
 """
 import argparse
 import json
@@ -125,10 +128,12 @@ def bench_shape(name, m, k, n, repeats, threads, rng):
     aq = K.pad_rows_u8(aq)  # the GEMM's own A layout, as linear_f32 quantizes into it
     fp32, int8 = _torch_models(w, b)
     xt = torch.from_numpy(x)
+    optimized = _optimized(fp32, xt)
     ops = 2.0 * m * n * k
     runs = {
         "ours_gemm": lambda: K.gemm_u8s8_f32(aq, s, z, pw, b),
         "ours_linear": lambda: K.linear_f32(x, pw, b),
+        "ours_optimize": lambda: optimized(xt),     # what a user calls: the module optimize returns
         "torch_fp32": lambda: fp32(xt),
         "torch_int8": lambda: int8(xt),
     }
@@ -147,6 +152,34 @@ def bench_shape(name, m, k, n, repeats, threads, rng):
         row[key + "_us"] = sec * 1e6
         row[key + "_gops"] = ops / sec / 1e9
     return row
+
+
+def _optimized(model, x):
+    """fxopt.optimize(model) with cpu-int8, quietly (no report timing)."""
+    import warnings
+    import fxopt
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fxopt.optimize(model, (x,), target="cpu-int8", report_layers=False, latency_repeats=0)
+
+
+def bench_small_models(repeats):
+    """Batch-1 models where call overhead decides: one 64x64 Linear, and four
+    Linear(256, 256)+ReLU; fxopt through optimize's module against eager fp32."""
+    import torch
+    torch.manual_seed(0)
+    models = {"linear 1x64x64": (torch.nn.Sequential(torch.nn.Linear(64, 64)), torch.randn(1, 64)),
+              "mlp 4x(256+relu) b1": (torch.nn.Sequential(*[layer for _ in range(4) for layer in
+                                                          (torch.nn.Linear(256, 256), torch.nn.ReLU())]),
+                                      torch.randn(1, 256))}
+    rows = []
+    for name, (model, x) in models.items():
+        model.eval()
+        fast = _optimized(model, x)
+        with torch.no_grad():
+            med = interleaved_medians({"eager": lambda: model(x), "fxopt": lambda: fast(x)}, repeats=repeats)
+        rows.append({"name": name, "eager_us": med["eager"] * 1e6, "fxopt_us": med["fxopt"] * 1e6})
+    return rows
 
 
 def bench_conv(name, c, o, k, h, repeats, rng):
@@ -170,7 +203,8 @@ def bench_conv(name, c, o, k, h, repeats, rng):
 def _fmt_table(rows):
     head = (f"{'shape':<22}{'M':>5}{'K':>6}{'N':>6} | {'gemm GOP/s':>10}{'%peak':>7} | "
             f"{'linear GOP/s':>12}{'%peak':>7} | {'torch fp32':>10} {'torch int8':>10} | "
-            f"{'gemm/int8':>9} {'linear/int8':>11} | {'peak GOP/s':>10}")
+            f"{'gemm/int8':>9} {'linear/int8':>11} | {'optimize/int8':>13} {'call-kernel us':>14} | "
+            f"{'peak GOP/s':>10}")
     lines = [head, "-" * len(head)]
 
     def pct(gops, peak):
@@ -184,6 +218,8 @@ def _fmt_table(rows):
             f"{r['torch_fp32_gops']:>10.1f} {r['torch_int8_gops']:>10.1f} | "
             f"{r['ours_gemm_gops'] / r['torch_int8_gops']:>8.2f}x "
             f"{r['ours_linear_gops'] / r['torch_int8_gops']:>10.2f}x | "
+            f"{r['ours_optimize_gops'] / r['torch_int8_gops']:>12.2f}x "
+            f"{r['ours_optimize_us'] - r['ours_linear_us']:>14.1f} | "
             + (f"{peak:>10.1f}" if peak else f"{'n/a':>10}"))
     return "\n".join(lines)
 
@@ -271,6 +307,7 @@ def main(argv=None):
     convs = [] if args.quick else [bench_conv(name, *cfg, repeats, rng)
                                    for name, cfg in CONVS.items()]
     overhead = _call_overhead_us(rng)
+    small = bench_small_models(repeats)
     info = {"torch": torch.__version__, "numba": numba.__version__, "numpy": np.__version__,
             "isa": K.isa(), "threads": args.threads, "cpu": platform.processor() or platform.machine(),
             "peak_tops_1thread": peak1, "peak_tops": peak,
@@ -300,9 +337,13 @@ def main(argv=None):
                   f"  torch fp32 {r['torch_fp32_us']:>8.1f} us ({r['torch_fp32_gops']:6.1f} GOP/s)"
                   f"  speedup {r['torch_fp32_us'] / r['ours_conv_us']:5.2f}x")
     print(f"\nwarm linear_f32 call, 1x64x64: {overhead:.2f} us")
+    print("batch-1 models through fxopt.optimize's module (cpu-int8) against eager fp32:")
+    for r in small:
+        print(f"  {r['name']:<22} eager {r['eager_us']:8.1f} us  fxopt {r['fxopt_us']:8.1f} us  "
+              f"speedup {r['eager_us'] / r['fxopt_us']:5.2f}x")
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "gemm.json"), "w") as f:
-        json.dump({"info": info, "rows": rows, "convs": convs}, f, indent=1)
+        json.dump({"info": info, "rows": rows, "convs": convs, "small_models": small}, f, indent=1)
     png = _plot(rows, peak, os.path.join(args.out, "gemm.png"))
     print(f"wrote {os.path.join(args.out, 'gemm.json')}" + (f" and {png}" if png else ""))
     return 0

@@ -226,7 +226,12 @@ def fxopt_int8(model, inputs, ctx: Context) -> Prepared:
     for r in getattr(report, "records", []):
         passes[r.name] = passes.get(r.name, 0.0) + r.seconds
     int8 = sum(1 for r in layers if r.get("precision") == "int8")
+    # where a call's time goes: kernel steps of the execution plan against everything else
+    with torch.inference_mode():
+        prof = fxopt.profile(fast, **inputs, repeats=5)
     info = {"setup": "fxopt.optimize(target='cpu-int8', latency_repeats=0), inference_mode",
+            "outside_kernels_pct": prof.outside_kernels_pct, "kernel_ms": prof.kernel_us / 1e3,
+            "profile_call_ms": prof.call_us / 1e3,
             "optimize_s": optimize_s, "first_call_s": first_call_s,
             "layers_int8": int8, "layers_total": len(layers),
             # where optimize's time goes: per pass, and the rest (capture, per-pass drift, layer report)

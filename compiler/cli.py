@@ -71,6 +71,16 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("-o", "--output", required=True, help="where to write the optimized model (.fxopt)")
     s.set_defaults(func=_cmd_optimize)
 
+    s = sub.add_parser("profile", help="time each step of an optimized model's execution plan")
+    s.add_argument("model", help="a saved model (.fxopt), or module.path:factory / file.py:factory to optimize")
+    s.add_argument("--target", default="cpu-int8", help="target when optimizing a factory's model")
+    s.add_argument("--input-shape", help="comma-separated shape when the factory returns only a model")
+    s.add_argument("--inputs", help="inputs for a saved model: a .pt file (torch.save of a tensor, a tuple "
+                                    "of them or a dict of keyword inputs); a factory's own example by default")
+    s.add_argument("--repeats", type=int, default=20, help="timed calls (default 20)")
+    s.add_argument("--top", type=int, default=30, help="rows shown, slowest first (default 30; 0 = all)")
+    s.set_defaults(func=_cmd_profile)
+
     s = sub.add_parser("report", help="print the report stored in a saved model")
     s.add_argument("path")
     s.set_defaults(func=_cmd_report)
@@ -129,6 +139,31 @@ def _cmd_optimize(ns, rest) -> int:
     print(fast.fxopt_report)
     fxopt.save(fast, ns.output)
     print(f"saved to {ns.output}")
+    return 0
+
+
+def _cmd_profile(ns, rest) -> int:
+    import torch
+    import fxopt
+    if ns.model.endswith(".fxopt"):
+        if not ns.inputs:
+            raise SystemExit("fxopt profile: a saved model needs --inputs FILE.pt (torch.save of a tensor, "
+                             "a tuple of tensors or a dict of keyword inputs)")
+        model, example = fxopt.load(ns.model), None
+    else:
+        original, example = load_factory(ns.model, ns.input_shape)
+        model = fxopt.optimize(original, example, target=ns.target, report_layers=False, latency_repeats=0)
+    if ns.inputs:
+        example = torch.load(ns.inputs, weights_only=True)
+    args, kwargs = (((), example) if isinstance(example, dict) else
+                    (tuple(example), {}) if isinstance(example, (tuple, list)) else ((example,), {}))
+    with torch.no_grad():
+        prof = fxopt.profile(model, *args, repeats=ns.repeats, **kwargs)
+    text = str(prof).splitlines()
+    rows = text[1:-2]
+    if ns.top and len(rows) > ns.top:
+        rows = rows[:ns.top] + [f"... {len(rows) - ns.top} faster steps not shown (--top 0 shows all)"]
+    print("\n".join([text[0], *rows, *text[-2:]]))
     return 0
 
 
