@@ -37,6 +37,7 @@ import torch
 from fxopt.bench import model_specs as specs_mod
 from fxopt.bench import report as rep
 from fxopt.bench.peers import LABELS, SYSTEMS, Context
+from fxopt.bench.timing import call_peak_mb
 
 ROUNDS = 5                 # timed calls are spread over this many rounds of all systems
 DRIFT_TOLERANCE = 0.10     # warn when torch fp32's last round differs from its first by more
@@ -83,11 +84,12 @@ def prepare_system(name, prepare, model, inputs, ctx, reference, args) -> tuple[
         out = prepared.fn()
         first_s = time.perf_counter() - t1
         time_calls(prepared.fn, args.warmup, 0)
+        peak_mb = call_peak_mb(prepared.fn)
     except Exception as e:  # a failing system is a result, not the end of the run
         row = _failure(e, t0)
         print(f"  {LABELS[name]}: failed: {row['error']}", flush=True)
         return row, None
-    row = {"status": "ok", "setup_s": setup_s, "first_call_s": first_s, **prepared.info,
+    row = {"status": "ok", "setup_s": setup_s, "first_call_s": first_s, "call_peak_mb": peak_mb, **prepared.info,
            "cosine": 1.0 if reference is None else cosine(out, reference)}
     print(f"  {LABELS[name]}: set up in {setup_s:.1f} s", flush=True)
     return row, prepared

@@ -78,18 +78,21 @@ def chart_title(info: dict) -> str:
 def print_table(result: dict) -> None:
     """One model's table: system, median ms, speedup over torch fp32, cosine, notes."""
     print(f"\n{result['model']} ({result['shape']}, cosine on {result['output']})")
-    head = f"{'system':<20}{'median ms':>11}{'min ms':>9}{'speedup':>9}{'cosine':>10}{'outside kernels':>16}  notes"
+    head = (f"{'system':<20}{'median ms':>11}{'min ms':>9}{'speedup':>9}{'cosine':>10}{'outside kernels':>16}"
+            f"{'call peak MB':>13}  notes")
     print(head)
     print("-" * len(head))
     for name, row in result["systems"].items():
         if row["status"] != "ok":
-            print(f"{LABELS[name]:<20}{'failed':>11}{'':>9}{'':>9}{'':>10}{'':>16}  {row['error'][:90]}")
+            print(f"{LABELS[name]:<20}{'failed':>11}{'':>9}{'':>9}{'':>10}{'':>16}{'':>13}  {row['error'][:90]}")
             continue
         speed = f"{row['speedup']:.2f}x" if "speedup" in row else "-"
         # % of a call outside the kernel steps (fxopt.profile of the execution plan)
         outside = f"{row['outside_kernels_pct']:.1f}%" if "outside_kernels_pct" in row else "-"
+        # resident memory one call adds at its peak (RSS high-water mark, after warm-up)
+        peak = f"{row['call_peak_mb']:.1f}" if row.get("call_peak_mb") is not None else "-"
         print(f"{LABELS[name]:<20}{row['median_ms']:>11.2f}{row['min_ms']:>9.2f}{speed:>9}"
-              f"{row['cosine']:>10.5f}{outside:>16}  {_notes(row)}")
+              f"{row['cosine']:>10.5f}{outside:>16}{peak:>13}  {_notes(row)}")
     drift = result.get("torch_fp32_drift")
     if drift:
         print(f"systems timed in {len(result['systems']['torch_fp32']['round_medians_ms'])} rounds, in turns; "

@@ -67,3 +67,26 @@ def interleaved_medians(fns, repeats=21, min_batch_s=2e-3, warmup=2):
                 fn()
             samples[name].append((time.perf_counter() - t0) / number)
     return {name: statistics.median(v) for name, v in samples.items()}
+
+
+def call_peak_mb(fn):
+    """Memory one call of fn adds at its peak, in MB: the process's resident set high-water
+    mark during the call over its resident set before it (Linux: /proc/self/clear_refs
+    resets the mark). Warm fn up first, so that one-time caches do not count. None where
+    the mark cannot be reset."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        before = _status_kb("VmRSS")
+        fn()
+        return (_status_kb("VmHWM") - before) / 1024
+    except OSError:
+        return None
+
+
+def _status_kb(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise OSError(f"no {field} in /proc/self/status")
