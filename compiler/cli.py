@@ -61,9 +61,7 @@ def _parser() -> argparse.ArgumentParser:
             s.add_argument("--metric", default="max_abs", choices=("max_abs", "sqnr", "cosine"))
 
     s = sub.add_parser("optimize", help="optimize a model and save it to one file")
-    s.add_argument("model", help="module.path:factory or file.py:factory")
-    s.add_argument("--target", default="cpu-int8", help="target name or pipeline string")
-    s.add_argument("--input-shape", help="comma-separated shape when the factory returns only a model")
+    _model_arguments(s, "module.path:factory or file.py:factory", "target name or pipeline string")
     s.add_argument("--calib", help="calibration data: a .pt file holding a list of inputs (or one batched "
                                    "tensor, split into batches of --calib-batch), or module:function returning them")
     s.add_argument("--calib-batch", type=int, default=8)
@@ -72,9 +70,8 @@ def _parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_optimize)
 
     s = sub.add_parser("profile", help="time each step of an optimized model's execution plan")
-    s.add_argument("model", help="a saved model (.fxopt), or module.path:factory / file.py:factory to optimize")
-    s.add_argument("--target", default="cpu-int8", help="target when optimizing a factory's model")
-    s.add_argument("--input-shape", help="comma-separated shape when the factory returns only a model")
+    _model_arguments(s, "a saved model (.fxopt), or module.path:factory / file.py:factory to optimize",
+                     "target when optimizing a factory's model")
     s.add_argument("--inputs", help="inputs for a saved model: a .pt file (torch.save of a tensor, a tuple "
                                     "of them or a dict of keyword inputs); a factory's own example by default")
     s.add_argument("--repeats", type=int, default=20, help="timed calls (default 20)")
@@ -93,6 +90,12 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("which", choices=sorted(BENCHES))
     s.set_defaults(func=_cmd_bench)
     return p
+
+
+def _model_arguments(s, model_help: str, target_help: str) -> None:
+    s.add_argument("model", help=model_help)
+    s.add_argument("--target", default="cpu-int8", help=target_help)
+    s.add_argument("--input-shape", help="comma-separated shape when the factory returns only a model")
 
 
 def _cmd_passes(ns, rest) -> int:

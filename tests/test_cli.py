@@ -63,3 +63,25 @@ def test_optimize_saves_and_report_reads_back(capsys, tmp_path):
     assert "quantize_int8" in text and "per-row dynamic activations" in text
     assert main(["optimize", f"{ZOO}:mlp", "--calib", str(tmp_path / "missing.pt"), "-o", str(out)]) == 2
     assert "no such calibration file" in capsys.readouterr().err
+
+
+def test_profile_a_factory_and_a_saved_model(capsys, tmp_path):
+    import torch
+
+    import fxopt
+    from zoo import mlp
+
+    assert main(["profile", f"{ZOO}:mlp", "--repeats", "2", "--top", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "linear_int8" in out and "outside steps" in out and "faster steps not shown" in out
+    model, example, other = mlp()
+    path, inputs = tmp_path / "mlp.fxopt", tmp_path / "inputs.pt"
+    fxopt.save(fxopt.optimize(model, example, report_layers=False, latency_repeats=0), path)
+    try:
+        main(["profile", str(path)])
+        raise AssertionError("a saved model without --inputs must be refused")
+    except SystemExit as e:
+        assert "needs --inputs" in str(e)
+    torch.save(other, inputs)
+    assert main(["profile", str(path), "--inputs", str(inputs), "--repeats", "2", "--top", "0"]) == 0
+    assert "kernel steps" in capsys.readouterr().out

@@ -244,3 +244,24 @@ def test_memory_plan_holds_less_than_every_output_and_threads_get_their_own():
                        for i in range(12))
         with ThreadPoolExecutor(4) as pool:
             assert all(pool.map(work, range(4)))
+
+
+class _TwoInputs(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(16, 16)
+
+    def forward(self, x, x_np):
+        return self.lin(x) + x_np
+
+
+def test_names_the_plan_makes_never_shadow_the_inputs():
+    # converting x to numpy must not write over an input called x_np
+    torch.manual_seed(0)
+    model = _TwoInputs().eval()
+    x, other = torch.randn(4, 16), torch.randn(4, 16) * 100
+    fast, graph = both_runtimes(model, (x, other))
+    with torch.no_grad():
+        got = fast(x, other)
+        assert torch.equal(got, graph(x, other))
+        assert (got - model(x, other)).abs().max() < 0.5

@@ -36,7 +36,7 @@ from fxopt.core.ir import storage_roots
 from fxopt.kernels import api as K
 from fxopt.kernels.threads import launch_guard
 from fxopt.quant import qops
-from fxopt.runtime import kernel_ops, nonfinite, saturation
+from fxopt.runtime import kernel_ops, nonfinite
 from fxopt.runtime.input_check import GUARD, InputCheck
 
 __all__ = ["Plan", "install", "plan_of", "RUNTIMES"]
@@ -147,6 +147,14 @@ def _is_tensor(node) -> bool:
     schema = getattr(node.target, "_schema", None)
     return schema is not None and bool(schema.returns) and all(
         str(r.type) in ("Tensor", "List[Tensor]") for r in schema.returns)
+
+
+def _is_list(node: fx.Node) -> bool:
+    val = node.meta.get("val")
+    if val is not None:
+        return isinstance(val, (list, tuple))
+    schema = getattr(node.target, "_schema", None)
+    return schema is not None and any(str(r.type) == "List[Tensor]" for r in schema.returns)
 
 
 def _tensor_args(node: fx.Node) -> list:
@@ -288,9 +296,12 @@ class Plan:
             return self._names[node]
         key = (node, domain)
         if key not in self._converted:
-            name = self._converted[key] = f"{self._names[node]}_{domain}"
+            name = self._converted[key] = f"_fx_{domain}{len(self._converted)}"
             source = self._names[node]
-            if domain == "torch":
+            if _is_list(node):        # a split's pieces: each converted
+                convert = "_fx_from_numpy" if domain == "torch" else "_fx_to_numpy"
+                line = f"{name} = [{convert}(t) for t in {source}]"
+            elif domain == "torch":
                 line = f"{name} = _fx_from_numpy({source})"
             elif _numpy_dtype(node):
                 line = f"{name} = {source}.numpy()"
@@ -502,16 +513,6 @@ def _value(gm, a):
     return a
 
 
-def _linear(gm, node):
-    """linear_int8 bound to its weights and epilogue: called with x (and a residual)."""
-    bound = _bind(node)
-    weights = [_value(gm, bound[name]) for name in ("packed", "w_scale", "col_sums", "b")]
-    call = kernel_ops.linear_call(*weights, *(bound[a] for a in (
-        "n", "k", "act", "act_args", "a_scale", "a_zp", "out_scale", "out_zp")))
-    residual = bound["residual"]
-    return call, (bound["x"],) if residual is None else (bound["x"], residual), {}
-
-
 def _conv(gm, node):
     a = node.args
     kernel_ops._packed_conv(*(_value(gm, x) for x in a[1:5]), a[5], a[6], a[7], a[8])
@@ -520,15 +521,6 @@ def _conv(gm, node):
 
 def _same(fn):
     return lambda gm, node: (fn, node.args, node.kwargs)
-
-
-def _nonfinite_samples(xs):
-    """nonfinite_samples, or None when every value is finite: a sum over the values is
-    finite exactly when they all are, unless it overflows (then the per-sample check)."""
-    for x in xs:
-        if x.dtype not in (torch.float32, torch.float64) or not math.isfinite(x.numpy().sum()):
-            return nonfinite._nonfinite_samples(xs)
-    return None
 
 
 def _poison_samples_(y, bad):
@@ -565,8 +557,9 @@ def _np_embedding(gm, node):
     """embedding_int8 on numpy indices, table and scales bound (the op's own arithmetic:
     an int8 row to float32, times its float32 scale)."""
     w_q, w_scale = (_value(gm, a) for a in node.args[:2])
-    if w_q.dtype != torch.int8 or w_scale.dtype != torch.float32:
-        return _same(qops._embedding_int8)(gm, node)
+    if w_q.dtype != torch.int8 or w_scale.dtype != torch.float32:       # the op itself, on arrays
+        return (lambda indices: qops._embedding_int8(w_q, w_scale, torch.from_numpy(indices)).numpy(),
+                node.args[2:], {})
     table, scales, rows = w_q.numpy(), w_scale.numpy(), w_q.shape[0]
 
     def call(indices):
@@ -599,13 +592,9 @@ def _bind(node: fx.Node) -> dict:
     return bound
 
 
+# kernels called on torch tensors (the ones in _NP_BUILDERS and _ARRAY_OUT never get here)
 _BUILDERS = {
-    kernel_ops.linear_int8: _linear,
     kernel_ops.conv2d_int8: _conv,
-    kernel_ops.layer_norm: _same(kernel_ops._layer_norm),
-    kernel_ops.attention_int8: _same(kernel_ops._attention_int8),
-    torch.ops.fxopt.embedding_int8.default: _same(qops._embedding_int8),
-    nonfinite.nonfinite_samples: _same(_nonfinite_samples),
     nonfinite.poison_samples_: _same(_poison_samples_),
 }
 
