@@ -13,6 +13,7 @@ and rowops.py), conv.py (conv2d), layernorm.py, dispatch.py (CPU dispatch), pack
 (layout), reference.py (numpy twins).
 """
 from .dispatch import KernelError, available_isas, isa, select_isa, use_isa
+from .finite import all_finite
 from .epilogue import ACTIVATIONS
 from .linear import (bind_linear, gemm_u8s8_f32, gemm_u8s8_s32, gemm_u8s8_u8, get_num_threads,
                      linear_f32, pad_rows_u8, set_num_threads)
@@ -24,7 +25,7 @@ from .layernorm import layer_norm_f32
 
 __all__ = [
     "ACTIVATIONS", "KernelError", "PackedConv", "PackedWeights", "Strided", "aligned_empty",
-    "attention_int8", "bind_linear", "attention_int8_strided", "available_isas", "conv2d_f32", "gemm_u8s8_f32",
+    "all_finite", "attention_int8", "bind_linear", "attention_int8_strided", "available_isas", "conv2d_f32", "gemm_u8s8_f32",
     "gemm_u8s8_s32", "gemm_u8s8_u8", "get_num_threads", "isa", "layer_norm_f32", "linear_f32",
     "pack_conv_weights_s8", "pack_weights_s8", "pad_rows_u8", "quantize_rows_f32_u8",
     "quantize_tensor_f32_u8", "quantize_weights_s8", "select_isa", "set_num_threads", "use_isa",

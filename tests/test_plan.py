@@ -265,3 +265,17 @@ def test_names_the_plan_makes_never_shadow_the_inputs():
         got = fast(x, other)
         assert torch.equal(got, graph(x, other))
         assert (got - model(x, other)).abs().max() < 0.5
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_nan_screen_agrees_with_numpy(dtype):
+    import numpy as np
+    from fxopt.kernels import api as K
+    rng = np.random.default_rng(0)
+    for trial in range(200):
+        x = rng.standard_normal((rng.integers(0, 5), rng.integers(1, 70))).astype(dtype)
+        x *= 10.0 ** rng.integers(-30, 38)          # huge finite values must not look like inf
+        if x.size and trial % 2:
+            x.flat[rng.integers(0, x.size)] = rng.choice([np.nan, np.inf, -np.inf])
+        view = x.T if trial % 3 == 0 else x           # strided views too
+        assert K.all_finite(view) == bool(np.isfinite(view).all())
