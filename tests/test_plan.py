@@ -279,3 +279,29 @@ def test_nan_screen_agrees_with_numpy(dtype):
             x.flat[rng.integers(0, x.size)] = rng.choice([np.nan, np.inf, -np.inf])
         view = x.T if trial % 3 == 0 else x           # strided views too
         assert K.all_finite(view) == bool(np.isfinite(view).all())
+
+
+def test_dims_beyond_the_captured_limit_are_refused(tmp_path):
+    # the zoo BERT has 64 positions: export bounds the sequence dim at 64, and a longer
+    # input is an error naming the limit on every path, not a broadcast error inside
+    model, example, other = ZOO["bert"]()
+    fast, graph = both_runtimes(model, example)
+    path = tmp_path / "bert.fxopt"
+    fxopt.save(fast, path)
+    longer = {k: torch.cat([v] * 12, dim=1)[:, :80] for k, v in other.items()}
+    at_limit = {k: torch.cat([v] * 12, dim=1)[:, :64] for k, v in other.items()}
+    for m in (fast, graph, fxopt.load(path)):
+        with pytest.raises(ValueError, match="dim 1 is 80, but the model takes at most 64"):
+            call(m, longer)
+        with torch.no_grad():
+            assert leaves(call(m, at_limit))[0].shape[0] == 3
+
+
+def test_a_corrupt_size_limit_in_a_file_is_refused():
+    from fxopt.core.errors import ArtifactError
+    from fxopt.runtime.input_check import install
+    model, example, _ = ZOO["mlp"]()
+    fast, _ = both_runtimes(model, example)
+    for bad in ([-1, None], ["64", None], [1, 2, 3], "64"):
+        with pytest.raises(ArtifactError, match="corrupt input spec"):
+            install(fast, [{"name": "x", "shape": ["s0", 32], "dtype": "float32", "max": bad}])

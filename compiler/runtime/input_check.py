@@ -7,7 +7,7 @@ inputs means their sizes must match). Load puts an InputCheck where the guard
 was, so a wrong input fails with a message naming it rather than deep inside
 a kernel.
 
-    specs = input_specs(gm)   # [{"name": "input_ids", "shape": ["s0", "s1"]}, ...]
+    specs = input_specs(gm)   # [{"name": "input_ids", "shape": ["s0", "s1"], "max": [None, 512]}, ...]
     InputCheck(specs)(ids, mask)       # ValueError if a fixed size or a shared size differs
 """
 from __future__ import annotations
@@ -39,7 +39,7 @@ class InputCheck(nn.Module):
 
 
 def _check_one(spec: dict, x: torch.Tensor, seen: dict) -> None:
-    name, shape = spec["name"], spec["shape"]
+    name, shape, largest = spec["name"], spec["shape"], spec.get("max") or ()
     wanted = "[" + ", ".join(str(d) if isinstance(d, int) else "*" for d in shape) + "]"
     if x.device.type != "cpu":
         raise ValueError(f"input '{name}' is on {x.device}; fxopt models run on the CPU: pass it as .cpu()")
@@ -54,6 +54,10 @@ def _check_one(spec: dict, x: torch.Tensor, seen: dict) -> None:
         if isinstance(want, int) and want != got:
             raise ValueError(f"input '{name}' dim {d} must be {want} (fixed when the model was "
                              f"optimized; shape {wanted}), got shape {list(x.shape)}")
+        if d < len(largest) and largest[d] is not None and got > largest[d]:
+            raise ValueError(f"input '{name}' dim {d} is {got}, but the model takes at most {largest[d]} "
+                             f"there (a limit of the model, e.g. its position table, found when it was "
+                             f"captured; shape {wanted}): pass at most {largest[d]}")
         if isinstance(want, str):
             first = seen.setdefault(want, (name, d, got))
             if first[2] != got:
@@ -77,12 +81,32 @@ def input_specs(gm: fx.GraphModule) -> list | None:
 def _spec(name: str, val):
     if not isinstance(val, torch.Tensor):
         return None
-    shape = []
+    shape, largest = [], []
     for size in val.shape:
         text = str(size)
         # Why None: a size that is an expression of symbols is checked by the ops, not here.
         shape.append(int(text) if text.isdigit() else text if _SYMBOL.match(text) else None)
-    return {"name": name, "shape": shape, "dtype": str(val.dtype).removeprefix("torch.")}
+        largest.append(_upper_bound(size) if isinstance(shape[-1], str) else None)
+    spec = {"name": name, "shape": shape, "dtype": str(val.dtype).removeprefix("torch.")}
+    if any(b is not None for b in largest):
+        spec["max"] = largest
+    return spec
+
+
+def _upper_bound(size):
+    """The largest value torch.export found a dynamic size may take (e.g. a position table's
+    length), or None if unbounded. Lower bounds are not kept: export assumes sizes >= 2 to
+    keep 0 and 1 apart, which batch 1 does not break."""
+    node = getattr(size, "node", None)
+    env = getattr(node, "shape_env", None)
+    if env is None:
+        return None
+    bound = env.var_to_range.get(node.expr)
+    upper = getattr(bound, "upper", None)
+    try:
+        return int(upper) if upper is not None and upper.is_finite else None
+    except (TypeError, AttributeError):
+        return None
 
 
 def install(gm: fx.GraphModule, specs) -> None:
@@ -106,8 +130,11 @@ def install(gm: fx.GraphModule, specs) -> None:
 
 
 def _valid(spec) -> bool:
+    largest = spec.get("max", []) if isinstance(spec, dict) else None
     return (isinstance(spec, dict) and isinstance(spec.get("name"), str)
-            and isinstance(spec.get("shape"), list) and set(spec) <= {"name", "shape", "dtype"}
+            and isinstance(spec.get("shape"), list) and set(spec) <= {"name", "shape", "dtype", "max"}
             and spec.get("dtype", "float32") in _DTYPES
             and all(d is None or (type(d) is int and d >= 0) or (isinstance(d, str) and _SYMBOL.match(d))
-                    for d in spec["shape"]))
+                    for d in spec["shape"])
+            and isinstance(largest, list) and len(largest) <= len(spec["shape"])
+            and all(b is None or (type(b) is int and b >= 0) for b in largest))

@@ -479,7 +479,8 @@ def entry_check(specs: list):
         dtype = getattr(torch, spec["dtype"]) if "dtype" in spec else None
         fixed = tuple((d, s) for d, s in enumerate(spec["shape"]) if isinstance(s, int))
         symbols = tuple((d, s) for d, s in enumerate(spec["shape"]) if isinstance(s, str))
-        wanted.append((dtype, len(spec["shape"]), fixed, symbols))
+        limits = tuple((d, b) for d, b in enumerate(spec.get("max") or ()) if b is not None)
+        wanted.append((dtype, len(spec["shape"]), fixed, symbols, limits))
     shared = {}
     for w in wanted:
         for _, s in (w[3] if w else ()):
@@ -491,12 +492,15 @@ def entry_check(specs: list):
         for want, x in zip(wanted, inputs):
             if want is None or type(x) is not torch.Tensor:
                 continue
-            dtype, rank, fixed, symbols = want
+            dtype, rank, fixed, symbols, limits = want
             shape = x.shape
             if (dtype is not None and x.dtype is not dtype) or len(shape) != rank or not x.is_cpu:
                 return full(*inputs)
             for d, s in fixed:
                 if shape[d] != s:
+                    return full(*inputs)
+            for d, b in limits:
+                if shape[d] > b:
                     return full(*inputs)
             for d, s in symbols:
                 if s in tied and seen.setdefault(s, shape[d]) != shape[d]:
