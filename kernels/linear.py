@@ -322,7 +322,7 @@ def bind_linear(pw, bias=None, act="none", act_args=(), a_scale=0.0, a_zero_poin
         >>> y = call(x)                     # as linear_f32(x, pw, bias, act="gelu")
     """
     _check_packed(pw)
-    n, k, kg = pw.n, pw.k, (pw.k + 3) >> 2
+    n, k = pw.n, pw.k
     b = _bias(bias, n)
     static, chained_out = a_scale > 0, out_scale > 0
     if chained_out:
@@ -334,7 +334,6 @@ def bind_linear(pw, bias=None, act="none", act_args=(), a_scale=0.0, a_zero_poin
     if static and not 0 <= a_zero_point <= 255:
         raise KernelError(f"need 0 <= a_zero_point <= 255, got {a_zero_point}")
     scale, zero_point = np.float32(a_scale), np.int32(a_zero_point)
-    data, col_sums, scales = pw.data, pw.col_sums, pw.scales
     per_row = {}                                  # m -> (scales, zero points) of a static scale
 
     def call(x, out=None, residual=None, n_threads=None):
@@ -349,31 +348,19 @@ def bind_linear(pw, bias=None, act="none", act_args=(), a_scale=0.0, a_zero_poin
         res = _NO_X if residual is None else _residual(residual, m, n)
         if res is not _NO_X and chained_out:
             raise KernelError("bind_linear: a residual needs float output (out_scale=0)")
-        isa = _dispatch._current[0]
-        threads = n_threads or _threads[0]
-        parallel = threads > 1 and m * n * k >= PARALLEL_MIN_MACS
-        entry = ENTRIES[isa][1 if parallel else 0]
         if x.dtype is _F32 and not static and not chained_out:      # the workers quantize rows
             if x.shape[1] != k or not x.flags.c_contiguous:
                 raise KernelError(f"bind_linear: x must be C-contiguous (M, {k}), got {x.shape}")
-            entry(x, _NO_Q[isa], _NO_F, _NO_I, data, kg, col_sums, scales, b, res, ep, out,
-                  threads if parallel else 1)
-            return out
-        if x.dtype is _F32:
-            if static:
-                q = quantize_tensor_f32_u8(x, scale, zero_point)
-            else:
-                q, s, z = quantize_rows_f32_u8(x)
+            return _run(x, _NO_Q[_dispatch._current[0]], _NO_F, _NO_I, pw, b, ep, out, n_threads, res)
+        if not static:                                               # dynamic rows, uint8 out
+            q, s, z = quantize_rows_f32_u8(x)
         else:
-            q = x
-        if static or x.dtype is not _F32:
+            q = quantize_tensor_f32_u8(x, scale, zero_point) if x.dtype is _F32 else x
             rows = per_row.get(m)
             if rows is None:
                 if len(per_row) > 64:             # many batch sizes: keep the table small
                     per_row.clear()
                 rows = per_row[m] = (np.full(m, scale, np.float32), np.full(m, zero_point, np.int32))
             s, z = rows
-        entry(_NO_X, _prepare_u8(q, pw), s, z, data, kg, col_sums, scales, b, res, ep, out,
-              threads if parallel else 1)
-        return out
+        return _run(_NO_X, _prepare_u8(q, pw), s, z, pw, b, ep, out, n_threads, res)
     return call

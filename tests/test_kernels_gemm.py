@@ -558,3 +558,39 @@ def test_peak_probe_runs_the_chains_it_claims(isa):
     assert ops == 2 * PEAK_CHAINS[isa][0] * PEAK_CHAINS[isa][1]
     assert serial(5) == _peak_reference(isa, 5, 3)
     assert parallel(5, 2) == int(_peak_reference(isa, 5, 3)) + int(_peak_reference(isa, 5, 4))
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+@pytest.mark.parametrize("m, k, n", [(1, 64, 64), (7, 130, 70), (33, 128, 96)])
+def test_bind_linear_equals_the_unbound_entries(isa, monkeypatch, parallel, m, k, n):
+    # the runtime's per-layer call gives what linear_f32 / gemm_u8s8_f32 / gemm_u8s8_u8
+    # give for the same arguments, bit for bit, fresh or into a given out
+    if parallel:
+        monkeypatch.setattr(L, "PARALLEL_MIN_MACS", 0)
+    rng = np.random.default_rng(m * 1000 + k)
+    x = rng.standard_normal((m, k), dtype=np.float32)
+    res = rng.standard_normal((m, n), dtype=np.float32)
+    bias = rng.standard_normal(n, dtype=np.float32)
+    pw = K.pack_weights_s8(*K.quantize_weights_s8(rng.standard_normal((n, k), dtype=np.float32)))
+    threads = 2 if parallel else 1
+    q_static = K.quantize_tensor_f32_u8(x, 0.03, 120)
+    q_rows, s_rows, z_rows = K.quantize_rows_f32_u8(x)
+    cases = [  # (bind_linear kwargs, x, residual, reference)
+        ({"act": "gelu"}, x, res, K.linear_f32(x, pw, bias, "gelu", n_threads=threads, residual=res)),
+        ({"act": "relu", "a_scale": 0.03, "a_zero_point": 120}, x, res,
+         K.gemm_u8s8_f32(q_static, 0.03, 120, pw, bias, "relu", n_threads=threads, residual=res)),
+        ({"a_scale": 0.03, "a_zero_point": 120}, q_static, None,
+         K.gemm_u8s8_f32(q_static, 0.03, 120, pw, bias, n_threads=threads)),
+        ({"out_scale": 0.05, "out_zero_point": 7}, x, None,
+         K.gemm_u8s8_u8(q_rows, s_rows, z_rows, pw, 0.05, 7, bias, n_threads=threads)),
+    ]
+    for kwargs, inp, residual, want in cases:
+        call = K.bind_linear(pw, bias, **kwargs)
+        got = call(inp, None, residual, threads)
+        assert got.dtype == want.dtype and np.array_equal(got, want), kwargs
+        out = np.full_like(want, 3)
+        assert call(inp, out, residual, threads) is out and np.array_equal(out, want), kwargs
+    with pytest.raises(K.KernelError, match="out must be"):
+        K.bind_linear(pw, bias)(x, np.empty((m, n + 1), np.float32))
+    with pytest.raises(K.KernelError, match="uint8 x needs the static a_scale"):
+        K.bind_linear(pw, bias)(q_static)

@@ -36,7 +36,7 @@ from fxopt.core.report import Report
 from fxopt.core.version import VERSION
 from fxopt.pruning.structured import PruneReport
 from fxopt.runtime.input_check import input_specs, install as install_input_check
-from fxopt.runtime.plan import RUNTIMES, install as install_plan
+from fxopt.runtime.plan import check_runtime, install as install_plan
 from fxopt.runtime.kernel_args import check_lowered
 
 __all__ = ["save", "load", "read_report", "register_load_hook", "remove_load_hook",
@@ -193,8 +193,7 @@ def load(path, runtime: str = "plan") -> fx.GraphModule:
         fast(**inputs)
     """
     path = os.fspath(path)
-    if runtime not in RUNTIMES:
-        raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
+    check_runtime(runtime)                 # before reading the file
     metadata, blobs = _read(path)
     graph_data = _json(metadata, "graph", path)
     if not isinstance(graph_data, dict):

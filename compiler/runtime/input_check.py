@@ -25,17 +25,59 @@ _DTYPES = ("float32", "float64", "float16", "bfloat16", "int64", "int32", "int16
 
 
 class InputCheck(nn.Module):
-    """Checks the device, dtype, rank, fixed sizes and shared dynamic sizes of a graph's inputs."""
+    """Checks the device, dtype, rank, fixed sizes, size limits and shared dynamic sizes of a
+    graph's inputs. check() is the per-call form (the execution plan calls it directly):
+    plain comparisons against rules read from the specs once, and the messages only when
+    one fails."""
 
     def __init__(self, specs: list):
         super().__init__()
         self.specs = specs
+        self._rules = [None if spec is None else _rules(spec) for spec in specs]
+        counts: dict = {}
+        for rules in self._rules:
+            for _, symbol in (rules[3] if rules else ()):
+                counts[symbol] = counts.get(symbol, 0) + 1
+        self._tied = {symbol for symbol, n in counts.items() if n > 1}   # dims two inputs share
 
     def forward(self, *inputs) -> None:
+        self.check(*inputs)
+
+    def check(self, *inputs) -> None:
+        seen, tied = {}, self._tied
+        for rules, x in zip(self._rules, inputs):
+            if rules is None or not isinstance(x, torch.Tensor):
+                continue
+            dtype, rank, fixed, symbols, limits = rules
+            shape = x.shape
+            if (dtype is not None and x.dtype is not dtype) or len(shape) != rank or not x.is_cpu:
+                return self._explain(inputs)
+            for d, size in fixed:
+                if shape[d] != size:
+                    return self._explain(inputs)
+            for d, largest in limits:
+                if shape[d] > largest:
+                    return self._explain(inputs)
+            for d, symbol in symbols:
+                if symbol in tied and seen.setdefault(symbol, shape[d]) != shape[d]:
+                    return self._explain(inputs)
+        return None
+
+    def _explain(self, inputs) -> None:
+        """The error naming the first input that breaks its spec."""
         seen: dict = {}
         for spec, x in zip(self.specs, inputs):
             if spec is not None and isinstance(x, torch.Tensor):
                 _check_one(spec, x, seen)
+
+
+def _rules(spec: dict) -> tuple:
+    """(dtype or None, rank, ((dim, fixed size), ...), ((dim, symbol), ...), ((dim, limit), ...))."""
+    shape = spec["shape"]
+    return (getattr(torch, spec["dtype"]) if "dtype" in spec else None, len(shape),
+            tuple((d, s) for d, s in enumerate(shape) if isinstance(s, int)),
+            tuple((d, s) for d, s in enumerate(shape) if isinstance(s, str)),
+            tuple((d, b) for d, b in enumerate(spec.get("max") or ()) if b is not None))
 
 
 def _check_one(spec: dict, x: torch.Tensor, seen: dict) -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import keyword
 import operator
+import statistics
 import threading
 import time
 
@@ -39,7 +40,7 @@ from fxopt.quant import qops
 from fxopt.runtime import kernel_ops, nonfinite
 from fxopt.runtime.input_check import GUARD, InputCheck
 
-__all__ = ["Plan", "install", "plan_of", "RUNTIMES"]
+__all__ = ["Plan", "install", "plan_of", "check_runtime", "RUNTIMES"]
 
 RUNTIMES = ("plan", "graph")
 PLAN_ATTR = "fxopt_plan"
@@ -97,11 +98,10 @@ def _np_split(x, sizes, dim=0):
 
 
 def _np_split_size(x, size, dim=0):
-    dim = dim if dim >= 0 else dim + x.ndim
-    lead, n = (slice(None),) * dim, x.shape[dim]
+    n = x.shape[dim]
     if not n or not size:
         return [x]
-    return [x[lead + (slice(start, start + size),)] for start in range(0, n, size)]
+    return _np_split(x, [min(size, n - start) for start in range(0, n, size)], dim)
 
 
 def _np_slice(x, dim=0, start=None, end=None, step=1):
@@ -257,9 +257,10 @@ class Plan:
         if tensors:
             test = " or ".join(f"type({v}) is not _fx_Tensor or {v}.requires_grad" for v in tensors)
             body.append(f"if {test}: return _fx_graph({', '.join(params)})")
-        self._planned = _planned_buffers(gm)
-        if self._planned:
-            self.memory = Memory([self._planned[n] for n in self._planned])
+        planned = _planned_buffers(gm)
+        slots = {node: j for j, node in enumerate(planned)}     # node -> its buffer in the arena
+        if planned:
+            self.memory = Memory(list(planned.values()))
             self._globals["_fx_arena"] = self.memory.arena
             body.append(f"_fx_m = _fx_arena(({''.join(f'{v}.shape, ' for v in tensors)}))")
         for node in gm.graph.nodes:
@@ -279,9 +280,9 @@ class Plan:
             self._globals[fn] = step.fn
             args = ([self._render(a, step.domain) for a in step.args]
                     + [f"{k}={self._render(v, step.domain)}" for k, v in step.kwargs.items()])
-            if node in self._planned and step.domain == "np":     # its output goes in the arena
+            if node in slots and step.domain == "np":     # its output goes in the arena
                 self._globals[fn] = step.fn = _in_arena(step.fn)
-                args = ["_fx_m", str(list(self._planned).index(node))] + args
+                args = ["_fx_m", str(slots[node])] + args
             self._home[node] = step.out_domain
             calls[len(body)] = f"{name} = _fx_timed({index}, {', '.join([fn] + args)})"
             body.append(f"{name} = {fn}({', '.join(args)})")
@@ -292,7 +293,7 @@ class Plan:
     def _in(self, node: fx.Node, domain: str) -> str:
         """The name of node's value in `domain` ('torch' or 'np'), converting it (once, in
         the line after its first use needs it) where it was made in the other."""
-        if domain == "any" or self._home.get(node, "torch") == domain or not _is_tensor(node):
+        if self._home.get(node, "torch") == domain or not _is_tensor(node):
             return self._names[node]
         key = (node, domain)
         if key not in self._converted:
@@ -335,7 +336,7 @@ class Plan:
         if node.op == "call_module":
             module = self.gm.get_submodule(node.target)
             if node.target == GUARD and isinstance(module, InputCheck):
-                return Step(node, entry_check(module.specs), False)
+                return Step(node, module.check, False)            # no nn.Module call around it
             return Step(node, module, False)
         if node.op == "call_method":
             return Step(node, operator.methodcaller(node.target), False)
@@ -408,9 +409,9 @@ class Plan:
             self(*args, **kwargs)
             plain.append(clock() - start)
         self._globals["_fx_timed"] = None          # let go of the outputs it holds
-        per_step = [_median([run[i] for run in runs]) for i in range(len(self.steps))]
+        per_step = [statistics.median_high([run[i] for run in runs]) for i in range(len(self.steps))]
         outputs = [_shape_of(out) for out in shapes]
-        return Profile(self, per_step, outputs, _median(calls), _median(plain))
+        return Profile(self, per_step, outputs, statistics.median_high(calls), statistics.median_high(plain))
 
 
 def _shape_of(value):
@@ -420,11 +421,6 @@ def _shape_of(value):
     if isinstance(value, (list, tuple)) and value and isinstance(value[0], (torch.Tensor, np.ndarray)):
         return [list(v.shape) for v in value], str(value[0].dtype).removeprefix("torch.")
     return "", type(value).__name__ if value is not None else ""
-
-
-def _median(values):
-    values = sorted(values)
-    return values[len(values) // 2]
 
 
 def _none():
@@ -467,48 +463,6 @@ def _packed_inputs(info, params) -> str:
     return f"[{', '.join(params)}]"
 
 
-def entry_check(specs: list):
-    """A fast form of InputCheck(specs): plain comparisons per input, and InputCheck itself
-    (its messages) on any mismatch."""
-    full = InputCheck(specs)
-    wanted = []
-    for spec in specs:
-        if spec is None:
-            wanted.append(None)
-            continue
-        dtype = getattr(torch, spec["dtype"]) if "dtype" in spec else None
-        fixed = tuple((d, s) for d, s in enumerate(spec["shape"]) if isinstance(s, int))
-        symbols = tuple((d, s) for d, s in enumerate(spec["shape"]) if isinstance(s, str))
-        limits = tuple((d, b) for d, b in enumerate(spec.get("max") or ()) if b is not None)
-        wanted.append((dtype, len(spec["shape"]), fixed, symbols, limits))
-    shared = {}
-    for w in wanted:
-        for _, s in (w[3] if w else ()):
-            shared[s] = shared.get(s, 0) + 1
-    tied = {s for s, n in shared.items() if n > 1}
-
-    def check(*inputs):
-        seen = {}
-        for want, x in zip(wanted, inputs):
-            if want is None or type(x) is not torch.Tensor:
-                continue
-            dtype, rank, fixed, symbols, limits = want
-            shape = x.shape
-            if (dtype is not None and x.dtype is not dtype) or len(shape) != rank or not x.is_cpu:
-                return full(*inputs)
-            for d, s in fixed:
-                if shape[d] != s:
-                    return full(*inputs)
-            for d, b in limits:
-                if shape[d] > b:
-                    return full(*inputs)
-            for d, s in symbols:
-                if s in tied and seen.setdefault(s, shape[d]) != shape[d]:
-                    return full(*inputs)
-        return None
-    return check
-
-
 # --- kernel steps: the fxopt ops, called without the dispatcher ------------------------
 
 def _value(gm, a):
@@ -535,7 +489,7 @@ def _poison_samples_(y, bad):
 
 def _np_linear(gm, node):
     """linear_int8 on numpy arrays, bound to its weights and epilogue."""
-    bound = _bind(node)
+    bound = _bind(gm, node)
     weights = [_value(gm, bound[name]) for name in ("packed", "w_scale", "col_sums", "b")]
     call = kernel_ops.linear_np_call(*weights, *(bound[a] for a in (
         "n", "k", "act", "act_args", "a_scale", "a_zp", "out_scale", "out_zp")))
@@ -544,7 +498,7 @@ def _np_linear(gm, node):
 
 
 def _np_layer_norm(gm, node):
-    bound = _bind(node)
+    bound = _bind(gm, node)
     w, b = (_value(gm, bound[name]) for name in ("weight", "bias"))
     return kernel_ops.layer_norm_np_call(w, b, bound["eps"]), (bound["x"],), {}
 
@@ -586,15 +540,12 @@ _NP_BUILDERS = {
 }
 
 
-def _bind(node: fx.Node) -> dict:
-    """node's arguments by their schema names, defaults filled in."""
-    schema = node.target._schema
-    bound = dict(zip((a.name for a in schema.arguments), node.args))
-    bound.update(node.kwargs)
-    for a in schema.arguments:
-        if a.name not in bound and a.has_default_value():
-            bound[a.name] = a.default_value
-    return bound
+def _bind(gm, node: fx.Node) -> dict:
+    """node's arguments by their schema names, defaults filled in (torch.fx's normalization)."""
+    bound = node.normalized_arguments(gm, normalize_to_only_use_kwargs=True)
+    if bound is None:
+        raise TypeError(f"cannot bind the arguments of {node.format_node()} to {node.target}'s schema")
+    return bound.kwargs
 
 
 # kernels called on torch tensors (the ones in _NP_BUILDERS and _ARRAY_OUT never get here)
@@ -779,11 +730,15 @@ def _planned_call(self, *args, **kwargs):
     return plan(*args, **kwargs)
 
 
+def check_runtime(runtime: str) -> None:
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
+
+
 def install(gm: fx.GraphModule, runtime: str = "plan") -> fx.GraphModule:
     """Make a plan built from `gm` its forward (runtime="plan"), or leave the graph's own
     forward (runtime="graph", for debugging). gm.recompile() undoes it."""
-    if runtime not in RUNTIMES:
-        raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
+    check_runtime(runtime)
     if runtime == "graph":
         return gm
     plan = Plan(gm)
