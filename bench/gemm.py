@@ -241,10 +241,8 @@ def _cache_state():
     """'warm' if Numba's on-disk cache holds the GEMM entry for this source."""
     import glob
     import pickle
-    from fxopt.kernels._cache import package_stamp
-    cache_dir = numba.config.CACHE_DIR or os.path.join(os.path.dirname(K.__file__),
-                                                       "__pycache__")
-    pattern = os.path.join(cache_dir, "**", "gemm._entries.locals.serial-*.nbi")
+    from fxopt.kernels._cache import cache_dir, package_stamp
+    pattern = os.path.join(cache_dir(), "**", "gemm._entries.locals.serial-*.nbi")
     for path in glob.glob(pattern, recursive=True):
         try:
             with open(path, "rb") as f:

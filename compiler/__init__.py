@@ -51,9 +51,10 @@ else:
     from fxopt.core.pipeline import TARGETS, Pipeline
     from fxopt.api import bisect, optimize, profile, prune
     from fxopt.artifact.serialize import load, save
+    from fxopt.driver.warmup import warmup
     from fxopt.pruning.finetune import finetune
     from fxopt.runtime.saturation import monitor as saturation_monitor
 
     __all__ = ["optimize", "bisect", "capture", "prune", "profile", "finetune", "save", "load", "Pipeline",
-               "TARGETS", "saturation_monitor", "FxoptError", "ArtifactError", "CalibrationError", "CaptureError",
+               "TARGETS", "saturation_monitor", "warmup", "FxoptError", "ArtifactError", "CalibrationError", "CaptureError",
                "PassError", "PipelineError"]

@@ -6,6 +6,7 @@
     fxopt optimize tests/zoo.py:bert --target cpu-int8 --calib data.pt -o bert.fxopt
     fxopt report bert.fxopt                        the stored report of a saved model
     fxopt demo                                     digits CNN, before and after
+    fxopt warmup                                   compile the kernels for this CPU ahead of time
     fxopt bench gemm|prune|models                  benchmarks (see bench/)
 
 A model is given as `module.path:factory` or `path/to/file.py:factory`; the
@@ -86,6 +87,10 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--target", default=None, help="default: the best target available")
     s.set_defaults(func=_cmd_demo)
 
+    s = sub.add_parser("warmup", help="compile every kernel for this CPU now, into the cache folder "
+                                      "(~/.cache/fxopt or $FXOPT_CACHE_DIR), e.g. in a Docker build step")
+    s.set_defaults(func=_cmd_warmup)
+
     s = sub.add_parser("bench", help="benchmarks: " + ", ".join(BENCHES))
     s.add_argument("which", choices=sorted(BENCHES))
     s.set_defaults(func=_cmd_bench)
@@ -109,6 +114,16 @@ def _cmd_passes(ns, rest) -> int:
         info = get_pass(name).PASS
         opts = ", ".join(f"{k}={v!r}" for k, v in info.options.items())
         print(f"  {name}{' {' + opts + '}' if opts else ''}: {info.doc}")
+    return 0
+
+
+def _cmd_warmup(ns, rest) -> int:
+    import fxopt
+    done = fxopt.warmup()
+    if done["compiled"]:
+        print(f"fxopt warmup: compiled {done['compiled']} kernels in {done['seconds']:.0f} s into {done['cache']}")
+    else:
+        print(f"fxopt warmup: every kernel was already compiled in {done['cache']} ({done['seconds']:.0f} s)")
     return 0
 
 

@@ -1,11 +1,16 @@
-"""Numba on-disk cache keyed on the whole kernels package, not one file.
+"""Numba on-disk cache of the kernels: in the user's cache folder, keyed on the whole package.
 
-Numba's ``cache=True`` checks only the source file that holds the ``@njit``
-function, so a kernel whose helper (another file of this package) changed
-would keep running stale machine code. The locators below give every kernel
-defined in this package a source stamp that hashes all of the package's
-``.py`` files, so editing any of them recompiles every cached kernel.
-Each kernel file also carries a ``KERNEL_VERSION`` string for humans.
+Where: ``$FXOPT_CACHE_DIR``, else ``$XDG_CACHE_HOME/fxopt``, else ``~/.cache/fxopt``; one
+subfolder ``kernels-<stamp>`` per kernel source (never the install folder, which may be
+read-only or shared). ``NUMBA_CACHE_DIR`` is the fallback when that folder is not writable.
+
+Stale code: Numba's ``cache=True`` checks only the source file that holds the ``@njit``
+function, so a kernel whose helper (another file of this package) changed would keep
+running stale machine code. The locators below give every kernel of this package a source
+stamp that hashes all of the package's ``.py`` files, so editing any of them (a new
+version) recompiles every kernel, in a new subfolder. Numba keys each compiled entry on
+the CPU name and features too, so a cache shared by two CPUs never hands one the other's
+code. Each kernel file also carries a ``KERNEL_VERSION`` string for humans.
 """
 import hashlib
 import os
@@ -37,6 +42,15 @@ def package_stamp():
     return _STAMP
 
 
+def cache_dir():
+    """The folder compiled kernels of this source are kept in (made on first use)."""
+    root = os.environ.get("FXOPT_CACHE_DIR")
+    if not root:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        root = os.path.join(base, "fxopt")
+    return os.path.join(os.path.abspath(root), f"kernels-{_STAMP[:16]}")
+
+
 def _in_package(py_file):
     return os.path.dirname(os.path.abspath(py_file)) == _PKG_DIR
 
@@ -52,12 +66,18 @@ class _PackageStampMixin:
         return package_stamp()
 
 
-class PackageInTreeLocator(_PackageStampMixin, caching.InTreeCacheLocator):
-    pass
+class FxoptCacheLocator(_PackageStampMixin, caching._SourceFileBackedLocatorMixin,
+                        caching._CacheLocator):
+    """Every kernel of the package in cache_dir(), one flat folder (file names carry the
+    module, function and line)."""
 
+    def __init__(self, py_func, py_file):
+        self._py_file = py_file
+        self._lineno = py_func.__code__.co_firstlineno
+        self._cache_path = cache_dir()
 
-class PackageUserWideLocator(_PackageStampMixin, caching.UserWideCacheLocator):
-    pass
+    def get_cache_path(self):
+        return self._cache_path
 
 
 class PackageUserProvidedLocator(_PackageStampMixin,
@@ -68,18 +88,18 @@ class PackageUserProvidedLocator(_PackageStampMixin,
 def install():
     """Put the package locators first (idempotent)."""
     classes = caching.CacheImpl._locator_classes
-    for cls in (PackageUserWideLocator, PackageInTreeLocator,
-                PackageUserProvidedLocator):
+    for cls in (PackageUserProvidedLocator, FxoptCacheLocator):
         if cls not in classes:
             classes.insert(0, cls)
 
 
 def _writable_location():
-    """Whether some locator can keep compiled kernels for this package (Numba's own test:
-    the folder exists or can be made, and a file can be created in it)."""
+    """Whether one of the package's locators can keep compiled kernels (Numba's own test:
+    the folder exists or can be made, and a file can be created in it). Numba's default
+    locators (next to the source, its user folder) are not asked: their stamp is one file's."""
     def probe():
         pass
-    for cls in caching.CacheImpl._locator_classes:
+    for cls in (FxoptCacheLocator, PackageUserProvidedLocator):
         try:
             locator = cls.from_function(probe, os.path.join(_PKG_DIR, "_cache.py"))
             if locator is not None:
@@ -98,7 +118,7 @@ install()
 CACHE = _writable_location()
 if not CACHE:
     warnings.warn(
-        f"fxopt: no writable folder for compiled kernels (next to {_PKG_DIR}, the user cache "
-        "folder, or NUMBA_CACHE_DIR): this process compiles the kernels it uses without "
-        "keeping them (tens of seconds). Set NUMBA_CACHE_DIR to a writable folder to keep them.",
+        f"fxopt: no writable folder for compiled kernels ({cache_dir()}, or NUMBA_CACHE_DIR): "
+        "this process compiles the kernels it uses without keeping them (a minute or more). "
+        "Set FXOPT_CACHE_DIR to a writable folder to keep them.",
         RuntimeWarning, stacklevel=2)

@@ -1,5 +1,5 @@
 """fxopt imports and computes where no cache location is writable (a read-only install,
-HOME read-only, no NUMBA_CACHE_DIR): kernels compile without a cache, with one warning."""
+HOME read-only, no FXOPT_CACHE_DIR or NUMBA_CACHE_DIR): kernels compile without a cache, with one warning."""
 import os
 import shutil
 import subprocess
@@ -37,8 +37,9 @@ def test_import_and_compute_when_nothing_is_writable(tmp_path):
     package = Path(_cache.__file__).resolve().parent          # this checkout's kernels/
     readonly = sorted({str(ROOT), str(Path(_cache._PKG_DIR)), os.path.expanduser("~")})
     mounts = " && ".join(f"mount --bind {d} {d} && mount -o remount,bind,ro {d}" for d in readonly)
-    # the user cache folder is $XDG_CACHE_HOME/numba when set: leave it to HOME (read-only)
-    env = {k: v for k, v in os.environ.items() if k not in ("NUMBA_CACHE_DIR", "PYTHONPATH", "XDG_CACHE_HOME")}
+    # the cache folder is $XDG_CACHE_HOME/fxopt when set: leave it to HOME (read-only)
+    env = {k: v for k, v in os.environ.items() if k not in ("FXOPT_CACHE_DIR", "NUMBA_CACHE_DIR", "PYTHONPATH",
+                                                         "XDG_CACHE_HOME")}
     done = subprocess.run(["unshare", "-m", "sh", "-c", f'{mounts} && "$0" -c "$1"', sys.executable, CHILD],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     if "mount" in done.stderr and "ermission" in done.stderr:

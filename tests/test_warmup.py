@@ -1,0 +1,128 @@
+"""Kernel compilation a user can see (the compile notice), the cache folder, and warmup."""
+import io
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+from numba import njit
+
+from fxopt.driver.warmup import CompileNotice, cached_kernels
+from fxopt.kernels import _cache
+
+
+def _child(code, cache_dir, timeout=900):
+    env = {**os.environ, "FXOPT_CACHE_DIR": str(cache_dir), "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_the_cache_folder_is_the_user_cache_keyed_on_the_source(tmp_path):
+    here = _cache.cache_dir()
+    assert not here.startswith(_cache._PKG_DIR)           # never inside the install
+    assert os.path.basename(here) == f"kernels-{_cache.package_stamp()[:16]}"
+    done = _child("from fxopt.kernels import _cache; print(_cache.cache_dir(), _cache.CACHE)", tmp_path / "c")
+    assert done.returncode == 0, done.stderr[-2000:]
+    folder, cache = done.stdout.split()
+    assert folder == str(tmp_path / "c" / os.path.basename(here)) and cache == "True"
+
+
+def _fake_kernel(module):
+    def add(a, b):
+        return a + b
+    add.__module__ = module
+    return njit(cache=False)(add)
+
+
+def test_the_notice_announces_once_counts_kernels_and_sums_up():
+    out = io.StringIO()
+    notice = CompileNotice(stream=out, min_interval_s=0.0)
+    from numba.core import event
+    event.register("numba:compile", notice)
+    try:
+        _fake_kernel("someone.else")(1, 2)                     # not fxopt's: not counted
+        assert out.getvalue() == "" and notice.compiled == 0
+        kernel = _fake_kernel("fxopt.kernels.fake")
+        assert kernel(1, 2) == 3 and kernel(1.5, 2.0) == 3.5   # two signatures: two compiles
+        kernel(3, 4)                                           # compiled already: no event
+    finally:
+        event.unregister("numba:compile", notice)
+    lines = out.getvalue().splitlines()
+    assert lines[0].startswith("fxopt: compiling kernels for this CPU, once")
+    assert "fxopt warmup" in lines[0] and sum("compiling kernels" in line for line in lines) == 1
+    assert [line.split()[1] for line in lines[1:]] == ["1", "2"]   # "  compiled N kernels (T s)..."
+    notice.finish()
+    assert out.getvalue().splitlines()[-1].startswith("fxopt: compiled 2 kernels in ")
+    notice.finish()                                            # nothing new: no second summary
+    assert out.getvalue().count("fxopt: compiled") == 1
+
+
+def test_the_notice_can_be_silenced(monkeypatch):
+    out = io.StringIO()
+    notice = CompileNotice(stream=out)
+    monkeypatch.setenv("FXOPT_COMPILE_NOTICE", "0")
+    notice.before(["lower_to_kernels"])
+    notice.announce()
+    assert out.getvalue() == ""
+
+
+def test_an_int8_optimize_with_an_empty_cache_says_so_before_it_captures(tmp_path):
+    # the child stops where capture would start: the notice must come first (no compile yet)
+    done = _child("""
+        import sys, torch, fxopt
+        from fxopt.driver import compile as driver
+        def stop(*a, **k):
+            print("CAPTURE", file=sys.stderr, flush=True)
+            raise SystemExit(0)
+        driver.capture = stop
+        print("START", file=sys.stderr, flush=True)
+        fxopt.optimize(torch.nn.Linear(8, 8), (torch.randn(2, 8),), target="cpu-int8")
+    """, tmp_path / "empty", timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    start = lines.index("START")
+    assert lines[start + 1].startswith("fxopt: compiling kernels for this CPU, once"), lines
+    assert str(tmp_path / "empty") in lines[start + 1] and lines[start + 2] == "CAPTURE"
+
+
+def test_fp32_targets_and_a_warm_cache_say_nothing(tmp_path, capfd):
+    import torch
+    import fxopt
+    fxopt.optimize(torch.nn.Linear(8, 8), (torch.randn(2, 8),), target="cpu-fp32")
+    assert "compiling kernels" not in capfd.readouterr().err
+    if cached_kernels():                # this process's cache folder is warm: no notice either
+        fxopt.optimize(torch.nn.Linear(8, 8), (torch.randn(2, 8),), target="cpu-int8")
+        assert "compiling kernels for this CPU" not in capfd.readouterr().err
+
+
+@pytest.mark.slow
+def test_after_warmup_a_new_process_compiles_nothing_for_the_zoo(tmp_path):
+    """warmup() in one process; a later process optimizes and calls the zoo's models, at
+    the captured shape and another, on both runtimes: no kernel compiles."""
+    cache = tmp_path / "cache"
+    done = _child("import fxopt; print(fxopt.warmup(progress=False)['compiled'])", cache, timeout=1800)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert int(done.stdout.split()[-1]) > 5
+    tests = os.path.dirname(os.path.abspath(__file__))
+    done = _child(f"""
+        import sys, torch, fxopt
+        sys.path.insert(0, {tests!r})
+        import zoo
+        from fxopt.driver.warmup import NOTICE
+        for name in ("mlp", "cnn_bn_residual", "dwsep_cnn", "transformer_encoder", "bert", "gpt2"):
+            model, example, other = getattr(zoo, name)()
+            args = lambda e: ((), e) if isinstance(e, dict) else (e, {{}})
+            for calibration in (None, [example, other]):
+                fast = fxopt.optimize(model, example, "cpu-int8", calibration_data=calibration,
+                                      latency_repeats=0, report_layers=False)
+                with torch.no_grad():
+                    for inputs in (example, other):
+                        a, k = args(inputs)
+                        fast(*a, **k)
+            print(name, NOTICE.total, flush=True)
+    """, cache, timeout=1800)
+    assert done.returncode == 0, done.stderr[-3000:]
+    compiled = dict(line.split() for line in done.stdout.splitlines())
+    assert set(compiled.values()) == {"0"}, (compiled, done.stderr[-3000:])
