@@ -17,6 +17,8 @@ from fxopt.core.errors import PipelineError
 from fxopt.core.pass_base import PassContext
 from fxopt.core.pass_manager import Instruments, PassManager, snapshot
 from fxopt.core.pipeline import Pipeline, target_pipeline
+from fxopt.driver import latency_guard
+from fxopt.driver.warmup import NOTICE as COMPILE_NOTICE
 from fxopt.pruning.structured import with_pruning
 from fxopt.report import model_report
 from fxopt.runtime.input_check import input_specs, install as install_input_check
@@ -47,6 +49,9 @@ OPTIONS = {
     "finetune_budget": "search: distillation epochs (or distill_pruned options) for ratios that miss",
     "plot_path": "search: save the Pareto front (latency vs metric) as a PNG here (needs matplotlib)",
     "search_cost": "search: 'latency' (measured, default) or 'macs' (int8 MAC = half; deterministic)",
+    "latency_aware": "int8 targets: when the optimized model measures slower than the input, keep fp32 "
+                     "for the layers whose int8 op measured slower and compile again (default True); "
+                     "False keeps int8 everywhere (the smallest model). Either way a slower result warns",
 }
 INSTRUMENTS = ("print_ir_after", "dump_dir", "stop_after", "disable", "drift")
 
@@ -58,13 +63,27 @@ INSTRUMENTS = ("print_ir_after", "dump_dir", "stop_after", "disable", "drift")
 COMPILE_LOCK = TRACE_LOCK
 
 
-def compile_model(model, example_inputs, target, calibration_data, dynamic, options, keep=False):
+def compile_model(model, example_inputs, target, calibration_data, dynamic, options, keep=False, guard=None):
     """(optimized GraphModule, Report) for `model` under `target` (a target name, a pipeline
     string or a Pipeline); with keep=True also the PassManager, holding the graph before
     every pass (what bisect reads). `options` are optimize()'s: OPTIONS and INSTRUMENTS.
+    guard (default: not keep): an int8 result that measures slower than the input gets
+    latency-aware lowering and a warning (driver.latency_guard); the budget search, which
+    weighs latency itself, and bisect, which debugs the pipeline as given, go without.
     Thread-safe: concurrent calls run one after another (COMPILE_LOCK)."""
     with COMPILE_LOCK:
-        return _compile(model, example_inputs, target, calibration_data, dynamic, options, keep)
+        try:
+            calibration_data = _reiterable(calibration_data)
+            again = dict(options)       # _compile takes its options out of the dict it is given
+            done = _compile(model, example_inputs, target, calibration_data, dynamic, options, keep)
+            if not (guard if guard is not None else not keep):
+                return done
+            args, kwargs = normalize_inputs(example_from(example_inputs, calibration_data))
+            return latency_guard.check(done, lambda fp32_layers: _compile(
+                model, example_inputs, latency_guard.keep_fp32(target, fp32_layers), calibration_data,
+                dynamic, dict(again), keep), again, args, kwargs)
+        finally:
+            COMPILE_NOTICE.finish()     # "compiled N kernels in T s", if any compiled
 
 
 def _compile(model, example_inputs, target, calibration_data, dynamic, options, keep):
@@ -76,6 +95,7 @@ def _compile(model, example_inputs, target, calibration_data, dynamic, options, 
     args, kwargs = normalize_inputs(example_inputs)
     pipeline = target_pipeline(target) if isinstance(target, str) else _as_pipeline(target)
     pipeline = with_pruning(pipeline, options.pop("prune", None), options.pop("finetune", None))
+    COMPILE_NOTICE.before(pipeline.names)   # a cold kernel cache: say so before capture starts
     instruments = Instruments(**{k: _tuple(k, options.pop(k)) for k in INSTRUMENTS if k in options})
     gm = capture(model, example_inputs, dynamic=dynamic)
     # drift after every pass and the per-layer table run the model many times: on a
@@ -115,6 +135,8 @@ def _check_options(options: dict) -> None:
     if unknown:
         valid = ", ".join(sorted(OPTIONS) + list(INSTRUMENTS) + ["calibration_data", "dynamic"])
         raise PipelineError(f"unknown option(s) {', '.join(unknown)}; valid options: {valid}")
+    if not isinstance(options.get("latency_aware", True), bool):
+        raise TypeError(f"latency_aware must be True or False, got {options['latency_aware']!r}")
 
 
 def _tuple(key, value):

@@ -47,6 +47,12 @@ def layer_kind(node: Node) -> str | None:
             OpKind.ATTENTION: "attention"}.get(kind)
 
 
+def int8_layers(gm: GraphModule) -> list[str]:
+    """Names of the layers `gm` runs in int8, in graph order."""
+    return [n.meta.get(LAYER, n.name) for n in gm.graph.nodes
+            if n.op == "call_function" and n.target in _INT8_UNITS]
+
+
 def node_macs(node: Node) -> int:
     """Multiply-accumulates of a node at the example sizes, whatever form it is in."""
     out = concrete_shape(node)
@@ -185,11 +191,22 @@ def model_summary(model, original: GraphModule, optimized: GraphModule, args: tu
                "int8_macs": sum(r["macs"] for r in rows if r["precision"] == "int8"),
                "latency_original": None, "latency_optimized": None, "latency_repeats": latency_repeats}
     if latency_repeats:
-        was_training = model.training
-        model.eval()
-        try:
-            summary["latency_original"] = median_latency(lambda: model(*args, **kwargs), latency_repeats)
-        finally:
-            model.train(was_training)
-        summary["latency_optimized"] = median_latency(lambda: optimized(*args, **kwargs), latency_repeats)
+        summary["latency_original"], summary["latency_optimized"] = latency_pair(
+            model, optimized, args, kwargs, latency_repeats)
     return summary
+
+
+def latency_pair(model, optimized, args: tuple, kwargs: dict, repeats: int) -> tuple[float, float]:
+    """Median seconds per call of `model` (eval mode) and `optimized`, timed taking turns, so
+    that a change of machine load hits both alike and their ratio stays meaningful."""
+    from fxopt.bench.timing import interleaved_medians
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            med = interleaved_medians({"before": lambda: model(*args, **kwargs),
+                                       "after": lambda: optimized(*args, **kwargs)},
+                                      repeats=repeats, min_batch_s=1e-3, warmup=1)
+    finally:
+        model.train(was_training)
+    return med["before"], med["after"]

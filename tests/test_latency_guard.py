@@ -1,0 +1,98 @@
+"""An int8 result that measures slower than its input model is never handed back silently:
+latency-aware lowering keeps fp32 where int8 measured slower, and a slower result warns."""
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import fxopt
+from fxopt.driver import latency_guard
+from fxopt.report.model_report import int8_layers
+
+
+class Skinny(nn.Module):
+    """A wide input into 4 outputs: int8 must quantize 2048 floats per row for 8 K MACs, so
+    quantizing costs several times what the int8 product saves on any CPU. The head is an
+    ordinary layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.skinny = nn.Linear(2048, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.skinny(x)))
+
+
+def _optimize(**options):
+    torch.manual_seed(0)
+    model = Skinny().eval()
+    x = torch.randn(256, 2048)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fast = fxopt.optimize(model, (x,), target="cpu-int8", calibration_data=[(x,)], **options)
+    slower = [str(w.message) for w in caught if "measured slower than the input model" in str(w.message)]
+    return model, x, fast, slower
+
+
+def test_all_int8_on_request_warns_with_the_figures_and_the_way_out():
+    model, x, fast, slower = _optimize(latency_aware=False)
+    assert "skinny" in int8_layers(fast)                   # kept int8, as asked
+    assert len(slower) == 1, slower
+    s = fast.fxopt_report.summary
+    assert s["latency_optimized"] > s["latency_original"] * (1 + latency_guard.NOISE)
+    assert f"{s['latency_optimized'] * 1e3:.3f} ms vs {s['latency_original'] * 1e3:.3f} ms" in slower[0]
+    assert "cpu-fp32" in slower[0] and "latency_aware=False" in slower[0]
+
+
+def test_by_default_the_layers_where_int8_measured_slower_stay_fp32():
+    model, x, fast, slower = _optimize()
+    assert "skinny" not in int8_layers(fast)
+    assert "skinny" in fast.fxopt_report.summary["latency_aware"]
+    assert "int8 not faster here" in fast.fxopt_report.sections["latency_aware"]
+    assert "latency-aware" in str(fast.fxopt_report)
+    y, ref = fast(x), model(x)
+    other = model(torch.randn(256, 2048))
+    assert (ref - other).abs().max() > 0.1                 # the output depends on the input
+    torch.testing.assert_close(y, ref, rtol=1e-3, atol=1e-3)
+
+
+def test_no_check_without_timing_and_a_faster_result_is_left_alone():
+    _, _, fast, slower = _optimize(latency_repeats=0)
+    assert "skinny" in int8_layers(fast) and not slower
+    assert "latency_aware" not in fast.fxopt_report.summary
+
+
+def test_the_decision_with_a_clock_we_set(monkeypatch):
+    """Deterministic: a model is 'slower' by 2x while it runs `skinny` in int8, and `skinny`
+    is the one layer whose int8 op is slower; the default keeps it fp32 and does not warn."""
+    from fxopt.report import model_report
+    from fxopt.search import sensitivity
+
+    def pair(model, optimized, args, kwargs, repeats):
+        return 1e-3, (2e-3 if "skinny" in int8_layers(optimized) else 0.9e-3)
+
+    monkeypatch.setattr(model_report, "latency_pair", pair)
+    monkeypatch.setattr(sensitivity, "layer_latency",
+                        lambda int8_gm, fp32_gm, args, kwargs: {"skinny": (3e-3, 1e-3), "head": (1e-5, 1e-5)})
+    model, x, fast, slower = _optimize()
+    assert int8_layers(fast) == ["head"] and not slower
+    assert list(fast.fxopt_report.summary["latency_aware"]) == ["skinny"]
+    assert fast.fxopt_report.summary["latency_optimized"] == 0.9e-3
+    _, _, fast, slower = _optimize(latency_aware=False)
+    assert int8_layers(fast) == ["skinny", "head"] and len(slower) == 1
+
+
+def test_the_message_says_what_happened():
+    s = {"latency_optimized": 2e-3, "latency_original": 1e-3}
+    text = latency_guard._slower_message(s, 2.0, {}, 3)
+    assert "2.000 ms vs 1.000 ms" in text and "0.50x" in text and "too small for int8" in text
+    text = latency_guard._slower_message(s, 2.0, {"a": "int8 not faster here"}, 1)
+    assert "Kept fp32 where int8 measured slower: a." in text and "No layer is int8 now" in text
+
+
+@pytest.mark.parametrize("value", ["yes", 2])
+def test_latency_aware_must_be_a_bool(value):
+    with pytest.raises(TypeError, match="latency_aware"):
+        fxopt.optimize(nn.Linear(4, 4), (torch.randn(2, 4),), target="cpu-int8", latency_aware=value)
