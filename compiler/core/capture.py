@@ -9,6 +9,7 @@ module is called like the original model and returns the same structure
     gm = capture(model, {"input_ids": ids, "attention_mask": mask})
     gm(input_ids=ids, attention_mask=mask)   # same outputs as model(...)
     gm.meta["fxopt_capture"]["dynamic_dims"]  # {"input_ids": {0: "s0", 1: "s1"}, ...}
+    capture(cnn, (torch.randn(2, 3, 224, 224),))(torch.randn(2, 3, 160, 200))   # any image size
 """
 import copy
 import inspect
@@ -424,11 +425,15 @@ def capture(model: nn.Module, example_inputs, dynamic: bool = True) -> fx.GraphM
     """Capture ``model`` into an ATen-level ``fx.GraphModule`` with torch.export.
 
     The result is called exactly like ``model`` and returns the same output
-    structure. Batch (dim 0 of every tensor input) and sequence (dim 1 of
-    token inputs and of [batch, seq, hidden] inputs) are dynamic unless
-    ``dynamic=False``; dims export had to fix are reported with a warning.
+    structure. Batch (dim 0 of every tensor input), sequence (dim 1 of
+    token inputs and of [batch, seq, hidden] inputs) and image height and
+    width (dims 2 and 3 of 4-D float inputs) are dynamic unless
+    ``dynamic=False``; batch and sequence dims export had to fix are reported
+    with a warning, image sizes the model fixes only in ``static_dims``.
     ``gm.meta['fxopt_capture']`` records ``dynamic_dims``
-    (``{input: {dim: symbol}}``), ``static_dims`` (wanted dynamic but fixed:
+    (``{input: {dim: symbol}}``), ``dynamic_ranges`` (``{input: {dim: (lowest,
+    highest or None)}}`` as export found them; the entry check enforces the
+    highest), ``static_dims`` (wanted dynamic but fixed:
     ``{input: {dim: size}}``) and ``input_names``. The user's model is not
     modified: it is deep-copied before export. Thread-safe: captures from several
     threads take turns (TRACE_LOCK).
