@@ -3,7 +3,6 @@ ResNet-style CNN captured at 224x224 runs at 160x160, 320x320 and odd sizes, on 
 targets and both runtimes and after save/load, against eager fp32 at the same size; a
 model that fixes its image size says so, naming the input, the dim and the fix; and a
 new size compiles no new kernel."""
-import time
 import warnings
 
 import pytest
@@ -217,3 +216,29 @@ def test_a_model_that_fixes_its_image_size_says_so(runtime, tmp_path):
                 assert f"input 'x' dim {2 if bad.shape[2] != 32 else 3} must be 32" in text
                 assert "optimize it again with example_inputs of the size you will call it with" in text
                 assert "Guard" not in text
+
+
+class Square(nn.Module):
+    """Adds its feature map to its transpose: any size, as long as height == width."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return y + y.transpose(2, 3)
+
+
+def test_a_square_only_model_takes_any_square_and_names_a_non_square():
+    torch.manual_seed(0)
+    model = Square().eval()
+    fast = fxopt.optimize(model, (torch.randn(2, 3, 16, 16),), target="cpu-fp32", latency_repeats=0,
+                          report_layers=False, drift=False)
+    dims = fast.meta["fxopt_capture"]["dynamic_dims"]["x"]
+    assert dims[2] == dims[3]
+    x = torch.randn(2, 3, 24, 24)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), model(x), rtol=1e-5, atol=1e-5)
+        with pytest.raises(ValueError, match="input 'x' dim 3 is 20 but input 'x' dim 2 is 24; the model needs them equal"):
+            fast(torch.randn(2, 3, 24, 20))

@@ -168,8 +168,11 @@ def _tied_images(gm, args, kwargs):
         return frozenset()
     tied = set()
     for guard in env.guards:
-        if isinstance(guard.expr, sympy.Eq):
-            tied |= guard.expr.free_symbols
+        # Why not symbol == symbol (a square image): export gives both dims one symbol,
+        # and the entry check holds dims sharing a symbol equal
+        expr = guard.expr
+        if isinstance(expr, sympy.Eq) and not (expr.lhs.is_Symbol and expr.rhs.is_Symbol):
+            tied |= expr.free_symbols
     return frozenset(i for i, found in symbols.items() if found & tied)
 def _name_extra_kwargs(model, kwargs):
     """Give ``model.forward`` a signature naming each keyword that lands in ``**kwargs``.
