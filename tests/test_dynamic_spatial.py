@@ -240,5 +240,6 @@ def test_a_square_only_model_takes_any_square_and_names_a_non_square():
     x = torch.randn(2, 3, 24, 24)
     with torch.no_grad():
         torch.testing.assert_close(fast(x), model(x), rtol=1e-5, atol=1e-5)
-        with pytest.raises(ValueError, match="input 'x' dim 3 is 20 but input 'x' dim 2 is 24; the model needs them equal"):
+        with pytest.raises(ValueError, match="input 'x' dim 3 is 20 but input 'x' dim 2 is 24; the model "
+                                             "needs them equal"):
             fast(torch.randn(2, 3, 24, 20))
