@@ -36,7 +36,9 @@ def run(gm, ctx, observer="minmax", progress=True, max_samples=0) -> PassResult:
     if max_samples:
         data = list(_take(data, max_samples))
     ranges = {nid: make_observer(observer) for nid in inputs}
-    stats = {nid: InputStats(conv=node.meta["val"].dim() == 4) for nid, node in inputs.items()}
+    # a conv's channels are dim 1, a linear's the last (also on a 4-D NHWC input, as in ConvNeXt)
+    conv_inputs = {n.args[0].meta["fxopt_id"] for n in units if n.target is fxops.conv2d_act}
+    stats = {nid: InputStats(conv=nid in conv_inputs) for nid in inputs}
     observe(gm, data, outputs={nid: Tee(ranges[nid], stats[nid]) for nid in inputs}, progress=progress)
     ctx.state["calibrate_ranges"] = {nid: _range(nid, obs) for nid, obs in ranges.items()}
     ctx.state["calibrate_inputs"] = stats

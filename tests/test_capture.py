@@ -51,16 +51,28 @@ def test_matches_eager(name, which):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+# image models that take any height and width; ViT's position table fixes its image size, and
+# so does the TF-style padding of Hugging Face's MobileNetV2 (computed from the input's size)
+IMAGE_MODELS = {"cnn_bn_residual", "dwsep_cnn", "resnet", "convnext"}
+FIXED_IMAGE_MODELS = {"vit", "mobilenet_v2"}
+
+
 @pytest.mark.parametrize("name", list(ZOO))
-def test_batch_and_sequence_are_dynamic(name):
+def test_batch_sequence_and_image_size_are_dynamic(name):
     model, example, _, gm = _captured(name)
     record = gm.meta["fxopt_capture"]
     args, kwargs = normalize_inputs(example)
     tensor_names = list(kwargs) if kwargs else [record["input_names"][0]]
-    assert record["static_dims"] == {}
-    want = {0, 1} if name in SEQUENCE_MODELS else {0}
+    want = {0, 1} if name in SEQUENCE_MODELS else {0, 2, 3} if name in IMAGE_MODELS else {0}
     for input_name in tensor_names:
         assert set(record["dynamic_dims"][input_name]) == want
+        assert set(record["dynamic_ranges"][input_name]) == want
+        for low, high in record["dynamic_ranges"][input_name].values():
+            assert low >= 0 and (high is None or high >= low)
+    if name in FIXED_IMAGE_MODELS:
+        assert record["static_dims"] == {"pixel_values": {2: 32, 3: 32}}
+    else:
+        assert record["static_dims"] == {}
 
 
 @pytest.mark.parametrize("name", list(ZOO))

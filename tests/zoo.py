@@ -2,8 +2,8 @@
 
 Each builder returns ``(model, example_inputs, other_inputs)``: the model in
 eval mode, the inputs to capture with, and inputs with a different batch size
-and (where the model has one) a different sequence length, to check that a
-captured graph answers other shapes. Nothing is downloaded: Hugging Face
+and (where the model has one) a different sequence length or image size, to
+check that a captured graph answers other shapes. Nothing is downloaded: Hugging Face
 models are built from small configs.
 
     model, example, other = ZOO["bert"]()
@@ -24,8 +24,12 @@ def randomize_batchnorm(model: nn.Module, seed: int = SEED) -> nn.Module:
                                         gamma_range=(0.5, 1.5), beta_std=0.2)
 
 
-def _image(batch: int, channels: int = 3, size: int = 32) -> torch.Tensor:
-    return torch.randn(batch, channels, size, size)
+# the size of the `other` images of models that take any image size: odd, not square
+OTHER_HW = (37, 45)
+
+
+def _image(batch: int, channels: int = 3, size: int = 32, width: int = None) -> torch.Tensor:
+    return torch.randn(batch, channels, size, width or size)
 
 
 def _tokens(batch: int, seq: int, vocab: int, with_types: bool = True) -> dict:
@@ -130,12 +134,12 @@ def mlp():
 
 def cnn_bn_residual():
     model = randomize_batchnorm(_seeded(CNNBNResidual)).eval()
-    return model, (_image(2),), (_image(5),)
+    return model, (_image(2),), (_image(5, 3, *OTHER_HW),)
 
 
 def dwsep_cnn():
     model = randomize_batchnorm(_seeded(DWSepCNN)).eval()
-    return model, (_image(2),), (_image(3),)
+    return model, (_image(2),), (_image(3, 3, *OTHER_HW),)
 
 
 def transformer_encoder():
@@ -203,7 +207,7 @@ def resnet():
                 num_channels=3, embedding_size=8, hidden_sizes=[8, 16],
                 depths=[1, 1], layer_type="basic")
     torch.manual_seed(SEED)
-    return model, {"pixel_values": _image(2)}, {"pixel_values": _image(3)}
+    return model, {"pixel_values": _image(2)}, {"pixel_values": _image(3, 3, *OTHER_HW)}
 
 
 def mobilenet_v2():
@@ -219,7 +223,7 @@ def convnext():
                 num_channels=3, num_stages=2, hidden_sizes=[8, 16],
                 depths=[1, 1], image_size=32)
     torch.manual_seed(SEED)
-    return model, {"pixel_values": _image(2)}, {"pixel_values": _image(3)}
+    return model, {"pixel_values": _image(2)}, {"pixel_values": _image(3, 3, *OTHER_HW)}
 
 
 def gpt2(use_cache: bool = False):

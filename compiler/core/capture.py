@@ -9,6 +9,7 @@ module is called like the original model and returns the same structure
     gm = capture(model, {"input_ids": ids, "attention_mask": mask})
     gm(input_ids=ids, attention_mask=mask)   # same outputs as model(...)
     gm.meta["fxopt_capture"]["dynamic_dims"]  # {"input_ids": {0: "s0", 1: "s1"}, ...}
+    capture(cnn, (torch.randn(2, 3, 224, 224),))(torch.randn(2, 3, 160, 200))   # any image size
 """
 import copy
 import inspect
@@ -18,6 +19,7 @@ import threading
 import traceback
 import warnings
 
+import sympy
 import torch
 import torch.utils._pytree as pytree
 from torch import fx, nn
@@ -37,6 +39,7 @@ CAPTURE_META = "fxopt_capture"
 # compile driver (whose passes run fake-tensor propagation) hold this one lock.
 TRACE_LOCK = threading.RLock()
 
+SPATIAL_DIMS = (2, 3)     # height and width of an NCHW image input
 _TOKEN_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool)
 
 
@@ -109,30 +112,68 @@ def input_names(model, args, kwargs):
 # ------------------------------------------------------------- dynamic shapes
 
 def _wanted_dims(t):
-    """Dims of one input tensor we try to make dynamic: batch and sequence.
+    """Dims of one input tensor we try to make dynamic: batch, sequence, image height and width.
 
     Why these: dim 0 is the batch of every input; dim 1 is a sequence for
-    token-like inputs [batch, seq] and for [batch, seq, hidden] features.
+    token-like inputs [batch, seq] and for [batch, seq, hidden] features;
+    dims 2 and 3 of a floating [batch, channels, height, width] input are an
+    image's size, which vision models usually take at any resolution.
     Image channels and feature widths are baked into the weights.
     """
     if not isinstance(t, torch.Tensor) or t.dim() == 0:
         return ()
     if t.dim() >= 2 and (t.dtype in _TOKEN_DTYPES or (t.is_floating_point() and t.dim() == 3)):
         return (0, 1)
+    if t.is_floating_point() and t.dim() == 4:
+        return (0,) + SPATIAL_DIMS
     return (0,)
 
 
-def _dynamic_shapes(model, args, kwargs):
-    """dynamic_shapes for export: Dim.AUTO on the wanted dims of every tensor."""
+def _dynamic_shapes(model, args, kwargs, fixed=frozenset()):
+    """dynamic_shapes for export: Dim.AUTO on the wanted dims of every tensor, but for the
+    height and width of the tensors in `fixed` (by id)."""
     bound = inspect.signature(model.forward).bind(*args, **kwargs).arguments
 
     def spec(leaf):
+        if not isinstance(leaf, torch.Tensor):
+            return None
         dims = _wanted_dims(leaf)
-        return {d: Dim.AUTO for d in dims} if isinstance(leaf, torch.Tensor) else None
+        if id(leaf) in fixed:
+            dims = [d for d in dims if d not in SPATIAL_DIMS]
+        return {d: Dim.AUTO for d in dims}
 
     return {name: pytree.tree_map(spec, value) for name, value in bound.items()}
 
 
+def _tied_images(gm, args, kwargs):
+    """Ids of the image inputs whose height or width the graph ties by an equation, e.g. a
+    Flatten into a Linear sized C*H*W: ``4*(((H - 1)//2) + 1)*(((W - 1)//2) + 1) == 1024``.
+
+    Why: export keeps such a dim symbolic and checks the equation in generated code, which
+    a saved model cannot carry and whose error names no input. Exported again with those
+    dims static, the entry check names the input, the dim and the size the model takes.
+    """
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    symbols, env = {}, None
+    for node, leaf in zip(placeholders, pytree.tree_leaves((args, kwargs))):
+        val = node.meta.get("val")
+        if not isinstance(val, torch.Tensor) or SPATIAL_DIMS[0] not in _wanted_dims(leaf):
+            continue
+        for d in SPATIAL_DIMS:
+            size = val.shape[d]
+            if isinstance(size, torch.SymInt) and not is_concrete_int(size):
+                env = size.node.shape_env
+                symbols.setdefault(id(leaf), set()).update(size.node.expr.free_symbols)
+    if env is None:
+        return frozenset()
+    tied = set()
+    for guard in env.guards:
+        # Why not symbol == symbol (a square image): export gives both dims one symbol,
+        # and the entry check holds dims sharing a symbol equal
+        expr = guard.expr
+        if isinstance(expr, sympy.Eq) and not (expr.lhs.is_Symbol and expr.rhs.is_Symbol):
+            tied |= expr.free_symbols
+    return frozenset(i for i, found in symbols.items() if found & tied)
 def _name_extra_kwargs(model, kwargs):
     """Give ``model.forward`` a signature naming each keyword that lands in ``**kwargs``.
 
@@ -189,9 +230,10 @@ def _widen_size_one(args, kwargs):
 
 
 def _dim_record(gm, names, wanted):
-    """Which wanted dims came out dynamic (symbol name) and which static (size)."""
+    """Which wanted dims came out dynamic (symbol name), the range of each (lowest, highest
+    or None) and which wanted dims came out static (size)."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    dynamic, static = {}, {}
+    dynamic, ranges, static = {}, {}, {}
     for node, name in zip(placeholders, names):
         val = node.meta.get("val")
         if not isinstance(val, torch.Tensor):
@@ -202,14 +244,29 @@ def _dim_record(gm, names, wanted):
             # whose value is a constant.
             if isinstance(size, torch.SymInt) and not is_concrete_int(size):
                 dynamic.setdefault(name, {})[d] = str(size)
+                ranges.setdefault(name, {})[d] = _range(size)
             else:
                 static.setdefault(name, {})[d] = int(size)
-    return dynamic, static
+    return dynamic, ranges, static
+
+
+def _range(size):
+    """(lowest, highest or None if unbounded) export found a dynamic size may take."""
+    node = size.node
+    bound = node.shape_env.bound_sympy(node.expr)
+    # Why is_Integer: torch's integer infinity (int_oo) claims to be finite
+    upper = int(bound.upper) if bound.upper.is_Integer else None
+    return int(bound.lower) if bound.lower.is_Integer else 0, upper
 
 
 def _warn_static(static, model_name):
+    """Warn of batch and sequence dims export fixed. Why not image sizes: a model that
+    fixes its image size (a Flatten into a Linear, a position table) is common and
+    intended; the entry check names the size when a call breaks it."""
     for name, dims in static.items():
         for d, size in dims.items():
+            if d in SPATIAL_DIMS:
+                continue
             what = "batch" if d == 0 else "sequence"
             warnings.warn(
                 f"fxopt.capture({model_name}): input '{name}' dim {d} ({what}) is static "
@@ -332,18 +389,28 @@ def _export(model, args, kwargs, dynamic_shapes):
     return ep.module()
 
 
+def _export_auto(model, args, kwargs):
+    """Export with Dim.AUTO on the wanted dims; image dims the graph ties by an equation
+    are exported again as static (see _tied_images)."""
+    gm = _export(model, args, kwargs, _dynamic_shapes(model, args, kwargs))
+    tied = _tied_images(gm, args, kwargs)
+    if tied:
+        gm = _export(model, args, kwargs, _dynamic_shapes(model, args, kwargs, tied))
+    return gm
+
+
 def _export_dynamic(model, args, kwargs, name):
-    """Export with batch/sequence dynamic; widen size-1 examples; else go static."""
+    """Export with batch/sequence/image size dynamic; widen size-1 examples; else go static."""
     widened = _widen_size_one(args, kwargs)
     if widened is not None:
         try:
-            return _export(model, *widened, _dynamic_shapes(model, *widened))
+            return _export_auto(model, *widened)
         except Exception as e:  # noqa: BLE001 - retried below on the user's own inputs
             warnings.warn(f"fxopt.capture({name}): export with size-1 dims widened to 2 "
                           f"failed ({_headline(e)}); exporting the example as given, so "
                           f"its size-1 dims will be static.", stacklevel=3)
     try:
-        return _export(model, args, kwargs, _dynamic_shapes(model, args, kwargs))
+        return _export_auto(model, args, kwargs)
     except Exception as e:  # noqa: BLE001
         if not _may_be_shape_related(e):
             raise capture_error(e, name) from e
@@ -361,11 +428,15 @@ def capture(model: nn.Module, example_inputs, dynamic: bool = True) -> fx.GraphM
     """Capture ``model`` into an ATen-level ``fx.GraphModule`` with torch.export.
 
     The result is called exactly like ``model`` and returns the same output
-    structure. Batch (dim 0 of every tensor input) and sequence (dim 1 of
-    token inputs and of [batch, seq, hidden] inputs) are dynamic unless
-    ``dynamic=False``; dims export had to fix are reported with a warning.
+    structure. Batch (dim 0 of every tensor input), sequence (dim 1 of
+    token inputs and of [batch, seq, hidden] inputs) and image height and
+    width (dims 2 and 3 of 4-D float inputs) are dynamic unless
+    ``dynamic=False``; batch and sequence dims export had to fix are reported
+    with a warning, image sizes the model fixes only in ``static_dims``.
     ``gm.meta['fxopt_capture']`` records ``dynamic_dims``
-    (``{input: {dim: symbol}}``), ``static_dims`` (wanted dynamic but fixed:
+    (``{input: {dim: symbol}}``), ``dynamic_ranges`` (``{input: {dim: (lowest,
+    highest or None)}}`` as export found them; the entry check enforces the
+    highest), ``static_dims`` (wanted dynamic but fixed:
     ``{input: {dim: size}}``) and ``input_names``. The user's model is not
     modified: it is deep-copied before export. Thread-safe: captures from several
     threads take turns (TRACE_LOCK).
@@ -401,9 +472,9 @@ def _finish(gm, model, args, kwargs, dynamic, name):
     names = input_names(model, args, kwargs)
     flat = pytree.tree_leaves((args, kwargs))
     wanted = {n: _wanted_dims(x) for n, x in zip(names, flat)} if dynamic else {}
-    dynamic_dims, static_dims = _dim_record(gm, names, wanted)
+    dynamic_dims, ranges, static_dims = _dim_record(gm, names, wanted)
     _warn_static(static_dims, name)
     annotate(gm)
-    gm.meta[CAPTURE_META] = {"dynamic_dims": dynamic_dims, "static_dims": static_dims,
-                             "input_names": names}
+    gm.meta[CAPTURE_META] = {"dynamic_dims": dynamic_dims, "dynamic_ranges": ranges,
+                             "static_dims": static_dims, "input_names": names}
     return gm

@@ -1,5 +1,5 @@
 """Parameter and multiply-accumulate counts of a captured graph, from its shape
-metadata evaluated at the example sizes (symbolic batch/sequence dims take
+metadata evaluated at the example sizes (symbolic batch/sequence/image dims take
 the value they had when the graph was captured).
 
     macs = node_macs(gm)           # {fxopt_id: MACs} of linear/conv/matmul/attention

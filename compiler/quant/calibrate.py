@@ -34,7 +34,7 @@ __all__ = ["ModelInputs", "calibrate", "observe_input_channels", "observe",
 ID = "fxopt_id"
 WHAT_TO_DO = ("Give calibration items in the same form as example_inputs (a tuple of positional "
               "args, a dict of keyword args, or a single tensor), with the same dtypes and the "
-              "same sizes except for the batch/sequence dims.")
+              "same sizes except for the batch, sequence and image height/width dims.")
 
 
 @dataclass(frozen=True)

@@ -94,8 +94,10 @@ def _check_one(spec: dict, x: torch.Tensor, seen: dict) -> None:
                          f"got shape {list(x.shape)}")
     for d, (want, got) in enumerate(zip(shape, x.shape)):
         if isinstance(want, int) and want != got:
-            raise ValueError(f"input '{name}' dim {d} must be {want} (fixed when the model was "
-                             f"optimized; shape {wanted}), got shape {list(x.shape)}")
+            raise ValueError(f"input '{name}' dim {d} must be {want}, got shape {list(x.shape)}: the model "
+                             f"fixed that size when it was optimized (shape {wanted}, * = any size). To call "
+                             f"it with size {got} there, optimize it again with example_inputs of the size "
+                             f"you will call it with")
         if d < len(largest) and largest[d] is not None and got > largest[d]:
             raise ValueError(f"input '{name}' dim {d} is {got}, but the model takes at most {largest[d]} "
                              f"there (a limit of the model, e.g. its position table, found when it was "
