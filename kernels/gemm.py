@@ -539,7 +539,7 @@ def _worker(tag, w, threads, nxt, njobs, nmc, mchunk, rows_first, x, aq, bp, kg,
     _tile_state(tag, False, aq.shape[0], kg)
 
 
-@njit
+@njit(cache=CACHE)  # called from Python too (linear._padded_rows): cached, or each process compiles it
 def a_stride(kg, itemsize=1):
     """Row stride of quantized A, in elements of `itemsize` bytes: whole cache lines
     plus one, so the MR rows a tile reads never share an L1 set (a stride of 1 KiB
