@@ -15,12 +15,14 @@ a model, whose input shape then comes from --input-shape.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import importlib.util
 import os
 import sys
+import warnings
 
-from fxopt.core.errors import FxoptError
+from fxopt.core.errors import FxoptError, NoCalibrationWarning
 
 BENCHES = {"gemm": "fxopt.bench.gemm", "prune": "fxopt.bench.prune", "models": "fxopt.bench.models"}
 
@@ -31,10 +33,40 @@ def main(argv=None) -> int:
     if ns.command != "bench" and rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
-        return ns.func(ns, rest) or 0
+        with _warnings_in_cli_terms(ns):
+            return ns.func(ns, rest) or 0
     except FxoptError as e:
         print(f"fxopt: error: {e}", file=sys.stderr)
         return 2
+
+
+@contextlib.contextmanager
+def _warnings_in_cli_terms(ns):
+    """Show warnings whose advice names a Python argument in the command line's terms.
+
+    Only the wording changes: a warning the user's filters hide stays hidden.
+    """
+    show = warnings.showwarning
+
+    def reword(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, NoCalibrationWarning):
+            print(f"fxopt: warning: {_no_calibration_advice(ns)}", file=sys.stderr)
+        else:
+            show(message, category, filename, lineno, file, line)
+    warnings.showwarning = reword
+    try:
+        yield
+    finally:
+        warnings.showwarning = show
+
+
+def _no_calibration_advice(ns) -> str:
+    if hasattr(ns, "calib"):
+        return ("no --calib was given, so static activation ranges were calibrated on the example inputs "
+                "only; real inputs outside those ranges will be clipped. Give --calib FILE.pt with a few "
+                "batches of real inputs (`fxopt optimize --help` shows the format).")
+    return (f"static activation ranges were calibrated on the example inputs only: `fxopt {ns.command}` "
+            "takes no calibration data (`fxopt optimize --calib FILE.pt` does).")
 
 
 def _parser() -> argparse.ArgumentParser:

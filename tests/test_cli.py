@@ -3,6 +3,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from fxopt.cli import main
 
 ZOO = os.path.join(os.path.dirname(__file__), "zoo.py")
@@ -85,3 +87,23 @@ def test_profile_a_factory_and_a_saved_model(capsys, tmp_path):
     torch.save(other, inputs)
     assert main(["profile", str(path), "--inputs", str(inputs), "--repeats", "2", "--top", "0"]) == 0
     assert "kernel steps" in capsys.readouterr().out
+
+
+def test_missing_calibration_warning_names_the_cli_flag(capsys, tmp_path):
+    out = tmp_path / "cnn.fxopt"
+    assert main(["optimize", f"{ZOO}:cnn_bn_residual", "-o", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "fxopt: warning: no --calib was given" in err and "calibration_data=" not in err
+    # a command without --calib says so rather than naming a flag it does not take
+    assert main(["inspect", f"{ZOO}:cnn_bn_residual", "--target", "cpu-int8"]) == 0
+    err = capsys.readouterr().err
+    assert "`fxopt inspect` takes no calibration data" in err and "calibration_data=" not in err
+
+
+def test_missing_calibration_warning_names_the_python_argument():
+    import fxopt
+    from zoo import cnn_bn_residual
+
+    model, example, _ = cnn_bn_residual()
+    with pytest.warns(fxopt.NoCalibrationWarning, match=r"Pass calibration_data= \(an iterable"):
+        fxopt.optimize(model, example, report_layers=False, latency_repeats=0)
