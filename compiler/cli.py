@@ -240,6 +240,9 @@ def _cmd_bench(ns, rest) -> int:
         module = importlib.import_module(BENCHES[ns.which])
     except ModuleNotFoundError as e:
         raise FxoptError(f"benchmark {ns.which!r} is not available in this build ({e})") from e
+    # a benchmark runs for minutes: show each line as it is measured, also through a pipe
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)
     return module.main(rest) or 0
 
 
