@@ -60,7 +60,7 @@ come from the example inputs alone and real inputs outside them are clipped."""
 def main(argv=None) -> int:
     parser = _parser()
     ns, rest = parser.parse_known_args(argv)
-    if ns.command != "bench" and rest:
+    if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         with _warnings_in_cli_terms(ns):
@@ -338,10 +338,21 @@ def load_factory(spec: str, input_shape: str | None = None):
     if isinstance(made, torch.nn.Module):
         if not input_shape:
             raise FxoptError(f"{spec} returned only a model: give --input-shape, e.g. --input-shape 1,3,224,224")
-        return made, (torch.randn(*[int(d) for d in input_shape.split(",")]),)
+        return made, (torch.randn(*_shape(input_shape)),)
     if isinstance(made, (tuple, list)) and len(made) >= 2 and isinstance(made[0], torch.nn.Module):
         return made[0], made[1]
     raise FxoptError(f"{spec} must return a model or (model, example_inputs), got {type(made).__name__}")
+
+
+def _shape(text: str) -> list[int]:
+    try:
+        dims = [int(d) for d in text.split(",")]
+    except ValueError:
+        dims = []
+    if not dims or min(dims) < 1:
+        raise FxoptError(f"--input-shape {text!r}: give positive integers separated by commas, "
+                         "e.g. --input-shape 1,3,224,224")
+    return dims
 
 
 def _import(where: str):

@@ -189,3 +189,16 @@ def test_missing_calibration_warning_names_the_python_argument():
     with pytest.warns(fxopt.NoCalibrationWarning, match=r"Pass calibration_data= \(an iterable"):
         fxopt.optimize(model, example, report_layers=False, latency_repeats=0)
 
+
+
+def test_bad_input_shape_and_stray_bench_options_are_clear_errors(capsys, tmp_path):
+    factory = tmp_path / "bare.py"
+    factory.write_text("import torch\n\ndef model():\n    return torch.nn.Linear(4, 2)\n")
+    assert main(["inspect", f"{factory}:model"]) == 2
+    assert "give --input-shape" in capsys.readouterr().err
+    assert main(["inspect", f"{factory}:model", "--input-shape", "2,x"]) == 2
+    assert "--input-shape '2,x': give positive integers separated by commas" in capsys.readouterr().err
+    assert main(["inspect", f"{factory}:model", "--input-shape", "2,4"]) == 0
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "--quick", "gemm"])
+    assert e.value.code == 2 and "unrecognized arguments: --quick" in capsys.readouterr().err
