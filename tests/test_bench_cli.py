@@ -21,6 +21,7 @@ torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qin
 """
 
 
+@pytest.mark.slow
 def test_torch_dynamic_int8_peer_is_built_without_torch_deprecation_notes():
     err = subprocess.run([sys.executable, "-W", "always", "-c", PEER_THEN_RAW], capture_output=True, text=True,
                          check=True).stderr
@@ -29,6 +30,7 @@ def test_torch_dynamic_int8_peer_is_built_without_torch_deprecation_notes():
     assert "deprecated" in raw      # torch does say it, so the check above can fail
 
 
+@pytest.mark.slow
 def test_gemm_bench_prints_rows_writes_nothing_without_out_and_warns_nothing(capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(gemm, "BERT_SHAPES", [(1, 64, 64), (8, 64, 128)])
@@ -47,6 +49,7 @@ def test_gemm_bench_prints_rows_writes_nothing_without_out_and_warns_nothing(cap
     assert (tmp_path / "results" / "gemm.json").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_models_bench_writes_nothing_without_out(capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert main(["bench", "models", "--small", "--models", "resnet50_b1", "--systems", "torch_fp32,fxopt",

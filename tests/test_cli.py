@@ -18,6 +18,7 @@ def test_passes_lists_targets_and_passes(capsys):
     assert "cpu-fp32" in out and "fold_batchnorm" in out and "fuse_epilogues" in out
 
 
+@pytest.mark.slow
 def test_inspect_prints_table_and_dumps(capsys, tmp_path):
     assert main(["inspect", f"{ZOO}:cnn_bn_residual", "--print-ir-after", "fold_batchnorm",
                  "--dump-dir", str(tmp_path)]) == 0
@@ -40,6 +41,7 @@ def test_bad_model_spec_is_a_clear_error(capsys):
     assert "unknown target 'gpu'" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_console_script_installed():
     out = subprocess.run([sys.executable, "-m", "fxopt.cli", "passes"], capture_output=True, text=True,
                          check=True).stdout
@@ -151,6 +153,7 @@ def _readme_recipe() -> str:
     return lines[0]
 
 
+@pytest.mark.slow
 def test_readme_calibration_recipe_works_through_the_cli(capsys, tmp_path, monkeypatch):
     import itertools
 
@@ -170,6 +173,7 @@ def test_readme_calibration_recipe_works_through_the_cli(capsys, tmp_path, monke
     assert "calibrated on the example inputs only" not in captured.err
 
 
+@pytest.mark.slow
 def test_missing_calibration_warning_names_the_cli_flag(capsys, tmp_path):
     out = tmp_path / "cnn.fxopt"
     assert main(["optimize", f"{ZOO}:cnn_bn_residual", "-o", str(out)]) == 0
@@ -181,6 +185,7 @@ def test_missing_calibration_warning_names_the_cli_flag(capsys, tmp_path):
     assert "`fxopt inspect` takes no calibration data" in err and "calibration_data=" not in err
 
 
+@pytest.mark.slow
 def test_missing_calibration_warning_names_the_python_argument():
     import fxopt
     from zoo import cnn_bn_residual

@@ -1,6 +1,8 @@
 """The report's model summary: size and latency say which way they went."""
 import os
 
+import pytest
+
 from fxopt.cli import main
 from fxopt.report.model_report import change, format_summary
 
@@ -18,6 +20,7 @@ def test_size_and_latency_lines_say_which_way_they_went():
     assert "1.00 ms -> 4.00 ms (4.00x slower)" in text
 
 
+@pytest.mark.slow
 def test_a_model_that_grows_is_reported_larger(capsys):
     # a model this small grows when int8: packed weights and column sums outweigh its fp32 weights
     assert main(["bisect", f"{ZOO}:cnn_bn_residual", "--target", "cpu-int8", "--tol", "1"]) == 0
