@@ -199,7 +199,7 @@ def parse_args(argv):
     p.add_argument("--out", metavar="PATH",
                    help="write models.json (models_small.json with --small) and a PNG chart into the folder "
                         "PATH, the JSON rewritten after every model (default: write nothing)")
-    p.add_argument("--small", action="store_true", help="tiny configs and shapes: a smoke run of a few minutes")
+    p.add_argument("--small", action="store_true", help="tiny configs and shapes: a smoke run of about a minute")
     args = p.parse_args(argv)
     args.models = _subset(p, "--models", args.models, specs_mod.SPECS)
     args.systems = _subset(p, "--systems", args.systems, SYSTEMS)

@@ -33,14 +33,14 @@ rows as they are measured, and writes files only when given --out PATH.
 
   gemm    int8 GEMM kernels against torch fp32 and torch dynamic int8 (fbgemm) on BERT
           and ResNet-50 GEMM shapes: GOP/s, % of the measured multiply-accumulate peak,
-          convs end to end, call overhead. A few minutes on 2 cores; --quick
-          (BERT shapes only, fewer repeats): 1-2 minutes.
+          convs end to end, call overhead. Under a minute on 2 cores (warm kernel
+          cache); --quick (BERT shapes only, 7 repeats): about 15 seconds.
   prune   latency of structured pruning (0, 30, 50%) on a BERT-base encoder and a
-          ResNet-50, fp32 and int8. Tens of minutes on 2 cores; --models bert
-          --layers 2 --repeats 3: a few minutes.
+          ResNet-50, fp32 and int8. Roughly 10-20 minutes on 2 cores; --models bert
+          --layers 2 --repeats 3: about a minute.
   models  whole models (BERT-base, ResNet-50, MobileNetV2) through fxopt against torch
           and ONNX Runtime, fp32 and int8: latency, speedup, cosine, memory. Tens of
-          minutes on 2 cores; --small (tiny configs): a few minutes.
+          minutes on 2 cores; --small (tiny configs): about a minute.
 
 `fxopt bench KIND --help` lists a benchmark's options."""
 
