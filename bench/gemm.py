@@ -1,6 +1,6 @@
 """int8 GEMM benchmark: fxopt kernels against torch fp32 and torch int8.
 
-    python -m fxopt.bench.gemm [--threads 2] [--out bench_results] [--quick]
+    fxopt bench gemm [--threads 2] [--repeats 21] [--quick] [--out PATH]
 
 Per shape (M, K, N): our GEMM (uint8 in, fp32 out), our full linear (fp32
 in/out, quantization included), the module fxopt.optimize returns for that
@@ -10,8 +10,9 @@ Linear (quantize_dynamic, fbgemm). Prints GOP/s (2*M*N*K ops), % of the
 measured peak of the path's multiply-accumulate (vpdpbusd; vpmaddwd + vpaddd
 on avx2; none on portable) and ratios to torch int8 (medians, compile excluded),
 the first-call (compile or cache-load) times, the warm call overhead of a
-1x64x64 linear, two batch-1 models through optimize against eager fp32, and
-writes gemm.json (+ gemm.png if matplotlib is present).
+1x64x64 linear, and two batch-1 models through optimize against eager fp32;
+rows print as they are measured. With --out PATH, writes PATH/gemm.json (+
+gemm.png if matplotlib is present); without it, nothing is written.
 """
 import argparse
 import json
@@ -23,6 +24,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
+from fxopt.bench.peers import quantize_dynamic_int8
 from fxopt.bench.timing import first_call_seconds, interleaved_medians, median_seconds
 from fxopt.kernels import amx, api as K
 from fxopt.kernels.simd import AMX_ISAS, PEAK_CHAINS, PEAK_OPS, TAGS, peak_chains
@@ -112,8 +114,7 @@ def _torch_models(w, b):
         lin.weight.copy_(torch.from_numpy(w))
         lin.bias.copy_(torch.from_numpy(b))
     model = torch.nn.Sequential(lin).eval()
-    q = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
-    return model, q
+    return model, quantize_dynamic_int8(model)
 
 
 def bench_shape(name, m, k, n, repeats, threads, rng):
@@ -155,17 +156,15 @@ def bench_shape(name, m, k, n, repeats, threads, rng):
 
 
 def _optimized(model, x):
-    """fxopt.optimize(model) with cpu-int8, quietly (no report timing)."""
-    import warnings
+    """fxopt.optimize(model) with cpu-int8, without the report's per-layer rows and timing."""
     import fxopt
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return fxopt.optimize(model, (x,), target="cpu-int8", report_layers=False, latency_repeats=0)
+    return fxopt.optimize(model, (x,), target="cpu-int8", report_layers=False, latency_repeats=0)
 
 
-def bench_small_models(repeats):
+def bench_small_models(repeats, out=lambda row: None):
     """Batch-1 models where call overhead decides: one 64x64 Linear, and four
-    Linear(256, 256)+ReLU; fxopt through optimize's module against eager fp32."""
+    Linear(256, 256)+ReLU; fxopt through optimize's module against eager fp32.
+    out(row) is called as each row is measured."""
     import torch
     torch.manual_seed(0)
     models = {"linear 1x64x64": (torch.nn.Sequential(torch.nn.Linear(64, 64)), torch.randn(1, 64)),
@@ -179,6 +178,7 @@ def bench_small_models(repeats):
         with torch.no_grad():
             med = interleaved_medians({"eager": lambda: model(x), "fxopt": lambda: fast(x)}, repeats=repeats)
         rows.append({"name": name, "eager_us": med["eager"] * 1e6, "fxopt_us": med["fxopt"] * 1e6})
+        out(rows[-1])
     return rows
 
 
@@ -200,19 +200,19 @@ def bench_conv(name, c, o, k, h, repeats, rng):
             **{key + "_gops": ops / v / 1e9 for key, v in med.items()}}
 
 
-def _fmt_table(rows):
+def _fmt_head():
     head = (f"{'shape':<22}{'M':>5}{'K':>6}{'N':>6} | {'gemm GOP/s':>10}{'%peak':>7} | "
             f"{'linear GOP/s':>12}{'%peak':>7} | {'torch fp32':>10} {'torch int8':>10} | "
             f"{'gemm/int8':>9} {'linear/int8':>11} | {'optimize/int8':>13} {'call-kernel us':>14} | "
             f"{'peak GOP/s':>10}")
-    lines = [head, "-" * len(head)]
+    return head + "\n" + "-" * len(head)
 
+
+def _fmt_row(r):
     def pct(gops, peak):
         return f"{100 * gops / peak:>6.1f}%" if peak else f"{'n/a':>7}"
-    for r in rows:
-        peak = r["peak_gops"]
-        lines.append(
-            f"{r['name']:<22}{r['m']:>5}{r['k']:>6}{r['n']:>6} | "
+    peak = r["peak_gops"]
+    return (f"{r['name']:<22}{r['m']:>5}{r['k']:>6}{r['n']:>6} | "
             f"{r['ours_gemm_gops']:>10.1f}{pct(r['ours_gemm_gops'], peak)} | "
             f"{r['ours_linear_gops']:>12.1f}{pct(r['ours_linear_gops'], peak)} | "
             f"{r['torch_fp32_gops']:>10.1f} {r['torch_int8_gops']:>10.1f} | "
@@ -221,7 +221,6 @@ def _fmt_table(rows):
             f"{r['ours_optimize_gops'] / r['torch_int8_gops']:>12.2f}x "
             f"{r['ours_optimize_us'] - r['ours_linear_us']:>14.1f} | "
             + (f"{peak:>10.1f}" if peak else f"{'n/a':>10}"))
-    return "\n".join(lines)
 
 
 def _first_calls(rng):
@@ -261,7 +260,7 @@ def _call_overhead_us(rng):
     return median_seconds(lambda: K.linear_f32(x, pw), repeats=31, min_batch_s=5e-3) * 1e6
 
 
-def _plot(rows, peak, path):
+def _plot(rows, path):
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -284,33 +283,64 @@ def _plot(rows, peak, path):
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="fxopt bench gemm", description=__doc__.split("\n")[0])
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=21)
-    p.add_argument("--out", default="bench_results")
-    p.add_argument("--quick", action="store_true", help="BERT shapes only, fewer repeats")
+    p.add_argument("--threads", type=int, default=2, help="torch and kernel threads (default: %(default)s)")
+    p.add_argument("--repeats", type=int, default=21,
+                   help="timed calls per candidate and shape; --quick uses 7 (default: %(default)s)")
+    p.add_argument("--out", metavar="PATH",
+                   help="write gemm.json (and gemm.png with matplotlib) into the folder PATH "
+                        "(default: write nothing)")
+    p.add_argument("--quick", action="store_true", help="BERT shapes only, no convs, 7 repeats")
     args = p.parse_args(argv)
     import torch
     torch.set_num_threads(args.threads)
     K.set_num_threads(args.threads)
     rng = np.random.default_rng(0)
-    cache = _cache_state()
-    first = _first_calls(rng)
-    peak1, peak = measure_peak(args.threads)
-    amx1, amx_peak = measure_amx_peak(args.threads)
+    info = _header(args, rng)
     shapes = [(f"bert {m}x{k}x{n}", m, k, n) for m, k, n in BERT_SHAPES]
     if not args.quick:
         shapes += [(name, *s) for name, s in CONV_SHAPES.items()]
     repeats = 7 if args.quick else args.repeats
-    rows = [bench_shape(name, m, k, n, repeats, args.threads, rng) for name, m, k, n in shapes]
-    convs = [] if args.quick else [bench_conv(name, *cfg, repeats, rng)
-                                   for name, cfg in CONVS.items()]
-    overhead = _call_overhead_us(rng)
-    small = bench_small_models(repeats)
+    print(_fmt_head(), flush=True)
+    rows = []
+    for name, m, k, n in shapes:
+        rows.append(bench_shape(name, m, k, n, repeats, args.threads, rng))
+        print(_fmt_row(rows[-1]), flush=True)
+    convs = []
+    if not args.quick:
+        print("\nend-to-end conv2d (batch 1, NCHW, fp32 in/out): ours int8 vs torch fp32", flush=True)
+        for name, cfg in CONVS.items():
+            convs.append(bench_conv(name, *cfg, repeats, rng))
+            r = convs[-1]
+            print(f"{r['name']:<22} ours {r['ours_conv_us']:>8.1f} us ({r['ours_conv_gops']:6.1f} GOP/s)"
+                  f"  torch fp32 {r['torch_fp32_us']:>8.1f} us ({r['torch_fp32_gops']:6.1f} GOP/s)"
+                  f"  speedup {r['torch_fp32_us'] / r['ours_conv_us']:5.2f}x", flush=True)
+    info["linear_1x64x64_call_us"] = _call_overhead_us(rng)
+    print(f"\nwarm linear_f32 call, 1x64x64: {info['linear_1x64x64_call_us']:.2f} us")
+    print("batch-1 models through fxopt.optimize's module (cpu-int8) against eager fp32:", flush=True)
+    small = bench_small_models(repeats, lambda r: print(
+        f"  {r['name']:<22} eager {r['eager_us']:8.1f} us  fxopt {r['fxopt_us']:8.1f} us  "
+        f"speedup {r['eager_us'] / r['fxopt_us']:5.2f}x", flush=True))
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "gemm.json"), "w") as f:
+            json.dump({"info": info, "rows": rows, "convs": convs, "small_models": small}, f, indent=1)
+        png = _plot(rows, os.path.join(args.out, "gemm.png"))
+        print(f"wrote {os.path.join(args.out, 'gemm.json')}" + (f" and {png}" if png else ""))
+    return 0
+
+
+def _header(args, rng) -> dict:
+    """Measure the first calls and the peaks, print them with the versions; the run's info."""
+    import torch
+    cache = _cache_state()
+    first = _first_calls(rng)
+    peak1, peak = measure_peak(args.threads)
+    amx1, amx_peak = measure_amx_peak(args.threads)
     info = {"torch": torch.__version__, "numba": numba.__version__, "numpy": np.__version__,
             "isa": K.isa(), "threads": args.threads, "cpu": platform.processor() or platform.machine(),
             "peak_tops_1thread": peak1, "peak_tops": peak,
             "amx_peak_tops_1thread": amx1, "amx_peak_tops": amx_peak, "first_call_s": first, "numba_cache": cache,
-            "linear_1x64x64_call_us": overhead, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+            "time": time.strftime("%Y-%m-%d %H:%M:%S")}
     print(f"fxopt bench gemm | torch {info['torch']} | numba {info['numba']} | "
           f"isa {info['isa']} | threads {args.threads} (torch and numba)")
     probe_op = PEAK_OPS.get(info["isa"])
@@ -326,25 +356,8 @@ def main(argv=None):
     print(f"first call (numba cache {cache}: {'load' if cache == 'warm' else 'JIT compile'}): " +
           ", ".join(f"{k} {v:.2f}s" for k, v in first.items()))
     print(f"medians, candidates interleaved; %peak against a {args.threads}-thread {probe_op} "
-          "probe interleaved with each shape (last column)\n")
-    print(_fmt_table(rows))
-    if convs:
-        print("\nend-to-end conv2d (batch 1, NCHW, fp32 in/out): ours int8 vs torch fp32")
-        for r in convs:
-            print(f"{r['name']:<22} ours {r['ours_conv_us']:>8.1f} us ({r['ours_conv_gops']:6.1f} GOP/s)"
-                  f"  torch fp32 {r['torch_fp32_us']:>8.1f} us ({r['torch_fp32_gops']:6.1f} GOP/s)"
-                  f"  speedup {r['torch_fp32_us'] / r['ours_conv_us']:5.2f}x")
-    print(f"\nwarm linear_f32 call, 1x64x64: {overhead:.2f} us")
-    print("batch-1 models through fxopt.optimize's module (cpu-int8) against eager fp32:")
-    for r in small:
-        print(f"  {r['name']:<22} eager {r['eager_us']:8.1f} us  fxopt {r['fxopt_us']:8.1f} us  "
-              f"speedup {r['eager_us'] / r['fxopt_us']:5.2f}x")
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "gemm.json"), "w") as f:
-        json.dump({"info": info, "rows": rows, "convs": convs, "small_models": small}, f, indent=1)
-    png = _plot(rows, peak, os.path.join(args.out, "gemm.png"))
-    print(f"wrote {os.path.join(args.out, 'gemm.json')}" + (f" and {png}" if png else ""))
-    return 0
+          "probe interleaved with each shape (last column)\n", flush=True)
+    return info
 
 
 if __name__ == "__main__":

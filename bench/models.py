@@ -1,15 +1,16 @@
 """Whole-model benchmark: fxopt cpu-int8 against torch and ONNX Runtime, fp32 and int8.
 
     fxopt bench models [--models bert_b8_s128,resnet50_b8] [--systems torch_fp32,fxopt]
-                       [--threads 2] [--repeats 20] [--warmup 3] [--out bench_results] [--small]
+                       [--threads 2] [--repeats 20] [--warmup 3] [--small] [--out PATH]
 
 Per model (BERT-base b8xs128 and b1xs32, ResNet-50 b1 and b8, MobileNetV2 b1;
 random weights, nothing downloads) and per system (torch fp32 eager, torch
 dynamic int8, ONNX Runtime fp32, ONNX Runtime dynamic int8, fxopt cpu-int8):
 median wall latency after warm-up, speedup over torch fp32, and cosine of the
 flattened last_hidden_state against torch fp32 on the same inputs. Every
-system gets its own copy of the model and the same thread count. Writes
-models.json (models_small.json with --small) and a PNG chart to --out.
+system gets its own copy of the model and the same thread count. Rows print
+as they are measured; with --out PATH, models.json (models_small.json with
+--small) and a PNG chart are written there, nothing otherwise.
 
 Systems are timed in turns: every system is set up first, then the timed
 calls run in ROUNDS rounds, each system taking its share of calls in every
@@ -188,14 +189,17 @@ def set_threads(n: int) -> dict:
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="fxopt bench models", description=__doc__.split("\n")[0])
     p.add_argument("--models", default=",".join(specs_mod.SPECS),
-                   help="comma-separated subset of: " + ", ".join(specs_mod.SPECS))
+                   help="comma-separated subset of: %(default)s (default: all)")
     p.add_argument("--systems", default=",".join(SYSTEMS),
-                   help="comma-separated subset of: " + ", ".join(SYSTEMS))
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=20)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--out", default="bench_results")
-    p.add_argument("--small", action="store_true", help="tiny configs and shapes: a quick smoke run")
+                   help="comma-separated subset of: %(default)s (default: all)")
+    p.add_argument("--threads", type=int, default=2,
+                   help="threads of every system (torch, ONNX Runtime, fxopt kernels) (default: %(default)s)")
+    p.add_argument("--repeats", type=int, default=20, help="timed calls per system and model (default: %(default)s)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed calls before timing (default: %(default)s)")
+    p.add_argument("--out", metavar="PATH",
+                   help="write models.json (models_small.json with --small) and a PNG chart into the folder "
+                        "PATH, the JSON rewritten after every model (default: write nothing)")
+    p.add_argument("--small", action="store_true", help="tiny configs and shapes: a smoke run of about a minute")
     args = p.parse_args(argv)
     args.models = _subset(p, "--models", args.models, specs_mod.SPECS)
     args.systems = _subset(p, "--systems", args.systems, SYSTEMS)
@@ -230,7 +234,7 @@ def _run(args, argv) -> int:
     info = rep.run_info(args, threads, "fxopt bench models " + shlex.join(map(str, argv)))
     rep.print_header(info)
     table = specs_mod.specs(args.small)
-    out_base = os.path.join(args.out, "models_small" if args.small else "models")
+    out_base = args.out and os.path.join(args.out, "models_small" if args.small else "models")
     results, families = [], {}
     with tempfile.TemporaryDirectory(prefix="fxopt_bench_") as tmp:
         for name in args.models:
@@ -241,13 +245,15 @@ def _run(args, argv) -> int:
                                          tempfile.mkdtemp(dir=tmp), {})
             results.append(run_model(spec, *families[spec.family], args, args.small))
             rep.print_table(results[-1])
-            rep.write_json(out_base + ".json", info, results, complete=False)
+            if out_base:
+                rep.write_json(out_base + ".json", info, results, complete=False)
     info["load_average_end"] = os.getloadavg()
     goals = rep.check_goals(results, args.small)
     rep.print_goals(goals)
-    rep.write_json(out_base + ".json", info, results, complete=True, goals=goals)
-    png = rep.plot(results, out_base + ".png", rep.chart_title(info))
-    print(f"\nwrote {out_base}.json" + (f" and {png}" if png else ""))
+    if out_base:
+        rep.write_json(out_base + ".json", info, results, complete=True, goals=goals)
+        png = rep.plot(results, out_base + ".png", rep.chart_title(info))
+        print(f"\nwrote {out_base}.json" + (f" and {png}" if png else ""))
     return 0
 
 

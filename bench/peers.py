@@ -65,11 +65,20 @@ def torch_fp32(model, inputs, ctx: Context) -> Prepared:
     return Prepared(_torch_call(model, inputs, ctx.output), {"setup": "eager, inference_mode"})
 
 
+def quantize_dynamic_int8(model):
+    """torch.ao's dynamic int8 of every nn.Linear (qint8 weights, fbgemm): the peer we measure against."""
+    with warnings.catch_warnings():
+        # torch 2.13 deprecates torch.ao.quantization and the quantized tensors
+        # quantize_dynamic builds its weights from, and says so on every call: notes about
+        # torch's API, not about fxopt or the measurement. Only these two are hidden.
+        warnings.filterwarnings("ignore", r"torch\.ao\.quantization is deprecated", DeprecationWarning)
+        warnings.filterwarnings("ignore", r"torch\.quantize_per_tensor, torch\.quantize_per_channel", UserWarning)
+        return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+
+
 def torch_int8(model, inputs, ctx: Context) -> Prepared:
     """torch.ao dynamic int8: nn.Linear only (convs stay fp32), qint8 weights."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        q = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+    q = quantize_dynamic_int8(model)
     info = {"setup": "quantize_dynamic({nn.Linear}, qint8), eager",
             "engine": torch.backends.quantized.engine}
     return Prepared(_torch_call(q, inputs, ctx.output), info)

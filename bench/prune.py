@@ -120,14 +120,16 @@ def scan_round_to(m=1024, k=768, widths=range(1504, 1553, 4), repeats=7, out=pri
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="fxopt bench prune", description=__doc__.split("\n")[0])
-    p.add_argument("--models", default="bert,resnet50")
-    p.add_argument("--ratios", default="0,0.3,0.5")
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--layers", type=int, default=12, help="BERT encoder layers (12 = BERT-base)")
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--seq", type=int, default=128)
-    p.add_argument("--image", type=int, default=224)
-    p.add_argument("--round-to", type=int, default=16)
+    p.add_argument("--models", default="bert,resnet50", help="comma-separated (default: %(default)s)")
+    p.add_argument("--ratios", default="0,0.3,0.5", help="prune ratios, comma-separated (default: %(default)s)")
+    p.add_argument("--repeats", type=int, default=5, help="timed rounds of all variants (default: %(default)s)")
+    p.add_argument("--layers", type=int, default=12,
+                   help="BERT encoder layers; 12 = BERT-base (default: %(default)s)")
+    p.add_argument("--batch", type=int, default=8, help="batch of both models (default: %(default)s)")
+    p.add_argument("--seq", type=int, default=128, help="BERT sequence length (default: %(default)s)")
+    p.add_argument("--image", type=int, default=224, help="ResNet-50 image size (default: %(default)s)")
+    p.add_argument("--round-to", type=int, default=16,
+                   help="kept widths are multiples of this (default: %(default)s)")
     p.add_argument("--scan-round-to", action="store_true",
                    help="only time the int8 kernel at kept widths around 1536")
     ns = p.parse_args(argv)

@@ -41,8 +41,8 @@ def _defer_to_installed(name: str, folder: str):
 if __name__ != "fxopt":
     _defer_to_installed(__name__, __path__[0])
 else:
-    from fxopt.core.errors import (ArtifactError, CalibrationError, CaptureError, FxoptError, PassError,
-                                   PipelineError)
+    from fxopt.core.errors import (ArtifactError, CalibrationError, CaptureError, FxoptError,
+                                   NoCalibrationWarning, PassError, PipelineError)
     from fxopt.core.version import VERSION as __version__
     from fxopt.core.capture import capture
     from fxopt.core import fxops as _fxops              # registers the fxopt:: torch ops
@@ -56,5 +56,5 @@ else:
     from fxopt.runtime.saturation import monitor as saturation_monitor
 
     __all__ = ["optimize", "bisect", "capture", "prune", "profile", "finetune", "save", "load", "Pipeline",
-               "TARGETS", "saturation_monitor", "warmup", "FxoptError", "ArtifactError", "CalibrationError", "CaptureError",
-               "PassError", "PipelineError"]
+               "TARGETS", "saturation_monitor", "warmup", "FxoptError", "ArtifactError", "CalibrationError",
+               "CaptureError", "PassError", "PipelineError", "NoCalibrationWarning"]

@@ -30,6 +30,7 @@ def trained(kind):
     return model, fast, x
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["mlp", "cnn"])
 def test_outputs_depend_on_the_input(kind):
     model, fast, x = trained(kind)
@@ -37,6 +38,7 @@ def test_outputs_depend_on_the_input(kind):
         assert not torch.allclose(model(x[:1]), model(x[1:2]), atol=1e-2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["mlp", "cnn"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_nonfinite_inputs_reach_the_outputs_as_in_eager(kind, bad, tmp_path):
@@ -76,6 +78,7 @@ def test_row_quantization_of_huge_rows_matches_the_reference(isa):
     assert np.array_equal(q[:, :4], rq)
 
 
+@pytest.mark.slow
 def test_embedding_indices_out_of_range_raise_like_eager():
     from zoo import ZOO
     model, example, _ = ZOO["bert"]()
@@ -111,6 +114,7 @@ def test_wrong_dtype_rank_or_device_is_a_clear_error(where, tmp_path):
     assert torch.equal(fast(x), trained("mlp")[1](x))
 
 
+@pytest.mark.slow
 def test_the_pass_skips_models_without_float_batched_inputs():
     from zoo import ZOO
     model, example, _ = ZOO["bert"]()

@@ -1,11 +1,14 @@
 """fxopt bench models: one smoke run on tiny configs, every model and system accounted for."""
 import json
 
+import pytest
+
 from fxopt.bench import models
 from fxopt.bench.model_specs import SPECS
 from fxopt.bench.peers import SYSTEMS
 
 
+@pytest.mark.slow
 def test_small_run_reports_every_system_of_every_model(tmp_path):
     assert models.main(["--small", "--repeats", "2", "--warmup", "1", "--out", str(tmp_path)]) == 0
     doc = json.loads((tmp_path / "models_small.json").read_text())

@@ -1,5 +1,6 @@
 """Bias correction: the shift dW @ E[x] against numpy, and its effect on held-out inputs."""
 import numpy as np
+import pytest
 import torch
 
 import fxopt
@@ -31,6 +32,7 @@ def test_weight_shift_grouped_conv_matches_sliding_window_mean():
     torch.testing.assert_close(weight_shift(w, w_q, s, stats.mean(), groups=2), expected, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_correction_helps_static_convs_on_held_out_inputs():
     model, example, other = ZOO["cnn_bn_residual"]()
     base = fxopt.TARGETS["cpu-int8"]

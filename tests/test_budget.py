@@ -22,7 +22,8 @@ from fxopt.search.sensitivity import quant_proxy, slower_in_int8
 TEST_SLACK = 0.02
 
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+# every test runs searches of many optimize + evaluate rounds: minutes in all
+pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")

@@ -36,6 +36,7 @@ def _sqnr(fast):
         return tensor_drift(model(data.x_test), fast(data.x_test)).sqnr_db
 
 
+@pytest.mark.slow
 def test_a_nan_pixel_in_a_batch_is_a_clear_error():
     _, _, batches = trained_cnn()
     bad = [b[0].clone() for b in batches]
@@ -45,6 +46,7 @@ def test_a_nan_pixel_in_a_batch_is_a_clear_error():
         _optimize([(b,) for b in bad])
 
 
+@pytest.mark.slow
 def test_skipping_nonfinite_batches_is_calibrating_without_them():
     _, data, batches = trained_cnn()
     bad = [b[0].clone() for b in batches]
@@ -56,6 +58,7 @@ def test_skipping_nonfinite_batches_is_calibrating_without_them():
     assert torch.equal(skipped(x), without(x))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("factor", [30.0, 1e30])
 def test_one_outlier_batch_is_left_out_and_named(factor):
     _, data, batches = trained_cnn()
@@ -73,6 +76,7 @@ def test_one_outlier_batch_is_left_out_and_named(factor):
     assert kept < clean - 10, (kept, clean)      # what the default protects against
 
 
+@pytest.mark.slow
 def test_saturation_monitor_counts_what_static_scales_clip():
     _, data, batches = trained_cnn()
     fast = _optimize(batches)

@@ -9,7 +9,7 @@ from torch import fx, nn
 
 from fxopt.core.capture import capture, normalize_inputs
 from fxopt.core.errors import CaptureError, FxoptError
-from zoo import HF_MODELS, SEQUENCE_MODELS, ZOO
+from zoo import HF_MODELS, SEQUENCE_MODELS, ZOO, zoo_params
 
 _CAPTURED = {}
 
@@ -41,7 +41,7 @@ def _assert_same_structure(got, want):
         assert len(got) == len(want)
 
 
-@pytest.mark.parametrize("name", list(ZOO))
+@pytest.mark.parametrize("name", zoo_params())
 @pytest.mark.parametrize("which", ["example", "other"])
 def test_matches_eager(name, which):
     model, example, other, gm = _captured(name)
@@ -57,7 +57,7 @@ IMAGE_MODELS = {"cnn_bn_residual", "dwsep_cnn", "resnet", "convnext"}
 FIXED_IMAGE_MODELS = {"vit", "mobilenet_v2"}
 
 
-@pytest.mark.parametrize("name", list(ZOO))
+@pytest.mark.parametrize("name", zoo_params())
 def test_batch_sequence_and_image_size_are_dynamic(name):
     model, example, _, gm = _captured(name)
     record = gm.meta["fxopt_capture"]
@@ -75,7 +75,7 @@ def test_batch_sequence_and_image_size_are_dynamic(name):
         assert record["static_dims"] == {}
 
 
-@pytest.mark.parametrize("name", list(ZOO))
+@pytest.mark.parametrize("name", zoo_params())
 def test_node_meta(name):
     model, _, _, gm = _captured(name)
     nodes = list(gm.graph.nodes)
@@ -90,7 +90,7 @@ def test_node_meta(name):
     assert layers and layers <= set(modules), layers - set(modules)
 
 
-@pytest.mark.parametrize("name", list(ZOO))
+@pytest.mark.parametrize("name", zoo_params())
 def test_graph_is_aten(name):
     _, _, _, gm = _captured(name)
     for n in gm.graph.nodes:
@@ -104,6 +104,7 @@ def _targets(gm):
     return {n.target for n in gm.graph.nodes if n.op == "call_function"}
 
 
+@pytest.mark.slow
 def test_known_op_forms():
     """The forms later passes match on: BN, conv, linear, sdpa, addmm."""
     aten = torch.ops.aten
@@ -116,7 +117,7 @@ def test_known_op_forms():
     assert aten.addmm.default in _targets(_captured("gpt2")[3])  # GPT-2's Conv1D
 
 
-@pytest.mark.parametrize("name", ["mlp", "cnn_bn_residual", "bert"])
+@pytest.mark.parametrize("name", zoo_params(["mlp", "cnn_bn_residual", "bert"]))
 def test_user_model_unchanged(name):
     model, example, _ = ZOO[name]()
     model.train()
@@ -139,6 +140,7 @@ def test_user_model_unchanged(name):
     torch.testing.assert_close(_call(gm2, example), _call(eval_model, example))
 
 
+@pytest.mark.slow
 def test_batch_one_example_still_dynamic():
     model, example, other = ZOO["gpt2"]()
     single = {k: v[:1, :1] for k, v in example.items()}
@@ -170,6 +172,7 @@ def test_static_capture():
         _call(gm, other)
 
 
+@pytest.mark.slow
 def test_keyword_order_and_constant_kwargs():
     model, example, _ = ZOO["gpt2"]()
     inputs = {"attention_mask": example["attention_mask"],
@@ -180,6 +183,7 @@ def test_keyword_order_and_constant_kwargs():
     torch.testing.assert_close(_call(gm, inputs).logits, _call(model, inputs).logits)
 
 
+@pytest.mark.slow
 def test_non_tensor_keywords_in_var_kwargs():
     # BERT takes return_dict/output_hidden_states through **kwargs
     model, example, other = ZOO["bert"]()
@@ -191,6 +195,7 @@ def test_non_tensor_keywords_in_var_kwargs():
     torch.testing.assert_close(got, want)
 
 
+@pytest.mark.slow
 def test_transformer_encoder_avoids_fused_fast_path():
     ops = _targets(_captured("transformer_encoder")[3])
     aten = torch.ops.aten
@@ -223,6 +228,7 @@ def test_data_dependent_control_flow_raises():
     assert info.value.__cause__ is not None
 
 
+@pytest.mark.slow
 def test_gpt2_with_cache_names_use_cache():
     model, example, _ = ZOO["gpt2"](use_cache=True)
     try:

@@ -16,6 +16,9 @@ import torch.utils._pytree as pytree
 import fxopt
 from zoo import ZOO
 
+# threads racing whole-model optimizes, and every Numba threading layer in subprocesses
+pytestmark = pytest.mark.slow
+
 MODELS = ("mlp", "cnn_bn_residual", "bert")
 FAST = {"latency_repeats": 0, "report_layers": False, "drift": False}
 

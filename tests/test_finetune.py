@@ -19,6 +19,7 @@ warnings.filterwarnings("ignore", category=UserWarning)
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
+@pytest.mark.slow
 def test_digits_cnn_pruned_half_recovers_within_one_point():
     model, (x_train, _), (x_test, y_test) = trained_digits_cnn(epochs=8)
     base = accuracy(model, x_test, y_test)
@@ -80,6 +81,7 @@ def test_make_trainable_keeps_batchnorm_statistics_as_buffers():
                    for n, b in buffers.items())
 
 
+@pytest.mark.slow
 def test_feature_distillation_on_bert_hidden_states():
     model, example, _ = zoo.bert()
     small = prune(model, example, 0.5, round_to=1)

@@ -198,6 +198,7 @@ def test_save_refuses_an_op_that_load_would_refuse(tmp_path):
 FUZZ = os.path.join(os.path.dirname(__file__), "fuzz_artifacts.py")
 
 
+@pytest.mark.slow
 def test_fuzzed_files_never_crash_hang_or_answer_differently(tmp_path):
     """1,000+ corrupted files over an MLP, a CNN and BERT (int8), in a child process so a
     crash is seen as one: each is refused at load, raises a clear error when called, or

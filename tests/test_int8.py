@@ -11,7 +11,7 @@ from fxopt.core.errors import CalibrationError
 from fxopt.examples import DigitsCNN, DigitsMLP, accuracy, digits, train
 from fxopt.quant import qops
 from fxopt.runtime import kernel_ops
-from zoo import ZOO
+from zoo import ZOO, zoo_params
 
 
 def call(model, inputs):
@@ -20,7 +20,7 @@ def call(model, inputs):
     return model(*inputs) if isinstance(inputs, (tuple, list)) else model(inputs)
 
 
-@pytest.mark.parametrize("name", list(ZOO))
+@pytest.mark.parametrize("name", zoo_params(fast=("mlp",)))
 def test_zoo_int8_close_to_fp32(name):
     model, example, other = ZOO[name]()
     with warnings.catch_warnings():
@@ -38,6 +38,7 @@ def test_zoo_int8_close_to_fp32(name):
         assert row["precision"] == "int8" or "depthwise" in row["why"], row
 
 
+@pytest.mark.slow
 def test_lowered_kernels_match_reference_ops():
     model, example, _ = ZOO["bert"]()
     reference = fxopt.optimize(model, example, target=fxopt.TARGETS["cpu-fp32"] + ",quantize_int8",
@@ -58,6 +59,7 @@ def digits_models():
     return data, train(DigitsCNN(), data, epochs=12), train(DigitsMLP(), data, epochs=25)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["cnn", "mlp"])
 def test_digits_accuracy_within_half_point(digits_models, which):
     data, cnn, mlp = digits_models
@@ -139,6 +141,7 @@ def test_conv_output_feeds_view_and_residual():
         assert drift(model(other), fast(other)).cosine > 0.999
 
 
+@pytest.mark.slow
 def test_static_linears_chain_in_uint8():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 8)).eval()
@@ -158,6 +161,7 @@ def test_static_linears_chain_in_uint8():
         assert drift(model(other), chained(other)).cosine > 0.99
 
 
+@pytest.mark.slow
 def test_depthwise_convs_stay_fp32_unless_asked():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.ReLU(), nn.Conv2d(8, 16, 1)).eval()
@@ -221,6 +225,7 @@ class _ResBlock(nn.Module):
         return y
 
 
+@pytest.mark.slow
 def test_conv_residual_and_relu_fuse_into_the_epilogue(monkeypatch):
     from fxopt.examples import randomize_batchnorm
     from fxopt.passes import lower_to_kernels
@@ -248,6 +253,7 @@ def _identical(got, expected):
     return all(g.dtype == e.dtype and torch.equal(g, e) for g, e in zip(leaves(got), leaves(expected)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["bert", "distilbert", "vit"])
 def test_attention_lowered_saved_and_loaded(name, tmp_path):
     model, example, other = ZOO[name]()
@@ -271,6 +277,7 @@ def test_attention_lowered_saved_and_loaded(name, tmp_path):
             assert _identical(call(loaded, inputs), call(fast, inputs))
 
 
+@pytest.mark.slow
 def test_attention_fp32_option_and_per_layer_keep_sdpa_with_reason():
     model, example, other = ZOO["bert"]()
     sdpa = torch.ops.aten.scaled_dot_product_attention.default
@@ -301,6 +308,7 @@ class _Attention(nn.Module):
         return out.transpose(1, 2).reshape(b, s, -1)
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:.*is static")  # the (2, 1, 10, 10) mask fixes the sequence
 @pytest.mark.parametrize("case", ["causal", "float_mask", "dropout"])
 def test_attention_variants(case):

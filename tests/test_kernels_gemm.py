@@ -460,6 +460,7 @@ def test_select_isa_switches_and_restores():
         K.select_isa(previous)
 
 
+@pytest.mark.slow
 def test_env_var_forces_path():
     code = "from fxopt.kernels import api as K; print(K.isa())"
     env = dict(os.environ, FXOPT_KERNEL_ISA="avx2")

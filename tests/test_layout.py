@@ -152,6 +152,7 @@ def _run_at_root(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_repository_root_shadows_no_installed_package():
     pytest.importorskip("transformers")
     code = ("import transformers as T; T.BertModel(T.BertConfig(hidden_size=32, num_hidden_layers=1, "
@@ -166,6 +167,7 @@ def test_repository_root_shadows_no_installed_package():
         assert "ModuleNotFoundError: No module named 'compiler'" in done.stderr, done.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_pytest_collects_from_the_repository_root():
     done = _run_at_root("-m", "pytest", "--co", "-q", "-p", "no:cacheprovider", "tests")
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]

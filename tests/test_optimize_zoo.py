@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import fxopt
-from zoo import ZOO
+from zoo import ZOO, zoo_params
 
 
 def call(model, inputs):
@@ -21,7 +21,7 @@ def _assert_same(got, expected):
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)  # fp32 round-off only
 
 
-@pytest.mark.parametrize("name", list(ZOO))
+@pytest.mark.parametrize("name", zoo_params(fast=("mlp",)))
 def test_cpu_fp32_matches_original(name):
     model, example, other = ZOO[name]()
     fast = fxopt.optimize(model, example, target="cpu-fp32")

@@ -81,6 +81,7 @@ def test_model_is_not_mutated():
         assert torch.equal(v, before[k]), k
 
 
+@pytest.mark.slow
 def test_print_ir_after_dump_dir_stop_after_disable(tmp_path):
     model, x = _cnn()
     printed = []
@@ -130,6 +131,7 @@ def broken_relu_pass():
     unregister_pass("break_second_relu")
 
 
+@pytest.mark.slow
 def test_bisect_finds_broken_pass_and_node(broken_relu_pass):
     model, x = _cnn()
     found = fxopt.bisect(model, x, target=f"remove_identity,fold_batchnorm,{broken_relu_pass},fuse_epilogues",
@@ -184,6 +186,7 @@ def test_pass_leaving_invalid_graph_is_caught():
         unregister_pass("drop_meta")
 
 
+@pytest.mark.slow
 def test_example_inputs_from_calibration_data():
     model, x = _cnn()
     fast = fxopt.optimize(model, calibration_data=[x, x], target="cpu-fp32")

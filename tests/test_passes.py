@@ -139,6 +139,7 @@ class PaddedConvs(nn.Module):
         return c[6](p) + p[:, :, 1:-1, 1:-1].sum()
 
 
+@pytest.mark.slow
 def test_fold_padding_and_zero_pads():
     model, x = PaddedConvs(), torch.randn(2, 4, 9, 9)
     fast, expected, got = _run(model, x, "remove_identity,fold_padding")
@@ -156,6 +157,7 @@ def test_fold_padding_and_zero_pads():
         torch.testing.assert_close(fast(x2), model(x2), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_fold_padding_on_mobilenet_v2():
     """Hugging Face MobileNetV2 pads every conv TF-style: zero pads go, the symmetric ones
     fold into the convs, only the stride-2 ones (asymmetric) are left."""

@@ -10,7 +10,7 @@ import torch.utils._pytree as pytree
 
 import fxopt
 from fxopt.runtime.plan import Plan, plan_of
-from zoo import ZOO
+from zoo import ZOO, zoo_params
 
 
 def call(model, inputs):
@@ -37,7 +37,7 @@ def both_runtimes(model, example, target="cpu-int8", **options):
         return fxopt.optimize(model, example, **kw), fxopt.optimize(model, example, runtime="graph", **kw)
 
 
-@pytest.mark.parametrize("name", list(ZOO))
+@pytest.mark.parametrize("name", zoo_params(fast=("mlp",)))
 def test_plan_equals_graph_bit_for_bit_on_the_zoo(name):
     model, example, other = ZOO[name]()
     fast, graph = both_runtimes(model, example)
@@ -57,7 +57,7 @@ def test_plan_equals_graph_bit_for_bit_on_the_zoo(name):
         assert_bitwise(got_example, want_example)
 
 
-@pytest.mark.parametrize("name", ["mlp", "bert", "cnn_bn_residual"])
+@pytest.mark.parametrize("name", zoo_params(["mlp", "bert", "cnn_bn_residual"], fast=("mlp",)))
 def test_plan_equals_graph_for_fp32_targets(name):
     model, example, other = ZOO[name]()
     fast, graph = both_runtimes(model, example, target="cpu-fp32")
@@ -94,6 +94,7 @@ def test_static_linear_keeps_its_fused_residual():
         assert torch.equal(fast(x2), graph(x2))
 
 
+@pytest.mark.slow
 def test_load_rebuilds_the_plan(tmp_path):
     model, example, other = ZOO["bert"]()
     fast, _ = both_runtimes(model, example)
@@ -127,6 +128,7 @@ def test_graph_edits_and_copies_run_the_graph():
         assert_bitwise(call(fast, other), want)
 
 
+@pytest.mark.slow
 def test_inputs_a_plan_cannot_run_take_the_graph_path():
     model, example, other = ZOO["mlp"]()
     fast, graph = both_runtimes(model, example)
@@ -164,6 +166,7 @@ def test_bad_inputs_get_the_entry_check_message(bad, error, message):
             m(bad(other[0]))
 
 
+@pytest.mark.slow
 def test_profile_lists_every_step_and_the_time_outside():
     model, example, other = ZOO["bert"]()
     fast, _ = both_runtimes(model, example)
@@ -187,6 +190,7 @@ def test_profile_of_a_graph_runtime_model_builds_a_plan():
     assert any(r["kernel"] for r in prof.rows)
 
 
+@pytest.mark.slow
 def test_plan_source_is_names_and_calls_only():
     # the generated function holds no values from the graph: constants are bound by name
     model, example, _ = ZOO["bert"]()
@@ -217,6 +221,7 @@ def test_planned_buffers_are_reused_and_never_overlap_while_live():
     assert place([4096, 4096, 4096], [(0, 1), (2, 3), (4, 5)]) == [0, 0, 0]
 
 
+@pytest.mark.slow
 def test_memory_plan_holds_less_than_every_output_and_threads_get_their_own():
     from concurrent.futures import ThreadPoolExecutor
     model, example, other = ZOO["bert"]()
@@ -281,6 +286,7 @@ def test_nan_screen_agrees_with_numpy(dtype):
         assert K.all_finite(view) == bool(np.isfinite(view).all())
 
 
+@pytest.mark.slow
 def test_dims_beyond_the_captured_limit_are_refused(tmp_path):
     # the zoo BERT has 64 positions: export bounds the sequence dim at 64, and a longer
     # input is an error naming the limit on every path, not a broadcast error inside

@@ -73,7 +73,7 @@ def _l1_scores(model, group):
 
 
 @pytest.mark.parametrize("ratio", [0.3, 0.5])
-@pytest.mark.parametrize("name", list(zoo.ZOO))
+@pytest.mark.parametrize("name", zoo.zoo_params(fast=("mlp",)))
 def test_zoo_prune(name, ratio):
     model, example, other = zoo.ZOO[name]()
     small = prune(model, example, ratio, round_to=1)
@@ -105,6 +105,7 @@ def test_zoo_prune(name, ratio):
                 assert torch.isfinite(a).all()
 
 
+@pytest.mark.slow
 def test_bert_heads_and_neurons_match_hand_built_smaller_bert():
     import transformers
     model, example, other = zoo.bert()
@@ -182,6 +183,7 @@ def test_outputs_inputs_and_protected_layers_are_never_cut():
     assert [g.name for g in report.groups] == ["fc2"]
 
 
+@pytest.mark.slow
 def test_unprovable_groups_are_reported_and_left_alone():
     model, example, _ = zoo.gpt2()
     reasons = dict(prune(model, example, 0.5, round_to=1).fxopt_prune.unsafe)
@@ -191,6 +193,7 @@ def test_unprovable_groups_are_reported_and_left_alone():
     assert ("layers.0.self_attn", "unflatten (unflatten) has literal sizes with no rewrite rule") in reasons
 
 
+@pytest.mark.slow
 def test_gpt2_fused_qkv_split_prunes_whole_heads_in_q_k_and_v():
     model, example, _ = zoo.gpt2()
     report = prune(model, example, 0.5, round_to=1).fxopt_prune
@@ -209,6 +212,7 @@ def test_grouped_conv_loses_whole_conv_groups():
     assert conv.args[6] == 1 and tuple(conv.meta["val"].shape[1:2]) == (8,)
 
 
+@pytest.mark.slow
 def test_global_scope_respects_budget_and_max_ratio():
     model, example, _ = zoo.mobilenet_v2()
     report = prune(model, example, 0.4, round_to=1, scope="global", max_ratio=0.6).fxopt_prune
@@ -219,6 +223,7 @@ def test_global_scope_respects_budget_and_max_ratio():
     assert len({len(g.removed) / g.count for g in report.groups}) > 1   # not uniform
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("criterion", ["l2", "bn_scale", "random", "taylor"])
 def test_other_criteria_remove_their_lowest(criterion):
     model, example, _ = zoo.cnn_bn_residual()
@@ -242,6 +247,7 @@ def test_taylor_without_data_is_a_clear_error():
         prune(model, example, 0.5, criterion="taylor")
 
 
+@pytest.mark.slow
 def test_pipeline_with_prune_then_fold_batchnorm():
     import fxopt
     model, example, other = zoo.cnn_bn_residual()
@@ -255,6 +261,7 @@ def test_pipeline_with_prune_then_fold_batchnorm():
     assert str(Pipeline.parse(text)) == text
 
 
+@pytest.mark.slow
 def test_optimize_prune_option_splices_pass_before_fusion():
     import fxopt
     model, example, other = zoo.cnn_bn_residual()
@@ -265,6 +272,7 @@ def test_optimize_prune_option_splices_pass_before_fusion():
     torch.testing.assert_close(fast(*other), ref(*other), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_optimize_prune_with_distillation_recovery():
     import fxopt
     model, example, _ = zoo.mlp()

@@ -31,6 +31,7 @@ def test_a_writable_location_is_used_here():
     assert _cache.CACHE is True
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not shutil.which("unshare") or os.geteuid() != 0,
                     reason="needs root and unshare to mount the install read-only")
 def test_import_and_compute_when_nothing_is_writable(tmp_path):

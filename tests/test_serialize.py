@@ -19,7 +19,7 @@ import fxopt
 from fxopt.artifact import atomic_file, serialize
 from artifact_files import rewrite
 from fxopt.core.errors import ArtifactError
-from zoo import ZOO
+from zoo import ZOO, zoo_params
 
 aten = torch.ops.aten
 
@@ -64,7 +64,7 @@ def mlp_file(tmp_path):
 
 # --- round trips ----------------------------------------------------------------
 
-@pytest.mark.parametrize("name", list(ZOO))
+@pytest.mark.parametrize("name", zoo_params(fast=("mlp",)))
 def test_round_trip_gives_identical_outputs(name, tmp_path):
     fast, example, other = optimized(name)
     fxopt.save(fast, tmp_path / "m.fxopt")
@@ -78,7 +78,7 @@ def test_round_trip_gives_identical_outputs(name, tmp_path):
     assert [n.name for n in loaded.graph.nodes] == [n.name for n in fast.graph.nodes]
 
 
-@pytest.mark.parametrize("name", ["mlp", "bert"])
+@pytest.mark.parametrize("name", zoo_params(["mlp", "bert"], fast=("mlp",)))
 def test_int8_round_trip_keeps_packed_weights_and_isa(name, tmp_path):
     model, example, other = ZOO[name]()
     fast = fxopt.optimize(model, example, target="cpu-int8", drift=False)
@@ -94,6 +94,7 @@ def test_int8_round_trip_keeps_packed_weights_and_isa(name, tmp_path):
     assert torch.uint8 in dtypes and dtypes == {b.dtype for b in fast.buffers()}
 
 
+@pytest.mark.slow
 def test_a_loaded_model_saves_and_loads_again(tmp_path):
     fast, example, other = optimized("bert")
     fxopt.save(fast, tmp_path / "a.fxopt")
@@ -165,6 +166,7 @@ CHILD = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_load_in_a_fresh_process(tmp_path):
     for name in SUBPROCESS_MODELS:
         fast, example, other = optimized(name)
@@ -462,6 +464,7 @@ _KILLED_SAVE = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_a_killed_save_leaves_a_marked_temp_file_the_next_save_removes(tmp_path):
     target = tmp_path / "m.fxopt"
     child = subprocess.Popen([sys.executable, "-c", _KILLED_SAVE.format(tests=os.path.dirname(__file__),

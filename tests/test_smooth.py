@@ -1,4 +1,5 @@
 """SmoothQuant (smooth_activations): same function in fp32, less int8 error where outliers exist."""
+import pytest
 import torch
 from torch import nn
 
@@ -38,6 +39,7 @@ def test_smoothing_keeps_fp32_function():
     torch.testing.assert_close(smoothed(*x), model(*x), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_smoothing_cuts_int8_error_on_outliers():
     model, x = _block()
     plain = fxopt.optimize(model, x, target=INT8.replace("smooth_activations,", ""), latency_repeats=0)
@@ -48,6 +50,7 @@ def test_smoothing_cuts_int8_error_on_outliers():
     assert after.sqnr_db > before.sqnr_db + 3, (str(before), str(after))
 
 
+@pytest.mark.slow
 def test_post_ln_residual_is_left_alone():
     # BERT's LayerNorm outputs also feed the residual add: a scale could not be folded away
     model, example, _ = ZOO["bert"]()

@@ -10,6 +10,7 @@ models are built from small configs.
     gm = fxopt.capture(model, example)
     gm(**other)                     # HF models take keyword inputs
 """
+import pytest
 import torch
 from torch import nn
 
@@ -249,6 +250,17 @@ ZOO = {
     "convnext": convnext,
     "gpt2": gpt2,
 }
+
+# captured in well under a second each: the fast tier (`-m "not slow"`) keeps these;
+# tests that optimize keep only the mlp (a conv model takes 2-5 s through a pipeline)
+SMALL = ("mlp", "cnn_bn_residual", "dwsep_cnn")
+
+
+def zoo_params(names=None, fast=SMALL) -> list:
+    """Zoo names for @pytest.mark.parametrize, the ones not in `fast` marked slow."""
+    return [name if name in fast else pytest.param(name, marks=pytest.mark.slow)
+            for name in (ZOO if names is None else names)]
+
 
 HF_MODELS = ["bert", "distilbert", "vit", "resnet", "mobilenet_v2", "convnext", "gpt2"]
 

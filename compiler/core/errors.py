@@ -23,3 +23,10 @@ class CalibrationError(FxoptError):
 
 class ArtifactError(FxoptError):
     """A saved model file cannot be written or read: corrupt, foreign, too new, or unsafe."""
+
+
+class NoCalibrationWarning(UserWarning):
+    """No calibration data was given: static ranges come from the example inputs alone.
+
+    Its own category so that a front end can word the advice its way (the CLI names
+    --calib where the Python message names calibration_data=)."""

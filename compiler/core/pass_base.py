@@ -45,9 +45,10 @@ class PassContext:
     ran: list = field(default_factory=list)
     warnings: list = field(default_factory=list)
 
-    def warn(self, message: str) -> None:
+    def warn(self, message: str | Warning) -> None:
+        """Record `message` and issue it (a Warning instance keeps its category)."""
         import warnings
-        self.warnings.append(message)
+        self.warnings.append(str(message))
         warnings.warn(message, stacklevel=3)
 
     @property

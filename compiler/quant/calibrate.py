@@ -25,7 +25,7 @@ import torch.fx._pytree as fx_pytree
 from torch.fx import GraphModule, Interpreter, Node
 from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
-from fxopt.core.errors import CalibrationError
+from fxopt.core.errors import CalibrationError, NoCalibrationWarning
 from fxopt.quant.observers import AbsMaxPerChannelObserver, Observer, make_observer
 
 __all__ = ["ModelInputs", "calibrate", "observe_input_channels", "observe",
@@ -119,7 +119,8 @@ def calibration_inputs(example_args: tuple, example_kwargs: dict, calibration_da
     float inputs hold NaN raises CalibrationError naming it (nonfinite="skip":
     left out, with a warning); a batch whose largest |x| is OUTLIER_FACTOR times the
     median batch's is left out with a warning naming it (outliers="keep" keeps it), so one
-    corrupt batch cannot stretch every static range.
+    corrupt batch cannot stretch every static range. Without data, warn() is given a
+    NoCalibrationWarning (its own category, so the CLI can name --calib instead).
 
         data = calibration_inputs(ctx.example_args, ctx.example_kwargs,
                                   ctx.state.get("calibration_data"), ctx.warn)
@@ -128,10 +129,11 @@ def calibration_inputs(example_args: tuple, example_kwargs: dict, calibration_da
         raise CalibrationError(f"calibration_nonfinite must be one of {NONFINITE} and calibration_outliers "
                                f"one of {OUTLIERS}; got {nonfinite!r} and {outliers!r}")
     if calibration_data is None:
-        warn("fxopt: no calibration_data was given, so static activation ranges were calibrated "
-             "on the example inputs only; real inputs outside those ranges will be clipped. Pass "
-             "calibration_data= (an iterable of inputs like example_inputs, e.g. a list of "
-             "batches or (x for x, _ in loader)).")
+        warn(NoCalibrationWarning(
+            "fxopt: no calibration_data was given, so static activation ranges were calibrated "
+            "on the example inputs only; real inputs outside those ranges will be clipped. Pass "
+            "calibration_data= (an iterable of inputs like example_inputs, e.g. a list of "
+            "batches or (x for x, _ in loader))."))
         return [ModelInputs(tuple(example_args), dict(example_kwargs))]
     _check_iterable(calibration_data)
     skip = _screen(calibration_data, nonfinite, outliers, warn)

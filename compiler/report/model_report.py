@@ -169,15 +169,26 @@ def format_layers(rows: list[dict], fp32: dict) -> str:
     return "\n".join(lines)
 
 
+def change(before: float, after: float, less: str, more: str) -> str:
+    """How `after` compares with `before`, as a factor in the right direction.
+
+        change(2.0, 1.0, "smaller", "larger") -> "2.00x smaller"
+        change(1.0, 1.37, "smaller", "larger") -> "1.37x larger"
+    """
+    if after > before:
+        return f"{after / max(before, 1e-30):.2f}x {more}"
+    return f"{before / max(after, 1e-30):.2f}x {less}"
+
+
 def format_summary(s: dict) -> str:
     lines = [f"size: {s['fp32_bytes'] / 1e6:.2f} MB fp32 -> {s['optimized_bytes'] / 1e6:.2f} MB "
-             f"({s['fp32_bytes'] / max(s['optimized_bytes'], 1):.2f}x smaller)",
+             f"({change(s['fp32_bytes'], s['optimized_bytes'], 'smaller', 'larger')})",
              f"MACs: {s['macs_original'] / 1e6:.1f} M -> {s['macs_optimized'] / 1e6:.1f} M "
              f"({100 * s['int8_macs'] / max(s['macs_optimized'], 1):.0f}% in int8)"]
     if s.get("latency_original") is not None:
         lines.append(f"latency (example inputs, median of {s['latency_repeats']}): "
                      f"{s['latency_original'] * 1e3:.2f} ms -> {s['latency_optimized'] * 1e3:.2f} ms "
-                     f"({s['latency_original'] / s['latency_optimized']:.2f}x)")
+                     f"({change(s['latency_original'], s['latency_optimized'], 'faster', 'slower')})")
     return "\n".join(lines)
 
 

@@ -1,0 +1,78 @@
+"""`fxopt bench`: rows stream as they are measured, files only with --out, no torch deprecation notes."""
+import os
+import subprocess
+import sys
+import time
+import warnings
+
+import pytest
+
+from fxopt.bench import gemm
+from fxopt.cli import main
+
+PEER_THEN_RAW = """
+import sys
+import torch
+from fxopt.bench.peers import quantize_dynamic_int8
+model = torch.nn.Sequential(torch.nn.Linear(64, 64)).eval()
+quantize_dynamic_int8(model)(torch.randn(2, 64))
+print("--- raw torch.ao", file=sys.stderr, flush=True)
+torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)(torch.randn(2, 64))
+"""
+
+
+@pytest.mark.slow
+def test_torch_dynamic_int8_peer_is_built_without_torch_deprecation_notes():
+    err = subprocess.run([sys.executable, "-W", "always", "-c", PEER_THEN_RAW], capture_output=True, text=True,
+                         check=True).stderr
+    peer, raw = err.split("--- raw torch.ao")
+    assert peer == ""
+    assert "deprecated" in raw      # torch does say it, so the check above can fail
+
+
+@pytest.mark.slow
+def test_gemm_bench_prints_rows_writes_nothing_without_out_and_warns_nothing(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(gemm, "BERT_SHAPES", [(1, 64, 64), (8, 64, 128)])
+    monkeypatch.setattr(gemm, "PEAK_ITERS", 20_000)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["bench", "gemm", "--quick"]) == 0
+    out = capsys.readouterr().out
+    assert "bert 1x64x64" in out and "bert 8x64x128" in out and "speedup" in out
+    assert os.listdir(tmp_path) == [] and "wrote" not in out
+    noted = [f"{w.category.__name__}: {w.message}" for w in caught
+             if issubclass(w.category, (DeprecationWarning, FutureWarning)) or "deprecated" in str(w.message)]
+    assert noted == []
+    assert main(["bench", "gemm", "--quick", "--out", "results"]) == 0
+    assert "wrote results/gemm.json" in capsys.readouterr().out
+    assert (tmp_path / "results" / "gemm.json").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_models_bench_writes_nothing_without_out(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["bench", "models", "--small", "--models", "resnet50_b1", "--systems", "torch_fp32,fxopt",
+                 "--repeats", "1", "--warmup", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "resnet50_b1" in out and "fxopt cpu-int8" in out
+    assert os.listdir(tmp_path) == [] and "wrote" not in out
+
+
+@pytest.mark.slow
+def test_gemm_bench_streams_rows_through_a_pipe(tmp_path):
+    """The first table row reaches a pipe while later shapes are still being measured."""
+    proc = subprocess.Popen([sys.executable, "-m", "fxopt.cli", "bench", "gemm", "--quick"], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first_row_at = None
+    for line in proc.stdout:
+        if line.startswith("bert 1x768x768"):
+            first_row_at = time.perf_counter()
+            break
+    rest = proc.stdout.read()
+    proc.wait()
+    done_at = time.perf_counter()
+    assert proc.returncode == 0, proc.stderr.read()
+    assert first_row_at is not None and "bert 512x1024x1024" in rest
+    assert done_at - first_row_at > 1.0, "rows arrived only at the end"
+    assert os.listdir(tmp_path) == []
