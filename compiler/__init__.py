@@ -51,7 +51,7 @@ else:
     from fxopt.core.pipeline import TARGETS, Pipeline
     from fxopt.api import bisect, optimize, profile, prune
     from fxopt.artifact.serialize import load, save
-    from fxopt.driver.warmup import warmup
+    from fxopt.kernel_warmup import warmup
     from fxopt.pruning.finetune import finetune
     from fxopt.runtime.saturation import monitor as saturation_monitor
 

@@ -22,9 +22,10 @@ from fxopt.core.drift import METRICS
 from fxopt.core.pass_base import PassContext
 from fxopt.core.pass_manager import PassManager
 from fxopt.core.pipeline import PassSpec, Pipeline
-from fxopt.driver.compile import COMPILE_LOCK, compile_model, reference_outputs
+from fxopt.driver.compile import COMPILE_LOCK, compile_model, example_from, reference_outputs, reiterable
 from fxopt.pruning.structured import check_options as check_prune_options
 from fxopt.runtime.plan import Plan, Profile, plan_of
+from fxopt.search import latency_guard
 from fxopt.search.budget import search
 
 DEFAULT_TARGET = "cpu-int8"
@@ -50,7 +51,15 @@ def optimize(model: nn.Module, example_inputs=None, target: str = DEFAULT_TARGET
     """
     if options.get("eval_fn") is not None:
         return search(model, example_inputs, target, calibration_data, dynamic, options)
-    gm, report = compile_model(model, example_inputs, target, calibration_data, dynamic, options)
+    calibration_data = reiterable(calibration_data, stacklevel=3)   # a slower result compiles again
+
+    def compile_with(target, options):
+        return compile_model(model, example_inputs, target, calibration_data, dynamic, dict(options))
+
+    args, kwargs = normalize_inputs(example_from(example_inputs, calibration_data))
+    gm, report = latency_guard.check(
+        compile_with(target, options), lambda fp32: compile_with(latency_guard.keep_fp32(target, fp32), options),
+        options, args, kwargs)
     gm.fxopt_report = report
     return gm
 

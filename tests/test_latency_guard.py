@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import fxopt
-from fxopt.driver import latency_guard
+from fxopt.search import latency_guard
 from fxopt.report.model_report import int8_layers
 
 
@@ -26,6 +26,7 @@ class Skinny(nn.Module):
 
 
 def _optimize(**options):
+    options.setdefault("latency_repeats", 15)   # more turns than the default 5: a steadier median
     torch.manual_seed(0)
     model = Skinny().eval()
     x = torch.randn(256, 2048)
@@ -39,7 +40,7 @@ def _optimize(**options):
 def test_all_int8_on_request_warns_with_the_figures_and_the_way_out():
     model, x, fast, slower = _optimize(latency_aware=False)
     assert "skinny" in int8_layers(fast)                   # kept int8, as asked
-    assert len(slower) == 1, slower
+    assert len(slower) == 1, (slower, fast.fxopt_report.sections["model"])
     s = fast.fxopt_report.summary
     assert s["latency_optimized"] > s["latency_original"] * (1 + latency_guard.NOISE)
     assert f"{s['latency_optimized'] * 1e3:.3f} ms vs {s['latency_original'] * 1e3:.3f} ms" in slower[0]

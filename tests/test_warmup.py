@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from numba import njit
 
-from fxopt.driver.warmup import CompileNotice, cached_kernels
+from fxopt.driver.compile_notice import CompileNotice, cached_kernels
 from fxopt.kernels import _cache
 
 
@@ -19,6 +19,7 @@ def _child(code, cache_dir, timeout=900):
                           text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_the_cache_folder_is_the_user_cache_keyed_on_the_source(tmp_path):
     here = _cache.cache_dir()
     assert not here.startswith(_cache._PKG_DIR)           # never inside the install
@@ -68,6 +69,7 @@ def test_the_notice_can_be_silenced(monkeypatch):
     assert out.getvalue() == ""
 
 
+@pytest.mark.slow
 def test_an_int8_optimize_with_an_empty_cache_says_so_before_it_captures(tmp_path):
     # the child stops where capture would start: the notice must come first (no compile yet)
     done = _child("""
@@ -78,7 +80,7 @@ def test_an_int8_optimize_with_an_empty_cache_says_so_before_it_captures(tmp_pat
             raise SystemExit(0)
         driver.capture = stop
         print("START", file=sys.stderr, flush=True)
-        fxopt.optimize(torch.nn.Linear(8, 8), (torch.randn(2, 8),), target="cpu-int8")
+        fxopt.optimize(torch.nn.Linear(8, 8), (torch.randn(2, 8),), target="cpu-int8", latency_repeats=0)
     """, tmp_path / "empty", timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     lines = [line for line in done.stderr.splitlines() if line.strip()]
@@ -90,10 +92,10 @@ def test_an_int8_optimize_with_an_empty_cache_says_so_before_it_captures(tmp_pat
 def test_fp32_targets_and_a_warm_cache_say_nothing(tmp_path, capfd):
     import torch
     import fxopt
-    fxopt.optimize(torch.nn.Linear(8, 8), (torch.randn(2, 8),), target="cpu-fp32")
+    fxopt.optimize(torch.nn.Linear(8, 8), (torch.randn(2, 8),), target="cpu-fp32", latency_repeats=0)
     assert "compiling kernels" not in capfd.readouterr().err
     if cached_kernels():                # this process's cache folder is warm: no notice either
-        fxopt.optimize(torch.nn.Linear(8, 8), (torch.randn(2, 8),), target="cpu-int8")
+        fxopt.optimize(torch.nn.Linear(8, 8), (torch.randn(2, 8),), target="cpu-int8", latency_repeats=0)
         assert "compiling kernels for this CPU" not in capfd.readouterr().err
 
 
@@ -110,7 +112,7 @@ def test_after_warmup_a_new_process_compiles_nothing_for_the_zoo(tmp_path):
         import sys, torch, fxopt
         sys.path.insert(0, {tests!r})
         import zoo
-        from fxopt.driver.warmup import NOTICE
+        from fxopt.driver.compile_notice import NOTICE
         for name in ("mlp", "cnn_bn_residual", "dwsep_cnn", "transformer_encoder", "bert", "gpt2"):
             model, example, other = getattr(zoo, name)()
             args = lambda e: ((), e) if isinstance(e, dict) else (e, {{}})

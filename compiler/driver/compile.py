@@ -17,8 +17,7 @@ from fxopt.core.errors import PipelineError
 from fxopt.core.pass_base import PassContext
 from fxopt.core.pass_manager import Instruments, PassManager, snapshot
 from fxopt.core.pipeline import Pipeline, target_pipeline
-from fxopt.driver import latency_guard
-from fxopt.driver.warmup import NOTICE as COMPILE_NOTICE
+from fxopt.driver.compile_notice import NOTICE as COMPILE_NOTICE
 from fxopt.pruning.structured import with_pruning
 from fxopt.report import model_report
 from fxopt.runtime.input_check import input_specs, install as install_input_check
@@ -63,25 +62,14 @@ INSTRUMENTS = ("print_ir_after", "dump_dir", "stop_after", "disable", "drift")
 COMPILE_LOCK = TRACE_LOCK
 
 
-def compile_model(model, example_inputs, target, calibration_data, dynamic, options, keep=False, guard=None):
+def compile_model(model, example_inputs, target, calibration_data, dynamic, options, keep=False):
     """(optimized GraphModule, Report) for `model` under `target` (a target name, a pipeline
     string or a Pipeline); with keep=True also the PassManager, holding the graph before
     every pass (what bisect reads). `options` are optimize()'s: OPTIONS and INSTRUMENTS.
-    guard (default: not keep): an int8 result that measures slower than the input gets
-    latency-aware lowering and a warning (driver.latency_guard); the budget search, which
-    weighs latency itself, and bisect, which debugs the pipeline as given, go without.
     Thread-safe: concurrent calls run one after another (COMPILE_LOCK)."""
     with COMPILE_LOCK:
         try:
-            calibration_data = _reiterable(calibration_data)
-            again = dict(options)       # _compile takes its options out of the dict it is given
-            done = _compile(model, example_inputs, target, calibration_data, dynamic, options, keep)
-            if not (guard if guard is not None else not keep):
-                return done
-            args, kwargs = normalize_inputs(example_from(example_inputs, calibration_data))
-            return latency_guard.check(done, lambda fp32_layers: _compile(
-                model, example_inputs, latency_guard.keep_fp32(target, fp32_layers), calibration_data,
-                dynamic, dict(again), keep), again, args, kwargs)
+            return _compile(model, example_inputs, target, calibration_data, dynamic, options, keep)
         finally:
             COMPILE_NOTICE.finish()     # "compiled N kernels in T s", if any compiled
 
@@ -90,7 +78,7 @@ def _compile(model, example_inputs, target, calibration_data, dynamic, options, 
     _check_options(options)
     if not isinstance(model, nn.Module):
         raise TypeError(f"optimize expects a torch.nn.Module, got {type(model).__name__}")
-    calibration_data = _reiterable(calibration_data)
+    calibration_data = reiterable(calibration_data)
     example_inputs = example_from(example_inputs, calibration_data)
     args, kwargs = normalize_inputs(example_inputs)
     pipeline = target_pipeline(target) if isinstance(target, str) else _as_pipeline(target)
@@ -172,7 +160,7 @@ def probe_inputs(gm, args, kwargs):
     return pytree.tree_map(cut, args), pytree.tree_map(cut, kwargs)
 
 
-def _reiterable(data):
+def reiterable(data, stacklevel=4):
     """Several passes read the calibration data; a one-shot iterator would be empty for
     all but the first, so its items are kept in a list (and the user is told)."""
     if data is None or iter(data) is not data:
@@ -180,7 +168,7 @@ def _reiterable(data):
     items = list(data)
     warnings.warn(f"fxopt: calibration_data is a one-shot iterator; its {len(items)} items were kept "
                   "in memory because several passes read them. Pass a list or a DataLoader to avoid this.",
-                  stacklevel=4)
+                  stacklevel=stacklevel)
     return items
 
 

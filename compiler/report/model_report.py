@@ -25,6 +25,7 @@ from fxopt.core.ir import ID, LAYER, get_weight, op_name
 from fxopt.core.macs import concrete_shape, macs_of
 from fxopt.core.ops import OpKind, attention_parts, kind_of
 from fxopt.quant import qops
+from fxopt.report.timing import interleaved_medians
 from fxopt.runtime import kernel_ops
 
 _FP32_UNITS = {fxops.linear_act: "linear", fxops.conv2d_act: "conv2d"}
@@ -210,7 +211,6 @@ def model_summary(model, original: GraphModule, optimized: GraphModule, args: tu
 def latency_pair(model, optimized, args: tuple, kwargs: dict, repeats: int) -> tuple[float, float]:
     """Median seconds per call of `model` (eval mode) and `optimized`, timed taking turns, so
     that a change of machine load hits both alike and their ratio stays meaningful."""
-    from fxopt.bench.timing import interleaved_medians
     was_training = model.training
     model.eval()
     try:

@@ -148,7 +148,7 @@ def search(model, example_inputs, target, calibration_data, dynamic, options: di
             if config.finetune:
                 opts["finetune"] = dict(finetune)
         gm, report = compile_model(model, example_inputs, with_fp32_layers(base, config.fp32),
-                                   calibration_data, dynamic, opts, guard=False)
+                                   calibration_data, dynamic, opts)
         gm.fxopt_report = report
         return gm
 

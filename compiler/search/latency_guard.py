@@ -9,7 +9,7 @@ report.summary). When an int8 result measures slower than the input beyond NOISE
      compiled again in fp32 and the faster of the two results is kept;
   2. if the result is still slower, optimize warns with the figures and the reason.
 
-    gm, report = check(compile_model(...), recompile, options, args, kwargs)
+    gm, report = check((gm, report), recompile, options, args, kwargs)   # what fxopt.optimize does
 
 latency_aware=False keeps int8 everywhere (the smallest model) and only warns. A fine-tuned
 (pruned and distilled) compile is not redone: it warns only.
@@ -21,13 +21,13 @@ import warnings
 from fxopt.core.pipeline import target_pipeline
 from fxopt.report import model_report
 from fxopt.search import sensitivity
+from fxopt.search.budget import with_fp32_layers
 
 NOISE = 0.10     # slower by more than this fraction counts as slower (shared machines)
 
 
 def keep_fp32(target, layers):
     """`target` (a name, a pipeline string or a Pipeline) with `layers` kept fp32."""
-    from fxopt.search.budget import with_fp32_layers
     return with_fp32_layers(target_pipeline(target) if isinstance(target, str) else target, layers)
 
 
@@ -60,7 +60,7 @@ def check(done, recompile, options: dict, args: tuple, kwargs: dict):
             else:
                 reverted = {}
     if ratio > 1 + NOISE:
-        warnings.warn(_slower_message(done[1].summary, ratio, reverted, len(int8)), stacklevel=4)
+        warnings.warn(_slower_message(done[1].summary, ratio, reverted, len(int8)), stacklevel=3)
     return done
 
 

@@ -1,0 +1,126 @@
+"""Compile every kernel for this CPU ahead of time (`fxopt warmup`), e.g. in a Docker build
+step, so that later processes start without compiling: optimize and call a few small
+models that together use every kernel, on both runtimes, at a few shapes.
+
+    fxopt.warmup()   # -> {"compiled": 17, "seconds": 148.0, "cache": "/root/.cache/fxopt/kernels-..."}
+"""
+from __future__ import annotations
+
+import time
+import warnings
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from fxopt.api import optimize
+from fxopt.core.pipeline import TARGETS
+from fxopt.driver.compile_notice import NOTICE
+from fxopt.kernels import _cache
+
+
+class Encoder(nn.Module):
+    """Embedding, layer norms, QKV, attention with a padding mask and causal, GELU FFN."""
+
+    def __init__(self, vocab=64, d=32, heads=4):
+        super().__init__()
+        self.heads = heads
+        self.embed = nn.Embedding(vocab, d)
+        self.norm1 = nn.LayerNorm(d)
+        self.qkv = nn.Linear(d, 3 * d)
+        self.out = nn.Linear(d, d)
+        self.norm2 = nn.LayerNorm(d)
+        self.up = nn.Linear(d, 4 * d)
+        self.down = nn.Linear(4 * d, d)
+
+    def forward(self, ids, mask):
+        x = self.embed(ids)
+        b, s, d = x.shape
+        q, k, v = self.qkv(self.norm1(x)).split(d, dim=-1)
+        heads = lambda t: t.view(b, s, self.heads, d // self.heads).transpose(1, 2)  # noqa: E731
+        keep = mask[:, None, None, :].bool()
+        a = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), attn_mask=keep)
+        causal = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), is_causal=True)
+        x = x + self.out((a + causal).transpose(1, 2).reshape(b, s, d))
+        return x + self.down(F.gelu(self.up(self.norm2(x))))
+
+class CNN(nn.Module):
+    """Strided, depthwise, 1x1 and grouped convs, batch norms, residual add, pooling."""
+
+    def __init__(self, c=16):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, c, 3, stride=2, padding=1), nn.BatchNorm2d(c), nn.ReLU())
+        self.dw = nn.Sequential(nn.Conv2d(c, c, 3, padding=1, groups=c), nn.BatchNorm2d(c), nn.ReLU6())
+        self.pw = nn.Sequential(nn.Conv2d(c, c, 1), nn.BatchNorm2d(c), nn.Hardswish())
+        self.grouped = nn.Sequential(nn.Conv2d(c, c, 3, padding=1, groups=2), nn.SiLU())
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+        self.pool = nn.MaxPool2d(2)
+        self.head = nn.Linear(c, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = torch.relu(self.conv(self.grouped(self.pw(self.dw(x)))) + x)
+        x = F.avg_pool2d(self.pool(x), 2)
+        return self.head(x.mean((2, 3)))
+
+
+def _workloads():
+    """(name, model, example_inputs, calls, target) that together use every kernel: linear
+    (dynamic and static scales, activations, residual, M=1 and many rows), conv (strided,
+    depthwise, grouped, 1x1, residual), pooling, int8 embedding, layer norm and attention
+    (with and without a mask)."""
+    mlp = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.GELU(), nn.Linear(128, 10))
+    g = torch.Generator().manual_seed(0)
+    ids = lambda b, s: torch.randint(0, 64, (b, s), generator=g)  # noqa: E731
+    mask = lambda b, s: torch.ones(b, s, dtype=torch.long)        # noqa: E731
+    image = lambda b, hw: torch.randn(b, 3, hw, hw, generator=g)  # noqa: E731
+    rows = lambda b: torch.randn(b, 64, generator=g)              # noqa: E731
+
+    def int8(options):     # cpu-int8 with quantize_int8 options
+        return TARGETS["cpu-int8"].replace("quantize_int8", f"quantize_int8{{{options}}}")
+
+    # static linear and dynamic conv activations, int8 depthwise: the options' paths; the
+    # larger calls take the threaded entries (layer norm from 32K floats, attention from
+    # 1M MACs, ...)
+    mlp_calls, cnn_calls = [(rows(1),), (rows(512),)], [(image(1, 32),), (image(8, 32),)]
+    return [
+        ("mlp", mlp, (rows(8),), mlp_calls, "cpu-int8"),
+        ("mlp, static activations", mlp, (rows(8),), mlp_calls, int8("activations='static'")),
+        ("cnn", CNN(), (image(2, 32),), cnn_calls, "cpu-int8"),
+        ("cnn, dynamic activations, int8 depthwise", CNN(), (image(2, 32),), cnn_calls,
+         int8("activations='dynamic',depthwise='int8'")),
+        ("encoder", Encoder(), (ids(2, 8), mask(2, 8)), [(ids(1, 8), mask(1, 8)), (ids(8, 128), mask(8, 128))],
+         "cpu-int8"),
+    ]
+
+
+def warmup(progress: bool = True) -> dict:
+    """Compile every kernel fxopt uses on this CPU into the cache folder, so that later
+    processes start without compiling. Returns {"compiled", "seconds", "cache"}.
+
+    It optimizes a few small models with cpu-int8 (dynamic and calibrated static scales)
+    and calls each on both runtimes at a few shapes."""
+    NOTICE.finish()          # a summary of anything compiled before belongs to that
+    before, start = NOTICE.total, time.perf_counter()
+    NOTICE.hold, NOTICE.announced = True, True
+    work = _workloads()
+    try:
+        for i, (name, model, example, calls, target) in enumerate(work):
+            if progress:
+                NOTICE._print(f"fxopt warmup: {name} ({i + 1}/{len(work)}), "
+                              f"{time.perf_counter() - start:.0f} s")
+            model.eval()
+            for calibration in (None, [example, *calls]):
+                for runtime in ("plan", "graph"):
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore")
+                        fast = optimize(model, example, target, calibration_data=calibration,
+                                        runtime=runtime, report_layers=False, latency_repeats=0, drift=False)
+                    with torch.no_grad():
+                        for inputs in (example, *calls):
+                            fast(*inputs)
+    finally:
+        NOTICE.hold = False
+        NOTICE.compiled, NOTICE.seconds = 0, 0.0
+    return {"compiled": NOTICE.total - before, "seconds": round(time.perf_counter() - start, 1),
+            "cache": _cache.cache_dir()}
