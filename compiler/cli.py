@@ -63,12 +63,27 @@ def main(argv=None) -> int:
     ns, rest = parser.parse_known_args(argv)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    _compile_notice(ns)
     try:
         with _warnings_in_cli_terms(ns):
             return ns.func(ns, rest) or 0
     except FxoptError as e:
         print(f"fxopt: error: {e}", file=sys.stderr)
         return 2
+
+
+def _compile_notice(ns) -> None:
+    """Say that kernels will compile before loading the model (importing its library and
+    building it can take seconds): an int8 target and an empty kernel cache."""
+    if not getattr(ns, "target", None) or str(getattr(ns, "model", "")).endswith(".fxopt"):
+        return
+    from fxopt.core.pipeline import target_pipeline
+    from fxopt.driver.compile_notice import NOTICE
+    try:
+        names = target_pipeline(ns.target).names
+    except FxoptError:
+        return          # optimize says what is wrong with the target
+    NOTICE.before(names)
 
 
 @contextlib.contextmanager

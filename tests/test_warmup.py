@@ -128,3 +128,28 @@ def test_after_warmup_a_new_process_compiles_nothing_for_the_zoo(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     compiled = dict(line.split() for line in done.stdout.splitlines())
     assert set(compiled.values()) == {"0"}, (compiled, done.stderr[-3000:])
+
+
+@pytest.mark.slow
+def test_the_cli_says_so_before_it_loads_the_model(tmp_path):
+    # importing a model's library and building it can take seconds: the notice comes first
+    done = _child("""
+        import sys
+        from fxopt import cli
+        def stop(*a, **k):
+            print("FACTORY", file=sys.stderr, flush=True)
+            raise SystemExit(0)
+        cli.load_factory = stop
+        cli.main(["optimize", "tests/zoo.py:bert", "--target", "cpu-int8", "-o", "never.fxopt"])
+    """, tmp_path / "empty", timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert lines[0].startswith("fxopt: compiling kernels for this CPU, once") and lines[1] == "FACTORY", lines
+    for fp32 in (["--target", "cpu-fp32"], []):    # inspect's default target is cpu-fp32: no notice
+        done = _child(f"""
+            import sys
+            from fxopt import cli
+            cli.load_factory = lambda *a, **k: sys.exit(0)
+            cli.main(["inspect", "tests/zoo.py:bert", *{fp32!r}])
+        """, tmp_path / "empty2", timeout=300)
+        assert done.returncode == 0 and "compiling kernels" not in done.stderr, done.stderr[-2000:]
