@@ -45,6 +45,10 @@ def optimize(model: nn.Module, example_inputs=None, target: str = DEFAULT_TARGET
 
         fast = fxopt.optimize(model, (x,), target="cpu-fp32", dump_dir="stages")
 
+    An int8 result that measures slower than `model` on the example inputs keeps fp32 where
+    int8 measured slower, and warns if it is still slower (fxopt.search.latency_guard;
+    latency_aware=False keeps int8 everywhere and only warns).
+
     With eval_fn=, the accuracy-budgeted search (fxopt.search.budget) picks per layer
     int8 or fp32 and a prune ratio within max_accuracy_drop; see
     fxopt.driver.compile.OPTIONS.
@@ -56,10 +60,10 @@ def optimize(model: nn.Module, example_inputs=None, target: str = DEFAULT_TARGET
     def compile_with(target, options):
         return compile_model(model, example_inputs, target, calibration_data, dynamic, dict(options))
 
+    done = compile_with(target, options)
     args, kwargs = normalize_inputs(example_from(example_inputs, calibration_data))
     gm, report = latency_guard.check(
-        compile_with(target, options), lambda fp32: compile_with(latency_guard.keep_fp32(target, fp32), options),
-        options, args, kwargs)
+        done, lambda fp32: compile_with(latency_guard.keep_fp32(target, fp32), options), options, args, kwargs)
     gm.fxopt_report = report
     return gm
 
