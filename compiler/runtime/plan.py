@@ -32,6 +32,7 @@ import torch.fx._pytree as fx_pytree
 import torch.utils._pytree as pytree
 from torch import fx
 
+from fxopt.core import fxops
 from fxopt.core.ir import storage_roots
 from fxopt.kernels import api as K
 from fxopt.kernels import threads
@@ -548,10 +549,13 @@ def _bind(gm, node: fx.Node) -> dict:
     return bound.kwargs
 
 
-# kernels called on torch tensors (the ones in _NP_BUILDERS and _ARRAY_OUT never get here)
+# kernels called on torch tensors (the ones in _NP_BUILDERS and _ARRAY_OUT never get here);
+# the fused fp32 units call their own implementation, past torch's dispatcher (~30 us a call)
 _BUILDERS = {
     kernel_ops.conv2d_int8: _conv,
     nonfinite.poison_samples_: _same(_poison_samples_),
+    fxops.linear_act: _same(fxops.linear_act_impl),
+    fxops.conv2d_act: _same(fxops.conv2d_act_impl),
 }
 
 
