@@ -1,34 +1,17 @@
 """Timing helpers for benchmarks: warm up, batch calls, take medians."""
-import statistics
 import time
 
-from fxopt.report.timing import interleaved_medians  # noqa: F401 (benchmarks take it from here)
+from fxopt.report.timing import interleaved_medians
 
 
 def median_seconds(fn, repeats=21, min_batch_s=2e-3, warmup=3):
     """Median seconds per call of fn() over ``repeats`` batches.
 
     Each batch runs enough calls to last about ``min_batch_s`` so timer
-    resolution and per-batch noise do not dominate short calls.
+    resolution and per-batch noise do not dominate short calls (one candidate
+    of interleaved_medians).
     """
-    for _ in range(warmup):
-        fn()
-    number = 1
-    while True:
-        t0 = time.perf_counter()
-        for _ in range(number):
-            fn()
-        dt = time.perf_counter() - t0
-        if dt >= min_batch_s or number >= 1 << 20:
-            break
-        number *= 2
-    samples = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(number):
-            fn()
-        samples.append((time.perf_counter() - t0) / number)
-    return statistics.median(samples)
+    return interleaved_medians({"fn": fn}, repeats, min_batch_s, warmup)["fn"]
 
 
 def first_call_seconds(fn):

@@ -44,6 +44,7 @@ class Encoder(nn.Module):
         x = x + self.out((a + causal).transpose(1, 2).reshape(b, s, d))
         return x + self.down(F.gelu(self.up(self.norm2(x))))
 
+
 class CNN(nn.Module):
     """Strided, depthwise, 1x1 and grouped convs, batch norms, residual add, pooling."""
 
@@ -100,15 +101,12 @@ def warmup(progress: bool = True) -> dict:
 
     It optimizes a few small models with cpu-int8 (dynamic and calibrated static scales)
     and calls each on both runtimes at a few shapes."""
-    NOTICE.finish()          # a summary of anything compiled before belongs to that
     before, start = NOTICE.total, time.perf_counter()
-    NOTICE.hold, NOTICE.announced = True, True
     work = _workloads()
-    try:
+    with NOTICE.held():
         for i, (name, model, example, calls, target) in enumerate(work):
             if progress:
-                NOTICE._print(f"fxopt warmup: {name} ({i + 1}/{len(work)}), "
-                              f"{time.perf_counter() - start:.0f} s")
+                NOTICE.say(f"fxopt warmup: {name} ({i + 1}/{len(work)}), {time.perf_counter() - start:.0f} s")
             model.eval()
             for calibration in (None, [example, *calls]):
                 for runtime in ("plan", "graph"):
@@ -119,8 +117,5 @@ def warmup(progress: bool = True) -> dict:
                     with torch.no_grad():
                         for inputs in (example, *calls):
                             fast(*inputs)
-    finally:
-        NOTICE.hold = False
-        NOTICE.compiled, NOTICE.seconds = 0, 0.0
     return {"compiled": NOTICE.total - before, "seconds": round(time.perf_counter() - start, 1),
             "cache": _cache.cache_dir()}

@@ -14,6 +14,7 @@ FXOPT_COMPILE_NOTICE=0 silences the notice.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import threading
@@ -48,7 +49,7 @@ class CompileNotice(event.Listener):
         self.compiled = 0        # kernels compiled since the last summary
         self.seconds = 0.0
         self.total = 0           # kernels compiled by this process
-        self.hold = False        # warmup() prints one summary of its own
+        self.hold = False        # held(): warmup() prints one summary of its own
         self.started = None
         self.announced = False
         self.last_line = 0.0
@@ -60,7 +61,7 @@ class CompileNotice(event.Listener):
     def _enabled(self) -> bool:
         return os.environ.get("FXOPT_COMPILE_NOTICE", "1") != "0"
 
-    def _print(self, text: str, end: str = "\n") -> None:
+    def say(self, text: str, end: str = "\n") -> None:
         out = self._out()
         out.write(text + end)
         out.flush()
@@ -71,7 +72,7 @@ class CompileNotice(event.Listener):
         self.announced = True
         where = (f"kept in {_cache.cache_dir()}" if _cache.CACHE
                  else "not kept: no writable cache folder, set FXOPT_CACHE_DIR")
-        self._print(f"fxopt: compiling kernels for this CPU, once ({where}); {ESTIMATE}. "
+        self.say(f"fxopt: compiling kernels for this CPU, once ({where}); {ESTIMATE}. "
                     "`fxopt warmup` does it ahead of time.")
 
     def before(self, pipeline_names) -> None:
@@ -89,8 +90,20 @@ class CompileNotice(event.Listener):
                 self.compiled, self.seconds = 0, 0.0
                 return
             tty = self._tty()
-            self._print(("\r" if tty else "") + f"fxopt: compiled {self.compiled} kernels in "
+            self.say(("\r" if tty else "") + f"fxopt: compiled {self.compiled} kernels in "
                         f"{self.seconds:.0f} s; later processes load them from the cache.")
+            self.compiled, self.seconds = 0, 0.0
+
+    @contextlib.contextmanager
+    def held(self):
+        """Within: no announcement and no summary (warmup() reports for itself); the kernels
+        that compile still count in `total`."""
+        self.finish()            # a summary of anything compiled before belongs to that
+        self.hold, self.announced = True, True
+        try:
+            yield
+        finally:
+            self.hold = False
             self.compiled, self.seconds = 0, 0.0
 
     def _tty(self) -> bool:
@@ -121,10 +134,10 @@ class CompileNotice(event.Listener):
                 return
             now = time.perf_counter()
             if self._tty():
-                self._print(f"\r  compiled {self.compiled} kernels ({self.seconds:.0f} s)...", end="")
+                self.say(f"\r  compiled {self.compiled} kernels ({self.seconds:.0f} s)...", end="")
             elif now - self.last_line >= self.min_interval_s:
                 self.last_line = now
-                self._print(f"  compiled {self.compiled} kernels ({self.seconds:.0f} s)...")
+                self.say(f"  compiled {self.compiled} kernels ({self.seconds:.0f} s)...")
 
 
 def cached_kernels() -> int:
