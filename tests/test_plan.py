@@ -37,6 +37,15 @@ def both_runtimes(model, example, target="cpu-int8", **options):
         return fxopt.optimize(model, example, **kw), fxopt.optimize(model, example, runtime="graph", **kw)
 
 
+def _saved_bert(tmp_path):
+    """The zoo BERT optimized on both runtimes, the plan one saved: (other inputs, plan, graph, path)."""
+    model, example, other = ZOO["bert"]()
+    fast, graph = both_runtimes(model, example)
+    path = tmp_path / "bert.fxopt"
+    fxopt.save(fast, path)
+    return other, fast, graph, path
+
+
 @pytest.mark.parametrize("name", zoo_params(fast=("mlp",)))
 def test_plan_equals_graph_bit_for_bit_on_the_zoo(name):
     model, example, other = ZOO[name]()
@@ -96,10 +105,7 @@ def test_static_linear_keeps_its_fused_residual():
 
 @pytest.mark.slow
 def test_load_rebuilds_the_plan(tmp_path):
-    model, example, other = ZOO["bert"]()
-    fast, _ = both_runtimes(model, example)
-    path = tmp_path / "bert.fxopt"
-    fxopt.save(fast, path)
+    other, fast, _, path = _saved_bert(tmp_path)
     loaded, loaded_graph = fxopt.load(path), fxopt.load(path, runtime="graph")
     assert plan_of(loaded) is not None and plan_of(loaded_graph) is None
     with torch.no_grad():
@@ -290,10 +296,7 @@ def test_nan_screen_agrees_with_numpy(dtype):
 def test_dims_beyond_the_captured_limit_are_refused(tmp_path):
     # the zoo BERT has 64 positions: export bounds the sequence dim at 64, and a longer
     # input is an error naming the limit on every path, not a broadcast error inside
-    model, example, other = ZOO["bert"]()
-    fast, graph = both_runtimes(model, example)
-    path = tmp_path / "bert.fxopt"
-    fxopt.save(fast, path)
+    other, fast, graph, path = _saved_bert(tmp_path)
     longer = {k: torch.cat([v] * 12, dim=1)[:, :80] for k, v in other.items()}
     at_limit = {k: torch.cat([v] * 12, dim=1)[:, :64] for k, v in other.items()}
     for m in (fast, graph, fxopt.load(path)):

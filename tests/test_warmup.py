@@ -69,21 +69,30 @@ def test_the_notice_can_be_silenced(monkeypatch):
     assert out.getvalue() == ""
 
 
+def _stderr_until(patch, marker, code, cache_dir):
+    """stderr lines of a child running `code` with `patch` ("module:attribute") replaced by a
+    stop that prints `marker` and exits: what was said before that point."""
+    module, attribute = patch.split(":")
+    done = _child(f"""
+        import sys
+        import {module} as patched
+        def stop(*a, **k):
+            print({marker!r}, file=sys.stderr, flush=True)
+            raise SystemExit(0)
+        patched.{attribute} = stop
+        {code}
+    """, cache_dir, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return [line for line in done.stderr.splitlines() if line.strip()]
+
+
 @pytest.mark.slow
 def test_an_int8_optimize_with_an_empty_cache_says_so_before_it_captures(tmp_path):
     # the child stops where capture would start: the notice must come first (no compile yet)
-    done = _child("""
-        import sys, torch, fxopt
-        from fxopt.driver import compile as driver
-        def stop(*a, **k):
-            print("CAPTURE", file=sys.stderr, flush=True)
-            raise SystemExit(0)
-        driver.capture = stop
-        print("START", file=sys.stderr, flush=True)
-        fxopt.optimize(torch.nn.Linear(8, 8), (torch.randn(2, 8),), target="cpu-int8", latency_repeats=0)
-    """, tmp_path / "empty", timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    lines = _stderr_until("fxopt.driver.compile:capture", "CAPTURE",
+                          'import torch, fxopt; print("START", file=sys.stderr, flush=True); '
+                          'fxopt.optimize(torch.nn.Linear(8, 8), (torch.randn(2, 8),), target="cpu-int8", '
+                          'latency_repeats=0)', tmp_path / "empty")
     start = lines.index("START")
     assert lines[start + 1].startswith("fxopt: compiling kernels for this CPU, once"), lines
     assert str(tmp_path / "empty") in lines[start + 1] and lines[start + 2] == "CAPTURE"
@@ -133,23 +142,11 @@ def test_after_warmup_a_new_process_compiles_nothing_for_the_zoo(tmp_path):
 @pytest.mark.slow
 def test_the_cli_says_so_before_it_loads_the_model(tmp_path):
     # importing a model's library and building it can take seconds: the notice comes first
-    done = _child("""
-        import sys
-        from fxopt import cli
-        def stop(*a, **k):
-            print("FACTORY", file=sys.stderr, flush=True)
-            raise SystemExit(0)
-        cli.load_factory = stop
-        cli.main(["optimize", "tests/zoo.py:bert", "--target", "cpu-int8", "-o", "never.fxopt"])
-    """, tmp_path / "empty", timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    lines = _stderr_until("fxopt.cli:load_factory", "FACTORY",
+                          'patched.main(["optimize", "tests/zoo.py:bert", "--target", "cpu-int8", "-o", "x.fxopt"])',
+                          tmp_path / "empty")
     assert lines[0].startswith("fxopt: compiling kernels for this CPU, once") and lines[1] == "FACTORY", lines
     for fp32 in (["--target", "cpu-fp32"], []):    # inspect's default target is cpu-fp32: no notice
-        done = _child(f"""
-            import sys
-            from fxopt import cli
-            cli.load_factory = lambda *a, **k: sys.exit(0)
-            cli.main(["inspect", "tests/zoo.py:bert", *{fp32!r}])
-        """, tmp_path / "empty2", timeout=300)
-        assert done.returncode == 0 and "compiling kernels" not in done.stderr, done.stderr[-2000:]
+        lines = _stderr_until("fxopt.cli:load_factory", "FACTORY",
+                              f'patched.main(["inspect", "tests/zoo.py:bert", *{fp32!r}])', tmp_path / "empty2")
+        assert lines == ["FACTORY"], lines
