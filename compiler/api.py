@@ -45,9 +45,10 @@ def optimize(model: nn.Module, example_inputs=None, target: str = DEFAULT_TARGET
 
         fast = fxopt.optimize(model, (x,), target="cpu-fp32", dump_dir="stages")
 
-    An int8 result that measures slower than `model` on the example inputs keeps fp32 where
-    int8 measured slower, and warns if it is still slower (fxopt.search.latency_guard;
-    latency_aware=False keeps int8 everywhere and only warns).
+    Latency-aware lowering: each int8 layer is timed against the same layer in fp32, and
+    the layers where int8 measured slower stay fp32 when that makes the model faster; a
+    result still slower than `model` warns (fxopt.search.latency_guard; latency_aware=False
+    keeps int8 everywhere and only warns; latency_repeats=0 measures nothing).
 
     With eval_fn=, the accuracy-budgeted search (fxopt.search.budget) picks per layer
     int8 or fp32 and a prune ratio within max_accuracy_drop; see
@@ -55,15 +56,19 @@ def optimize(model: nn.Module, example_inputs=None, target: str = DEFAULT_TARGET
     """
     if options.get("eval_fn") is not None:
         return search(model, example_inputs, target, calibration_data, dynamic, options)
-    calibration_data = reiterable(calibration_data, stacklevel=3)   # a slower result compiles again
+    calibration_data = reiterable(calibration_data, stacklevel=3)   # latency-aware lowering may compile again
 
-    def compile_with(target, options):
-        return compile_model(model, example_inputs, target, calibration_data, dynamic, dict(options))
+    def compile_with(target, twin=False):
+        return compile_model(model, example_inputs, target, calibration_data, dynamic, dict(options), twin=twin)
 
-    done = compile_with(target, options)
+    def keep_fp32(layers):
+        return compile_with(latency_guard.keep_fp32(target, layers))
+
+    measured = options.get("latency_repeats", 5) and not options.get("finetune")
+    twin = bool(measured) and options.get("latency_aware", True) is True
+    done = compile_with(target, twin=twin) if twin else (*compile_with(target), None)
     args, kwargs = normalize_inputs(example_from(example_inputs, calibration_data))
-    gm, report = latency_guard.check(
-        done, lambda fp32: compile_with(latency_guard.keep_fp32(target, fp32), options), options, args, kwargs)
+    gm, report = latency_guard.check(done, keep_fp32, options, args, kwargs)
     gm.fxopt_report = report
     return gm
 

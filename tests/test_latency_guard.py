@@ -65,24 +65,51 @@ def test_no_check_without_timing_and_a_faster_result_is_left_alone():
     assert "latency_aware" not in fast.fxopt_report.summary
 
 
+def _clock(monkeypatch, model_seconds, layer_seconds, turns):
+    """Stub every clock the guard reads: the before/after pair (a function of which layers
+    run int8), the per-layer plan times, and the all-int8 against mixed turns."""
+    from fxopt.report import model_report
+    from fxopt.search import sensitivity
+    monkeypatch.setattr(model_report, "latency_pair",
+                        lambda model, optimized, args, kwargs, repeats: (1e-3, model_seconds(int8_layers(optimized))))
+    monkeypatch.setattr(sensitivity, "plan_layer_latency", lambda int8_gm, fp32_gm, args, kwargs: layer_seconds)
+    monkeypatch.setattr(latency_guard, "_turns", lambda a, b, args, kwargs: turns)
+
+
 def test_the_decision_with_a_clock_we_set(monkeypatch):
     """Deterministic: a model is 'slower' by 2x while it runs `skinny` in int8, and `skinny`
     is the one layer whose int8 op is slower; the default keeps it fp32 and does not warn."""
-    from fxopt.report import model_report
-    from fxopt.search import sensitivity
-
-    def pair(model, optimized, args, kwargs, repeats):
-        return 1e-3, (2e-3 if "skinny" in int8_layers(optimized) else 0.9e-3)
-
-    monkeypatch.setattr(model_report, "latency_pair", pair)
-    monkeypatch.setattr(sensitivity, "layer_latency",
-                        lambda int8_gm, fp32_gm, args, kwargs: {"skinny": (3e-3, 1e-3), "head": (1e-5, 1e-5)})
+    _clock(monkeypatch, lambda int8: 2e-3 if "skinny" in int8 else 0.9e-3,
+           {"skinny": (3e-3, 1e-3), "head": (1e-5, 1e-5)}, (2e-3, 0.9e-3))
     model, x, fast, slower = _optimize()
     assert int8_layers(fast) == ["head"] and not slower
     assert list(fast.fxopt_report.summary["latency_aware"]) == ["skinny"]
     assert fast.fxopt_report.summary["latency_optimized"] == 0.9e-3
+    skinny = next(r for r in fast.fxopt_report.layers if r["layer"] == "skinny")
+    assert skinny["precision"] == "fp32" and skinny["why"].startswith("latency-aware lowering: int8 not faster")
+    assert "latency-aware lowering: int8 not faster here (3.000 ms vs 1.000 ms fp32)" in \
+        fast.fxopt_report.sections["layers"]
     _, _, fast, slower = _optimize(latency_aware=False)
     assert int8_layers(fast) == ["skinny", "head"] and len(slower) == 1
+
+
+def test_a_faster_model_still_loses_the_int8_layers_that_are_slower(monkeypatch):
+    """Per layer, not only when the whole model is slower: the model is 2x faster than its
+    input, `head` alone is slower in int8, and without it the model is faster still."""
+    _clock(monkeypatch, lambda int8: 0.5e-3 if "head" in int8 else 0.4e-3,
+           {"skinny": (1e-4, 5e-4), "head": (3e-5, 1e-5)}, (0.5e-3, 0.4e-3))
+    _, _, fast, slower = _optimize()
+    assert int8_layers(fast) == ["skinny"] and not slower
+    assert list(fast.fxopt_report.summary["latency_aware"]) == ["head"]
+    assert "went back to fp32" in fast.fxopt_report.sections["latency_aware"]
+
+
+def test_a_gain_within_noise_keeps_int8_and_says_so(monkeypatch):
+    _clock(monkeypatch, lambda int8: 0.5e-3, {"skinny": (1e-4, 5e-4), "head": (3e-5, 1e-5)}, (0.5e-3, 0.49e-3))
+    _, _, fast, slower = _optimize()
+    assert int8_layers(fast) == ["skinny", "head"] and not slower
+    assert "latency_aware" not in fast.fxopt_report.summary
+    assert "so they stay int8" in fast.fxopt_report.sections["latency_aware"]
 
 
 def test_the_message_says_what_happened():

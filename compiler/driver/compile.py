@@ -48,8 +48,8 @@ OPTIONS = {
     "finetune_budget": "search: distillation epochs (or distill_pruned options) for ratios that miss",
     "plot_path": "search: save the Pareto front (latency vs metric) as a PNG here (needs matplotlib)",
     "search_cost": "search: 'latency' (measured, default) or 'macs' (int8 MAC = half; deterministic)",
-    "latency_aware": "int8 targets: when the optimized model measures slower than the input, keep fp32 "
-                     "for the layers whose int8 op measured slower and compile again (default True); "
+    "latency_aware": "int8 targets: time each int8 layer against the same layer in fp32 and keep fp32 "
+                     "where int8 measured slower, if that makes the model faster (default True); "
                      "False keeps int8 everywhere (the smallest model). Either way a slower result warns",
 }
 INSTRUMENTS = ("print_ir_after", "dump_dir", "stop_after", "disable", "drift")
@@ -62,19 +62,21 @@ INSTRUMENTS = ("print_ir_after", "dump_dir", "stop_after", "disable", "drift")
 COMPILE_LOCK = TRACE_LOCK
 
 
-def compile_model(model, example_inputs, target, calibration_data, dynamic, options, keep=False):
+def compile_model(model, example_inputs, target, calibration_data, dynamic, options, keep=False,
+                  twin=False):
     """(optimized GraphModule, Report) for `model` under `target` (a target name, a pipeline
     string or a Pipeline); with keep=True also the PassManager, holding the graph before
-    every pass (what bisect reads). `options` are optimize()'s: OPTIONS and INSTRUMENTS.
+    every pass (what bisect reads); with twin=True also the fp32 twin (fp32_twin), or None.
+    `options` are optimize()'s: OPTIONS and INSTRUMENTS.
     Thread-safe: concurrent calls run one after another (COMPILE_LOCK)."""
     with COMPILE_LOCK:
         try:
-            return _compile(model, example_inputs, target, calibration_data, dynamic, options, keep)
+            return _compile(model, example_inputs, target, calibration_data, dynamic, options, keep, twin)
         finally:
             COMPILE_NOTICE.finish()     # "compiled N kernels in T s", if any compiled
 
 
-def _compile(model, example_inputs, target, calibration_data, dynamic, options, keep):
+def _compile(model, example_inputs, target, calibration_data, dynamic, options, keep, twin):
     _check_options(options)
     if not isinstance(model, nn.Module):
         raise TypeError(f"optimize expects a torch.nn.Module, got {type(model).__name__}")
@@ -104,7 +106,26 @@ def _compile(model, example_inputs, target, calibration_data, dynamic, options, 
     _model_sections(report, model, original, gm, (args, kwargs), (probe_args, probe_kwargs), options)
     if keep:
         return gm, report, manager
+    if twin:
+        return gm, report, fp32_twin(pipeline, original, gm, ctx)
     return gm, report
+
+
+def fp32_twin(pipeline, captured, gm, ctx):
+    """What `gm`'s int8 layers would run in fp32: the captured graph through the pipeline's
+    fp32 passes (cpu-fp32's), with an execution plan; latency-aware lowering times each int8
+    layer against its twin. No second capture and no calibration: a fraction of a compile.
+    None when there is nothing to compare (no int8 layer) or the twin would not have `gm`'s
+    shapes (pruning changes them)."""
+    fp32_names = set(target_pipeline("cpu-fp32").names)
+    if not model_report.int8_layers(gm) or "prune_channels" in pipeline.names:
+        return None
+    passes = Pipeline(tuple(p for p in pipeline.passes if p.name in fp32_names))
+    ctx = PassContext(example_args=ctx.example_args, example_kwargs=ctx.example_kwargs, probe=ctx.probe,
+                      seed=ctx.seed)
+    twin, _ = PassManager(passes, ctx, None, Instruments(drift=False)).run(snapshot(captured))
+    install_plan(twin, "plan")
+    return twin
 
 
 def _model_sections(report, model, original, gm, full, probe, options) -> None:

@@ -1,25 +1,33 @@
-"""Never hand back a slower model without a word.
+"""Never hand back a slower model without a word: latency-aware lowering.
 
-optimize already times the input model and its result on the example inputs (taking turns,
-report.summary). When an int8 result measures slower than the input beyond NOISE:
+optimize times the input model and its result on the example inputs (taking turns,
+report.summary). With latency_aware=True (the default), every int8 layer is then timed as
+the model runs it (the steps of its execution plan) against the same layer compiled fp32
+(the fp32 twin: the captured graph through the fp32 passes, no second capture):
 
-  1. latency-aware lowering (latency_aware=True, the default): each int8 layer's op is timed
-     against its fp32 op on the inputs it really receives (search.sensitivity, as the budget
-     search does, without an accuracy budget); the layers where int8 measured slower are
-     compiled again in fp32 and the faster of the two results is kept;
-  2. if the result is still slower, optimize warns with the figures and the reason.
+  1. the layers where int8 measured slower than fp32 beyond NOISE are compiled again in fp32,
+     and that mixed model is kept if it measures faster than the all-int8 one by more than
+     NOISE / 2 (taking turns; a gain within noise is not worth the size);
+     the per-layer table says why each of those layers is fp32;
+  2. if the result is still slower than the input model, optimize warns with the figures
+     and the reason.
 
-    gm, report = check((gm, report), recompile, options, args, kwargs)   # what fxopt.optimize does
+    gm, report = check((gm, report, twin), recompile, options, args, kwargs)   # what fxopt.optimize does
 
-latency_aware=False keeps int8 everywhere (the smallest model) and only warns. A fine-tuned
-(pruned and distilled) compile is not redone: it warns only.
+latency_aware=False keeps int8 everywhere (the smallest model) and only warns. Without a
+twin (pruned models: the twin would have other shapes) the layers are compared only when the
+whole model measured slower, against an fp32 compile of the pruned model. A fine-tuned
+(distilled) compile is not redone: it warns only.
 """
 from __future__ import annotations
 
 import warnings
 
+import torch
+
 from fxopt.core.pipeline import target_pipeline
 from fxopt.report import model_report
+from fxopt.report.timing import interleaved_medians
 from fxopt.search import sensitivity
 from fxopt.search.budget import with_fp32_layers
 
@@ -40,28 +48,59 @@ def _ratio(report) -> float | None:
 
 
 def check(done, recompile, options: dict, args: tuple, kwargs: dict):
-    """`done` (what compile_model returns), or a recompile with the slow int8 layers fp32."""
-    gm, report = done[0], done[1]
+    """(gm, report) of `done` (what compile_model returns with twin=True), or of a recompile
+    (`recompile(layers)`) that keeps the layers where int8 measured slower fp32."""
+    gm, report, twin = done
     ratio = _ratio(report)
     int8 = model_report.int8_layers(gm)
-    if ratio is None or not int8 or ratio <= 1 + NOISE:
-        return done
-    reverted = {}
-    if options.get("latency_aware", True) and not options.get("finetune"):
-        fp32 = recompile(int8)
-        times = sensitivity.layer_latency(gm, fp32[0], args, kwargs)
-        reverted = {name: why for name, why in sensitivity.slower_in_int8(times, NOISE).items() if name in int8}
-        if reverted:
-            mixed = fp32 if set(reverted) == set(int8) else recompile(sorted(reverted))
-            if _ratio(mixed[1]) is not None and _ratio(mixed[1]) < ratio:
-                done, ratio = mixed, _ratio(mixed[1])
-                done[1].sections["latency_aware"] = _format(reverted, len(int8))
-                done[1].summary["latency_aware"] = reverted
-            else:
-                reverted = {}
+    if ratio is None or not int8:
+        return gm, report
+    aware = options.get("latency_aware", True) and not options.get("finetune")
+    if aware and (twin is not None or ratio > 1 + NOISE):
+        gm, report = _lower_by_latency(gm, report, twin, int8, recompile, args, kwargs)
+        ratio = _ratio(report)
     if ratio > 1 + NOISE:
-        warnings.warn(_slower_message(done[1].summary, ratio, reverted, len(int8)), stacklevel=3)
-    return done
+        reverted = report.summary.get("latency_aware", {})
+        warnings.warn(_slower_message(report.summary, ratio, reverted, len(int8)), stacklevel=3)
+    return gm, report
+
+
+def _lower_by_latency(gm, report, twin, int8, recompile, args, kwargs):
+    if twin is None:
+        twin = recompile(int8)[0]
+    times = sensitivity.plan_layer_latency(gm, twin, args, kwargs)
+    slow = {name: why for name, why in sensitivity.slower_in_int8(times, NOISE).items() if name in int8}
+    if not slow:
+        return gm, report
+    mixed, mixed_report = recompile(sorted(slow))
+    t_int8, t_mixed = _turns(gm, mixed, args, kwargs)
+    if t_mixed > t_int8 * (1 - NOISE / 2):
+        # Within noise of each other (the layers added up to little of the model): int8 stays,
+        # which keeps the model small.
+        report.sections["latency_aware"] = _format(slow, len(int8), t_int8, t_mixed, kept=False)
+        return gm, report
+    mixed_report.sections["latency_aware"] = _format(slow, len(int8), t_int8, t_mixed, kept=True)
+    mixed_report.summary["latency_aware"] = slow
+    _say_why(mixed, mixed_report, slow)
+    return mixed, mixed_report
+
+
+def _say_why(gm, report, slow: dict) -> None:
+    """The per-layer table names latency as the reason these layers are fp32, not the
+    per_layer option that carried the decision."""
+    for row in report.layers:
+        if row["layer"] in slow:
+            row["why"] = f"latency-aware lowering: {slow[row['layer']]}"
+    if report.layers:
+        report.sections["layers"] = model_report.format_layers(report.layers, model_report.fp32_ops(gm))
+
+
+def _turns(a, b, args, kwargs) -> tuple[float, float]:
+    """Median seconds per call of two optimized models, timed taking turns."""
+    with torch.no_grad():
+        med = interleaved_medians({"a": lambda: a(*args, **kwargs), "b": lambda: b(*args, **kwargs)},
+                                  repeats=7, min_batch_s=1e-3, warmup=1)
+    return med["a"], med["b"]
 
 
 def _slower_message(s: dict, ratio: float, reverted: dict, n_int8: int) -> str:
@@ -79,8 +118,12 @@ def _slower_message(s: dict, ratio: float, reverted: dict, n_int8: int) -> str:
                    "everywhere, for the size.")
 
 
-def _format(reverted: dict, n_int8: int) -> str:
-    lines = [f"latency-aware lowering: the model measured slower than its input, so {len(reverted)} of "
-             f"{n_int8} int8 layers went back to fp32 where int8 measured slower:"]
-    lines += [f"  {name}: {why}" for name, why in reverted.items()]
-    return "\n".join(lines)
+def _format(slow: dict, n_int8: int, t_int8: float, t_mixed: float, kept: bool) -> str:
+    figures = f"{t_mixed * 1e3:.3f} ms against {t_int8 * 1e3:.3f} ms all-int8"
+    if kept:
+        head = (f"latency-aware lowering: {len(slow)} of {n_int8} int8 layers measured slower than fp32 "
+                f"and went back to fp32; the model with them fp32 runs {figures}:")
+    else:
+        head = (f"latency-aware lowering: {len(slow)} of {n_int8} int8 layers measured slower than fp32, "
+                f"but the model with them fp32 was not faster ({figures}), so they stay int8:")
+    return "\n".join([head] + [f"  {name}: {why}" for name, why in slow.items()])

@@ -4,6 +4,8 @@ Three measurements, cheapest first:
   quant_proxy    per-layer output SQNR of the all-int8 model (already in its report);
   layer_latency  each layer's int8 op against its fp32 op, run alone on the inputs it
                  really receives in the model (real kernels, real shapes);
+  plan_layer_latency  the same from the steps of each model's execution plan, as the model
+                 runs them (latency-aware lowering uses it);
   slower_in_int8 the layers where int8 is not faster, with the reason the report shows.
 
     rows = quant_proxy(int8_gm.fxopt_report.layers)       # [(layer, sqnr_db)], worst first
@@ -15,6 +17,7 @@ by the search itself through its evaluation cache, so each costs one evaluation.
 """
 from __future__ import annotations
 
+import collections
 import math
 import statistics
 import time
@@ -24,6 +27,7 @@ from torch.fx import GraphModule, Interpreter
 
 from fxopt.core.ir import LAYER
 from fxopt.report.model_report import layer_kind
+from fxopt.runtime.plan import Plan, plan_of
 
 
 def quant_proxy(rows: list[dict]) -> list[tuple[str, float]]:
@@ -87,6 +91,28 @@ def layer_latency(int8_gm: GraphModule, fp32_gm: GraphModule, args: tuple, kwarg
     return out
 
 
+def plan_layer_latency(int8_gm: GraphModule, fp32_gm: GraphModule, args: tuple, kwargs: dict,
+                       rounds: int = 3, repeats: int = 5) -> dict:
+    """{layer: (int8 seconds, fp32 seconds)} for the layers present in both graphs, from
+    the steps each graph's execution plan runs for the layer (fxopt.profile): the layer as it
+    runs in the model, quantize steps and all, with no dispatcher cost the plan does not pay.
+    The two plans take turns, `rounds` profiles of `repeats` calls each; medians of rounds.
+    """
+    plans = [plan_of(gm) or Plan(gm) for gm in (int8_gm, fp32_gm)]
+    samples = [collections.defaultdict(list), collections.defaultdict(list)]
+    with torch.no_grad():
+        for _ in range(rounds):
+            for plan, out in zip(plans, samples):
+                per_layer = collections.Counter()
+                for row in plan.profile(*args, repeats=repeats, **kwargs).rows:
+                    per_layer[row["layer"]] += row["us"] * 1e-6
+                for layer, seconds in per_layer.items():
+                    out[layer].append(seconds)
+    int8, fp32 = samples
+    return {layer: (statistics.median(int8[layer]), statistics.median(fp32[layer]))
+            for layer in int8 if layer in fp32}
+
+
 def slower_in_int8(times: dict, margin: float = 0.10) -> dict:
     """{layer: reason} for layers whose int8 op is slower than fp32 by more than `margin`.
 
@@ -94,5 +120,9 @@ def slower_in_int8(times: dict, margin: float = 0.10) -> dict:
 
         slower_in_int8({"fc": (2e-3, 1e-3)}) -> {"fc": "int8 not faster here (2.000 ms vs 1.000 ms fp32)"}
     """
-    return {name: f"int8 not faster here ({t8 * 1e3:.3f} ms vs {t32 * 1e3:.3f} ms fp32)"
+    return {name: f"int8 not faster here ({_time(t8)} vs {_time(t32)} fp32)"
             for name, (t8, t32) in times.items() if t8 > t32 * (1 + margin)}
+
+
+def _time(seconds: float) -> str:
+    return f"{seconds * 1e3:.3f} ms" if seconds >= 1e-3 else f"{seconds * 1e6:.1f} us"
