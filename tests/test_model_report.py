@@ -2,6 +2,7 @@
 import os
 
 import pytest
+import torch
 
 from fxopt.cli import main
 from fxopt.report.model_report import change, format_summary
@@ -26,3 +27,20 @@ def test_a_model_that_grows_is_reported_larger(capsys):
     assert main(["bisect", f"{ZOO}:cnn_bn_residual", "--target", "cpu-int8", "--tol", "1"]) == 0
     line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("size:"))
     assert line.endswith("x larger)"), line
+
+
+def test_the_report_says_which_input_sizes_may_change_and_which_the_model_fixed():
+    import warnings
+    from torch import nn
+    import fxopt
+    x = torch.randn(2, 3, 32, 32)
+    pooled = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+    flat = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 30 * 30, 4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        any_size = fxopt.optimize(pooled.eval(), (x,), "cpu-fp32", latency_repeats=0).fxopt_report
+        fixed = fxopt.optimize(flat.eval(), (x,), "cpu-fp32", latency_repeats=0).fxopt_report
+    assert "inputs (* = any size): input [*, 3, *, *]" in any_size.sections["model"]
+    assert "fixed by" not in any_size.sections["model"]
+    assert ("inputs (* = any size): input [*, 3, 32, 32]; fixed by the model: input dims 2, 3 "
+            "(optimize again with inputs of the size you will call it with)") in fixed.sections["model"]

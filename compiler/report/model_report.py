@@ -27,6 +27,7 @@ from fxopt.core.ops import OpKind, attention_parts, kind_of
 from fxopt.quant import qops
 from fxopt.report.timing import interleaved_medians
 from fxopt.runtime import kernel_ops
+from fxopt.runtime.input_check import input_specs
 
 _FP32_UNITS = {fxops.linear_act: "linear", fxops.conv2d_act: "conv2d"}
 _INT8_UNITS = {qops.quantized_linear: "linear", qops.quantized_conv2d: "conv2d",
@@ -186,11 +187,33 @@ def format_summary(s: dict) -> str:
              f"({change(s['fp32_bytes'], s['optimized_bytes'], 'smaller', 'larger')})",
              f"MACs: {s['macs_original'] / 1e6:.1f} M -> {s['macs_optimized'] / 1e6:.1f} M "
              f"({100 * s['int8_macs'] / max(s['macs_optimized'], 1):.0f}% in int8)"]
+    if s.get("inputs"):
+        lines.append(format_inputs(s["inputs"], s.get("fixed_dims") or {}))
     if s.get("latency_original") is not None:
         lines.append(f"latency (example inputs, median of {s['latency_repeats']}): "
                      f"{s['latency_original'] * 1e3:.2f} ms -> {s['latency_optimized'] * 1e3:.2f} ms "
                      f"({change(s['latency_original'], s['latency_optimized'], 'faster', 'slower')})")
     return "\n".join(lines)
+
+
+def format_inputs(specs: list, fixed: dict) -> str:
+    """What sizes the optimized model takes: * for a dim that may change between calls, and
+    the dims the model fixed although fxopt asked for them dynamic (a Flatten into a sized
+    Linear fixes an image's height and width).
+
+        format_inputs([{"name": "x", "shape": ["s0", 3, 32, 32]}], {"x": {2: 32, 3: 32}})
+        -> "inputs (* = any size): x [*, 3, 32, 32]; fixed by the model: x dims 2, 3 (optimize
+           again with inputs of the size you will call it with)"
+    """
+    shown = [f"{spec['name']} [{', '.join('*' if isinstance(d, str) or d is None else str(d) for d in spec['shape'])}]"
+             for spec in specs if spec]
+    text = "inputs (* = any size): " + ", ".join(shown)
+    fixed = {name: dims for name, dims in fixed.items() if dims}
+    if fixed:
+        text += ("; fixed by the model: " + ", ".join(f"{name} dim{'s' if len(d) > 1 else ''} "
+                                                       f"{', '.join(map(str, sorted(d)))}" for name, d in fixed.items())
+                 + " (optimize again with inputs of the size you will call it with)")
+    return text
 
 
 def model_summary(model, original: GraphModule, optimized: GraphModule, args: tuple, kwargs: dict,
@@ -201,7 +224,9 @@ def model_summary(model, original: GraphModule, optimized: GraphModule, args: tu
     summary = {"fp32_bytes": model_bytes(model), "optimized_bytes": graph_bytes(optimized),
                "macs_original": macs_original, "macs_optimized": macs_optimized,
                "int8_macs": sum(r["macs"] for r in rows if r["precision"] == "int8"),
-               "latency_original": None, "latency_optimized": None, "latency_repeats": latency_repeats}
+               "latency_original": None, "latency_optimized": None, "latency_repeats": latency_repeats,
+               "inputs": input_specs(optimized) or [],
+               "fixed_dims": optimized.meta.get("fxopt_capture", {}).get("static_dims", {})}
     if latency_repeats:
         summary["latency_original"], summary["latency_optimized"] = latency_pair(
             model, optimized, args, kwargs, latency_repeats)
