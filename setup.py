@@ -43,7 +43,10 @@ setup(
         "tqdm>=4.60",         # progress bars (calibration, distillation, search)
     ],
     extras_require={
-        "peers": ["onnxruntime>=1.18", "onnx>=1.16", "onnxscript>=0.1", "transformers>=4.45"],
+        # the systems `fxopt bench models` compares with; OpenVINO (+ NNCF for its int8) is
+        # the one users deploy on Intel CPUs
+        "peers": ["onnxruntime>=1.18", "onnx>=1.16", "onnxscript>=0.1", "transformers>=4.45",
+                  "openvino>=2024.4", "nncf>=2.13"],
         "plot": ["matplotlib>=3.7"],
         "dev": [
             "pytest>=8",
@@ -52,6 +55,8 @@ setup(
             "onnxruntime>=1.18",
             "onnx>=1.16",
             "onnxscript>=0.1",
+            "openvino>=2024.4",
+            "nncf>=2.13",
             "scikit-learn>=1.3",
             "matplotlib>=3.7",
         ],

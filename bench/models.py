@@ -1,11 +1,13 @@
-"""Whole-model benchmark: fxopt cpu-int8 against torch and ONNX Runtime, fp32 and int8.
+"""Whole-model benchmark: fxopt cpu-int8 against torch, ONNX Runtime and OpenVINO, fp32 and int8.
 
     fxopt bench models [--models bert_b8_s128,resnet50_b8] [--systems torch_fp32,fxopt]
                        [--threads 2] [--repeats 20] [--warmup 3] [--small] [--out PATH]
 
 Per model (BERT-base b8xs128 and b1xs32, ResNet-50 b1 and b8, MobileNetV2 b1;
 random weights, nothing downloads) and per system (torch fp32 eager, torch
-dynamic int8, ONNX Runtime fp32, ONNX Runtime dynamic int8, fxopt cpu-int8):
+dynamic int8, ONNX Runtime fp32, dynamic int8 and static QDQ int8, OpenVINO at
+its default precision and int8 through NNCF (fxopt.bench.openvino_peers),
+fxopt cpu-int8):
 median wall latency after warm-up, speedup over torch fp32, and cosine of the
 flattened last_hidden_state against torch fp32 on the same inputs. Every
 system gets its own copy of the model and the same thread count. Rows print
@@ -37,7 +39,8 @@ import torch
 
 from fxopt.bench import model_specs as specs_mod
 from fxopt.bench import report as rep
-from fxopt.bench.peers import LABELS, SYSTEMS, Context
+from fxopt.bench.peers import Context
+from fxopt.bench.systems import LABELS, SYSTEMS
 from fxopt.bench.timing import call_peak_mb
 
 ROUNDS = 5                 # timed calls are spread over this many rounds of all systems
@@ -129,7 +132,8 @@ def run_model(spec, pristine, family_dir, family_cache, args, small: bool) -> di
     ctx = Context(threads=args.threads, tmpdir=family_dir, output=spec.output,
                   calibration=specs_mod.calibration_batches(spec, small),
                   export_inputs=specs_mod.make_inputs(spec, small, batch=max(2, spec.batch)),
-                  dynamic_dims=(0, 1) if spec.family == "bert" else (0,), cache=family_cache)
+                  dynamic_dims=(0, 1) if spec.family == "bert" else (0,), cache=family_cache,
+                  family=spec.family)
     reference = SYSTEMS["torch_fp32"](copy.deepcopy(pristine), inputs, ctx).fn()
     ctx.reference_shape = tuple(reference.shape)
     results, prepared = {}, {}

@@ -1,6 +1,6 @@
 """The systems `fxopt bench models` compares, each set up from its own copy of the model.
 
-    run = SYSTEMS["ort_int8"](model_copy, inputs, ctx)
+    run = ort_int8(model_copy, inputs, ctx)
     out = run.fn()          # the main output tensor, on the timed inputs
     run.info                # what was set up and how long it took
 
@@ -33,6 +33,7 @@ class Context:
     export_inputs: dict         # batch >= 2, so export does not specialize batch to 1
     dynamic_dims: tuple         # input dims exported as dynamic: (0,) or (0, 1)
     reference_shape: tuple = ()
+    family: str = ""            # the spec's family: "bert", "resnet50", ...
     cache: dict = field(default_factory=dict)   # per family: ONNX paths, export/quantize times
 
 
@@ -163,6 +164,45 @@ def ort_int8(model, inputs, ctx: Context) -> Prepared:
                          "export_reused": reused})
 
 
+def ort_static_int8(model, inputs, ctx: Context) -> Prepared:
+    """ONNX Runtime static int8 (quantize_static, QDQ format), calibrated on the spec's batches."""
+    dst = quantize_onnx_static(export_onnx(model, inputs, ctx), ctx)
+    fn, out_name = _ort_call(dst, inputs, ctx, ctx.reference_shape)
+    setup = (f"quantize_static(QDQ, U8S8, per_channel=True, reduce_range={ctx.cache['static_reduce_range']}, "
+             f"MinMax on {len(ctx.calibration)} batches), {ctx.cache['pre_note']}; " + _ort_setup(ctx.threads))
+    return Prepared(fn, {"setup": setup, "output_name": out_name, "export_s": ctx.cache["export_s"],
+                         "quantize_s": ctx.cache["static_quantize_s"]})
+
+
+class _Batches:
+    """ORT's CalibrationDataReader protocol over the calibration batches (numpy feeds)."""
+
+    def __init__(self, batches, names):
+        self._feeds = iter([{k: v.numpy() for k, v in b.items() if k in names} for b in batches])
+
+    def get_next(self):
+        return next(self._feeds, None)
+
+
+def quantize_onnx_static(src: str, ctx: Context) -> str:
+    """ORT static int8 of the fp32 export (QDQ, as ORT recommends for CPU), once per family."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+    if "onnx_static" in ctx.cache:
+        return ctx.cache["onnx_static"]
+    t0 = time.perf_counter()
+    pre, ctx.cache["pre_note"] = _preprocess(src, os.path.join(ctx.tmpdir, "fp32_pre.onnx"))
+    dst = os.path.join(ctx.tmpdir, "int8_static.onnx")
+    names = {i.name for i in ort_session(pre, ctx.threads).get_inputs()}
+    ctx.cache["static_reduce_range"] = not cpu_has_vnni()     # as for the dynamic one
+    with _quiet(), _chdir(ctx.tmpdir):     # calibration writes its augmented model to the cwd
+        quantize_static(pre, dst, _Batches(ctx.calibration, names), quant_format=QuantFormat.QDQ,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True,
+                        reduce_range=ctx.cache["static_reduce_range"])
+    ctx.cache["static_quantize_s"] = time.perf_counter() - t0
+    ctx.cache["onnx_static"] = dst
+    return dst
+
+
 def quantize_onnx(src: str, ctx: Context) -> str:
     """ORT dynamic int8 of the fp32 export, once per model family."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -247,12 +287,6 @@ def fxopt_int8(model, inputs, ctx: Context) -> Prepared:
             "pass_seconds": passes, "outside_passes_s": optimize_s - sum(passes.values()),
             "fp32_layers": sorted({r["op"] for r in layers if r.get("precision") != "int8"})}
     return Prepared(fn, info)
-
-
-SYSTEMS = {"torch_fp32": torch_fp32, "torch_int8": torch_int8, "ort_fp32": ort_fp32,
-           "ort_int8": ort_int8, "fxopt": fxopt_int8}
-LABELS = {"torch_fp32": "torch fp32", "torch_int8": "torch dynamic int8", "ort_fp32": "ORT fp32",
-          "ort_int8": "ORT dynamic int8", "fxopt": "fxopt cpu-int8"}
 
 
 def cpu_has_vnni() -> bool:

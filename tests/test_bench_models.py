@@ -5,7 +5,7 @@ import pytest
 
 from fxopt.bench import models
 from fxopt.bench.model_specs import SPECS
-from fxopt.bench.peers import SYSTEMS
+from fxopt.bench.systems import SYSTEMS
 
 
 @pytest.mark.slow
@@ -23,6 +23,10 @@ def test_small_run_reports_every_system_of_every_model(tmp_path):
                 assert len(row["round_medians_ms"]) == 2, where
             else:
                 assert row["status"] == "failed" and row["error"], where
+        for peer in ("ort_static_int8", "ov_default", "ov_int8"):   # the strong peers must really run
+            row = result["systems"][peer]
+            assert row["status"] == "ok", (result["model"], peer, row.get("error"))
+            assert row["cosine"] >= 0.99, (result["model"], peer, row["cosine"])
         fx = result["systems"]["fxopt"]
         assert fx["status"] == "ok", (result["model"], fx.get("error"))
         assert fx["cosine"] >= 0.99, (result["model"], fx["cosine"])
