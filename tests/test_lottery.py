@@ -79,10 +79,10 @@ def score(model):
         return float(model(x).sum())
 
 
-def run(model=None, rounds=3, rate=0.2, rewind_to=0, **kw):
+def run(model=None, rounds=3, rate=0.2, rewind_to=0, eval_fn=score, **kw):
     rec = Recorder(keep_at=rewind_to or None)
     model = tiny() if model is None else model
-    ticket, history = fxopt.lottery_ticket(model, rec, score, rounds=rounds, prune_rate=rate, rewind_to=rewind_to,
+    ticket, history = fxopt.lottery_ticket(model, rec, eval_fn, rounds=rounds, prune_rate=rate, rewind_to=rewind_to,
                                            progress=False, **kw)
     return model, rec, ticket, history
 
@@ -94,8 +94,11 @@ def alive_after(n, rate, rounds):
     return n
 
 
-def test_rewind_to_init_restores_initial_weights_under_growing_masks():
-    model, rec, ticket, history = run(rounds=3)
+# An eval_fn that never calls the model leaves module.weight as the last forward computed
+# it, one optimizer step old: the ranking must read the trained weights themselves.
+@pytest.mark.parametrize("eval_fn", [score, lambda m: 0.0], ids=["eval-calls-model", "eval-ignores-model"])
+def test_rewind_to_init_restores_initial_weights_under_growing_masks(eval_fn):
+    model, rec, ticket, history = run(rounds=3, eval_fn=eval_fn)
     init = weights(model)
     assert len(rec.calls) == 1 + 2 * 3                  # dense, then (ticket, control) per round
     dense = rec.calls[0]
