@@ -106,7 +106,7 @@ def main(argv=None):
                               progress=True)
         print(f"\nseed {seed}\n{history}", flush=True)
         histories.append(history)
-    print(f"\nover {len(histories)} seeds ({', '.join(map(str, ns.seeds))}), test accuracy in %, mean ± std\n"
+    print(f"\nover {len(histories)} seed(s) ({', '.join(map(str, ns.seeds))}), test accuracy in %, mean ± std\n"
           f"{summary(histories)}")
     if ns.plot:
         print(f"plot: {histories[0].plot(ns.plot)}")

@@ -33,7 +33,7 @@ class LotteryHistory:
         return self.rounds[0].ticket
 
     def __str__(self) -> str:
-        rewind = "initialization" if self.rewind_to == 0 else f"iteration {self.rewind_to} (tick {self.rewind_to})"
+        rewind = "initialization" if self.rewind_to == 0 else f"tick {self.rewind_to} of the dense training"
         scope = "per layer" if self.scope == "uniform" else "globally"
         better = "higher" if self.higher_is_better else "lower"
         head = (f"lottery ticket: {self.prune_rate:.0%} of the surviving weights pruned {scope} per round, "
