@@ -60,7 +60,7 @@ def lottery_ticket(model: nn.Module, train_fn, eval_fn, rounds: int = 5, prune_r
 
         ticket, history = fxopt.lottery_ticket(MLP(), lambda m: train(m, data), lambda m: acc(m))
     """
-    layers = _check(model, train_fn, eval_fn, rounds, prune_rate, rewind_to, scope)
+    layers = _check(model, train_fn, eval_fn, rounds, prune_rate, rewind_to, scope, seed)
     with _rng_scope(seed) as reseed:
         return _Run(model, train_fn, eval_fn, rewind_to, scope, reseed).run(
             rounds, prune_rate, compare_random, higher_is_better, progress, layers)
@@ -222,7 +222,7 @@ def _rng_scope(seed):
             random.setstate(saved[1])
 
 
-def _check(model, train_fn, eval_fn, rounds, prune_rate, rewind_to, scope) -> list[str]:
+def _check(model, train_fn, eval_fn, rounds, prune_rate, rewind_to, scope, seed) -> list[str]:
     """The prunable layers' names, or an error naming the bad argument and the fix."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -240,6 +240,9 @@ def _check(model, train_fn, eval_fn, rounds, prune_rate, rewind_to, scope) -> li
     if rewind_to and not _takes_two(train_fn):
         raise TypeError(f"rewind_to={rewind_to} needs train_fn(model, tick), calling tick() after each step "
                         "or epoch; this train_fn takes one argument (or use rewind_to=0)")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0):
+        raise ValueError(f"seed must be an integer >= 0, or None to use the global generators as they are; "
+                         f"got {seed!r}")
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {SCOPES} ('uniform': each layer loses prune_rate), got {scope!r}")
     names = []

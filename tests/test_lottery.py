@@ -261,6 +261,7 @@ def test_ticket_goes_through_optimize():
     ({"rewind_to": 2, "train_fn": lambda m: None}, TypeError, r"needs train_fn\(model, tick\)"),
     ({"rewind_to": 50}, ValueError, r"rewind_to=50, but train_fn called tick\(\) only 6 times"),
     ({"scope": "layer"}, ValueError, "scope must be one of"),
+    ({"seed": "zero"}, ValueError, "seed must be an integer >= 0, or None"),
     ({"model": nn.Sequential(nn.ReLU(), nn.BatchNorm1d(3))}, ValueError, "no Linear or Conv layer to prune"),
     ({"model": "net"}, TypeError, "model must be a torch.nn.Module"),
     ({"train_fn": None}, TypeError, "train_fn must be callable"),
