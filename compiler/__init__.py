@@ -52,9 +52,10 @@ else:
     from fxopt.api import bisect, optimize, profile, prune
     from fxopt.artifact.serialize import load, save
     from fxopt.kernel_warmup import warmup
+    from fxopt.lottery import lottery_ticket
     from fxopt.pruning.finetune import finetune
     from fxopt.runtime.saturation import monitor as saturation_monitor
 
-    __all__ = ["optimize", "bisect", "capture", "prune", "profile", "finetune", "save", "load", "Pipeline",
-               "TARGETS", "saturation_monitor", "warmup", "FxoptError", "ArtifactError", "CalibrationError",
-               "CaptureError", "PassError", "PipelineError", "NoCalibrationWarning"]
+    __all__ = ["optimize", "bisect", "capture", "prune", "profile", "finetune", "lottery_ticket", "save", "load",
+               "Pipeline", "TARGETS", "saturation_monitor", "warmup", "FxoptError", "ArtifactError",
+               "CalibrationError", "CaptureError", "PassError", "PipelineError", "NoCalibrationWarning"]
