@@ -86,15 +86,19 @@ def summary(histories) -> str:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--prune-rate", type=float, default=0.2)
-    ap.add_argument("--rewind-to", type=int, default=0, help="epochs of dense training to rewind to (0: init)")
-    ap.add_argument("--scope", default="uniform", choices=("uniform", "global"))
-    ap.add_argument("--epochs", type=int, default=20)
-    ap.add_argument("--lr", type=float, default=1.2e-3)
-    ap.add_argument("--plot", default=None, help="save the first seed's history as this PNG")
+    ap = argparse.ArgumentParser(prog="fxopt bench lottery", description=__doc__.splitlines()[0])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4],
+                    help="seeds, one model and run each (default: %(default)s)")
+    ap.add_argument("--rounds", type=int, default=5, help="pruning rounds (default: %(default)s)")
+    ap.add_argument("--prune-rate", type=float, default=0.2,
+                    help="fraction of the surviving weights pruned per round (default: %(default)s)")
+    ap.add_argument("--rewind-to", type=int, default=0,
+                    help="epochs of dense training to rewind to (default: %(default)s, the initial weights)")
+    ap.add_argument("--scope", default="uniform", choices=("uniform", "global"),
+                    help="prune each layer by the rate, or the smallest across layers (default: %(default)s)")
+    ap.add_argument("--epochs", type=int, default=20, help="training epochs per round (default: %(default)s)")
+    ap.add_argument("--lr", type=float, default=1.2e-3, help="Adam learning rate (default: %(default)s)")
+    ap.add_argument("--plot", default=None, help="save the first seed's history as this PNG (default: no plot)")
     ns = ap.parse_args(argv)
     torch.set_num_threads(1)
     print(f"fxopt {fxopt.__version__}, torch {torch.__version__}, {platform.processor() or platform.machine()}, "

@@ -7,7 +7,7 @@
     fxopt report bert.fxopt                        the stored report of a saved model
     fxopt demo                                     digits CNN, before and after
     fxopt warmup                                   compile the kernels for this CPU ahead of time
-    fxopt bench gemm|prune|models                  benchmarks (see bench/)
+    fxopt bench gemm|prune|models|lottery          benchmarks (see bench/)
     fxopt --version                                fxopt, torch and numba versions
     fxopt COMMAND --help                           every option and its default
 
@@ -27,7 +27,8 @@ import warnings
 
 from fxopt.core.errors import FxoptError, NoCalibrationWarning
 
-BENCHES = {"gemm": "fxopt.bench.gemm", "prune": "fxopt.bench.prune", "models": "fxopt.bench.models"}
+BENCHES = {"gemm": "fxopt.bench.gemm", "prune": "fxopt.bench.prune", "models": "fxopt.bench.models",
+           "lottery": "fxopt.bench.lottery"}
 
 BENCH_HELP = """run a benchmark. Each prints the versions, threads and CPU with its numbers, prints
 rows as they are measured, and writes files only when given --out PATH.
@@ -39,9 +40,12 @@ rows as they are measured, and writes files only when given --out PATH.
   prune   latency of structured pruning (0, 30, 50%) on a BERT-base encoder and a
           ResNet-50, fp32 and int8. Roughly 10-20 minutes on 2 cores; --models bert
           --layers 2 --repeats 3: about a minute.
-  models  whole models (BERT-base, ResNet-50, MobileNetV2) through fxopt against torch
-          and ONNX Runtime, fp32 and int8: latency, speedup, cosine, memory. Tens of
-          minutes on 2 cores; --small (tiny configs): about a minute.
+  models  whole models (BERT-base, ResNet-50, MobileNetV2) through fxopt against torch,
+          ONNX Runtime and OpenVINO, fp32 and int8: latency, speedup, cosine, memory. Tens
+          of minutes on 2 cores; --small (tiny configs): a few minutes.
+  lottery lottery tickets on an MLP of LeNet-300-100's shape on the digits: per round the
+          sparsity and the accuracy of the ticket, a random re-init and the dense model
+          (five seeds, about 2 minutes).
 
 `fxopt bench KIND --help` lists a benchmark's options."""
 
