@@ -1,0 +1,510 @@
+"""Sparse int8 linear: uint8 activations x sparse int8 weights, exactly the dense GEMM's result.
+
+    >>> ps = pack_sparse_s8(q, scales)        # q: int8 (N, K), mostly zeros
+    >>> y = linear_sparse_f32(x, ps, bias, act="relu")   # == linear_f32(x, pack_weights_s8(q, scales), ...)
+
+Why this format ("shuffle slots"): on Zen 3 (AVX2) a scalar CSR loop runs at ~1 nonzero a
+cycle (three loads and an imul each) and vpgatherdd at ~30 cycles a gather, so at 90 %
+sparsity neither is 2x the dense kernel. Here the gather is a byte shuffle: K is cut into
+chunks of 16, and one chunk of an activation row, broadcast to both 128-bit lanes, is
+looked up by ``vpshufb`` with 32 byte indices at once.
+
+Layout, per slice of 8 output rows (slice s = rows 8s..8s+7): a list of steps,
+``slice_ptr[s]..slice_ptr[s+1]``. Step j reads activation chunk ``chunks[j]`` (k from
+16 * chunks[j]) and holds 32 byte slots, ``idx[32j + 4r + b]`` (k within the chunk, 0..15)
+and ``val[32j + 4r + b]`` (the int8 weight, 0 for an empty slot), 4 slots for row r of the
+slice. ``vpmaddubsw`` multiplies the looked-up uint8 activations by the int8 weights and adds
+slot pairs (b = 0,1 and 2,3) in int16, ``vpmaddwd`` by ones adds the two pairs into row r's
+int32 lane: 32 multiply-adds in 5 vector instructions. Exactness: the packer keeps
+|val a| + |val b| <= 128 in each pair (255 * 128 < 2^15, so the int16 sum never saturates),
+putting a weight alone in its pair otherwise. The int32 sums are then the dense kernel's,
+bit for bit, and so is everything after them: the same activation quantization
+(quantize.py) and the same epilogue code (epilogue.py / simd.staged_f32, routed column by
+column as gemm._job_into routes them).
+
+Cost: a step per (slice, chunk) holding a nonzero, ceil(max over the 8 rows of its
+nonzeros / 4) of them: K*N/128 steps of 66 bytes at most, fewer as sparsity grows. Jobs
+are 64-column blocks (8 slices) x row groups of 4, over Numba's pool (prange), split by
+step counts; the portable path runs the same layout with plain loops.
+"""
+from typing import NamedTuple
+
+import llvmlite.ir as ir
+import numpy as np
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from ._cache import CACHE  # package-wide cache locators, before any @njit(cache=CACHE)
+from . import dispatch as _dispatch
+from .dispatch import KernelError
+from .epilogue import EP_ACT, EP_P0, EP_P1, EP_RES_FIRST, add_residual_rows, apply_activation
+from .gemm import _is_float32, _staged
+from .linear import _bias, _residual, epilogue_params, get_num_threads
+from .quantize import quantize_rows_into, quantize_tensor_into
+from .rowops import call_llvm
+from .simd import BLOCK_COLS, GEOMETRY, TAGS, is_portable, isa_geometry, staged_f32
+
+KERNEL_VERSION = "sparse-1"
+SLICE = 8           # output rows per slice (int32 lanes of a ymm)
+SLOTS = 4           # byte slots per row and step
+CHUNK = 16          # k per activation chunk (vpshufb's reach)
+STEP = SLICE * SLOTS
+ROWS = 4            # activation rows a job computes at once (they share the weight loads)
+PAIR_MAX = 128      # |a| + |b| of a slot pair: 255 * 128 < 2^15
+
+_i8, _i16, _i32 = ir.IntType(8), ir.IntType(16), ir.IntType(32)
+
+
+# --- packing -------------------------------------------------------------------------
+
+@njit(cache=CACHE)
+def _row_slots(q, n, c, ks, vs):
+    """Row n's nonzeros in chunk c as slot entries (k within the chunk, value) in ks, vs,
+    an empty entry (value 0) before any that would overflow its pair; returns the count."""
+    k0, k1 = c * CHUNK, min(q.shape[1], (c + 1) * CHUNK)
+    count = 0
+    for k in range(k0, k1):
+        v = np.int32(q[n, k])
+        if v == 0:
+            continue
+        if count % 2 == 1 and abs(vs[count - 1]) + abs(v) > PAIR_MAX:
+            ks[count] = 0
+            vs[count] = 0
+            count += 1
+        ks[count] = k - k0
+        vs[count] = v
+        count += 1
+    return count
+
+
+@njit(cache=CACHE)
+def _pack(q, slice_ptr, chunks, idx, val, fill):
+    """Count the steps (fill False: slice_ptr only) or write them (fill True)."""
+    n, k = q.shape
+    nchunks = (k + CHUNK - 1) // CHUNK
+    ks = np.empty((SLICE, 2 * CHUNK), np.int32)
+    vs = np.empty((SLICE, 2 * CHUNK), np.int32)
+    counts = np.empty(SLICE, np.int64)
+    j = 0
+    for s in range((n + SLICE - 1) // SLICE):
+        slice_ptr[s] = j
+        for c in range(nchunks):
+            most = 0
+            for r in range(SLICE):
+                counts[r] = 0
+                if s * SLICE + r < n:
+                    counts[r] = _row_slots(q, s * SLICE + r, c, ks[r], vs[r])
+                most = max(most, counts[r])
+            steps = (most + SLOTS - 1) // SLOTS
+            if fill:
+                for t in range(steps):
+                    chunks[j + t] = c
+                    for r in range(SLICE):
+                        for b in range(SLOTS):
+                            e = t * SLOTS + b
+                            o = (j + t) * STEP + r * SLOTS + b
+                            idx[o] = ks[r, e] if e < counts[r] else 0
+                            val[o] = vs[r, e] if e < counts[r] else 0
+            j += steps
+    slice_ptr[(n + SLICE - 1) // SLICE] = j
+    return j
+
+
+class PackedSparse(NamedTuple):
+    """int8 weights (N x K) in the slot layout of the module docstring, with the per-channel
+    scales and column sums of the dense PackedWeights (the same epilogue reads them)."""
+    slice_ptr: np.ndarray   # int32 (ceil(N/8) + 1,)
+    chunks: np.ndarray      # uint16 (steps,)
+    idx: np.ndarray         # uint8 (steps * 32,)
+    val: np.ndarray         # int8 (steps * 32,)
+    scales: np.ndarray
+    col_sums: np.ndarray
+    n: int
+    k: int
+
+    @property
+    def steps(self):
+        return int(self.chunks.shape[0])
+
+    @property
+    def nbytes(self):
+        return self.slice_ptr.nbytes + self.chunks.nbytes + self.idx.nbytes + self.val.nbytes
+
+    def to_bytes(self):
+        """The layout as one uint8 array (what the lowered op keeps): slice_ptr, chunks
+        (padded to 4 bytes), idx, val."""
+        chunks = np.zeros((self.steps + 1) // 2 * 2, np.uint16)
+        chunks[:self.steps] = self.chunks
+        return np.concatenate([self.slice_ptr.view(np.uint8), chunks.view(np.uint8),
+                               self.idx, self.val.view(np.uint8)])
+
+    @classmethod
+    def from_bytes(cls, blob, scales, col_sums, n, k):
+        """Inverse of to_bytes, checked: the kernel reads only inside its arrays whatever
+        the blob (a corrupt file is a KernelError, not a wild read)."""
+        n, k = int(n), int(k)
+        if n < 1 or k < 1:
+            raise KernelError(f"sparse weights need N >= 1 and K >= 1, got N={n}, K={k}")
+        blob = np.ascontiguousarray(blob).view(np.uint8).reshape(-1)
+        head = 4 * (slices(n) + 1)
+        if blob.size < head:
+            raise KernelError(f"sparse weights: {blob.size} bytes, fewer than the {head} of the slice table")
+        slice_ptr = blob[:head].copy().view(np.int32)
+        steps = int(slice_ptr[-1])
+        expected = head + (steps + 1) // 2 * 4 + 2 * STEP * steps if steps >= 0 else -1
+        if blob.size != expected or slice_ptr[0] != 0 or np.any(np.diff(slice_ptr) < 0):
+            raise KernelError(f"sparse weights: a slice table of {slices(n)} slices that does not fit "
+                              f"the {blob.size} bytes given (N={n}, K={k}); the data is corrupt")
+        off = head + (steps + 1) // 2 * 4
+        chunks = blob[head:head + 2 * steps].copy().view(np.uint16)
+        idx = blob[off:off + STEP * steps].copy()
+        val = blob[off + STEP * steps:].copy().view(np.int8)
+        if steps and (chunks.max() >= (k + CHUNK - 1) // CHUNK or idx.max() >= CHUNK):
+            raise KernelError(f"sparse weights: a chunk or slot index past K={k}; the data is corrupt")
+        pairs = np.abs(val.reshape(-1, 2).astype(np.int32)).sum(axis=1)
+        if pairs.size and pairs.max() > PAIR_MAX:
+            raise KernelError("sparse weights: a slot pair beyond +-128 (the int16 sum would "
+                              "saturate); the data is corrupt")
+        scales, col_sums = np.asarray(scales), np.asarray(col_sums)
+        if scales.shape != (n,) or col_sums.shape != (n,):
+            raise KernelError(f"scales and col_sums must have shape ({n},), got {scales.shape} and "
+                              f"{col_sums.shape}")
+        return cls(slice_ptr, chunks, idx, val, np.ascontiguousarray(scales, np.float32),
+                   np.ascontiguousarray(col_sums, np.int32), n, k)
+
+
+def slices(n):
+    return (n + SLICE - 1) // SLICE
+
+
+def density(q):
+    """Fraction of nonzero entries of int8 weights q (what decides whether sparse pays)."""
+    q = np.asarray(q)
+    return float(np.count_nonzero(q)) / max(1, q.size)
+
+
+def pack_sparse_s8(q, scales):
+    """Pack int8 weights (N, K) and their per-channel scales (N,) into PackedSparse.
+
+        >>> ps = pack_sparse_s8(*quantize_weights_s8(w))
+    """
+    q = np.asarray(q)
+    if q.dtype != np.int8 or q.ndim != 2:
+        raise KernelError(f"weights must be a 2-D int8 array, got {q.dtype} {q.shape}")
+    n, k = q.shape
+    if n == 0 or k == 0:
+        raise KernelError(f"weights must be non-empty, got shape {q.shape}")
+    if q.min() < -127:
+        raise KernelError("int8 weights must be in [-127, 127] (quantize_weights_s8's range), got -128")
+    scales = np.ascontiguousarray(scales, np.float32).reshape(-1)
+    if scales.shape != (n,):
+        raise KernelError(f"need one scale per output channel ({n}), got {scales.shape}")
+    q = np.ascontiguousarray(q)
+    slice_ptr = np.zeros(slices(n) + 1, np.int32)
+    steps = _pack(q, slice_ptr, np.empty(0, np.uint16), np.empty(0, np.uint8), np.empty(0, np.int8), False)
+    chunks, idx, val = np.empty(steps, np.uint16), np.empty(steps * STEP, np.uint8), np.empty(steps * STEP, np.int8)
+    _pack(q, slice_ptr, chunks, idx, val, True)
+    col_sums = q.sum(axis=1, dtype=np.int64).astype(np.int32)
+    return PackedSparse(slice_ptr, chunks, idx, val, scales, col_sums, n, k)
+
+
+# --- the step loop -------------------------------------------------------------------
+
+@intrinsic(prefer_literal=True)
+def steps_s32(typingctx, mr, a, m0, chunks, idx, val, j0, j1, t, t_off, ldt):
+    """t[t_off + r*ldt + lane] = int32 sums of steps j0..j1-1 (one slice) for activation
+    rows m0..m0+mr-1 of a (uint8, rows padded to whole chunks), lane = row of the slice."""
+    if not isinstance(mr, types.IntegerLiteral) or not isinstance(a, types.Array):
+        return None
+    sig = types.void(mr, a, m0, chunks, idx, val, j0, j1, t, t_off, ldt)
+    nrows = mr.literal_value
+
+    def codegen(context, builder, sig, args):
+        intp = context.get_value_type(types.intp)
+
+        def arr(i):
+            return cgutils.create_struct_proxy(sig.args[i])(context, builder, value=args[i])
+
+        def num(i):
+            return context.cast(builder, args[i], sig.args[i], types.intp)
+
+        def cst(v):
+            return ir.Constant(intp, v)
+        a_st = arr(1)
+        lda = builder.extract_value(a_st.strides, 0)
+        rows = [builder.gep(a_st.data, [builder.mul(builder.add(num(2), cst(r)), lda)]) for r in range(nrows)]
+        ch_p, ix_p, va_p = arr(3).data, arr(4).data, arr(5).data
+        v32, v16, acc_ty = ir.VectorType(_i8, 32), ir.VectorType(_i16, 16), ir.VectorType(_i32, 8)
+        ones = ir.Constant(v16, [1] * 16)
+        accs = [cgutils.alloca_once_value(builder, ir.Constant(acc_ty, None)) for _ in range(nrows)]
+        bcast = ir.Constant(ir.VectorType(_i32, 32), list(range(16)) * 2)
+        j0v = num(6)
+        with cgutils.for_range(builder, builder.sub(num(7), j0v)) as loop:
+            j = builder.add(j0v, loop.index)
+            c = builder.zext(builder.load(builder.gep(ch_p, [j])), intp)
+            k0 = builder.mul(c, cst(CHUNK))
+            o = builder.mul(j, cst(STEP))
+            iv = builder.load(builder.bitcast(builder.gep(ix_p, [o]), v32.as_pointer()), align=1)
+            vv = builder.load(builder.bitcast(builder.gep(va_p, [o]), v32.as_pointer()), align=1)
+            for r in range(nrows):
+                xs = builder.load(builder.bitcast(builder.gep(rows[r], [k0]), ir.VectorType(_i8, 16).as_pointer()),
+                                  align=1)
+                xb = builder.shuffle_vector(xs, xs, bcast)
+                g = call_llvm(builder, "llvm.x86.avx2.pshuf.b", v32, [xb, iv])
+                p16 = call_llvm(builder, "llvm.x86.avx2.pmadd.ub.sw", v16, [g, vv])
+                p32 = call_llvm(builder, "llvm.x86.avx2.pmadd.wd", acc_ty, [p16, ones])
+                builder.store(builder.add(builder.load(accs[r]), p32), accs[r])
+        t_st = arr(8)
+        for r in range(nrows):
+            off = builder.add(num(9), builder.mul(num(10), cst(r)))
+            builder.store(builder.load(accs[r]), builder.bitcast(builder.gep(t_st.data, [off]), acc_ty.as_pointer()),
+                          align=4)
+        return context.get_dummy_value()
+    return sig, codegen
+
+
+@njit
+def _steps_portable(mr, a, m0, chunks, idx, val, j0, j1, t, t_off, ldt):
+    """steps_s32 in plain loops (any CPU)."""
+    for r in range(mr):
+        for lane in range(SLICE):
+            t[t_off + r * ldt + lane] = 0
+    for j in range(j0, j1):
+        k0 = np.int64(chunks[j]) * CHUNK
+        for r in range(mr):
+            for lane in range(SLICE):
+                s = np.int32(0)
+                for b in range(SLOTS):
+                    o = j * STEP + lane * SLOTS + b
+                    s += np.int32(a[m0 + r, k0 + idx[o]]) * np.int32(val[o])
+                t[t_off + r * ldt + lane] += s
+
+
+@njit(inline="always")
+def _slice(tag, mr, a, m0, chunks, idx, val, j0, j1, t, t_off):
+    if is_portable(tag):
+        _steps_portable(mr, a, m0, chunks, idx, val, j0, j1, t, t_off, BLOCK_COLS)
+    elif mr == 4:
+        steps_s32(4, a, m0, chunks, idx, val, j0, j1, t, t_off, BLOCK_COLS)
+    elif mr == 3:
+        steps_s32(3, a, m0, chunks, idx, val, j0, j1, t, t_off, BLOCK_COLS)
+    elif mr == 2:
+        steps_s32(2, a, m0, chunks, idx, val, j0, j1, t, t_off, BLOCK_COLS)
+    else:
+        steps_s32(1, a, m0, chunks, idx, val, j0, j1, t, t_off, BLOCK_COLS)
+
+
+@njit(inline="always")
+def _staged_regs(tag, mr, t, t_off, colsum, wscale, bias, n0, ascale, azp, m0, out, act, p0, p1, res, first):
+    # staged_f32 needs mr as a literal
+    if mr == 4:
+        staged_f32(tag, 4, t, t_off, BLOCK_COLS, colsum, wscale, bias, n0, ascale, azp, m0, out, act, p0, p1, res, first)
+    elif mr == 3:
+        staged_f32(tag, 3, t, t_off, BLOCK_COLS, colsum, wscale, bias, n0, ascale, azp, m0, out, act, p0, p1, res, first)
+    elif mr == 2:
+        staged_f32(tag, 2, t, t_off, BLOCK_COLS, colsum, wscale, bias, n0, ascale, azp, m0, out, act, p0, p1, res, first)
+    else:
+        staged_f32(tag, 1, t, t_off, BLOCK_COLS, colsum, wscale, bias, n0, ascale, azp, m0, out, act, p0, p1, res, first)
+
+
+@njit(inline="always")
+def _epilogue(tag, mr, m0, n0, ncols, colsum, ascale, azp, wscale, bias, res, ep, out, t, y):
+    """The int32 tile t (mr rows of 64) into out's rows m0.. and columns n0..n0+ncols, each
+    column by the code the dense kernel (gemm._job_into) gives it: its whole ISA tiles in
+    registers (the staged form of tile_f32), the rest and the portable path staged."""
+    fast = bias.shape[0] > 0 and not is_portable(tag) and _is_float32(out)
+    tc = isa_geometry(tag)[1]
+    width = ncols - ncols % tc if fast else 0
+    act = np.int32(ep[EP_ACT])
+    in_regs = act <= 3
+    first = ep[EP_RES_FIRST] != 0
+    for cs in range(0, width, tc):
+        _staged_regs(tag, mr, t, cs, colsum, wscale, bias, n0 + cs, ascale, azp, m0, out,
+                     act if in_regs else 0, ep[EP_P0], ep[EP_P1], res if in_regs or first else res[:0], first)
+    if width > 0 and not in_regs:   # as gemm._stored_tile
+        for r in range(mr):
+            apply_activation(out, m0 + r, n0, width, act, ep[EP_P0], ep[EP_P1])
+        if res.shape[0] > 0 and not first:
+            add_residual_rows(out, res, m0, mr, n0, width, 0, ep[EP_P0], ep[EP_P1])
+    if width < ncols:
+        # the tail's int32 columns moved to the tile's start, where _staged reads them
+        for r in range(mr):
+            for c in range(ncols - width):
+                t[r * BLOCK_COLS + c] = t[r * BLOCK_COLS + width + c]
+        _staged(mr, m0, n0 + width, ncols - width, colsum, ascale, azp, wscale, bias, res, ep, out, t, y)
+
+
+@njit(inline="always")
+def _block(tag, nb, a, slice_ptr, chunks, idx, val, colsum, ascale, azp, wscale, bias, res, ep, out, t, y):
+    """Output columns of block nb (8 slices) for every row of a, ROWS rows at a time."""
+    m, n = a.shape[0], out.shape[1]
+    n0 = nb * BLOCK_COLS
+    ncols = min(BLOCK_COLS, n - n0)
+    s0 = nb * (BLOCK_COLS // SLICE)
+    s1 = min(slice_ptr.shape[0] - 1, s0 + BLOCK_COLS // SLICE)
+    for m0 in range(0, m, ROWS):
+        mr = min(ROWS, m - m0)
+        for s in range(s0, s1):
+            _slice(tag, mr, a, m0, chunks, idx, val, slice_ptr[s], slice_ptr[s + 1], t, (s - s0) * SLICE)
+        _epilogue(tag, mr, m0, n0, ncols, colsum, ascale, azp, wscale, bias, res, ep, out, t, y)
+
+
+@njit
+def _quantized(x, aq, a_scale, a_zp, ascale, azp):
+    """Activation rows as the kernel reads them: uint8, each padded to whole chunks. From
+    float x: per row (a_scale 0, filling ascale/azp) or static, as the dense kernel does."""
+    m = x.shape[0] if x.shape[1] > 0 else aq.shape[0]
+    k = x.shape[1] if x.shape[1] > 0 else aq.shape[1]
+    a = np.zeros((m, (k + CHUNK - 1) // CHUNK * CHUNK), np.uint8)
+    if x.shape[1] == 0:
+        for i in range(m):
+            for c in range(k):
+                a[i, c] = aq[i, c]
+    elif a_scale > 0:
+        quantize_tensor_into(x, a_scale, a_zp, a)
+    else:
+        quantize_rows_into(x, a, ascale, azp)
+    return a
+
+
+@njit
+def _bounds(slice_ptr, nblocks, threads, w):
+    """Worker w's blocks: a contiguous run holding about 1/threads of the steps."""
+    total = slice_ptr[slice_ptr.shape[0] - 1]
+    per = BLOCK_COLS // SLICE
+    lo, hi = -1, nblocks
+    for nb in range(nblocks):
+        before = slice_ptr[nb * per]
+        if lo < 0 and before * threads >= w * total:
+            lo = nb
+        if before * threads >= (w + 1) * total and w + 1 < threads:
+            hi = nb
+            break
+    return (nblocks if lo < 0 else lo), hi
+
+
+def _entries(tag):
+    """Serial and threaded entries of one ISA (a compile-time tag, as gemm._entries)."""
+    @njit(cache=CACHE)
+    def serial(x, aq, a_scale, a_zp, ascale, azp, slice_ptr, chunks, idx, val, colsum, wscale, bias, res,
+               ep, out, threads):
+        a = _quantized(x, aq, a_scale, a_zp, ascale, azp)
+        t, y = np.empty(ROWS * BLOCK_COLS, np.int32), np.empty((1, BLOCK_COLS), np.float32)
+        for nb in range((out.shape[1] + BLOCK_COLS - 1) // BLOCK_COLS):
+            _block(tag, nb, a, slice_ptr, chunks, idx, val, colsum, ascale, azp, wscale, bias, res, ep, out, t, y)
+
+    @njit(cache=CACHE, parallel=True)
+    def parallel(x, aq, a_scale, a_zp, ascale, azp, slice_ptr, chunks, idx, val, colsum, wscale, bias, res,
+                 ep, out, threads):
+        a = _quantized(x, aq, a_scale, a_zp, ascale, azp)
+        nblocks = (out.shape[1] + BLOCK_COLS - 1) // BLOCK_COLS
+        for w in prange(threads):
+            t, y = np.empty(ROWS * BLOCK_COLS, np.int32), np.empty((1, BLOCK_COLS), np.float32)
+            lo, hi = _bounds(slice_ptr, nblocks, threads, w)
+            for nb in range(lo, hi):
+                _block(tag, nb, a, slice_ptr, chunks, idx, val, colsum, ascale, azp, wscale, bias, res, ep,
+                       out, t, y)
+    return serial, parallel
+
+
+ENTRIES = {name: _entries(tag) for name, tag in TAGS.items()}
+assert all(GEOMETRY[name][1] <= BLOCK_COLS for name in GEOMETRY)
+
+
+# --- numpy entry points --------------------------------------------------------------
+
+# below this many slot multiply-adds (steps * 32 * rows) a thread launch costs more than it saves
+PARALLEL_MIN_SLOTS = 1 << 15
+_NO_X = np.empty((0, 0), np.float32)
+_NO_Q = np.empty((0, 0), np.uint8)
+_F32 = np.dtype(np.float32)
+
+
+def _check_packed(ps):
+    if not isinstance(ps, PackedSparse):
+        raise KernelError("weights must be a PackedSparse from pack_sparse_s8")
+
+
+def _run(ps, x, aq, a_scale, a_zp, ascale, azp, bias, res, ep, out, n_threads):
+    serial, parallel = ENTRIES[_dispatch._current[0]]
+    threads = n_threads or get_num_threads()
+    rows = x.shape[0] if x.shape[1] else aq.shape[0]
+    entry = parallel if threads > 1 and ps.steps * STEP * rows >= PARALLEL_MIN_SLOTS else serial
+    entry(x, aq, np.float32(a_scale), np.int32(a_zp), ascale, azp, ps.slice_ptr, ps.chunks, ps.idx, ps.val,
+          ps.col_sums, ps.scales, bias, res, ep, out, threads if entry is parallel else 1)
+    return out
+
+
+def linear_sparse_f32(x, ps, bias=None, act="none", act_args=(), n_threads=None, residual=None):
+    """linear_f32 with sparse weights: y = act(x @ W.T * scales + bias) (+ residual), x float32
+    (..., K) quantized per row; the same result as linear_f32 on the dense packing, bit for bit.
+
+        >>> y = linear_sparse_f32(x, pack_sparse_s8(q, scales), bias, act="relu")
+    """
+    _check_packed(ps)
+    x = np.ascontiguousarray(x, np.float32)
+    if x.ndim < 1 or x.shape[-1] != ps.k:
+        raise KernelError(f"linear_sparse_f32: input has shape {x.shape}, weights expect K={ps.k} "
+                          f"in the last dimension")
+    rows = x.reshape(-1, ps.k)
+    res = None if residual is None else np.asarray(residual).reshape(-1, ps.n)
+    y = bind_linear_sparse(ps, bias, act, act_args)(rows, residual=res, n_threads=n_threads)
+    return y.reshape(x.shape[:-1] + (ps.n,))
+
+
+def bind_linear_sparse(ps, bias=None, act="none", act_args=(), a_scale=0.0, a_zero_point=0,
+                       out_scale=0.0, out_zero_point=0):
+    """bind_linear (linear.py) for PackedSparse weights: the same arguments, the same
+    call(x, out=None, residual=None, n_threads=None), the same results bit for bit.
+
+        >>> call = bind_linear_sparse(ps, bias, act="gelu")
+        >>> y = call(x)
+    """
+    _check_packed(ps)
+    n, k = ps.n, ps.k
+    b = _bias(bias, n)
+    static, chained_out = a_scale > 0, out_scale > 0
+    if chained_out:
+        if not 0 <= out_zero_point <= 255:
+            raise KernelError(f"out_zero_point must be in [0, 255], got {out_zero_point}")
+        ep, out_dtype = epilogue_params(act, act_args, float(out_scale), int(out_zero_point)), np.uint8
+    else:
+        ep, out_dtype = epilogue_params(act, act_args), np.float32
+    if static and not 0 <= a_zero_point <= 255:
+        raise KernelError(f"need 0 <= a_zero_point <= 255, got {a_zero_point}")
+    per_row = {}                                  # m -> (scales, zero points) of a static scale
+
+    def call(x, out=None, residual=None, n_threads=None):
+        if not isinstance(x, np.ndarray) or x.ndim != 2 or x.shape[1] != k:
+            raise KernelError(f"bind_linear_sparse: x must be a 2-D (M, {k}) array, got "
+                              f"{getattr(x, 'dtype', type(x))} {getattr(x, 'shape', '')}")
+        m = x.shape[0]
+        if x.dtype == np.uint8:
+            if not static:
+                raise KernelError("bind_linear_sparse: uint8 x needs the static a_scale it was quantized with")
+            xf, aq = _NO_X, x
+        elif x.dtype is _F32 and x.flags.c_contiguous:
+            xf, aq = x, _NO_Q
+        else:
+            raise KernelError(f"bind_linear_sparse: x must be C-contiguous float32 or uint8, got {x.dtype}")
+        if out is None:
+            out = np.empty((m, n), out_dtype)
+        elif out.shape != (m, n) or out.dtype != out_dtype or not out.flags.c_contiguous:
+            raise KernelError(f"bind_linear_sparse: out must be C-contiguous {np.dtype(out_dtype).name} "
+                              f"({m}, {n}), got {out.dtype} {out.shape}")
+        res = _NO_X if residual is None else _residual(residual, m, n)
+        if res is not _NO_X and chained_out:
+            raise KernelError("bind_linear_sparse: a residual needs float output (out_scale=0)")
+        if static:
+            rows = per_row.get(m)
+            if rows is None:
+                if len(per_row) > 64:             # many batch sizes: keep the table small
+                    per_row.clear()
+                rows = per_row[m] = (np.full(m, a_scale, np.float32), np.full(m, a_zero_point, np.int32))
+            ascale, azp = rows
+        else:
+            ascale, azp = np.empty(m, np.float32), np.empty(m, np.int32)
+        return _run(ps, xf, aq, a_scale if static else 0.0, a_zero_point if static else 0, ascale, azp,
+                    b, res, ep, out, n_threads)
+    return call
