@@ -20,7 +20,8 @@ Sparse linears: where at least SPARSE_MIN_ZEROS of a linear's int8 weights are z
 (kernels/sparse.py, op fxopt.linear_int8_sparse: the same arguments and the same result,
 bit for bit) and the dense one are timed on the packed weights at the example inputs' row
 count, taking turns, and the faster one is kept; the layer's report row says which and
-both times. Option sparse=False (optimize's, or this pass's) keeps every linear dense.
+both times. Option sparse=False (optimize's, or this pass's) keeps every linear dense;
+sparse="always" takes the sparse kernel wherever the zeros allow, untimed (deterministic).
 """
 from __future__ import annotations
 
@@ -43,6 +44,7 @@ aten = torch.ops.aten
 PASS = PassInfo("lower_to_kernels", requires=("quantize_int8",), options={"sparse": None},
                 doc="replace int8 reference ops by Numba kernel ops with pre-packed weights")
 
+SPARSE_MODES = (True, False, "always")   # timed choice, dense only, sparse wherever zeros allow
 SPARSE_MIN_ZEROS = 0.5   # fewer zeros never paid (bench/sparse.py: break-even at 70-80 % and M=1)
 TIMING_ROUNDS = 5        # interleaved rounds of the dense/sparse timing, each >= TIMING_BATCH_S
 TIMING_BATCH_S = 2e-4
@@ -50,8 +52,8 @@ TIMING_BATCH_S = 2e-4
 
 def run(gm, ctx, sparse=None) -> PassResult:
     sparse = ctx.get("sparse", True) if sparse is None else sparse
-    if not isinstance(sparse, bool):
-        raise TypeError(f"lower_to_kernels: sparse must be True or False, got {sparse!r}")
+    if sparse not in SPARSE_MODES:
+        raise ValueError(f"lower_to_kernels: sparse must be one of {SPARSE_MODES}, got {sparse!r}")
     stats = {"linear": 0, "conv2d": 0, "attention": 0, "sparse": 0, "sparse_timed": 0}
     for node in list(gm.graph.nodes):
         if node.target is qops.quantized_linear:
@@ -87,15 +89,18 @@ def _lower_linear(gm, node, sparse) -> bool | None:
         bias = None if b is None else get_weight(gm, b).detach().float().numpy()
         sparse_buffers = kernel_ops.pack_linear_sparse(q, scales)
         rows = _example_rows(x)
-        dense_s, sparse_s = _time_pair(buffers, sparse_buffers, bias, act, act_args, rows)
-        chosen = sparse_s < dense_s
+        if sparse == "always":
+            chosen, info, reason = True, {}, f"sparse int8 kernel: {zeros:.0%} zeros (sparse='always', not timed)"
+        else:
+            dense_s, sparse_s = _time_pair(buffers, sparse_buffers, bias, act, act_args, rows)
+            chosen = sparse_s < dense_s
+            info = {"dense_us": dense_s * 1e6, "sparse_us": sparse_s * 1e6}
+            reason = (f"sparse int8 kernel: {zeros:.0%} zeros, {sparse_s * 1e6:.1f} us vs {dense_s * 1e6:.1f} "
+                      f"us dense at {rows} rows" if chosen else
+                      f"dense int8 kept: {zeros:.0%} zeros, but the sparse kernel took {sparse_s * 1e6:.1f} us "
+                      f"vs {dense_s * 1e6:.1f} us dense at {rows} rows")
         node.meta.setdefault("fxopt_quant", {}).update(
-            sparse={"zeros": zeros, "rows": rows, "dense_us": dense_s * 1e6, "sparse_us": sparse_s * 1e6,
-                    "chosen": chosen},
-            reason=(f"sparse int8 kernel: {zeros:.0%} zeros, {sparse_s * 1e6:.1f} us vs {dense_s * 1e6:.1f} "
-                    f"us dense at {rows} rows" if chosen else
-                    f"dense int8 kept: {zeros:.0%} zeros, but the sparse kernel took {sparse_s * 1e6:.1f} us "
-                    f"vs {dense_s * 1e6:.1f} us dense at {rows} rows"))
+            sparse={"zeros": zeros, "rows": rows, "chosen": chosen, **info}, reason=reason)
         if chosen:
             target, buffers = kernel_ops.linear_int8_sparse, sparse_buffers
     layer = node.meta.get("fxopt_layer", node.name)

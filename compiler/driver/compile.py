@@ -54,7 +54,8 @@ OPTIONS = {
     "sparse": "int8 targets: a linear whose int8 weights are at least half zeros (pruned by fxopt, by "
               "torch.nn.utils.prune, or any other way) is timed with the sparse kernel against the dense "
               "one at the example row count and runs the faster (default True; the layer table says "
-              "which and both times); False keeps every linear on the dense kernel",
+              "which and both times); False keeps every linear on the dense kernel; 'always' takes the "
+              "sparse kernel wherever the zeros allow, untimed (reproducible)",
 }
 INSTRUMENTS = ("print_ir_after", "dump_dir", "stop_after", "disable", "drift")
 
@@ -148,9 +149,10 @@ def _check_options(options: dict) -> None:
     if unknown:
         valid = ", ".join(sorted(OPTIONS) + list(INSTRUMENTS) + ["calibration_data", "dynamic"])
         raise PipelineError(f"unknown option(s) {', '.join(unknown)}; valid options: {valid}")
-    for flag in ("latency_aware", "sparse"):
-        if not isinstance(options.get(flag, True), bool):
-            raise TypeError(f"{flag} must be True or False, got {options[flag]!r}")
+    if not isinstance(options.get("latency_aware", True), bool):
+        raise TypeError(f"latency_aware must be True or False, got {options['latency_aware']!r}")
+    if options.get("sparse", True) not in (True, False, "always"):
+        raise TypeError(f"sparse must be True, False or 'always', got {options['sparse']!r}")
 
 
 def _tuple(key, value):
