@@ -15,7 +15,8 @@ from .dispatch import KernelError
 KERNEL_VERSION = "sparse-pack-1"
 SLICE = 8           # output rows per slice (int32 lanes of a ymm)
 SLOTS = 4           # byte slots per row and step
-CHUNK = 16          # k per activation chunk (vpshufb's reach)
+CHUNK = 32          # k per activation chunk: two vpshufb tables of 16
+HIGH = 0x80         # slot index byte: k & 15, plus HIGH for k in the chunk's second 16
 STEP = SLICE * SLOTS
 PAIR_MAX = 128      # |a| + |b| of a slot pair: 255 * 128 < 2^15
 
@@ -34,7 +35,7 @@ def _row_slots(q, n, c, ks, vs):
             ks[count] = 0
             vs[count] = 0
             count += 1
-        ks[count] = k - k0
+        ks[count] = (k - k0) % 16 + HIGH * ((k - k0) // 16)
         vs[count] = v
         count += 1
     return count
@@ -122,7 +123,7 @@ class PackedSparse(NamedTuple):
         chunks = blob[head:head + 2 * steps].copy().view(np.uint16)
         idx = blob[off:off + STEP * steps].copy()
         val = blob[off + STEP * steps:].copy().view(np.int8)
-        if steps and (chunks.max() >= (k + CHUNK - 1) // CHUNK or idx.max() >= CHUNK):
+        if steps and (chunks.max() >= (k + CHUNK - 1) // CHUNK or np.any(idx & ~np.uint8(HIGH | 15))):
             raise KernelError(f"sparse weights: a chunk or slot index past K={k}; the data is corrupt")
         pairs = np.abs(val.reshape(-1, 2).astype(np.int32)).sum(axis=1)
         if pairs.size and pairs.max() > PAIR_MAX:

@@ -67,6 +67,8 @@ def run(gm, ctx, sparse=None) -> PassResult:
         elif node.target is qops.quantized_attention:
             _replace(gm, node, kernel_ops.attention_int8, node.args, node.kwargs)
             stats["attention"] += 1
+    if not stats["sparse_timed"]:          # no sparse candidate: the report's stats as before
+        del stats["sparse"], stats["sparse_timed"]
     if stats["linear"] + stats["conv2d"] + stats["attention"]:
         stats["layer_norm"] = _lower_layer_norms(gm)
     if stats["conv2d"]:
