@@ -80,6 +80,16 @@ def test_threads_split_the_work_with_the_same_result():
     np.testing.assert_array_equal(K.linear_sparse_f32(x, ps, n_threads=2), K.linear_sparse_f32(x, ps, n_threads=1))
 
 
+@pytest.mark.parametrize("isa", ISAS)
+def test_all_zero_weights_give_the_bias(isa):
+    q, s = np.zeros((70, 33), np.int8), np.ones(70, np.float32)
+    ps, b = K.pack_sparse_s8(q, s), np.arange(70, dtype=np.float32)
+    assert ps.steps == 0
+    x = np.random.default_rng(0).standard_normal((5, 33)).astype(np.float32)
+    with K.use_isa(isa):
+        np.testing.assert_array_equal(K.linear_sparse_f32(x, ps, b, n_threads=2), np.broadcast_to(b, (5, 70)))
+
+
 def test_bad_input_gets_the_dense_entry_points_errors():
     q, s = K.quantize_weights_s8(np.eye(8, 12, dtype=np.float32))
     ps = K.pack_sparse_s8(q, s)
