@@ -27,9 +27,10 @@ bit for bit, and so is everything after them: the same activation quantization
 column as gemm._job_into routes them).
 
 Cost: steps of 66 bytes, ceil(max over the 8 rows of its nonzeros / 4) of them per
-(slice, chunk); 1024 x 1024 at 90 % sparsity: ~6200 steps (410 KB) for 105 K nonzeros. Jobs
-are 64-column blocks (8 slices) x row groups of 4, over Numba's pool (prange), split by
-step counts; the portable path runs the same layout with plain loops.
+(slice, chunk); 1024 x 1024 at 90 % sparsity: 8121 steps (536 KB, against 1 MB dense) for
+105 K nonzeros. Jobs are 64-column blocks (8 slices) x row groups of 4, over Numba's pool
+(prange), each worker its own share first, then helping the others; the portable path runs
+the same layout with plain loops.
 """
 import llvmlite.ir as ir
 import numpy as np
@@ -41,14 +42,14 @@ from ._cache import CACHE  # package-wide cache locators, before any @njit(cache
 from . import dispatch as _dispatch
 from .dispatch import KernelError
 from .epilogue import EP_ACT, EP_P0, EP_P1, EP_RES_FIRST, add_residual_rows, apply_activation
-from .gemm import _is_float32, _staged
+from .gemm import _COUNTER_STRIDE, _count_add, _is_float32, _staged, _starts
 from .linear import _bias, _residual, epilogue_params, get_num_threads
 from .quantize import quantize_rows_into, quantize_tensor_into
-from .rowops import call_llvm
+from .rowops import borrowed, call_llvm
 from .simd import BLOCK_COLS, GEOMETRY, TAGS, is_portable, isa_geometry, staged_f32
 from .sparse_pack import CHUNK, HIGH, SLICE, SLOTS, STEP, PackedSparse, density, pack_sparse_s8  # noqa: F401
 
-KERNEL_VERSION = "sparse-1"
+KERNEL_VERSION = "sparse-2"
 ROWS = 4            # activation rows a job computes at once (they share the weight loads)
 
 _i8, _i16, _i32 = ir.IntType(8), ir.IntType(16), ir.IntType(32)
@@ -150,13 +151,17 @@ def _slice(tag, mr, a, m0, chunks, idx, val, j0, j1, t, t_off):
 def _staged_regs(tag, mr, t, t_off, colsum, wscale, bias, n0, ascale, azp, m0, out, act, p0, p1, res, first):
     # staged_f32 needs mr as a literal
     if mr == 4:
-        staged_f32(tag, 4, t, t_off, BLOCK_COLS, colsum, wscale, bias, n0, ascale, azp, m0, out, act, p0, p1, res, first)
+        staged_f32(tag, 4, t, t_off, BLOCK_COLS, colsum, wscale, bias, n0, ascale, azp, m0, out, act, p0, p1,
+                   res, first)
     elif mr == 3:
-        staged_f32(tag, 3, t, t_off, BLOCK_COLS, colsum, wscale, bias, n0, ascale, azp, m0, out, act, p0, p1, res, first)
+        staged_f32(tag, 3, t, t_off, BLOCK_COLS, colsum, wscale, bias, n0, ascale, azp, m0, out, act, p0, p1,
+                   res, first)
     elif mr == 2:
-        staged_f32(tag, 2, t, t_off, BLOCK_COLS, colsum, wscale, bias, n0, ascale, azp, m0, out, act, p0, p1, res, first)
+        staged_f32(tag, 2, t, t_off, BLOCK_COLS, colsum, wscale, bias, n0, ascale, azp, m0, out, act, p0, p1,
+                   res, first)
     else:
-        staged_f32(tag, 1, t, t_off, BLOCK_COLS, colsum, wscale, bias, n0, ascale, azp, m0, out, act, p0, p1, res, first)
+        staged_f32(tag, 1, t, t_off, BLOCK_COLS, colsum, wscale, bias, n0, ascale, azp, m0, out, act, p0, p1,
+                   res, first)
 
 
 @njit(inline="always")
@@ -224,20 +229,25 @@ def _quantized(x, aq, a_scale, a_zp):
     return a, ascale, azp
 
 
-@njit
-def _bounds(slice_ptr, nblocks, threads, w):
-    """Worker w's blocks: a contiguous run holding about 1/threads of the steps."""
-    total = slice_ptr[slice_ptr.shape[0] - 1]
-    per = BLOCK_COLS // SLICE
-    lo, hi = -1, nblocks
-    for nb in range(nblocks):
-        before = slice_ptr[nb * per]
-        if lo < 0 and before * threads >= w * total:
-            lo = nb
-        if before * threads >= (w + 1) * total and w + 1 < threads:
-            hi = nb
-            break
-    return (nblocks if lo < 0 else lo), hi
+@njit(inline="always")
+def _worker(tag, w, threads, nxt, nblocks, a, slice_ptr, chunks, idx, val, colsum, ascale, azp, wscale, bias,
+            res, ep, out):
+    """Worker w's share of the column blocks (the same blocks call after call, so their
+    weights stay in its core's L2), then what is left of the others' (taken from the same
+    atomic counters, as gemm._worker does): a worker the OS delays holds up nobody."""
+    # borrowed views: no reference counting (atomics on counts both threads share) in the loop
+    a, slice_ptr, chunks, idx, val = borrowed(a), borrowed(slice_ptr), borrowed(chunks), borrowed(idx), borrowed(val)
+    colsum, ascale, azp, wscale = borrowed(colsum), borrowed(ascale), borrowed(azp), borrowed(wscale)
+    bias, res, ep, out = borrowed(bias), borrowed(res), borrowed(ep), borrowed(out)
+    t, y = np.empty(ROWS * BLOCK_COLS, np.int32), np.empty((1, BLOCK_COLS), np.float32)
+    for v in range(threads):
+        owner = (w + v) % threads
+        hi = (owner + 1) * nblocks // threads
+        while True:
+            nb = _count_add(nxt, owner * _COUNTER_STRIDE, 1)
+            if nb >= hi:
+                break
+            _block(tag, nb, a, slice_ptr, chunks, idx, val, colsum, ascale, azp, wscale, bias, res, ep, out, t, y)
 
 
 def _entries(tag):
@@ -253,12 +263,10 @@ def _entries(tag):
     def parallel(x, aq, a_scale, a_zp, slice_ptr, chunks, idx, val, colsum, wscale, bias, res, ep, out, threads):
         a, ascale, azp = _quantized(x, aq, a_scale, a_zp)
         nblocks = (out.shape[1] + BLOCK_COLS - 1) // BLOCK_COLS
+        nxt = _starts(nblocks, threads)
         for w in prange(threads):
-            t, y = np.empty(ROWS * BLOCK_COLS, np.int32), np.empty((1, BLOCK_COLS), np.float32)
-            lo, hi = _bounds(slice_ptr, nblocks, threads, w)
-            for nb in range(lo, hi):
-                _block(tag, nb, a, slice_ptr, chunks, idx, val, colsum, ascale, azp, wscale, bias, res, ep,
-                       out, t, y)
+            _worker(tag, w, threads, nxt, nblocks, a, slice_ptr, chunks, idx, val, colsum, ascale, azp, wscale,
+                    bias, res, ep, out)
     return serial, parallel
 
 
