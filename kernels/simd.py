@@ -385,12 +385,15 @@ def staged_f32(typingctx, tag, mr, t, t_off, ldt, colsum, wscale, bias, n0, asca
             return context.get_dummy_value()
         ar = _Args(context, builder, sig, args)
         spec, width = _SPECS[isa], GEOMETRY[isa][1]
-        n = spec.acc_ty.count
+        # the int32 vectors tile_f32 finishes with (one lane a column; avx2's pair
+        # accumulators finish to 8 lanes), so the epilogue is tile_f32's own
+        n = spec.vbytes // 4
+        ty = _vec(_i32, n)
 
         def accs():
             t_ptr, ldt_v = ar.ptr(2, 3), ar.int(4)
             return [[_load_vec(builder, t_ptr, builder.add(builder.mul(ldt_v, ar.cst(r)), ar.cst(c * n)),
-                               spec.acc_ty) for c in range(width // n)] for r in range(nrows)]
+                               ty) for c in range(width // n)] for r in range(nrows)]
         _emit_f32_epilogue(context, builder, ar, 5, nrows, width, accs)
         return context.get_dummy_value()
     return sig, codegen

@@ -14,34 +14,61 @@ the kernels' pool needs.
 Packing (VNNI order, 64-byte aligned, column sums for the zero point) happens
 here, at optimize time; the op only runs the kernel. Ops without a kernel
 stay as they are and are counted.
+
+Sparse linears: where at least SPARSE_MIN_ZEROS of a linear's int8 weights are zero
+(whatever made them zero: pruning of any kind, or rounding), the sparse kernel
+(kernels/sparse.py, op fxopt.linear_int8_sparse: the same arguments and the same result,
+bit for bit) and the dense one are timed on the packed weights at the example inputs' row
+count, taking turns, and the faster one is kept; the layer's report row says which and
+both times. Option sparse=False (optimize's, or this pass's) keeps every linear dense;
+sparse="always" takes the sparse kernel wherever the zeros allow, untimed (deterministic).
 """
 from __future__ import annotations
 
+import math
+import statistics
+import time
+
+import numpy as np
 import torch
 
 from fxopt.core.ir import ID, add_weight, get_weight, infer_meta, insert_call
+from fxopt.core.macs import concrete_shape
+from fxopt.kernels import api as K
 from fxopt.core.pass_base import PassInfo, PassResult
 from fxopt.quant import qops
 from fxopt.runtime import kernel_ops
 
 aten = torch.ops.aten
 
-PASS = PassInfo("lower_to_kernels", requires=("quantize_int8",),
+PASS = PassInfo("lower_to_kernels", requires=("quantize_int8",), options={"sparse": None},
                 doc="replace int8 reference ops by Numba kernel ops with pre-packed weights")
 
+SPARSE_MODES = (True, False, "always")   # timed choice, dense only, sparse wherever zeros allow
+SPARSE_MIN_ZEROS = 0.5   # fewer zeros never paid (bench/sparse.py: break-even at 70-80 % and M=1)
+TIMING_ROUNDS = 5        # interleaved rounds of the dense/sparse timing, each >= TIMING_BATCH_S
+TIMING_BATCH_S = 2e-4
 
-def run(gm, ctx) -> PassResult:
-    stats = {"linear": 0, "conv2d": 0, "attention": 0}
+
+def run(gm, ctx, sparse=None) -> PassResult:
+    sparse = ctx.get("sparse", True) if sparse is None else sparse
+    if sparse not in SPARSE_MODES:
+        raise ValueError(f"lower_to_kernels: sparse must be one of {SPARSE_MODES}, got {sparse!r}")
+    stats = {"linear": 0, "conv2d": 0, "attention": 0, "sparse": 0, "sparse_timed": 0}
     for node in list(gm.graph.nodes):
         if node.target is qops.quantized_linear:
-            _lower_linear(gm, node)
+            timed = _lower_linear(gm, node, sparse)
             stats["linear"] += 1
+            stats["sparse_timed"] += timed is not None
+            stats["sparse"] += bool(timed)
         elif node.target is qops.quantized_conv2d:
             _lower_conv(gm, node)
             stats["conv2d"] += 1
         elif node.target is qops.quantized_attention:
             _replace(gm, node, kernel_ops.attention_int8, node.args, node.kwargs)
             stats["attention"] += 1
+    if not stats["sparse_timed"]:          # no sparse candidate: the report's stats as before
+        del stats["sparse"], stats["sparse_timed"]
     if stats["linear"] + stats["conv2d"] + stats["attention"]:
         stats["layer_norm"] = _lower_layer_norms(gm)
     if stats["conv2d"]:
@@ -53,15 +80,72 @@ def run(gm, ctx) -> PassResult:
     return PassResult(stats["linear"] + stats["conv2d"] + stats["attention"] > 0, stats)
 
 
-def _lower_linear(gm, node) -> None:
+def _lower_linear(gm, node, sparse) -> bool | None:
+    """linear_int8, or linear_int8_sparse where the weights are sparse enough and it timed
+    faster; returns None (not timed) or whether the sparse kernel was kept."""
     x, w_q, w_scale, b, act, act_args, a_scale, a_zp = node.args
-    buffers = kernel_ops.pack_linear(get_weight(gm, w_q), get_weight(gm, w_scale))
+    q, scales = get_weight(gm, w_q), get_weight(gm, w_scale)
+    buffers = kernel_ops.pack_linear(q, scales)
+    target, chosen, zeros = kernel_ops.linear_int8, None, 1.0 - K.density(q.numpy())
+    if sparse and zeros >= SPARSE_MIN_ZEROS:
+        bias = None if b is None else get_weight(gm, b).detach().float().numpy()
+        sparse_buffers = kernel_ops.pack_linear_sparse(q, scales)
+        rows = _example_rows(x)
+        if sparse == "always":
+            chosen, info, reason = True, {}, f"sparse int8 kernel: {zeros:.0%} zeros (sparse='always', not timed)"
+        else:
+            dense_s, sparse_s = _time_pair(buffers, sparse_buffers, bias, act, act_args, rows)
+            chosen = sparse_s < dense_s
+            info = {"dense_us": dense_s * 1e6, "sparse_us": sparse_s * 1e6}
+            reason = (f"sparse int8 kernel: {zeros:.0%} zeros, {sparse_s * 1e6:.1f} us vs {dense_s * 1e6:.1f} "
+                      f"us dense at {rows} rows" if chosen else
+                      f"dense int8 kept: {zeros:.0%} zeros, but the sparse kernel took {sparse_s * 1e6:.1f} us "
+                      f"vs {dense_s * 1e6:.1f} us dense at {rows} rows")
+        node.meta.setdefault("fxopt_quant", {}).update(
+            sparse={"zeros": zeros, "rows": rows, "chosen": chosen, **info}, reason=reason)
+        if chosen:
+            target, buffers = kernel_ops.linear_int8_sparse, sparse_buffers
     layer = node.meta.get("fxopt_layer", node.name)
     packed = add_weight(gm, f"{layer}.packed", buffers["packed"], before=node)
     scale = add_weight(gm, f"{layer}.packed_scale", buffers["w_scale"], before=node)
     col_sums = add_weight(gm, f"{layer}.col_sums", buffers["col_sums"], before=node)
     args = (x, packed, scale, col_sums, b, buffers["n"], buffers["k"], act, act_args, a_scale, a_zp)
-    _replace(gm, node, kernel_ops.linear_int8, args)
+    _replace(gm, node, target, args)
+    return chosen
+
+
+def _example_rows(x) -> int:
+    """Rows the layer multiplies at the example inputs (its input's leading dims)."""
+    shape = concrete_shape(x) if isinstance(x, torch.fx.Node) else None
+    return max(1, math.prod(shape[:-1])) if shape else 1
+
+
+def _time_pair(dense_buffers, sparse_buffers, bias, act, act_args, rows) -> tuple[float, float]:
+    """Median seconds per call of the dense and the sparse kernel on these weights, on random
+    rows of the layer's width, taking turns (a change of machine load hits both alike)."""
+    n, k = dense_buffers["n"], dense_buffers["k"]
+    pw = K.PackedWeights(dense_buffers["packed"].numpy().view(np.int8), dense_buffers["w_scale"].numpy(),
+                         dense_buffers["col_sums"].numpy(), n, k, K.isa())
+    ps = K.PackedSparse.from_bytes(sparse_buffers["packed"].numpy(), sparse_buffers["w_scale"].numpy(),
+                                   sparse_buffers["col_sums"].numpy(), n, k)
+    x = np.random.default_rng(0).standard_normal((rows, k)).astype(np.float32)
+    threads = torch.get_num_threads()
+    calls = [K.bind_linear(pw, bias, act, tuple(act_args)), K.bind_linear_sparse(ps, bias, act, tuple(act_args))]
+    outs = [np.empty((rows, n), np.float32) for _ in calls]
+    numbers = []
+    for call, out in zip(calls, outs):
+        call(x, out, None, threads)                      # compiles on first use
+        t0 = time.perf_counter()
+        call(x, out, None, threads)
+        numbers.append(max(1, int(TIMING_BATCH_S / max(time.perf_counter() - t0, 1e-7))))
+    samples = [[], []]
+    for _ in range(TIMING_ROUNDS):
+        for i, (call, out) in enumerate(zip(calls, outs)):
+            t0 = time.perf_counter()
+            for _ in range(numbers[i]):
+                call(x, out, None, threads)
+            samples[i].append((time.perf_counter() - t0) / numbers[i])
+    return statistics.median(samples[0]), statistics.median(samples[1])
 
 
 def _lower_conv(gm, node) -> None:
@@ -98,10 +182,10 @@ def _chain(gm) -> int:
     point), so the value never exists in float. Convs have no uint8 input path yet."""
     count = 0
     for node in gm.graph.nodes:
-        if node.target is not kernel_ops.linear_int8 or len(node.users) != 1:
+        if node.target not in kernel_ops.LINEARS or len(node.users) != 1:
             continue
         user = next(iter(node.users))
-        if user.target is not kernel_ops.linear_int8 or user.args[0] is not node or user.args[9] <= 0:
+        if user.target not in kernel_ops.LINEARS or user.args[0] is not node or user.args[9] <= 0:
             continue
         node.args = (*node.args[:11], float(user.args[9]), int(user.args[10]))
         infer_meta(gm, node)
@@ -123,7 +207,7 @@ def _fuse_residual_adds(gm) -> int:
             if _fusable_residual(lin, res):
                 out_scale = lin.args[11] if len(lin.args) > 11 else 0.0
                 out_zp = lin.args[12] if len(lin.args) > 12 else 0
-                _fused(gm, add, lin, kernel_ops.linear_int8, (*lin.args[:11], out_scale, out_zp, res),
+                _fused(gm, add, lin, lin.target, (*lin.args[:11], out_scale, out_zp, res),
                        ("fxopt_quant", "fxopt_activation"))
                 gm.graph.erase_node(add)
                 gm.graph.erase_node(lin)
@@ -205,7 +289,7 @@ def _same_float32_shape(a_node, b_node) -> bool:
 
 
 def _fusable_residual(lin, res) -> bool:
-    if (not isinstance(lin, torch.fx.Node) or lin.target is not kernel_ops.linear_int8
+    if (not isinstance(lin, torch.fx.Node) or lin.target not in kernel_ops.LINEARS
             or len(lin.users) != 1 or not isinstance(res, torch.fx.Node) or res is lin):
         return False
     if len(lin.args) > 11 and lin.args[11] > 0:  # uint8 output (chained): no float tile to add to

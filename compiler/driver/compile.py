@@ -51,6 +51,11 @@ OPTIONS = {
     "latency_aware": "int8 targets: time each int8 layer against the same layer in fp32 and keep fp32 "
                      "where int8 measured slower, if that makes the model faster (default True); "
                      "False keeps int8 everywhere (the smallest model). Either way a slower result warns",
+    "sparse": "int8 targets: a linear whose int8 weights are at least half zeros (pruned by fxopt, by "
+              "torch.nn.utils.prune, or any other way) is timed with the sparse kernel against the dense "
+              "one at the example row count and runs the faster (default True; the layer table says "
+              "which and both times); False keeps every linear on the dense kernel; 'always' takes the "
+              "sparse kernel wherever the zeros allow, untimed (reproducible)",
 }
 INSTRUMENTS = ("print_ir_after", "dump_dir", "stop_after", "disable", "drift")
 
@@ -146,6 +151,8 @@ def _check_options(options: dict) -> None:
         raise PipelineError(f"unknown option(s) {', '.join(unknown)}; valid options: {valid}")
     if not isinstance(options.get("latency_aware", True), bool):
         raise TypeError(f"latency_aware must be True or False, got {options['latency_aware']!r}")
+    if options.get("sparse", True) not in (True, False, "always"):
+        raise TypeError(f"sparse must be True, False or 'always', got {options['sparse']!r}")
 
 
 def _tuple(key, value):

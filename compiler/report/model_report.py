@@ -31,7 +31,8 @@ from fxopt.runtime.input_check import input_specs
 
 _FP32_UNITS = {fxops.linear_act: "linear", fxops.conv2d_act: "conv2d"}
 _INT8_UNITS = {qops.quantized_linear: "linear", qops.quantized_conv2d: "conv2d",
-               kernel_ops.linear_int8: "linear", kernel_ops.conv2d_int8: "conv2d",
+               kernel_ops.linear_int8: "linear", kernel_ops.linear_int8_sparse: "linear",
+               kernel_ops.conv2d_int8: "conv2d",
                qops.embedding_int8: "embedding", qops.quantized_attention: "attention",
                kernel_ops.attention_int8: "attention"}
 
@@ -64,7 +65,7 @@ def node_macs(node: Node) -> int:
     t = node.target
     if t in (fxops.linear_act, qops.quantized_linear):
         return numel * concrete_shape(node.args[1])[1]
-    if t is kernel_ops.linear_int8:
+    if t in kernel_ops.LINEARS:    # the dense count: what the layer computes (zeros included)
         return numel * int(node.args[6])
     if t in (fxops.conv2d_act, qops.quantized_conv2d):
         return numel * math.prod(concrete_shape(node.args[1])[1:])

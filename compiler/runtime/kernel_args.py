@@ -16,10 +16,13 @@ import torch
 from torch import fx
 
 from fxopt.core.errors import ArtifactError
+from fxopt.kernels.dispatch import KernelError
 from fxopt.kernels.pack import packed_nbytes
+from fxopt.kernels.sparse import PackedSparse
 
 # kernel ops whose named arguments must be weights of the graph
 WEIGHT_ARGS = {"linear_int8": ("packed", "w_scale", "col_sums", "b"),
+               "linear_int8_sparse": ("packed", "w_scale", "col_sums", "b"),
                "conv2d_int8": ("packed", "w_scale", "col_sums", "b"),
                "embedding_int8": ("w_q", "w_scale"), "layer_norm": ("weight", "bias")}
 
@@ -35,6 +38,21 @@ def check_linear(packed, w_scale, col_sums, b, n, k) -> None:
     _positive("k", k)
     _buffer("packed", packed, (torch.uint8, torch.int8), (packed_nbytes(n, k),))
     _per_channel(n, w_scale, col_sums, b)
+
+
+def check_sparse_linear(packed, w_scale, col_sums, b, n, k) -> None:
+    """linear_int8_sparse's buffers: packed (the slot layout's bytes, its indices inside
+    K and N: kernels.sparse.PackedSparse.from_bytes checks them), scales, sums, bias."""
+    _positive("n", n)
+    _positive("k", k)
+    if not (isinstance(packed, torch.Tensor) and packed.dtype == torch.uint8 and packed.dim() == 1
+            and packed.device.type == "cpu" and packed.is_contiguous()):
+        raise BadKernelArgs(f"packed must be a contiguous 1-D uint8 tensor (the sparse layout), got {_show(packed)}")
+    _per_channel(n, w_scale, col_sums, b)
+    try:
+        PackedSparse.from_bytes(packed.numpy(), w_scale.numpy(), col_sums.numpy(), n, k)
+    except KernelError as e:
+        raise BadKernelArgs(str(e)) from None
 
 
 def check_conv(packed, w_scale, col_sums, b, geometry, stride, padding, dilation) -> None:
@@ -90,6 +108,10 @@ def _check_node(gm, node, op) -> None:
             a[name] = _attr(gm, a[name].target)
     if op == "linear_int8":
         check_linear(a["packed"], a["w_scale"], a["col_sums"], a["b"], a["n"], a["k"])
+        _quant_params(a["a_scale"], a["a_zp"])
+        _quant_params(a["out_scale"], a["out_zp"])
+    elif op == "linear_int8_sparse":
+        check_sparse_linear(a["packed"], a["w_scale"], a["col_sums"], a["b"], a["n"], a["k"])
         _quant_params(a["a_scale"], a["a_zp"])
         _quant_params(a["out_scale"], a["out_zp"])
     elif op == "conv2d_int8":

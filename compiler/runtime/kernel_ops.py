@@ -21,13 +21,18 @@ from fxopt.kernels import api as K
 from fxopt.kernels.threads import launch_guard
 from fxopt.quant import qops
 from fxopt.runtime import saturation
-from fxopt.runtime.kernel_args import check_conv, check_linear
+from fxopt.runtime.kernel_args import check_conv, check_linear, check_sparse_linear
 
 # x may arrive already quantized (uint8, with the static a_scale/a_zp of this op), and with
 # out_scale > 0 the op hands its output on as uint8 for the next int8 op: chained int8 ops
 # never round-trip through float. A residual (same shape as the output) is added after the
 # activation inside the kernel's epilogue.
 _lib.define("linear_int8(Tensor x, Tensor packed, Tensor w_scale, Tensor col_sums, Tensor? b, "
+            "int n, int k, str act, float[] act_args, float a_scale, int a_zp, "
+            "float out_scale=0.0, int out_zp=0, Tensor? residual=None) -> Tensor")
+# The same op on sparse weights: `packed` holds kernels.sparse.PackedSparse.to_bytes() (the
+# slot layout), every other argument and the result are linear_int8's, bit for bit.
+_lib.define("linear_int8_sparse(Tensor x, Tensor packed, Tensor w_scale, Tensor col_sums, Tensor? b, "
             "int n, int k, str act, float[] act_args, float a_scale, int a_zp, "
             "float out_scale=0.0, int out_zp=0, Tensor? residual=None) -> Tensor")
 
@@ -128,16 +133,37 @@ def _packed(packed, w_scale, col_sums, b, n, k):
     return cached
 
 
+def pack_linear_sparse(w_q: torch.Tensor, w_scale: torch.Tensor) -> dict:
+    """pack_linear for the sparse kernel: the buffers linear_int8_sparse takes."""
+    ps = K.pack_sparse_s8(w_q.numpy(), w_scale.numpy().astype(np.float32))
+    return {"packed": torch.from_numpy(ps.to_bytes()), "w_scale": torch.from_numpy(ps.scales),
+            "col_sums": torch.from_numpy(ps.col_sums), "n": int(ps.n), "k": int(ps.k)}
+
+
+def _packed_sparse(packed, w_scale, col_sums, b, n, k):
+    cached = getattr(packed, "_fxopt_packed", None)
+    if cached is None:
+        check_sparse_linear(packed, w_scale, col_sums, b, n, k)
+        ps = K.PackedSparse.from_bytes(packed.numpy(), w_scale.numpy(), col_sums.numpy(), n, k)
+        bias = None if b is None else np.ascontiguousarray(b.detach().numpy(), np.float32)
+        cached = (ps, bias)
+        packed._fxopt_packed = cached
+    return cached
+
+
 def _aligned(a: np.ndarray) -> np.ndarray:
     out = K.aligned_empty(a.shape, a.dtype)
     out[...] = a
     return out
 
 
-def linear_call(packed, w_scale, col_sums, b, n, k, act, act_args, a_scale, a_zp, out_scale=0.0, out_zp=0):
-    """The linear_int8 op for one layer with all but x and the residual bound, on torch
-    tensors: call(x, residual=None) -> tensor. The op calls it; see linear_np_call."""
-    np_call = linear_np_call(packed, w_scale, col_sums, b, n, k, act, act_args, a_scale, a_zp, out_scale, out_zp)
+def linear_call(packed, w_scale, col_sums, b, n, k, act, act_args, a_scale, a_zp, out_scale=0.0, out_zp=0,
+                sparse=False):
+    """The linear_int8 op (linear_int8_sparse with sparse) for one layer with all but x and the
+    residual bound, on torch tensors: call(x, residual=None) -> tensor. The op calls it; see
+    linear_np_call."""
+    np_call = linear_np_call(packed, w_scale, col_sums, b, n, k, act, act_args, a_scale, a_zp, out_scale, out_zp,
+                             sparse)
     f32, u8 = torch.float32, torch.uint8
 
     def call(x, residual=None):
@@ -159,11 +185,12 @@ class _Calls(dict):
         return _Calls()
 
 
-def linear_np_call(packed, w_scale, col_sums, b, n, k, act, act_args, a_scale, a_zp, out_scale=0.0, out_zp=0):
-    """linear_int8 for one layer on numpy arrays: call(x, residual=None) -> array, x
-    (..., K) float32 or uint8 (quantized with a_scale, a_zp), the residual float32 (..., N).
-    Built once per layer and epilogue and kept on the packed tensor; the execution plan
-    calls it directly."""
+def linear_np_call(packed, w_scale, col_sums, b, n, k, act, act_args, a_scale, a_zp, out_scale=0.0, out_zp=0,
+                   sparse=False):
+    """linear_int8 (linear_int8_sparse with sparse) for one layer on numpy arrays:
+    call(x, residual=None) -> array, x (..., K) float32 or uint8 (quantized with a_scale, a_zp),
+    the residual float32 (..., N). Built once per layer and epilogue and kept on the packed
+    tensor; the execution plan calls it directly."""
     key = (act, tuple(act_args), a_scale, a_zp, out_scale, out_zp, id(b))
     calls = getattr(packed, "_fxopt_calls", None)
     if calls is None:
@@ -171,13 +198,17 @@ def linear_np_call(packed, w_scale, col_sums, b, n, k, act, act_args, a_scale, a
     call = calls.get(key)
     if call is None:
         call = calls[key] = _bind_linear(packed, w_scale, col_sums, b, n, k, act, act_args, a_scale, a_zp,
-                                         out_scale, out_zp)
+                                         out_scale, out_zp, sparse)
     return call
 
 
-def _bind_linear(packed, w_scale, col_sums, b, n, k, act, act_args, a_scale, a_zp, out_scale, out_zp):
-    pw, bias = _packed(packed, w_scale, col_sums, b, n, k)
-    kernel = K.bind_linear(pw, bias, act, tuple(act_args), a_scale, a_zp, out_scale, out_zp)
+def _bind_linear(packed, w_scale, col_sums, b, n, k, act, act_args, a_scale, a_zp, out_scale, out_zp, sparse):
+    if sparse:
+        ps, bias = _packed_sparse(packed, w_scale, col_sums, b, n, k)
+        kernel = K.bind_linear_sparse(ps, bias, act, tuple(act_args), a_scale, a_zp, out_scale, out_zp)
+    else:
+        pw, bias = _packed(packed, w_scale, col_sums, b, n, k)
+        kernel = K.bind_linear(pw, bias, act, tuple(act_args), a_scale, a_zp, out_scale, out_zp)
     static = a_scale > 0
     get_threads = torch.get_num_threads
 
@@ -220,6 +251,13 @@ def layer_norm_np_call(weight, bias, eps):
 def _linear_int8(x, packed, w_scale, col_sums, b, n, k, act, act_args, a_scale, a_zp,
                  out_scale=0.0, out_zp=0, residual=None):
     call = linear_call(packed, w_scale, col_sums, b, n, k, act, act_args, a_scale, a_zp, out_scale, out_zp)
+    return call(x, residual)
+
+
+def _linear_int8_sparse(x, packed, w_scale, col_sums, b, n, k, act, act_args, a_scale, a_zp,
+                        out_scale=0.0, out_zp=0, residual=None):
+    call = linear_call(packed, w_scale, col_sums, b, n, k, act, act_args, a_scale, a_zp, out_scale, out_zp,
+                       sparse=True)
     return call(x, residual)
 
 
@@ -277,6 +315,7 @@ def _guarded(op):
 
 
 _lib.impl("linear_int8", _guarded(_linear_int8), "CPU")
+_lib.impl("linear_int8_sparse", _guarded(_linear_int8_sparse), "CPU")
 _lib.impl("layer_norm", _guarded(_layer_norm), "CPU")
 _lib.impl("attention_int8", _guarded(_attention_int8), "CPU")
 _lib.impl("conv2d_int8", _guarded(_conv2d_int8), "CPU")
@@ -287,6 +326,9 @@ def _linear_int8_fake(x, packed, w_scale, col_sums, b, n, k, act, act_args, a_sc
                       out_scale=0.0, out_zp=0, residual=None):
     dtype = torch.uint8 if out_scale > 0 else torch.float32
     return x.new_empty((*x.shape[:-1], n), dtype=dtype)
+
+
+torch.library.register_fake("fxopt::linear_int8_sparse")(_linear_int8_fake)
 
 
 @torch.library.register_fake("fxopt::conv2d_int8")
@@ -310,6 +352,8 @@ def _layer_norm_fake(x, weight=None, bias=None, eps=1e-05):
 
 
 linear_int8 = torch.ops.fxopt.linear_int8.default
+linear_int8_sparse = torch.ops.fxopt.linear_int8_sparse.default
+LINEARS = (linear_int8, linear_int8_sparse)   # the lowered int8 linears: one schema, two weight layouts
 layer_norm = torch.ops.fxopt.layer_norm.default
 attention_int8 = torch.ops.fxopt.attention_int8.default
 conv2d_int8 = torch.ops.fxopt.conv2d_int8.default

@@ -489,11 +489,12 @@ def _poison_samples_(y, bad):
 
 
 def _np_linear(gm, node):
-    """linear_int8 on numpy arrays, bound to its weights and epilogue."""
+    """linear_int8 (or linear_int8_sparse) on numpy arrays, bound to its weights and epilogue."""
     bound = _bind(gm, node)
     weights = [_value(gm, bound[name]) for name in ("packed", "w_scale", "col_sums", "b")]
     call = kernel_ops.linear_np_call(*weights, *(bound[a] for a in (
-        "n", "k", "act", "act_args", "a_scale", "a_zp", "out_scale", "out_zp")))
+        "n", "k", "act", "act_args", "a_scale", "a_zp", "out_scale", "out_zp")),
+        sparse=node.target is kernel_ops.linear_int8_sparse)
     residual = bound["residual"]
     return call, (bound["x"],) if residual is None else (bound["x"], residual), {}
 
@@ -536,6 +537,7 @@ _ARRAY_OUT = {kernel_ops.attention_int8: kernel_ops.attention_array}
 _NP_BUILDERS = {
     torch.ops.fxopt.embedding_int8.default: _np_embedding,
     kernel_ops.linear_int8: _np_linear,
+    kernel_ops.linear_int8_sparse: _np_linear,
     kernel_ops.layer_norm: _np_layer_norm,
     nonfinite.nonfinite_samples: _same(_np_nonfinite),
 }
@@ -561,7 +563,7 @@ _BUILDERS = {
 
 # --- memory: activation buffers planned by liveness -------------------------------------
 
-_ARENA_OPS = (kernel_ops.linear_int8, kernel_ops.layer_norm)     # kernels that write into `out`
+_ARENA_OPS = (*kernel_ops.LINEARS, kernel_ops.layer_norm)     # kernels that write into `out`
 
 
 def _planned_buffers(gm) -> dict:

@@ -1,0 +1,388 @@
+"""Sparse int8 linear: uint8 activations x sparse int8 weights, exactly the dense GEMM's result.
+
+    >>> ps = pack_sparse_s8(q, scales)        # q: int8 (N, K), mostly zeros
+    >>> y = linear_sparse_f32(x, ps, bias, act="relu")   # == linear_f32(x, pack_weights_s8(q, scales), ...)
+
+Why this format ("shuffle slots"): on Zen 3 (AVX2) a scalar CSR loop runs at ~1 nonzero a
+cycle (three loads and an imul each) and vpgatherdd at ~30 cycles a gather, so at 90 %
+sparsity neither is 2x the dense kernel. Here the gather is a byte shuffle: K is cut into
+chunks of 32, and the two halves of a chunk of an activation row, each broadcast to both
+128-bit lanes, are looked up by two ``vpshufb`` with 32 byte indices at once (an index's
+bit 7 picks the half: vpshufb gives 0 where it is set, so one table answers and the other
+gives 0). Chunks of 32 rather than 16 took 39 % fewer steps at 90 % sparsity: a step holds
+4 slots a row, and the busiest of 8 rows sets the step count of a chunk.
+
+Layout, per slice of 8 output rows (slice s = rows 8s..8s+7): a list of steps,
+``slice_ptr[s]..slice_ptr[s+1]``. Step j reads activation chunk ``chunks[j]`` (k from
+32 * chunks[j]) and holds 32 byte slots, ``idx[32j + 4r + b]`` (k within the chunk: k % 16,
+plus 0x80 for the chunk's second 16)
+and ``val[32j + 4r + b]`` (the int8 weight, 0 for an empty slot), 4 slots for row r of the
+slice. ``vpmaddubsw`` multiplies the looked-up uint8 activations by the int8 weights and adds
+slot pairs (b = 0,1 and 2,3) in int16, ``vpmaddwd`` by ones adds the two pairs into row r's
+int32 lane: 32 multiply-adds in 5 vector instructions. Exactness: the packer keeps
+|val a| + |val b| <= 128 in each pair (255 * 128 < 2^15, so the int16 sum never saturates),
+putting a weight alone in its pair otherwise. The int32 sums are then the dense kernel's,
+bit for bit, and so is everything after them: the same activation quantization
+(quantize.py) and the same epilogue code (epilogue.py / simd.staged_f32, routed column by
+column as gemm._job_into routes them).
+
+Cost: steps of 66 bytes, ceil(max over the 8 rows of its nonzeros / 4) of them per
+(slice, chunk); 1024 x 1024 at 90 % sparsity: 8121 steps (536 KB, against 1 MB dense) for
+105 K nonzeros. Jobs are 64-column blocks (8 slices) x row groups of 4, over Numba's pool
+(prange), each worker its own share first, then helping the others; the portable path runs
+the same layout with plain loops.
+"""
+import llvmlite.ir as ir
+import numpy as np
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from ._cache import CACHE  # package-wide cache locators, before any @njit(cache=CACHE)
+from . import dispatch as _dispatch
+from .dispatch import KernelError
+from .epilogue import EP_ACT, EP_P0, EP_P1, EP_RES_FIRST, add_residual_rows, apply_activation
+from .gemm import _COUNTER_STRIDE, _count_add, _is_float32, _staged, _starts
+from .linear import _bias, _residual, epilogue_params, get_num_threads
+from .quantize import quantize_rows_into, quantize_tensor_into
+from .rowops import borrowed, call_llvm
+from .simd import BLOCK_COLS, GEOMETRY, TAGS, is_portable, isa_geometry, staged_f32
+from .sparse_pack import CHUNK, HIGH, SLICE, SLOTS, STEP, PackedSparse, density, pack_sparse_s8  # noqa: F401
+
+KERNEL_VERSION = "sparse-2"
+ROWS = 4            # activation rows a job computes at once (they share the weight loads)
+
+_i8, _i16, _i32 = ir.IntType(8), ir.IntType(16), ir.IntType(32)
+
+
+# --- the step loop -------------------------------------------------------------------
+
+@intrinsic(prefer_literal=True)
+def steps_s32(typingctx, mr, a, m0, chunks, idx, val, j0, j1, t, t_off, ldt):
+    """t[t_off + r*ldt + lane] = int32 sums of steps j0..j1-1 (one slice) for activation
+    rows m0..m0+mr-1 of a (uint8, rows padded to whole chunks), lane = row of the slice."""
+    if not isinstance(mr, types.IntegerLiteral) or not isinstance(a, types.Array):
+        return None
+    sig = types.void(mr, a, m0, chunks, idx, val, j0, j1, t, t_off, ldt)
+    nrows = mr.literal_value
+
+    def codegen(context, builder, sig, args):
+        intp = context.get_value_type(types.intp)
+
+        def arr(i):
+            return cgutils.create_struct_proxy(sig.args[i])(context, builder, value=args[i])
+
+        def num(i):
+            return context.cast(builder, args[i], sig.args[i], types.intp)
+
+        def cst(v):
+            return ir.Constant(intp, v)
+        a_st = arr(1)
+        lda = builder.extract_value(a_st.strides, 0)
+        rows = [builder.gep(a_st.data, [builder.mul(builder.add(num(2), cst(r)), lda)]) for r in range(nrows)]
+        ch_p, ix_p, va_p = arr(3).data, arr(4).data, arr(5).data
+        v32, v16, acc_ty = ir.VectorType(_i8, 32), ir.VectorType(_i16, 16), ir.VectorType(_i32, 8)
+        ones = ir.Constant(v16, [1] * 16)
+        flip = ir.Constant(v32, [HIGH - 256] * 32)
+        accs = [cgutils.alloca_once_value(builder, ir.Constant(acc_ty, None)) for _ in range(nrows)]
+        bcast = ir.Constant(ir.VectorType(_i32, 32), list(range(16)) * 2)
+        j0v = num(6)
+        with cgutils.for_range(builder, builder.sub(num(7), j0v)) as loop:
+            j = builder.add(j0v, loop.index)
+            c = builder.zext(builder.load(builder.gep(ch_p, [j])), intp)
+            k0 = builder.mul(c, cst(CHUNK))
+            o = builder.mul(j, cst(STEP))
+            iv = builder.load(builder.bitcast(builder.gep(ix_p, [o]), v32.as_pointer()), align=1)
+            vv = builder.load(builder.bitcast(builder.gep(va_p, [o]), v32.as_pointer()), align=1)
+            iv_high = builder.xor(iv, flip)
+            for r in range(nrows):
+                halves = []
+                for h, ix in ((0, iv), (16, iv_high)):
+                    p = builder.gep(rows[r], [builder.add(k0, cst(h))])
+                    xs = builder.load(builder.bitcast(p, ir.VectorType(_i8, 16).as_pointer()), align=1)
+                    xb = builder.shuffle_vector(xs, xs, bcast)
+                    halves.append(call_llvm(builder, "llvm.x86.avx2.pshuf.b", v32, [xb, ix]))
+                g = builder.or_(halves[0], halves[1])
+                p16 = call_llvm(builder, "llvm.x86.avx2.pmadd.ub.sw", v16, [g, vv])
+                p32 = call_llvm(builder, "llvm.x86.avx2.pmadd.wd", acc_ty, [p16, ones])
+                builder.store(builder.add(builder.load(accs[r]), p32), accs[r])
+        t_st = arr(8)
+        for r in range(nrows):
+            off = builder.add(num(9), builder.mul(num(10), cst(r)))
+            builder.store(builder.load(accs[r]), builder.bitcast(builder.gep(t_st.data, [off]), acc_ty.as_pointer()),
+                          align=4)
+        return context.get_dummy_value()
+    return sig, codegen
+
+
+@njit
+def _steps_portable(mr, a, m0, chunks, idx, val, j0, j1, t, t_off, ldt):
+    """steps_s32 in plain loops (any CPU)."""
+    for r in range(mr):
+        for lane in range(SLICE):
+            t[t_off + r * ldt + lane] = 0
+    for j in range(j0, j1):
+        k0 = np.int64(chunks[j]) * CHUNK
+        for r in range(mr):
+            for lane in range(SLICE):
+                s = np.int32(0)
+                for b in range(SLOTS):
+                    o = j * STEP + lane * SLOTS + b
+                    kk = (idx[o] & 15) + 16 * (idx[o] >> 7)
+                    s += np.int32(a[m0 + r, k0 + kk]) * np.int32(val[o])
+                t[t_off + r * ldt + lane] += s
+
+
+@njit(inline="always")
+def _slice(tag, mr, a, m0, chunks, idx, val, j0, j1, t, t_off):
+    if is_portable(tag):
+        _steps_portable(mr, a, m0, chunks, idx, val, j0, j1, t, t_off, BLOCK_COLS)
+    elif mr == 4:
+        steps_s32(4, a, m0, chunks, idx, val, j0, j1, t, t_off, BLOCK_COLS)
+    elif mr == 3:
+        steps_s32(3, a, m0, chunks, idx, val, j0, j1, t, t_off, BLOCK_COLS)
+    elif mr == 2:
+        steps_s32(2, a, m0, chunks, idx, val, j0, j1, t, t_off, BLOCK_COLS)
+    else:
+        steps_s32(1, a, m0, chunks, idx, val, j0, j1, t, t_off, BLOCK_COLS)
+
+
+@njit(inline="always")
+def _staged_regs(tag, mr, t, t_off, colsum, wscale, bias, n0, ascale, azp, m0, out, act, p0, p1, res, first):
+    # staged_f32 needs mr as a literal
+    if mr == 4:
+        staged_f32(tag, 4, t, t_off, BLOCK_COLS, colsum, wscale, bias, n0, ascale, azp, m0, out, act, p0, p1,
+                   res, first)
+    elif mr == 3:
+        staged_f32(tag, 3, t, t_off, BLOCK_COLS, colsum, wscale, bias, n0, ascale, azp, m0, out, act, p0, p1,
+                   res, first)
+    elif mr == 2:
+        staged_f32(tag, 2, t, t_off, BLOCK_COLS, colsum, wscale, bias, n0, ascale, azp, m0, out, act, p0, p1,
+                   res, first)
+    else:
+        staged_f32(tag, 1, t, t_off, BLOCK_COLS, colsum, wscale, bias, n0, ascale, azp, m0, out, act, p0, p1,
+                   res, first)
+
+
+@njit(inline="always")
+def _epilogue(tag, mr, m0, n0, ncols, colsum, ascale, azp, wscale, bias, res, ep, out, t, y):
+    """The int32 tile t (mr rows of 64) into out's rows m0.. and columns n0..n0+ncols, each
+    column by the code the dense kernel (gemm._job_into) gives it: its whole ISA tiles in
+    registers (the staged form of tile_f32), the rest and the portable path staged.
+    Two cases differ from the dense kernel by at most an ulp (a fused multiply-add against
+    a multiply and an add), both on AVX-512 machines only: a block's 32-column half tile
+    (simd.HALF_COLS), staged here, and AMX blocks (M >= amx.MIN_ROWS), staged there."""
+    fast = bias.shape[0] > 0 and not is_portable(tag) and _is_float32(out)
+    tc = isa_geometry(tag)[1]
+    width = ncols - ncols % tc if fast else 0
+    act = np.int32(ep[EP_ACT])
+    in_regs = act <= 3
+    first = ep[EP_RES_FIRST] != 0
+    for cs in range(0, width, tc):
+        _staged_regs(tag, mr, t, cs, colsum, wscale, bias, n0 + cs, ascale, azp, m0, out,
+                     act if in_regs else 0, ep[EP_P0], ep[EP_P1], res if in_regs or first else res[:0], first)
+    if width > 0 and not in_regs:   # as gemm._stored_tile
+        for r in range(mr):
+            apply_activation(out, m0 + r, n0, width, act, ep[EP_P0], ep[EP_P1])
+        if res.shape[0] > 0 and not first:
+            add_residual_rows(out, res, m0, mr, n0, width, 0, ep[EP_P0], ep[EP_P1])
+    if width < ncols:
+        # the tail's int32 columns moved to the tile's start, where _staged reads them
+        for r in range(mr):
+            for c in range(ncols - width):
+                t[r * BLOCK_COLS + c] = t[r * BLOCK_COLS + width + c]
+        _staged(mr, m0, n0 + width, ncols - width, colsum, ascale, azp, wscale, bias, res, ep, out, t, y)
+
+
+@njit(inline="always")
+def _block(tag, nb, a, slice_ptr, chunks, idx, val, colsum, ascale, azp, wscale, bias, res, ep, out, t, y):
+    """Output columns of block nb (8 slices) for every row of a, ROWS rows at a time."""
+    m, n = a.shape[0], out.shape[1]
+    n0 = nb * BLOCK_COLS
+    ncols = min(BLOCK_COLS, n - n0)
+    s0 = nb * (BLOCK_COLS // SLICE)
+    s1 = min(slice_ptr.shape[0] - 1, s0 + BLOCK_COLS // SLICE)
+    for m0 in range(0, m, ROWS):
+        mr = min(ROWS, m - m0)
+        for s in range(s0, s1):
+            _slice(tag, mr, a, m0, chunks, idx, val, slice_ptr[s], slice_ptr[s + 1], t, (s - s0) * SLICE)
+        _epilogue(tag, mr, m0, n0, ncols, colsum, ascale, azp, wscale, bias, res, ep, out, t, y)
+
+
+@njit
+def _quantized(x, aq, a_scale, a_zp):
+    """(rows, scales, zero points): the activation rows as the kernel reads them, uint8, each
+    padded to whole chunks, and their per-row scales. From float x per row (a_scale 0) or
+    with the static (a_scale, a_zp), as the dense kernel does; uint8 aq as given."""
+    m = x.shape[0] if x.shape[1] > 0 else aq.shape[0]
+    k = x.shape[1] if x.shape[1] > 0 else aq.shape[1]
+    a = np.zeros((m, (k + CHUNK - 1) // CHUNK * CHUNK), np.uint8)
+    ascale, azp = np.full(m, a_scale, np.float32), np.full(m, a_zp, np.int32)
+    if x.shape[1] == 0:
+        for i in range(m):
+            for c in range(k):
+                a[i, c] = aq[i, c]
+    elif a_scale > 0:
+        quantize_tensor_into(x, a_scale, a_zp, a)
+    else:
+        quantize_rows_into(x, a, ascale, azp)
+    return a, ascale, azp
+
+
+@njit(inline="always")
+def _worker(tag, w, threads, nxt, nblocks, a, slice_ptr, chunks, idx, val, colsum, ascale, azp, wscale, bias,
+            res, ep, out):
+    """Worker w's share of the column blocks (the same blocks call after call, so their
+    weights stay in its core's L2), then what is left of the others' (taken from the same
+    atomic counters, as gemm._worker does): a worker the OS delays holds up nobody."""
+    # borrowed views: no reference counting (atomics on counts both threads share) in the loop
+    a, slice_ptr, chunks, idx, val = borrowed(a), borrowed(slice_ptr), borrowed(chunks), borrowed(idx), borrowed(val)
+    colsum, ascale, azp, wscale = borrowed(colsum), borrowed(ascale), borrowed(azp), borrowed(wscale)
+    bias, res, ep, out = borrowed(bias), borrowed(res), borrowed(ep), borrowed(out)
+    t, y = np.empty(ROWS * BLOCK_COLS, np.int32), np.empty((1, BLOCK_COLS), np.float32)
+    for v in range(threads):
+        owner = (w + v) % threads
+        hi = (owner + 1) * nblocks // threads
+        while True:
+            nb = _count_add(nxt, owner * _COUNTER_STRIDE, 1)
+            if nb >= hi:
+                break
+            _block(tag, nb, a, slice_ptr, chunks, idx, val, colsum, ascale, azp, wscale, bias, res, ep, out, t, y)
+
+
+def _entries(tag):
+    """Serial and threaded entries of one ISA (a compile-time tag, as gemm._entries)."""
+    @njit(cache=CACHE)
+    def serial(x, aq, a_scale, a_zp, slice_ptr, chunks, idx, val, colsum, wscale, bias, res, ep, out, threads):
+        a, ascale, azp = _quantized(x, aq, a_scale, a_zp)
+        t, y = np.empty(ROWS * BLOCK_COLS, np.int32), np.empty((1, BLOCK_COLS), np.float32)
+        for nb in range((out.shape[1] + BLOCK_COLS - 1) // BLOCK_COLS):
+            _block(tag, nb, a, slice_ptr, chunks, idx, val, colsum, ascale, azp, wscale, bias, res, ep, out, t, y)
+
+    @njit(cache=CACHE, parallel=True)
+    def parallel(x, aq, a_scale, a_zp, slice_ptr, chunks, idx, val, colsum, wscale, bias, res, ep, out, threads):
+        a, ascale, azp = _quantized(x, aq, a_scale, a_zp)
+        nblocks = (out.shape[1] + BLOCK_COLS - 1) // BLOCK_COLS
+        nxt = _starts(nblocks, threads)
+        for w in prange(threads):
+            _worker(tag, w, threads, nxt, nblocks, a, slice_ptr, chunks, idx, val, colsum, ascale, azp, wscale,
+                    bias, res, ep, out)
+    return serial, parallel
+
+
+ENTRIES = {name: _entries(tag) for name, tag in TAGS.items()}
+assert all(GEOMETRY[name][1] <= BLOCK_COLS for name in GEOMETRY)
+
+
+# --- numpy entry points --------------------------------------------------------------
+
+# below this many slot multiply-adds (steps * 32 * rows) a thread launch costs more than it saves
+PARALLEL_MIN_SLOTS = 1 << 15
+_NO_X = np.empty((0, 0), np.float32)
+_NO_Q = np.empty((0, 0), np.uint8)
+_F32 = np.dtype(np.float32)
+_F0, _I0 = np.float32(0), np.int32(0)
+
+
+def _check_packed(ps):
+    if not isinstance(ps, PackedSparse):
+        raise KernelError("weights must be a PackedSparse from pack_sparse_s8")
+
+
+def _run(ps, x, aq, a_scale, a_zp, bias, res, ep, out, n_threads):
+    """The kernel on float rows x or uint8 rows aq (the other empty); a_scale 0: per row."""
+    serial, parallel = ENTRIES[_dispatch._current[0]]
+    threads = n_threads or get_num_threads()
+    rows = x.shape[0] if x.shape[1] else aq.shape[0]
+    if threads > 1 and ps.chunks.shape[0] * STEP * rows >= PARALLEL_MIN_SLOTS:
+        parallel(x, aq, a_scale, a_zp, ps.slice_ptr, ps.chunks, ps.idx, ps.val, ps.col_sums, ps.scales, bias,
+                 res, ep, out, threads)
+    else:
+        serial(x, aq, a_scale, a_zp, ps.slice_ptr, ps.chunks, ps.idx, ps.val, ps.col_sums, ps.scales, bias,
+               res, ep, out, 1)
+    return out
+
+
+def gemm_sparse_s32(a, ps, n_threads=None):
+    """Raw int32 product of uint8 rows a (M, K) and the sparse weights: out[i, n] =
+    sum_k a[i, k] * W[n, k] (no zero point), as gemm_u8s8_s32 computes it.
+
+        >>> acc = gemm_sparse_s32(a_u8, ps)
+    """
+    _check_packed(ps)
+    if not isinstance(a, np.ndarray) or a.ndim != 2 or a.dtype != np.uint8:
+        raise KernelError(f"A must be a 2-D uint8 numpy array, got {getattr(a, 'dtype', type(a))} "
+                          f"{getattr(a, 'shape', '')}")
+    if a.shape[1] != ps.k:
+        raise KernelError(f"A has K={a.shape[1]}, weights expect K={ps.k}")
+    m = a.shape[0]
+    out = np.empty((m, ps.n), np.int32)
+    return _run(ps, _NO_X, np.ascontiguousarray(a), _F0, _I0, _bias(None, ps.n), _NO_X, epilogue_params(), out,
+                n_threads)
+
+
+def linear_sparse_f32(x, ps, bias=None, act="none", act_args=(), n_threads=None, residual=None):
+    """linear_f32 with sparse weights: y = act(x @ W.T * scales + bias) (+ residual), x float32
+    (..., K) quantized per row; the same result as linear_f32 on the dense packing, bit for bit.
+
+        >>> y = linear_sparse_f32(x, pack_sparse_s8(q, scales), bias, act="relu")
+    """
+    _check_packed(ps)
+    x = np.ascontiguousarray(x, np.float32)
+    if x.ndim < 1 or x.shape[-1] != ps.k:
+        raise KernelError(f"linear_sparse_f32: input has shape {x.shape}, weights expect K={ps.k} "
+                          f"in the last dimension")
+    rows = x.reshape(-1, ps.k)
+    res = None if residual is None else np.asarray(residual).reshape(-1, ps.n)
+    y = bind_linear_sparse(ps, bias, act, act_args)(rows, residual=res, n_threads=n_threads)
+    return y.reshape(x.shape[:-1] + (ps.n,))
+
+
+def bind_linear_sparse(ps, bias=None, act="none", act_args=(), a_scale=0.0, a_zero_point=0,
+                       out_scale=0.0, out_zero_point=0):
+    """bind_linear (linear.py) for PackedSparse weights: the same arguments, the same
+    call(x, out=None, residual=None, n_threads=None), the same results bit for bit.
+
+        >>> call = bind_linear_sparse(ps, bias, act="gelu")
+        >>> y = call(x)
+    """
+    _check_packed(ps)
+    n, k = ps.n, ps.k
+    b = _bias(bias, n)
+    static, chained_out = a_scale > 0, out_scale > 0
+    if chained_out:
+        if not 0 <= out_zero_point <= 255:
+            raise KernelError(f"out_zero_point must be in [0, 255], got {out_zero_point}")
+        ep, out_dtype = epilogue_params(act, act_args, float(out_scale), int(out_zero_point)), np.uint8
+    else:
+        ep, out_dtype = epilogue_params(act, act_args), np.float32
+    if static and not 0 <= a_zero_point <= 255:
+        raise KernelError(f"need 0 <= a_zero_point <= 255, got {a_zero_point}")
+    scale, zero_point = (np.float32(a_scale), np.int32(a_zero_point)) if static else (_F0, _I0)
+
+    def call(x, out=None, residual=None, n_threads=None):
+        if type(x) is not np.ndarray or x.ndim != 2 or x.shape[1] != k:
+            raise KernelError(f"bind_linear_sparse: x must be a 2-D (M, {k}) array, got "
+                              f"{getattr(x, 'dtype', type(x))} {getattr(x, 'shape', '')}")
+        m = x.shape[0]
+        if x.dtype is _F32 and x.flags.c_contiguous:
+            xf, aq = x, _NO_Q
+        elif x.dtype == np.uint8:
+            if not static:
+                raise KernelError("bind_linear_sparse: uint8 x needs the static a_scale it was quantized with")
+            xf, aq = _NO_X, np.ascontiguousarray(x)
+        else:
+            raise KernelError(f"bind_linear_sparse: x must be C-contiguous float32 or uint8, got {x.dtype}")
+        if out is None:
+            out = np.empty((m, n), out_dtype)
+        elif out.shape != (m, n) or out.dtype != out_dtype or not out.flags.c_contiguous:
+            raise KernelError(f"bind_linear_sparse: out must be C-contiguous {np.dtype(out_dtype).name} "
+                              f"({m}, {n}), got {out.dtype} {out.shape}")
+        if residual is None:
+            res = _NO_X
+        elif chained_out:
+            raise KernelError("bind_linear_sparse: a residual needs float output (out_scale=0)")
+        else:
+            res = _residual(residual, m, n)
+        return _run(ps, xf, aq, scale, zero_point, b, res, ep, out, n_threads)
+    return call

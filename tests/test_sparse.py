@@ -1,0 +1,206 @@
+"""The sparse int8 linear (kernels/sparse.py, op fxopt.linear_int8_sparse) computes exactly what
+the dense int8 kernel computes, on every ISA path; optimize picks it for pruned linears (any
+pruning: here torch.nn.utils.prune), and the model keeps the dense model's outputs bit for bit
+through the plan, the graph runtime and save/load."""
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch.nn.utils import prune
+
+import fxopt
+from fxopt import examples
+from fxopt.core.drift import tensor_drift
+from fxopt.core.errors import ArtifactError
+from fxopt.kernels import api as K
+from fxopt.kernels import reference as R
+from fxopt.runtime import kernel_ops
+from fxopt.runtime.kernel_args import check_lowered
+
+ISAS = [isa for isa in ("avx2", "portable") if isa in K.available_isas()]
+
+# (M, N, K, density): M not a multiple of the 4-row groups, K not a multiple of 4 or of the
+# 16-k chunk, N with a column tail, very sparse and fully dense
+SHAPES = [(1, 256, 200, 0.1), (3, 70, 37, 0.3), (13, 130, 100, 0.05), (6, 64, 16, 0.5), (1, 8, 3, 1.0),
+          (33, 200, 129, 0.2)]
+
+
+def sparse_weights(rng, n, k, density):
+    w = rng.standard_normal((n, k)).astype(np.float32) * (rng.random((n, k)) < density)
+    w[n // 2] = 0          # an all-zero output row
+    w[:, k // 3] = 0       # an all-zero input column
+    return K.quantize_weights_s8(w)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("m,n,k,density", SHAPES)
+def test_int32_products_equal_numpy_and_the_dense_kernel(isa, m, n, k, density):
+    rng = np.random.default_rng(m * n + k)
+    q, s = sparse_weights(rng, n, k, density)
+    q[0, :min(k, 8)] = 127   # large weights side by side: pairs that must not saturate in int16
+    q[-1, :min(k, 8)] = -127
+    a = rng.integers(0, 256, (m, k), dtype=np.uint8)
+    a[:, :8] = 255
+    with K.use_isa(isa):
+        got = K.gemm_sparse_s32(a, K.pack_sparse_s8(q, s))
+        dense = K.gemm_u8s8_s32(a, K.pack_weights_s8(q, s))
+    np.testing.assert_array_equal(got, R.gemm_u8s8_s32(a, q))
+    np.testing.assert_array_equal(got, dense)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("m,n,k,density", SHAPES)
+@pytest.mark.parametrize("act", ["none", "relu", "gelu", "silu"])
+def test_linear_equals_the_dense_kernel_bit_for_bit(isa, m, n, k, density, act):
+    rng = np.random.default_rng(m + n + k)
+    q, s = sparse_weights(rng, n, k, density)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    b = rng.standard_normal(n).astype(np.float32)
+    res = rng.standard_normal((m, n)).astype(np.float32)
+    with K.use_isa(isa):
+        pw, ps = K.pack_weights_s8(q, s), K.pack_sparse_s8(q, s)
+        np.testing.assert_array_equal(K.linear_sparse_f32(x, ps, b, act=act), K.linear_f32(x, pw, b, act=act))
+        np.testing.assert_array_equal(K.linear_sparse_f32(x, ps, None, act=act, residual=res, n_threads=1),
+                                      K.linear_f32(x, pw, None, act=act, residual=res, n_threads=1))
+        # static activation scale, uint8 in and out (a chained layer), residual before the act
+        qx = K.quantize_tensor_f32_u8(x, 0.02, 120)
+        for xin in (x, qx):
+            dense = K.bind_linear(pw, b, act, (), 0.02, 120, 0.05, 7)(xin)
+            np.testing.assert_array_equal(K.bind_linear_sparse(ps, b, act, (), 0.02, 120, 0.05, 7)(xin), dense)
+    # numpy's float64 epilogue on the same int32 sums: float32 rounding apart
+    np.testing.assert_allclose(K.linear_sparse_f32(x, ps, b, act=act), R.linear_f32(x, q, s, b, act),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_threads_split_the_work_with_the_same_result():
+    rng = np.random.default_rng(1)
+    q, s = sparse_weights(rng, 1024, 1024, 0.1)
+    ps, x = K.pack_sparse_s8(q, s), rng.standard_normal((5, 1024)).astype(np.float32)
+    np.testing.assert_array_equal(K.linear_sparse_f32(x, ps, n_threads=2), K.linear_sparse_f32(x, ps, n_threads=1))
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_all_zero_weights_give_the_bias(isa):
+    q, s = np.zeros((70, 33), np.int8), np.ones(70, np.float32)
+    ps, b = K.pack_sparse_s8(q, s), np.arange(70, dtype=np.float32)
+    assert ps.steps == 0
+    x = np.random.default_rng(0).standard_normal((5, 33)).astype(np.float32)
+    with K.use_isa(isa):
+        np.testing.assert_array_equal(K.linear_sparse_f32(x, ps, b, n_threads=2), np.broadcast_to(b, (5, 70)))
+
+
+def test_bad_input_gets_the_dense_entry_points_errors():
+    q, s = K.quantize_weights_s8(np.eye(8, 12, dtype=np.float32))
+    ps = K.pack_sparse_s8(q, s)
+    with pytest.raises(K.KernelError, match="weights expect K=12"):
+        K.linear_sparse_f32(np.zeros((2, 11), np.float32), ps)
+    with pytest.raises(K.KernelError, match="weights expect K=12"):
+        K.gemm_sparse_s32(np.zeros((2, 11), np.uint8), ps)
+    with pytest.raises(K.KernelError, match="2-D uint8"):
+        K.gemm_sparse_s32(np.zeros((2, 12), np.int32), ps)
+    with pytest.raises(K.KernelError, match="PackedSparse"):
+        K.linear_sparse_f32(np.zeros((2, 12), np.float32), K.pack_weights_s8(q, s))
+    with pytest.raises(K.KernelError, match="2-D int8"):
+        K.pack_sparse_s8(q.astype(np.int16), s)
+    with pytest.raises(K.KernelError, match="one scale per output channel"):
+        K.pack_sparse_s8(q, s[:3])
+    with pytest.raises(K.KernelError, match="bias must have shape"):
+        K.linear_sparse_f32(np.zeros((2, 12), np.float32), ps, np.zeros(3, np.float32))
+    with pytest.raises(K.KernelError, match="static a_scale"):
+        K.bind_linear_sparse(ps)(np.zeros((2, 12), np.uint8))
+
+
+def test_a_corrupt_layout_is_refused_not_read():
+    q, s = K.quantize_weights_s8(np.random.default_rng(0).standard_normal((16, 40)).astype(np.float32))
+    ps = K.pack_sparse_s8(q, s)
+    blob = ps.to_bytes()
+    again = K.PackedSparse.from_bytes(blob, ps.scales, ps.col_sums, 16, 40)
+    assert all(np.array_equal(a, b) for a, b in zip(again[:4], ps[:4]))
+    bad_chunk = blob.copy()
+    bad_chunk[4 * 3:4 * 3 + 2] = 255                    # the first step's chunk, far past K
+    bad_idx = blob.copy()
+    bad_idx[-2 * ps.idx.size] = 16                      # a slot index past its chunk
+    for bad, match in ((blob[:-1], "corrupt"), (bad_chunk, "past K"), (bad_idx, "past K")):
+        with pytest.raises(K.KernelError, match=match):
+            K.PackedSparse.from_bytes(bad, ps.scales, ps.col_sums, 16, 40)
+
+
+# --- through optimize ------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def pruned_mlp():
+    """The digits MLP (wider, so that the pruned layers have weight to lose), trained, its linears
+    pruned to 90 % by torch.nn.utils.prune.l1_unstructured and the pruning made permanent."""
+    data = examples.digits()
+    torch.manual_seed(0)
+    model = examples.train(examples.DigitsMLP(hidden=256), data, epochs=6)
+    for mod in model.modules():
+        if isinstance(mod, torch.nn.Linear):
+            prune.l1_unstructured(mod, "weight", amount=0.9)
+            prune.remove(mod, "weight")
+    return model.eval(), data
+
+
+def _optimize(model, x, **options):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fxopt.optimize(model, (x,), target="cpu-int8", latency_aware=False, latency_repeats=0,
+                              calibration_data=[(x,)], **options)
+
+
+def _targets(fast):
+    return [n.target for n in fast.graph.nodes if n.target in kernel_ops.LINEARS]
+
+
+def test_optimize_runs_pruned_linears_sparse_with_the_dense_models_outputs(pruned_mlp, tmp_path):
+    model, data = pruned_mlp
+    x = data.x_test[:64]
+    dense = _optimize(model, x, sparse=False)
+    fast = _optimize(model, x, sparse="always")
+    graph = _optimize(model, x, sparse="always", runtime="graph")
+    assert _targets(dense) == [kernel_ops.linear_int8] * 3
+    assert _targets(fast) == [kernel_ops.linear_int8_sparse] * 3 == _targets(graph)
+    with torch.no_grad():
+        for inp in (x, data.x_test[64:65], data.x_test[:7]):
+            y = fast(inp)
+            assert torch.equal(y, dense(inp)) and torch.equal(y, graph(inp))
+            assert tensor_drift(model(inp), y).cosine > 0.999
+        assert (fast(data.x_test).argmax(1) == model(data.x_test).argmax(1)).float().mean() > 0.98
+    assert "sparse int8 kernel: 9" in str(fast.fxopt_report)
+    path = tmp_path / "sparse.fxopt"
+    fxopt.save(fast, path)
+    loaded = fxopt.load(path)
+    assert _targets(loaded) == _targets(fast)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), fast(x))
+
+
+def test_the_timed_choice_records_both_times(pruned_mlp):
+    model, data = pruned_mlp
+    fast = _optimize(model, data.x_test[:1])
+    nodes = [n for n in fast.graph.nodes if n.target in kernel_ops.LINEARS]
+    for node in nodes:
+        info = node.meta["fxopt_quant"]["sparse"]
+        assert info["zeros"] >= 0.89 and info["dense_us"] > 0 and info["sparse_us"] > 0
+        assert info["chosen"] == (node.target is kernel_ops.linear_int8_sparse)
+    stats = fast.fxopt_report.record("lower_to_kernels").stats
+    assert stats["sparse_timed"] == 3 and stats["sparse"] == sum(n.target is kernel_ops.linear_int8_sparse
+                                                                  for n in nodes)
+    assert " us dense at " in str(fast.fxopt_report)
+
+
+def test_a_corrupt_sparse_layout_in_a_model_is_refused(pruned_mlp):
+    model, data = pruned_mlp
+    fast = _optimize(model, data.x_test[:4], sparse="always")
+    node = next(n for n in fast.graph.nodes if n.target is kernel_ops.linear_int8_sparse)
+    packed = getattr(fast, node.args[1].target)
+    steps = int(packed[:4 * ((node.args[5] + 7) // 8 + 1)].view(torch.int32)[-1])
+    packed[packed.numel() - 2 * 32 * steps] = 200           # the first slot index, far past its chunk
+    with pytest.raises(ArtifactError, match="past K"):
+        check_lowered(fast)
+
+
+def test_sparse_option_is_checked():
+    with pytest.raises(TypeError, match="sparse must be"):
+        fxopt.optimize(torch.nn.Linear(4, 4), (torch.zeros(1, 4),), sparse="yes")
