@@ -28,8 +28,10 @@ OPTIONS = {
     "seed": "seed for anything random a pass does (default 0)",
     "report_layers": "per-layer precision and error table in the report (default True)",
     "latency_repeats": "runs to time the model before and after for the report (default 5, 0 = skip)",
-    "prune": "structured pruning before fusion/quantization: a ratio (0.3) or a dict of "
-             "prune_channels options (ratio, criterion, scope, max_ratio, round_to, protect, heads)",
+    "prune": "pruning before fusion/quantization: a ratio (0.3) or a dict of prune_channels options "
+             "(ratio, criterion, scope, max_ratio, round_to, protect, heads); {'structure': 'weights', "
+             "'ratio': 0.9, ...} zeroes individual weights instead (prune_weights: scope layer|global, "
+             "criterion magnitude|taylor, schedule oneshot|iterative, steps, protect)",
     "finetune": "with prune: distillation recovery from the unpruned model on calibration_data, "
                 "a dict of distill_pruned options, e.g. {'epochs': 2}",
     "runtime": "how the optimized model runs: 'plan' (default: an execution plan calling the "
