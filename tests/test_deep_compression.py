@@ -152,3 +152,92 @@ def test_taylor_criterion_needs_data_and_differs_from_magnitude(mlp, data):
     taylor = [w != 0 for w in weights.values()]
     assert all(int(t.sum()) == int(m.sum()) for t, m in zip(taylor, masks.values()))
     assert any(not torch.equal(t, m) for t, m in zip(taylor, masks.values()))
+
+
+# --- compress="huffman" -----------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def pruned_cnn(cnn, data):
+    return fxopt.optimize(cnn, (data.x_test[:8],), calibration_data=calib(data), latency_repeats=0,
+                          latency_aware=False, prune={"structure": "weights", "ratio": 0.8})
+
+
+def test_huffman_file_round_trips_exactly_and_is_smaller(pruned_cnn, data, tmp_path):
+    plain, coded = tmp_path / "plain.fxopt", tmp_path / "coded.fxopt"
+    fxopt.save(pruned_cnn, plain)
+    fxopt.save(pruned_cnn, coded, compress="huffman")
+    assert coded.stat().st_size < 0.4 * plain.stat().st_size
+    a, b = fxopt.load(plain), fxopt.load(coded)
+    want = dict(a.named_buffers())
+    got = dict(b.named_buffers())
+    assert want.keys() == got.keys()
+    assert all(torch.equal(want[k], got[k]) for k in want)       # packed bytes included
+    x = data.x_test[:100]
+    assert torch.equal(b(x), pruned_cnn(x))
+    assert str(fxopt.artifact.serialize.read_report(coded)) == str(fxopt.artifact.serialize.read_report(plain))
+    with pytest.raises(ValueError, match="compress='zip'"):
+        fxopt.save(pruned_cnn, tmp_path / "x.fxopt", compress="zip")
+
+
+def _rewrite(src, dst, change):
+    """Copy a saved file with `change(metadata, tensors)` applied and its checksum made valid
+    again: what a forger (or a bug) could write, not what a damaged copy looks like."""
+    import safetensors
+    import safetensors.torch
+    from fxopt.artifact import serialize
+    with safetensors.safe_open(str(src), framework="pt") as f:
+        meta = dict(f.metadata())
+        tensors = {k: f.get_tensor(k).clone() for k in f.keys()}
+    change(meta, tensors)
+    blobs = [tensors[f"storage.{i}"] for i in range(int(meta["storages"]))]
+    meta["sha256"] = serialize._digest(meta, blobs)
+    safetensors.torch.save_file(tensors, str(dst), metadata=meta)
+
+
+def _codecs(meta, edit):
+    import json
+    codecs = json.loads(meta["codecs"])
+    edit(next(c for c in codecs if c["kind"] == "sparse_int8"), codecs)
+    meta["codecs"] = json.dumps(codecs)
+
+
+def _sparse_index(meta):
+    import json
+    return next(i for i, c in enumerate(json.loads(meta["codecs"])) if c["kind"] == "sparse_int8")
+
+
+CORRUPTIONS = {
+    "value count +1": lambda m, t: _codecs(m, lambda c, _: c["values"].__setitem__(0, c["values"][0] + 1)),
+    "position count -1": lambda m, t: _codecs(m, lambda c, _: c["gaps"].__setitem__(0, c["gaps"][0] - 1)),
+    "over-full code": lambda m, t: _codecs(m, lambda c, _: c["values"][2].__setitem__(0, [1, 1])),
+    "layer shape smaller": lambda m, t: _codecs(m, lambda c, _: c.__setitem__("k", 2)),
+    "recorded size": lambda m, t: _codecs(m, lambda c, _: c.__setitem__("nbytes", c["nbytes"] + 64)),
+    "unknown codec": lambda m, t: _codecs(m, lambda c, _: c.__setitem__("kind", "lzma")),
+    "codec list short": lambda m, t: m.__setitem__("codecs", m["codecs"][:m["codecs"].rindex("{") - 1] + "]"),
+    "stream truncated": lambda m, t: t.__setitem__(f"storage.{_sparse_index(m)}",
+                                                     t[f"storage.{_sparse_index(m)}"][:-3].clone()),
+    "stream bits flipped": lambda m, t: t[f"storage.{_sparse_index(m)}"].__ixor__(0x5A),
+    "graph section not zlib": lambda m, t: m.__setitem__("graph", "AAAA"),
+    "graph section truncated": lambda m, t: m.__setitem__("graph", m["graph"][:len(m["graph"]) // 8 * 4]),
+    "unknown compression": lambda m, t: m.__setitem__("compress", "brotli"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CORRUPTIONS))
+def test_corrupt_compressed_files_raise_artifact_error(pruned_cnn, tmp_path, name):
+    good = tmp_path / "good.fxopt"
+    fxopt.save(pruned_cnn, good, compress="huffman")
+    bad = tmp_path / "bad.fxopt"
+    _rewrite(good, bad, CORRUPTIONS[name])
+    with pytest.raises(fxopt.ArtifactError, match="corrupt"):
+        fxopt.load(bad)
+
+
+def test_damaged_compressed_file_fails_its_checksum(pruned_cnn, tmp_path):
+    path = tmp_path / "m.fxopt"
+    fxopt.save(pruned_cnn, path, compress="huffman")
+    raw = bytearray(path.read_bytes())
+    raw[-5] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    with pytest.raises(fxopt.ArtifactError, match="checksum"):
+        fxopt.load(path)

@@ -10,7 +10,8 @@ zeros), both canonical-Huffman coded (fxopt.artifact.huffman); loading packs the
 matrices again with the lowering's packer, so the bytes are the saved ones.
 Every other storage and the JSON sections (graph, report, artifact meta) are zlib
 streams. Decoding checks every count, position and size against the record;
-anything off is an ArtifactError.
+anything off is an ArtifactError, and so is a storage whose decoded bytes miss
+the CRC-32 recorded at save (the file's SHA-256 covers the coded form only).
 """
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ def compress(gm, metadata: dict, blobs: list, table: dict) -> tuple[dict, list]:
             codec, data = _encode_sparse(*sparse[i])
         else:
             codec, data = {"kind": "zlib"}, zlib.compress(raw, 9)
-        codec["nbytes"] = len(raw)
+        codec["nbytes"], codec["crc32"] = len(raw), zlib.crc32(raw)
         codecs.append(codec)
         out.append(torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8))
     meta = dict(metadata)
@@ -106,6 +107,10 @@ def _decode_blob(codec: dict, blob: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"unknown codec {codec['kind']!r}")
     if len(raw) != nbytes:
         raise ValueError(f"storage decodes to {len(raw)} bytes, recorded {nbytes}")
+    # the decoded bytes are checked too: a stream changed after coding can decode to a
+    # well-formed but different layer, which no count or bound would notice
+    if zlib.crc32(raw) != codec["crc32"]:
+        raise ValueError("storage decodes to bytes whose CRC-32 differs from the recorded one")
     return torch.frombuffer(bytearray(raw), dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8)
 
 
