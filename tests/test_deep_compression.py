@@ -241,3 +241,51 @@ def test_damaged_compressed_file_fails_its_checksum(pruned_cnn, tmp_path):
     path.write_bytes(bytes(raw))
     with pytest.raises(fxopt.ArtifactError, match="checksum"):
         fxopt.load(path)
+
+
+# --- share_weights ------------------------------------------------------------------
+
+def test_shared_int8_weights_are_the_codebook_and_kernels_compute_the_shared_model(mlp, data):
+    fast = fxopt.optimize(mlp, (data.x_test[:8],), calibration_data=calib(data), latency_repeats=0,
+                          latency_aware=False, prune={"structure": "weights", "ratio": 0.7},
+                          share_weights={"linear": 3})
+    masks = magnitude_masks(mlp, 0.7)
+    shared = {}
+    for target, (node, (n, k, groups)) in int8_layers(fast).items():
+        q = torch.from_numpy(matrices(fast.get_buffer(target), n, k, groups)[0])
+        scales = fast.get_buffer(node.args[2].target)
+        layer = node.meta["fxopt_layer"]
+        values = q[q != 0].unique()
+        assert 2 <= len(values) <= 2 ** 3, layer                # at most 8 values, plus zero
+        assert int((q[~masks[layer]] != 0).sum()) == 0          # pruned weights still zero
+        assert torch.all(scales == scales[0])                   # one int8 grid for the layer
+        shared[layer] = q.float() * scales[0]
+    # the shared model in eager torch: the lowered model equals it up to int8 activations
+    ref = copy.deepcopy(mlp)
+    with torch.no_grad():
+        for layer, w in shared.items():
+            ref.get_submodule(layer).weight.copy_(w)
+    pruned = masked_copy(mlp, masks)
+    x1, x2 = data.x_test[:64], data.x_test[64:128]
+    with torch.no_grad():
+        out1, out2, want, unshared = fast(x1), fast(x2), ref(x1), pruned(x1)
+    scale = want.abs().max()
+    assert (out1 - out2).abs().max() > 1.0
+    err = (out1 - want).abs().max()
+    assert err < 0.01 * scale                                 # int8 activation rounding only
+    assert (unshared - want).abs().max() > 5 * err           # and sharing did change the model
+    # the codebook came from the pruned weights: each shared weight is near its original
+    for layer, w in shared.items():
+        orig = pruned.get_submodule(layer).weight
+        assert (w - orig).abs().max() < 0.35 * orig.abs().max()
+
+
+@pytest.mark.parametrize("share, message", [
+    ({"bits": 9}, "bits must be an int in 1..8"),
+    ({"bits": 4, "conv": 8}, "give 'bits' alone"),
+    ({"lstm": 4}, "unknown key"),
+    (5, "must be a dict"),
+])
+def test_share_weights_options_are_checked(mlp, data, share, message):
+    with pytest.raises((TypeError, ValueError), match=message):
+        fxopt.optimize(mlp, (data.x_test[:8],), share_weights=share)
