@@ -10,11 +10,13 @@ file loaded in a new process predicts the same.
 """
 from __future__ import annotations
 
+import base64
 import json
 import os
 import subprocess
 import sys
 import tempfile
+import zlib
 
 import safetensors
 import torch
@@ -53,7 +55,8 @@ def state_dict_bytes(model) -> int:
 def coded_layers(path) -> list:
     with safetensors.safe_open(path, framework="pt") as f:
         meta = f.metadata()
-    return [c for c in json.loads(meta["codecs"]) if c["kind"] == "sparse_int8"]
+    sections = json.loads(zlib.decompress(base64.b64decode(meta["sections"])))
+    return [c for c in sections["codecs"] if c["kind"] == "sparse_int8"]
 
 
 def size_table(name, model, fast, path) -> tuple[str, dict]:

@@ -194,16 +194,27 @@ def _rewrite(src, dst, change):
     safetensors.torch.save_file(tensors, str(dst), metadata=meta)
 
 
+def _sections(meta):
+    import base64, json, zlib
+    return json.loads(zlib.decompress(base64.b64decode(meta["sections"])))
+
+
+def _set_sections(meta, sections):
+    import base64, json, zlib
+    meta["sections"] = base64.b64encode(zlib.compress(json.dumps(sections).encode())).decode()
+
+
 def _codecs(meta, edit):
-    import json
-    codecs = json.loads(meta["codecs"])
-    edit(next(c for c in codecs if c["kind"] == "sparse_int8"), codecs)
-    meta["codecs"] = json.dumps(codecs)
+    sections = _sections(meta)
+    edit(next(c for c in sections["codecs"] if c["kind"] == "sparse_int8"), sections["codecs"])
+    _set_sections(meta, sections)
 
 
-def _sparse_index(meta):
-    import json
-    return next(i for i, c in enumerate(json.loads(meta["codecs"])) if c["kind"] == "sparse_int8")
+def _flip_first_layer(meta, tensors):
+    codecs = _sections(meta)["codecs"]
+    i = next(i for i, c in enumerate(codecs) if c["kind"] == "sparse_int8")
+    at = sum(c["size"] for c in codecs[:i])
+    tensors["storage.0"][at:at + codecs[i]["size"]] ^= 0x5A
 
 
 CORRUPTIONS = {
@@ -212,13 +223,13 @@ CORRUPTIONS = {
     "over-full code": lambda m, t: _codecs(m, lambda c, _: c["values"][2].__setitem__(0, [1, 1])),
     "layer shape smaller": lambda m, t: _codecs(m, lambda c, _: c.__setitem__("k", 2)),
     "recorded size": lambda m, t: _codecs(m, lambda c, _: c.__setitem__("nbytes", c["nbytes"] + 64)),
+    "coded size": lambda m, t: _codecs(m, lambda c, _: c.__setitem__("size", c["size"] + 1)),
     "unknown codec": lambda m, t: _codecs(m, lambda c, _: c.__setitem__("kind", "lzma")),
-    "codec list short": lambda m, t: m.__setitem__("codecs", m["codecs"][:m["codecs"].rindex("{") - 1] + "]"),
-    "stream truncated": lambda m, t: t.__setitem__(f"storage.{_sparse_index(m)}",
-                                                     t[f"storage.{_sparse_index(m)}"][:-3].clone()),
-    "stream bits flipped": lambda m, t: t[f"storage.{_sparse_index(m)}"].__ixor__(0x5A),
-    "graph section not zlib": lambda m, t: m.__setitem__("graph", "AAAA"),
-    "graph section truncated": lambda m, t: m.__setitem__("graph", m["graph"][:len(m["graph"]) // 8 * 4]),
+    "codec list short": lambda m, t: _codecs(m, lambda c, codecs: codecs.pop()),
+    "stream truncated": lambda m, t: t.__setitem__("storage.0", t["storage.0"][:-3].clone()),
+    "stream bits flipped": _flip_first_layer,
+    "sections not zlib": lambda m, t: m.__setitem__("sections", "AAAA"),
+    "sections truncated": lambda m, t: m.__setitem__("sections", m["sections"][:len(m["sections"]) // 8 * 4]),
     "unknown compression": lambda m, t: m.__setitem__("compress", "brotli"),
 }
 
@@ -237,7 +248,7 @@ def test_damaged_compressed_file_fails_its_checksum(pruned_cnn, tmp_path):
     path = tmp_path / "m.fxopt"
     fxopt.save(pruned_cnn, path, compress="huffman")
     raw = bytearray(path.read_bytes())
-    raw[-5] ^= 0xFF
+    raw[-5] ^= 0xFF                    # inside the one coded storage
     path.write_bytes(bytes(raw))
     with pytest.raises(fxopt.ArtifactError, match="checksum"):
         fxopt.load(path)

@@ -45,15 +45,18 @@ def compress(gm, metadata: dict, blobs: list, table: dict) -> tuple[dict, list]:
             codec, data = _encode_sparse(*sparse[i])
         else:
             codec, data = {"kind": "zlib"}, zlib.compress(raw, 9)
-        codec["nbytes"], codec["crc32"] = len(raw), zlib.crc32(raw)
+        codec["nbytes"], codec["crc32"], codec["size"] = len(raw), zlib.crc32(raw), len(data)
         codecs.append(codec)
-        out.append(torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8))
-    meta = dict(metadata)
-    for key in SECTIONS:
-        meta[key] = base64.b64encode(zlib.compress(metadata[key].encode(), 9)).decode()
+        out.append(data)
+    # one storage and one zlib section: each safetensors entry and JSON key costs bytes
+    sections = {key: metadata[key] for key in SECTIONS}
+    sections["codecs"] = codecs
+    meta = {k: v for k, v in metadata.items() if k not in SECTIONS}
+    meta["sections"] = base64.b64encode(zlib.compress(json.dumps(sections, separators=(",", ":")).encode(),
+                                                      9)).decode()
     meta["compress"] = "huffman"
-    meta["codecs"] = json.dumps(codecs, separators=(",", ":"))
-    return meta, out
+    meta["storages"] = "1"
+    return meta, [torch.frombuffer(bytearray(b"".join(out) or b"\0"), dtype=torch.uint8)]
 
 
 def _encode_sparse(packed, n, k, groups, conv) -> tuple[dict, bytes]:
@@ -73,13 +76,26 @@ def _encode_sparse(packed, n, k, groups, conv) -> tuple[dict, bytes]:
 def decompress(metadata: dict, blobs: list, path: str) -> tuple[dict, list]:
     """The header and storages as an uncompressed file holds them."""
     try:
-        codecs = json.loads(metadata["codecs"])
-        if not isinstance(codecs, list) or len(codecs) != len(blobs):
-            raise ValueError(f"{len(blobs)} storages but codecs for {len(codecs) if isinstance(codecs, list) else '?'}")
-        meta = dict(metadata)
+        sections = json.loads(_inflate(base64.b64decode(metadata["sections"], validate=True), 1 << 30))
+        codecs = sections["codecs"]
+        if len(blobs) != 1 or not isinstance(codecs, list):
+            raise ValueError(f"{len(blobs)} storages (1 expected), codecs {type(codecs).__name__}")
+        meta = {k: v for k, v in metadata.items() if k != "sections"}
         for key in SECTIONS:
-            meta[key] = _inflate(base64.b64decode(metadata[key], validate=True), 1 << 30).decode()
-        return meta, [_decode_blob(c, b) for c, b in zip(codecs, blobs)]
+            if not isinstance(sections[key], str):
+                raise ValueError(f"section {key} is not text")
+            meta[key] = sections[key]
+        data, at, out = blobs[0].numpy().tobytes(), 0, []
+        for codec in codecs:
+            size = codec["size"]
+            if type(size) is not int or not 0 <= size <= len(data) - at:
+                raise ValueError(f"coded storage of {size!r} bytes past the end of the data")
+            out.append(_decode_blob(codec, data[at:at + size]))
+            at += size
+        if at != len(data) and not (at == 0 and data == b"\0"):     # b"\0": nothing was stored
+            raise ValueError(f"{len(data) - at} bytes after the last coded storage")
+        meta["storages"] = str(len(out))
+        return meta, out
     except (CodeError, KeyError, TypeError, ValueError, IndexError, zlib.error, binascii.Error,
             UnicodeDecodeError, RecursionError) as e:
         raise ArtifactError(f"{path} is corrupt: its compressed data does not decode ({type(e).__name__}: "
@@ -94,8 +110,7 @@ def _inflate(data: bytes, limit: int) -> bytes:
     return out
 
 
-def _decode_blob(codec: dict, blob: torch.Tensor) -> torch.Tensor:
-    data = blob.numpy().tobytes()
+def _decode_blob(codec: dict, data: bytes) -> torch.Tensor:
     nbytes = codec["nbytes"]
     if type(nbytes) is not int or nbytes < 0:
         raise ValueError(f"bad size {nbytes!r}")
