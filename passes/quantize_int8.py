@@ -23,7 +23,7 @@ from fxopt.core.ir import add_weight, get_weight, insert_call, is_weight, layer_
 from fxopt.core.macs import concrete
 from fxopt.core.ops import OpKind, arg, attention_parts, kind_of
 from fxopt.core.pass_base import PassInfo, PassResult
-from fxopt.quant import bias_correction, qops
+from fxopt.quant import bias_correction, qops, weight_sharing
 
 PASS = PassInfo(
     "quantize_int8", requires=("fuse_epilogues",),
@@ -125,7 +125,7 @@ def _input_id(node) -> str:
 def _quantize_unit(gm, node, mode: str, ranges: dict, input_stats) -> int:
     """Rewrite one unit to its int8 op; returns 1 if its bias was corrected."""
     weight = get_weight(gm, node.args[1])
-    w_q, w_scale = qops.quantize_weight_per_channel(weight)
+    w_q, w_scale = weight_sharing.quantize(node, weight, qops.quantize_weight_per_channel)
     name = _layer(node)
     # Measured on held-out zoo inputs: correction gains 1-7 dB on static convs (post-ReLU
     # inputs have a large mean) and loses 0.5-1.5 dB on dynamic linears (mean ~ 0, so the

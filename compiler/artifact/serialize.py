@@ -28,6 +28,7 @@ import torch
 from torch import fx, nn
 
 from fxopt.artifact.atomic_file import write_atomic
+from fxopt.artifact.compress import compress as compress_file, decompress
 from fxopt.artifact.graph_json import decode_graph, decode_value, encode_graph, encode_value
 from fxopt.artifact.opset import check_graph
 from fxopt.artifact.tensor_store import assign_weight, collect_weights, rebuild_weights
@@ -44,6 +45,8 @@ __all__ = ["save", "load", "read_report", "register_load_hook", "remove_load_hoo
 
 FORMAT = "fxopt"
 FORMAT_VERSION = 1
+COMPRESSED_VERSION = 2             # compress="huffman" files: older fxopt refuses them by version
+COMPRESSIONS = (None, "huffman")
 ARTIFACT_META = "fxopt_artifact"   # plain JSON a stage wants back at load (e.g. packing ISA)
 CAPTURE_META = "fxopt_capture"
 
@@ -77,14 +80,19 @@ def remove_load_hook(fn) -> None:
 
 # --- save --------------------------------------------------------------------
 
-def save(model: fx.GraphModule, path) -> None:
+def save(model: fx.GraphModule, path, compress: str | None = None) -> None:
     """Write `model` (what fxopt.optimize returned) to `path`, atomically.
 
     The file at `path` is replaced only once the new one is complete and on
-    disk; on any failure the old file is left as it was.
+    disk; on any failure the old file is left as it was. compress="huffman"
+    stores each int8 layer's nonzero weights and their positions Huffman coded
+    and the rest zlib-compressed (fxopt.artifact.compress; the model loads the same).
 
         fxopt.save(fast, "model.fxopt")
+        fxopt.save(fast, "model.fxopt", compress="huffman")    # pruned/shared models shrink most
     """
+    if compress not in COMPRESSIONS:
+        raise ValueError(f"fxopt.save: compress={compress!r}; use None (default) or 'huffman'")
     if not isinstance(model, fx.GraphModule):
         raise TypeError(f"fxopt.save expects the GraphModule fxopt.optimize returned, got "
                         f"{type(model).__name__}")
@@ -105,6 +113,9 @@ def save(model: fx.GraphModule, path) -> None:
         "report": json.dumps(_report_data(getattr(model, "fxopt_report", None))),
         "artifact": json.dumps(_artifact_meta(model)),
     }
+    if compress is not None:
+        metadata, blobs = compress_file(model, metadata, blobs, table)
+        metadata["format_version"] = str(COMPRESSED_VERSION)
     metadata["sha256"] = _digest(metadata, blobs)
     tensors = {f"storage.{i}": b for i, b in enumerate(blobs)}
     write_atomic(os.fspath(path), lambda tmp: _write_tensors(tensors, tmp, metadata))
@@ -222,6 +233,10 @@ def _read(path: str) -> tuple[dict, list]:
     if _digest(metadata, blobs) != metadata.get("sha256"):
         raise ArtifactError(f"{path} is corrupt: its checksum does not match its contents "
                             "(damaged in copy or storage). Save the model again.")
+    if "compress" in metadata:
+        if metadata["compress"] != "huffman":
+            raise ArtifactError(f"{path} is corrupt: unknown compression {metadata['compress']!r:.40}")
+        metadata, blobs = decompress(metadata, blobs, path)
     return metadata, blobs
 
 
@@ -262,11 +277,11 @@ def _check_header(metadata, path: str) -> dict:
         raise ArtifactError(f"{path} is a safetensors file but not an fxopt model (no fxopt "
                             "header); load plain weights with safetensors.torch.load_file.")
     version = _int(metadata, "format_version", path)
-    if version > FORMAT_VERSION:
+    if version > COMPRESSED_VERSION:
         raise ArtifactError(
             f"{path} was written by a newer fxopt ({metadata.get('fxopt_version', '?')}, file "
             f"format {version}); this fxopt ({VERSION}) reads format up to "
-            f"{FORMAT_VERSION}. Upgrade fxopt to load it.")
+            f"{COMPRESSED_VERSION}. Upgrade fxopt to load it.")
     if metadata.get("byteorder") != sys.byteorder:
         raise ArtifactError(f"{path} was written on a {metadata.get('byteorder')}-endian machine; "
                             f"this one is {sys.byteorder}-endian. Save the model on this machine.")
@@ -351,6 +366,8 @@ def read_report(path) -> Report:
     path = os.fspath(path)
     with _open(path) as f:
         metadata = _check_header(f.metadata(), path)
+    if "compress" in metadata:         # the report is a zlib section: read (and check) the file
+        metadata, _ = _read(path)
     data = _json(metadata, "report", path)
     if data is None:
         raise ArtifactError(f"{path} holds no report (the model was saved without one)")

@@ -19,6 +19,7 @@ from fxopt.core.pass_manager import Instruments, PassManager, snapshot
 from fxopt.core.pipeline import Pipeline, target_pipeline
 from fxopt.driver.compile_notice import NOTICE as COMPILE_NOTICE
 from fxopt.pruning.structured import with_pruning
+from fxopt.quant.weight_sharing import with_sharing
 from fxopt.report import model_report
 from fxopt.runtime.input_check import input_specs, install as install_input_check
 from fxopt.runtime.plan import install as install_plan
@@ -28,10 +29,14 @@ OPTIONS = {
     "seed": "seed for anything random a pass does (default 0)",
     "report_layers": "per-layer precision and error table in the report (default True)",
     "latency_repeats": "runs to time the model before and after for the report (default 5, 0 = skip)",
-    "prune": "structured pruning before fusion/quantization: a ratio (0.3) or a dict of "
-             "prune_channels options (ratio, criterion, scope, max_ratio, round_to, protect, heads)",
+    "prune": "pruning before fusion/quantization: a ratio (0.3) or a dict of prune_channels options "
+             "(ratio, criterion, scope, max_ratio, round_to, protect, heads); {'structure': 'weights', "
+             "'ratio': 0.9, ...} zeroes individual weights instead (prune_weights: scope layer|global, "
+             "criterion magnitude|taylor, schedule oneshot|iterative, steps, protect)",
     "finetune": "with prune: distillation recovery from the unpruned model on calibration_data, "
                 "a dict of distill_pruned options, e.g. {'epochs': 2}",
+    "share_weights": "int8 targets: weight sharing, each linear/conv's nonzero weights clustered (k-means, "
+                     "linear init) to 2**bits int8 values: {'bits': 5} or per kind {'conv': 8, 'linear': 5}",
     "runtime": "how the optimized model runs: 'plan' (default: an execution plan calling the "
                "kernels directly) or 'graph' (the lowered graph through torch's dispatcher, for debugging)",
     "calibration_nonfinite": "a calibration batch holding NaN: 'error' (default) or 'skip' it with a warning",
@@ -90,6 +95,7 @@ def _compile(model, example_inputs, target, calibration_data, dynamic, options, 
     args, kwargs = normalize_inputs(example_inputs)
     pipeline = target_pipeline(target) if isinstance(target, str) else _as_pipeline(target)
     pipeline = with_pruning(pipeline, options.pop("prune", None), options.pop("finetune", None))
+    pipeline = with_sharing(pipeline, options.pop("share_weights", None))
     COMPILE_NOTICE.before(pipeline.names)   # a cold kernel cache: say so before capture starts
     instruments = Instruments(**{k: _tuple(k, options.pop(k)) for k in INSTRUMENTS if k in options})
     gm = capture(model, example_inputs, dynamic=dynamic)

@@ -26,7 +26,7 @@ def finetune(student: nn.Module, teacher: nn.Module, data, epochs: int = 1, *, l
              temperature: float = 4.0, alpha: float = 0.5, lr: float = 1e-3,
              weight_decay: float = 0.0, features=(), feature_weight: float = 1.0,
              task_loss=None, schedule: str = "cosine", progress: bool = True,
-             seed: int = 0) -> nn.Module:
+             seed: int = 0, masks: dict | None = None, after_step=None) -> nn.Module:
     """Train `student` to match `teacher` on `data`; returns the trained student.
 
     loss: "kd" (KL between temperature-softened logits, times T^2), "task"
@@ -36,6 +36,10 @@ def finetune(student: nn.Module, teacher: nn.Module, data, epochs: int = 1, *, l
     the same shape in both models (e.g. residual-stream outputs).
     schedule: "cosine" decays the learning rate to zero over all steps when
     `data` has a length, "constant" keeps it.
+    masks: {parameter name: bool tensor} of unstructured pruning; the pruned entries are
+    set back to zero after every optimizer step (Adam's momentum would revive them).
+    after_step: called with the student after every step (masks included), e.g. to keep
+    shared weights on their clusters.
     """
     if loss not in LOSSES:
         raise ValueError(f"unknown loss {loss!r}; use one of {', '.join(LOSSES)}")
@@ -45,6 +49,7 @@ def finetune(student: nn.Module, teacher: nn.Module, data, epochs: int = 1, *, l
     params = [p for p in student.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the student has no trainable parameters")
+    keep = _mask_params(student, masks or {})
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     sched = _schedule(opt, schedule, data, epochs)
     teacher_was_training = teacher.training
@@ -56,6 +61,9 @@ def finetune(student: nn.Module, teacher: nn.Module, data, epochs: int = 1, *, l
             for item in bar:
                 value = _step(student, teacher, item, opt, loss, temperature, alpha, task_loss,
                               taps, feature_weight)
+                _reapply(keep)
+                if after_step is not None:
+                    after_step(student)
                 bar.set_postfix(loss=f"{value:.4f}")
                 if sched is not None:
                     sched.step()
@@ -66,6 +74,21 @@ def finetune(student: nn.Module, teacher: nn.Module, data, epochs: int = 1, *, l
     for p in params:
         p.grad = None
     return student
+
+
+def _mask_params(student, masks: dict) -> list:
+    """(parameter, mask) pairs; a mask naming no parameter is an error, not a silent no-op."""
+    params = dict(student.named_parameters())
+    missing = sorted(set(masks) - set(params))
+    if missing:
+        raise ValueError(f"pruning masks name weights the model does not train: {', '.join(missing)}")
+    return [(params[n], m.to(params[n].dtype)) for n, m in masks.items()]
+
+
+@torch.no_grad()
+def _reapply(keep: list) -> None:
+    for p, m in keep:
+        p.mul_(m)
 
 
 def _schedule(opt, schedule, data, epochs):

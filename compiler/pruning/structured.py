@@ -210,19 +210,32 @@ def check_options(options) -> dict:
 
 
 def with_pruning(pipeline, prune=None, finetune=None):
-    """`pipeline` with prune_channels (and distill_pruned when `finetune` is given)
-    spliced in before fold_batchnorm, i.e. before fusion and quantization.
+    """`pipeline` with prune_channels, or prune_weights for prune={"structure": "weights", ...}
+    (and distill_pruned when `finetune` is given) spliced in before fold_batchnorm, i.e.
+    before fusion and quantization.
 
-    prune: a ratio (0.3) or a dict of prune_channels options; finetune: a dict
-    of distill_pruned options (epochs, temperature, lr, loss), e.g. {"epochs": 2}.
+    prune: a ratio (0.3) or a dict of prune_channels options; with "structure": "weights",
+    a dict of prune_weights options (fxopt.pruning.unstructured). finetune: a dict of
+    distill_pruned options (epochs, temperature, lr, loss), e.g. {"epochs": 2}.
     """
     if prune is None or prune is False:
         if finetune:
             raise ValueError("finetune= recovers a pruned model: give prune= too")
         return pipeline
     options = {"ratio": float(prune)} if isinstance(prune, (int, float)) else dict(prune)
-    check_options(options)
-    specs = [PassSpec("prune_channels", options)]
+    structure = options.pop("structure", "channels")
+    if structure == "weights":
+        from fxopt.pruning.unstructured import check_weight_options
+        check_weight_options(options)
+        if options.get("schedule") == "iterative" and finetune:
+            options["finetune"] = dict(finetune)    # recovery between the steps too
+        specs = [PassSpec("prune_weights", options)]
+    elif structure == "channels":
+        check_options(options)
+        specs = [PassSpec("prune_channels", options)]
+    else:
+        raise ValueError(f"unknown prune structure {structure!r}; use 'channels' (whole channels, "
+                         "neurons and heads; the default) or 'weights' (individual weights)")
     if finetune:
         specs.append(PassSpec("distill_pruned", dict(finetune)))
     passes = list(pipeline.passes)
