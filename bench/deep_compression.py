@@ -100,7 +100,7 @@ def run(name: str, out_dir: str, seed: int = 0) -> dict:
     batches = [(x,) for x, _ in data.batches(batch_size=32, seed=seed)]
     fast = fxopt.optimize(model, (data.x_test[:8],), calibration_data=batches, prune=cfg["prune"],
                           finetune=cfg["finetune"], share_weights=cfg["share"], latency_repeats=0,
-                          latency_aware=False, seed=seed)
+                          latency_aware=False, seed=seed, sparse=False)   # Huffman codes the dense layout
     acc = ex.accuracy(fast, data.x_test, data.y_test)
     path = os.path.join(out_dir, f"{name}.fxopt")
     fxopt.save(fast, path, compress="huffman")
