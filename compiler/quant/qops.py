@@ -44,6 +44,30 @@ def quantize_weight_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     return q.reshape(w.shape), scale
 
 
+def quantize_weight_groups(w: torch.Tensor, bits: int = 4, group_size: int = 32
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric low-bit weights in groups of `group_size` along the input dim (a linear's
+    dim 1): w ~= w_q * scale[:, k // group_size]; |w_q| <= 2**(bits-1) - 1 (7 for int4, so
+    the grid is symmetric and -8 is never used). Returns (w_q int8 of w's shape, scale
+    float32 [out, K // group_size]). The one definition of int4 weights: the kernels, the
+    packing and fake quantization all compute these numbers."""
+    if w.dim() != 2:
+        raise ValueError(f"grouped weight quantization takes a 2-d (out, in) weight, got shape "
+                         f"{tuple(w.shape)}")
+    if not 2 <= bits <= 8:
+        raise ValueError(f"bits must be 2..8, got {bits}")
+    n, k = w.shape
+    if group_size <= 0 or k % group_size:
+        raise ValueError(f"the input dim {k} is not a multiple of group_size {group_size}: pick a "
+                         f"group size that divides it, or keep this layer int8")
+    qmax = 2 ** (bits - 1) - 1
+    groups = w.detach().float().reshape(n, k // group_size, group_size)
+    amax = groups.abs().amax(dim=2)
+    scale = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
+    q = torch.clamp(torch.round(groups / scale[:, :, None]), -qmax, qmax).to(torch.int8)
+    return q.reshape(n, k), scale
+
+
 def qparams_from_range(lo: float, hi: float) -> tuple[float, int]:
     """Asymmetric uint8 (scale, zero point) covering [lo, hi] and 0."""
     lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
