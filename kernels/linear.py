@@ -335,23 +335,34 @@ def bind_linear(pw, bias=None, act="none", act_args=(), a_scale=0.0, a_zero_poin
         raise KernelError(f"need 0 <= a_zero_point <= 255, got {a_zero_point}")
     scale, zero_point = np.float32(a_scale), np.int32(a_zero_point)
     per_row = {}                                  # m -> (scales, zero points) of a static scale
+    out_dt, rows_in_workers = np.dtype(out_dtype), not static and not chained_out
+    data, k_groups, col_sums, w_scales = pw.data, pw.k_groups, pw.col_sums, pw.scales
+    current, macs_per_row = _dispatch._current, n * k
 
     def call(x, out=None, residual=None, n_threads=None):
         m = x.shape[0]
-        if x.dtype is not _F32 and not static:
-            raise KernelError("bind_linear: uint8 x needs the static a_scale it was quantized with")
         if out is None:
-            out = np.empty((m, n), out_dtype)
-        elif out.shape != (m, n) or out.dtype != out_dtype or not out.flags.c_contiguous:
-            raise KernelError(f"bind_linear: out must be C-contiguous {np.dtype(out_dtype).name} ({m}, {n}), "
+            out = np.empty((m, n), out_dt)
+        elif out.shape != (m, n) or out.dtype is not out_dt or not out.flags.c_contiguous:
+            raise KernelError(f"bind_linear: out must be C-contiguous {out_dt.name} ({m}, {n}), "
                               f"got {out.dtype} {out.shape}")
         res = _NO_X if residual is None else _residual(residual, m, n)
         if res is not _NO_X and chained_out:
             raise KernelError("bind_linear: a residual needs float output (out_scale=0)")
-        if x.dtype is _F32 and not static and not chained_out:      # the workers quantize rows
-            if x.shape[1] != k or not x.flags.c_contiguous:
+        if x.dtype is _F32 and rows_in_workers:      # the common case, kept short: the workers quantize rows
+            if x.ndim != 2 or x.shape[1] != k or not x.flags.c_contiguous:
                 raise KernelError(f"bind_linear: x must be C-contiguous (M, {k}), got {x.shape}")
-            return _run(x, _NO_Q[_dispatch._current[0]], _NO_F, _NO_I, pw, b, ep, out, n_threads, res)
+            isa = current[0]
+            threads = n_threads or _threads[0]
+            if threads > 1 and m * macs_per_row >= PARALLEL_MIN_MACS:
+                ENTRIES[isa][1](x, _NO_Q[isa], _NO_F, _NO_I, data, k_groups, col_sums, w_scales, b, res, ep,
+                                out, threads)
+            else:
+                ENTRIES[isa][0](x, _NO_Q[isa], _NO_F, _NO_I, data, k_groups, col_sums, w_scales, b, res, ep,
+                                out, 1)
+            return out
+        if x.dtype is not _F32 and not static:
+            raise KernelError("bind_linear: uint8 x needs the static a_scale it was quantized with")
         if not static:                                               # dynamic rows, uint8 out
             q, s, z = quantize_rows_f32_u8(x)
         else:

@@ -314,3 +314,36 @@ def test_a_corrupt_size_limit_in_a_file_is_refused():
     for bad in ([-1, None], ["64", None], [1, 2, 3], "64"):
         with pytest.raises(ArtifactError, match="corrupt input spec"):
             install(fast, [{"name": "x", "shape": ["s0", 32], "dtype": "float32", "max": bad}])
+
+
+def test_generated_input_check_agrees_with_the_rule_loop():
+    """The plan's generated check refuses exactly what the loop over the rules refuses, with
+    the same message (the loop, InputCheck.check, is the reference)."""
+    from fxopt.runtime.input_check import InputCheck
+    check = InputCheck([{"name": "ids", "shape": ["b", "s"], "dtype": "int64", "max": [None, 16]},
+                        None,
+                        {"name": "mask", "shape": ["b", "s"], "dtype": "int64"},
+                        {"name": "x", "shape": ["b", 3], "dtype": "float32"}])
+    fast = check.fast_check()
+    i64 = lambda *s: torch.zeros(s, dtype=torch.long)   # noqa: E731
+    f32 = lambda *s: torch.zeros(s)                      # noqa: E731
+    cases = [(i64(2, 8), 7, i64(2, 8), f32(2, 3)),        # good
+             (i64(2, 8), None, i64(2, 9), f32(2, 3)),     # a shared size differs
+             (i64(2, 8), None, i64(2, 8), f32(3, 3)),     # the batch differs on the last input
+             (i64(2, 17), None, i64(2, 17), f32(2, 3)),   # over the limit
+             (i64(2, 8), None, i64(2, 8), f32(2, 4)),     # a fixed size
+             (i64(2, 8), None, i64(2, 8), f32(2, 3, 1)),  # rank
+             (f32(2, 8), None, i64(2, 8), f32(2, 3)),     # dtype
+             (i64(2, 8), None, i64(2, 8), 1.0)]           # not a tensor: the loop's rules
+    outcomes = []
+    for args in cases:
+        results = []
+        for fn in (check.check, fast):
+            try:
+                results.append(("ok", fn(*args)))
+            except (TypeError, ValueError) as e:
+                results.append((type(e).__name__, str(e)))
+        assert results[0] == results[1], (args, results)
+        outcomes.append(results[0][0])
+    assert outcomes == ["ok", "ValueError", "ValueError", "ValueError", "ValueError", "ValueError",
+                        "TypeError", "ok"]

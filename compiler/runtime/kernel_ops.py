@@ -23,6 +23,8 @@ from fxopt.quant import qops
 from fxopt.runtime import saturation
 from fxopt.runtime.kernel_args import check_conv, check_linear, check_sparse_linear
 
+_F32, _U8 = np.dtype(np.float32), np.dtype(np.uint8)
+
 # x may arrive already quantized (uint8, with the static a_scale/a_zp of this op), and with
 # out_scale > 0 the op hands its output on as uint8 for the next int8 op: chained int8 ops
 # never round-trip through float. A residual (same shape as the output) is added after the
@@ -216,6 +218,10 @@ def _bind_linear(packed, w_scale, col_sums, b, n, k, act, act_args, a_scale, a_z
         # out: (M, N) to write into (the plan's buffer), or None for a fresh array
         if static and saturation.active():
             saturation.count(packed, torch.from_numpy(x), a_scale, a_zp)
+        if residual is None and x.ndim == 2 and (x.dtype is _F32 or x.dtype is _U8) and x.flags.c_contiguous:
+            if out is not None and out.shape[0] != x.shape[0]:      # the common case, kept short
+                out = None
+            return kernel(x, out, None, get_threads())
         lead = x.shape[:-1]
         if x.dtype != np.float32 and x.dtype != np.uint8:
             x = x.astype(np.float32)

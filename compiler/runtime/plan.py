@@ -48,6 +48,8 @@ PLAN_ATTR = "fxopt_plan"
 aten = torch.ops.aten
 Tensor = torch.Tensor
 
+_F32, _F64 = np.dtype(np.float32), np.dtype(np.float64)
+
 # ATen ops whose Tensor-method form runs the same kernel with less Python glue
 # (torch.ops.aten.view.default(x, s) costs about twice x.view(s)). Only exact equivalents.
 _METHODS = {
@@ -337,7 +339,7 @@ class Plan:
         if node.op == "call_module":
             module = self.gm.get_submodule(node.target)
             if node.target == GUARD and isinstance(module, InputCheck):
-                return Step(node, module.check, False)            # no nn.Module call around it
+                return Step(node, module.fast_check(), False)     # no nn.Module call around it
             return Step(node, module, False)
         if node.op == "call_method":
             return Step(node, operator.methodcaller(node.target), False)
@@ -509,7 +511,7 @@ def _np_nonfinite(xs):
     """nonfinite_samples on numpy inputs, or None when every value is finite (one pass of
     kernels/finite.py per input; the per-sample check only when one is not)."""
     for x in xs:
-        if (x.dtype != np.float32 and x.dtype != np.float64) or not K.all_finite(x):
+        if (x.dtype is not _F32 and x.dtype is not _F64) or not K.all_finite(x):
             return nonfinite._nonfinite_samples([torch.from_numpy(x) for x in xs])
     return None
 
