@@ -187,38 +187,42 @@ class _Batches:
 def quantize_onnx_static(src: str, ctx: Context) -> str:
     """ORT static int8 of the fp32 export (QDQ, as ORT recommends for CPU), once per family."""
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
-    if "onnx_static" in ctx.cache:
-        return ctx.cache["onnx_static"]
-    t0 = time.perf_counter()
-    pre, ctx.cache["pre_note"] = _preprocess(src, os.path.join(ctx.tmpdir, "fp32_pre.onnx"))
-    dst = os.path.join(ctx.tmpdir, "int8_static.onnx")
-    names = {i.name for i in ort_session(pre, ctx.threads).get_inputs()}
-    ctx.cache["static_reduce_range"] = not cpu_has_vnni()     # as for the dynamic one
-    with _quiet(), _chdir(ctx.tmpdir):     # calibration writes its augmented model to the cwd
-        quantize_static(pre, dst, _Batches(ctx.calibration, names), quant_format=QuantFormat.QDQ,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True,
-                        reduce_range=ctx.cache["static_reduce_range"])
-    ctx.cache["static_quantize_s"] = time.perf_counter() - t0
-    ctx.cache["onnx_static"] = dst
-    return dst
+
+    def quantize(pre, dst):
+        names = {i.name for i in ort_session(pre, ctx.threads).get_inputs()}
+        ctx.cache["static_reduce_range"] = not cpu_has_vnni()     # as for the dynamic one
+        with _quiet(), _chdir(ctx.tmpdir):     # calibration writes its augmented model to the cwd
+            quantize_static(pre, dst, _Batches(ctx.calibration, names), quant_format=QuantFormat.QDQ,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True,
+                            reduce_range=ctx.cache["static_reduce_range"])
+    return _quantized(src, ctx, "onnx_static", "int8_static.onnx", "static_quantize_s", quantize)
 
 
 def quantize_onnx(src: str, ctx: Context) -> str:
     """ORT dynamic int8 of the fp32 export, once per model family."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
-    if "onnx_int8" in ctx.cache:
-        return ctx.cache["onnx_int8"]
+
+    def quantize(pre, dst):
+        # ORT's guidance for x86: uint8 activations with int8 weights (U8S8); 7-bit
+        # weights (reduce_range) only on CPUs without VNNI, where vpmaddubsw saturates.
+        ctx.cache["reduce_range"] = not cpu_has_vnni()
+        with _quiet():
+            quantize_dynamic(pre, dst, weight_type=QuantType.QInt8, per_channel=False,
+                             reduce_range=ctx.cache["reduce_range"])
+    return _quantized(src, ctx, "onnx_int8", "int8.onnx", "quantize_s", quantize)
+
+
+def _quantized(src: str, ctx: Context, key: str, file: str, seconds_key: str, quantize) -> str:
+    """quantize(pre-processed export, destination) once per model family: the file's path,
+    kept in ctx.cache[key], and the seconds it took in ctx.cache[seconds_key]."""
+    if key in ctx.cache:
+        return ctx.cache[key]
     t0 = time.perf_counter()
     pre, ctx.cache["pre_note"] = _preprocess(src, os.path.join(ctx.tmpdir, "fp32_pre.onnx"))
-    dst = os.path.join(ctx.tmpdir, "int8.onnx")
-    # ORT's guidance for x86: uint8 activations with int8 weights (U8S8); 7-bit
-    # weights (reduce_range) only on CPUs without VNNI, where vpmaddubsw saturates.
-    ctx.cache["reduce_range"] = not cpu_has_vnni()
-    with _quiet():
-        quantize_dynamic(pre, dst, weight_type=QuantType.QInt8, per_channel=False,
-                         reduce_range=ctx.cache["reduce_range"])
-    ctx.cache["quantize_s"] = time.perf_counter() - t0
-    ctx.cache["onnx_int8"] = dst
+    dst = os.path.join(ctx.tmpdir, file)
+    quantize(pre, dst)
+    ctx.cache[seconds_key] = time.perf_counter() - t0
+    ctx.cache[key] = dst
     return dst
 
 
