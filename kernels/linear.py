@@ -336,8 +336,7 @@ def bind_linear(pw, bias=None, act="none", act_args=(), a_scale=0.0, a_zero_poin
     scale, zero_point = np.float32(a_scale), np.int32(a_zero_point)
     per_row = {}                                  # m -> (scales, zero points) of a static scale
     out_dt, rows_in_workers = np.dtype(out_dtype), not static and not chained_out
-    data, k_groups, col_sums, w_scales = pw.data, pw.k_groups, pw.col_sums, pw.scales
-    current, macs_per_row = _dispatch._current, n * k
+    current = _dispatch._current
 
     def call(x, out=None, residual=None, n_threads=None):
         m = x.shape[0]
@@ -352,15 +351,7 @@ def bind_linear(pw, bias=None, act="none", act_args=(), a_scale=0.0, a_zero_poin
         if x.dtype is _F32 and rows_in_workers:      # the common case, kept short: the workers quantize rows
             if x.ndim != 2 or x.shape[1] != k or not x.flags.c_contiguous:
                 raise KernelError(f"bind_linear: x must be C-contiguous (M, {k}), got {x.shape}")
-            isa = current[0]
-            threads = n_threads or _threads[0]
-            if threads > 1 and m * macs_per_row >= PARALLEL_MIN_MACS:
-                ENTRIES[isa][1](x, _NO_Q[isa], _NO_F, _NO_I, data, k_groups, col_sums, w_scales, b, res, ep,
-                                out, threads)
-            else:
-                ENTRIES[isa][0](x, _NO_Q[isa], _NO_F, _NO_I, data, k_groups, col_sums, w_scales, b, res, ep,
-                                out, 1)
-            return out
+            return _run(x, _NO_Q[current[0]], _NO_F, _NO_I, pw, b, ep, out, n_threads, res)
         if x.dtype is not _F32 and not static:
             raise KernelError("bind_linear: uint8 x needs the static a_scale it was quantized with")
         if not static:                                               # dynamic rows, uint8 out
