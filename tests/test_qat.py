@@ -172,3 +172,23 @@ def test_optimize_with_finetune_does_qat_and_keeps_accuracy(trained, digits, nam
 def test_finetune_without_pruning_or_quantization_is_an_error(trained, digits, target):
     with pytest.raises(ValueError, match="neither.*prune=.*cpu-int8"):
         fxopt.optimize(trained["mlp"], (digits.x_train[:8],), target=target, finetune={"epochs": 1})
+
+
+def test_finetune_of_an_optimized_int8_model_retrains_it_from_the_teacher(trained, digits):
+    model, calib = trained["mlp"], _calib(digits, 8)
+    fast = fxopt.optimize(model, (digits.x_train[:8],), calibration_data=calib, latency_repeats=0)
+    torch.set_num_threads(1)           # Numba's OpenMP launch set torch's count to its own (2)
+    tuned = fxopt.finetune(fast, model, calib, epochs=1)
+    assert tuned is not fast and tuned.fxopt_report.record("finetune_quantized").stats["codes_changed"] > 0
+    assert ex.accuracy(tuned, digits.x_test, digits.y_test) >= ex.accuracy(model, digits.x_test, digits.y_test) - 0.01
+    other = ex.train(ex.DigitsMLP(hidden=64), digits, epochs=1, seed=3)
+    with pytest.raises(ValueError, match="weight scales differ.*not the model that was optimized"):
+        fxopt.finetune(fast, other, calib, epochs=1)
+
+
+def test_finetune_of_a_model_neither_pruned_nor_quantized_is_an_error(trained, digits):
+    calib = _calib(digits, 2)
+    fp32 = fxopt.optimize(trained["mlp"], (digits.x_train[:8],), target="cpu-fp32", latency_repeats=0)
+    for student in (fp32, ex.DigitsMLP(hidden=64)):
+        with pytest.raises(ValueError, match="neither: prune it first .*target='cpu-int8'"):
+            fxopt.finetune(student, trained["mlp"], calib)
