@@ -74,7 +74,7 @@ def _quantization_aware(student, teacher, data, epochs, report, options) -> Grap
                         "distill from the teacher (the default loss='kd') instead")
     data = reiterable(data, stacklevel=4)
     spec = [s for s in Pipeline.parse(report.pipeline).passes if s.name != "finetune_quantized"]
-    pipeline = with_qat(Pipeline(tuple(spec)), {"epochs": epochs, **options}, pruned=False)
+    pipeline, _ = with_qat(Pipeline(tuple(spec)), {"epochs": epochs, **options, "qat": True}, pruned=False)
     example = next(iter(data))
     example = example if isinstance(example, (tuple, dict)) else (example,)
     # check before training: compiling up to quantize_int8 costs a fraction of the training

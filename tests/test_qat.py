@@ -192,3 +192,20 @@ def test_finetune_of_a_model_neither_pruned_nor_quantized_is_an_error(trained, d
     for student in (fp32, ex.DigitsMLP(hidden=64)):
         with pytest.raises(ValueError, match="neither: prune it first .*target='cpu-int8'"):
             fxopt.finetune(student, trained["mlp"], calib)
+
+
+def test_where_finetune_puts_qat_and_distillation():
+    from fxopt.core.pipeline import target_pipeline
+    int8, fp32 = target_pipeline("cpu-int8"), target_pipeline("cpu-fp32")
+    p, rest = qat.with_qat(int8, {"epochs": 2}, pruned=False)
+    names = p.names
+    assert names[names.index("quantize_int8") + 1] == "finetune_quantized" and rest == {"epochs": 2}
+    assert p.passes[names.index("finetune_quantized")].options == {"epochs": 2}
+    p, rest = qat.with_qat(int8, {"epochs": 2}, pruned=True)          # distillation only, as before
+    assert "finetune_quantized" not in p.names and rest == {"epochs": 2}
+    p, rest = qat.with_qat(int8, {"epochs": 2, "qat": True}, pruned=True)
+    assert "finetune_quantized" in p.names and rest == {"epochs": 2}
+    with pytest.raises(ValueError, match="has no quantize_int8"):
+        qat.with_qat(fp32, {"epochs": 2, "qat": True}, pruned=True)
+    with pytest.raises(fxopt.PipelineError, match="finetune: pass finetune_quantized has no option epoch"):
+        qat.with_qat(int8, {"epoch": 2}, pruned=False)

@@ -36,8 +36,9 @@ OPTIONS = {
              "criterion magnitude|taylor, schedule oneshot|iterative, steps, protect)",
     "finetune": "training on calibration_data, distilled from the model: with prune, recovery of the "
                 "pruned model (distill_pruned); with an int8 target, quantization-aware training after "
-                "quantize_int8 (finetune_quantized: fake quant, STE, LSQ steps); both when both. A dict "
-                "of their options (epochs, lr, temperature, loss, alpha), e.g. {'epochs': 2}",
+                "quantize_int8 (finetune_quantized: fake quant, STE, LSQ steps); with both, distillation "
+                "unless 'qat': True asks for both. A dict of their options (epochs, lr, temperature, "
+                "loss, alpha), e.g. {'epochs': 2}",
     "share_weights": "int8 targets: weight sharing, each linear/conv's nonzero weights clustered (k-means, "
                      "linear init) to 2**bits int8 values: {'bits': 5} or per kind {'conv': 8, 'linear': 5}",
     "runtime": "how the optimized model runs: 'plan' (default: an execution plan calling the "
@@ -99,8 +100,8 @@ def _compile(model, example_inputs, target, calibration_data, dynamic, options, 
     pipeline = target_pipeline(target) if isinstance(target, str) else _as_pipeline(target)
     prune, finetune = options.pop("prune", None), options.pop("finetune", None)
     pruned = prune is not None and prune is not False
+    pipeline, finetune = with_qat(pipeline, finetune, pruned)    # int8 targets: quantization-aware training
     pipeline = with_pruning(pipeline, prune, finetune if pruned else None)
-    pipeline = with_qat(pipeline, finetune, pruned)     # int8 targets: quantization-aware training
     pipeline = with_sharing(pipeline, options.pop("share_weights", None))
     COMPILE_NOTICE.before(pipeline.names)   # a cold kernel cache: say so before capture starts
     instruments = Instruments(**{k: _tuple(k, options.pop(k)) for k in INSTRUMENTS if k in options})

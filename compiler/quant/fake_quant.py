@@ -120,6 +120,15 @@ def linear(x, w, w_step, b, act, act_args, a_step, a_zp):
     return apply_activation(y, act, act_args)
 
 
+def linear_groups(x, w, w_step, b, act, act_args, a_step, a_zp, bits):
+    """A linear with grouped low-bit weights (quantize_weight_groups: w_step [N, K // group])
+    and int8 activations as the int8 linear: what an int4 kernel computes."""
+    from fxopt.core.ops import apply_activation
+    x_hat = activations(x.float(), a_step, a_zp, "row")
+    w_hat = weight_groups(w, w_step, bits, w.shape[1] // w_step.shape[1])
+    return apply_activation(torch.nn.functional.linear(x_hat, w_hat, b), act, act_args)
+
+
 def conv2d(x, w, w_step, b, stride, padding, dilation, groups, act, act_args, a_step, a_zp):
     """fxopt.quantized_conv2d with float weights and learned steps (a_step None: dynamic)."""
     from fxopt.core.ops import apply_activation

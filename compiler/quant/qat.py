@@ -46,6 +46,7 @@ class Units:
     steps: list = field(default_factory=list)      # names of step buffers (parameters once trained)
     latent: list = field(default_factory=list)     # names of latent float weights
     frozen: int = 0
+    grouped: int = 0                               # linears with grouped low-bit weights
     step_size: dict = field(default_factory=dict)  # step name -> its initial mean
 
     def step_lrs(self, lr: float) -> dict:
@@ -59,14 +60,19 @@ class Units:
                 getattr(gm, name).clamp_(min=_MIN_STEP)
 
 
-def prepare(gm: GraphModule, float_weights: dict, frozen_layers=()) -> Units:
+def prepare(gm: GraphModule, float_weights: dict, frozen_layers=(), linear_bits: int = 8,
+            group_size: int = 32) -> Units:
     """Turn gm's int8 ops into trainable fake-quant ops, in place. float_weights: {node id:
     float weight} (quantize_int8 records them); a layer in frozen_layers (or without a
-    float weight) keeps its int8 codes and learns only its steps and bias."""
+    float weight) keeps its int8 codes and learns only its steps and bias.
+    linear_bits < 8: linears take grouped weights (quantize_weight_groups(w, linear_bits,
+    group_size), the int4 target's) where group_size divides K, int8 elsewhere; such a
+    graph trains and evaluates, but convert needs the int4 op (target cpu-int4) to land."""
     units = Units()
+    grouped = (linear_bits, group_size) if linear_bits < 8 else None
     for node in list(gm.graph.nodes):
         if node.target in (qops.quantized_linear, qops.quantized_conv2d):
-            _prepare_unit(gm, node, float_weights, set(frozen_layers), units)
+            _prepare_unit(gm, node, float_weights, set(frozen_layers), units, grouped)
         elif node.target is qops.embedding_int8 and node.meta.get(ID) in float_weights:
             _prepare_embedding(gm, node, float_weights[node.meta[ID]], units)
         elif node.op == "call_function" and node.target in _TWINS:
@@ -76,7 +82,7 @@ def prepare(gm: GraphModule, float_weights: dict, frozen_layers=()) -> Units:
     return units
 
 
-def _prepare_unit(gm, node, float_weights, frozen_layers, units) -> None:
+def _prepare_unit(gm, node, float_weights, frozen_layers, units, grouped=None) -> None:
     linear = node.target is qops.quantized_linear
     x, w_q, w_scale, b = node.args[:4]
     a_scale, a_zp = node.args[-2:]
@@ -88,13 +94,17 @@ def _prepare_unit(gm, node, float_weights, frozen_layers, units) -> None:
     else:
         w_node = add_weight(gm, f"{layer}.qat_weight", w.detach().float().clone(), before=node)
         units.latent.append(str(w_node.target))
-    step = _step(gm, f"{layer}.qat_weight_step", get_weight(gm, w_scale).float().clone(), node, units)
+    target = fake_quant.linear if linear else fake_quant.conv2d
+    step_init, extra = get_weight(gm, w_scale).float().clone(), ()
+    if grouped and linear and w is not None and w.shape[1] % grouped[1] == 0:
+        step_init = qops.quantize_weight_groups(w, *grouped)[1]
+        target, extra, units.grouped = fake_quant.linear_groups, (grouped[0],), units.grouped + 1
+    step = _step(gm, f"{layer}.qat_weight_step", step_init, node, units)
     a_step = None
     if a_scale > 0:
         a_step = _step(gm, f"{layer}.qat_act_step", torch.tensor(a_scale, dtype=torch.float32), node, units)
     rest = node.args[4:-2]                 # act, act_args (linear); conv geometry too
-    target = fake_quant.linear if linear else fake_quant.conv2d
-    new = _swap(gm, node, target, (x, w_node, step, b, *rest, a_step, a_zp), units,
+    new = _swap(gm, node, target, (x, w_node, step, b, *rest, a_step, a_zp, *extra), units,
                 "linear" if linear else "conv2d")
     new.meta[CODES] = get_weight(gm, w_q)   # the PTQ codes, to count what training moved
 
@@ -130,6 +140,9 @@ def _swap(gm, node, target, args, units, kind) -> None:
 
 def convert(gm: GraphModule, units: Units) -> dict:
     """Back to int8 ops carrying the trained codes and steps, in place; returns counts."""
+    if units.grouped:
+        raise NotImplementedError("convert: grouped low-bit linears need the int4 op, which target "
+                                  "cpu-int4 brings; evaluate or train the fake-quant graph until then")
     for node, target in units.swapped:
         node.target = target
     moved = 0
@@ -177,25 +190,34 @@ def pruned_masks(gm: GraphModule, units: Units) -> dict:
     return {name: getattr(gm, name) != 0 for name in units.latent}
 
 
-def with_qat(pipeline: Pipeline, finetune, pruned: bool) -> Pipeline:
-    """`pipeline` with finetune_quantized{finetune} right after quantize_int8 (quantization-
-    aware training). Without quantize_int8 finetune= needs a pruned model (prune=)."""
+def with_qat(pipeline: Pipeline, finetune, pruned: bool) -> tuple:
+    """(pipeline, options for distill_pruned): finetune_quantized{finetune} spliced in right
+    after quantize_int8 where finetune= asks for quantization-aware training. Without prune=
+    an int8 target's finetune= is QAT; with prune= it recovers the pruned model by
+    distillation (as before QAT existed), and finetune={..., "qat": True} does both."""
     if not finetune:
-        return pipeline
-    names = pipeline.names
-    if "quantize_int8" not in names:
-        if pruned:
-            return pipeline
-        raise ValueError("finetune= trains a pruned or a quantized model, and this one would be neither: "
-                         "give prune= (distillation after pruning) or an int8 target such as "
-                         "target='cpu-int8' (quantization-aware training)")
+        return pipeline, finetune
     if not isinstance(finetune, dict):
         raise TypeError(f"finetune must be a dict of training options, e.g. {{'epochs': 2}}, got {finetune!r}")
+    options = dict(finetune)
+    asked = options.pop("qat", None)
+    names = pipeline.names
+    if "quantize_int8" not in names:
+        if not pruned:
+            raise ValueError("finetune= trains a pruned or a quantized model, and this one would be neither: "
+                             "give prune= (distillation after pruning) or an int8 target such as "
+                             "target='cpu-int8' (quantization-aware training)")
+        if asked:
+            raise ValueError("finetune={'qat': True} trains the int8 model, and this target has no "
+                             "quantize_int8: use an int8 target such as target='cpu-int8'")
+        return pipeline, options
+    if not (asked if asked is not None else not pruned):
+        return pipeline, options
     at = names.index("quantize_int8") + 1
     passes = list(pipeline.passes)
-    out = Pipeline(tuple(passes[:at] + [PassSpec("finetune_quantized", dict(finetune))] + passes[at:]))
+    out = Pipeline(tuple(passes[:at] + [PassSpec("finetune_quantized", options)] + passes[at:]))
     try:
         out.validate()
     except PipelineError as e:
         raise PipelineError(f"finetune: {e}") from None
-    return out
+    return out, options
