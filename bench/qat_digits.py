@@ -96,8 +96,8 @@ def run(name, cfg, data, calib, args):
 def main(argv=None):
     p = argparse.ArgumentParser(prog="fxopt bench qat", description=__doc__.splitlines()[0])
     p.add_argument("--models", default="cnn,mlp,deep_mlp", help="comma-separated: cnn, mlp, deep_mlp (default all)")
-    p.add_argument("--epochs", type=int, default=3, help="QAT epochs over the training images (default 3)")
-    p.add_argument("--lr", type=float, default=1e-4, help="QAT learning rate (default 1e-4)")
+    p.add_argument("--epochs", type=int, default=10, help="QAT epochs over the training images (default 10)")
+    p.add_argument("--lr", type=float, default=3e-4, help="QAT learning rate (default 3e-4)")
     args = p.parse_args(argv)
     one_thread()
     data = ex.digits()

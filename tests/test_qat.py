@@ -153,16 +153,15 @@ def test_training_moves_codes_and_steps_and_the_int8_ops_follow(trained, digits)
 
 # --- optimize(finetune=...) and fxopt.finetune ----------------------------------------------
 
-@pytest.mark.parametrize("name", ["cnn", "mlp"])
-def test_optimize_with_finetune_does_qat_and_keeps_accuracy(trained, digits, name):
-    model = trained[name]
+def test_optimize_with_finetune_does_qat_and_keeps_accuracy(trained, digits):
+    model = trained["cnn"]          # the MLP goes through it in the fxopt.finetune test below
     acc = lambda m: ex.accuracy(m, digits.x_test, digits.y_test)  # noqa: E731
     fast = fxopt.optimize(model, (digits.x_train[:8],), calibration_data=_calib(digits, 8),
                           finetune={"epochs": 1}, latency_repeats=0)
     names = [r.name for r in fast.fxopt_report.records]
     assert names.index("quantize_int8") < names.index("finetune_quantized") < names.index("lower_to_kernels")
     stats = fast.fxopt_report.record("finetune_quantized").stats
-    assert stats["int8_ops"] >= 3 and stats["codes_changed"] > 0
+    assert stats["int8_ops"] == 6 and stats["codes_changed"] > 0      # 4 convs, 2 linears
     ops = {str(n.target) for n in fast.graph.nodes if n.op == "call_function"}
     assert any("int8" in o for o in ops) and not any("fake_quant" in o for o in ops)
     assert acc(fast) >= acc(model) - 0.01
