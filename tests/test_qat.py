@@ -21,6 +21,7 @@ def digits():
 @pytest.fixture(scope="module")
 def trained(digits):
     torch.set_num_threads(1)
+    torch.manual_seed(0)            # the initial weights; train() seeds the training
     cnn = ex.train(ex.DigitsCNN(width=8), digits, epochs=4)
     mlp = ex.train(ex.DigitsMLP(hidden=64), digits, epochs=8)
     return {"cnn": cnn, "mlp": mlp}
@@ -153,7 +154,7 @@ def test_training_moves_codes_and_steps_and_the_int8_ops_follow(trained, digits)
 
 # --- optimize(finetune=...) and fxopt.finetune ----------------------------------------------
 
-def test_optimize_with_finetune_does_qat_and_keeps_accuracy(trained, digits):
+def test_optimize_with_finetune_does_qat_and_keeps_accuracy(trained, digits, tmp_path):
     model = trained["cnn"]          # the MLP goes through it in the fxopt.finetune test below
     acc = lambda m: ex.accuracy(m, digits.x_test, digits.y_test)  # noqa: E731
     fast = fxopt.optimize(model, (digits.x_train[:8],), calibration_data=_calib(digits, 8),
@@ -165,6 +166,11 @@ def test_optimize_with_finetune_does_qat_and_keeps_accuracy(trained, digits):
     ops = {str(n.target) for n in fast.graph.nodes if n.op == "call_function"}
     assert any("int8" in o for o in ops) and not any("fake_quant" in o for o in ops)
     assert acc(fast) >= acc(model) - 0.01
+    assert "quantization-aware trained" in fast.fxopt_report.sections["layers"]
+    path = tmp_path / "qat.fxopt"
+    fxopt.save(fast, path)
+    with torch.no_grad():
+        assert torch.equal(fxopt.load(path)(digits.x_test), fast(digits.x_test))
 
 
 @pytest.mark.parametrize("target", ["cpu-fp32", "fold_batchnorm,fuse_epilogues"])

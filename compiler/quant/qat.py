@@ -176,7 +176,8 @@ def _convert_one(gm, node, kind) -> int:
         info = dict(node.meta.get("fxopt_quant", {}))
         if a_step is not None:
             info["a_scale"] = a_scale
-        node.meta["fxopt_quant"] = {**info, "qat": True}
+        reason = ", ".join(r for r in (info.get("reason"), "quantization-aware trained") if r)
+        node.meta["fxopt_quant"] = {**info, "qat": True, "reason": reason}
     with gm.graph.inserting_before(node):
         new = gm.graph.call_function(target, args)
     new.meta.update(node.meta)
