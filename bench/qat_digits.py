@@ -63,7 +63,7 @@ def fake_int4(model, data, calib, bits, group, epochs, lr):
     one_thread()
     finetune(gm, model, calib, epochs=epochs, lr=lr, progress=False, after_step=units.clamp_steps,
              param_lr=units.step_lrs(lr))
-    return ptq, ex.accuracy(gm, data.x_test, data.y_test), units.grouped
+    return ptq, ex.accuracy(gm, data.x_test, data.y_test), units.simulated
 
 
 def run(name, cfg, data, calib, args):

@@ -29,7 +29,9 @@ def run(gm, ctx, **options) -> PassResult:
         raise PassError("finetune_quantized needs calibration_data (batches of inputs) and the "
                         "unoptimized model as ctx.state['teacher']; optimize(..., target='cpu-int8', "
                         "finetune={...}, calibration_data=loader) provides both")
-    floats = ctx.state.get("quantize_int8", {}).get("float_weights", {})
+    # quantize_int8 records them; an int4 pass before it may too (its 2-d scales train as groups)
+    floats = {**ctx.state.get("quantize_int4", {}).get("float_weights", {}),
+              **ctx.state.get("quantize_int8", {}).get("float_weights", {})}
     units = qat.prepare(gm, floats, frozen_layers=gm.meta.get("fxopt_shared", {}))
     if not units.fake:
         qat.convert(gm, units)

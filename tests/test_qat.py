@@ -214,3 +214,32 @@ def test_where_finetune_puts_qat_and_distillation():
         qat.with_qat(fp32, {"epochs": 2, "qat": True}, pruned=True)
     with pytest.raises(fxopt.PipelineError, match="finetune: pass finetune_quantized has no option epoch"):
         qat.with_qat(int8, {"epoch": 2}, pruned=False)
+
+
+def test_grouped_int4_linears_train_as_groups_and_convert_to_their_codes(trained, digits):
+    """What cpu-int4's quantize_int4 makes (quantized_linear with a 2-d scale, the numbers of
+    quantize_weight_groups(w, 4, group)) trains as groups and converts back to that form."""
+    from fxopt.core.ir import ID
+    model, calib = trained["mlp"], _calib(digits)
+    gm, floats = _quantized(model, digits.x_train[:8], calib)
+    want = {}
+    for node in gm.graph.nodes:
+        if node.target is qops.quantized_linear:          # stand in for quantize_int4
+            q, s = qops.quantize_weight_groups(floats[node.meta[ID]], 4, 32)
+            setattr(gm, str(node.args[1].target), q)
+            setattr(gm, str(node.args[2].target), s)
+            want[node.meta[ID]] = (q, s)
+    units = qat.prepare(gm, floats)
+    assert [n.target for n, _ in units.fake] == [fake_quant.linear_groups] * 3
+    with torch.no_grad():
+        acc = float((gm(digits.x_test).argmax(1) == digits.y_test).float().mean())
+    assert acc >= ex.accuracy(model, digits.x_test, digits.y_test) - 0.02
+    qat.convert(gm, units)
+    got = {n.meta[ID]: (getattr(gm, str(n.args[1].target)), getattr(gm, str(n.args[2].target)))
+           for n in gm.graph.nodes if n.target is qops.quantized_linear}
+    assert got.keys() == want.keys()
+    for nid, (q, s) in want.items():
+        assert torch.equal(got[nid][0], q) and torch.equal(got[nid][1], s)
+    with pytest.raises(NotImplementedError, match="simulated grouped"):
+        gm2, floats2 = _quantized(model, digits.x_train[:8], calib)
+        qat.convert(gm2, qat.prepare(gm2, floats2, linear_bits=4))

@@ -125,7 +125,7 @@ def linear_groups(x, w, w_step, b, act, act_args, a_step, a_zp, bits):
     and int8 activations as the int8 linear: what an int4 kernel computes."""
     from fxopt.core.ops import apply_activation
     x_hat = activations(x.float(), a_step, a_zp, "row")
-    w_hat = weight_groups(w, w_step, bits, w.shape[1] // w_step.shape[1])
+    w_hat = _weight_groups(w, w_step, bits)
     return apply_activation(torch.nn.functional.linear(x_hat, w_hat, b), act, act_args)
 
 
@@ -158,3 +158,11 @@ def _weight(w, w_step):
     if w.dtype == torch.int8:
         return w.float() * w_step.reshape(-1, *([1] * (w.dim() - 1)))
     return weight_per_channel(w, w_step)
+
+
+def _weight_groups(w, w_step, bits):
+    """The grouped twin of _weight: w_step [N, K // group]."""
+    n, k = w.shape
+    if w.dtype == torch.int8:
+        return (w.float().reshape(n, w_step.shape[1], -1) * w_step[:, :, None]).reshape(n, k)
+    return weight_groups(w, w_step, bits, k // w_step.shape[1])

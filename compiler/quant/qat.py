@@ -46,7 +46,7 @@ class Units:
     steps: list = field(default_factory=list)      # names of step buffers (parameters once trained)
     latent: list = field(default_factory=list)     # names of latent float weights
     frozen: int = 0
-    grouped: int = 0                               # linears with grouped low-bit weights
+    simulated: int = 0                             # linears given grouped weights by prepare
     step_size: dict = field(default_factory=dict)  # step name -> its initial mean
 
     def step_lrs(self, lr: float) -> dict:
@@ -64,15 +64,16 @@ def prepare(gm: GraphModule, float_weights: dict, frozen_layers=(), linear_bits:
             group_size: int = 32) -> Units:
     """Turn gm's int8 ops into trainable fake-quant ops, in place. float_weights: {node id:
     float weight} (quantize_int8 records them); a layer in frozen_layers (or without a
-    float weight) keeps its int8 codes and learns only its steps and bias.
-    linear_bits < 8: linears take grouped weights (quantize_weight_groups(w, linear_bits,
-    group_size), the int4 target's) where group_size divides K, int8 elsewhere; such a
-    graph trains and evaluates, but convert needs the int4 op (target cpu-int4) to land."""
+    float weight) keeps its codes and learns only its steps and bias.
+    A linear whose scale is 2-d (N, K / group: grouped int4 weights, quantize_weight_groups'
+    numbers) trains as such. linear_bits < 8 simulates that on an int8 graph: its linears
+    take grouped weights (linear_bits, group_size) where group_size divides K; such a graph
+    trains and evaluates, but has no op to convert into (compile with an int4 target)."""
     units = Units()
-    grouped = (linear_bits, group_size) if linear_bits < 8 else None
+    simulate = (linear_bits, group_size) if linear_bits < 8 else None
     for node in list(gm.graph.nodes):
         if node.target in (qops.quantized_linear, qops.quantized_conv2d):
-            _prepare_unit(gm, node, float_weights, set(frozen_layers), units, grouped)
+            _prepare_unit(gm, node, float_weights, set(frozen_layers), units, simulate)
         elif node.target is qops.embedding_int8 and node.meta.get(ID) in float_weights:
             _prepare_embedding(gm, node, float_weights[node.meta[ID]], units)
         elif node.op == "call_function" and node.target in _TWINS:
@@ -82,7 +83,10 @@ def prepare(gm: GraphModule, float_weights: dict, frozen_layers=(), linear_bits:
     return units
 
 
-def _prepare_unit(gm, node, float_weights, frozen_layers, units, grouped=None) -> None:
+INT4_BITS = 4      # a 2-d weight scale in the graph is quantize_weight_groups(w, 4, group)'s
+
+
+def _prepare_unit(gm, node, float_weights, frozen_layers, units, simulate=None) -> None:
     linear = node.target is qops.quantized_linear
     x, w_q, w_scale, b = node.args[:4]
     a_scale, a_zp = node.args[-2:]
@@ -96,9 +100,11 @@ def _prepare_unit(gm, node, float_weights, frozen_layers, units, grouped=None) -
         units.latent.append(str(w_node.target))
     target = fake_quant.linear if linear else fake_quant.conv2d
     step_init, extra = get_weight(gm, w_scale).float().clone(), ()
-    if grouped and linear and w is not None and w.shape[1] % grouped[1] == 0:
-        step_init = qops.quantize_weight_groups(w, *grouped)[1]
-        target, extra, units.grouped = fake_quant.linear_groups, (grouped[0],), units.grouped + 1
+    if linear and step_init.dim() == 2:
+        target, extra = fake_quant.linear_groups, (INT4_BITS,)
+    elif simulate and linear and w is not None and w.shape[1] % simulate[1] == 0:
+        step_init = qops.quantize_weight_groups(w, *simulate)[1]
+        target, extra, units.simulated = fake_quant.linear_groups, (simulate[0],), units.simulated + 1
     step = _step(gm, f"{layer}.qat_weight_step", step_init, node, units)
     a_step = None
     if a_scale > 0:
@@ -140,9 +146,10 @@ def _swap(gm, node, target, args, units, kind) -> None:
 
 def convert(gm: GraphModule, units: Units) -> dict:
     """Back to int8 ops carrying the trained codes and steps, in place; returns counts."""
-    if units.grouped:
-        raise NotImplementedError("convert: grouped low-bit linears need the int4 op, which target "
-                                  "cpu-int4 brings; evaluate or train the fake-quant graph until then")
+    if units.simulated:
+        raise NotImplementedError("convert: prepare(linear_bits=...) simulated grouped low-bit linears on "
+                                  "an int8 graph, which has no op to hold them; evaluate or train the "
+                                  "fake-quant graph, or compile with an int4 target to convert")
     for node, target in units.swapped:
         node.target = target
     moved = 0
@@ -162,14 +169,21 @@ def _convert_one(gm, node, kind) -> int:
     else:
         w_node, step_node = node.args[1:3]
     w, step = get_weight(gm, w_node).detach(), get_weight(gm, step_node).detach().float().clone()
-    codes = w if w.dtype == torch.int8 else fake_quant.weight_codes(w, step)
+    grouped = node.target is fake_quant.linear_groups
+    args = node.args[:-1] if grouped else node.args          # linear_groups' last argument: bits
+    if w.dtype == torch.int8:
+        codes = w
+    elif grouped:
+        codes = fake_quant.group_codes(w, step, node.args[-1], w.shape[1] // step.shape[1])
+    else:
+        codes = fake_quant.weight_codes(w, step)
     old = node.meta.pop(CODES, None)
     q_node = add_weight(gm, f"{layer}.weight_int8", codes, before=node)
     s_node = add_weight(gm, f"{layer}.weight_scale", step, before=node)
     if kind == "embedding":
         args, target = (q_node, s_node, indices), qops.embedding_int8
     else:
-        x, _, _, b, *rest, a_step, a_zp = node.args
+        x, _, _, b, *rest, a_step, a_zp = args
         a_scale = float(get_weight(gm, a_step).detach()) if a_step is not None else 0.0
         target = qops.quantized_linear if kind == "linear" else qops.quantized_conv2d
         args = (x, q_node, s_node, b, *rest, a_scale, a_zp)
