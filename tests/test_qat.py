@@ -243,3 +243,16 @@ def test_grouped_int4_linears_train_as_groups_and_convert_to_their_codes(trained
     with pytest.raises(NotImplementedError, match="simulated grouped"):
         gm2, floats2 = _quantized(model, digits.x_train[:8], calib)
         qat.convert(gm2, qat.prepare(gm2, floats2, linear_bits=4))
+
+
+def test_qat_after_weight_pruning_keeps_the_pruned_weights_zero(trained, digits):
+    gm = fxopt.optimize(trained["mlp"], (digits.x_train[:8],), calibration_data=_calib(digits),
+                        latency_repeats=0, drift=False, report_layers=False, stop_after="finetune_quantized",
+                        prune={"structure": "weights", "ratio": 0.8},
+                        finetune={"epochs": 1, "lr": 1e-3, "qat": True})
+    names = [r.name for r in gm.fxopt_report.records]
+    assert "distill_pruned" in names and "finetune_quantized" in names
+    assert gm.fxopt_report.record("finetune_quantized").stats["codes_changed"] > 0
+    codes = [getattr(gm, str(n.args[1].target)) for n in gm.graph.nodes if n.target is qops.quantized_linear]
+    total = sum(c.numel() for c in codes)
+    assert sum(int((c == 0).sum()) for c in codes) >= round(0.8 * total)
