@@ -53,7 +53,7 @@ else:
     from fxopt.artifact.serialize import load, save
     from fxopt.kernel_warmup import warmup
     from fxopt.lottery import lottery_ticket
-    from fxopt.pruning.finetune import finetune
+    from fxopt.qat import finetune
     from fxopt.runtime.saturation import monitor as saturation_monitor
 
     __all__ = ["optimize", "bisect", "capture", "prune", "profile", "finetune", "lottery_ticket", "save", "load",

@@ -19,7 +19,7 @@ import torch
 from torch.fx import Node
 
 from fxopt.core import fxops
-from fxopt.core.ir import add_weight, get_weight, insert_call, is_weight, layer_name
+from fxopt.core.ir import ID, add_weight, get_weight, insert_call, is_weight, layer_name
 from fxopt.core.macs import concrete
 from fxopt.core.ops import OpKind, arg, attention_parts, kind_of
 from fxopt.core.pass_base import PassInfo, PassResult
@@ -48,6 +48,8 @@ def run(gm, ctx, activations="auto", skip=(), per_layer=None, embeddings=True, m
     inputs = ctx.state.get("calibrate_inputs", {}) if bias_correction == "auto" else {}
     stats = {"linear": 0, "conv2d": 0, "embedding": 0, "attention": 0, "dynamic": 0, "static": 0,
              "kept_fp32": 0, "bias_corrected": 0}
+    # the float weights each int8 node stands for, by node id: finetune_quantized starts from them
+    floats = ctx.state.setdefault(PASS.name, {}).setdefault("float_weights", {})
     for node in list(gm.graph.nodes):
         if node.target in (fxops.linear_act, fxops.conv2d_act):
             mode, reason = _choose(node, activations, skip, per_layer, ranges, gm, min_macs)
@@ -58,10 +60,13 @@ def run(gm, ctx, activations="auto", skip=(), per_layer=None, embeddings=True, m
                 node.meta[QUANT] = {"int8": False, "reason": reason}
                 stats["kept_fp32"] += 1
                 continue
+            floats[node.meta.get(ID)] = get_weight(gm, node.args[1])
             stats["bias_corrected"] += _quantize_unit(gm, node, mode, ranges, inputs.get(_input_id(node)))
             stats["linear" if node.target is fxops.linear_act else "conv2d"] += 1
             stats[mode] += 1
         elif embeddings and kind_of(node) is OpKind.EMBEDDING and _layer(node) not in skip:
+            if is_weight(node.args[0]):
+                floats[node.meta.get(ID)] = get_weight(gm, node.args[0])
             stats["embedding"] += _quantize_embedding(gm, node)
         elif kind_of(node) is OpKind.ATTENTION:
             done = _quantize_attention(gm, node, attention, skip, per_layer)

@@ -19,6 +19,7 @@ from fxopt.core.pass_manager import Instruments, PassManager, snapshot
 from fxopt.core.pipeline import Pipeline, target_pipeline
 from fxopt.driver.compile_notice import NOTICE as COMPILE_NOTICE
 from fxopt.pruning.structured import with_pruning
+from fxopt.quant.qat import with_qat
 from fxopt.quant.weight_sharing import with_sharing
 from fxopt.report import model_report
 from fxopt.runtime.input_check import input_specs, install as install_input_check
@@ -33,8 +34,11 @@ OPTIONS = {
              "(ratio, criterion, scope, max_ratio, round_to, protect, heads); {'structure': 'weights', "
              "'ratio': 0.9, ...} zeroes individual weights instead (prune_weights: scope layer|global, "
              "criterion magnitude|taylor, schedule oneshot|iterative, steps, protect)",
-    "finetune": "with prune: distillation recovery from the unpruned model on calibration_data, "
-                "a dict of distill_pruned options, e.g. {'epochs': 2}",
+    "finetune": "training on calibration_data, distilled from the model: with prune, recovery of the "
+                "pruned model (distill_pruned); with an int8 target, quantization-aware training after "
+                "quantize_int8 (finetune_quantized: fake quant, STE, LSQ steps); with both, distillation "
+                "unless 'qat': True asks for both. A dict of their options (epochs, lr, temperature, "
+                "loss, alpha), e.g. {'epochs': 2}",
     "share_weights": "int8 targets: weight sharing, each linear/conv's nonzero weights clustered (k-means, "
                      "linear init) to 2**bits int8 values: {'bits': 5} or per kind {'conv': 8, 'linear': 5}",
     "runtime": "how the optimized model runs: 'plan' (default: an execution plan calling the "
@@ -94,7 +98,10 @@ def _compile(model, example_inputs, target, calibration_data, dynamic, options, 
     example_inputs = example_from(example_inputs, calibration_data)
     args, kwargs = normalize_inputs(example_inputs)
     pipeline = target_pipeline(target) if isinstance(target, str) else _as_pipeline(target)
-    pipeline = with_pruning(pipeline, options.pop("prune", None), options.pop("finetune", None))
+    prune, finetune = options.pop("prune", None), options.pop("finetune", None)
+    pruned = prune is not None and prune is not False
+    pipeline, finetune = with_qat(pipeline, finetune, pruned)    # int8 targets: quantization-aware training
+    pipeline = with_pruning(pipeline, prune, finetune if pruned else None)
     pipeline = with_sharing(pipeline, options.pop("share_weights", None))
     COMPILE_NOTICE.before(pipeline.names)   # a cold kernel cache: say so before capture starts
     instruments = Instruments(**{k: _tuple(k, options.pop(k)) for k in INSTRUMENTS if k in options})

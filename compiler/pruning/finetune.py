@@ -26,7 +26,8 @@ def finetune(student: nn.Module, teacher: nn.Module, data, epochs: int = 1, *, l
              temperature: float = 4.0, alpha: float = 0.5, lr: float = 1e-3,
              weight_decay: float = 0.0, features=(), feature_weight: float = 1.0,
              task_loss=None, schedule: str = "cosine", progress: bool = True,
-             seed: int = 0, masks: dict | None = None, after_step=None) -> nn.Module:
+             seed: int = 0, masks: dict | None = None, after_step=None,
+             param_lr: dict | None = None) -> nn.Module:
     """Train `student` to match `teacher` on `data`; returns the trained student.
 
     loss: "kd" (KL between temperature-softened logits, times T^2), "task"
@@ -40,6 +41,8 @@ def finetune(student: nn.Module, teacher: nn.Module, data, epochs: int = 1, *, l
     set back to zero after every optimizer step (Adam's momentum would revive them).
     after_step: called with the student after every step (masks included), e.g. to keep
     shared weights on their clusters.
+    param_lr: {parameter name: learning rate} for parameters that need their own (the step
+    sizes of quantization-aware training are 100x smaller than the weights).
     """
     if loss not in LOSSES:
         raise ValueError(f"unknown loss {loss!r}; use one of {', '.join(LOSSES)}")
@@ -50,7 +53,8 @@ def finetune(student: nn.Module, teacher: nn.Module, data, epochs: int = 1, *, l
     if not params:
         raise ValueError("the student has no trainable parameters")
     keep = _mask_params(student, masks or {})
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    opt = torch.optim.AdamW(_param_groups(student, params, param_lr or {}), lr=lr,
+                            weight_decay=weight_decay)
     sched = _schedule(opt, schedule, data, epochs)
     teacher_was_training = teacher.training
     teacher.eval()
@@ -83,6 +87,17 @@ def _mask_params(student, masks: dict) -> list:
     if missing:
         raise ValueError(f"pruning masks name weights the model does not train: {', '.join(missing)}")
     return [(params[n], m.to(params[n].dtype)) for n, m in masks.items()]
+
+
+def _param_groups(student, params, param_lr: dict) -> list:
+    """One optimizer group for the parameters at the common rate, one per param_lr entry."""
+    named = {id(p): n for n, p in student.named_parameters()}
+    missing = sorted(set(param_lr) - set(named.values()))
+    if missing:
+        raise ValueError(f"param_lr names parameters the model does not train: {', '.join(missing)}")
+    groups = [{"params": [p for p in params if named.get(id(p)) not in param_lr]}]
+    groups += [{"params": [p], "lr": param_lr[named[id(p)]]} for p in params if named.get(id(p)) in param_lr]
+    return [g for g in groups if g["params"]]
 
 
 @torch.no_grad()
