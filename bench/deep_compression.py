@@ -10,13 +10,10 @@ file loaded in a new process predicts the same.
 """
 from __future__ import annotations
 
-import base64
-import json
 import os
 import subprocess
 import sys
 import tempfile
-import zlib
 
 import safetensors
 import torch
@@ -24,6 +21,7 @@ from torch import nn
 
 import fxopt
 from fxopt import examples as ex
+from fxopt.artifact import compress
 
 
 class LeNet300(nn.Module):
@@ -54,9 +52,7 @@ def state_dict_bytes(model) -> int:
 
 def coded_layers(path) -> list:
     with safetensors.safe_open(path, framework="pt") as f:
-        meta = f.metadata()
-    sections = json.loads(zlib.decompress(base64.b64decode(meta["sections"])))
-    return [c for c in sections["codecs"] if c["kind"] == "sparse_int8"]
+        return compress.coded_layers(f.metadata(), f.get_tensor("storage.0").numpy())
 
 
 def size_table(name, model, fast, path) -> tuple[str, dict]:
