@@ -16,7 +16,7 @@ side (trained with the centroids when finetune is given), which a compressed fil
 stores as small integers.
 
     share_weights{bits={'linear': 5, 'conv': 8}}
-    share_weights{bits={'linear': 4},finetune={'epochs': 3, 'lr': 0.05},bias_bits=8}
+    share_weights{bits={'linear': 4},finetune={'epochs': 3, 'lr': 0.2},bias_bits=8}
 """
 from __future__ import annotations
 
@@ -35,13 +35,13 @@ from fxopt.quant.weight_sharing import (SHARED, bias_on_grid, check_bits, cluste
 PASS = PassInfo("share_weights", requires=("fuse_epilogues",),
                 options={"bits": {"linear": 5, "conv": 8}, "finetune": None, "bias_bits": None},
                 doc="weight sharing: k-means codebook of 2**bits int8 values per layer")
-TUNE = {"epochs": 2, "lr": 0.05, "temperature": 2.0}
+TUNE = {"epochs": 2, "lr": 0.2, "temperature": 2.0}    # lr in int8 steps
 IMPLS = {fxops.linear_act: fxops.linear_act_impl, fxops.conv2d_act: fxops.conv2d_act_impl}
 
 
 def run(gm, ctx, bits=None, finetune=None, bias_bits=None) -> PassResult:
     bits = check_bits(bits)
-    layers = _cluster_layers(gm, bits, bias_bits)
+    layers = _cluster_layers(gm, bits, bias_bits, finetune is not None)
     moved = _train(gm, ctx, layers, finetune) if finetune is not None and layers else 0
     table = {}
     for node, rec in layers.items():
@@ -56,6 +56,8 @@ def run(gm, ctx, bits=None, finetune=None, bias_bits=None) -> PassResult:
             args[2] = add_weight(gm, f"{layer}.bias_shared", bias_on_grid(rec["bias_units"], rec["bias_scale"]),
                                  before=node)
             table[layer]["bias_scale"] = rec["bias_scale"]
+        elif "bias" in rec:
+            args[2] = add_weight(gm, f"{layer}.bias_tuned", (rec["bias"] * rec["bias_step"]).float(), before=node)
         node.args = tuple(args)
         node.meta[SHARED] = {"scale": rec["scale"], "bits": rec["bits"]}
     gm.meta["fxopt_shared"] = table
@@ -65,8 +67,9 @@ def run(gm, ctx, bits=None, finetune=None, bias_bits=None) -> PassResult:
     return PassResult(bool(table), stats)
 
 
-def _cluster_layers(gm, bits: dict, bias_bits) -> dict:
-    """{unit node: its codebook (centroids, index, scale) and, with bias_bits, its bias grid}."""
+def _cluster_layers(gm, bits: dict, bias_bits, tune: bool) -> dict:
+    """{unit node: its codebook (centroids, index, scale) and, with bias_bits, its bias grid
+    (else, when the centroids are trained, its bias: trained with them)}."""
     layers = {}
     for node in gm.graph.nodes:
         kind = {fxops.linear_act: "linear", fxops.conv2d_act: "conv"}.get(node.target)
@@ -76,13 +79,15 @@ def _cluster_layers(gm, bits: dict, bias_bits) -> dict:
         rec = {"centroids": centroids, "index": index, "scale": scale, "bits": bits[kind]}
         if bias_bits is not None and is_weight(node.args[2]):
             rec["bias_scale"], rec["bias_units"] = grid_bias(get_weight(gm, node.args[2]), bias_bits)
+        elif tune and is_weight(node.args[2]):
+            # trained in the same units as the centroids (1/127 of its largest value): one lr fits all
+            rec["bias_step"], rec["bias"] = grid_bias(get_weight(gm, node.args[2]), 8)
         layers[node] = rec
     return layers
 
 
 def _train(gm, ctx, layers: dict, options: dict) -> int:
-    """Distil the shared model from the user's: centroids (and grid biases) trained, the rest
-    frozen. Returns how many centroids ended on another int8 value than k-means gave."""
+    """Distil the shared model from the user's: centroids and biases trained, the rest frozen. Returns how many centroids ended on another int8 value than k-means gave."""
     data, teacher = ctx.state.get("calibration_data"), ctx.state.get("teacher")
     if data is None or teacher is None:
         raise PassError("share_weights: finetune trains the centroids by distillation; it needs "
@@ -95,11 +100,10 @@ def _train(gm, ctx, layers: dict, options: dict) -> int:
     before = {n: torch.round(r["centroids"]).clamp(-127, 127) for n, r in layers.items()}
     params = []
     for rec in layers.values():
-        rec["centroids"] = rec["centroids"].float().requires_grad_(True)
-        params.append(rec["centroids"])
-        if "bias_units" in rec:
-            rec["bias_units"] = rec["bias_units"].float().requires_grad_(True)
-            params.append(rec["bias_units"])
+        for key in ("centroids", "bias_units", "bias"):
+            if key in rec:
+                rec[key] = rec[key].float().clone().requires_grad_(True)
+                params.append(rec[key])
     student = _eager_twin(gm)
     opt = torch.optim.Adam(params, lr=float(opts["lr"]))
     torch.manual_seed(ctx.seed)
@@ -112,9 +116,9 @@ def _train(gm, ctx, layers: dict, options: dict) -> int:
     finally:
         teacher.train(teacher_was_training)
     for rec in layers.values():
-        rec["centroids"] = rec["centroids"].detach()
-        if "bias_units" in rec:
-            rec["bias_units"] = rec["bias_units"].detach()
+        for key in ("centroids", "bias_units", "bias"):
+            if key in rec:
+                rec[key] = rec[key].detach()
     return sum(int((torch.round(r["centroids"]).clamp(-127, 127) != before[n]).sum()) for n, r in layers.items())
 
 
@@ -138,6 +142,8 @@ def _step(student, teacher, layers, inputs, opt, temperature) -> None:
             units = rec["bias_units"]
             grid = units + (torch.round(units) - units).detach()
             params[str(node.args[2].target)] = grid * rec["bias_scale"]
+        elif "bias" in rec:
+            params[str(node.args[2].target)] = rec["bias"] * rec["bias_step"]
     with torch.no_grad():
         target = first_tensor(call(teacher, inputs))
     loss = kd_loss(first_tensor(call(student, inputs, params)), target, temperature)

@@ -77,26 +77,28 @@ def coded_bits(counts: dict) -> int:
 
 
 def table_list(lengths: dict) -> list:
-    """A code table as [lowest symbol, [length of each symbol from there up, 0 = absent]]:
-    short in JSON and, mostly small numbers and zeros, shorter after zlib."""
+    """A code table as [lowest symbol, the length of each symbol from there up as one
+    character each, chr(48 + length), "0" = absent]: one byte a symbol in JSON, less after
+    compression."""
     if not lengths:
-        return [0, []]
+        return [0, ""]
     lo = min(lengths)
-    out = [0] * (max(lengths) - lo + 1)
+    out = ["0"] * (max(lengths) - lo + 1)
     for sym, n in lengths.items():
-        out[sym - lo] = n
-    return [lo, out]
+        out[sym - lo] = chr(48 + n)
+    return [lo, "".join(out)]
 
 
 def table_dict(table) -> dict:
     """Inverse of table_list, checked (a file's table): {symbol: length}."""
     lo, lens = table
-    if type(lo) is not int or not isinstance(lens, list) or len(lens) > 1 << 16:
+    if type(lo) is not int or not isinstance(lens, str) or len(lens) > 1 << 16:
         raise CodeError(f"bad code table (lowest symbol {lo!r:.20}, {type(lens).__name__})")
     out = {}
-    for i, n in enumerate(lens):
-        if type(n) is not int or not 0 <= n <= MAX_LENGTH:
-            raise CodeError(f"bad code length {n!r:.20} for symbol {lo + i}")
+    for i, c in enumerate(lens):
+        n = ord(c) - 48
+        if not 0 <= n <= MAX_LENGTH:
+            raise CodeError(f"bad code length {c!r:.20} for symbol {lo + i}")
         if n:
             out[lo + i] = n
     return out
