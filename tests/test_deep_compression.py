@@ -178,7 +178,10 @@ def test_huffman_file_round_trips_exactly_and_is_smaller(pruned_cnn, data, tmp_p
     kinds = [c["kind"] for c in _sections(*_header(coded))["codecs"]]
     layers = len(int8_layers(pruned_cnn))
     assert kinds.count("int8") == layers and kinds.count("col_sums") == layers   # sums rebuilt at load
-    assert str(fxopt.artifact.serialize.read_report(coded)) == str(fxopt.artifact.serialize.read_report(plain))
+    coded_report, plain_report = (fxopt.artifact.serialize.read_report(p) for p in (coded, plain))
+    assert "coded" in coded_report.sections.pop("compression")          # the size table gains its coded column
+    assert "coded" not in plain_report.sections.pop("compression")
+    assert str(coded_report) == str(plain_report)
     with pytest.raises(ValueError, match="compress='zip'"):
         fxopt.save(pruned_cnn, tmp_path / "x.fxopt", compress="zip")
 
@@ -411,3 +414,25 @@ def test_retired_compressed_format_is_refused_by_name(pruned_cnn, tmp_path):
     _rewrite(good, old, lambda m, t: m.__setitem__("format_version", "2"))
     with pytest.raises(fxopt.ArtifactError, match="file format 2.*Save the model again"):
         fxopt.load(old)
+
+
+def test_size_table_in_the_report_per_layer_and_by_stage(pruned_cnn, tmp_path):
+    table = pruned_cnn.fxopt_report.sections["compression"]
+    sparsity = pruned_cnn.meta["fxopt_sparsity"]
+    rows = {line.split()[0]: line.split() for line in table.splitlines()[1:len(sparsity) + 1]}
+    assert {layer: [int(r[2]), int(r[1])] for layer, r in rows.items()} == sparsity     # kept, weights
+    dense = pruned_cnn.fxopt_report.summary["fp32_bytes"]
+    stages = {line.split(" B ")[0].rsplit(None, 1)[0]: int(line.split(" B ")[0].rsplit(None, 1)[1].replace(",", ""))
+              for line in table.splitlines()[len(sparsity) + 1:]}
+    kept = sum(k for k, _ in sparsity.values())
+    weights = sum(n for _, n in sparsity.values())
+    assert stages == {"dense fp32": dense, "pruned": kept * 5 + dense - 4 * weights}
+    path = tmp_path / "m.fxopt"
+    fxopt.save(pruned_cnn, path, compress="huffman")
+    saved = fxopt.artifact.serialize.read_report(path).sections["compression"]
+    meta, tensors = _header(path)
+    sizes = [c["size"] for c in _sections(meta, tensors)["codecs"] if c["kind"] == "int8"]
+    coded = [int(line.split()[5]) for line in saved.splitlines()[1:len(sparsity) + 1]]
+    assert sorted(coded) == sorted(sizes)
+    data = tensors["storage.0"].numel() - int(meta["sections"])
+    assert f"coded (file data)  {data:>9,} B" in saved

@@ -23,10 +23,12 @@ import zlib
 import numpy as np
 import torch
 
+from fxopt.artifact.graph_json import decode_value, encode_value
 from fxopt.artifact.huffman import CodeError
 from fxopt.artifact.packed_int8 import col_sums, repack
 from fxopt.artifact.weight_codecs import decode_grid, decode_int8, derived_plan, encode_storage
 from fxopt.core.errors import ArtifactError
+from fxopt.core.size_table import size_table
 
 SECTIONS = ("graph", "report", "artifact")
 # the sections (mostly JSON text): raw LZMA2, no container header; ~10 % below zlib on them
@@ -47,6 +49,8 @@ def compress(gm, metadata: dict, blobs: list, table: dict) -> tuple[dict, list]:
         codec["nbytes"], codec["crc32"], codec["size"] = len(raw), zlib.crc32(raw), len(data)
         codecs.append(codec)
         out.append(data)
+    coded = {plan[i][1][5]: c["size"] for i, c in enumerate(codecs) if c["kind"] == "int8"}
+    metadata = dict(metadata, report=_with_size_table(gm, metadata["report"], coded, sum(map(len, out))))
     # one storage and one LZMA section: each safetensors entry and JSON key costs bytes, and
     # a binary section skips base64's third
     sections = {key: metadata[key] for key in SECTIONS}
@@ -56,6 +60,17 @@ def compress(gm, metadata: dict, blobs: list, table: dict) -> tuple[dict, list]:
     meta = {k: v for k, v in metadata.items() if k not in SECTIONS}
     meta.update(sections=str(len(head)), compress="huffman", storages="1")
     return meta, [torch.frombuffer(bytearray(head + b"".join(out)), dtype=torch.uint8)]
+
+
+def _with_size_table(gm, report: str, coded: dict, data_bytes: int) -> str:
+    """The report (JSON) with the size table of a pruned/shared model, coded column included."""
+    data = decode_value(json.loads(report)) if report != "null" else None
+    sparsity, shared = gm.meta.get("fxopt_sparsity", {}), gm.meta.get("fxopt_shared", {})
+    if not isinstance(data, dict) or not (sparsity or shared) or "fp32_bytes" not in data.get("summary", {}):
+        return report
+    data["sections"]["compression"] = size_table(sparsity, shared, data["summary"]["fp32_bytes"], coded,
+                                                 data_bytes)
+    return json.dumps(encode_value(data))
 
 
 def decompress(metadata: dict, blobs: list, path: str) -> tuple[dict, list]:

@@ -37,7 +37,7 @@ def derived_plan(gm, table: dict) -> dict:
             continue
         kind = layout(node)
         mats = matrices(gm.get_buffer(target), n, k, groups, kind)
-        plan[at] = ("int8", (mats, n, k, groups, kind))
+        plan[at] = ("int8", (mats, n, k, groups, kind, node.meta.get("fxopt_layer", node.name)))
         sums = _whole(table, _attr(node.args[3]))
         if sums is not None:
             plan.setdefault(sums, ("col_sums", (at, mats)))
@@ -60,7 +60,7 @@ def _whole(table: dict, target) -> int | None:
 def encode_storage(entry, raw: bytes) -> tuple[dict, bytes] | None:
     kind, info = entry
     if kind == "int8":
-        mats, n, k, groups, layer_layout = info
+        mats, n, k, groups, layer_layout, _ = info
         if repack(mats, layer_layout).numpy().tobytes() != raw:
             return None                 # not the layout we pack: leave it to zlib
         return _encode_int8(mats, n, k, groups, layer_layout)
