@@ -9,7 +9,8 @@ entry "sections" gives its byte count), then every original storage coded back
 to back. An int8 layer's weights, its column sums and a bias on a grid have codecs
 of their own (fxopt.artifact.weight_codecs: Huffman-coded values and relative
 positions, sums rebuilt from the weights); every other storage is zlib, or raw
-where zlib would grow it. Decoding checks every count, position and size against
+where zlib would grow it. The report keeps its numbers to 7 significant digits and gains
+the Deep Compression size table with each layer's coded bytes. Decoding checks every count, position and size against
 the record; anything off is an ArtifactError, and so is a storage whose decoded
 bytes miss the CRC-32 recorded at save (the file's SHA-256 covers the coded form only).
 """
@@ -31,6 +32,7 @@ from fxopt.core.errors import ArtifactError
 from fxopt.core.size_table import size_table
 
 SECTIONS = ("graph", "report", "artifact")
+REPORT_DIGITS = 7
 # the sections (mostly JSON text): raw LZMA2, no container header; ~10 % below zlib on them
 LZMA = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}]
 
@@ -63,14 +65,28 @@ def compress(gm, metadata: dict, blobs: list, table: dict) -> tuple[dict, list]:
 
 
 def _with_size_table(gm, report: str, coded: dict, data_bytes: int) -> str:
-    """The report (JSON) with the size table of a pruned/shared model, coded column included."""
+    """The report (JSON) with the size table of a pruned/shared model, coded column included,
+    and its numbers to REPORT_DIGITS significant digits."""
     data = decode_value(json.loads(report)) if report != "null" else None
-    sparsity, shared = gm.meta.get("fxopt_sparsity", {}), gm.meta.get("fxopt_shared", {})
-    if not isinstance(data, dict) or not (sparsity or shared) or "fp32_bytes" not in data.get("summary", {}):
+    if not isinstance(data, dict):
         return report
-    data["sections"]["compression"] = size_table(sparsity, shared, data["summary"]["fp32_bytes"], coded,
-                                                 data_bytes)
-    return json.dumps(encode_value(data))
+    sparsity, shared = gm.meta.get("fxopt_sparsity", {}), gm.meta.get("fxopt_shared", {})
+    if (sparsity or shared) and "fp32_bytes" in data.get("summary", {}):
+        data["sections"]["compression"] = size_table(sparsity, shared, data["summary"]["fp32_bytes"], coded,
+                                                     data_bytes)
+    return json.dumps(encode_value(_rounded(data)))
+
+
+def _rounded(v):
+    """The report's floats (timings, drift) to REPORT_DIGITS significant digits: it prints at most
+    six, and the 17 digits of a float's repr are, in a small model's file, a third of its report."""
+    if isinstance(v, float):
+        return float(f"{v:.{REPORT_DIGITS}g}")
+    if isinstance(v, dict):
+        return {k: _rounded(x) for k, x in v.items()}
+    if type(v) in (list, tuple):
+        return type(v)(_rounded(x) for x in v)
+    return v
 
 
 def decompress(metadata: dict, blobs: list, path: str) -> tuple[dict, list]:
