@@ -170,3 +170,27 @@ def pack_sparse_s8(q, scales):
     _pack(q, slice_ptr, chunks, idx, val, True)
     col_sums = q.sum(axis=1, dtype=np.int64).astype(np.int32)
     return PackedSparse(slice_ptr, chunks, idx, val, scales, col_sums, n, k)
+
+
+def unpack_sparse_s8(ps):
+    """The (N, K) int8 weights a PackedSparse holds: the exact inverse of pack_sparse_s8
+    (empty slots hold 0), for readers that need the matrix back (the compressed artifact).
+
+        >>> np.array_equal(unpack_sparse_s8(pack_sparse_s8(q, s)), q)
+        True
+    """
+    q = np.zeros((ps.n, ps.k), np.int8)
+    steps = ps.steps
+    if steps == 0:
+        return q
+    slice_of = np.repeat(np.arange(slices(ps.n)), np.diff(ps.slice_ptr))
+    idx = ps.idx.reshape(steps, SLICE, SLOTS).astype(np.int64)
+    val = ps.val.reshape(steps, SLICE, SLOTS)
+    rows = np.broadcast_to(slice_of[:, None, None] * SLICE + np.arange(SLICE)[None, :, None], idx.shape)
+    cols = ps.chunks.astype(np.int64)[:, None, None] * CHUNK + (idx & 15) + 16 * ((idx & HIGH) >> 7)
+    keep = val != 0
+    rows, cols = rows[keep], cols[keep]
+    if rows.size and (rows.max() >= ps.n or cols.max() >= ps.k):
+        raise KernelError(f"sparse weights: a nonzero past N={ps.n} or K={ps.k}; the data is corrupt")
+    q[rows, cols] = val[keep]
+    return q

@@ -3,10 +3,12 @@ child process, so that a crash kills the child, not the test run).
 
     python tests/fuzz_artifacts.py --mutations 1050 --seed 0 --dir /tmp/fuzz
 
-Each mutation edits one saved file (an MLP, a CNN and BERT, all cpu-int8) and recomputes
+Each mutation edits one saved file (an MLP, a CNN and BERT, all cpu-int8; the MLP and the
+CNN also saved compress="huffman", whose graph sits in the coded section) and recomputes
 its digest, as an attacker can: the tensor table (shapes, strides, offsets, dtypes,
 storage indices), the arguments of the lowered kernel ops, node references and targets,
-input specs and header fields. The outcome of each is one of
+input specs and header fields; in compressed files also the codec records, the coded
+bytes and the section size. The outcome of each is one of
   refused  - fxopt.load raised ArtifactError
   raised   - the model loaded, and calling it raised an exception (not a crash)
   same     - the model loaded and answered exactly as the original, twice
@@ -22,6 +24,7 @@ sums them up.
 import argparse
 import copy
 import json
+import lzma
 import os
 import random
 import sys
@@ -35,10 +38,13 @@ import torch  # noqa: E402
 import torch.utils._pytree as pytree  # noqa: E402
 
 import fxopt  # noqa: E402
-from artifact_files import call, int8_bytes, int8_model, read, write  # noqa: E402
+import safetensors  # noqa: E402
+from artifact_files import call, int8_bytes, int8_model, write  # noqa: E402
+from fxopt.artifact.compress import LZMA, _unlzma  # noqa: E402
 from fxopt.core.errors import ArtifactError  # noqa: E402
 
-MODELS = ("mlp", "cnn_bn_residual", "bert")
+HUFFMAN = "@huffman"          # a model saved with compress="huffman"
+MODELS = ("mlp", "cnn_bn_residual", "bert", "mlp" + HUFFMAN, "cnn_bn_residual" + HUFFMAN)
 HUGE = (2**31, 2**40, 2**63)
 DTYPES = ("float32", "float64", "int8", "uint8", "int32", "int64", "bool", "float16", "complex64", "nope", 3)
 BAD_TARGETS = ("aten::from_file.default", "aten::empty.memory_format", "aten::copy_.default", "aten::save",
@@ -219,9 +225,52 @@ def header(rng, graph, metadata):
     return f"header {key} -> {metadata[key]!r}"
 
 
+def codec_record(rng, graph, metadata, sections=None):
+    """A compressed file's codec record: a field out of its domain or of another kind."""
+    if sections is None:
+        return header(rng, graph, metadata)
+    i = rng.randrange(len(sections["codecs"]))
+    codec = sections["codecs"][i]
+    key = rng.choice(sorted(codec))
+    old = codec[key]
+    if isinstance(old, list) and old and rng.random() < 0.7:      # a stream: count, size, table
+        j = rng.randrange(len(old))
+        old[j] = rng.choice([-1, old[j] + 1 if type(old[j]) is int else 1, *HUGE, [0, "1" * 3], [0, "\x00"],
+                             "x", None])
+        return f"codec {i} ({codec['kind']}): {key}[{j}] -> {old[j]!r:.30}"
+    codec[key] = rng.choice([-1, 0, 1, *HUGE, 1.5, "lzma", "sparse", [], None, {"x": 1}])
+    return f"codec {i} ({codec['kind']}): {key} {old!r:.30} -> {codec[key]!r:.30}"
+
+
+def coded_bytes(rng, graph, metadata, sections=None, tensors=None):
+    """Bytes of the coded storages changed, cut or added (the sections left whole)."""
+    if sections is None:
+        return header(rng, graph, metadata)
+    blob = tensors["storage.0"].clone()
+    head = int(metadata["sections"])
+    what = rng.choice(["flip", "cut", "grow"])
+    if what == "flip" and blob.numel() > head:
+        at = rng.randrange(head, blob.numel())
+        blob[at] ^= 1 << rng.randrange(8)
+    elif what == "cut" and blob.numel() > head:
+        blob = blob[:rng.randrange(head, blob.numel())].clone()
+    else:
+        blob = torch.cat([blob, torch.tensor([rng.randrange(256)], dtype=torch.uint8)])
+    tensors["storage.0"] = blob
+    return f"coded storages: {what}"
+
+
+def section_size(rng, graph, metadata, sections=None):
+    if sections is None:
+        return header(rng, graph, metadata)
+    old = int(metadata["sections"])
+    metadata["sections"] = rng.choice(["0", "-1", str(old - 1), str(old + 1), "1e3", "", str(2**40)])
+    return f"header sections {old} -> {metadata['sections']!r}"
+
+
 MUTATIONS = (tensor_shape, tensor_stride, tensor_offset, tensor_dtype, tensor_storage, tensor_record,
              kernel_int_arg, kernel_arg_type, kernel_arg_count, node_reference, node_target,
-             node_structure, input_spec, header)
+             node_structure, input_spec, header, codec_record, coded_bytes, section_size)
 
 
 # --- running one mutated file ------------------------------------------------------------
@@ -254,6 +303,53 @@ def outcome(path, example, expected) -> tuple[str, str]:
     return "same", ""
 
 
+def saved_bytes(name):
+    """The bytes of the model's file, compressed for a name ending in HUFFMAN."""
+    if not name.endswith(HUFFMAN):
+        return int8_bytes(name)
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "m.fxopt")
+        fxopt.save(int8_model(name.removesuffix(HUFFMAN))[0], path, compress="huffman")
+        with open(path, "rb") as f:
+            return f.read()
+
+
+def read_parts(path):
+    """(metadata, graph, tensors, sections or None): a compressed file's graph is in its sections."""
+    with safetensors.safe_open(path, "pt") as f:
+        metadata = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    if "compress" not in metadata:
+        return metadata, json.loads(metadata["graph"]), tensors, None
+    head = int(metadata["sections"])
+    sections = json.loads(_unlzma(tensors["storage.0"][:head].numpy().tobytes(), 1 << 30))
+    return metadata, json.loads(sections["graph"]), tensors, sections
+
+
+def write_parts(path, metadata, graph, tensors, sections, keep_header_graph):
+    if sections is None:
+        if not keep_header_graph:
+            metadata["graph"] = json.dumps(graph)
+        return write(path, metadata, None, tensors)
+    sections["graph"] = json.dumps(graph)
+    old_head = int(sections.pop("_head"))
+    head = lzma.compress(json.dumps(sections).encode(), format=lzma.FORMAT_RAW, filters=LZMA)
+    rest = tensors["storage.0"][old_head:]
+    tensors = {"storage.0": torch.cat([torch.frombuffer(bytearray(head), dtype=torch.uint8), rest])}
+    if metadata.get("sections") == str(old_head):      # unless a mutation set it
+        metadata["sections"] = str(len(head))
+    return write(path, metadata, None, tensors)
+
+
+def mutate(rng, mutation, graph, metadata, sections, tensors):
+    if sections is None or mutation not in (codec_record, coded_bytes, section_size):
+        return mutation(rng, graph, metadata)
+    if mutation is coded_bytes:
+        return coded_bytes(rng, graph, metadata, sections, tensors)
+    return mutation(rng, graph, metadata, sections)
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--mutations", type=int, default=1050)
@@ -265,21 +361,20 @@ def main():
     for name in MODELS:
         path = os.path.join(opts.dir, f"{name}.fxopt")
         with open(path, "wb") as f:
-            f.write(int8_bytes(name))
-        example = int8_model(name)[1]
+            f.write(saved_bytes(name))
+        example = int8_model(name.removesuffix(HUFFMAN))[1]
         with torch.no_grad():
-            originals[name] = (read(path), example, _leaves(call(fxopt.load(path), example)))
+            originals[name] = (read_parts(path), example, _leaves(call(fxopt.load(path), example)))
     outcomes, bad = {"refused": 0, "raised": 0, "same": 0, "bad": 0}, []
     path = os.path.join(opts.dir, "mutated.fxopt")
     for i in range(opts.mutations):
         name = MODELS[i % len(MODELS)]
-        (metadata, graph, tensors), example, expected = originals[name]
-        metadata, graph = dict(metadata), copy.deepcopy(graph)
+        (metadata, graph, tensors, sections), example, expected = originals[name]
+        metadata, graph, tensors = dict(metadata), copy.deepcopy(graph), dict(tensors)
+        sections = None if sections is None else dict(copy.deepcopy(sections), _head=metadata["sections"])
         mutation = rng.choice(MUTATIONS)
-        what = mutation(rng, graph, metadata)
-        if mutation is not header or "graph" not in what:
-            metadata["graph"] = json.dumps(graph)
-        write(path, metadata, None, tensors)
+        what = mutate(rng, mutation, graph, metadata, sections, tensors)
+        write_parts(path, metadata, graph, tensors, sections, mutation is header and "graph" in what)
         start = time.perf_counter()
         result, detail = outcome(path, example, expected)
         outcomes[result] += 1

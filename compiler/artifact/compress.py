@@ -1,127 +1,179 @@
 """fxopt.save(..., compress="huffman"): the file's storages and header sections, coded.
 
     metadata, blobs = compress(gm, metadata, blobs, table)      # at save, after collect_weights
-    metadata, blobs = decompress(metadata, blobs)               # at load, after the checksum
+    metadata, blobs = decompress(metadata, blobs, path)         # at load, after the checksum
 
-Each int8 layer's packed weight is stored as its nonzero values and their
-positions (Deep Compression's relative index: the gap to the previous nonzero,
-a gap of FILLER meaning "FILLER zeros, no value", as the paper's padding
-zeros), both canonical-Huffman coded (fxopt.artifact.huffman); loading packs the
-matrices again with the lowering's packer, so the bytes are the saved ones.
-Every other storage and the JSON sections (graph, report, artifact meta) are zlib
-streams. Decoding checks every count, position and size against the record;
-anything off is an ArtifactError, and so is a storage whose decoded bytes miss
-the CRC-32 recorded at save (the file's SHA-256 covers the coded form only).
+The file holds one storage: first one LZMA2 stream of the JSON sections (graph,
+report, artifact meta and one codec record per original storage; the header
+entry "sections" gives its byte count), then every original storage coded back
+to back. An int8 layer's weights, its column sums and a bias on a grid have codecs
+of their own (fxopt.artifact.weight_codecs: Huffman-coded values and relative
+positions, sums rebuilt from the weights); every other storage is zlib, or raw
+where zlib would grow it. The report keeps its numbers to 7 significant digits and gains
+the Deep Compression size table with each layer's coded bytes. Decoding checks every count, position and size against
+the record; anything off is an ArtifactError, and so is a storage whose decoded
+bytes miss the CRC-32 recorded at save (the file's SHA-256 covers the coded form only).
 """
 from __future__ import annotations
 
-import base64
 import binascii
 import json
+import lzma
 import zlib
 
 import numpy as np
 import torch
 
-from fxopt.artifact.huffman import CodeError, decode, encode
-from fxopt.artifact.packed_int8 import int8_layers, matrices, repack
+from fxopt.artifact.graph_json import decode_value, encode_value
+from fxopt.artifact.huffman import CodeError
+from fxopt.artifact.packed_int8 import col_sums, repack
+from fxopt.artifact.weight_codecs import decode_grid, decode_int8, derived_plan, encode_storage
 from fxopt.core.errors import ArtifactError
+from fxopt.core.size_table import size_table
 
-FILLER = 255
 SECTIONS = ("graph", "report", "artifact")
+REPORT_DIGITS = 7
+# the sections (mostly JSON text): raw LZMA2, no container header; ~10 % below zlib on them
+LZMA = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}]
 
 
 def compress(gm, metadata: dict, blobs: list, table: dict) -> tuple[dict, list]:
     """The header and storages of a compressed file (see the module doc)."""
-    sparse = {}
-    for target, (node, (n, k, groups)) in int8_layers(gm).items():
-        rec = table.get(target)
-        if rec is not None and rec["offset"] == 0:
-            sparse[rec["storage"]] = (gm.get_buffer(target), n, k, groups, isinstance(node.args[5], list))
+    plan = derived_plan(gm, table)
     codecs, out = [], []
     for i, blob in enumerate(blobs):
         raw = blob.numpy().tobytes()
-        if i in sparse:
-            codec, data = _encode_sparse(*sparse[i])
-        else:
-            codec, data = {"kind": "zlib"}, zlib.compress(raw, 9)
+        coded = encode_storage(plan[i], raw) if i in plan else None
+        if coded is None:
+            packed = zlib.compress(raw, 9)
+            coded = ({"kind": "zlib"}, packed) if len(packed) < len(raw) else ({"kind": "raw"}, raw)
+        codec, data = coded
         codec["nbytes"], codec["crc32"], codec["size"] = len(raw), zlib.crc32(raw), len(data)
         codecs.append(codec)
         out.append(data)
-    # one storage and one zlib section: each safetensors entry and JSON key costs bytes
+    coded = {plan[i][1][5]: c["size"] for i, c in enumerate(codecs) if c["kind"] == "int8"}
+    metadata = dict(metadata, report=_with_size_table(gm, metadata["report"], coded, sum(map(len, out))))
+    # one storage and one LZMA section: each safetensors entry and JSON key costs bytes, and
+    # a binary section skips base64's third
     sections = {key: metadata[key] for key in SECTIONS}
     sections["codecs"] = codecs
+    head = lzma.compress(json.dumps(sections, separators=(",", ":")).encode(), format=lzma.FORMAT_RAW,
+                         filters=LZMA)
     meta = {k: v for k, v in metadata.items() if k not in SECTIONS}
-    meta["sections"] = base64.b64encode(zlib.compress(json.dumps(sections, separators=(",", ":")).encode(),
-                                                      9)).decode()
-    meta["compress"] = "huffman"
-    meta["storages"] = "1"
-    return meta, [torch.frombuffer(bytearray(b"".join(out) or b"\0"), dtype=torch.uint8)]
+    meta.update(sections=str(len(head)), compress="huffman", storages="1")
+    return meta, [torch.frombuffer(bytearray(head + b"".join(out)), dtype=torch.uint8)]
 
 
-def _encode_sparse(packed, n, k, groups, conv) -> tuple[dict, bytes]:
-    flat = np.concatenate([m.reshape(-1) for m in matrices(packed, n, k, groups)]).astype(np.int64)
-    where = np.flatnonzero(flat)
-    gaps = []
-    for gap in np.diff(where, prepend=-1) - 1:
-        gaps += [FILLER] * int(gap // FILLER) + [int(gap % FILLER)]
-    g_len, g_data = encode(gaps)
-    v_len, v_data = encode(flat[where])
-    codec = {"kind": "sparse_int8", "n": n, "k": k, "groups": groups, "conv": conv,
-             "gaps": [len(gaps), len(g_data), sorted(g_len.items())],
-             "values": [len(where), len(v_data), sorted(v_len.items())]}
-    return codec, g_data + v_data
+def _with_size_table(gm, report: str, coded: dict, data_bytes: int) -> str:
+    """The report (JSON) with the size table of a pruned/shared model, coded column included,
+    and its numbers to REPORT_DIGITS significant digits."""
+    data = decode_value(json.loads(report)) if report != "null" else None
+    if not isinstance(data, dict):
+        return report
+    sparsity, shared = gm.meta.get("fxopt_sparsity", {}), gm.meta.get("fxopt_shared", {})
+    if (sparsity or shared) and "fp32_bytes" in data.get("summary", {}):
+        data["sections"]["compression"] = size_table(sparsity, shared, data["summary"]["fp32_bytes"], coded,
+                                                     data_bytes)
+    return json.dumps(encode_value(_rounded(data)))
+
+
+def _rounded(v):
+    """The report's floats (timings, drift) to REPORT_DIGITS significant digits: it prints at most
+    six, and the 17 digits of a float's repr are, in a small model's file, a third of its report."""
+    if isinstance(v, float):
+        return float(f"{v:.{REPORT_DIGITS}g}")
+    if isinstance(v, dict):
+        return {k: _rounded(x) for k, x in v.items()}
+    if type(v) in (list, tuple):
+        return type(v)(_rounded(x) for x in v)
+    return v
 
 
 def decompress(metadata: dict, blobs: list, path: str) -> tuple[dict, list]:
     """The header and storages as an uncompressed file holds them."""
     try:
-        sections = json.loads(_inflate(base64.b64decode(metadata["sections"], validate=True), 1 << 30))
+        if len(blobs) != 1:
+            raise ValueError(f"{len(blobs)} storages (1 expected)")
+        data = blobs[0].numpy().tobytes()
+        head = int(metadata["sections"])
+        if not 0 < head <= len(data):
+            raise ValueError(f"a section of {head} bytes in a storage of {len(data)}")
+        sections = json.loads(_unlzma(data[:head], 1 << 30))
         codecs = sections["codecs"]
-        if len(blobs) != 1 or not isinstance(codecs, list):
-            raise ValueError(f"{len(blobs)} storages (1 expected), codecs {type(codecs).__name__}")
+        if not isinstance(codecs, list):
+            raise ValueError(f"codecs {type(codecs).__name__}")
         meta = {k: v for k, v in metadata.items() if k != "sections"}
         for key in SECTIONS:
             if not isinstance(sections[key], str):
                 raise ValueError(f"section {key} is not text")
             meta[key] = sections[key]
-        data, at, out = blobs[0].numpy().tobytes(), 0, []
-        for codec in codecs:
-            size = codec["size"]
-            if type(size) is not int or not 0 <= size <= len(data) - at:
-                raise ValueError(f"coded storage of {size!r} bytes past the end of the data")
-            out.append(_decode_blob(codec, data[at:at + size]))
-            at += size
-        if at != len(data) and not (at == 0 and data == b"\0"):     # b"\0": nothing was stored
-            raise ValueError(f"{len(data) - at} bytes after the last coded storage")
+        out = _decode_all(codecs, data, head)
         meta["storages"] = str(len(out))
         return meta, out
-    except (CodeError, KeyError, TypeError, ValueError, IndexError, zlib.error, binascii.Error,
+    except (CodeError, KeyError, TypeError, ValueError, IndexError, zlib.error, lzma.LZMAError, binascii.Error,
             UnicodeDecodeError, RecursionError) as e:
         raise ArtifactError(f"{path} is corrupt: its compressed data does not decode ({type(e).__name__}: "
                             f"{e}). Save the model again.") from None
 
 
+def _decode_all(codecs: list, data: bytes, at: int) -> list:
+    pieces = []
+    for codec in codecs:
+        size = codec["size"]
+        if type(size) is not int or not 0 <= size <= len(data) - at:
+            raise ValueError(f"coded storage of {size!r} bytes past the end of the data")
+        pieces.append(data[at:at + size])
+        at += size
+    if at != len(data):
+        raise ValueError(f"{len(data) - at} bytes after the last coded storage")
+    # weights first: column sums are rebuilt from the matrices they decode to
+    mats, raw = {}, {}
+    for i, (codec, piece) in enumerate(zip(codecs, pieces)):
+        if codec["kind"] == "int8":
+            mats[i] = decode_int8(codec, piece)
+            raw[i] = repack(mats[i], codec["layout"]).numpy().tobytes()
+    for i, (codec, piece) in enumerate(zip(codecs, pieces)):
+        if i not in raw:
+            raw[i] = _decode_other(codec, piece, mats)
+    return [_checked(codec, raw[i]) for i, codec in enumerate(codecs)]
+
+
 def _inflate(data: bytes, limit: int) -> bytes:
     d = zlib.decompressobj()
     out = d.decompress(data, limit + 1)
-    if len(out) > limit or not d.eof:
+    if len(out) > limit or not d.eof or d.unused_data:
         raise ValueError("zlib stream longer than recorded, or truncated")
     return out
 
 
-def _decode_blob(codec: dict, data: bytes) -> torch.Tensor:
-    nbytes = codec["nbytes"]
+def _unlzma(data: bytes, limit: int) -> bytes:
+    d = lzma.LZMADecompressor(format=lzma.FORMAT_RAW, filters=LZMA)
+    out = d.decompress(data, limit + 1)
+    if len(out) > limit or not d.eof or d.unused_data:
+        raise ValueError("LZMA stream longer than allowed, or truncated")
+    return out
+
+
+def _decode_other(codec: dict, data: bytes, mats: dict) -> bytes:
+    nbytes, kind = codec["nbytes"], codec["kind"]
     if type(nbytes) is not int or nbytes < 0:
         raise ValueError(f"bad size {nbytes!r}")
-    if codec["kind"] == "zlib":
-        raw = _inflate(data, nbytes)
-    elif codec["kind"] == "sparse_int8":
-        raw = _decode_sparse(codec, data)
-    else:
-        raise ValueError(f"unknown codec {codec['kind']!r}")
-    if len(raw) != nbytes:
-        raise ValueError(f"storage decodes to {len(raw)} bytes, recorded {nbytes}")
+    if kind == "zlib":
+        return _inflate(data, nbytes)
+    if kind == "raw":
+        return data
+    if kind == "col_sums":
+        if data or codec["of"] not in mats:
+            raise ValueError(f"column sums of storage {codec['of']!r:.20}, which holds no int8 layer")
+        return col_sums(mats[codec["of"]]).tobytes()
+    if kind == "grid_f32":
+        return decode_grid(codec, data)
+    raise ValueError(f"unknown codec {kind!r:.20}")
+
+
+def _checked(codec: dict, raw: bytes) -> torch.Tensor:
+    if len(raw) != codec["nbytes"]:
+        raise ValueError(f"storage decodes to {len(raw)} bytes, recorded {codec['nbytes']!r:.20}")
     # the decoded bytes are checked too: a stream changed after coding can decode to a
     # well-formed but different layer, which no count or bound would notice
     if zlib.crc32(raw) != codec["crc32"]:
@@ -129,42 +181,8 @@ def _decode_blob(codec: dict, data: bytes) -> torch.Tensor:
     return torch.frombuffer(bytearray(raw), dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8)
 
 
-def _stream(spec, data: bytes, at: int) -> tuple[list, int]:
-    count, size, lengths = spec
-    if type(size) is not int or not 0 <= size <= len(data) - at:
-        raise ValueError(f"stream of {size!r} bytes past the storage's end")
-    table = {}
-    for item in lengths:
-        sym, n = item
-        table[sym] = n
-    return (decode(table, data[at:at + size], count) if count else []), at + size
-
-
-def _decode_sparse(codec: dict, data: bytes) -> bytes:
-    n, k, groups = codec["n"], codec["k"], codec["groups"]
-    if not all(type(v) is int and 1 <= v <= 1 << 24 for v in (n, k, groups)) or n * k * groups > 1 << 31:
-        raise ValueError(f"bad layer shape n={n!r} k={k!r} groups={groups!r}")
-    gaps, at = _stream(codec["gaps"], data, 0)
-    values, at = _stream(codec["values"], data, at)
-    if at != len(data):
-        raise ValueError(f"{len(data) - at} bytes left after the coded streams")
-    size = n * k * groups
-    flat = np.zeros(size, np.int8)
-    pos, skip, j = -1, 0, 0
-    for g in gaps:
-        if g == FILLER:
-            skip += FILLER
-            continue
-        if type(g) is not int or not 0 <= g < FILLER or j >= len(values):
-            raise ValueError("position stream and value stream disagree")
-        pos += skip + g + 1
-        skip = 0
-        v = values[j]
-        if pos >= size or type(v) is not int or not -127 <= v <= 127 or v == 0:
-            raise ValueError(f"weight {j}: position {pos} or value {v!r} out of range")
-        flat[pos] = v
-        j += 1
-    if j != len(values):
-        raise ValueError(f"{len(values)} values but {j} positions")
-    mats = [m.reshape(n, k) for m in np.split(flat, groups)]
-    return repack(mats, bool(codec["conv"])).numpy().tobytes()
+def coded_layers(metadata: dict, blob: np.ndarray) -> list:
+    """The "int8" codec records of a compressed file's header and storage (for size tables)."""
+    head = int(metadata["sections"])
+    sections = json.loads(_unlzma(bytes(blob[:head]), 1 << 30))
+    return [c for c in sections["codecs"] if c["kind"] == "int8"]

@@ -25,7 +25,11 @@ class CodeError(ValueError):
 
 def code_lengths(symbols) -> dict:
     """{symbol: code length} of a Huffman code for the counts of `symbols`."""
-    counts = Counter(int(s) for s in symbols)
+    return lengths_of_counts(Counter(int(s) for s in symbols))
+
+
+def lengths_of_counts(counts: dict) -> dict:
+    """{symbol: code length} of a Huffman code for {symbol: count} (counts > 0)."""
     if len(counts) == 1:
         return {next(iter(counts)): 1}
     # heap items: (count, tie-breaker, symbols under this node); merging deepens them all
@@ -64,6 +68,40 @@ def _check_lengths(lengths: dict) -> None:
     # Kraft: a prefix code's lengths satisfy sum 2**-n <= 1; more would make codes collide
     if sum(2.0 ** -n for n in lengths.values()) > 1.0 + 1e-12:
         raise CodeError("code lengths over-full (not a prefix code)")
+
+
+def coded_bits(counts: dict) -> int:
+    """Bits the Huffman-coded stream of these symbol counts takes (tables excluded)."""
+    lengths = lengths_of_counts(counts) if counts else {}
+    return sum(counts[s] * n for s, n in lengths.items())
+
+
+def table_list(lengths: dict) -> list:
+    """A code table as [lowest symbol, the length of each symbol from there up as one
+    character each, chr(48 + length), "0" = absent]: one byte a symbol in JSON, less after
+    compression."""
+    if not lengths:
+        return [0, ""]
+    lo = min(lengths)
+    out = ["0"] * (max(lengths) - lo + 1)
+    for sym, n in lengths.items():
+        out[sym - lo] = chr(48 + n)
+    return [lo, "".join(out)]
+
+
+def table_dict(table) -> dict:
+    """Inverse of table_list, checked (a file's table): {symbol: length}."""
+    lo, lens = table
+    if type(lo) is not int or not isinstance(lens, str) or len(lens) > 1 << 16:
+        raise CodeError(f"bad code table (lowest symbol {lo!r:.20}, {type(lens).__name__})")
+    out = {}
+    for i, c in enumerate(lens):
+        n = ord(c) - 48
+        if not 0 <= n <= MAX_LENGTH:
+            raise CodeError(f"bad code length {c!r:.20} for symbol {lo + i}")
+        if n:
+            out[lo + i] = n
+    return out
 
 
 def encode(symbols) -> tuple[dict, bytes]:

@@ -5,9 +5,12 @@ The GEMM's packed layout (fxopt.kernels.pack) is ISA-independent: N padded to
 such buffer per group over its (kh, kw, c)-ordered GEMM columns. The compressed
 artifact codes the logical matrices (no padding) and packs them again at load,
 with the same packer the lowering used, so the loaded bytes are the saved ones.
+A linear on the sparse kernel (linear_int8_sparse) holds its matrix in the slot
+layout; kernels.sparse_pack unpacks and packs it (this module never parses it).
 
-    mats = int8_matrices(gm)            # {packed target: [(og, k) int8 array per group]}
-    blob = repack(mats, conv=False)     # uint8 tensor equal to the saved buffer
+    layers = int8_layers(gm)                         # {packed target: (node, (og, k, groups))}
+    mats = matrices(packed, og, k, groups, layout)   # [(og, k) int8 array per group]
+    blob = repack(mats, layout)                      # uint8 tensor equal to the saved buffer
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ import numpy as np
 import torch
 
 from fxopt.kernels.pack import packed_nbytes, pack_weights_s8
+from fxopt.kernels.sparse_pack import PackedSparse, pack_sparse_s8, unpack_sparse_s8
 from fxopt.runtime import kernel_ops
 
 BLOCK = 64
@@ -39,7 +43,7 @@ def pw_bytes(pw) -> np.ndarray:
 def layer_geometry(node) -> tuple | None:
     """(n per group, k, groups) of a lowered linear/conv node's packed weight; None for a
     depthwise conv (its taps are not a GEMM operand)."""
-    if node.target is kernel_ops.linear_int8:
+    if node.target in kernel_ops.LINEARS:
         return int(node.args[5]), int(node.args[6]), 1
     if node.target is kernel_ops.conv2d_int8:
         o, c, kh, kw, groups, depthwise = node.args[5]
@@ -59,17 +63,37 @@ def int8_layers(gm) -> dict:
     return out
 
 
-def matrices(packed: torch.Tensor, n: int, k: int, groups: int) -> list:
-    """The int8 matrix of every group of one packed weight."""
-    flat = packed.detach().numpy().reshape(groups, -1)
+def layout(node) -> str:
+    """How a lowered layer's packed weight is laid out: "linear", "conv" or "sparse"."""
+    if node.target is kernel_ops.linear_int8_sparse:
+        return "sparse"
+    return "conv" if node.target is kernel_ops.conv2d_int8 else "linear"
+
+
+def matrices(packed: torch.Tensor, n: int, k: int, groups: int, kind: str = "linear") -> list:
+    """The int8 matrix of every group of one packed weight (kind: see layout)."""
+    data = packed.detach().numpy()
+    if kind == "sparse":
+        ps = PackedSparse.from_bytes(data, np.ones(n, np.float32), np.zeros(n, np.int32), n, k)
+        return [unpack_sparse_s8(ps)]
+    flat = data.reshape(groups, -1)
     return [unpack_matrix(flat[g], n, k) for g in range(groups)]
 
 
-def repack(mats: list, conv: bool) -> torch.Tensor:
-    """The uint8 packed buffer of the group matrices: (bytes,) for a linear, (groups, bytes) for a conv."""
+def repack(mats: list, kind: str) -> torch.Tensor:
+    """The uint8 packed buffer of the group matrices: (bytes,) for a linear or a sparse
+    linear, (groups, bytes) for a conv."""
+    if kind == "sparse":
+        (q,) = mats
+        return torch.from_numpy(pack_sparse_s8(q, np.ones(q.shape[0], np.float32)).to_bytes())
     parts = [pack_matrix(m) for m in mats]
-    data = np.stack(parts) if conv else parts[0]
+    data = np.stack(parts) if kind == "conv" else parts[0]
     return torch.from_numpy(np.ascontiguousarray(data))
+
+
+def col_sums(mats: list) -> np.ndarray:
+    """The int32 column sums (per output channel, groups in order) the packers store."""
+    return np.concatenate([m.sum(axis=1, dtype=np.int64) for m in mats]).astype(np.int32)
 
 
 def conv_weight(mats: list, o: int, c: int, kh: int, kw: int, groups: int) -> np.ndarray:

@@ -45,7 +45,8 @@ __all__ = ["save", "load", "read_report", "register_load_hook", "remove_load_hoo
 
 FORMAT = "fxopt"
 FORMAT_VERSION = 1
-COMPRESSED_VERSION = 2             # compress="huffman" files: older fxopt refuses them by version
+COMPRESSED_VERSION = 3             # compress="huffman" files: older fxopt refuses them by version
+RETIRED_VERSIONS = {2: "the first compressed format (its sections in base64, no sparse-layout layers)"}
 COMPRESSIONS = (None, "huffman")
 ARTIFACT_META = "fxopt_artifact"   # plain JSON a stage wants back at load (e.g. packing ISA)
 CAPTURE_META = "fxopt_capture"
@@ -282,6 +283,10 @@ def _check_header(metadata, path: str) -> dict:
             f"{path} was written by a newer fxopt ({metadata.get('fxopt_version', '?')}, file "
             f"format {version}); this fxopt ({VERSION}) reads format up to "
             f"{COMPRESSED_VERSION}. Upgrade fxopt to load it.")
+    if version in RETIRED_VERSIONS:
+        raise ArtifactError(f"{path} is in file format {version}, {RETIRED_VERSIONS[version]}, written by "
+                            f"fxopt {metadata.get('fxopt_version', '?')} before its release; this fxopt "
+                            "reads formats 1 and 3. Save the model again with this fxopt.")
     if metadata.get("byteorder") != sys.byteorder:
         raise ArtifactError(f"{path} was written on a {metadata.get('byteorder')}-endian machine; "
                             f"this one is {sys.byteorder}-endian. Save the model on this machine.")

@@ -17,6 +17,7 @@ from fxopt.core.errors import PipelineError
 from fxopt.core.pass_base import PassContext
 from fxopt.core.pass_manager import Instruments, PassManager, snapshot
 from fxopt.core.pipeline import Pipeline, target_pipeline
+from fxopt.core.size_table import size_table
 from fxopt.driver.compile_notice import NOTICE as COMPILE_NOTICE
 from fxopt.pruning.structured import with_pruning
 from fxopt.quant.qat import with_qat
@@ -155,6 +156,9 @@ def _model_sections(report, model, original, gm, full, probe, options) -> None:
     if rows:
         report.sections["layers"] = model_report.format_layers(rows, model_report.fp32_ops(gm))
     report.sections["model"] = model_report.format_summary(summary)
+    sparsity, shared = gm.meta.get("fxopt_sparsity", {}), gm.meta.get("fxopt_shared", {})
+    if sparsity or shared:     # unstructured pruning / weight sharing: the Deep Compression table
+        report.sections["compression"] = size_table(sparsity, shared, summary["fp32_bytes"])
 
 
 def _check_options(options: dict) -> None:
