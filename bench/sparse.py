@@ -8,7 +8,9 @@ through optimize.
    128 rows: dense kernel (linear_f32) and sparse kernel (linear_sparse_f32), interleaved
    medians, and dense / sparse (> 1: sparse faster); then the lowest sparsity at which
    sparse wins, per M.
-2. The figure: nn.Linear(1024, 1024) pruned to 90 % by torch.nn.utils.prune.l1_unstructured,
+2. The same kernels on the int8 weights of that figure's layer (below: magnitude pruning
+   leaves only large weights, |q| >= 114), M = 1 and 8.
+3. The figure: nn.Linear(1024, 1024) pruned to 90 % by torch.nn.utils.prune.l1_unstructured,
    through fxopt.optimize (cpu-int8) with sparse=True and with sparse=False (the dense int8
    kernel), both with latency_aware=False so that the dense model stays int8 whatever a noisy
    fp32 timing says; the modules optimize returns, called as a user calls them on a 1 x 1024
@@ -63,6 +65,23 @@ def break_even(threads, repeats, rows=ROWS, sparsities=SPARSITIES):
     return table
 
 
+def kernels_on_pruned(threads, repeats, rows=(1, 8)):
+    """{m: (dense s, sparse s)} on the int8 weights of pruned_linear(0.9), printed."""
+    lin = pruned_linear(0.9)[0]
+    q, s = K.quantize_weights_s8(lin.weight.detach().numpy())
+    pw, ps = K.pack_weights_s8(q, s), K.pack_sparse_s8(q, s)
+    table = {}
+    for m in rows:
+        x = np.random.default_rng(m).standard_normal((m, SIZE)).astype(np.float32)
+        med = interleaved_medians({"dense": lambda: K.linear_f32(x, pw, n_threads=threads),
+                                   "sparse": lambda: K.linear_sparse_f32(x, ps, n_threads=threads)},
+                                  repeats=repeats, min_batch_s=2e-3)
+        table[m] = med["dense"], med["sparse"]
+        print(f"   M={m}: dense {med['dense'] * 1e6:8.1f} us, sparse {med['sparse'] * 1e6:8.1f} us = "
+              f"{med['dense'] / med['sparse']:.2f}x ({ps.steps} steps of 32 slots for {np.count_nonzero(q)} weights)")
+    return table
+
+
 def pruned_linear(sparsity=0.9, seed=0):
     torch.manual_seed(seed)
     lin = torch.nn.Linear(SIZE, SIZE)
@@ -104,8 +123,10 @@ def main(argv=None):
         break_even(ns.threads, ns.repeats, rows=(1, 32), sparsities=(0.8, 0.9, 0.95))
     else:
         break_even(ns.threads, ns.repeats)
+    print(f"\n2. the same kernels on nn.Linear({SIZE}, {SIZE})'s weights pruned to 90 % by l1_unstructured:")
+    kernels_on_pruned(ns.threads, ns.repeats)
     sparse_s, dense_s, picked, why = through_optimize(ns.repeats)
-    print(f"\n2. nn.Linear({SIZE}, {SIZE}) pruned to 90 % (torch prune.l1_unstructured), fxopt.optimize "
+    print(f"\n3. nn.Linear({SIZE}, {SIZE}) pruned to 90 % (torch prune.l1_unstructured), fxopt.optimize "
           f"cpu-int8, 1x{SIZE} input, module calls:")
     print(f"   sparse=True:  {sparse_s * 1e6:8.1f} us  ({'linear_int8_sparse' if picked else 'dense kernel kept'}; "
           f"{why})")
