@@ -15,6 +15,21 @@ through optimize.
    kernel), both with latency_aware=False so that the dense model stays int8 whatever a noisy
    fp32 timing says; the modules optimize returns, called as a user calls them on a 1 x 1024
    input, interleaved medians in one run.
+
+Measured (branch sparse1, 2026-12-06, a 2-vCPU AVX2 VM shared with other jobs, load 5-10:
+wall-clock medians of this bench were whole scheduler quanta, 8-32 ms a call, so these
+figures come from the thread CPU time of single-thread bound calls, same run, medians):
+1024 x 1024 at 90 %, dense / sparse kernel alone, 1 thread:
+
+  | weights                   | layout        | steps | M=1   | M=8   |
+  |---------------------------|---------------|-------|-------|-------|
+  | random 90 %               | sparse-pack-1 | 8187  | 2.47x | 3.05x |
+  | random 90 %               | sparse-pack-2 | 5255  | 2.92x | 4.22x |
+  | l1-pruned 90 % (|q|>=114) | sparse-pack-1 | 12765 | 1.79x | 2.17x |
+  | l1-pruned 90 % (|q|>=114) | sparse-pack-2 | 5270  | 2.99x | 4.45x |
+
+2 threads, wall clock, in a quieter minute (p50 of 300 single calls): random 90 %, M=1,
+dense 50.3 us, sparse 23.8-24.5 us = 2.07-2.13x (sparse-pack-1: 1.64x in notes/stop20).
 """
 import argparse
 import platform
