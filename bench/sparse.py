@@ -25,9 +25,11 @@ figures come from the thread CPU time of single-thread bound calls, same run, me
   |---------------------------|---------------|-------|-------|-------|
   | random 90 %               | sparse-pack-1 | 8187  | 2.47x | 3.05x |
   | random 90 %               | sparse-pack-2 | 5255  | 2.92x | 4.22x |
-  | l1-pruned 90 % (|q|>=114) | sparse-pack-1 | 12765 | 1.79x | 2.17x |
-  | l1-pruned 90 % (|q|>=114) | sparse-pack-2 | 5270  | 2.99x | 4.45x |
+  | l1-pruned 90 % (q >= 114 in size) | sparse-pack-1 | 12765 | 1.79x | 2.17x |
+  | l1-pruned 90 % (q >= 114 in size) | sparse-pack-2 | 5270  | 2.99x | 4.45x |
 
+M=32 / M=128, the same way: random 3.22x / 3.31x -> 4.24x / 4.51x, l1-pruned 2.16x / 2.19x
+-> 4.45x / 4.50x.
 2 threads, wall clock, in a quieter minute (p50 of 300 single calls): random 90 %, M=1,
 dense 50.3 us, sparse 23.8-24.5 us = 2.07-2.13x (sparse-pack-1: 1.64x in notes/stop20).
 """
