@@ -8,11 +8,30 @@ through optimize.
    128 rows: dense kernel (linear_f32) and sparse kernel (linear_sparse_f32), interleaved
    medians, and dense / sparse (> 1: sparse faster); then the lowest sparsity at which
    sparse wins, per M.
-2. The figure: nn.Linear(1024, 1024) pruned to 90 % by torch.nn.utils.prune.l1_unstructured,
+2. The same kernels on the int8 weights of that figure's layer (below: magnitude pruning
+   leaves only large weights, |q| >= 114), M = 1 and 8.
+3. The figure: nn.Linear(1024, 1024) pruned to 90 % by torch.nn.utils.prune.l1_unstructured,
    through fxopt.optimize (cpu-int8) with sparse=True and with sparse=False (the dense int8
    kernel), both with latency_aware=False so that the dense model stays int8 whatever a noisy
    fp32 timing says; the modules optimize returns, called as a user calls them on a 1 x 1024
    input, interleaved medians in one run.
+
+Measured (branch sparse1, 2026-12-06, a 2-vCPU AVX2 VM shared with other jobs, load 5-10:
+wall-clock medians of this bench were whole scheduler quanta, 8-32 ms a call, so these
+figures come from the thread CPU time of single-thread bound calls, same run, medians):
+1024 x 1024 at 90 %, dense / sparse kernel alone, 1 thread:
+
+  | weights                   | layout        | steps | M=1   | M=8   |
+  |---------------------------|---------------|-------|-------|-------|
+  | random 90 %               | sparse-pack-1 | 8187  | 2.47x | 3.05x |
+  | random 90 %               | sparse-pack-2 | 5255  | 2.92x | 4.22x |
+  | l1-pruned 90 % (q >= 114 in size) | sparse-pack-1 | 12765 | 1.79x | 2.17x |
+  | l1-pruned 90 % (q >= 114 in size) | sparse-pack-2 | 5270  | 2.99x | 4.45x |
+
+M=32 / M=128, the same way: random 3.22x / 3.31x -> 4.24x / 4.51x, l1-pruned 2.16x / 2.19x
+-> 4.45x / 4.50x.
+2 threads, wall clock, in a quieter minute (p50 of 300 single calls): random 90 %, M=1,
+dense 50.3 us, sparse 23.8-24.5 us = 2.07-2.13x (sparse-pack-1: 1.64x in notes/stop20).
 """
 import argparse
 import platform
@@ -63,6 +82,23 @@ def break_even(threads, repeats, rows=ROWS, sparsities=SPARSITIES):
     return table
 
 
+def kernels_on_pruned(threads, repeats, rows=(1, 8)):
+    """{m: (dense s, sparse s)} on the int8 weights of pruned_linear(0.9), printed."""
+    lin = pruned_linear(0.9)[0]
+    q, s = K.quantize_weights_s8(lin.weight.detach().numpy())
+    pw, ps = K.pack_weights_s8(q, s), K.pack_sparse_s8(q, s)
+    table = {}
+    for m in rows:
+        x = np.random.default_rng(m).standard_normal((m, SIZE)).astype(np.float32)
+        med = interleaved_medians({"dense": lambda: K.linear_f32(x, pw, n_threads=threads),
+                                   "sparse": lambda: K.linear_sparse_f32(x, ps, n_threads=threads)},
+                                  repeats=repeats, min_batch_s=2e-3)
+        table[m] = med["dense"], med["sparse"]
+        print(f"   M={m}: dense {med['dense'] * 1e6:8.1f} us, sparse {med['sparse'] * 1e6:8.1f} us = "
+              f"{med['dense'] / med['sparse']:.2f}x ({ps.steps} steps of 32 slots for {np.count_nonzero(q)} weights)")
+    return table
+
+
 def pruned_linear(sparsity=0.9, seed=0):
     torch.manual_seed(seed)
     lin = torch.nn.Linear(SIZE, SIZE)
@@ -104,8 +140,10 @@ def main(argv=None):
         break_even(ns.threads, ns.repeats, rows=(1, 32), sparsities=(0.8, 0.9, 0.95))
     else:
         break_even(ns.threads, ns.repeats)
+    print(f"\n2. the same kernels on nn.Linear({SIZE}, {SIZE})'s weights pruned to 90 % by l1_unstructured:")
+    kernels_on_pruned(ns.threads, ns.repeats)
     sparse_s, dense_s, picked, why = through_optimize(ns.repeats)
-    print(f"\n2. nn.Linear({SIZE}, {SIZE}) pruned to 90 % (torch prune.l1_unstructured), fxopt.optimize "
+    print(f"\n3. nn.Linear({SIZE}, {SIZE}) pruned to 90 % (torch prune.l1_unstructured), fxopt.optimize "
           f"cpu-int8, 1x{SIZE} input, module calls:")
     print(f"   sparse=True:  {sparse_s * 1e6:8.1f} us  ({'linear_int8_sparse' if picked else 'dense kernel kept'}; "
           f"{why})")

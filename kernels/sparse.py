@@ -5,32 +5,40 @@
 
 Why this format ("shuffle slots"): on Zen 3 (AVX2) a scalar CSR loop runs at ~1 nonzero a
 cycle (three loads and an imul each) and vpgatherdd at ~30 cycles a gather, so at 90 %
-sparsity neither is 2x the dense kernel. Here the gather is a byte shuffle: K is cut into
-chunks of 32, and the two halves of a chunk of an activation row, each broadcast to both
-128-bit lanes, are looked up by two ``vpshufb`` with 32 byte indices at once (an index's
-bit 7 picks the half: vpshufb gives 0 where it is set, so one table answers and the other
-gives 0). Chunks of 32 rather than 16 took 39 % fewer steps at 90 % sparsity: a step holds
-4 slots a row, and the busiest of 8 rows sets the step count of a chunk.
+sparsity neither is 2x the dense kernel. Here the gather is a byte shuffle: a step reads a
+window of 32 k of an activation row, its two halves each broadcast to both 128-bit lanes,
+and looks them up with two ``vpshufb`` of 32 byte indices at once (an index's bit 7 picks
+the half: vpshufb gives 0 where it is set, so one table answers and the other gives 0).
 
 Layout, per slice of 8 output rows (slice s = rows 8s..8s+7): a list of steps,
-``slice_ptr[s]..slice_ptr[s+1]``. Step j reads activation chunk ``chunks[j]`` (k from
-32 * chunks[j]) and holds 32 byte slots, ``idx[32j + 4r + b]`` (k within the chunk: k % 16,
-plus 0x80 for the chunk's second 16)
-and ``val[32j + 4r + b]`` (the int8 weight, 0 for an empty slot), 4 slots for row r of the
-slice. ``vpmaddubsw`` multiplies the looked-up uint8 activations by the int8 weights and adds
-slot pairs (b = 0,1 and 2,3) in int16, ``vpmaddwd`` by ones adds the two pairs into row r's
-int32 lane: 32 multiply-adds in 5 vector instructions. Exactness: the packer keeps
-|val a| + |val b| <= 128 in each pair (255 * 128 < 2^15, so the int16 sum never saturates),
-putting a weight alone in its pair otherwise. The int32 sums are then the dense kernel's,
-bit for bit, and so is everything after them: the same activation quantization
-(quantize.py) and the same epilogue code (epilogue.py / simd.staged_f32, routed column by
-column as gemm._job_into routes them).
+``slice_ptr[s]..slice_ptr[s+1]``. Step j reads the window from k = ``starts[j]`` and holds
+32 byte slots, ``idx[32j + 4r + b]`` (k - starts[j], as k % 16 plus 0x80 for the window's
+second 16) and ``val[32j + 4r + b]`` (the int8 weight, 0 for an empty slot), 4 slots for
+row r of the slice. A window starts wherever the slice's rows have their next nonzero
+(sparse_pack._pack), not on a grid of chunks: at 90 % random sparsity 1024 x 1024 that is
+5255 steps where chunks of 32 took 7668.
 
-Cost: steps of 66 bytes, ceil(max over the 8 rows of its nonzeros / 4) of them per
-(slice, chunk); 1024 x 1024 at 90 % sparsity: 8121 steps (536 KB, against 1 MB dense) for
-105 K nonzeros. Jobs are 64-column blocks (8 slices) x row groups of 4, over Numba's pool
-(prange), each worker its own share first, then helping the others; the portable path runs
-the same layout with plain loops.
+Exactness whatever the weights: ``vpmaddubsw`` multiplies unsigned by signed bytes and adds
+pairs in saturating int16, so uint8 activations (<= 255) times int8 weights (|w| <= 127)
+could saturate. The unsigned operand is |w| instead, and the signed one the activation
+shifted, a - 128 (the rows are stored xor 0x80), for w > 0, or its complement
+~(a - 128) = 127 - a for w < 0 (an xor with the weight's sign): every pair is then at most
+2 * 127 * 128 < 2^15, any two weights can share a pair, and each slot adds
+w * (a - 128) + min(w, 0). A row's lane starts from PackedSparse.offsets
+= 128 * sum(w) - sum(min(w, 0)), so it ends at sum(w * a). (Before, the packer kept
+|w_a| + |w_b| <= 128 per pair, and magnitude-pruned layers, whose weights are all large,
+took a pair per weight: 12765 steps for the figure's layer, now 5270.) ``vpmaddwd`` by ones
+adds the pairs into row r's int32 lane. The int32 sums are the dense kernel's, bit for bit,
+and so is everything after them: the same activation quantization (quantize.py) and the
+same epilogue code (epilogue.py / simd.staged_f32, routed column by column as
+gemm._job_into routes them).
+
+Cost: steps of 68 bytes (1024 x 1024 at 90 %: 358 KB against 1 MB dense, for 104 K
+nonzeros), 15 vector instructions each at M=1 (the sign and |w| once a step for all rows).
+Jobs are 64-column blocks (8 slices) x row groups of 4, each group size its own compiled
+variant; over Numba's pool (prange), each worker its own share of blocks first, then
+helping the others. The portable path runs the same layout with plain loops on the
+unshifted rows.
 """
 import llvmlite.ir as ir
 import numpy as np
@@ -47,7 +55,8 @@ from .linear import _bias, _residual, epilogue_params, get_num_threads
 from .quantize import quantize_rows_into, quantize_tensor_into
 from .rowops import borrowed, call_llvm
 from .simd import BLOCK_COLS, GEOMETRY, TAGS, is_portable, isa_geometry, staged_f32
-from .sparse_pack import CHUNK, HIGH, SLICE, SLOTS, STEP, PackedSparse, density, pack_sparse_s8  # noqa: F401
+from .sparse_pack import (HIGH, SLICE, SLOTS, STEP, WINDOW, PackedSparse, density, pack_sparse_s8,  # noqa: F401
+                          unpack_sparse_s8)
 
 KERNEL_VERSION = "sparse-2"
 ROWS = 4            # activation rows a job computes at once (they share the weight loads)
@@ -58,12 +67,13 @@ _i8, _i16, _i32 = ir.IntType(8), ir.IntType(16), ir.IntType(32)
 # --- the step loop -------------------------------------------------------------------
 
 @intrinsic(prefer_literal=True)
-def steps_s32(typingctx, mr, a, m0, chunks, idx, val, j0, j1, t, t_off, ldt):
+def steps_s32(typingctx, mr, a, m0, starts, idx, val, j0, j1, offsets, o_off, t, t_off, ldt):
     """t[t_off + r*ldt + lane] = int32 sums of steps j0..j1-1 (one slice) for activation
-    rows m0..m0+mr-1 of a (uint8, rows padded to whole chunks), lane = row of the slice."""
+    rows m0..m0+mr-1 of a (a ^ 0x80 as int8, rows padded by a window), each lane starting
+    from offsets[o_off + lane], lane = row of the slice."""
     if not isinstance(mr, types.IntegerLiteral) or not isinstance(a, types.Array):
         return None
-    sig = types.void(mr, a, m0, chunks, idx, val, j0, j1, t, t_off, ldt)
+    sig = types.void(mr, a, m0, starts, idx, val, j0, j1, offsets, o_off, t, t_off, ldt)
     nrows = mr.literal_value
 
     def codegen(context, builder, sig, args):
@@ -80,21 +90,26 @@ def steps_s32(typingctx, mr, a, m0, chunks, idx, val, j0, j1, t, t_off, ldt):
         a_st = arr(1)
         lda = builder.extract_value(a_st.strides, 0)
         rows = [builder.gep(a_st.data, [builder.mul(builder.add(num(2), cst(r)), lda)]) for r in range(nrows)]
-        ch_p, ix_p, va_p = arr(3).data, arr(4).data, arr(5).data
+        st_p, ix_p, va_p = arr(3).data, arr(4).data, arr(5).data
         v32, v16, acc_ty = ir.VectorType(_i8, 32), ir.VectorType(_i16, 16), ir.VectorType(_i32, 8)
         ones = ir.Constant(v16, [1] * 16)
         flip = ir.Constant(v32, [HIGH - 256] * 32)
-        accs = [cgutils.alloca_once_value(builder, ir.Constant(acc_ty, None)) for _ in range(nrows)]
+        zero = ir.Constant(v32, None)
+        start = builder.load(builder.bitcast(builder.gep(arr(8).data, [num(9)]), acc_ty.as_pointer()), align=4)
+        accs = [cgutils.alloca_once_value(builder, start) for _ in range(nrows)]
         bcast = ir.Constant(ir.VectorType(_i32, 32), list(range(16)) * 2)
         j0v = num(6)
         with cgutils.for_range(builder, builder.sub(num(7), j0v)) as loop:
             j = builder.add(j0v, loop.index)
-            c = builder.zext(builder.load(builder.gep(ch_p, [j])), intp)
-            k0 = builder.mul(c, cst(CHUNK))
+            k0 = builder.sext(builder.load(builder.gep(st_p, [j])), intp)
             o = builder.mul(j, cst(STEP))
             iv = builder.load(builder.bitcast(builder.gep(ix_p, [o]), v32.as_pointer()), align=1)
             vv = builder.load(builder.bitcast(builder.gep(va_p, [o]), v32.as_pointer()), align=1)
             iv_high = builder.xor(iv, flip)
+            # |w| (unsigned, <= 127) times a - 128 (w > 0) or ~(a - 128) = 127 - a (w < 0):
+            # a pair's int16 sum is at most 2 * 127 * 128 < 2^15, whatever the weights
+            neg = builder.sext(builder.icmp_signed("<", vv, zero), v32)
+            wabs = builder.select(builder.icmp_signed("<", vv, zero), builder.sub(zero, vv), vv)
             for r in range(nrows):
                 halves = []
                 for h, ix in ((0, iv), (16, iv_high)):
@@ -102,13 +117,13 @@ def steps_s32(typingctx, mr, a, m0, chunks, idx, val, j0, j1, t, t_off, ldt):
                     xs = builder.load(builder.bitcast(p, ir.VectorType(_i8, 16).as_pointer()), align=1)
                     xb = builder.shuffle_vector(xs, xs, bcast)
                     halves.append(call_llvm(builder, "llvm.x86.avx2.pshuf.b", v32, [xb, ix]))
-                g = builder.or_(halves[0], halves[1])
-                p16 = call_llvm(builder, "llvm.x86.avx2.pmadd.ub.sw", v16, [g, vv])
+                g = builder.xor(builder.or_(halves[0], halves[1]), neg)
+                p16 = call_llvm(builder, "llvm.x86.avx2.pmadd.ub.sw", v16, [wabs, g])
                 p32 = call_llvm(builder, "llvm.x86.avx2.pmadd.wd", acc_ty, [p16, ones])
                 builder.store(builder.add(builder.load(accs[r]), p32), accs[r])
-        t_st = arr(8)
+        t_st = arr(10)
         for r in range(nrows):
-            off = builder.add(num(9), builder.mul(num(10), cst(r)))
+            off = builder.add(num(11), builder.mul(num(12), cst(r)))
             builder.store(builder.load(accs[r]), builder.bitcast(builder.gep(t_st.data, [off]), acc_ty.as_pointer()),
                           align=4)
         return context.get_dummy_value()
@@ -116,13 +131,13 @@ def steps_s32(typingctx, mr, a, m0, chunks, idx, val, j0, j1, t, t_off, ldt):
 
 
 @njit
-def _steps_portable(mr, a, m0, chunks, idx, val, j0, j1, t, t_off, ldt):
-    """steps_s32 in plain loops (any CPU)."""
+def _steps_portable(mr, a, m0, starts, idx, val, j0, j1, t, t_off, ldt):
+    """steps_s32 in plain loops (any CPU), on the plain uint8 rows: the exact sums directly."""
     for r in range(mr):
         for lane in range(SLICE):
             t[t_off + r * ldt + lane] = 0
     for j in range(j0, j1):
-        k0 = np.int64(chunks[j]) * CHUNK
+        k0 = np.int64(starts[j])
         for r in range(mr):
             for lane in range(SLICE):
                 s = np.int32(0)
@@ -134,17 +149,17 @@ def _steps_portable(mr, a, m0, chunks, idx, val, j0, j1, t, t_off, ldt):
 
 
 @njit(inline="always")
-def _slice(tag, mr, a, m0, chunks, idx, val, j0, j1, t, t_off):
+def _slice(tag, mr, a, m0, starts, idx, val, j0, j1, offsets, o_off, t, t_off):
     if is_portable(tag):
-        _steps_portable(mr, a, m0, chunks, idx, val, j0, j1, t, t_off, BLOCK_COLS)
+        _steps_portable(mr, a, m0, starts, idx, val, j0, j1, t, t_off, BLOCK_COLS)
     elif mr == 4:
-        steps_s32(4, a, m0, chunks, idx, val, j0, j1, t, t_off, BLOCK_COLS)
+        steps_s32(4, a, m0, starts, idx, val, j0, j1, offsets, o_off, t, t_off, BLOCK_COLS)
     elif mr == 3:
-        steps_s32(3, a, m0, chunks, idx, val, j0, j1, t, t_off, BLOCK_COLS)
+        steps_s32(3, a, m0, starts, idx, val, j0, j1, offsets, o_off, t, t_off, BLOCK_COLS)
     elif mr == 2:
-        steps_s32(2, a, m0, chunks, idx, val, j0, j1, t, t_off, BLOCK_COLS)
+        steps_s32(2, a, m0, starts, idx, val, j0, j1, offsets, o_off, t, t_off, BLOCK_COLS)
     else:
-        steps_s32(1, a, m0, chunks, idx, val, j0, j1, t, t_off, BLOCK_COLS)
+        steps_s32(1, a, m0, starts, idx, val, j0, j1, offsets, o_off, t, t_off, BLOCK_COLS)
 
 
 @njit(inline="always")
@@ -195,28 +210,49 @@ def _epilogue(tag, mr, m0, n0, ncols, colsum, ascale, azp, wscale, bias, res, ep
 
 
 @njit(inline="always")
-def _block(tag, nb, a, slice_ptr, chunks, idx, val, colsum, ascale, azp, wscale, bias, res, ep, out, t, y):
+def _rows(tag, mr, m0, s0, s1, n0, ncols, a, slice_ptr, starts, idx, val, offsets, colsum, ascale, azp, wscale,
+          bias, res, ep, out, t, y):
+    """Rows m0..m0+mr-1 (mr a literal: no branch on it left, which at M=1 saved 4.5 us a
+    1024-column call) of slices s0..s1-1 (output columns n0..n0+ncols-1)."""
+    for s in range(s0, s1):
+        _slice(tag, mr, a, m0, starts, idx, val, slice_ptr[s], slice_ptr[s + 1], offsets, s * SLICE, t,
+               (s - s0) * SLICE)
+    _epilogue(tag, mr, m0, n0, ncols, colsum, ascale, azp, wscale, bias, res, ep, out, t, y)
+
+
+@njit(inline="always")
+def _block(tag, nb, a, slice_ptr, starts, idx, val, offsets, colsum, ascale, azp, wscale, bias, res, ep, out, t, y):
     """Output columns of block nb (8 slices) for every row of a, ROWS rows at a time."""
     m, n = a.shape[0], out.shape[1]
     n0 = nb * BLOCK_COLS
     ncols = min(BLOCK_COLS, n - n0)
     s0 = nb * (BLOCK_COLS // SLICE)
     s1 = min(slice_ptr.shape[0] - 1, s0 + BLOCK_COLS // SLICE)
-    for m0 in range(0, m, ROWS):
-        mr = min(ROWS, m - m0)
-        for s in range(s0, s1):
-            _slice(tag, mr, a, m0, chunks, idx, val, slice_ptr[s], slice_ptr[s + 1], t, (s - s0) * SLICE)
-        _epilogue(tag, mr, m0, n0, ncols, colsum, ascale, azp, wscale, bias, res, ep, out, t, y)
+    for m0 in range(0, m - ROWS + 1, ROWS):
+        _rows(tag, 4, m0, s0, s1, n0, ncols, a, slice_ptr, starts, idx, val, offsets, colsum, ascale, azp, wscale,
+              bias, res, ep, out, t, y)
+    m0 = m - m % ROWS
+    if m % ROWS == 3:
+        _rows(tag, 3, m0, s0, s1, n0, ncols, a, slice_ptr, starts, idx, val, offsets, colsum, ascale, azp, wscale,
+              bias, res, ep, out, t, y)
+    elif m % ROWS == 2:
+        _rows(tag, 2, m0, s0, s1, n0, ncols, a, slice_ptr, starts, idx, val, offsets, colsum, ascale, azp, wscale,
+              bias, res, ep, out, t, y)
+    elif m % ROWS == 1:
+        _rows(tag, 1, m0, s0, s1, n0, ncols, a, slice_ptr, starts, idx, val, offsets, colsum, ascale, azp, wscale,
+              bias, res, ep, out, t, y)
 
 
-@njit
-def _quantized(x, aq, a_scale, a_zp):
+@njit(inline="always")
+def _quantized(tag, x, aq, a_scale, a_zp):
     """(rows, scales, zero points): the activation rows as the kernel reads them, uint8, each
-    padded to whole chunks, and their per-row scales. From float x per row (a_scale 0) or
-    with the static (a_scale, a_zp), as the dense kernel does; uint8 aq as given."""
+    padded by a window (a step's window may reach past K, onto zero weights), and their
+    per-row scales. From float x per row (a_scale 0) or with the static (a_scale, a_zp), as
+    the dense kernel does; uint8 aq as given. The SIMD path reads a ^ 0x80 = a - 128 as
+    int8 (steps_s32: why), flipped here once per call."""
     m = x.shape[0] if x.shape[1] > 0 else aq.shape[0]
     k = x.shape[1] if x.shape[1] > 0 else aq.shape[1]
-    a = np.zeros((m, (k + CHUNK - 1) // CHUNK * CHUNK), np.uint8)
+    a = np.zeros((m, (k + WINDOW + 15) // 16 * 16), np.uint8)
     ascale, azp = np.full(m, a_scale, np.float32), np.full(m, a_zp, np.int32)
     if x.shape[1] == 0:
         for i in range(m):
@@ -226,17 +262,22 @@ def _quantized(x, aq, a_scale, a_zp):
         quantize_tensor_into(x, a_scale, a_zp, a)
     else:
         quantize_rows_into(x, a, ascale, azp)
+    if not is_portable(tag):
+        flat = a.reshape(-1)
+        for i in range(flat.shape[0]):
+            flat[i] ^= np.uint8(HIGH)
     return a, ascale, azp
 
 
 @njit(inline="always")
-def _worker(tag, w, threads, nxt, nblocks, a, slice_ptr, chunks, idx, val, colsum, ascale, azp, wscale, bias,
+def _worker(tag, w, threads, nxt, nblocks, a, slice_ptr, starts, idx, val, offsets, colsum, ascale, azp, wscale, bias,
             res, ep, out):
     """Worker w's share of the column blocks (the same blocks call after call, so their
     weights stay in its core's L2), then what is left of the others' (taken from the same
     atomic counters, as gemm._worker does): a worker the OS delays holds up nobody."""
     # borrowed views: no reference counting (atomics on counts both threads share) in the loop
-    a, slice_ptr, chunks, idx, val = borrowed(a), borrowed(slice_ptr), borrowed(chunks), borrowed(idx), borrowed(val)
+    a, slice_ptr, starts, idx, val = borrowed(a), borrowed(slice_ptr), borrowed(starts), borrowed(idx), borrowed(val)
+    offsets = borrowed(offsets)
     colsum, ascale, azp, wscale = borrowed(colsum), borrowed(ascale), borrowed(azp), borrowed(wscale)
     bias, res, ep, out = borrowed(bias), borrowed(res), borrowed(ep), borrowed(out)
     t, y = np.empty(ROWS * BLOCK_COLS, np.int32), np.empty((1, BLOCK_COLS), np.float32)
@@ -247,25 +288,25 @@ def _worker(tag, w, threads, nxt, nblocks, a, slice_ptr, chunks, idx, val, colsu
             nb = _count_add(nxt, owner * _COUNTER_STRIDE, 1)
             if nb >= hi:
                 break
-            _block(tag, nb, a, slice_ptr, chunks, idx, val, colsum, ascale, azp, wscale, bias, res, ep, out, t, y)
+            _block(tag, nb, a, slice_ptr, starts, idx, val, offsets, colsum, ascale, azp, wscale, bias, res, ep, out, t, y)
 
 
 def _entries(tag):
     """Serial and threaded entries of one ISA (a compile-time tag, as gemm._entries)."""
     @njit(cache=CACHE)
-    def serial(x, aq, a_scale, a_zp, slice_ptr, chunks, idx, val, colsum, wscale, bias, res, ep, out, threads):
-        a, ascale, azp = _quantized(x, aq, a_scale, a_zp)
+    def serial(x, aq, a_scale, a_zp, slice_ptr, starts, idx, val, offsets, colsum, wscale, bias, res, ep, out, threads):
+        a, ascale, azp = _quantized(tag, x, aq, a_scale, a_zp)
         t, y = np.empty(ROWS * BLOCK_COLS, np.int32), np.empty((1, BLOCK_COLS), np.float32)
         for nb in range((out.shape[1] + BLOCK_COLS - 1) // BLOCK_COLS):
-            _block(tag, nb, a, slice_ptr, chunks, idx, val, colsum, ascale, azp, wscale, bias, res, ep, out, t, y)
+            _block(tag, nb, a, slice_ptr, starts, idx, val, offsets, colsum, ascale, azp, wscale, bias, res, ep, out, t, y)
 
     @njit(cache=CACHE, parallel=True)
-    def parallel(x, aq, a_scale, a_zp, slice_ptr, chunks, idx, val, colsum, wscale, bias, res, ep, out, threads):
-        a, ascale, azp = _quantized(x, aq, a_scale, a_zp)
+    def parallel(x, aq, a_scale, a_zp, slice_ptr, starts, idx, val, offsets, colsum, wscale, bias, res, ep, out, threads):
+        a, ascale, azp = _quantized(tag, x, aq, a_scale, a_zp)
         nblocks = (out.shape[1] + BLOCK_COLS - 1) // BLOCK_COLS
         nxt = _starts(nblocks, threads)
         for w in prange(threads):
-            _worker(tag, w, threads, nxt, nblocks, a, slice_ptr, chunks, idx, val, colsum, ascale, azp, wscale,
+            _worker(tag, w, threads, nxt, nblocks, a, slice_ptr, starts, idx, val, offsets, colsum, ascale, azp, wscale,
                     bias, res, ep, out)
     return serial, parallel
 
@@ -294,11 +335,11 @@ def _run(ps, x, aq, a_scale, a_zp, bias, res, ep, out, n_threads):
     serial, parallel = ENTRIES[_dispatch._current[0]]
     threads = n_threads or get_num_threads()
     rows = x.shape[0] if x.shape[1] else aq.shape[0]
-    if threads > 1 and ps.chunks.shape[0] * STEP * rows >= PARALLEL_MIN_SLOTS:
-        parallel(x, aq, a_scale, a_zp, ps.slice_ptr, ps.chunks, ps.idx, ps.val, ps.col_sums, ps.scales, bias,
+    if threads > 1 and ps.starts.shape[0] * STEP * rows >= PARALLEL_MIN_SLOTS:
+        parallel(x, aq, a_scale, a_zp, ps.slice_ptr, ps.starts, ps.idx, ps.val, ps.offsets, ps.col_sums, ps.scales, bias,
                  res, ep, out, threads)
     else:
-        serial(x, aq, a_scale, a_zp, ps.slice_ptr, ps.chunks, ps.idx, ps.val, ps.col_sums, ps.scales, bias,
+        serial(x, aq, a_scale, a_zp, ps.slice_ptr, ps.starts, ps.idx, ps.val, ps.offsets, ps.col_sums, ps.scales, bias,
                res, ep, out, 1)
     return out
 

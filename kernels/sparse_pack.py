@@ -1,8 +1,10 @@
 """Packing int8 weights into the sparse kernel's slot layout (see sparse.py for the layout
-and why), and the PackedSparse it makes: plain arrays, saved as one uint8 blob.
+and why), the PackedSparse it makes (plain arrays, saved as one uint8 blob), and its exact
+inverse, unpack_sparse_s8.
 
     >>> ps = pack_sparse_s8(*quantize_weights_s8(w))
     >>> blob = ps.to_bytes(); PackedSparse.from_bytes(blob, ps.scales, ps.col_sums, ps.n, ps.k)
+    >>> q = unpack_sparse_s8(ps)          # the int8 (N, K) matrix that was packed
 """
 from typing import NamedTuple
 
@@ -12,95 +14,92 @@ from numba import njit
 from ._cache import CACHE  # package-wide cache locators, before any @njit(cache=CACHE)
 from .dispatch import KernelError
 
-KERNEL_VERSION = "sparse-pack-1"
+KERNEL_VERSION = "sparse-pack-2"
 SLICE = 8           # output rows per slice (int32 lanes of a ymm)
 SLOTS = 4           # byte slots per row and step
-CHUNK = 32          # k per activation chunk: two vpshufb tables of 16
-HIGH = 0x80         # slot index byte: k & 15, plus HIGH for k in the chunk's second 16
+WINDOW = 32         # k a step can reach from its start: two vpshufb tables of 16
+HIGH = 0x80         # slot index byte: (k - start) & 15, plus HIGH for the window's second 16
 STEP = SLICE * SLOTS
-PAIR_MAX = 128      # |a| + |b| of a slot pair: 255 * 128 < 2^15
+# the blob's first 4 bytes: a layout of another version (sparse-pack-1 began with a zero
+# int32, and read its chunk numbers as chunks of 32) is refused, not misread
+MAGIC = np.frombuffer(b"SPK2", np.uint8)
 
 
 @njit(cache=CACHE)
-def _row_slots(q, n, c, ks, vs):
-    """Row n's nonzeros in chunk c as slot entries (k within the chunk, value) in ks, vs,
-    an empty entry (value 0) before any that would overflow its pair; returns the count."""
-    k0, k1 = c * CHUNK, min(q.shape[1], (c + 1) * CHUNK)
-    count = 0
-    for k in range(k0, k1):
-        v = np.int32(q[n, k])
-        if v == 0:
-            continue
-        if count % 2 == 1 and abs(vs[count - 1]) + abs(v) > PAIR_MAX:
-            ks[count] = 0
-            vs[count] = 0
-            count += 1
-        ks[count] = (k - k0) % 16 + HIGH * ((k - k0) // 16)
-        vs[count] = v
-        count += 1
-    return count
+def _next_nonzero(q, row, k):
+    """The first k' >= k with q[row, k'] != 0, or K."""
+    while k < q.shape[1] and q[row, k] == 0:
+        k += 1
+    return k
 
 
 @njit(cache=CACHE)
-def _pack(q, slice_ptr, chunks, idx, val, fill):
-    """Count the steps (fill False: slice_ptr only) or write them (fill True)."""
+def _pack(q, slice_ptr, starts, idx, val, fill):
+    """Count the steps (fill False: slice_ptr only) or write them (fill True; idx and val
+    zeroed beforehand). A slice's rows walk their nonzeros in k order together; each step's
+    window starts at the lowest k any row has left, and every row puts up to SLOTS of its
+    nonzeros inside the window in its slots: a row with few nonzeros near that k costs empty
+    slots, but no step waits on a fixed chunk grid (31 % fewer steps than chunks of 32 at
+    90 % random sparsity)."""
     n, k = q.shape
-    nchunks = (k + CHUNK - 1) // CHUNK
-    ks = np.empty((SLICE, 2 * CHUNK), np.int32)
-    vs = np.empty((SLICE, 2 * CHUNK), np.int32)
-    counts = np.empty(SLICE, np.int64)
+    nxt = np.empty(SLICE, np.int64)
     j = 0
     for s in range((n + SLICE - 1) // SLICE):
         slice_ptr[s] = j
-        for c in range(nchunks):
-            most = 0
-            for r in range(SLICE):
-                counts[r] = 0
-                if s * SLICE + r < n:
-                    counts[r] = _row_slots(q, s * SLICE + r, c, ks[r], vs[r])
-                most = max(most, counts[r])
-            steps = (most + SLOTS - 1) // SLOTS
+        r0 = s * SLICE
+        rows = min(SLICE, n - r0)
+        for r in range(rows):
+            nxt[r] = _next_nonzero(q, r0 + r, 0)
+        while True:
+            k0 = k
+            for r in range(rows):
+                k0 = min(k0, nxt[r])
+            if k0 >= k:
+                break
             if fill:
-                for t in range(steps):
-                    chunks[j + t] = c
-                    for r in range(SLICE):
-                        for b in range(SLOTS):
-                            e = t * SLOTS + b
-                            o = (j + t) * STEP + r * SLOTS + b
-                            idx[o] = ks[r, e] if e < counts[r] else 0
-                            val[o] = vs[r, e] if e < counts[r] else 0
-            j += steps
+                starts[j] = k0
+            for r in range(rows):
+                kk, b = nxt[r], 0
+                while kk < k0 + WINDOW and kk < k and b < SLOTS:
+                    if fill:
+                        o = j * STEP + r * SLOTS + b
+                        idx[o] = (kk - k0) % 16 + HIGH * ((kk - k0) // 16)
+                        val[o] = q[r0 + r, kk]
+                    b += 1
+                    kk = _next_nonzero(q, r0 + r, kk + 1)
+                nxt[r] = kk
+            j += 1
     slice_ptr[(n + SLICE - 1) // SLICE] = j
     return j
 
 
 class PackedSparse(NamedTuple):
-    """int8 weights (N x K) in the slot layout of the module docstring, with the per-channel
-    scales and column sums of the dense PackedWeights (the same epilogue reads them)."""
+    """int8 weights (N x K) in the slot layout of sparse.py's docstring, with the per-channel
+    scales and column sums of the dense PackedWeights (the same epilogue reads them), and
+    the int32 each output row's sum starts from on the SIMD path (sparse.py: why)."""
     slice_ptr: np.ndarray   # int32 (ceil(N/8) + 1,)
-    chunks: np.ndarray      # uint16 (steps,)
+    starts: np.ndarray      # int32 (steps,): each step's first k
     idx: np.ndarray         # uint8 (steps * 32,)
     val: np.ndarray         # int8 (steps * 32,)
     scales: np.ndarray
     col_sums: np.ndarray
     n: int
     k: int
+    offsets: np.ndarray     # int32 (ceil(N/8) * 8,): 128 * (row's sum) - (sum of its negative weights)
 
     @property
     def steps(self):
-        return int(self.chunks.shape[0])
+        return int(self.starts.shape[0])
 
     @property
     def nbytes(self):
-        return self.slice_ptr.nbytes + self.chunks.nbytes + self.idx.nbytes + self.val.nbytes
+        return self.slice_ptr.nbytes + self.starts.nbytes + self.idx.nbytes + self.val.nbytes
 
     def to_bytes(self):
-        """The layout as one uint8 array (what the lowered op keeps): slice_ptr, chunks
-        (padded to 4 bytes), idx, val."""
-        chunks = np.zeros((self.steps + 1) // 2 * 2, np.uint16)
-        chunks[:self.steps] = self.chunks
-        return np.concatenate([self.slice_ptr.view(np.uint8), chunks.view(np.uint8),
-                               self.idx, self.val.view(np.uint8)])
+        """The layout as one uint8 array (what the lowered op keeps): MAGIC, slice_ptr,
+        starts, idx, val (offsets and the rest are recomputed or stored apart)."""
+        return np.concatenate([MAGIC, self.slice_ptr.view(np.uint8), self.starts.view(np.uint8), self.idx,
+                               self.val.view(np.uint8)])
 
     @classmethod
     def from_bytes(cls, blob, scales, col_sums, n, k):
@@ -110,31 +109,45 @@ class PackedSparse(NamedTuple):
         if n < 1 or k < 1:
             raise KernelError(f"sparse weights need N >= 1 and K >= 1, got N={n}, K={k}")
         blob = np.ascontiguousarray(blob).view(np.uint8).reshape(-1)
-        head = 4 * (slices(n) + 1)
-        if blob.size < head:
-            raise KernelError(f"sparse weights: {blob.size} bytes, fewer than the {head} of the slice table")
-        slice_ptr = blob[:head].copy().view(np.int32)
+        head = 4 + 4 * (slices(n) + 1)
+        if blob.size < head or not np.array_equal(blob[:4], MAGIC):
+            raise KernelError(f"sparse weights: {blob.size} bytes that do not begin with the {KERNEL_VERSION} "
+                              f"layout's mark; the data is corrupt or from another fxopt version (optimize "
+                              f"and save the model again)")
+        slice_ptr = blob[4:head].copy().view(np.int32)
         steps = int(slice_ptr[-1])
-        expected = head + (steps + 1) // 2 * 4 + 2 * STEP * steps if steps >= 0 else -1
+        expected = head + (4 + 2 * STEP) * steps if steps >= 0 else -1
         if blob.size != expected or slice_ptr[0] != 0 or np.any(np.diff(slice_ptr) < 0):
             raise KernelError(f"sparse weights: a slice table of {slices(n)} slices that does not fit "
                               f"the {blob.size} bytes given (N={n}, K={k}); the data is corrupt")
-        off = head + (steps + 1) // 2 * 4
-        chunks = blob[head:head + 2 * steps].copy().view(np.uint16)
+        off = head + 4 * steps
+        starts = blob[head:off].copy().view(np.int32)
         idx = blob[off:off + STEP * steps].copy()
         val = blob[off + STEP * steps:].copy().view(np.int8)
-        if steps and (chunks.max() >= (k + CHUNK - 1) // CHUNK or np.any(idx & ~np.uint8(HIGH | 15))):
-            raise KernelError(f"sparse weights: a chunk or slot index past K={k}; the data is corrupt")
-        pairs = np.abs(val.reshape(-1, 2).astype(np.int32)).sum(axis=1)
-        if pairs.size and pairs.max() > PAIR_MAX:
-            raise KernelError("sparse weights: a slot pair beyond +-128 (the int16 sum would "
-                              "saturate); the data is corrupt")
+        if steps and (starts.min() < 0 or starts.max() >= k or np.any(idx & ~np.uint8(HIGH | 15))):
+            raise KernelError(f"sparse weights: a step start or slot index past K={k}; the data is corrupt")
+        if np.any(val == -128):
+            raise KernelError("sparse weights: a weight of -128 (outside quantize_weights_s8's [-127, 127]); "
+                              "the data is corrupt")
         scales, col_sums = np.asarray(scales), np.asarray(col_sums)
         if scales.shape != (n,) or col_sums.shape != (n,):
             raise KernelError(f"scales and col_sums must have shape ({n},), got {scales.shape} and "
                               f"{col_sums.shape}")
-        return cls(slice_ptr, chunks, idx, val, np.ascontiguousarray(scales, np.float32),
-                   np.ascontiguousarray(col_sums, np.int32), n, k)
+        col_sums = np.ascontiguousarray(col_sums, np.int32)
+        return cls(slice_ptr, starts, idx, val, np.ascontiguousarray(scales, np.float32), col_sums, n, k,
+                   _offsets(slice_ptr, val, n))
+
+
+def _offsets(slice_ptr, val, n):
+    """PackedSparse.offsets, from the packed values alone: sum over row n of the SIMD
+    path's |w| * (a - 128) (w > 0) and |w| * (127 - a) (w < 0) is sum(w * a) - 128 * sum(w)
+    + sum(w < 0), so the row's sum starts from 128 * sum(w) - sum(w < 0) (sparse.py)."""
+    rows = np.repeat(np.arange(slices(n)) * SLICE, np.diff(slice_ptr))
+    lanes = (rows[:, None] + np.arange(SLICE)[None, :]).reshape(-1)
+    w = val.astype(np.int64).reshape(-1, SLOTS)
+    per_lane = 128 * w.sum(axis=1) - np.minimum(w, 0).sum(axis=1)
+    # int32 sums wrap as the kernel's do (exact float64 counts, then modulo 2**32)
+    return np.bincount(lanes, weights=per_lane, minlength=slices(n) * SLICE).astype(np.int64).astype(np.int32)
 
 
 def slices(n):
@@ -158,6 +171,8 @@ def pack_sparse_s8(q, scales):
     n, k = q.shape
     if n == 0 or k == 0:
         raise KernelError(f"weights must be non-empty, got shape {q.shape}")
+    if k > np.iinfo(np.int32).max - WINDOW:
+        raise KernelError(f"weights with K={k} columns: the sparse layout takes K < 2**31 - {WINDOW}")
     if q.min() < -127:
         raise KernelError("int8 weights must be in [-127, 127] (quantize_weights_s8's range), got -128")
     scales = np.ascontiguousarray(scales, np.float32).reshape(-1)
@@ -165,32 +180,26 @@ def pack_sparse_s8(q, scales):
         raise KernelError(f"need one scale per output channel ({n}), got {scales.shape}")
     q = np.ascontiguousarray(q)
     slice_ptr = np.zeros(slices(n) + 1, np.int32)
-    steps = _pack(q, slice_ptr, np.empty(0, np.uint16), np.empty(0, np.uint8), np.empty(0, np.int8), False)
-    chunks, idx, val = np.empty(steps, np.uint16), np.empty(steps * STEP, np.uint8), np.empty(steps * STEP, np.int8)
-    _pack(q, slice_ptr, chunks, idx, val, True)
+    steps = _pack(q, slice_ptr, np.empty(0, np.int32), np.empty(0, np.uint8), np.empty(0, np.int8), False)
+    starts, idx, val = np.empty(steps, np.int32), np.zeros(steps * STEP, np.uint8), np.zeros(steps * STEP, np.int8)
+    _pack(q, slice_ptr, starts, idx, val, True)
     col_sums = q.sum(axis=1, dtype=np.int64).astype(np.int32)
-    return PackedSparse(slice_ptr, chunks, idx, val, scales, col_sums, n, k)
+    return PackedSparse(slice_ptr, starts, idx, val, scales, col_sums, n, k, _offsets(slice_ptr, val, n))
 
 
 def unpack_sparse_s8(ps):
-    """The (N, K) int8 weights a PackedSparse holds: the exact inverse of pack_sparse_s8
-    (empty slots hold 0), for readers that need the matrix back (the compressed artifact).
+    """The int8 weights (N, K) a PackedSparse holds: exactly the q pack_sparse_s8 was given.
 
-        >>> np.array_equal(unpack_sparse_s8(pack_sparse_s8(q, s)), q)
-        True
+        >>> np.array_equal(unpack_sparse_s8(pack_sparse_s8(q, scales)), q)    # True
     """
-    q = np.zeros((ps.n, ps.k), np.int8)
-    steps = ps.steps
-    if steps == 0:
-        return q
-    slice_of = np.repeat(np.arange(slices(ps.n)), np.diff(ps.slice_ptr))
-    idx = ps.idx.reshape(steps, SLICE, SLOTS).astype(np.int64)
-    val = ps.val.reshape(steps, SLICE, SLOTS)
-    rows = np.broadcast_to(slice_of[:, None, None] * SLICE + np.arange(SLICE)[None, :, None], idx.shape)
-    cols = ps.chunks.astype(np.int64)[:, None, None] * CHUNK + (idx & 15) + 16 * ((idx & HIGH) >> 7)
-    keep = val != 0
-    rows, cols = rows[keep], cols[keep]
-    if rows.size and (rows.max() >= ps.n or cols.max() >= ps.k):
-        raise KernelError(f"sparse weights: a nonzero past N={ps.n} or K={ps.k}; the data is corrupt")
-    q[rows, cols] = val[keep]
-    return q
+    if not isinstance(ps, PackedSparse):
+        raise KernelError("unpack_sparse_s8 takes a PackedSparse from pack_sparse_s8 or PackedSparse.from_bytes")
+    q = np.zeros((slices(ps.n) * SLICE, ps.k + WINDOW), np.int8)
+    rows = np.repeat(np.arange(slices(ps.n)) * SLICE, np.diff(ps.slice_ptr))
+    o = np.flatnonzero(ps.val)
+    step, lane = o // STEP, o % STEP // SLOTS
+    col = ps.starts[step].astype(np.int64) + (ps.idx[o] & 15) + 16 * (ps.idx[o] >> 7)
+    q[rows[step] + lane, col] = ps.val[o]
+    if np.any(q[ps.n:]) or np.any(q[:, ps.k:]):
+        raise KernelError(f"sparse weights: a weight outside the {ps.n} x {ps.k} matrix; the data is corrupt")
+    return np.ascontiguousarray(q[:ps.n, :ps.k])

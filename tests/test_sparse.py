@@ -15,6 +15,7 @@ from fxopt.core.drift import tensor_drift
 from fxopt.core.errors import ArtifactError
 from fxopt.kernels import api as K
 from fxopt.kernels import reference as R
+from fxopt.kernels.sparse_pack import STEP
 from fxopt.runtime import kernel_ops
 from fxopt.runtime.kernel_args import check_lowered
 
@@ -40,8 +41,10 @@ def test_int32_products_equal_numpy_and_the_dense_kernel(isa, m, n, k, density):
     q, s = sparse_weights(rng, n, k, density)
     q[0, :min(k, 8)] = 127   # large weights side by side: pairs that must not saturate in int16
     q[-1, :min(k, 8)] = -127
+    q[1 % n, :min(k, 16)] = -127
     a = rng.integers(0, 256, (m, k), dtype=np.uint8)
     a[:, :8] = 255
+    a[:, 8:16] = 0           # the ends of the uint8 range against the largest weights of both signs
     with K.use_isa(isa):
         got = K.gemm_sparse_s32(a, K.pack_sparse_s8(q, s))
         dense = K.gemm_u8s8_s32(a, K.pack_weights_s8(q, s))
@@ -116,14 +119,60 @@ def test_a_corrupt_layout_is_refused_not_read():
     ps = K.pack_sparse_s8(q, s)
     blob = ps.to_bytes()
     again = K.PackedSparse.from_bytes(blob, ps.scales, ps.col_sums, 16, 40)
-    assert all(np.array_equal(a, b) for a, b in zip(again[:4], ps[:4]))
-    bad_chunk = blob.copy()
-    bad_chunk[4 * 3:4 * 3 + 2] = 255                    # the first step's chunk, far past K
+    assert all(np.array_equal(a, b) for a, b in zip(again, ps))
+    bad_start = blob.copy()
+    bad_start[4 + 4 * 3:4 + 4 * 3 + 4] = 255            # the first step's start: -1
     bad_idx = blob.copy()
-    bad_idx[-2 * ps.idx.size] = 16                      # a slot index past its chunk
-    for bad, match in ((blob[:-1], "corrupt"), (bad_chunk, "past K"), (bad_idx, "past K")):
+    bad_idx[-2 * ps.idx.size] = 16                      # a slot index past its window
+    bad_val = blob.copy()
+    bad_val[-1] = 128                                   # a weight of -128: |w| would not fit int8
+    old = blob[4:].copy()                               # the sparse-pack-1 layout began with slice_ptr
+    for bad, match in ((blob[:-1], "corrupt"), (bad_start, "past K"), (bad_idx, "past K"), (bad_val, "-128"),
+                       (old, "another fxopt version")):
         with pytest.raises(K.KernelError, match=match):
             K.PackedSparse.from_bytes(bad, ps.scales, ps.col_sums, 16, 40)
+
+
+def _magnitude_pruned(n, k, amount, seed=0):
+    """int8 weights of an nn.Linear pruned by torch's l1_unstructured: every weight left is
+    near the row's largest, so all of them quantize to |q| >= 100 (the case that once took
+    a slot pair per weight)."""
+    torch.manual_seed(seed)
+    lin = torch.nn.Linear(k, n)
+    prune.l1_unstructured(lin, "weight", amount=amount)
+    return K.quantize_weights_s8(lin.weight.detach().numpy())
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_large_weights_fill_the_slots_and_stay_exact(isa):
+    q, s = _magnitude_pruned(256, 512, 0.9)
+    nonzero = q[q != 0]
+    assert np.abs(nonzero).min() >= 100
+    ps = K.pack_sparse_s8(q, s)
+    # at least half the slots hold a weight (the pair rule of sparse-pack-1 left 26 % filled)
+    assert nonzero.size / (ps.steps * STEP) > 0.5
+    rng = np.random.default_rng(3)
+    a = rng.integers(0, 256, (5, 512), dtype=np.uint8)
+    a[0], a[1] = 255, 0
+    x = rng.standard_normal((1, 512)).astype(np.float32)
+    with K.use_isa(isa):
+        np.testing.assert_array_equal(K.gemm_sparse_s32(a, ps), R.gemm_u8s8_s32(a, q))
+        np.testing.assert_array_equal(K.linear_sparse_f32(x, ps, n_threads=1),
+                                      K.linear_f32(x, K.pack_weights_s8(q, s), n_threads=1))
+
+
+@pytest.mark.parametrize("m,n,k,density", SHAPES)
+def test_unpack_gives_back_the_packed_matrix(m, n, k, density):
+    q, s = sparse_weights(np.random.default_rng(n + k), n, k, density)
+    ps = K.pack_sparse_s8(q, s)
+    for packed in (ps, K.PackedSparse.from_bytes(ps.to_bytes(), ps.scales, ps.col_sums, n, k)):
+        back = K.unpack_sparse_s8(packed)
+        assert back.dtype == np.int8 and back.shape == (n, k)
+        np.testing.assert_array_equal(back, q)
+    q2, _ = _magnitude_pruned(70, 300, 0.8)
+    np.testing.assert_array_equal(K.unpack_sparse_s8(K.pack_sparse_s8(q2, np.ones(70, np.float32))), q2)
+    with pytest.raises(K.KernelError, match="PackedSparse"):
+        K.unpack_sparse_s8(K.pack_weights_s8(q, s))
 
 
 # --- through optimize ------------------------------------------------------------------
@@ -195,8 +244,8 @@ def test_a_corrupt_sparse_layout_in_a_model_is_refused(pruned_mlp):
     fast = _optimize(model, data.x_test[:4], sparse="always")
     node = next(n for n in fast.graph.nodes if n.target is kernel_ops.linear_int8_sparse)
     packed = getattr(fast, node.args[1].target)
-    steps = int(packed[:4 * ((node.args[5] + 7) // 8 + 1)].view(torch.int32)[-1])
-    packed[packed.numel() - 2 * 32 * steps] = 200           # the first slot index, far past its chunk
+    steps = int(packed[4:4 + 4 * ((node.args[5] + 7) // 8 + 1)].view(torch.int32)[-1])
+    packed[packed.numel() - 2 * 32 * steps] = 200           # the first slot index, far past its window
     with pytest.raises(ArtifactError, match="past K"):
         check_lowered(fast)
 
