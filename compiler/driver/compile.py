@@ -61,6 +61,7 @@ OPTIONS = {
               "one at the example row count and runs the faster (default True; the layer table says "
               "which and both times); False keeps every linear on the dense kernel; 'always' takes the "
               "sparse kernel wherever the zeros allow, untimed (reproducible)",
+    "group_size": "cpu-int4: weights per int4 scale along K: 32 (default), 64 or 128",
 }
 INSTRUMENTS = ("print_ir_after", "dump_dir", "stop_after", "disable", "drift")
 

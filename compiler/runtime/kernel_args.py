@@ -18,11 +18,13 @@ from torch import fx
 from fxopt.core.errors import ArtifactError
 from fxopt.kernels.dispatch import KernelError
 from fxopt.kernels.pack import packed_nbytes
+from fxopt.kernels.int4_pack import check_shapes as check_int4_shapes
 from fxopt.kernels.sparse import PackedSparse
 
 # kernel ops whose named arguments must be weights of the graph
 WEIGHT_ARGS = {"linear_int8": ("packed", "w_scale", "col_sums", "b"),
                "linear_int8_sparse": ("packed", "w_scale", "col_sums", "b"),
+               "linear_int4": ("packed", "w_scale", "col_sums", "b"),
                "conv2d_int8": ("packed", "w_scale", "col_sums", "b"),
                "embedding_int8": ("w_q", "w_scale"), "layer_norm": ("weight", "bias")}
 
@@ -53,6 +55,22 @@ def check_sparse_linear(packed, w_scale, col_sums, b, n, k) -> None:
         PackedSparse.from_bytes(packed.numpy(), w_scale.numpy(), col_sums.numpy(), n, k)
     except KernelError as e:
         raise BadKernelArgs(str(e)) from None
+
+
+def check_int4_linear(packed, w_scale, col_sums, b, n, k) -> None:
+    """linear_int4's buffers: packed nibbles (uint8, N padded to 8 by K / 2), scales float32
+    and col_sums int32 (N, K / group) with a supported group size, bias."""
+    _positive("n", n)
+    _positive("k", k)
+    for name, t in (("packed", packed), ("w_scale", w_scale), ("col_sums", col_sums)):
+        if not (isinstance(t, torch.Tensor) and t.device.type == "cpu" and t.is_contiguous()):
+            raise BadKernelArgs(f"{name} must be a contiguous CPU tensor, got {_show(t)}")
+    try:
+        check_int4_shapes(packed.numpy(), w_scale.numpy(), col_sums.numpy(), n, k)
+    except KernelError as e:
+        raise BadKernelArgs(str(e)) from None
+    if b is not None:
+        _buffer("bias", b, (torch.float32,), (n,))
 
 
 def check_conv(packed, w_scale, col_sums, b, geometry, stride, padding, dilation) -> None:
@@ -112,6 +130,10 @@ def _check_node(gm, node, op) -> None:
         _quant_params(a["out_scale"], a["out_zp"])
     elif op == "linear_int8_sparse":
         check_sparse_linear(a["packed"], a["w_scale"], a["col_sums"], a["b"], a["n"], a["k"])
+        _quant_params(a["a_scale"], a["a_zp"])
+        _quant_params(a["out_scale"], a["out_zp"])
+    elif op == "linear_int4":
+        check_int4_linear(a["packed"], a["w_scale"], a["col_sums"], a["b"], a["n"], a["k"])
         _quant_params(a["a_scale"], a["a_zp"])
         _quant_params(a["out_scale"], a["out_zp"])
     elif op == "conv2d_int8":

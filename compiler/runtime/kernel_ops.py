@@ -21,7 +21,7 @@ from fxopt.kernels import api as K
 from fxopt.kernels.threads import launch_guard
 from fxopt.quant import qops
 from fxopt.runtime import saturation
-from fxopt.runtime.kernel_args import check_conv, check_linear, check_sparse_linear
+from fxopt.runtime.kernel_args import check_conv, check_int4_linear, check_linear, check_sparse_linear
 
 # x may arrive already quantized (uint8, with the static a_scale/a_zp of this op), and with
 # out_scale > 0 the op hands its output on as uint8 for the next int8 op: chained int8 ops
@@ -33,6 +33,13 @@ _lib.define("linear_int8(Tensor x, Tensor packed, Tensor w_scale, Tensor col_sum
 # The same op on sparse weights: `packed` holds kernels.sparse.PackedSparse.to_bytes() (the
 # slot layout), every other argument and the result are linear_int8's, bit for bit.
 _lib.define("linear_int8_sparse(Tensor x, Tensor packed, Tensor w_scale, Tensor col_sums, Tensor? b, "
+            "int n, int k, str act, float[] act_args, float a_scale, int a_zp, "
+            "float out_scale=0.0, int out_zp=0, Tensor? residual=None) -> Tensor")
+# The same op on int4 weights (kernels/int4.py): `packed` holds the nibbles (N padded to 8
+# columns, K / 2 bytes a column), w_scale float32 and col_sums int32 are (N, K / group), one
+# per group of `group` weights along K (the group size is K / w_scale.shape[1]); every other
+# argument and the result are linear_int8's.
+_lib.define("linear_int4(Tensor x, Tensor packed, Tensor w_scale, Tensor col_sums, Tensor? b, "
             "int n, int k, str act, float[] act_args, float a_scale, int a_zp, "
             "float out_scale=0.0, int out_zp=0, Tensor? residual=None) -> Tensor")
 
@@ -151,6 +158,28 @@ def _packed_sparse(packed, w_scale, col_sums, b, n, k):
     return cached
 
 
+def pack_linear_int4(w_q: torch.Tensor, w_scale: torch.Tensor) -> dict:
+    """pack_linear for int4 weights (quantize_weight_groups' w_q and its (N, K / group)
+    scales): the buffers linear_int4 takes."""
+    q = w_q.numpy()
+    group = q.shape[1] // w_scale.shape[1]
+    pw = K.pack_int4(q, w_scale.numpy().astype(np.float32), group)
+    scales, col_sums = pw.natural()
+    return {"packed": torch.from_numpy(pw.data), "w_scale": torch.from_numpy(scales),
+            "col_sums": torch.from_numpy(col_sums), "n": int(pw.n), "k": int(pw.k)}
+
+
+def _packed_int4(packed, w_scale, col_sums, b, n, k):
+    cached = getattr(packed, "_fxopt_packed", None)
+    if cached is None:
+        check_int4_linear(packed, w_scale, col_sums, b, n, k)
+        pw = K.PackedInt4.from_arrays(packed.numpy(), w_scale.numpy(), col_sums.numpy(), int(n), int(k))
+        bias = None if b is None else np.ascontiguousarray(b.detach().numpy(), np.float32)
+        cached = (pw, bias)
+        packed._fxopt_packed = cached
+    return cached
+
+
 def _aligned(a: np.ndarray) -> np.ndarray:
     out = K.aligned_empty(a.shape, a.dtype)
     out[...] = a
@@ -158,12 +187,12 @@ def _aligned(a: np.ndarray) -> np.ndarray:
 
 
 def linear_call(packed, w_scale, col_sums, b, n, k, act, act_args, a_scale, a_zp, out_scale=0.0, out_zp=0,
-                sparse=False):
+                sparse=False, int4=False):
     """The linear_int8 op (linear_int8_sparse with sparse) for one layer with all but x and the
     residual bound, on torch tensors: call(x, residual=None) -> tensor. The op calls it; see
     linear_np_call."""
     np_call = linear_np_call(packed, w_scale, col_sums, b, n, k, act, act_args, a_scale, a_zp, out_scale, out_zp,
-                             sparse)
+                             sparse, int4)
     f32, u8 = torch.float32, torch.uint8
 
     def call(x, residual=None):
@@ -186,7 +215,7 @@ class _Calls(dict):
 
 
 def linear_np_call(packed, w_scale, col_sums, b, n, k, act, act_args, a_scale, a_zp, out_scale=0.0, out_zp=0,
-                   sparse=False):
+                   sparse=False, int4=False):
     """linear_int8 (linear_int8_sparse with sparse) for one layer on numpy arrays:
     call(x, residual=None) -> array, x (..., K) float32 or uint8 (quantized with a_scale, a_zp),
     the residual float32 (..., N). Built once per layer and epilogue and kept on the packed
@@ -198,12 +227,16 @@ def linear_np_call(packed, w_scale, col_sums, b, n, k, act, act_args, a_scale, a
     call = calls.get(key)
     if call is None:
         call = calls[key] = _bind_linear(packed, w_scale, col_sums, b, n, k, act, act_args, a_scale, a_zp,
-                                         out_scale, out_zp, sparse)
+                                         out_scale, out_zp, sparse, int4)
     return call
 
 
-def _bind_linear(packed, w_scale, col_sums, b, n, k, act, act_args, a_scale, a_zp, out_scale, out_zp, sparse):
-    if sparse:
+def _bind_linear(packed, w_scale, col_sums, b, n, k, act, act_args, a_scale, a_zp, out_scale, out_zp, sparse,
+                 int4=False):
+    if int4:
+        pw, bias = _packed_int4(packed, w_scale, col_sums, b, n, k)
+        kernel = K.bind_linear_int4(pw, bias, act, tuple(act_args), a_scale, a_zp, out_scale, out_zp)
+    elif sparse:
         ps, bias = _packed_sparse(packed, w_scale, col_sums, b, n, k)
         kernel = K.bind_linear_sparse(ps, bias, act, tuple(act_args), a_scale, a_zp, out_scale, out_zp)
     else:
@@ -258,6 +291,13 @@ def _linear_int8_sparse(x, packed, w_scale, col_sums, b, n, k, act, act_args, a_
                         out_scale=0.0, out_zp=0, residual=None):
     call = linear_call(packed, w_scale, col_sums, b, n, k, act, act_args, a_scale, a_zp, out_scale, out_zp,
                        sparse=True)
+    return call(x, residual)
+
+
+def _linear_int4(x, packed, w_scale, col_sums, b, n, k, act, act_args, a_scale, a_zp,
+                 out_scale=0.0, out_zp=0, residual=None):
+    call = linear_call(packed, w_scale, col_sums, b, n, k, act, act_args, a_scale, a_zp, out_scale, out_zp,
+                       int4=True)
     return call(x, residual)
 
 
@@ -316,6 +356,7 @@ def _guarded(op):
 
 _lib.impl("linear_int8", _guarded(_linear_int8), "CPU")
 _lib.impl("linear_int8_sparse", _guarded(_linear_int8_sparse), "CPU")
+_lib.impl("linear_int4", _guarded(_linear_int4), "CPU")
 _lib.impl("layer_norm", _guarded(_layer_norm), "CPU")
 _lib.impl("attention_int8", _guarded(_attention_int8), "CPU")
 _lib.impl("conv2d_int8", _guarded(_conv2d_int8), "CPU")
@@ -329,6 +370,7 @@ def _linear_int8_fake(x, packed, w_scale, col_sums, b, n, k, act, act_args, a_sc
 
 
 torch.library.register_fake("fxopt::linear_int8_sparse")(_linear_int8_fake)
+torch.library.register_fake("fxopt::linear_int4")(_linear_int8_fake)
 
 
 @torch.library.register_fake("fxopt::conv2d_int8")
@@ -353,7 +395,9 @@ def _layer_norm_fake(x, weight=None, bias=None, eps=1e-05):
 
 linear_int8 = torch.ops.fxopt.linear_int8.default
 linear_int8_sparse = torch.ops.fxopt.linear_int8_sparse.default
-LINEARS = (linear_int8, linear_int8_sparse)   # the lowered int8 linears: one schema, two weight layouts
+linear_int4 = torch.ops.fxopt.linear_int4.default
+# the lowered linears: one schema (int8 activations), three weight layouts
+LINEARS = (linear_int8, linear_int8_sparse, linear_int4)
 layer_norm = torch.ops.fxopt.layer_norm.default
 attention_int8 = torch.ops.fxopt.attention_int8.default
 conv2d_int8 = torch.ops.fxopt.conv2d_int8.default
