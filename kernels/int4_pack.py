@@ -45,11 +45,15 @@ class PackedInt4:
 
     @classmethod
     def from_arrays(cls, data, scales, col_sums, n, k):
-        """Rebuild from the op's stored buffers: data (the packed bytes), scales and col_sums
-        (N, K/group) as pack_int4 returns them in `natural_scales`; checks every shape."""
+        """Rebuild from the op's stored buffers: data (the packed bytes), scales (N, K/group)
+        and col_sums (N, K/group), or an empty col_sums: computed from the bytes (a graph
+        stores none, they would take a quarter of the int4 bytes); checks every shape."""
         group = check_shapes(data, scales, col_sums, n, k)
-        return cls(np.ascontiguousarray(data), _blocked(scales, n, np.float32(1)),
-                   _blocked(col_sums, n, np.int32(0)), n, k, group)
+        data = np.ascontiguousarray(data)
+        sums = nibble_group_sums(data, n, k, group)
+        if col_sums.size and not np.array_equal(sums, _blocked(col_sums, n, np.int32(0))):
+            raise KernelError("int4: col_sums are not the group sums of the packed weights")
+        return cls(data, _blocked(scales, n, np.float32(1)), sums, n, k, group)
 
     def natural(self):
         """(scales, col_sums) as (N, K/group) arrays, the form stored in a graph."""
@@ -76,15 +80,14 @@ def check_shapes(data, scales, col_sums, n, k):
     check_group(k, group)
     if scales.dtype != np.float32 or not np.all(np.isfinite(scales)):
         raise KernelError("int4: scales must be finite float32")
-    if not (isinstance(col_sums, np.ndarray) and col_sums.dtype == np.int32 and col_sums.shape == scales.shape):
-        raise KernelError(f"int4: col_sums must be int32 {scales.shape}, got "
+    if not (isinstance(col_sums, np.ndarray) and col_sums.dtype == np.int32
+            and (col_sums.shape == scales.shape or col_sums.shape == (0,))):
+        raise KernelError(f"int4: col_sums must be int32 {scales.shape} or empty (0,), got "
                           f"{getattr(col_sums, 'dtype', type(col_sums))} {getattr(col_sums, 'shape', '')}")
     nbytes = -(-n // COLS) * COLS * k // 2
     if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 1 and data.size == nbytes):
         raise KernelError(f"int4: packed data must be {nbytes} uint8 bytes for N={n}, K={k}, got "
                           f"{getattr(data, 'dtype', type(data))} {getattr(data, 'shape', '')}")
-    if np.any(np.abs(col_sums) > QMAX * group):
-        raise KernelError(f"int4: col_sums beyond +-{QMAX * group}: not the sums of int4 groups")
     return group
 
 
@@ -116,6 +119,14 @@ def pack_int4(q, scales, group):
     col_sums = q.astype(np.int32).reshape(n, k // group, group).sum(axis=2, dtype=np.int32)
     return PackedInt4(pack_nibbles(q), _blocked(scales, n, np.float32(1)), _blocked(col_sums, n, np.int32(0)),
                       n, k, group)
+
+
+def nibble_group_sums(data, n, k, group):
+    """int32 (blocks, groups, COLS): each column's sum of q over each group, from the bytes."""
+    nb = -(-n // COLS)
+    b = data.reshape(nb, k // group, group // STEP_K, COLS, 4)
+    s = (b & 15).astype(np.int32) + (b >> 4)
+    return np.ascontiguousarray(s.sum(axis=(2, 4), dtype=np.int32) - 8 * group)
 
 
 def pack_nibbles(q):

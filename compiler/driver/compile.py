@@ -18,6 +18,7 @@ from fxopt.core.pass_base import PassContext
 from fxopt.core.pass_manager import Instruments, PassManager, snapshot
 from fxopt.core.pipeline import Pipeline, target_pipeline
 from fxopt.driver.compile_notice import NOTICE as COMPILE_NOTICE
+from fxopt.passes.quantize_int4 import check_group_size
 from fxopt.pruning.structured import with_pruning
 from fxopt.quant.weight_sharing import with_sharing
 from fxopt.report import model_report
@@ -160,6 +161,8 @@ def _check_options(options: dict) -> None:
         raise TypeError(f"latency_aware must be True or False, got {options['latency_aware']!r}")
     if options.get("sparse", True) not in (True, False, "always"):
         raise TypeError(f"sparse must be True, False or 'always', got {options['sparse']!r}")
+    if "group_size" in options:
+        check_group_size(options["group_size"])
 
 
 def _tuple(key, value):

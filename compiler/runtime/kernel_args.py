@@ -59,7 +59,7 @@ def check_sparse_linear(packed, w_scale, col_sums, b, n, k) -> None:
 
 def check_int4_linear(packed, w_scale, col_sums, b, n, k) -> None:
     """linear_int4's buffers: packed nibbles (uint8, N padded to 8 by K / 2), scales float32
-    and col_sums int32 (N, K / group) with a supported group size, bias."""
+    (N, K / group) with a supported group size, col_sums int32 of that shape or empty, bias."""
     _positive("n", n)
     _positive("k", k)
     for name, t in (("packed", packed), ("w_scale", w_scale), ("col_sums", col_sums)):

@@ -160,13 +160,14 @@ def _packed_sparse(packed, w_scale, col_sums, b, n, k):
 
 def pack_linear_int4(w_q: torch.Tensor, w_scale: torch.Tensor) -> dict:
     """pack_linear for int4 weights (quantize_weight_groups' w_q and its (N, K / group)
-    scales): the buffers linear_int4 takes."""
+    scales): the buffers linear_int4 takes. col_sums is empty: the op computes the sums from
+    the packed bytes when it first binds them, so a saved model holds only nibbles and scales."""
     q = w_q.numpy()
     group = q.shape[1] // w_scale.shape[1]
     pw = K.pack_int4(q, w_scale.numpy().astype(np.float32), group)
-    scales, col_sums = pw.natural()
-    return {"packed": torch.from_numpy(pw.data), "w_scale": torch.from_numpy(scales),
-            "col_sums": torch.from_numpy(col_sums), "n": int(pw.n), "k": int(pw.k)}
+    packed = torch.from_numpy(pw.data)
+    return {"packed": packed, "w_scale": torch.from_numpy(pw.natural()[0]),
+            "col_sums": torch.empty(0, dtype=torch.int32), "n": int(pw.n), "k": int(pw.k)}
 
 
 def _packed_int4(packed, w_scale, col_sums, b, n, k):
