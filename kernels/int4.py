@@ -33,12 +33,16 @@ from .epilogue import EP_ACT, EP_OSCALE, EP_OZP, EP_P0, EP_P1, EP_RES_FIRST, add
 from .int4_pack import COLS, STEP_BYTES, STEP_K, PackedInt4, pack_int4, unpack_int4  # noqa: F401
 from .linear import _bias, _residual, epilogue_params, get_num_threads
 from .quantize import quantize_rows_range, quantize_tensor_into
-from .rowops import call_llvm
+from .gemm import _COUNTER_STRIDE, _count_add, _starts
+from .rowops import borrowed, call_llvm
 
-KERNEL_VERSION = "int4-1"
+KERNEL_VERSION = "int4-2"
 ROWS = 4            # activation rows a tile computes at once (they share each weight load)
 # below this many multiply-adds a thread launch costs more than it saves (as linear.py)
 PARALLEL_MIN_MACS = 1 << 18
+JOB_BLOCKS = 4      # column blocks (of COLS) a worker takes from the shared counter at once
+# activation elements from which the threads quantize the rows too (a launch of its own)
+PARALLEL_PREP = 1 << 16
 
 _i8, _i16, _i32, _f32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.FloatType()
 _F0, _F1, _F255 = np.float32(0), np.float32(1), np.float32(255)
@@ -201,14 +205,13 @@ def _finish_impl(mr, m0, n0, ncols, f, ascale, bias, res, ep, out, y):
 
 
 @njit(inline="always")
-def _blocks(simd, b0, b1, a, ascale, azp, xsum, w, colsum, scales, group, bias, res, ep, out):
-    """Output column blocks b0..b1-1 for every row of a, ROWS rows at a time."""
+def _blocks(simd, b0, b1, a, ascale, azp, xsum, w, colsum, scales, group, bias, res, ep, out, f, y):
+    """Output column blocks b0..b1-1 for every row of a, ROWS rows at a time; f (ROWS * COLS)
+    and y (1, COLS) are the caller's float32 scratch."""
     m, n = a.shape[0], out.shape[1]
     k = a.shape[1]
     groups = k // group
     steps = group // STEP_K
-    f = np.empty(ROWS * COLS, np.float32)
-    y = np.empty((1, COLS), np.float32)
     for nb in range(b0, b1):
         n0 = nb * COLS
         ncols = min(COLS, n - n0)
@@ -241,6 +244,27 @@ def _prepare_rows(x, aq, a_scale, a_zp, a, ascale, azp, xsum, group, i0, i1):
             xsum[i, g] = s
 
 
+@njit(inline="always")
+def _worker(simd, wk, threads, nxt, njobs, nblocks, a, ascale, azp, xsum, w, colsum, scales, group, bias, res,
+            ep, out):
+    """Worker wk's share of the jobs (JOB_BLOCKS column blocks each), then what is left of the
+    others', from the same atomic counters (as gemm._worker): a worker the OS delays on a
+    shared machine holds up nobody, and in the common case each keeps its columns' weights."""
+    a, ascale, azp, xsum, w = borrowed(a), borrowed(ascale), borrowed(azp), borrowed(xsum), borrowed(w)
+    colsum, scales, bias, res, ep, out = borrowed(colsum), borrowed(scales), borrowed(bias), borrowed(res), \
+        borrowed(ep), borrowed(out)
+    f, y = np.empty(ROWS * COLS, np.float32), np.empty((1, COLS), np.float32)
+    for v in range(threads):
+        owner = (wk + v) % threads
+        hi = (owner + 1) * njobs // threads
+        while True:
+            j = _count_add(nxt, owner * _COUNTER_STRIDE, 1)
+            if j >= hi:
+                break
+            _blocks(simd, j * JOB_BLOCKS, min(nblocks, (j + 1) * JOB_BLOCKS), a, ascale, azp, xsum, w, colsum,
+                    scales, group, bias, res, ep, out, f, y)
+
+
 def _entries(simd):
     """Serial and threaded entries of one path (simd: the AVX2 intrinsic, else plain loops)."""
     @njit(cache=CACHE)
@@ -250,8 +274,9 @@ def _entries(simd):
         ascale, azp = np.empty(m, np.float32), np.empty(m, np.int32)
         xsum = np.empty((m, k // group), np.int32)
         _prepare_rows(x, aq, a_scale, a_zp, a, ascale, azp, xsum, group, 0, m)
+        f, y = np.empty(ROWS * COLS, np.float32), np.empty((1, COLS), np.float32)
         _blocks(simd, 0, (out.shape[1] + COLS - 1) // COLS, a, ascale, azp, xsum, w, colsum, scales, group,
-                bias, res, ep, out)
+                bias, res, ep, out, f, y)
 
     @njit(cache=CACHE, parallel=True)
     def parallel(x, aq, a_scale, a_zp, w, colsum, scales, group, bias, res, ep, out, threads):
@@ -259,13 +284,18 @@ def _entries(simd):
         a = np.empty((m, k), np.uint8)
         ascale, azp = np.empty(m, np.float32), np.empty(m, np.int32)
         xsum = np.empty((m, k // group), np.int32)
-        for t in prange(threads):
-            _prepare_rows(x, aq, a_scale, a_zp, a, ascale, azp, xsum, group, t * m // threads,
-                          (t + 1) * m // threads)
+        if m * k >= PARALLEL_PREP:
+            for t in prange(threads):
+                _prepare_rows(x, aq, a_scale, a_zp, a, ascale, azp, xsum, group, t * m // threads,
+                              (t + 1) * m // threads)
+        else:                                  # a few rows: not worth a launch of their own
+            _prepare_rows(x, aq, a_scale, a_zp, a, ascale, azp, xsum, group, 0, m)
         nblocks = (out.shape[1] + COLS - 1) // COLS
-        for t in prange(threads):
-            _blocks(simd, t * nblocks // threads, (t + 1) * nblocks // threads, a, ascale, azp, xsum, w, colsum,
-                    scales, group, bias, res, ep, out)
+        njobs = (nblocks + JOB_BLOCKS - 1) // JOB_BLOCKS
+        nxt = _starts(njobs, threads)
+        for wk in prange(threads):
+            _worker(simd, wk, threads, nxt, njobs, nblocks, a, ascale, azp, xsum, w, colsum, scales, group, bias,
+                    res, ep, out)
     return serial, parallel
 
 

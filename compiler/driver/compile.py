@@ -63,6 +63,8 @@ OPTIONS = {
               "which and both times); False keeps every linear on the dense kernel; 'always' takes the "
               "sparse kernel wherever the zeros allow, untimed (reproducible)",
     "group_size": "cpu-int4: weights per int4 scale along K: 32 (default), 64 or 128",
+    "int4_rounding": "cpu-int4: 'auto' (default: GPTQ rounding with calibration_data, else round to "
+                     "nearest), 'nearest' or 'gptq' (GPTQ on the calibration data, or the example inputs)",
 }
 INSTRUMENTS = ("print_ir_after", "dump_dir", "stop_after", "disable", "drift")
 
