@@ -20,12 +20,14 @@ from __future__ import annotations
 
 from fxopt.core import fxops
 from fxopt.core.ir import add_weight, get_weight, insert_call, is_weight, layer_name
+from fxopt.core.ops import OpKind, arg, kind_of
 from fxopt.core.pass_base import PassInfo, PassResult
+from fxopt.runtime import kernel_ops
 from fxopt.quant import qops
 from fxopt.quant.calibrate import calibration_inputs, observe
 from fxopt.quant.gptq import HessianObserver, gptq_groups
 
-PASS = PassInfo("quantize_int4", requires=("fuse_epilogues",), options={"group_size": None, "skip": (), "rounding": None},
+PASS = PassInfo("quantize_int4", requires=("fuse_epilogues",), options={"group_size": None, "skip": (), "rounding": None, "embeddings": True},
                 doc="int4 weights in groups along K (int8 activations) for linears")
 
 GROUP_SIZES = (32, 64, 128)
@@ -41,7 +43,7 @@ def check_group_size(group_size) -> int:
     return int(group_size)
 
 
-def run(gm, ctx, group_size=None, skip=(), rounding=None) -> PassResult:
+def run(gm, ctx, group_size=None, skip=(), rounding=None, embeddings=True) -> PassResult:
     group_size = check_group_size(ctx.get("group_size", 32) if group_size is None else group_size)
     rounding = ctx.get("int4_rounding", "auto") if rounding is None else rounding
     if rounding not in ROUNDINGS:
@@ -49,12 +51,15 @@ def run(gm, ctx, group_size=None, skip=(), rounding=None) -> PassResult:
     if rounding == "auto":
         rounding = "gptq" if ctx.state.get("calibration_data") is not None else "nearest"
     kept = ctx.state.setdefault("quantize_int4", {})
-    stats = {"int4": 0, "kept_int8": 0, "gptq": 0}
+    stats = {"int4": 0, "kept_int8": 0, "gptq": 0, "embedding": 0}
     units = []
     for node in list(gm.graph.nodes):
+        name = node.meta.get("fxopt_layer") or layer_name(node)
+        if embeddings and kind_of(node) is OpKind.EMBEDDING and name not in skip:
+            stats["embedding"] += _quantize_embedding(gm, node, name, group_size)
+            continue
         if node.target is not fxops.linear_act:
             continue
-        name = node.meta.get("fxopt_layer") or layer_name(node)
         if name in skip or not is_weight(node.args[1]):
             continue                                  # quantize_int8 decides and says why
         weight = get_weight(gm, node.args[1])
@@ -88,6 +93,26 @@ def _hessians(gm, ctx, nodes) -> dict:
 
 def _divisor(k: int) -> int | None:
     return next((g for g in reversed(GROUP_SIZES) if k % g == 0), None)
+
+
+def _quantize_embedding(gm, node, name: str, group_size: int) -> int:
+    """An int4 table (weight-only, scales per group along the row); 0 if left to quantize_int8."""
+    table = node.args[0]
+    if not is_weight(table) or arg(node, 4, "sparse", False):
+        return 0
+    weight = get_weight(gm, table)
+    if weight.dim() != 2 or weight.shape[1] % group_size:
+        return 0
+    q, s = qops.quantize_weight_groups(weight.detach().float(), bits=4, group_size=group_size)
+    buffers = kernel_ops.pack_embedding_int4(q, s)
+    packed = add_weight(gm, f"{name}.weight_int4", buffers["packed"], before=node)
+    scale = add_weight(gm, f"{name}.weight_scale", buffers["w_scale"], before=node)
+    new = insert_call(gm, node, kernel_ops.embedding_int4, (packed, scale, node.args[1]), like=node)
+    new.meta[QUANT] = {"int8": True, "bits": 4, "group_size": group_size, "mode": "weight-only",
+                       "reason": f"int4 table, a scale per group of {group_size} along the row"}
+    node.replace_all_uses_with(new)
+    gm.graph.erase_node(node)
+    return 1
 
 
 def _quantize(gm, node, name: str, weight, group_size: int, hessian=None) -> None:

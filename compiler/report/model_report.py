@@ -32,7 +32,7 @@ from fxopt.runtime.input_check import input_specs
 _FP32_UNITS = {fxops.linear_act: "linear", fxops.conv2d_act: "conv2d"}
 _INT8_UNITS = {qops.quantized_linear: "linear", qops.quantized_conv2d: "conv2d",
                kernel_ops.linear_int8: "linear", kernel_ops.linear_int8_sparse: "linear",
-               kernel_ops.linear_int4: "linear",
+               kernel_ops.linear_int4: "linear", kernel_ops.embedding_int4: "embedding",
                kernel_ops.conv2d_int8: "conv2d",
                qops.embedding_int8: "embedding", qops.quantized_attention: "attention",
                kernel_ops.attention_int8: "attention"}

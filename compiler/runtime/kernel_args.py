@@ -26,7 +26,7 @@ WEIGHT_ARGS = {"linear_int8": ("packed", "w_scale", "col_sums", "b"),
                "linear_int8_sparse": ("packed", "w_scale", "col_sums", "b"),
                "linear_int4": ("packed", "w_scale", "col_sums", "b"),
                "conv2d_int8": ("packed", "w_scale", "col_sums", "b"),
-               "embedding_int8": ("w_q", "w_scale"), "layer_norm": ("weight", "bias")}
+               "embedding_int8": ("w_q", "w_scale"), "embedding_int4": ("packed", "w_scale"), "layer_norm": ("weight", "bias")}
 
 
 class BadKernelArgs(ValueError):
@@ -71,6 +71,19 @@ def check_int4_linear(packed, w_scale, col_sums, b, n, k) -> None:
         raise BadKernelArgs(str(e)) from None
     if b is not None:
         _buffer("bias", b, (torch.float32,), (n,))
+
+
+def check_embedding_int4(packed, w_scale) -> None:
+    """embedding_int4's table: packed uint8 (V, D / 2), scales float32 (V, D / group), group 32/64/128."""
+    if not (isinstance(packed, torch.Tensor) and packed.dtype == torch.uint8 and packed.dim() == 2
+            and packed.is_contiguous()):
+        raise BadKernelArgs(f"embedding_int4: packed must be a contiguous 2-D uint8 tensor, got {_show(packed)}")
+    v, d = packed.shape[0], 2 * packed.shape[1]
+    if not (isinstance(w_scale, torch.Tensor) and w_scale.dtype == torch.float32 and w_scale.dim() == 2
+            and w_scale.shape[0] == v and w_scale.shape[1] > 0 and d % w_scale.shape[1] == 0
+            and d // w_scale.shape[1] in (32, 64, 128)):
+        raise BadKernelArgs(f"embedding_int4: w_scale must be float32 ({v}, {d} / group) with a group of "
+                            f"32, 64 or 128, got {_show(w_scale)}")
 
 
 def check_conv(packed, w_scale, col_sums, b, geometry, stride, padding, dilation) -> None:
@@ -142,6 +155,8 @@ def _check_node(gm, node, op) -> None:
         _quant_params(a["a_scale"], a["a_zp"])
     elif op == "embedding_int8":
         check_embedding(a["w_q"], a["w_scale"])
+    elif op == "embedding_int4":
+        check_embedding_int4(a["packed"], a["w_scale"])
     elif op == "layer_norm":
         for t in (a["weight"], a["bias"]):
             if t is not None and not (t.dtype == torch.float32 and t.dim() == 1):

@@ -45,6 +45,10 @@ _lib.define("linear_int4(Tensor x, Tensor packed, Tensor w_scale, Tensor col_sum
 
 
 # A conv's residual (same shape as its output) is added before the activation: relu(conv(x) + r).
+# An int4 embedding table (cpu-int4): row v's weights q[v, 2j], q[v, 2j + 1] in the low and
+# high nibble of packed[v, j] (each + 8), a float32 scale per group of D / w_scale.shape[1]
+# along the row: quantize_weight_groups' numbers, weight-only (a gather needs no kernel).
+_lib.define("embedding_int4(Tensor packed, Tensor w_scale, Tensor indices) -> Tensor")
 _lib.define("conv2d_int8(Tensor x, Tensor packed, Tensor w_scale, Tensor col_sums, Tensor? b, int[] geometry, "
             "int[] stride, int[] padding, int[] dilation, str act, float[] act_args, float a_scale, int a_zp, "
             "Tensor? residual=None) -> Tensor")
@@ -302,6 +306,23 @@ def _linear_int4(x, packed, w_scale, col_sums, b, n, k, act, act_args, a_scale, 
     return call(x, residual)
 
 
+def pack_embedding_int4(w_q: torch.Tensor, w_scale: torch.Tensor) -> dict:
+    """The buffers embedding_int4 takes, of quantize_weight_groups' (q, scale) of a table."""
+    u = (w_q.to(torch.int16) + 8).to(torch.uint8)
+    return {"packed": (u[:, 0::2] | (u[:, 1::2] << 4)).contiguous(), "w_scale": w_scale.float().contiguous()}
+
+
+def _embedding_int4(packed, w_scale, indices):
+    v, d = packed.shape[0], 2 * packed.shape[1]
+    if indices.numel() and not (0 <= int(indices.min()) and int(indices.max()) < v):
+        raise IndexError(f"index out of range in self: embedding indices must be in [0, {v}), "
+                         f"got values in [{int(indices.min())}, {int(indices.max())}]")
+    rows = packed[indices]
+    q = torch.stack([rows & 15, rows >> 4], dim=-1).reshape(*indices.shape, d).to(torch.int16) - 8
+    scale = w_scale[indices].repeat_interleave(d // w_scale.shape[1], dim=-1)
+    return q.float() * scale
+
+
 def _strided(t: torch.Tensor, dtype=torch.float32):
     """(tensor kept alive, K.Strided) of t as the attention kernel reads it: in place
     unless its dtype differs or its last stride is not 1."""
@@ -358,6 +379,7 @@ def _guarded(op):
 _lib.impl("linear_int8", _guarded(_linear_int8), "CPU")
 _lib.impl("linear_int8_sparse", _guarded(_linear_int8_sparse), "CPU")
 _lib.impl("linear_int4", _guarded(_linear_int4), "CPU")
+_lib.impl("embedding_int4", _embedding_int4, "CompositeExplicitAutograd")
 _lib.impl("layer_norm", _guarded(_layer_norm), "CPU")
 _lib.impl("attention_int8", _guarded(_attention_int8), "CPU")
 _lib.impl("conv2d_int8", _guarded(_conv2d_int8), "CPU")
@@ -372,6 +394,11 @@ def _linear_int8_fake(x, packed, w_scale, col_sums, b, n, k, act, act_args, a_sc
 
 torch.library.register_fake("fxopt::linear_int8_sparse")(_linear_int8_fake)
 torch.library.register_fake("fxopt::linear_int4")(_linear_int8_fake)
+
+
+@torch.library.register_fake("fxopt::embedding_int4")
+def _embedding_int4_fake(packed, w_scale, indices):
+    return packed.new_empty((*indices.shape, 2 * packed.shape[1]), dtype=torch.float32)
 
 
 @torch.library.register_fake("fxopt::conv2d_int8")
@@ -397,6 +424,7 @@ def _layer_norm_fake(x, weight=None, bias=None, eps=1e-05):
 linear_int8 = torch.ops.fxopt.linear_int8.default
 linear_int8_sparse = torch.ops.fxopt.linear_int8_sparse.default
 linear_int4 = torch.ops.fxopt.linear_int4.default
+embedding_int4 = torch.ops.fxopt.embedding_int4.default
 # the lowered linears: one schema (int8 activations), three weight layouts
 LINEARS = (linear_int8, linear_int8_sparse, linear_int4)
 layer_norm = torch.ops.fxopt.layer_norm.default
