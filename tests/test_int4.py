@@ -202,3 +202,41 @@ def test_a_linear_whose_k_the_group_does_not_divide_stays_int8_and_says_so():
         _quick(model, (torch.randn(4, 48),), group_size=48)
     fast64 = _quick(torch.nn.Sequential(torch.nn.Linear(128, 8)).eval(), (torch.randn(2, 128),), group_size=64)
     assert "groups of 64" in fast64.fxopt_report.layers[0]["why"]
+
+
+# --- GPTQ rounding ----------------------------------------------------------------------
+
+from fxopt.quant.gptq import HessianObserver, gptq_groups   # noqa: E402
+
+
+def test_gptq_keeps_the_format_and_lowers_the_output_error():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 128, generator=g) * 0.05
+    mix = torch.randn(128, 128, generator=g) / 8 + torch.eye(128)    # correlated input features
+    x = torch.randn(1024, 128, generator=g) @ mix
+    obs = HessianObserver()
+    for chunk in x.split(256):
+        obs.update(chunk)
+    q, s = gptq_groups(w, obs.hessian(), group_size=32)
+    assert q.dtype == torch.int8 and int(q.abs().max()) <= 7 and s.dtype == torch.float32 and s.shape == (64, 4)
+    q0, s0 = qops.quantize_weight_groups(w, bits=4, group_size=32)
+
+    def out_err(q, s):
+        return float(((x @ (q.float() * s.repeat_interleave(32, dim=1)).t() - x @ w.t()) ** 2).mean())
+    assert out_err(q, s) < 0.8 * out_err(q0, s0)
+    # the kernel computes GPTQ's weights as it computes any int4 weights
+    buf = kernel_ops.pack_linear_int4(q, s)
+    y = kernel_ops.linear_int4(x[:4], buf["packed"], buf["w_scale"], buf["col_sums"], None, 64, 128, "none", [],
+                               0.0, 0)
+    torch.testing.assert_close(y, qops.quantized_linear(x[:4], q, s, None, "none", [], 0.0, 0), rtol=1e-5,
+                               atol=1e-5)
+
+
+def test_cpu_int4_with_calibration_data_takes_gptq_and_says_so(mlp4):
+    model, data, _ = mlp4
+    x = data.x_test[:64]
+    fast = _quick(model, (x,), calibration_data=[(data.x_train[i:i + 128],) for i in range(0, 512, 128)])
+    assert all("GPTQ rounding" in r["why"] for r in fast.fxopt_report.layers)
+    with torch.no_grad():
+        cos = torch.nn.functional.cosine_similarity(fast(x), model(x), dim=1)
+    assert float(cos.min()) > 0.99
