@@ -65,7 +65,7 @@ def bert_fidelity(groups=(32,), samples=16, seq=32):
     def tokens():
         ids = torch.randint(0, cfg.vocab_size, (1, seq), generator=g)
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    example, calib, held_out = tokens(), [tokens() for _ in range(8)], [tokens() for _ in range(samples)]
+    example, calib, held_out = tokens(), [tokens() for _ in range(32)], [tokens() for _ in range(samples)]
     with torch.no_grad():
         ref = [model(**e).last_hidden_state for e in held_out]
     out, folder = {}, tempfile.mkdtemp()
