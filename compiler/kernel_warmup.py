@@ -110,6 +110,19 @@ def _sparse_linear() -> None:
         chained(chained(x)[:, :64].copy())
 
 
+def _int4_linear() -> None:
+    """The int4 linear's entries (cpu-int4): float and uint8 rows, float and uint8 out, on this
+    thread and threaded."""
+    g = np.random.default_rng(0)
+    q = g.integers(-7, 8, (128, 64)).astype(np.int8)
+    pw = K.pack_int4(q, np.full((128, 2), 0.01, np.float32), 32)
+    for rows in (1, 512):
+        x = g.standard_normal((rows, 64)).astype(np.float32)
+        K.linear_int4_f32(x, pw)
+        chained = K.bind_linear_int4(pw, None, "relu", (), 0.05, 128, 0.05, 128)
+        chained(chained(x)[:, :64].copy())
+
+
 def warmup(progress: bool = True) -> dict:
     """Compile every kernel fxopt uses on this CPU into the cache folder, so that later
     processes start without compiling. Returns {"compiled", "seconds", "cache"}.
@@ -133,5 +146,6 @@ def warmup(progress: bool = True) -> dict:
                         for inputs in (example, *calls):
                             fast(*inputs)
         _sparse_linear()
+        _int4_linear()
     return {"compiled": NOTICE.total - before, "seconds": round(time.perf_counter() - start, 1),
             "cache": _cache.cache_dir()}

@@ -168,3 +168,29 @@ def conv2d_f32(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     if bias is not None:
         y = y + np.asarray(bias, np.float64)[None, :, None, None]
     return y
+
+
+def linear_int4_f32(x, q, scales, group, bias=None, act="none", act_args=()):
+    """The int4 linear (int4.py) in numpy: x float32 (M, K) quantized per row, q int8 (N, K),
+    scales float32 (N, K/group). Before the activation it is the kernel's float32 arithmetic
+    in the kernel's order (so equal bit for bit); the activation in float64."""
+    a, sa, zp = quantize_rows_f32_u8(x)
+    return int4_epilogue(int4_group_sums(a, zp, q, group), sa, scales, bias, act, act_args)
+
+
+def int4_group_sums(a, zp, q, group):
+    """int32 (G, M, N): sum over group g of (a[i, k] - zp[i]) * q[n, k], exact."""
+    m, k = a.shape
+    d = a.astype(np.int64) - np.asarray(zp, np.int64).reshape(-1, 1)
+    qg = q.astype(np.int64).reshape(q.shape[0], k // group, group)
+    return np.stack([d[:, g * group:(g + 1) * group] @ qg[:, g].T for g in range(k // group)]).astype(np.int32)
+
+
+def int4_epilogue(acc, a_scales, scales, bias=None, act="none", act_args=()):
+    f = np.zeros(acc.shape[1:], np.float32)
+    for g in range(acc.shape[0]):
+        f = f + acc[g].astype(np.float32) * scales[:, g].astype(np.float32)
+    y = f * np.asarray(a_scales, np.float32).reshape(-1, 1)
+    if bias is not None:
+        y = y + np.asarray(bias, np.float32)
+    return y if act == "none" else activation(y, act, act_args).astype(np.float32)

@@ -56,7 +56,12 @@ def run(gm, ctx, sparse=None) -> PassResult:
         raise ValueError(f"lower_to_kernels: sparse must be one of {SPARSE_MODES}, got {sparse!r}")
     stats = {"linear": 0, "conv2d": 0, "attention": 0, "sparse": 0, "sparse_timed": 0}
     for node in list(gm.graph.nodes):
-        if node.target is qops.quantized_linear:
+        if node.target is qops.quantized_linear and get_weight(gm, node.args[2]).dim() == 2:
+            _lower_int4(gm, node)                     # grouped scales: quantize_int4's weights
+            stats["linear"] += 1
+            stats["int4"] = stats.get("int4", 0) + 1
+        elif node.target is qops.quantized_linear:
+            _int8_why(node, ctx.state.get("quantize_int4", {}))
             timed = _lower_linear(gm, node, sparse)
             stats["linear"] += 1
             stats["sparse_timed"] += timed is not None
@@ -112,6 +117,26 @@ def _lower_linear(gm, node, sparse) -> bool | None:
     args = (x, packed, scale, col_sums, b, buffers["n"], buffers["k"], act, act_args, a_scale, a_zp)
     _replace(gm, node, target, args)
     return chosen
+
+
+def _lower_int4(gm, node) -> None:
+    """fxopt.linear_int4 for a quantized_linear with (N, K / group) scales."""
+    x, w_q, w_scale, b, act, act_args, a_scale, a_zp = node.args
+    buffers = kernel_ops.pack_linear_int4(get_weight(gm, w_q), get_weight(gm, w_scale))
+    layer = node.meta.get("fxopt_layer", node.name)
+    packed = add_weight(gm, f"{layer}.packed_int4", buffers["packed"], before=node)
+    scale = add_weight(gm, f"{layer}.packed_scale", buffers["w_scale"], before=node)
+    col_sums = add_weight(gm, f"{layer}.col_sums", buffers["col_sums"], before=node)
+    args = (x, packed, scale, col_sums, b, buffers["n"], buffers["k"], act, act_args, a_scale, a_zp)
+    _replace(gm, node, kernel_ops.linear_int4, args)
+
+
+def _int8_why(node, kept: dict) -> None:
+    """A linear quantize_int4 left int8 (cpu-int4): its report row says why."""
+    why = kept.get(node.meta.get("fxopt_layer", node.name))
+    if why:
+        info = node.meta.setdefault("fxopt_quant", {})
+        info["reason"] = f"{why}; {info['reason']}" if info.get("reason") else why
 
 
 def _example_rows(x) -> int:

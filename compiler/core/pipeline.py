@@ -28,10 +28,14 @@ _INT8 = ("smooth_activations,calibrate_ranges,quantize_int8,lower_to_kernels,pro
 TARGETS: dict[str, str] = {
     "cpu-fp32": _FP32,
     "cpu-int8": f"{_FP32},{_INT8}",
+    "cpu-int4": f"{_FP32},{_INT8}".replace("quantize_int8", "quantize_int4,quantize_int8"),
 }
 TARGET_DOCS = {
     "cpu-fp32": "graph clean-up and fusion; outputs equal the original within fp32 round-off",
     "cpu-int8": "cpu-fp32, then int8 weights and activations lowered to the Numba kernels",
+    "cpu-int4": "cpu-int8, but linears take int4 weights in groups of 32 along K (quantize_int4{group_size=64} "
+                "or 128 for coarser groups; a linear whose K the group size does not divide stays int8); "
+                "activations int8, convs, embeddings and attention as cpu-int8",
 }
 
 

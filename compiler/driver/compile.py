@@ -19,6 +19,7 @@ from fxopt.core.pass_manager import Instruments, PassManager, snapshot
 from fxopt.core.pipeline import Pipeline, target_pipeline
 from fxopt.core.size_table import size_table
 from fxopt.driver.compile_notice import NOTICE as COMPILE_NOTICE
+from fxopt.passes.quantize_int4 import check_group_size
 from fxopt.pruning.structured import with_pruning
 from fxopt.quant.qat import with_qat
 from fxopt.quant.weight_sharing import with_sharing
@@ -66,6 +67,9 @@ OPTIONS = {
               "one at the example row count and runs the faster (default True; the layer table says "
               "which and both times); False keeps every linear on the dense kernel; 'always' takes the "
               "sparse kernel wherever the zeros allow, untimed (reproducible)",
+    "group_size": "cpu-int4: weights per int4 scale along K: 32 (default), 64 or 128",
+    "int4_rounding": "cpu-int4: 'auto' (default: GPTQ rounding with calibration_data, else round to "
+                     "nearest), 'nearest' or 'gptq' (GPTQ on the calibration data, or the example inputs)",
 }
 INSTRUMENTS = ("print_ir_after", "dump_dir", "stop_after", "disable", "drift")
 
@@ -170,6 +174,8 @@ def _check_options(options: dict) -> None:
         raise TypeError(f"latency_aware must be True or False, got {options['latency_aware']!r}")
     if options.get("sparse", True) not in (True, False, "always"):
         raise TypeError(f"sparse must be True, False or 'always', got {options['sparse']!r}")
+    if "group_size" in options:
+        check_group_size(options["group_size"])
 
 
 def _tuple(key, value):

@@ -108,8 +108,12 @@ def _quantized_linear(x, w_q, w_scale, b, act, act_args, a_scale, a_zp):
         zp = torch.full((x2.shape[0],), float(a_zp))
     else:
         q, scale, zp = quantize_rows(x2)
-    acc = (q.double() - zp.double()[:, None]) @ w_q.double().t()
-    y = acc * scale.double()[:, None] * w_scale.double()[None, :]
+    if w_scale.dim() == 2:     # grouped (int4) weights: a scale per (output, group along K)
+        w = w_q.double() * w_scale.double().repeat_interleave(w_q.shape[1] // w_scale.shape[1], dim=1)
+        y = ((q.double() - zp.double()[:, None]) @ w.t()) * scale.double()[:, None]
+    else:
+        acc = (q.double() - zp.double()[:, None]) @ w_q.double().t()
+        y = acc * scale.double()[:, None] * w_scale.double()[None, :]
     if b is not None:
         y = y + b.double()
     y = apply_activation(y.float(), act, act_args)

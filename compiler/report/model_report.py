@@ -32,6 +32,7 @@ from fxopt.runtime.input_check import input_specs
 _FP32_UNITS = {fxops.linear_act: "linear", fxops.conv2d_act: "conv2d"}
 _INT8_UNITS = {qops.quantized_linear: "linear", qops.quantized_conv2d: "conv2d",
                kernel_ops.linear_int8: "linear", kernel_ops.linear_int8_sparse: "linear",
+               kernel_ops.linear_int4: "linear", kernel_ops.embedding_int4: "embedding",
                kernel_ops.conv2d_int8: "conv2d",
                qops.embedding_int8: "embedding", qops.quantized_attention: "attention",
                kernel_ops.attention_int8: "attention"}
@@ -95,7 +96,7 @@ def layer_rows(original: GraphModule, optimized: GraphModule, args: tuple, kwarg
         info = node.meta.get("fxopt_quant", {})
         int8 = node.target in _INT8_UNITS or info.get("int8", False)
         row = {"layer": node.meta.get(LAYER, node.name), "op": kind, "out_shape": list(concrete_shape(node)),
-               "precision": "int8" if int8 else "fp32",
+               "precision": _precision(node, info, int8),
                "why": info.get("reason") or ("no int8 rule for this op" if not int8 else ""),
                "macs": node_macs(node), "sqnr_db": None, "cosine": None}
         a, b = ref.get(node.meta.get(ID)), got.get(node.meta.get(ID))
@@ -104,6 +105,13 @@ def layer_rows(original: GraphModule, optimized: GraphModule, args: tuple, kwarg
             row["sqnr_db"], row["cosine"] = d.sqnr_db, d.cosine
         rows.append(row)
     return rows
+
+
+def _precision(node: Node, info: dict, int8: bool) -> str:
+    """fp32, int8, or int4 (weights; activations int8; the why column gives the group size)."""
+    if node.target is kernel_ops.linear_int4 or info.get("bits") == 4:
+        return "int4"
+    return "int8" if int8 else "fp32"
 
 
 def fp32_ops(optimized: GraphModule) -> dict:
@@ -224,7 +232,7 @@ def model_summary(model, original: GraphModule, optimized: GraphModule, args: tu
     macs_optimized = sum(node_macs(n) for n in optimized.graph.nodes if n.op == "call_function")
     summary = {"fp32_bytes": model_bytes(model), "optimized_bytes": graph_bytes(optimized),
                "macs_original": macs_original, "macs_optimized": macs_optimized,
-               "int8_macs": sum(r["macs"] for r in rows if r["precision"] == "int8"),
+               "int8_macs": sum(r["macs"] for r in rows if r["precision"] in ("int8", "int4")),
                "latency_original": None, "latency_optimized": None, "latency_repeats": latency_repeats,
                "inputs": input_specs(optimized) or [],
                "fixed_dims": optimized.meta.get("fxopt_capture", {}).get("static_dims", {})}

@@ -18,13 +18,15 @@ from torch import fx
 from fxopt.core.errors import ArtifactError
 from fxopt.kernels.dispatch import KernelError
 from fxopt.kernels.pack import packed_nbytes
+from fxopt.kernels.int4_pack import check_shapes as check_int4_shapes
 from fxopt.kernels.sparse import PackedSparse
 
 # kernel ops whose named arguments must be weights of the graph
 WEIGHT_ARGS = {"linear_int8": ("packed", "w_scale", "col_sums", "b"),
                "linear_int8_sparse": ("packed", "w_scale", "col_sums", "b"),
+               "linear_int4": ("packed", "w_scale", "col_sums", "b"),
                "conv2d_int8": ("packed", "w_scale", "col_sums", "b"),
-               "embedding_int8": ("w_q", "w_scale"), "layer_norm": ("weight", "bias")}
+               "embedding_int8": ("w_q", "w_scale"), "embedding_int4": ("packed", "w_scale"), "layer_norm": ("weight", "bias")}
 
 
 class BadKernelArgs(ValueError):
@@ -53,6 +55,35 @@ def check_sparse_linear(packed, w_scale, col_sums, b, n, k) -> None:
         PackedSparse.from_bytes(packed.numpy(), w_scale.numpy(), col_sums.numpy(), n, k)
     except KernelError as e:
         raise BadKernelArgs(str(e)) from None
+
+
+def check_int4_linear(packed, w_scale, col_sums, b, n, k) -> None:
+    """linear_int4's buffers: packed nibbles (uint8, N padded to 8 by K / 2), scales float32
+    (N, K / group) with a supported group size, col_sums int32 of that shape or empty, bias."""
+    _positive("n", n)
+    _positive("k", k)
+    for name, t in (("packed", packed), ("w_scale", w_scale), ("col_sums", col_sums)):
+        if not (isinstance(t, torch.Tensor) and t.device.type == "cpu" and t.is_contiguous()):
+            raise BadKernelArgs(f"{name} must be a contiguous CPU tensor, got {_show(t)}")
+    try:
+        check_int4_shapes(packed.numpy(), w_scale.numpy(), col_sums.numpy(), n, k)
+    except KernelError as e:
+        raise BadKernelArgs(str(e)) from None
+    if b is not None:
+        _buffer("bias", b, (torch.float32,), (n,))
+
+
+def check_embedding_int4(packed, w_scale) -> None:
+    """embedding_int4's table: packed uint8 (V, D / 2), scales float32 (V, D / group), group 32/64/128."""
+    if not (isinstance(packed, torch.Tensor) and packed.dtype == torch.uint8 and packed.dim() == 2
+            and packed.is_contiguous()):
+        raise BadKernelArgs(f"embedding_int4: packed must be a contiguous 2-D uint8 tensor, got {_show(packed)}")
+    v, d = packed.shape[0], 2 * packed.shape[1]
+    if not (isinstance(w_scale, torch.Tensor) and w_scale.dtype == torch.float32 and w_scale.dim() == 2
+            and w_scale.shape[0] == v and w_scale.shape[1] > 0 and d % w_scale.shape[1] == 0
+            and d // w_scale.shape[1] in (32, 64, 128)):
+        raise BadKernelArgs(f"embedding_int4: w_scale must be float32 ({v}, {d} / group) with a group of "
+                            f"32, 64 or 128, got {_show(w_scale)}")
 
 
 def check_conv(packed, w_scale, col_sums, b, geometry, stride, padding, dilation) -> None:
@@ -114,12 +145,18 @@ def _check_node(gm, node, op) -> None:
         check_sparse_linear(a["packed"], a["w_scale"], a["col_sums"], a["b"], a["n"], a["k"])
         _quant_params(a["a_scale"], a["a_zp"])
         _quant_params(a["out_scale"], a["out_zp"])
+    elif op == "linear_int4":
+        check_int4_linear(a["packed"], a["w_scale"], a["col_sums"], a["b"], a["n"], a["k"])
+        _quant_params(a["a_scale"], a["a_zp"])
+        _quant_params(a["out_scale"], a["out_zp"])
     elif op == "conv2d_int8":
         check_conv(a["packed"], a["w_scale"], a["col_sums"], a["b"], a["geometry"], a["stride"],
                    a["padding"], a["dilation"])
         _quant_params(a["a_scale"], a["a_zp"])
     elif op == "embedding_int8":
         check_embedding(a["w_q"], a["w_scale"])
+    elif op == "embedding_int4":
+        check_embedding_int4(a["packed"], a["w_scale"])
     elif op == "layer_norm":
         for t in (a["weight"], a["bias"]):
             if t is not None and not (t.dtype == torch.float32 and t.dim() == 1):

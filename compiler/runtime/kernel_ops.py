@@ -21,7 +21,7 @@ from fxopt.kernels import api as K
 from fxopt.kernels.threads import launch_guard
 from fxopt.quant import qops
 from fxopt.runtime import saturation
-from fxopt.runtime.kernel_args import check_conv, check_linear, check_sparse_linear
+from fxopt.runtime.kernel_args import check_conv, check_int4_linear, check_linear, check_sparse_linear
 
 _F32, _U8 = np.dtype(np.float32), np.dtype(np.uint8)
 
@@ -37,9 +37,20 @@ _lib.define("linear_int8(Tensor x, Tensor packed, Tensor w_scale, Tensor col_sum
 _lib.define("linear_int8_sparse(Tensor x, Tensor packed, Tensor w_scale, Tensor col_sums, Tensor? b, "
             "int n, int k, str act, float[] act_args, float a_scale, int a_zp, "
             "float out_scale=0.0, int out_zp=0, Tensor? residual=None) -> Tensor")
+# The same op on int4 weights (kernels/int4.py): `packed` holds the nibbles (N padded to 8
+# columns, K / 2 bytes a column), w_scale float32 and col_sums int32 are (N, K / group), one
+# per group of `group` weights along K (the group size is K / w_scale.shape[1]); every other
+# argument and the result are linear_int8's.
+_lib.define("linear_int4(Tensor x, Tensor packed, Tensor w_scale, Tensor col_sums, Tensor? b, "
+            "int n, int k, str act, float[] act_args, float a_scale, int a_zp, "
+            "float out_scale=0.0, int out_zp=0, Tensor? residual=None) -> Tensor")
 
 
 # A conv's residual (same shape as its output) is added before the activation: relu(conv(x) + r).
+# An int4 embedding table (cpu-int4): row v's weights q[v, 2j], q[v, 2j + 1] in the low and
+# high nibble of packed[v, j] (each + 8), a float32 scale per group of D / w_scale.shape[1]
+# along the row: quantize_weight_groups' numbers, weight-only (a gather needs no kernel).
+_lib.define("embedding_int4(Tensor packed, Tensor w_scale, Tensor indices) -> Tensor")
 _lib.define("conv2d_int8(Tensor x, Tensor packed, Tensor w_scale, Tensor col_sums, Tensor? b, int[] geometry, "
             "int[] stride, int[] padding, int[] dilation, str act, float[] act_args, float a_scale, int a_zp, "
             "Tensor? residual=None) -> Tensor")
@@ -153,6 +164,29 @@ def _packed_sparse(packed, w_scale, col_sums, b, n, k):
     return cached
 
 
+def pack_linear_int4(w_q: torch.Tensor, w_scale: torch.Tensor) -> dict:
+    """pack_linear for int4 weights (quantize_weight_groups' w_q and its (N, K / group)
+    scales): the buffers linear_int4 takes. col_sums is empty: the op computes the sums from
+    the packed bytes when it first binds them, so a saved model holds only nibbles and scales."""
+    q = w_q.numpy()
+    group = q.shape[1] // w_scale.shape[1]
+    pw = K.pack_int4(q, w_scale.numpy().astype(np.float32), group)
+    packed = torch.from_numpy(pw.data)
+    return {"packed": packed, "w_scale": torch.from_numpy(pw.natural()[0]),
+            "col_sums": torch.empty(0, dtype=torch.int32), "n": int(pw.n), "k": int(pw.k)}
+
+
+def _packed_int4(packed, w_scale, col_sums, b, n, k):
+    cached = getattr(packed, "_fxopt_packed", None)
+    if cached is None:
+        check_int4_linear(packed, w_scale, col_sums, b, n, k)
+        pw = K.PackedInt4.from_arrays(packed.numpy(), w_scale.numpy(), col_sums.numpy(), int(n), int(k))
+        bias = None if b is None else np.ascontiguousarray(b.detach().numpy(), np.float32)
+        cached = (pw, bias)
+        packed._fxopt_packed = cached
+    return cached
+
+
 def _aligned(a: np.ndarray) -> np.ndarray:
     out = K.aligned_empty(a.shape, a.dtype)
     out[...] = a
@@ -160,12 +194,12 @@ def _aligned(a: np.ndarray) -> np.ndarray:
 
 
 def linear_call(packed, w_scale, col_sums, b, n, k, act, act_args, a_scale, a_zp, out_scale=0.0, out_zp=0,
-                sparse=False):
+                sparse=False, int4=False):
     """The linear_int8 op (linear_int8_sparse with sparse) for one layer with all but x and the
     residual bound, on torch tensors: call(x, residual=None) -> tensor. The op calls it; see
     linear_np_call."""
     np_call = linear_np_call(packed, w_scale, col_sums, b, n, k, act, act_args, a_scale, a_zp, out_scale, out_zp,
-                             sparse)
+                             sparse, int4)
     f32, u8 = torch.float32, torch.uint8
 
     def call(x, residual=None):
@@ -188,7 +222,7 @@ class _Calls(dict):
 
 
 def linear_np_call(packed, w_scale, col_sums, b, n, k, act, act_args, a_scale, a_zp, out_scale=0.0, out_zp=0,
-                   sparse=False):
+                   sparse=False, int4=False):
     """linear_int8 (linear_int8_sparse with sparse) for one layer on numpy arrays:
     call(x, residual=None) -> array, x (..., K) float32 or uint8 (quantized with a_scale, a_zp),
     the residual float32 (..., N). Built once per layer and epilogue and kept on the packed
@@ -200,12 +234,16 @@ def linear_np_call(packed, w_scale, col_sums, b, n, k, act, act_args, a_scale, a
     call = calls.get(key)
     if call is None:
         call = calls[key] = _bind_linear(packed, w_scale, col_sums, b, n, k, act, act_args, a_scale, a_zp,
-                                         out_scale, out_zp, sparse)
+                                         out_scale, out_zp, sparse, int4)
     return call
 
 
-def _bind_linear(packed, w_scale, col_sums, b, n, k, act, act_args, a_scale, a_zp, out_scale, out_zp, sparse):
-    if sparse:
+def _bind_linear(packed, w_scale, col_sums, b, n, k, act, act_args, a_scale, a_zp, out_scale, out_zp, sparse,
+                 int4=False):
+    if int4:
+        pw, bias = _packed_int4(packed, w_scale, col_sums, b, n, k)
+        kernel = K.bind_linear_int4(pw, bias, act, tuple(act_args), a_scale, a_zp, out_scale, out_zp)
+    elif sparse:
         ps, bias = _packed_sparse(packed, w_scale, col_sums, b, n, k)
         kernel = K.bind_linear_sparse(ps, bias, act, tuple(act_args), a_scale, a_zp, out_scale, out_zp)
     else:
@@ -267,6 +305,30 @@ def _linear_int8_sparse(x, packed, w_scale, col_sums, b, n, k, act, act_args, a_
     return call(x, residual)
 
 
+def _linear_int4(x, packed, w_scale, col_sums, b, n, k, act, act_args, a_scale, a_zp,
+                 out_scale=0.0, out_zp=0, residual=None):
+    call = linear_call(packed, w_scale, col_sums, b, n, k, act, act_args, a_scale, a_zp, out_scale, out_zp,
+                       int4=True)
+    return call(x, residual)
+
+
+def pack_embedding_int4(w_q: torch.Tensor, w_scale: torch.Tensor) -> dict:
+    """The buffers embedding_int4 takes, of quantize_weight_groups' (q, scale) of a table."""
+    u = (w_q.to(torch.int16) + 8).to(torch.uint8)
+    return {"packed": (u[:, 0::2] | (u[:, 1::2] << 4)).contiguous(), "w_scale": w_scale.float().contiguous()}
+
+
+def _embedding_int4(packed, w_scale, indices):
+    v, d = packed.shape[0], 2 * packed.shape[1]
+    if indices.numel() and not (0 <= int(indices.min()) and int(indices.max()) < v):
+        raise IndexError(f"index out of range in self: embedding indices must be in [0, {v}), "
+                         f"got values in [{int(indices.min())}, {int(indices.max())}]")
+    rows = packed[indices]
+    q = torch.stack([rows & 15, rows >> 4], dim=-1).reshape(*indices.shape, d).to(torch.int16) - 8
+    scale = w_scale[indices].repeat_interleave(d // w_scale.shape[1], dim=-1)
+    return q.float() * scale
+
+
 def _strided(t: torch.Tensor, dtype=torch.float32):
     """(tensor kept alive, K.Strided) of t as the attention kernel reads it: in place
     unless its dtype differs or its last stride is not 1."""
@@ -322,6 +384,8 @@ def _guarded(op):
 
 _lib.impl("linear_int8", _guarded(_linear_int8), "CPU")
 _lib.impl("linear_int8_sparse", _guarded(_linear_int8_sparse), "CPU")
+_lib.impl("linear_int4", _guarded(_linear_int4), "CPU")
+_lib.impl("embedding_int4", _embedding_int4, "CompositeExplicitAutograd")
 _lib.impl("layer_norm", _guarded(_layer_norm), "CPU")
 _lib.impl("attention_int8", _guarded(_attention_int8), "CPU")
 _lib.impl("conv2d_int8", _guarded(_conv2d_int8), "CPU")
@@ -335,6 +399,12 @@ def _linear_int8_fake(x, packed, w_scale, col_sums, b, n, k, act, act_args, a_sc
 
 
 torch.library.register_fake("fxopt::linear_int8_sparse")(_linear_int8_fake)
+torch.library.register_fake("fxopt::linear_int4")(_linear_int8_fake)
+
+
+@torch.library.register_fake("fxopt::embedding_int4")
+def _embedding_int4_fake(packed, w_scale, indices):
+    return packed.new_empty((*indices.shape, 2 * packed.shape[1]), dtype=torch.float32)
 
 
 @torch.library.register_fake("fxopt::conv2d_int8")
@@ -359,7 +429,10 @@ def _layer_norm_fake(x, weight=None, bias=None, eps=1e-05):
 
 linear_int8 = torch.ops.fxopt.linear_int8.default
 linear_int8_sparse = torch.ops.fxopt.linear_int8_sparse.default
-LINEARS = (linear_int8, linear_int8_sparse)   # the lowered int8 linears: one schema, two weight layouts
+linear_int4 = torch.ops.fxopt.linear_int4.default
+embedding_int4 = torch.ops.fxopt.embedding_int4.default
+# the lowered linears: one schema (int8 activations), three weight layouts
+LINEARS = (linear_int8, linear_int8_sparse, linear_int4)
 layer_norm = torch.ops.fxopt.layer_norm.default
 attention_int8 = torch.ops.fxopt.attention_int8.default
 conv2d_int8 = torch.ops.fxopt.conv2d_int8.default

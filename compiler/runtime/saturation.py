@@ -18,7 +18,7 @@ import torch
 
 _ACTIVE: contextvars.ContextVar = contextvars.ContextVar("fxopt_saturation", default=None)
 
-STATIC_OPS = ("fxopt::linear_int8", "fxopt::linear_int8_sparse", "fxopt::conv2d_int8")
+STATIC_OPS = ("fxopt::linear_int8", "fxopt::linear_int8_sparse", "fxopt::linear_int4", "fxopt::conv2d_int8")
 
 
 @contextlib.contextmanager
