@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.fx import GraphModule
 
-from fxopt.core.pipeline import Pipeline
+from fxopt.core.pipeline import PassSpec, Pipeline
 from fxopt.driver.compile import compile_model, reiterable
 from fxopt.pruning.finetune import finetune as distill
 from fxopt.quant import qops
@@ -72,8 +72,14 @@ def _quantization_aware(student, teacher, data, epochs, report, options) -> Grap
     if "task_loss" in options:
         raise TypeError("loss_fn with a quantized model: optimize(..., finetune=) trains on inputs only; "
                         "distill from the teacher (the default loss='kd') instead")
+    passes = Pipeline.parse(report.pipeline).passes
+    if any(s.name == "finetune_quantized" for s in passes):
+        raise ValueError("fxopt.finetune: this model was already quantization-aware trained (optimize(..., "
+                         "finetune=...)); QAT restarts from the teacher and cannot continue from its trained "
+                         "weights: optimize the original model again with more epochs, e.g. finetune="
+                         "{'epochs': 4}")
     data = reiterable(data, stacklevel=4)
-    spec = [s for s in Pipeline.parse(report.pipeline).passes if s.name != "finetune_quantized"]
+    spec = [_as_resolved(s, report) for s in passes]
     pipeline, _ = with_qat(Pipeline(tuple(spec)), {"epochs": epochs, **options, "qat": True}, pruned=False)
     example = next(iter(data))
     example = example if isinstance(example, (tuple, dict)) else (example,)
@@ -87,11 +93,20 @@ def _quantization_aware(student, teacher, data, epochs, report, options) -> Grap
     return gm
 
 
+def _as_resolved(spec, report):
+    """A pass as it ran: quantize_int4 reads group_size and int4_rounding from optimize's
+    options (not in the pipeline string); its record holds the values it used."""
+    if spec.name != "quantize_int4":
+        return spec
+    stats = report.record("quantize_int4").stats
+    return PassSpec(spec.name, {**spec.options, "group_size": stats["group_size"], "rounding": stats["rounding"]})
+
+
 def _kernel_layers(gm) -> dict:
-    """{layer: (static?, weight scales)} of a lowered graph's int8 linears and convs."""
+    """{layer: (static?, weight scales)} of a lowered graph's int8 (and int4) linears and convs."""
     out = {}
     for node in gm.graph.nodes:
-        if node.target in (kernel_ops.linear_int8, kernel_ops.linear_int8_sparse):
+        if node.target in kernel_ops.LINEARS:          # int8, sparse int8, int4: one schema
             a_scale = node.args[9]
         elif node.target is kernel_ops.conv2d_int8:
             a_scale = node.args[11]

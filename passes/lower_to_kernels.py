@@ -61,7 +61,7 @@ def run(gm, ctx, sparse=None) -> PassResult:
             stats["linear"] += 1
             stats["int4"] = stats.get("int4", 0) + 1
         elif node.target is qops.quantized_linear:
-            _int8_why(node, ctx.state.get("quantize_int4", {}))
+            _int8_why(node, ctx.state.get("quantize_int4", {}).get("kept_int8", {}))
             timed = _lower_linear(gm, node, sparse)
             stats["linear"] += 1
             stats["sparse_timed"] += timed is not None

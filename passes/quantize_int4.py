@@ -14,12 +14,13 @@ inverse Hessian of the layer's calibration inputs: the same format, a smaller ou
 report's why column says which.
 
 A linear whose K is not a multiple of the group size stays int8: its report row says so
-(the reason is kept in ctx.state["quantize_int4"] for lower_to_kernels to attach).
+(the reason is kept in ctx.state["quantize_int4"]["kept_int8"] for lower_to_kernels to attach;
+the float weights, by node id, in ["float_weights"] for finetune_quantized to start from).
 """
 from __future__ import annotations
 
 from fxopt.core import fxops
-from fxopt.core.ir import add_weight, get_weight, insert_call, is_weight, layer_name
+from fxopt.core.ir import ID, add_weight, get_weight, insert_call, is_weight, layer_name
 from fxopt.core.ops import OpKind, arg, kind_of
 from fxopt.core.pass_base import PassInfo, PassResult
 from fxopt.runtime import kernel_ops
@@ -50,7 +51,8 @@ def run(gm, ctx, group_size=None, skip=(), rounding=None, embeddings=True) -> Pa
         raise ValueError(f"quantize_int4: rounding={rounding!r}; use one of {', '.join(ROUNDINGS)}")
     if rounding == "auto":
         rounding = "gptq" if ctx.state.get("calibration_data") is not None else "nearest"
-    kept = ctx.state.setdefault("quantize_int4", {})
+    state = ctx.state.setdefault("quantize_int4", {})
+    kept = state.setdefault("kept_int8", {})        # layer -> why it stays int8
     stats = {"int4": 0, "kept_int8": 0, "gptq": 0, "embedding": 0}
     units = []
     for node in list(gm.graph.nodes):
@@ -73,12 +75,16 @@ def run(gm, ctx, group_size=None, skip=(), rounding=None, embeddings=True) -> Pa
             continue
         units.append((node, name, weight))
     hessians = _hessians(gm, ctx, [u[0] for u in units]) if rounding == "gptq" and units else {}
+    # the float weights each int4 node stands for, by node id: finetune_quantized starts from them
+    floats = state.setdefault("float_weights", {})
     for node, name, weight in units:
-        h = hessians.get(node.meta.get("fxopt_id"))
+        floats[node.meta.get(ID)] = weight
+        h = hessians.get(node.meta.get(ID))
         _quantize(gm, node, name, weight, group_size, h)
         stats["int4"] += 1
         stats["gptq"] += h is not None
-    return PassResult(stats["int4"] > 0, stats)
+    # the options as resolved (ctx-wide ones included): a recompile (fxopt.finetune) repeats them
+    return PassResult(stats["int4"] > 0, {**stats, "group_size": group_size, "rounding": rounding})
 
 
 def _hessians(gm, ctx, nodes) -> dict:

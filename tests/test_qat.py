@@ -255,3 +255,32 @@ def test_qat_after_weight_pruning_keeps_the_pruned_weights_zero(trained, digits)
     codes = [getattr(gm, str(n.args[1].target)) for n in gm.graph.nodes if n.target is qops.quantized_linear]
     total = sum(c.numel() for c in codes)
     assert sum(int((c == 0).sum()) for c in codes) >= round(0.8 * total)
+
+
+def test_qat_of_cpu_int4_trains_the_int4_codes_and_the_kernels_compute_them(trained, digits):
+    """cpu-int4 with finetune=: quantize_int4's grouped linears start from their float weights,
+    train, and lower to linear_int4; the lowered model computes the trained int4 ops; and
+    fxopt.finetune retrains a cpu-int4 model (its int4 layers match the recompile)."""
+    from fxopt.runtime import kernel_ops
+    model, x, calib = trained["mlp"], digits.x_train[:8], _calib(digits, 8)
+    options = dict(finetune={"epochs": 1}, latency_repeats=0, int4_rounding="nearest")
+    fast = fxopt.optimize(model, (x,), target="cpu-int4", calibration_data=calib, **options)
+    linears = lambda gm: [n.target for n in gm.graph.nodes if n.target in kernel_ops.LINEARS]  # noqa: E731
+    assert len(linears(fast)) == 3 and set(linears(fast)) == {kernel_ops.linear_int4}
+    stats = fast.fxopt_report.record("finetune_quantized").stats
+    assert stats["codes_changed"] > 0
+    from fxopt.driver.compile import compile_model
+    trained_ops, _ = compile_model(model, (x,), "cpu-int4", calib, True,
+                                   dict(options, stop_after="finetune_quantized", drift=False, report_layers=False))
+    with torch.no_grad():
+        _assert_same_model(trained_ops(digits.x_test), fast(digits.x_test))
+    torch.set_num_threads(1)
+    with pytest.raises(ValueError, match="already quantization-aware trained"):
+        fxopt.finetune(fast, model, calib, epochs=1)
+    ptq = fxopt.optimize(model, (x,), target="cpu-int4", calibration_data=calib, latency_repeats=0,
+                         int4_rounding="nearest")
+    torch.set_num_threads(1)
+    tuned = fxopt.finetune(ptq, model, calib, epochs=1)
+    assert set(linears(tuned)) == {kernel_ops.linear_int4}
+    acc = lambda m: ex.accuracy(m, digits.x_test, digits.y_test)  # noqa: E731
+    assert acc(tuned) >= acc(ptq) - 0.01
