@@ -36,7 +36,8 @@ _NO_Q = {name: np.empty((0, 0), dtype) for name, dtype in A_DTYPES.items()}
 _A_DTYPES = {name: np.dtype(dtype) for name, dtype in A_DTYPES.items()}
 _NO_F = np.empty(0, np.float32)
 _NO_I = np.empty(0, np.int32)
-_F32 = np.dtype(np.float32)
+_F32, _U8 = np.dtype(np.float32), np.dtype(np.uint8)
+_NO_U8 = np.empty((0, 0), np.uint8)
 _EP_CACHE = {}
 _EP_PLAIN = {}  # act -> epilogue_params(act), linear_f32's common case
 _ZERO_BIAS = {}
@@ -305,6 +306,52 @@ def gemm_u8s8_u8(a, a_scales, a_zero_points, pw, out_scale, out_zero_point,
     return _run(_NO_X, a, s, z, pw, _bias(bias, pw.n), ep, out, n_threads)
 
 
+def bound_constants(n, bias, act, act_args, a_scale, a_zero_point, out_scale, out_zero_point):
+    """What a bound linear (bind_linear, bind_linear_sparse, bind_linear_int4) fixes once, checked:
+    (bias vector, epilogue params, output dtype, static activation scale?, uint8 output?)."""
+    b = _bias(bias, n)
+    static, chained_out = a_scale > 0, out_scale > 0
+    if chained_out:
+        if not 0 <= out_zero_point <= 255:
+            raise KernelError(f"out_zero_point must be in [0, 255], got {out_zero_point}")
+        ep, out_dtype = epilogue_params(act, act_args, float(out_scale), int(out_zero_point)), _U8
+    else:
+        ep, out_dtype = epilogue_params(act, act_args), _F32
+    if static and not 0 <= a_zero_point <= 255:
+        raise KernelError(f"need 0 <= a_zero_point <= 255, got {a_zero_point}")
+    return b, ep, out_dtype, static, chained_out
+
+
+def call_arrays(name, x, k, n, static, chained_out, out_dtype, out, residual):
+    """The arrays one call of a bound sparse or int4 linear hands its kernel, checked: (float
+    rows or an empty array, uint8 rows or an empty array, out, residual or an empty array).
+    Float rows are quantized by the kernel's workers; uint8 rows come quantized with the
+    static scale the layer was bound with."""
+    if type(x) is not np.ndarray or x.ndim != 2 or x.shape[1] != k:
+        raise KernelError(f"{name}: x must be a 2-D (M, {k}) array, got "
+                          f"{getattr(x, 'dtype', type(x))} {getattr(x, 'shape', '')}")
+    m = x.shape[0]
+    if x.dtype is _F32 and x.flags.c_contiguous:
+        xf, aq = x, _NO_U8
+    elif x.dtype == np.uint8:
+        if not static:
+            raise KernelError(f"{name}: uint8 x needs the static a_scale it was quantized with")
+        xf, aq = _NO_X, np.ascontiguousarray(x)
+    else:
+        raise KernelError(f"{name}: x must be C-contiguous float32 or uint8, got {x.dtype}")
+    if out is None:
+        out = np.empty((m, n), out_dtype)
+    elif out.shape != (m, n) or out.dtype != out_dtype or not out.flags.c_contiguous:
+        raise KernelError(f"{name}: out must be C-contiguous {out_dtype.name} ({m}, {n}), got {out.dtype} {out.shape}")
+    if residual is None:
+        res = _NO_X
+    elif chained_out:
+        raise KernelError(f"{name}: a residual needs float output (out_scale=0)")
+    else:
+        res = _residual(residual, m, n)
+    return xf, aq, out, res
+
+
 def bind_linear(pw, bias=None, act="none", act_args=(), a_scale=0.0, a_zero_point=0,
                 out_scale=0.0, out_zero_point=0):
     """One layer's GEMM with all but its input bound once, for a runtime that calls the
@@ -323,19 +370,11 @@ def bind_linear(pw, bias=None, act="none", act_args=(), a_scale=0.0, a_zero_poin
     """
     _check_packed(pw)
     n, k = pw.n, pw.k
-    b = _bias(bias, n)
-    static, chained_out = a_scale > 0, out_scale > 0
-    if chained_out:
-        if not 0 <= out_zero_point <= 255:
-            raise KernelError(f"out_zero_point must be in [0, 255], got {out_zero_point}")
-        ep, out_dtype = epilogue_params(act, act_args, float(out_scale), int(out_zero_point)), np.uint8
-    else:
-        ep, out_dtype = epilogue_params(act, act_args), np.float32
-    if static and not 0 <= a_zero_point <= 255:
-        raise KernelError(f"need 0 <= a_zero_point <= 255, got {a_zero_point}")
+    b, ep, out_dt, static, chained_out = bound_constants(n, bias, act, act_args, a_scale, a_zero_point,
+                                                         out_scale, out_zero_point)
     scale, zero_point = np.float32(a_scale), np.int32(a_zero_point)
     per_row = {}                                  # m -> (scales, zero points) of a static scale
-    out_dt, rows_in_workers = np.dtype(out_dtype), not static and not chained_out
+    rows_in_workers = not static and not chained_out
     current = _dispatch._current
 
     def call(x, out=None, residual=None, n_threads=None):

@@ -51,7 +51,7 @@ from . import dispatch as _dispatch
 from .dispatch import KernelError
 from .epilogue import EP_ACT, EP_P0, EP_P1, EP_RES_FIRST, add_residual_rows, apply_activation
 from .gemm import _COUNTER_STRIDE, _count_add, _is_float32, _staged, _starts
-from .linear import _bias, _residual, epilogue_params, get_num_threads
+from .linear import _bias, bound_constants, call_arrays, epilogue_params, get_num_threads
 from .quantize import quantize_rows_into, quantize_tensor_into
 from .rowops import borrowed, call_llvm
 from .simd import BLOCK_COLS, GEOMETRY, TAGS, is_portable, isa_geometry, staged_f32
@@ -320,8 +320,6 @@ assert all(GEOMETRY[name][1] <= BLOCK_COLS for name in GEOMETRY)
 # below this many slot multiply-adds (steps * 32 * rows) a thread launch costs more than it saves
 PARALLEL_MIN_SLOTS = 1 << 15
 _NO_X = np.empty((0, 0), np.float32)
-_NO_Q = np.empty((0, 0), np.uint8)
-_F32 = np.dtype(np.float32)
 _F0, _I0 = np.float32(0), np.int32(0)
 
 
@@ -389,41 +387,11 @@ def bind_linear_sparse(ps, bias=None, act="none", act_args=(), a_scale=0.0, a_ze
     """
     _check_packed(ps)
     n, k = ps.n, ps.k
-    b = _bias(bias, n)
-    static, chained_out = a_scale > 0, out_scale > 0
-    if chained_out:
-        if not 0 <= out_zero_point <= 255:
-            raise KernelError(f"out_zero_point must be in [0, 255], got {out_zero_point}")
-        ep, out_dtype = epilogue_params(act, act_args, float(out_scale), int(out_zero_point)), np.uint8
-    else:
-        ep, out_dtype = epilogue_params(act, act_args), np.float32
-    if static and not 0 <= a_zero_point <= 255:
-        raise KernelError(f"need 0 <= a_zero_point <= 255, got {a_zero_point}")
+    b, ep, out_dtype, static, chained_out = bound_constants(n, bias, act, act_args, a_scale, a_zero_point,
+                                                            out_scale, out_zero_point)
     scale, zero_point = (np.float32(a_scale), np.int32(a_zero_point)) if static else (_F0, _I0)
 
     def call(x, out=None, residual=None, n_threads=None):
-        if type(x) is not np.ndarray or x.ndim != 2 or x.shape[1] != k:
-            raise KernelError(f"bind_linear_sparse: x must be a 2-D (M, {k}) array, got "
-                              f"{getattr(x, 'dtype', type(x))} {getattr(x, 'shape', '')}")
-        m = x.shape[0]
-        if x.dtype is _F32 and x.flags.c_contiguous:
-            xf, aq = x, _NO_Q
-        elif x.dtype == np.uint8:
-            if not static:
-                raise KernelError("bind_linear_sparse: uint8 x needs the static a_scale it was quantized with")
-            xf, aq = _NO_X, np.ascontiguousarray(x)
-        else:
-            raise KernelError(f"bind_linear_sparse: x must be C-contiguous float32 or uint8, got {x.dtype}")
-        if out is None:
-            out = np.empty((m, n), out_dtype)
-        elif out.shape != (m, n) or out.dtype != out_dtype or not out.flags.c_contiguous:
-            raise KernelError(f"bind_linear_sparse: out must be C-contiguous {np.dtype(out_dtype).name} "
-                              f"({m}, {n}), got {out.dtype} {out.shape}")
-        if residual is None:
-            res = _NO_X
-        elif chained_out:
-            raise KernelError("bind_linear_sparse: a residual needs float output (out_scale=0)")
-        else:
-            res = _residual(residual, m, n)
+        xf, aq, out, res = call_arrays("bind_linear_sparse", x, k, n, static, chained_out, out_dtype, out, residual)
         return _run(ps, xf, aq, scale, zero_point, b, res, ep, out, n_threads)
     return call
