@@ -95,7 +95,10 @@ def tensor_dtype(rng, graph, metadata):
 
 def tensor_storage(rng, graph, metadata):
     name, rec = _tensor(rng, graph)
-    rec["storage"] = rng.choice([-1, int(metadata["storages"]), *HUGE, True, "0", None])
+    # one past the last storage: a compressed file's header counts its one coded storage, the
+    # graph's table the storages it decodes to (pointing at another of those is another model)
+    past = max(int(metadata["storages"]), 1 + max(r["storage"] for r in graph["tensors"].values()))
+    rec["storage"] = rng.choice([-1, past, *HUGE, True, "0", None])
     return f"{name}: storage -> {rec['storage']}"
 
 
