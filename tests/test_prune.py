@@ -332,3 +332,19 @@ def test_report_prints_params_and_macs_per_group():
     model, example, _ = zoo.mlp()
     text = str(prune(model, example, 0.5, round_to=1).fxopt_prune)
     assert "params 6922 ->" in text and "fc1" in text and "left alone: fc3" in text
+
+
+def test_pruned_cnn_takes_batches_larger_than_torch_conv_backend_thresholds():
+    # Recomputing metadata after the cut ran fake convs whose backend choice guards on the
+    # batch size (< 16); that guard narrowed the captured batch range to [2, 15], so the
+    # pruned model refused batch 449. The model has no such limit.
+    import fxopt
+    from fxopt.examples import DigitsCNN, digits
+    torch.manual_seed(0)
+    x = digits().x_test
+    fast = fxopt.optimize(DigitsCNN().eval(), (x[:8],), target="cpu-fp32", prune={"ratio": 0.75, "round_to": 1})
+    with torch.no_grad():
+        whole = fast(x[:449])
+        parts = torch.cat([fast(x[i:i + 8]) for i in range(0, 449, 8)])
+    assert whole.shape == (449, 10)
+    torch.testing.assert_close(whole, parts, rtol=1e-4, atol=1e-4)
