@@ -130,3 +130,19 @@ def _available(layer):
     # Why a child process: the calls run in one, and a library loaded into this process
     # (OpenVINO brings its own libtbb) would make the layer look installed when it is not.
     return subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True).returncode == 0
+
+
+def test_a_users_torch_thread_count_survives_the_first_kernel_call():
+    # Loading Numba's OpenMP layer set the process's OpenMP thread count (torch's too): a
+    # torch.set_num_threads(1) made before optimize became 2 at the first kernel call.
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("needs 2 or more CPUs to tell 1 thread from the default")
+    code = ("import torch; torch.set_num_threads(1)\n"
+            "import fxopt\n"
+            "m = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8)).eval()\n"
+            "x = torch.randn(16, 64)\n"
+            "fast = fxopt.optimize(m, (x,), 'cpu-int8'); fast(x)\n"
+            "print('threads', torch.get_num_threads())\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().endswith("threads 1"), done.stdout

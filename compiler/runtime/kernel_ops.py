@@ -18,12 +18,28 @@ import torch
 
 from fxopt.core.fxops import _lib
 from fxopt.kernels import api as K
+from fxopt.kernels import threads
 from fxopt.kernels.threads import launch_guard
 from fxopt.quant import qops
 from fxopt.runtime import saturation
 from fxopt.runtime.kernel_args import check_conv, check_int4_linear, check_linear, check_sparse_linear
 
 _F32, _U8 = np.dtype(np.float32), np.dtype(np.uint8)
+
+
+def _load_threading_layer_keeping_torch_threads() -> None:
+    """Load Numba's threading layer now and give torch back its thread count.
+
+    Why: loading Numba's OpenMP layer sets the process's OpenMP thread count, which is
+    torch's too when both use one libgomp: a user's torch.set_num_threads(1) silently became
+    2 at the first kernel call, and the kernels here take their count from torch."""
+    n = torch.get_num_threads()
+    threads.layer()
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+
+
+_load_threading_layer_keeping_torch_threads()
 
 # x may arrive already quantized (uint8, with the static a_scale/a_zp of this op), and with
 # out_scale > 0 the op hands its output on as uint8 for the next int8 op: chained int8 ops
