@@ -152,7 +152,7 @@ def int4_split(seed: int, runs=("PTQ nearest", "PTQ gptq", "QAT")) -> dict:
     options = dict(target="cpu-int4", latency_repeats=0, drift=False, report_layers=False)
     builds = {
         "PTQ nearest": lambda: fxopt.optimize(model, example, **options),       # no calibration: nearest
-        "PTQ gptq": lambda: fxopt.optimize(model, example, calibration_data=calib, **options),
+        "PTQ gptq": lambda: fxopt.optimize(model, example, calibration_data=calib, int4_rounding="gptq", **options),
         "QAT": lambda: fxopt.optimize(model, example, calibration_data=calib, int4_rounding="nearest",
                                       finetune={"epochs": INT4["qat_epochs"], "lr": INT4["qat_lr"]}, **options),
     }
@@ -183,7 +183,7 @@ def int4_splits(n: int) -> None:
     print(f"  {'fp32':<40} {_spread(fp32)}")
     labels = {"PTQ nearest": "int4 PTQ, round to nearest (default)", "PTQ gptq": "int4 PTQ, GPTQ (with calibration)",
               "QAT": "int4 QAT (from nearest)"}
-    print(f"  {'change from fp32 (points):'}")
+    print("  change from fp32 (points):")
     for key, label in labels.items():
         print(f"  {label:<40} {_spread([r[key] - r['fp32'] for r in runs], signed=True)}")
 
