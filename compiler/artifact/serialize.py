@@ -45,8 +45,10 @@ __all__ = ["save", "load", "read_report", "register_load_hook", "remove_load_hoo
 
 FORMAT = "fxopt"
 FORMAT_VERSION = 1
-COMPRESSED_VERSION = 3             # compress="huffman" files: older fxopt refuses them by version
-RETIRED_VERSIONS = {2: "the first compressed format (its sections in base64, no sparse-layout layers)"}
+COMPRESSED_VERSION = 4             # compress="huffman" files: older fxopt refuses them by version
+RETIRED_VERSIONS = {2: "the first compressed format (its sections in base64, no sparse-layout layers)",
+                    3: "the compressed format whose report was not compacted (a format-3 reader cannot "
+                       "read a compacted one)"}
 COMPRESSIONS = (None, "huffman")
 ARTIFACT_META = "fxopt_artifact"   # plain JSON a stage wants back at load (e.g. packing ISA)
 CAPTURE_META = "fxopt_capture"
@@ -286,7 +288,8 @@ def _check_header(metadata, path: str) -> dict:
     if version in RETIRED_VERSIONS:
         raise ArtifactError(f"{path} is in file format {version}, {RETIRED_VERSIONS[version]}, written by "
                             f"fxopt {metadata.get('fxopt_version', '?')} before its release; this fxopt "
-                            "reads formats 1 and 3. Save the model again with this fxopt.")
+                            f"reads formats {FORMAT_VERSION} and {COMPRESSED_VERSION}. Save the model again with "
+                            "this fxopt.")
     if metadata.get("byteorder") != sys.byteorder:
         raise ArtifactError(f"{path} was written on a {metadata.get('byteorder')}-endian machine; "
                             f"this one is {sys.byteorder}-endian. Save the model on this machine.")

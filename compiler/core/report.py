@@ -17,11 +17,11 @@ class PassRecord:
     name: str
     options: dict
     status: str = "ok"            # ok | disabled
-    seconds: float = 0.0
+    seconds: float | None = 0.0   # None (and nodes None): a compacted saved report left it out
     changed: bool = False
     stats: dict = field(default_factory=dict)
     counts: dict = field(default_factory=dict)
-    nodes: int = 0
+    nodes: int | None = 0
     ir: str = ""
     drift: Drift | None = None
 
@@ -69,10 +69,12 @@ class Report:
                      sections=dict(d.get("sections") or {}), layers=list(d.get("layers") or []),
                      summary=dict(d.get("summary") or {}))
         for r in d.get("passes", []):
+            # a compressed file's report is compacted (fxopt.artifact.compress): no options,
+            # timings, node or op counts, drift
             drift = Drift(**r["drift"]) if r.get("drift") else None
-            report.add(PassRecord(r["index"], r["pass"], dict(r["options"]), r["status"],
-                                  r["seconds"], r["changed"], dict(r["stats"]), dict(r["counts"]),
-                                  r["nodes"], r.get("ir", ""), drift))
+            report.add(PassRecord(r["index"], r["pass"], dict(r.get("options", {})), r["status"],
+                                  r.get("seconds"), r["changed"], dict(r["stats"]), dict(r.get("counts", {})),
+                                  r.get("nodes"), r.get("ir", ""), drift))
         return report
 
     def __str__(self) -> str:
@@ -81,11 +83,16 @@ class Report:
         for r in self.records:
             d = r.drift
             rows.append((
-                str(r.index), r.name, f"{r.seconds * 1e3:.1f}" if r.status == "ok" else r.status,
-                "yes" if r.changed else "-", str(r.nodes),
+                str(r.index), r.name, _fmt_ms(r) if r.status == "ok" else r.status,
+                "yes" if r.changed else "-", "-" if r.nodes is None else str(r.nodes),
                 f"{d.cosine:.6f}" if d else "-", _fmt_db(d.sqnr_db) if d else "-",
                 f"{d.max_abs:.2e}" if d else "-", _fmt_stats(r.stats)))
-        widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+        if self.records and all(r.seconds is None for r in self.records):
+            # compacted (a compressed file's): no timing, node count or drift columns; a
+            # disabled pass says so where the others say whether they changed the graph
+            rows = [(row[0], row[1], row[2] if row[2] != "-" else row[3], row[8]) for row in rows]
+            rows[0] = ("#", "pass", "changed", "stats")
+        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
         lines = [f"pipeline: {self.pipeline}"]
         for k, row in enumerate(rows):
             lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
@@ -98,6 +105,10 @@ class Report:
         return "\n".join(lines)
 
     __repr__ = __str__
+
+
+def _fmt_ms(r: PassRecord) -> str:
+    return "-" if r.seconds is None else f"{r.seconds * 1e3:.1f}"
 
 
 def _fmt_db(x: float) -> str:
