@@ -69,12 +69,12 @@ def test_search_over_int4_int8_fp32_meets_the_budget_with_a_mix(mlp, data):
     base_val, base_test = accuracy(model, xv, yv), accuracy(model, *data["test"])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        # max_evals=8 leaves no room for one evaluation per (layer, precision) alone: the SQNR
-        # of each precision's compile orders the layers (fewer evaluations, a faster test).
+        # max_evals=16 leaves room for each layer alone at int4 and int8 (the others fp32): the
+        # measured drops order the layers (the SQNR proxy blames net.6 for net.4's error).
         fast = fxopt.optimize(model, data["example"], "cpu-int8", calibration_data=data["calib"],
                               eval_fn=lambda m: accuracy(m, xv, yv), max_accuracy_drop=EPS,
                               search_precisions=("int4", "int8", "fp32"), search_cost="macs",
-                              search_prune=(), max_evals=8, latency_repeats=0, int4_rounding="nearest")
+                              search_prune=(), max_evals=16, latency_repeats=0, int4_rounding="nearest")
     s = fast.fxopt_report.search
     evals, chosen = s["evaluations"], s["evaluations"][s["chosen"]]
     got_val, got_test = accuracy(fast, xv, yv), accuracy(fast, *data["test"])
@@ -94,9 +94,12 @@ def test_search_over_int4_int8_fp32_meets_the_budget_with_a_mix(mlp, data):
     assert not by_label["prune=0 fp32=[-] int4=[net.1,net.6]"]["meets"]       # net.4 int8
     assert layers["net.4"]["why"].startswith("accuracy") and layers["net.4"]["ladder"] == ["int4", "int8", "fp32"]
     assert layers["net.1"]["why"] == "int4 within budget"
-    # cheaper than plain int8 (evaluations[0]) by the MAC weights, and every evaluation lists its mix
-    assert evals[0]["mix"] == "int8 3" and chosen["mix"] == "int4 2, fp32 1" == s["chosen_mix"]
-    assert chosen["cost"] < evals[0]["cost"]
+    assert layers["net.4"]["alone_drop"]["int4"] > EPS and layers["net.4"]["alone_drop"]["int8"] > EPS
+    # plain int8 (evaluations[0]) misses the budget; the chosen mix is the cheapest that meets it
+    # (MAC weights), and every evaluation lists its mix
+    assert evals[0]["mix"] == "int8 3" and not evals[0]["meets"]
+    assert chosen["mix"] == "int4 2, fp32 1" == s["chosen_mix"]
+    assert chosen["cost"] == min(e["cost"] for e in evals if e["meets"])
     assert all(e["mix"] == mix_label(e["precisions"].values()) for e in evals)
     text = fast.fxopt_report.sections["search"]
     assert "int4 2, fp32 1" in text and "int4 dB" in text
