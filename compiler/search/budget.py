@@ -86,8 +86,8 @@ class Evaluator:
         e = {"label": config.label, "fp32": list(config.fp32), "other": [list(x) for x in config.other],
              "ratio": config.ratio, "finetune": config.finetune, "metric": metric, "drop": self.ref - metric,
              "meets": metric >= self.floor, "latency_s": latency, "macs": summary["macs_optimized"],
-             "fp32_macs": fp32_macs, "seconds": time.perf_counter() - t0, "precisions": precisions,
-             "mix": mix_label(precisions.values()), "layers": rows}
+             "bytes": summary["optimized_bytes"], "fp32_macs": fp32_macs, "seconds": time.perf_counter() - t0,
+             "precisions": precisions, "mix": mix_label(precisions.values()), "layers": rows}
         # macs cost: MACs weighed by precision (an int8 MAC half an fp32 MAC), a deterministic proxy for tests.
         e["cost"] = latency if self.s["search_cost"] == "latency" else macs_cost(rows, e["macs"])
         self.cache[config] = e
@@ -305,8 +305,9 @@ def _greedy(ev, state: dict, ratio: float, tuned: bool) -> None:
 def choose(evals: list[dict], tol: float = 0.0) -> tuple[int, bool]:
     """(index, met): the cheapest evaluation that meets the budget, else the best metric.
 
-    Costs within `tol` (a fraction) of the cheapest count as equal and the fewest MACs
-    wins among them, so timing noise does not pick a bigger model.
+    Costs within `tol` (a fraction) of the cheapest count as equal and the fewest MACs, then
+    the fewest bytes (lower precisions), wins among them, so timing noise does not pick a
+    bigger model.
 
         choose([{"cost": 2, "metric": .9, "meets": True}, {"cost": 1, "metric": .8, "meets": False}]) -> (0, True)
     """
@@ -314,7 +315,8 @@ def choose(evals: list[dict], tol: float = 0.0) -> tuple[int, bool]:
     if meeting:
         best = min(evals[i]["cost"] for i in meeting)
         near = [i for i in meeting if evals[i]["cost"] <= best * (1 + tol)]
-        return min(near, key=lambda i: (evals[i].get("macs", 0), evals[i]["cost"], -evals[i]["metric"], i)), True
+        return min(near, key=lambda i: (evals[i].get("macs", 0), evals[i].get("bytes", 0), evals[i]["cost"],
+                                        -evals[i]["metric"], i)), True
     return min(range(len(evals)), key=lambda i: (-evals[i]["metric"], evals[i]["cost"], i)), False
 
 
@@ -338,7 +340,8 @@ def _finish(ev: Evaluator, compile_fn, options: dict, s: dict, state: dict):
     data = {"reference_metric": state["ref"], "allowed_drop": state["allowed"], "floor": floor,
             "drop_mode": s["drop_mode"], "cost": s["search_cost"], "met": met, "chosen": best,
             "precisions": list(s["search_precisions"] or ("target", "fp32")),
-            "chosen_config": e["label"], "chosen_mix": e["mix"], "final_metric": final_metric, "stopped": state["stopped"],
+            "chosen_config": e["label"], "chosen_mix": e["mix"], "final_metric": final_metric,
+            "stopped": state["stopped"],
             "evaluations": [{k: v for k, v in x.items() if k != "layers"} for x in ev.evals],
             "pareto": front, "layers": layers, "plot": None}
     if s["plot_path"]:
@@ -372,7 +375,8 @@ def _why(prec: str, ladder: list, dropped: dict) -> str:
     if prec == ladder[0] and prec == "fp32" and slower:
         return slower                    # every lower precision was slower here
     if prec not in ladder:               # e.g. the plain target, chosen on its whole-model time
-        return f"{prec} in the chosen configuration (its whole-model cost was lowest) though {dropped.get(prec, prec + ' is off this layer ladder')}"
+        why = f"{prec}: the chosen configuration's whole-model cost was the lowest"
+        return why + (f", though per layer {dropped[prec]}" if prec in dropped else "")
     rung = ladder.index(prec)
     if rung == 0:
         why = f"{prec} within budget"

@@ -104,7 +104,8 @@ def build_pipeline(base: Pipeline, config: Config, all_layers) -> Pipeline:
             prec = "int4" if spec.name == PASSES["int4"] else "bf16"
             skip = named - chosen[prec]      # the target's own pass: only the layers set otherwise
             if skip:
-                spec = PassSpec(spec.name, {**spec.options, "skip": tuple(sorted({*spec.options.get("skip", ()), *skip}))})
+                skip = tuple(sorted({*spec.options.get("skip", ()), *skip}))
+                spec = PassSpec(spec.name, {**spec.options, "skip": skip})
         specs.append(spec)
     return Pipeline(tuple(specs))
 
