@@ -48,7 +48,7 @@ from fxopt.driver.compile import compile_model, example_from
 from fxopt.report import model_report, pareto
 from fxopt.search import sensitivity
 from fxopt.search.precision import (Config, assignment, build_pipeline, candidates, check_pipeline,
-                                    check_precisions, macs_cost, make_config, mix_label)
+                                    check_precisions, explain, macs_cost, make_config, mix_label)
 
 DEFAULTS = {"eval_fn": None, "max_accuracy_drop": 0.01, "drop_mode": "absolute", "max_evals": 40,
             "time_budget_s": None, "search_prune": (0.0, 0.1, 0.2, 0.3, 0.5), "finetune_budget": None,
@@ -362,29 +362,12 @@ def _layer_table(chosen: dict, state: dict) -> list[dict]:
         prec = chosen[name]
         ladder, dropped = state["ladder"].get(name, [prec]), state["dropped"].get(name, {})
         times = state["times"].get(name, {})
-        rows.append({"layer": name, "precision": prec, "why": _why(prec, ladder, dropped),
+        rows.append({"layer": name, "precision": prec, "why": explain(prec, ladder, dropped),
                      "ladder": list(ladder),
                      "ms": {p: t * 1e3 for p, t in times.items()},
                      "sqnr_db": {p: db for (n, p), db in state["sqnr"].items() if n == name and p != "fp32"},
                      "alone_drop": {p: d for (n, p), d in state["alone"].items() if n == name}})
     return rows
-
-
-def _why(prec: str, ladder: list, dropped: dict) -> str:
-    slower = "; ".join(dropped.values())
-    if prec == ladder[0] and prec == "fp32" and slower:
-        return slower                    # every lower precision was slower here
-    if prec not in ladder:               # e.g. the plain target, chosen on its whole-model time
-        why = f"{prec}: the chosen configuration's whole-model cost was the lowest"
-        return why + (f", though per layer {dropped[prec]}" if prec in dropped else "")
-    rung = ladder.index(prec)
-    if rung == 0:
-        why = f"{prec} within budget"
-    elif prec == "fp32":
-        why = "accuracy: kept fp32 to meet the budget"
-    else:
-        why = f"accuracy: {prec}, not {ladder[rung - 1]}, to meet the budget"
-    return why + (f"; {slower}" if slower else "")
 
 
 def _format(data: dict, evals: list[dict]) -> str:

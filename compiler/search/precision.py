@@ -159,5 +159,27 @@ def candidates(allowed: list, times: dict, margin: float) -> tuple[list, dict]:
     return kept, dropped
 
 
+def explain(prec: str, ladder: list, dropped: dict) -> str:
+    """Why a layer has `prec` in the chosen configuration, given its ladder and the precisions
+    dropped from it (with their reasons).
+
+        explain("int8", ["int4", "int8", "fp32"], {}) -> "accuracy: int8, not int4, to meet the budget"
+    """
+    slower = "; ".join(dropped.values())
+    if prec == ladder[0] and prec == "fp32" and slower:
+        return slower                    # every lower precision was slower here
+    if prec not in ladder:               # e.g. the plain target, chosen on its whole-model time
+        why = f"{prec}: the chosen configuration's whole-model cost was the lowest"
+        return why + (f", though per layer {dropped[prec]}" if prec in dropped else "")
+    rung = ladder.index(prec)
+    if rung == 0:
+        why = f"{prec} within budget"
+    elif prec == "fp32":
+        why = "accuracy: kept fp32 to meet the budget"
+    else:
+        why = f"accuracy: {prec}, not {ladder[rung - 1]}, to meet the budget"
+    return why + (f"; {slower}" if slower else "")
+
+
 def _ms(seconds: float) -> str:
     return f"{seconds * 1e3:.3f} ms" if seconds >= 1e-3 else f"{seconds * 1e6:.1f} us"
