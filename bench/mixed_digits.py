@@ -5,8 +5,8 @@
 
 Same split as tests/test_budget.py and bench/budget_digits.py: 300 training images held out
 for eval_fn (validation), the 450 test images checked after. Per model: the search
-(search_cost="latency", no pruning unless --prune) over --precisions; the chosen mix and its
-per-layer table; the search's own latency of the chosen configuration and of plain int8
+(search_cost="latency" unless --cost macs, no pruning unless --prune) over --precisions;
+the chosen mix and its per-layer table; the search's own latency of the chosen configuration and of plain int8
 (evaluations[0], median of --repeats on the batch of 64 the search times); then a separate
 interleaved timing (taking turns, medians) of the chosen model, all-int8, all-fp32 and the eager
 model at batch 64 and batch 1; validation and test accuracy of each against fp32.
@@ -33,13 +33,13 @@ from fxopt.report.timing import interleaved_medians
 from fxopt.search.budget import with_fp32_layers
 
 
-def search(model, fit, val, eps, precisions, prune, repeats, plot):
+def search(model, fit, val, eps, precisions, prune, repeats, plot, cost):
     calib = [(fit.x_train[i:i + 64],) for i in range(0, len(fit.x_train), 64)]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         return fxopt.optimize(model, (fit.x_train[:64],), "cpu-int8", calibration_data=calib,
                               eval_fn=lambda m: accuracy(m, *val), max_accuracy_drop=eps,
-                              search_precisions=tuple(precisions), search_cost="latency",
+                              search_precisions=tuple(precisions), search_cost=cost,
                               search_prune=(0.0, 0.1, 0.2, 0.3, 0.5) if prune else (),
                               prune={"round_to": 4}, latency_repeats=repeats, plot_path=plot), calib
 
@@ -58,11 +58,11 @@ def peers(model, fit, calib, layers):
 
 
 def run(name, model, fit, val, test, ns, eps):
-    plot = f"{ns.plots}/mixed_{name}_{eps}.png" if ns.plots else None
-    fast, calib = search(model, fit, val, eps, ns.precisions, ns.prune, ns.repeats, plot)
+    plot = f"{ns.plots}/mixed_{name}_{eps}_{ns.cost}.png" if ns.plots else None
+    fast, calib = search(model, fit, val, eps, ns.precisions, ns.prune, ns.repeats, plot, ns.cost)
     s = fast.fxopt_report.search
     plain, chosen = s["evaluations"][0], s["evaluations"][s["chosen"]]
-    print(f"\n== {name} eps={eps} precisions={','.join(ns.precisions)}: chosen {chosen['label']}  "
+    print(f"\n== {name} eps={eps} precisions={','.join(ns.precisions)} cost={ns.cost}: chosen {chosen['label']}  "
           f"mix [{chosen['mix']}]  met={s['met']}  evals={len(s['evaluations'])}")
     print(pareto.format_layers(s["layers"]))
     print(f"  search's own latency (batch 64, median of {max(ns.repeats, 3)}): chosen "
@@ -74,7 +74,7 @@ def run(name, model, fit, val, test, ns, eps):
         x = fit.x_train[:batch]
         with torch.no_grad():
             med = interleaved_medians({k: (lambda m=m: m(x)) for k, m in models.items()}, repeats=ns.rounds,
-                                      min_batch_s=2e-3, warmup=2)
+                                      min_batch_s=1e-2, warmup=2)
         print(f"  interleaved batch {batch:>2}: " + ", ".join(f"{k} {v * 1e3:.3f} ms" for k, v in med.items())
               + f"; chosen vs int8 {med['int8'] / med['chosen']:.2f}x, vs fp32 {med['fp32'] / med['chosen']:.2f}x")
     ref_val, ref_test = accuracy(model, *val), accuracy(model, *test)
@@ -91,8 +91,10 @@ def main(argv=None):
     ap.add_argument("--models", nargs="+", default=["cnn", "mlp"], choices=("cnn", "mlp"))
     ap.add_argument("--width", type=int, default=16, help="DigitsCNN width (16 as tests/test_budget.py)")
     ap.add_argument("--prune", action="store_true", help="let the search prune too")
+    ap.add_argument("--cost", default="latency", choices=("latency", "macs"),
+                    help="the search's cost: measured latency, or MACs weighed by precision")
     ap.add_argument("--repeats", type=int, default=9, help="the search's timing repeats per evaluation")
-    ap.add_argument("--rounds", type=int, default=15, help="interleaved timing rounds")
+    ap.add_argument("--rounds", type=int, default=21, help="interleaved timing rounds")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--plots", default=None, help="folder for the Pareto PNGs")
     ns = ap.parse_args(argv)
