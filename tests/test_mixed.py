@@ -17,7 +17,7 @@ from fxopt.core.pipeline import target_pipeline
 from fxopt.examples import Digits, DigitsMLP, accuracy, digits, train
 from fxopt.runtime import kernel_ops
 from fxopt.search import precision
-from fxopt.search.precision import Config, assignment, build_pipeline, candidates, make_config, mix_label
+from fxopt.search.precision import Config, assignment, build_pipeline, candidates, explain, make_config, mix_label
 from fxopt.search.sensitivity import precision_latency
 
 TEST_SLACK = 0.02     # as tests/test_budget.py: 450 test images, one image = 0.22 points
@@ -143,6 +143,11 @@ def test_ladder_drops_a_precision_that_is_not_faster():
     assert candidates(["int4", "int8", "fp32"], {"int4": 1.05e-3, "int8": 1e-3, "fp32": 2e-3}, 0.1)[0] == \
         ["int4", "int8", "fp32"]
     assert candidates(["int8", "fp32"], {}, 0.1) == (["int8", "fp32"], {})
+    # the report's why: raised by the greedy for accuracy, on its fastest rung, or neither (the
+    # chosen configuration was not a greedy result, e.g. a layer-alone evaluation)
+    assert explain("int8", ["int4", "int8", "fp32"], {}, True) == "accuracy: int8, not int4, to meet the budget"
+    assert explain("int4", ["int4", "fp32"], dropped, False) == f"int4 within budget; {dropped['int4']}"
+    assert explain("fp32", ["int8", "fp32"], {}, None).startswith("fp32 as in the chosen configuration")
 
 
 def test_bad_search_precisions(monkeypatch):

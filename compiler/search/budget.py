@@ -164,7 +164,7 @@ def search(model, example_inputs, target, calibration_data, dynamic, options: di
     args, kwargs = normalize_inputs(example_from(example_inputs, calibration_data))
     ev = Evaluator(compile_fn, s, ref, ref - allowed, args, kwargs, options.get("latency_repeats", 5))
     state = {"layers": [], "default": {}, "ladder": {}, "dropped": {}, "times": {}, "sqnr": {}, "alone": {},
-             "stopped": None, "ref": ref, "allowed": allowed, "layout": layout}
+             "greedy": {}, "stopped": None, "ref": ref, "allowed": allowed, "layout": layout}
     try:
         _run(ev, compile_fn, s, finetune, state)
     except BudgetExhausted as e:
@@ -300,6 +300,9 @@ def _greedy(ev, state: dict, ratio: float, tuned: bool) -> None:
             if not evaluate()["meets"]:
                 rung[name] += 1
                 break
+    # the greedy's result: which layers sit above their fastest rung for accuracy (the report's why)
+    final = make_config({n: ladder[n][rung[n]] for n in ladder}, state["default"], ratio, tuned)
+    state["greedy"][final] = {n for n in ladder if rung[n] > 0}
 
 
 def choose(evals: list[dict], tol: float = 0.0) -> tuple[int, bool]:
@@ -336,7 +339,7 @@ def _finish(ev: Evaluator, compile_fn, options: dict, s: dict, state: dict):
                       f"{state['allowed']:.4f}); misses by {floor - e['metric']:.4f}. Returning it anyway.",
                       stacklevel=3)
     front = pareto.pareto_front(ev.evals)
-    layers = _layer_table(assignment(config, state["default"]), state)
+    layers = _layer_table(assignment(config, state["default"]), state["greedy"].get(config), state)
     data = {"reference_metric": state["ref"], "allowed_drop": state["allowed"], "floor": floor,
             "drop_mode": s["drop_mode"], "cost": s["search_cost"], "met": met, "chosen": best,
             "precisions": list(s["search_precisions"] or ("target", "fp32")),
@@ -354,15 +357,16 @@ def _finish(ev: Evaluator, compile_fn, options: dict, s: dict, state: dict):
     return gm
 
 
-def _layer_table(chosen: dict, state: dict) -> list[dict]:
+def _layer_table(chosen: dict, raised: set | None, state: dict) -> list[dict]:
     """Per searched layer: the chosen precision and why, and per precision its op latency
-    (ms), SQNR (dB) and metric drop alone."""
+    (ms), SQNR (dB) and metric drop alone. `raised`: the layers the greedy moved up for
+    accuracy, None when the chosen configuration is not a greedy result."""
     rows = []
     for name in state["layers"]:
         prec = chosen[name]
         ladder, dropped = state["ladder"].get(name, [prec]), state["dropped"].get(name, {})
         times = state["times"].get(name, {})
-        rows.append({"layer": name, "precision": prec, "why": explain(prec, ladder, dropped),
+        rows.append({"layer": name, "precision": prec, "why": explain(prec, ladder, dropped, None if raised is None else name in raised),
                      "ladder": list(ladder),
                      "ms": {p: t * 1e3 for p, t in times.items()},
                      "sqnr_db": {p: db for (n, p), db in state["sqnr"].items() if n == name and p != "fp32"},

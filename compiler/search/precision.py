@@ -159,25 +159,25 @@ def candidates(allowed: list, times: dict, margin: float) -> tuple[list, dict]:
     return kept, dropped
 
 
-def explain(prec: str, ladder: list, dropped: dict) -> str:
-    """Why a layer has `prec` in the chosen configuration, given its ladder and the precisions
-    dropped from it (with their reasons).
+def explain(prec: str, ladder: list, dropped: dict, raised: bool | None) -> str:
+    """Why a layer has `prec` in the chosen configuration, given its ladder, the precisions
+    dropped from it (with their reasons) and whether the greedy raised it for accuracy (None:
+    the chosen configuration is not a greedy result, e.g. the plain target).
 
-        explain("int8", ["int4", "int8", "fp32"], {}) -> "accuracy: int8, not int4, to meet the budget"
+        explain("int8", ["int4", "int8", "fp32"], {}, True) -> "accuracy: int8, not int4, to meet the budget"
     """
     slower = "; ".join(dropped.values())
-    if prec == ladder[0] and prec == "fp32" and slower:
+    if prec == "fp32" and ladder == ["fp32"] and slower:
         return slower                    # every lower precision was slower here
-    if prec not in ladder:               # e.g. the plain target, chosen on its whole-model time
-        why = f"{prec}: the chosen configuration's whole-model cost was the lowest"
+    if raised is None or prec not in ladder:
+        why = f"{prec} as in the chosen configuration (chosen on the whole model)"
         return why + (f", though per layer {dropped[prec]}" if prec in dropped else "")
-    rung = ladder.index(prec)
-    if rung == 0:
-        why = f"{prec} within budget"
-    elif prec == "fp32":
-        why = "accuracy: kept fp32 to meet the budget"
+    if raised:
+        rung = ladder.index(prec)
+        why = ("accuracy: kept fp32 to meet the budget" if prec == "fp32" else
+               f"accuracy: {prec}, not {ladder[rung - 1]}, to meet the budget")
     else:
-        why = f"accuracy: {prec}, not {ladder[rung - 1]}, to meet the budget"
+        why = f"{prec} within budget"
     return why + (f"; {slower}" if slower else "")
 
 
