@@ -98,16 +98,29 @@ def layer_latency(int8_gm: GraphModule, fp32_gm: GraphModule, args: tuple, kwarg
 
 def precision_latency(compiled: list, args: tuple, kwargs: dict, repeats: int = 15) -> dict:
     """{layer: {precision: seconds}} from `compiled` = [(gm, {layer: precision it got in gm})]
-    (one compile per uniform precision): each layer is timed, as layer_latency does, at the
-    precision it really has in each compile (a layer int4 cannot take is int8 in the int4
-    compile); a (layer, precision) already timed in an earlier compile is not timed again.
+    (one compile per uniform precision): each layer's op, called alone on the inputs it
+    receives in its own compile (as layer_latency does), at the precision it really has there
+    (a layer int4 cannot take is int8 in the int4 compile; the first compile giving a
+    precision is the one timed). A layer's precisions take turns, call by call, so a change
+    in machine load hits them alike; medians of `repeats`.
     """
-    out = {}
+    calls = {}
     for gm, got in compiled:
         for name, call in layer_calls(gm, args, kwargs).items():
-            prec = got.get(name)
-            if prec is not None and prec not in out.setdefault(name, {}):
-                out[name][prec] = _time_call(call, repeats)
+            if got.get(name) is not None:
+                calls.setdefault(name, {}).setdefault(got[name], call)
+    out = {}
+    with torch.no_grad():
+        for name, per in calls.items():
+            for op, a, k in per.values():
+                op(*a, **k)   # warm-up: kernel compile and weight packing are not the layer's cost
+            samples = {prec: [] for prec in per}
+            for _ in range(repeats):
+                for prec, (op, a, k) in per.items():
+                    t0 = time.perf_counter()
+                    op(*a, **k)
+                    samples[prec].append(time.perf_counter() - t0)
+            out[name] = {prec: statistics.median(v) for prec, v in samples.items()}
     return out
 
 
