@@ -51,7 +51,8 @@ def optimize(model: nn.Module, example_inputs=None, target: str = DEFAULT_TARGET
     keeps int8 everywhere and only warns; latency_repeats=0 measures nothing).
 
     With eval_fn=, the accuracy-budgeted search (fxopt.search.budget) picks per layer
-    int8 or fp32 and a prune ratio within max_accuracy_drop; see
+    int8 or fp32 (or any of search_precisions=("int4", "int8", "bf16", "fp32")) and a prune
+    ratio within max_accuracy_drop; see
     fxopt.driver.compile.OPTIONS.
     """
     if options.get("eval_fn") is not None:

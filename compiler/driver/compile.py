@@ -49,7 +49,7 @@ OPTIONS = {
     "calibration_outliers": "a calibration batch whose |x| is 10x the median batch's: 'drop' (default, "
                             "with a warning) or 'keep'",
     # Accuracy-budgeted search (fxopt.search.budget): given eval_fn, optimize returns the fastest
-    # int8/fp32-per-layer and prune-ratio configuration whose metric stays within the budget.
+    # precision-per-layer and prune-ratio configuration whose metric stays within the budget.
     "eval_fn": "eval_fn(model) -> float, higher is better: turns on the accuracy-budgeted search",
     "max_accuracy_drop": "search: allowed metric drop from the unoptimized model (default 0.01)",
     "drop_mode": "search: 'absolute' (units of eval_fn, default) or 'relative' (fraction of it)",
@@ -59,6 +59,9 @@ OPTIONS = {
     "finetune_budget": "search: distillation epochs (or distill_pruned options) for ratios that miss",
     "plot_path": "search: save the Pareto front (latency vs metric) as a PNG here (needs matplotlib)",
     "search_cost": "search: 'latency' (measured, default) or 'macs' (int8 MAC = half; deterministic)",
+    "search_precisions": "search: precisions a layer may take, among 'int4', 'int8', 'bf16' (needs the "
+                         "quantize_bf16 pass), 'fp32' (always a candidate), e.g. ('int4', 'int8', 'fp32'); "
+                         "default: the target's own precision and fp32",
     "latency_aware": "int8 targets: time each int8 layer against the same layer in fp32 and keep fp32 "
                      "where int8 measured slower, if that makes the model faster (default True); "
                      "False keeps int8 everywhere (the smallest model). Either way a slower result warns",

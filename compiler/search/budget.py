@@ -1,54 +1,61 @@
-"""Accuracy-budgeted optimization: the fastest int8/pruning configuration within a metric budget.
+"""Accuracy-budgeted optimization: the fastest precision/pruning configuration within a metric budget.
 
     fast = fxopt.optimize(model, (x,), target="cpu-int8", calibration_data=batches,
-                          eval_fn=lambda m: accuracy(m, x_val, y_val), max_accuracy_drop=0.01)
-    print(fast.fxopt_report.sections["search"])    # chosen layers, every evaluation, Pareto flags
+                          eval_fn=lambda m: accuracy(m, x_val, y_val), max_accuracy_drop=0.01,
+                          search_precisions=("int4", "int8", "fp32"))    # default: int8 and fp32
+    print(fast.fxopt_report.sections["search"])    # chosen precision per layer, every evaluation, Pareto flags
 
-A configuration is (layers kept fp32, one global prune ratio, distillation on/off). It is
-built as an ordinary pipeline (quantize_int8{per_layer={...: 'fp32'}} plus prune=/finetune=)
-and evaluated with the user's eval_fn; each configuration is evaluated once (cached).
+A configuration is (a precision per layer, one global prune ratio, distillation on/off);
+precisions climb the ladder int4 < int8 < bf16 < fp32 (least to most accurate). It is built
+as an ordinary pipeline (fxopt.search.precision: quantize_int4{skip=...}, quantize_bf16{skip=...},
+quantize_int8{per_layer={...: 'fp32'}}, plus prune=/finetune=) and evaluated with the user's
+eval_fn; each configuration is evaluated once (cached) and counts in max_evals.
+
+search_precisions: the precisions a layer may take. Default None: the target's own (int8 for
+cpu-int8; int4, or int8 where K does not fit a group, for cpu-int4) and fp32, as the search
+always did. Given, e.g. ("int4", "int8", "bf16", "fp32"): a layer gets a precision only where
+its op takes it (int4: linears whose K is a multiple of the group size; bf16: linears, and
+only with the quantize_bf16 pass installed), found by compiling the model once per precision;
+fp32 is always a candidate (the top of the ladder).
 
 The search, cheapest information first:
-  1. the plain target (all int8, no pruning) and the all-fp32 configuration;
-  2. per-layer int8 vs fp32 op latency (search_cost="latency"): slower int8 layers stay fp32;
-  3. each layer quantized alone (metric drop), when max_evals leaves room, else the SQNR proxy;
+  1. the plain target (no pruning) and the all-fp32 configuration;
+  2. per layer and precision, the op's latency (search_cost="latency": each layer's op timed
+     in one compile per uniform precision); a precision slower than a more accurate one (by
+     more than 10 %) is dropped for that layer, so each layer's ladder goes fastest first;
+     search_cost="macs" weighs MACs instead (int4 0.5, int8 1, bf16 1.5, fp32 2);
+  3. each layer alone at each lower rung of its ladder, the others fp32 (metric drop), when
+     max_evals leaves room, else the SQNR of that precision's compile as the proxy;
   4. each prune ratio of the ladder with every layer fp32 (the pruning effect alone), and with
      distillation (finetune_budget) where pruning alone misses the budget;
-  5. per feasible ratio, most aggressive first: start from all int8, revert the most sensitive
-     layer to fp32 until the budget is met, then try re-quantizing the others one by one.
+  5. per feasible ratio, most aggressive first: start with every layer on its fastest rung,
+     move the most damaging layer (at its current precision) one rung up until the budget
+     is met, then try moving each raised layer back down, least damaging first.
 The pruning API takes one ratio for all groups (plus `protect`), so ratios are global.
 """
 from __future__ import annotations
 
+import math
 import time
 import warnings
-from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
 from fxopt.core.capture import normalize_inputs
-from fxopt.core.pipeline import PassSpec, Pipeline, target_pipeline
+from fxopt.core.pipeline import Pipeline, target_pipeline
 from fxopt.driver.compile import compile_model, example_from
 from fxopt.report import model_report, pareto
 from fxopt.search import sensitivity
+from fxopt.search.precision import (Config, assignment, build_pipeline, candidates, check_pipeline,
+                                    check_precisions, explain, macs_cost, make_config, mix_label)
 
 DEFAULTS = {"eval_fn": None, "max_accuracy_drop": 0.01, "drop_mode": "absolute", "max_evals": 40,
             "time_budget_s": None, "search_prune": (0.0, 0.1, 0.2, 0.3, 0.5), "finetune_budget": None,
-            "plot_path": None, "search_cost": "latency"}
+            "plot_path": None, "search_cost": "latency", "search_precisions": None}
 COSTS = ("latency", "macs")
-
-
-@dataclass(frozen=True)
-class Config:
-    fp32: tuple = ()          # layer names kept fp32, sorted
-    ratio: float = 0.0        # global prune ratio
-    finetune: bool = False    # distillation recovery after pruning
-
-    @property
-    def label(self) -> str:
-        fp32 = ",".join(self.fp32) if self.fp32 else "-"
-        return f"prune={self.ratio:g} fp32=[{fp32}]" + (" +finetune" if self.finetune else "")
+QUANTIZED = ("int4", "int8", "bf16")   # the plain target's layers at these precisions are searched
+MARGIN = 0.10                          # slower by more than this counts as slower (timing noise)
 
 
 class BudgetExhausted(Exception):
@@ -73,15 +80,16 @@ class Evaluator:
         gm = self.compile_fn(config, report_layers=True)
         metric = float(self.s["eval_fn"](gm))
         latency = model_report.median_latency(lambda: gm(*self.args, **self.kwargs), self.repeats)
-        summary = gm.fxopt_report.summary
+        summary, rows = gm.fxopt_report.summary, gm.fxopt_report.layers
         fp32_macs = summary["macs_optimized"] - summary["int8_macs"]
-        e = {"label": config.label, "fp32": list(config.fp32), "ratio": config.ratio,
-             "finetune": config.finetune, "metric": metric, "drop": self.ref - metric,
+        precisions = {r["layer"]: r["precision"] for r in rows}
+        e = {"label": config.label, "fp32": list(config.fp32), "other": [list(x) for x in config.other],
+             "ratio": config.ratio, "finetune": config.finetune, "metric": metric, "drop": self.ref - metric,
              "meets": metric >= self.floor, "latency_s": latency, "macs": summary["macs_optimized"],
-             "fp32_macs": fp32_macs, "seconds": time.perf_counter() - t0,
-             "layers": gm.fxopt_report.layers}
-        # macs cost: an int8 MAC is counted at half an fp32 MAC, a deterministic proxy for tests.
-        e["cost"] = latency if self.s["search_cost"] == "latency" else e["macs"] + fp32_macs
+             "bytes": summary["optimized_bytes"], "fp32_macs": fp32_macs, "seconds": time.perf_counter() - t0,
+             "precisions": precisions, "mix": mix_label(precisions.values()), "layers": rows}
+        # macs cost: MACs weighed by precision (an int8 MAC half an fp32 MAC), a deterministic proxy for tests.
+        e["cost"] = latency if self.s["search_cost"] == "latency" else macs_cost(rows, e["macs"])
         self.cache[config] = e
         self.evals.append(e)
         self.bar.update(1)
@@ -107,6 +115,7 @@ def split_options(options: dict) -> tuple[dict, dict]:
         raise ValueError(f"drop_mode={settings['drop_mode']!r}; use 'absolute' or 'relative'")
     if settings["search_cost"] not in COSTS:
         raise ValueError(f"search_cost={settings['search_cost']!r}; use one of {COSTS}")
+    settings["search_precisions"] = check_precisions(settings["search_precisions"])
     ladder = settings["search_prune"]
     ladder = (0.0,) if ladder in (None, False) else tuple(sorted({0.0, *map(float, ladder)}))
     settings["search_prune"] = ladder
@@ -118,15 +127,7 @@ def with_fp32_layers(pipeline: Pipeline, layers) -> Pipeline:
 
         str(with_fp32_layers(target_pipeline("cpu-int8"), ["fc1"]))   # ...quantize_int8{per_layer={'fc1': 'fp32'}},...
     """
-    specs = []
-    for spec in pipeline.passes:
-        if spec.name == "quantize_int8" and layers:
-            per_layer = {**spec.options.get("per_layer", {}), **{name: "fp32" for name in layers}}
-            spec = PassSpec(spec.name, {**spec.options, "per_layer": per_layer})
-        elif spec.name == "quantize_int4" and layers:     # cpu-int4: leave them to quantize_int8
-            spec = PassSpec(spec.name, {**spec.options, "skip": tuple(sorted({*spec.options.get("skip", ()), *layers}))})
-        specs.append(spec)
-    return Pipeline(tuple(specs))
+    return build_pipeline(pipeline, Config(tuple(sorted(set(layers)))), ())
 
 
 def search(model, example_inputs, target, calibration_data, dynamic, options: dict):
@@ -137,11 +138,15 @@ def search(model, example_inputs, target, calibration_data, dynamic, options: di
     """
     s, options = split_options(dict(options))
     base = target_pipeline(target) if isinstance(target, str) else target
+    check_pipeline(base, s["search_precisions"])
     prune_opts = options.pop("prune", None)
     prune_opts = {} if prune_opts in (None, False) or isinstance(prune_opts, (int, float)) else dict(prune_opts)
     finetune = s["finetune_budget"]
     finetune = {"epochs": int(finetune)} if isinstance(finetune, (int, float)) else finetune
     options.pop("finetune", None)
+
+    # every layer of the plain target's report: an inserted quantize_int4/bf16 skips all but its own
+    layout = {"all": ()}
 
     def compile_fn(config: Config, **extra):
         opts = {**options, "latency_repeats": 0, **extra}
@@ -149,7 +154,7 @@ def search(model, example_inputs, target, calibration_data, dynamic, options: di
             opts["prune"] = {**prune_opts, "ratio": config.ratio}
             if config.finetune:
                 opts["finetune"] = dict(finetune)
-        gm, report = compile_model(model, example_inputs, with_fp32_layers(base, config.fp32),
+        gm, report = compile_model(model, example_inputs, build_pipeline(base, config, layout["all"]),
                                    calibration_data, dynamic, opts)
         gm.fxopt_report = report
         return gm
@@ -158,8 +163,8 @@ def search(model, example_inputs, target, calibration_data, dynamic, options: di
     allowed = s["max_accuracy_drop"] * (abs(ref) if s["drop_mode"] == "relative" else 1.0)
     args, kwargs = normalize_inputs(example_from(example_inputs, calibration_data))
     ev = Evaluator(compile_fn, s, ref, ref - allowed, args, kwargs, options.get("latency_repeats", 5))
-    state = {"layers": [], "forced": {}, "times": {}, "alone": {}, "stopped": None, "ref": ref,
-             "allowed": allowed}
+    state = {"layers": [], "default": {}, "ladder": {}, "dropped": {}, "times": {}, "sqnr": {}, "alone": {},
+             "greedy": {}, "stopped": None, "ref": ref, "allowed": allowed, "layout": layout}
     try:
         _run(ev, compile_fn, s, finetune, state)
     except BudgetExhausted as e:
@@ -182,29 +187,72 @@ def _metric(eval_fn, model) -> float:
 def _run(ev: Evaluator, compile_fn, s: dict, finetune, state: dict) -> None:
     """Steps 1-5 of the module docstring; fills `state` and ev.evals."""
     plain = ev(Config())
-    proxy = sensitivity.quant_proxy(plain["layers"])
+    proxy = sensitivity.quant_proxy(plain["layers"], QUANTIZED)
     layers = [name for name, _ in proxy]
-    state["layers"], state["sqnr"] = layers, dict(proxy)
+    state["layout"]["all"] = tuple(r["layer"] for r in plain["layers"])
+    state["layers"] = layers
+    state["default"] = {r["layer"]: r["precision"] for r in plain["layers"] if r["layer"] in layers}
+    state["sqnr"] = {(name, state["default"][name]): db for name, db in proxy}
     everything = tuple(sorted(layers))
-    if s["search_cost"] == "latency" and layers:
-        times = sensitivity.layer_latency(compile_fn(Config()), compile_fn(Config(everything)),
-                                          ev.args, ev.kwargs)
-        state["times"], state["forced"] = times, sensitivity.slower_in_int8(times)
+    allowed = _measure(ev, compile_fn, s, state, everything, plain["layers"])
+    for name in layers:
+        state["ladder"][name], state["dropped"][name] = candidates(allowed[name], state["times"].get(name, {}), MARGIN)
     all_fp32 = ev(Config(everything))
-    order = _sensitivity_order(ev, layers, everything, all_fp32, s, state)
+    _sensitivity(ev, all_fp32, s, state)
     for ratio, tuned in _feasible_ratios(ev, everything, s, finetune):
-        _greedy(ev, order, set(state["forced"]), ratio, tuned)
+        _greedy(ev, state, ratio, tuned)
 
 
-def _sensitivity_order(ev, layers, everything, all_fp32, s, state) -> list:
-    """Layers most sensitive first: measured drop of each quantized alone when evals allow,
-    then SQNR (lowest first) as the proxy and tie-break."""
+def _measure(ev, compile_fn, s, state, everything, plain_rows) -> dict:
+    """{layer: precisions it can take}; fills state["times"] (latency cost) and state["sqnr"].
+
+    One compile per uniform precision (not evaluations): which layers really take it (the
+    report's precision), their SQNR there, and (latency cost) each layer's op timed in it.
+    """
+    default, latency = state["default"], s["search_cost"] == "latency"
+    wanted = s["search_precisions"]
+    allowed = {name: {"fp32"} | ({default[name]} if wanted is None else set()) for name in default}
+    compiled = []
+    uniform = [] if wanted is None else [p for p in wanted if p != "fp32"]
+    if latency or uniform:
+        for prec in ([None] if wanted is None else uniform) + (["fp32"] if latency else []):
+            # None: the plain target (each layer at its default precision)
+            config = Config() if prec is None else make_config({n: prec for n in default}, default)
+            if config == Config() and not latency:
+                gm, rows = None, plain_rows     # the plain target's evaluation already has its rows
+            else:
+                gm = compile_fn(config, report_layers=True)
+                rows = gm.fxopt_report.layers
+            got = {r["layer"]: r["precision"] for r in rows}
+            for r in rows:
+                if r["layer"] in default and r["precision"] == (prec or default[r["layer"]]):
+                    allowed[r["layer"]].add(r["precision"])
+                    state["sqnr"].setdefault((r["layer"], r["precision"]),
+                                             math.inf if r["sqnr_db"] is None else r["sqnr_db"])
+            compiled.append((gm, got))
+    if latency and default:
+        times = sensitivity.precision_latency(compiled, ev.args, ev.kwargs)
+        state["times"] = {name: t for name, t in times.items() if name in default}
+    return {name: sorted(allowed[name]) for name in everything}
+
+
+def _damage(state, name: str, prec: str) -> tuple:
+    """Sort key, most damaging first: measured drop of `name` alone at `prec`, then its SQNR."""
+    return (-state["alone"].get((name, prec), 0.0), state["sqnr"].get((name, prec), math.inf), name)
+
+
+def _sensitivity(ev, all_fp32, s, state) -> None:
+    """Each layer alone at each lower rung of its ladder (the others fp32), when evals allow:
+    state["alone"][(layer, precision)] = metric drop. Else the SQNR proxy decides alone."""
+    lower = [(name, p) for name in state["layers"] for p in state["ladder"][name] if p != "fp32"]
     # Keep at least half the evaluations for the search itself.
-    if len(layers) + len(s["search_prune"]) <= s["max_evals"] // 2:
-        for name in layers:
-            alone = ev(Config(tuple(n for n in everything if n != name)))
-            state["alone"][name] = all_fp32["metric"] - alone["metric"]
-    return sorted(layers, key=lambda n: (-state["alone"].get(n, 0.0), state["sqnr"][n], n))
+    if len(lower) + len(s["search_prune"]) > s["max_evals"] // 2:
+        return
+    for name, prec in lower:
+        assign = {n: "fp32" for n in state["layers"]}
+        assign[name] = prec
+        alone = ev(make_config(assign, state["default"]))
+        state["alone"][(name, prec)] = all_fp32["metric"] - alone["metric"]
 
 
 def _feasible_ratios(ev, everything, s, finetune) -> list:
@@ -226,28 +274,43 @@ def _feasible_ratios(ev, everything, s, finetune) -> list:
     return sorted(feasible, reverse=True)
 
 
-def _greedy(ev, order, forced: set, ratio: float, tuned: bool) -> None:
-    """At one prune ratio: revert the most sensitive layers to fp32 until the budget is met,
-    then try giving each reverted layer back to int8, least sensitive first."""
-    fp32 = set(forced)
-    e = ev(Config(tuple(sorted(fp32)), ratio, tuned))
-    left = [n for n in order if n not in fp32]
-    while not e["meets"] and left:
-        fp32.add(left.pop(0))
-        e = ev(Config(tuple(sorted(fp32)), ratio, tuned))
-    if not e["meets"]:
-        return
-    for name in reversed([n for n in order if n in fp32 - forced]):
-        trial = tuple(sorted(fp32 - {name}))
-        if ev(Config(trial, ratio, tuned))["meets"]:
-            fp32.discard(name)
+def _greedy(ev, state: dict, ratio: float, tuned: bool) -> None:
+    """At one prune ratio: every layer on its fastest rung; move the most damaging layer one
+    rung up until the budget is met, then try moving each raised layer back down, least
+    damaging first (with int8/fp32 ladders: revert the most sensitive layers to fp32, then
+    give each back to int8)."""
+    ladder = state["ladder"]
+    rung = {name: 0 for name in ladder}
+
+    def evaluate():
+        return ev(make_config({n: ladder[n][rung[n]] for n in ladder}, state["default"], ratio, tuned))
+
+    e, raised = evaluate(), []
+    while not e["meets"]:
+        movable = [n for n in state["layers"] if rung[n] < len(ladder[n]) - 1]
+        if not movable:
+            return
+        name = min(movable, key=lambda n: _damage(state, n, ladder[n][rung[n]]))
+        rung[name] += 1
+        raised += [name] if name not in raised else []
+        e = evaluate()
+    for name in sorted(raised, key=lambda n: _damage(state, n, ladder[n][rung[n] - 1]), reverse=True):
+        while rung[name] > 0:
+            rung[name] -= 1
+            if not evaluate()["meets"]:
+                rung[name] += 1
+                break
+    # the greedy's result: which layers sit above their fastest rung for accuracy (the report's why)
+    final = make_config({n: ladder[n][rung[n]] for n in ladder}, state["default"], ratio, tuned)
+    state["greedy"][final] = {n for n in ladder if rung[n] > 0}
 
 
 def choose(evals: list[dict], tol: float = 0.0) -> tuple[int, bool]:
     """(index, met): the cheapest evaluation that meets the budget, else the best metric.
 
-    Costs within `tol` (a fraction) of the cheapest count as equal and the fewest MACs
-    wins among them, so timing noise does not pick a bigger model.
+    Costs within `tol` (a fraction) of the cheapest count as equal and the fewest MACs, then
+    the fewest bytes (lower precisions), wins among them, so timing noise does not pick a
+    bigger model.
 
         choose([{"cost": 2, "metric": .9, "meets": True}, {"cost": 1, "metric": .8, "meets": False}]) -> (0, True)
     """
@@ -255,7 +318,8 @@ def choose(evals: list[dict], tol: float = 0.0) -> tuple[int, bool]:
     if meeting:
         best = min(evals[i]["cost"] for i in meeting)
         near = [i for i in meeting if evals[i]["cost"] <= best * (1 + tol)]
-        return min(near, key=lambda i: (evals[i].get("macs", 0), evals[i]["cost"], -evals[i]["metric"], i)), True
+        return min(near, key=lambda i: (evals[i].get("macs", 0), evals[i].get("bytes", 0), evals[i]["cost"],
+                                        -evals[i]["metric"], i)), True
     return min(range(len(evals)), key=lambda i: (-evals[i]["metric"], evals[i]["cost"], i)), False
 
 
@@ -265,7 +329,7 @@ def _finish(ev: Evaluator, compile_fn, options: dict, s: dict, state: dict):
                            f"or time_budget_s")
     best, met = choose(ev.evals, 0.05 if s["search_cost"] == "latency" else 0.0)
     e = ev.evals[best]
-    config = Config(tuple(e["fp32"]), e["ratio"], e["finetune"])
+    config = Config(tuple(e["fp32"]), e["ratio"], e["finetune"], tuple(map(tuple, e["other"])))
     gm = compile_fn(config, **{k: v for k, v in options.items() if k in ("latency_repeats", "report_layers")})
     final_metric = float(s["eval_fn"](gm))
     floor = state["ref"] - state["allowed"]
@@ -275,10 +339,12 @@ def _finish(ev: Evaluator, compile_fn, options: dict, s: dict, state: dict):
                       f"{state['allowed']:.4f}); misses by {floor - e['metric']:.4f}. Returning it anyway.",
                       stacklevel=3)
     front = pareto.pareto_front(ev.evals)
-    layers = _layer_table(config, state)
+    layers = _layer_table(assignment(config, state["default"]), state["greedy"].get(config), state)
     data = {"reference_metric": state["ref"], "allowed_drop": state["allowed"], "floor": floor,
             "drop_mode": s["drop_mode"], "cost": s["search_cost"], "met": met, "chosen": best,
-            "chosen_config": e["label"], "final_metric": final_metric, "stopped": state["stopped"],
+            "precisions": list(s["search_precisions"] or ("target", "fp32")),
+            "chosen_config": e["label"], "chosen_mix": e["mix"], "final_metric": final_metric,
+            "stopped": state["stopped"],
             "evaluations": [{k: v for k, v in x.items() if k != "layers"} for x in ev.evals],
             "pareto": front, "layers": layers, "plot": None}
     if s["plot_path"]:
@@ -291,19 +357,20 @@ def _finish(ev: Evaluator, compile_fn, options: dict, s: dict, state: dict):
     return gm
 
 
-def _layer_table(config: Config, state: dict) -> list[dict]:
+def _layer_table(chosen: dict, raised: set | None, state: dict) -> list[dict]:
+    """Per searched layer: the chosen precision and why, and per precision its op latency
+    (ms), SQNR (dB) and metric drop alone. `raised`: the layers the greedy moved up for
+    accuracy, None when the chosen configuration is not a greedy result."""
     rows = []
     for name in state["layers"]:
-        t8, t32 = state["times"].get(name, (None, None))
-        if name in state["forced"]:
-            why = state["forced"][name]
-        elif name in config.fp32:
-            why = "accuracy: kept fp32 to meet the budget"
-        else:
-            why = "int8 within budget"
-        rows.append({"layer": name, "precision": "fp32" if name in config.fp32 else "int8", "why": why,
-                     "sqnr_db": state["sqnr"].get(name), "alone_drop": state["alone"].get(name),
-                     "int8_ms": None if t8 is None else t8 * 1e3, "fp32_ms": None if t32 is None else t32 * 1e3})
+        prec = chosen[name]
+        ladder, dropped = state["ladder"].get(name, [prec]), state["dropped"].get(name, {})
+        times = state["times"].get(name, {})
+        rows.append({"layer": name, "precision": prec, "why": explain(prec, ladder, dropped, None if raised is None else name in raised),
+                     "ladder": list(ladder),
+                     "ms": {p: t * 1e3 for p, t in times.items()},
+                     "sqnr_db": {p: db for (n, p), db in state["sqnr"].items() if n == name and p != "fp32"},
+                     "alone_drop": {p: d for (n, p), d in state["alone"].items() if n == name}})
     return rows
 
 

@@ -4,6 +4,8 @@ Three measurements, cheapest first:
   quant_proxy    per-layer output SQNR of the all-int8 model (already in its report);
   layer_latency  each layer's int8 op against its fp32 op, run alone on the inputs it
                  really receives in the model (real kernels, real shapes);
+  precision_latency  the same over any precisions: one compile per uniform precision, each
+                 layer timed in the compiles where it has that precision;
   plan_layer_latency  the same from the steps of each model's execution plan, as the model
                  runs them (latency-aware lowering uses it);
   slower_in_int8 the layers where int8 is not faster, with the reason the report shows.
@@ -11,6 +13,8 @@ Three measurements, cheapest first:
     rows = quant_proxy(int8_gm.fxopt_report.layers)       # [(layer, sqnr_db)], worst first
     times = layer_latency(int8_gm, fp32_gm, (x,), {})     # {layer: (int8 s, fp32 s)}
     slow = slower_in_int8(times, margin=0.10)             # {layer: "int8 not faster here (...)"}
+    by_prec = precision_latency([(gm4, {"fc1": "int4"}), (gm32, {"fc1": "fp32"})], (x,), {})
+                                                          # {layer: {"int4": s, "fp32": s}}
 
 The per-layer metric effect (quantize one layer alone, prune at one ratio) is measured
 by the search itself through its evaluation cache, so each costs one evaluation.
@@ -30,13 +34,14 @@ from fxopt.report.model_report import layer_kind
 from fxopt.runtime.plan import Plan, plan_of
 
 
-def quant_proxy(rows: list[dict]) -> list[tuple[str, float]]:
-    """(layer, sqnr dB) of the int8 layers of a report, least accurate (lowest SQNR) first.
+def quant_proxy(rows: list[dict], precisions=("int8",)) -> list[tuple[str, float]]:
+    """(layer, sqnr dB) of the layers of a report at one of `precisions`, least accurate
+    (lowest SQNR) first.
 
         quant_proxy([{"layer": "fc1", "precision": "int8", "sqnr_db": 40.0}]) -> [("fc1", 40.0)]
     """
     out = [(r["layer"], r["sqnr_db"] if r["sqnr_db"] is not None else math.inf)
-           for r in rows if r["precision"] == "int8"]
+           for r in rows if r["precision"] in precisions]
     return sorted(out, key=lambda t: (t[1], t[0]))
 
 
@@ -88,6 +93,34 @@ def layer_latency(int8_gm: GraphModule, fp32_gm: GraphModule, args: tuple, kwarg
     for name, call in int8_calls.items():
         if name in fp32_calls:
             out[name] = (_time_call(call, repeats), _time_call(fp32_calls[name], repeats))
+    return out
+
+
+def precision_latency(compiled: list, args: tuple, kwargs: dict, repeats: int = 15) -> dict:
+    """{layer: {precision: seconds}} from `compiled` = [(gm, {layer: precision it got in gm})]
+    (one compile per uniform precision): each layer's op, called alone on the inputs it
+    receives in its own compile (as layer_latency does), at the precision it really has there
+    (a layer int4 cannot take is int8 in the int4 compile; the first compile giving a
+    precision is the one timed). A layer's precisions take turns, call by call, so a change
+    in machine load hits them alike; medians of `repeats`.
+    """
+    calls = {}
+    for gm, got in compiled:
+        for name, call in layer_calls(gm, args, kwargs).items():
+            if got.get(name) is not None:
+                calls.setdefault(name, {}).setdefault(got[name], call)
+    out = {}
+    with torch.no_grad():
+        for name, per in calls.items():
+            for op, a, k in per.values():
+                op(*a, **k)   # warm-up: kernel compile and weight packing are not the layer's cost
+            samples = {prec: [] for prec in per}
+            for _ in range(repeats):
+                for prec, (op, a, k) in per.items():
+                    t0 = time.perf_counter()
+                    op(*a, **k)
+                    samples[prec].append(time.perf_counter() - t0)
+            out[name] = {prec: statistics.median(v) for prec, v in samples.items()}
     return out
 
 
