@@ -123,7 +123,7 @@ def with_fp32_layers(pipeline: Pipeline, layers) -> Pipeline:
         if spec.name == "quantize_int8" and layers:
             per_layer = {**spec.options.get("per_layer", {}), **{name: "fp32" for name in layers}}
             spec = PassSpec(spec.name, {**spec.options, "per_layer": per_layer})
-        elif spec.name == "quantize_int4" and layers:     # cpu-int4: leave them to quantize_int8
+        elif spec.name in ("quantize_int4", "quantize_bf16") and layers:   # leave them to quantize_int8 (or fp32)
             spec = PassSpec(spec.name, {**spec.options, "skip": tuple(sorted({*spec.options.get("skip", ()), *layers}))})
         specs.append(spec)
     return Pipeline(tuple(specs))

@@ -71,7 +71,8 @@ def _lower_by_latency(gm, report, twin, int8, recompile, args, kwargs):
     call = report.summary["latency_optimized"]
     # a few profiles of each plan, ~50 ms each: large models need few calls for a steady median
     times = sensitivity.plan_layer_latency(gm, twin, args, kwargs, repeats=max(1, min(5, int(0.05 / call))))
-    slow = {name: why for name, why in sensitivity.slower_in_int8(times, NOISE).items() if name in int8}
+    precision = {row["layer"]: row["precision"] for row in report.layers}     # int8, int4 or bf16
+    slow = {name: why for name, why in sensitivity.slower_in_int8(times, NOISE, precision).items() if name in int8}
     if not slow:
         return gm, report
     gain = sum(times[name][0] - times[name][1] for name in slow)
