@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from fxopt.core import fxops
+from fxopt.core.errors import PipelineError
 from fxopt.core.ir import add_weight, get_weight, insert_call, is_weight, layer_name
 from fxopt.core.pass_base import PassInfo, PassResult
 from fxopt.runtime import kernel_ops
@@ -57,7 +58,8 @@ def _check_skip(gm, skip) -> frozenset:
     if isinstance(skip, str):
         skip = (skip,)
     if not isinstance(skip, (tuple, list, set, frozenset)) or not all(isinstance(s, str) for s in skip):
-        raise TypeError(f"quantize_bf16: skip must be a tuple of layer names, got {skip!r:.80}")
+        raise PipelineError(f"quantize_bf16: skip must be a tuple of layer names, e.g. skip=('fc',), "
+                            f"got {skip!r:.80}")
     known = set()
     for node in gm.graph.nodes:
         if node.op == "call_function":
@@ -66,7 +68,7 @@ def _check_skip(gm, skip) -> frozenset:
     if unknown:
         linears = sorted({_layer(n) for n in gm.graph.nodes if n.target is fxops.linear_act})
         shown = ", ".join(linears[:20]) + (f", ... ({len(linears)} in all)" if len(linears) > 20 else "")
-        raise ValueError(f"quantize_bf16: skip names {', '.join(map(repr, unknown))}, not a layer of this model; "
+        raise PipelineError(f"quantize_bf16: skip names {', '.join(map(repr, unknown))}, not a layer of this model; "
                          f"use the names of the report's layer column; its linear layers: {shown or 'none'}")
     return frozenset(skip)
 
