@@ -18,7 +18,7 @@ zero-extension and a shift.
 AVX2 path (bf16_tile): mr rows x nv blocks of 16 columns, 2 * mr * nv ymm accumulators
 (at most 12 of the 16 registers): 6 x 16 for many rows, 1 x 64 at M = 1 (four weight
 streams, eight independent FMA chains, so the weight stream is the limit: half the bytes
-of an fp32 linear). Column blocks split over the threads from shared counters as int4.py.
+of an fp32 linear), 2 x 32 at M = 2. Column blocks split over the threads from shared counters as int4.py.
 The portable path runs the same layout in plain loops.
 """
 import llvmlite.ir as ir
@@ -195,10 +195,8 @@ def _tile(simd, mr, nv, a, m0, w, w_off, bstride, k, f):
         _tile_portable(mr, nv, a, m0, w, w_off, bstride, k, f)
     elif nv == 4:
         bf16_tile(1, 4, a, m0, w, w_off, bstride, k, f)
-    elif nv == 3:
-        bf16_tile(2, 3, a, m0, w, w_off, bstride, k, f)
     elif nv == 2:
-        bf16_tile(3, 2, a, m0, w, w_off, bstride, k, f)
+        bf16_tile(2, 2, a, m0, w, w_off, bstride, k, f)
     elif mr == 6:
         bf16_tile(6, 1, a, m0, w, w_off, bstride, k, f)
     elif mr == 5:
@@ -213,12 +211,14 @@ def _tile(simd, mr, nv, a, m0, w, w_off, bstride, k, f):
         bf16_tile(1, 1, a, m0, w, w_off, bstride, k, f)
 
 
-# row tile and blocks per tile: M <= 3 takes all rows and several blocks (more independent
-# FMA chains per weight load), more rows take 6 x 16 tiles
-_NV = (1, 4, 3, 2)
+# blocks per tile by M: M = 1 and 2 take all rows and several blocks (more independent FMA
+# chains per weight load: 1 x 64, 2 x 32), more rows take 6 x 16 tiles. Accumulators, the
+# widened weights and the broadcast row values must fit the 16 ymm registers: a 2 x 48 tile
+# (12 + 6 + 1) spilled in every k step.
+_NV = (1, 4, 2)
 MR = 6
 JOB_BLOCKS = 2       # blocks a worker takes from the shared counter at once (M > 3)
-TILE_F = 96          # float32 scratch of the largest tile (6 x 16, 1 x 64, 2 x 48, 3 x 32)
+TILE_F = 96          # float32 scratch of the largest tile (6 x 16; 1 x 64, 2 x 32)
 
 
 def _finish(mr, m0, n0, ncols, f, width, bias, res, ep, out, y):

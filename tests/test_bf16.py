@@ -64,7 +64,7 @@ def test_pack_unpack_is_exact_on_odd_shapes():
 
 
 @pytest.mark.parametrize("isa", PATHS)
-@pytest.mark.parametrize("m", [1, 3, 17, 130])
+@pytest.mark.parametrize("m", [1, 2, 3, 8, 17, 130])   # every tile shape and remainder
 def test_kernel_against_torch(isa, m):
     g = torch.Generator().manual_seed(m)
     for i, (k, n) in enumerate(((13, 5), (37, 70), (100, 129))):
