@@ -217,7 +217,9 @@ def _tile(simd, mr, nv, a, m0, w, w_off, bstride, k, f):
 # (12 + 6 + 1) spilled in every k step.
 _NV = (1, 4, 2)
 MR = 6
-JOB_BLOCKS = 2       # blocks a worker takes from the shared counter at once (M > 3)
+JOB_BLOCKS = 2       # blocks a worker takes from the shared counter at once (M > 2)
+CHUNK_BYTES = 384 << 10   # activation rows a job keeps in L2 (Zen 3: 512 KiB a core); past it each
+                          # column block would stream every row again (3 MiB at BERT-base 8 x 128)
 TILE_F = 96          # float32 scratch of the largest tile (6 x 16; 1 x 64, 2 x 32)
 
 
@@ -261,9 +263,9 @@ def _finish_impl(mr, m0, n0, ncols, f, width, bias, res, ep, out, y):
 
 
 @njit(inline="always")
-def _span(simd, nb0, nb1, nv, a, w, bias, res, ep, out, f, y):
-    """Output column blocks nb0..nb1-1 for every row of a (nv blocks a tile where they fit)."""
-    m, n, k = a.shape[0], out.shape[1], a.shape[1]
+def _span(simd, nb0, nb1, r0, r1, nv, a, w, bias, res, ep, out, f, y):
+    """Output column blocks nb0..nb1-1 for rows r0..r1-1 of a (nv blocks a tile where they fit)."""
+    m, n, k = r1 - r0, out.shape[1], a.shape[1]
     bstride = k * COLS
     nb = nb0
     while nb < nb1:
@@ -271,8 +273,8 @@ def _span(simd, nb0, nb1, nv, a, w, bias, res, ep, out, f, y):
         n0 = nb * COLS
         ncols = min(span * COLS, n - n0)
         rt = m if span > 1 else MR
-        for m0 in range(0, m, rt):
-            mr = min(rt, m - m0)
+        for m0 in range(r0, r1, rt):
+            mr = min(rt, r1 - m0)
             _tile(simd, mr, span, a, m0, w, nb * bstride, bstride, k, f)
             _finish(mr, m0, n0, ncols, f, span * COLS, bias, res, ep, out, y)
         nb += span
@@ -292,8 +294,9 @@ def _round_rows(x, a, i0, i1):
 
 
 @njit(inline="always")
-def _worker(simd, wk, threads, nxt, njobs, jb, nv, nblocks, a, w, bias, res, ep, out):
-    """Worker wk's jobs (jb blocks each), then what is left of the others' (as int4._worker)."""
+def _worker(simd, wk, threads, nxt, njobs, jb, nv, nblocks, mc, a, w, bias, res, ep, out):
+    """Worker wk's jobs (jb blocks of one chunk of mc rows each, row chunk major), then what is
+    left of the others' (as int4._worker)."""
     a, w, bias, res, ep, out = borrowed(a), borrowed(w), borrowed(bias), borrowed(res), borrowed(ep), borrowed(out)
     f, y = np.empty(TILE_F, np.float32), np.empty((1, 4 * COLS), np.float32)
     for v in range(threads):
@@ -303,22 +306,26 @@ def _worker(simd, wk, threads, nxt, njobs, jb, nv, nblocks, a, w, bias, res, ep,
             j = _count_add(nxt, owner * _COUNTER_STRIDE, 1)
             if j >= hi:
                 break
-            _span(simd, j * jb, min(nblocks, (j + 1) * jb), nv, a, w, bias, res, ep, out, f, y)
+            per_chunk = (nblocks + jb - 1) // jb
+            c, r = j % per_chunk, j // per_chunk * mc
+            _span(simd, c * jb, min(nblocks, (c + 1) * jb), r, min(a.shape[0], r + mc), nv, a, w, bias, res, ep,
+                  out, f, y)
 
 
 def _entries(simd):
     """Serial and threaded entries of one path (simd: the AVX2 intrinsic, else plain loops)."""
     @njit(cache=CACHE)
-    def serial(x, w, bias, res, ep, out, threads):
+    def serial(x, w, bias, res, ep, out, mc, threads):
         m = x.shape[0]
         a = np.empty(x.shape, np.float32)
         _round_rows(x, a, 0, m)
         f, y = np.empty(TILE_F, np.float32), np.empty((1, 4 * COLS), np.float32)
         nv = _NV[m] if m < len(_NV) else 1
-        _span(simd, 0, (out.shape[1] + COLS - 1) // COLS, nv, a, w, bias, res, ep, out, f, y)
+        for r in range(0, m, mc):
+            _span(simd, 0, (out.shape[1] + COLS - 1) // COLS, r, min(m, r + mc), nv, a, w, bias, res, ep, out, f, y)
 
     @njit(cache=CACHE, parallel=True)
-    def parallel(x, w, bias, res, ep, out, threads):
+    def parallel(x, w, bias, res, ep, out, mc, threads):
         m = x.shape[0]
         a = np.empty(x.shape, np.float32)
         if x.size >= PARALLEL_PREP:
@@ -329,10 +336,10 @@ def _entries(simd):
         nv = _NV[m] if m < len(_NV) else 1
         jb = nv if nv > 1 else JOB_BLOCKS
         nblocks = (out.shape[1] + COLS - 1) // COLS
-        njobs = (nblocks + jb - 1) // jb
+        njobs = (nblocks + jb - 1) // jb * ((m + mc - 1) // mc)
         nxt = _starts(njobs, threads)
         for wk in prange(threads):
-            _worker(simd, wk, threads, nxt, njobs, jb, nv, nblocks, a, w, bias, res, ep, out)
+            _worker(simd, wk, threads, nxt, njobs, jb, nv, nblocks, mc, a, w, bias, res, ep, out)
     return serial, parallel
 
 
@@ -349,10 +356,13 @@ def _check_packed(pw):
 def _run(pw, x, bias, res, ep, out, n_threads):
     serial, parallel = ENTRIES[_dispatch._current[0] != "portable"]
     threads = n_threads or get_num_threads()
-    if threads > 1 and out.shape[0] * pw.n * pw.k >= PARALLEL_MIN_MACS:
-        parallel(x, pw.data, bias, res, ep, out, threads)
+    m = out.shape[0]
+    # rows per chunk: a chunk's bf16-rounded rows stay in L2 while its column blocks pass
+    mc = m if m < len(_NV) else max(MR, min(m, CHUNK_BYTES // (4 * pw.k)) // MR * MR)
+    if threads > 1 and m * pw.n * pw.k >= PARALLEL_MIN_MACS:
+        parallel(x, pw.data, bias, res, ep, out, mc, threads)
     else:
-        serial(x, pw.data, bias, res, ep, out, 1)
+        serial(x, pw.data, bias, res, ep, out, mc, 1)
     return out
 
 
