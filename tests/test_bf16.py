@@ -248,3 +248,5 @@ def test_a_bf16_layer_slower_than_fp32_goes_back_to_fp32_and_says_why(monkeypatc
     rows = {r["layer"]: r for r in fast.fxopt_report.layers}
     assert rows["head"]["precision"] == "bf16" and rows["wide"]["precision"] == "fp32"
     assert rows["wide"]["why"] == "latency-aware lowering: bf16 not faster here (3.000 ms vs 1.000 ms fp32)"
+    assert fast.fxopt_report.sections["latency_aware"].startswith(
+        "latency-aware lowering: 1 of 2 bf16 layers measured slower than fp32 and went back to fp32")
