@@ -7,7 +7,7 @@
     fxopt report bert.fxopt                        the stored report of a saved model
     fxopt demo                                     digits CNN, before and after
     fxopt warmup                                   compile the kernels for this CPU ahead of time
-    fxopt bench gemm|prune|models|lottery|int4     benchmarks (see bench/)
+    fxopt bench gemm|prune|models|lottery|int4|bf16  benchmarks (see bench/)
     fxopt --version                                fxopt, torch and numba versions
     fxopt COMMAND --help                           every option and its default
 
@@ -28,7 +28,7 @@ import warnings
 from fxopt.core.errors import FxoptError, NoCalibrationWarning
 
 BENCHES = {"gemm": "fxopt.bench.gemm", "prune": "fxopt.bench.prune", "models": "fxopt.bench.models",
-           "lottery": "fxopt.bench.lottery", "int4": "fxopt.bench.int4"}
+           "lottery": "fxopt.bench.lottery", "int4": "fxopt.bench.int4", "bf16": "fxopt.bench.bf16"}
 
 BENCH_HELP = """run a benchmark. Each prints the versions, threads and CPU with its numbers, prints
 rows as they are measured, and writes files only when given --out PATH.
@@ -49,6 +49,9 @@ rows as they are measured, and writes files only when given --out PATH.
   int4    a 4096 x 4096 linear through optimize, cpu-int4 against cpu-int8 at M = 1, 8, 128
           (interleaved medians; a few minutes); --bert adds BERT-base fidelity to fp32 and
           file size against int8 (about 10 minutes).
+  bf16    cpu-bf16 against eager fp32 and cpu-int8 on three linears (1x4096x4096, 8x768x768,
+          128x768x3072) and BERT-base from config (8x128, 1x32 tokens: time and min cosine to
+          fp32); prints the CPU and the bf16 kernel path (--quick: about a minute).
 
 `fxopt bench KIND --help` lists a benchmark's options."""
 

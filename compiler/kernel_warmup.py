@@ -123,6 +123,16 @@ def _int4_linear() -> None:
         chained(chained(x)[:, :64].copy())
 
 
+def _bf16_linear() -> None:
+    """The bf16 linear's entries (cpu-bf16): float and uint8 out, on this thread and threaded."""
+    g = np.random.default_rng(0)
+    pw = K.pack_bf16(g.standard_normal((128, 64)).astype(np.float32))
+    for rows in (1, 512):
+        x = g.standard_normal((rows, 64)).astype(np.float32)
+        K.linear_bf16_f32(x, pw)
+        K.bind_linear_bf16(pw, None, "relu", (), 0.0, 0, 0.05, 128)(x)
+
+
 def warmup(progress: bool = True) -> dict:
     """Compile every kernel fxopt uses on this CPU into the cache folder, so that later
     processes start without compiling. Returns {"compiled", "seconds", "cache"}.
@@ -147,5 +157,6 @@ def warmup(progress: bool = True) -> dict:
                             fast(*inputs)
         _sparse_linear()
         _int4_linear()
+        _bf16_linear()
     return {"compiled": NOTICE.total - before, "seconds": round(time.perf_counter() - start, 1),
             "cache": _cache.cache_dir()}

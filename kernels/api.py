@@ -8,7 +8,8 @@ kernels/ has no __init__.py on purpose: it is a namespace portion of fxopt, so t
 running Python from the repository root never lets this folder stand in for the
 installed `kernels` package (which transformers imports). Import its modules by name.
 
-See linear.py (GEMM/linear), int4.py (the linear on grouped int4 weights: pack_int4,
+See linear.py (GEMM/linear), bf16.py (the fp32-accumulating linear on bf16 weights and
+bf16-rounded activations: pack_bf16, linear_bf16_f32, bind_linear_bf16), int4.py (the linear on grouped int4 weights: pack_int4,
 linear_int4_f32, bind_linear_int4; layout in int4_pack.py), sparse.py (the same linear on sparse weights:
 pack_sparse_s8, linear_sparse_f32, bind_linear_sparse), attention.py (fused int8 attention, with attention_steps.py
 and rowops.py), conv.py (conv2d), layernorm.py, dispatch.py (CPU dispatch), pack.py
@@ -28,9 +29,11 @@ from .sparse import bind_linear_sparse, gemm_sparse_s32, linear_sparse_f32
 from .sparse_pack import PackedSparse, density, pack_sparse_s8, unpack_sparse_s8
 from .int4 import bind_linear_int4, linear_int4_f32
 from .int4_pack import PackedInt4, pack_int4, unpack_int4
+from .bf16 import PackedBf16, bind_linear_bf16, linear_bf16_f32, pack_bf16
 
 __all__ = [
-    "ACTIVATIONS", "KernelError", "PackedConv", "PackedInt4", "PackedSparse", "PackedWeights", "Strided",
+    "ACTIVATIONS", "KernelError", "PackedBf16", "bind_linear_bf16", "linear_bf16_f32", "pack_bf16",
+    "PackedConv", "PackedInt4", "PackedSparse", "PackedWeights", "Strided",
     "aligned_empty", "bind_linear_int4", "linear_int4_f32", "pack_int4", "unpack_int4",
     "bind_linear_sparse", "density", "gemm_sparse_s32", "linear_sparse_f32", "pack_sparse_s8", "unpack_sparse_s8",
     "all_finite", "attention_int8", "bind_linear", "attention_int8_strided", "available_isas", "conv2d_f32", "gemm_u8s8_f32",

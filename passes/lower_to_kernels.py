@@ -1,4 +1,5 @@
 """Lower int8 ops to the Numba kernels: pack weights once, call the kernel op.
+(quantize_bf16 writes its kernel op itself; this pass chains and fuses it as the others.)
 
     fxopt.quantized_linear(x, w_q, w_scale, b, act, ...)   (torch reference)
  -> fxopt.linear_int8(x, packed, w_scale, col_sums, b, n, k, act, ...)
@@ -41,7 +42,7 @@ from fxopt.runtime import kernel_ops
 
 aten = torch.ops.aten
 
-PASS = PassInfo("lower_to_kernels", requires=("quantize_int8",), options={"sparse": None},
+PASS = PassInfo("lower_to_kernels", requires=("quantize_int8|quantize_bf16",), options={"sparse": None},
                 doc="replace int8 reference ops by Numba kernel ops with pre-packed weights")
 
 SPARSE_MODES = (True, False, "always")   # timed choice, dense only, sparse wherever zeros allow
@@ -72,6 +73,9 @@ def run(gm, ctx, sparse=None) -> PassResult:
         elif node.target is qops.quantized_attention:
             _replace(gm, node, kernel_ops.attention_int8, node.args, node.kwargs)
             stats["attention"] += 1
+        elif node.target is kernel_ops.linear_bf16:    # quantize_bf16 packed it already
+            stats["linear"] += 1
+            stats["bf16"] = stats.get("bf16", 0) + 1
     if not stats["sparse_timed"]:          # no sparse candidate: the report's stats as before
         del stats["sparse"], stats["sparse_timed"]
     if stats["linear"] + stats["conv2d"] + stats["attention"]:

@@ -43,7 +43,7 @@ def pw_bytes(pw) -> np.ndarray:
 def layer_geometry(node) -> tuple | None:
     """(n per group, k, groups) of a lowered linear/conv node's packed weight; None for a
     depthwise conv (its taps are not a GEMM operand)."""
-    if node.target in kernel_ops.LINEARS:
+    if node.target in kernel_ops.LINEARS and node.target is not kernel_ops.linear_bf16:   # bf16: no int8 bytes
         return int(node.args[5]), int(node.args[6]), 1
     if node.target is kernel_ops.conv2d_int8:
         o, c, kh, kw, groups, depthwise = node.args[5]

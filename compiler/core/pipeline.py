@@ -29,6 +29,7 @@ TARGETS: dict[str, str] = {
     "cpu-fp32": _FP32,
     "cpu-int8": f"{_FP32},{_INT8}",
     "cpu-int4": f"{_FP32},{_INT8}".replace("quantize_int8", "quantize_int4,quantize_int8"),
+    "cpu-bf16": f"{_FP32},quantize_bf16,lower_to_kernels,propagate_nonfinite,eliminate_dead_code",
 }
 TARGET_DOCS = {
     "cpu-fp32": "graph clean-up and fusion; outputs equal the original within fp32 round-off",
@@ -36,6 +37,9 @@ TARGET_DOCS = {
     "cpu-int4": "cpu-int8, but linears take int4 weights in groups of 32 along K (quantize_int4{group_size=64} "
                 "or 128 for coarser groups; a linear whose K the group size does not divide stays int8); "
                 "activations int8, convs, embeddings and attention as cpu-int8",
+    "cpu-bf16": "cpu-fp32, then linears in bf16 (weights and activations rounded to bf16, fp32 accumulation: "
+                "the same numbers on every CPU); convs, attention, layer norms and embeddings stay fp32; a linear "
+                "the bf16 kernel runs slower than fp32 stays fp32 (latency_aware)",
 }
 
 

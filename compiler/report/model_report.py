@@ -33,6 +33,7 @@ _FP32_UNITS = {fxops.linear_act: "linear", fxops.conv2d_act: "conv2d"}
 _INT8_UNITS = {qops.quantized_linear: "linear", qops.quantized_conv2d: "conv2d",
                kernel_ops.linear_int8: "linear", kernel_ops.linear_int8_sparse: "linear",
                kernel_ops.linear_int4: "linear", kernel_ops.embedding_int4: "embedding",
+               kernel_ops.linear_bf16: "linear",
                kernel_ops.conv2d_int8: "conv2d",
                qops.embedding_int8: "embedding", qops.quantized_attention: "attention",
                kernel_ops.attention_int8: "attention"}
@@ -108,7 +109,10 @@ def layer_rows(original: GraphModule, optimized: GraphModule, args: tuple, kwarg
 
 
 def _precision(node: Node, info: dict, int8: bool) -> str:
-    """fp32, int8, or int4 (weights; activations int8; the why column gives the group size)."""
+    """fp32, int8, int4 (weights; activations int8; the why column gives the group size) or
+    bf16 (weights and activations, fp32 accumulation)."""
+    if node.target is kernel_ops.linear_bf16:
+        return "bf16"
     if node.target is kernel_ops.linear_int4 or info.get("bits") == 4:
         return "int4"
     return "int8" if int8 else "fp32"

@@ -19,12 +19,14 @@ from fxopt.core.errors import ArtifactError
 from fxopt.kernels.dispatch import KernelError
 from fxopt.kernels.pack import packed_nbytes
 from fxopt.kernels.int4_pack import check_shapes as check_int4_shapes
+from fxopt.kernels.bf16 import packed_size as packed_bf16_size
 from fxopt.kernels.sparse import PackedSparse
 
 # kernel ops whose named arguments must be weights of the graph
 WEIGHT_ARGS = {"linear_int8": ("packed", "w_scale", "col_sums", "b"),
                "linear_int8_sparse": ("packed", "w_scale", "col_sums", "b"),
                "linear_int4": ("packed", "w_scale", "col_sums", "b"),
+               "linear_bf16": ("packed", "w_scale", "col_sums", "b"),
                "conv2d_int8": ("packed", "w_scale", "col_sums", "b"),
                "embedding_int8": ("w_q", "w_scale"), "embedding_int4": ("packed", "w_scale"), "layer_norm": ("weight", "bias")}
 
@@ -69,6 +71,18 @@ def check_int4_linear(packed, w_scale, col_sums, b, n, k) -> None:
         check_int4_shapes(packed.numpy(), w_scale.numpy(), col_sums.numpy(), n, k)
     except KernelError as e:
         raise BadKernelArgs(str(e)) from None
+    if b is not None:
+        _buffer("bias", b, (torch.float32,), (n,))
+
+
+def check_bf16_linear(packed, w_scale, col_sums, b, n, k) -> None:
+    """linear_bf16's buffers: packed bf16 weights (1-D bfloat16, N padded to 16 by K), empty
+    float32 scales and int32 sums (no quantization), bias."""
+    _positive("n", n)
+    _positive("k", k)
+    _buffer("packed", packed, (torch.bfloat16,), (packed_bf16_size(n, k),))
+    _buffer("w_scale", w_scale, (torch.float32,), (0,))
+    _buffer("col_sums", col_sums, (torch.int32,), (0,))
     if b is not None:
         _buffer("bias", b, (torch.float32,), (n,))
 
@@ -148,6 +162,11 @@ def _check_node(gm, node, op) -> None:
     elif op == "linear_int4":
         check_int4_linear(a["packed"], a["w_scale"], a["col_sums"], a["b"], a["n"], a["k"])
         _quant_params(a["a_scale"], a["a_zp"])
+        _quant_params(a["out_scale"], a["out_zp"])
+    elif op == "linear_bf16":
+        check_bf16_linear(a["packed"], a["w_scale"], a["col_sums"], a["b"], a["n"], a["k"])
+        if a["a_scale"] != 0:
+            raise BadKernelArgs(f"a_scale must be 0 (the bf16 linear takes float activations), got {a['a_scale']!r:.40}")
         _quant_params(a["out_scale"], a["out_zp"])
     elif op == "conv2d_int8":
         check_conv(a["packed"], a["w_scale"], a["col_sums"], a["b"], a["geometry"], a["stride"],

@@ -17,12 +17,14 @@ import numpy as np
 import torch
 
 from fxopt.core.fxops import _lib
+from fxopt.core.ops import apply_activation
 from fxopt.kernels import api as K
 from fxopt.kernels import threads
 from fxopt.kernels.threads import launch_guard
 from fxopt.quant import qops
 from fxopt.runtime import saturation
-from fxopt.runtime.kernel_args import check_conv, check_int4_linear, check_linear, check_sparse_linear
+from fxopt.runtime.kernel_args import (check_bf16_linear, check_conv, check_int4_linear, check_linear,
+                                       check_sparse_linear)
 
 _F32, _U8 = np.dtype(np.float32), np.dtype(np.uint8)
 
@@ -58,6 +60,13 @@ _lib.define("linear_int8_sparse(Tensor x, Tensor packed, Tensor w_scale, Tensor 
 # per group of `group` weights along K (the group size is K / w_scale.shape[1]); every other
 # argument and the result are linear_int8's.
 _lib.define("linear_int4(Tensor x, Tensor packed, Tensor w_scale, Tensor col_sums, Tensor? b, "
+            "int n, int k, str act, float[] act_args, float a_scale, int a_zp, "
+            "float out_scale=0.0, int out_zp=0, Tensor? residual=None) -> Tensor")
+# The same op on bf16 weights (kernels/bf16.py, target cpu-bf16): `packed` holds the weights'
+# bf16 bits in the kernel's layout (N padded to 16 columns, a block of 16 columns K steps
+# long); w_scale and col_sums are empty (no quantization); x is float32, rounded to bf16
+# inside (a_scale must be 0); the rest, and the result, are linear_int8's.
+_lib.define("linear_bf16(Tensor x, Tensor packed, Tensor w_scale, Tensor col_sums, Tensor? b, "
             "int n, int k, str act, float[] act_args, float a_scale, int a_zp, "
             "float out_scale=0.0, int out_zp=0, Tensor? residual=None) -> Tensor")
 
@@ -203,6 +212,60 @@ def _packed_int4(packed, w_scale, col_sums, b, n, k):
     return cached
 
 
+def pack_linear_bf16(weight: torch.Tensor) -> dict:
+    """The buffers linear_bf16 takes for float32 weights (N, K): the weights rounded to bf16
+    (round to nearest even) in the kernel's layout, as a bfloat16 tensor (half the fp32 bytes
+    on disk and in memory); empty scales and sums."""
+    if weight.dtype != torch.float32 or weight.dim() != 2:
+        raise TypeError(f"linear_bf16 packs float32 (N, K) weights, got {weight.dtype} {tuple(weight.shape)}")
+    pw = K.pack_bf16(weight.detach().contiguous().numpy())
+    packed = torch.from_numpy(pw.data.view(np.int16)).view(torch.bfloat16)
+    return {"packed": packed, "w_scale": torch.empty(0, dtype=torch.float32),
+            "col_sums": torch.empty(0, dtype=torch.int32), "n": pw.n, "k": pw.k}
+
+
+def _packed_bf16(packed, w_scale, col_sums, b, n, k):
+    cached = getattr(packed, "_fxopt_packed", None)
+    if cached is None:
+        check_bf16_linear(packed, w_scale, col_sums, b, n, k)
+        pw = K.PackedBf16(packed.view(torch.int16).numpy().view(np.uint16), n, k)
+        bias = None if b is None else np.ascontiguousarray(b.detach().numpy(), np.float32)
+        cached = (pw, bias)
+        packed._fxopt_packed = cached
+    return cached
+
+
+def unpack_bf16(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """The float32 (N, K) weights a linear_bf16 holds (exact: bf16 widens to fp32 exactly)."""
+    from fxopt.kernels.bf16 import unpack_bits
+    bits = unpack_bits(K.PackedBf16(packed.view(torch.int16).numpy().view(np.uint16), n, k))
+    return torch.from_numpy(bits.view(np.int16)).view(torch.bfloat16).float()
+
+
+def linear_bf16_reference(x, packed, w_scale, col_sums, b, n, k, act, act_args, a_scale, a_zp,
+                          out_scale=0.0, out_zp=0, residual=None):
+    """linear_bf16 in torch (the op's eager fallback and the tests' reference): fp32 math on
+    bf16-rounded x and the bf16 weights; the kernel differs only in the order of its sums."""
+    _check_bf16_input(x, a_scale)
+    w = unpack_bf16(packed, n, k)
+    y = torch.nn.functional.linear(x.detach().to(torch.bfloat16).float(), w, None if b is None else b.float())
+    y = apply_activation(y, act, act_args)
+    if residual is not None:
+        y = y + residual.float()
+    if out_scale > 0:
+        return torch.clamp(torch.round(y / out_scale) + out_zp, 0, 255).to(torch.uint8)
+    return y
+
+
+def _check_bf16_input(x, a_scale) -> None:
+    if a_scale != 0:
+        raise ValueError(f"fxopt::linear_bf16: a_scale={a_scale}; the bf16 linear rounds float activations "
+                         f"to bf16 and takes no quantized input (a_scale must be 0)")
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"fxopt::linear_bf16: x is {x.dtype}; the bf16 linear takes float32 activations "
+                        f"(bfloat16 and float16 widen exactly): cast the input with .float()")
+
+
 def _aligned(a: np.ndarray) -> np.ndarray:
     out = K.aligned_empty(a.shape, a.dtype)
     out[...] = a
@@ -210,12 +273,12 @@ def _aligned(a: np.ndarray) -> np.ndarray:
 
 
 def linear_call(packed, w_scale, col_sums, b, n, k, act, act_args, a_scale, a_zp, out_scale=0.0, out_zp=0,
-                sparse=False, int4=False):
+                sparse=False, int4=False, bf16=False):
     """The linear_int8 op (linear_int8_sparse with sparse) for one layer with all but x and the
     residual bound, on torch tensors: call(x, residual=None) -> tensor. The op calls it; see
     linear_np_call."""
     np_call = linear_np_call(packed, w_scale, col_sums, b, n, k, act, act_args, a_scale, a_zp, out_scale, out_zp,
-                             sparse, int4)
+                             sparse, int4, bf16)
     f32, u8 = torch.float32, torch.uint8
 
     def call(x, residual=None):
@@ -238,7 +301,7 @@ class _Calls(dict):
 
 
 def linear_np_call(packed, w_scale, col_sums, b, n, k, act, act_args, a_scale, a_zp, out_scale=0.0, out_zp=0,
-                   sparse=False, int4=False):
+                   sparse=False, int4=False, bf16=False):
     """linear_int8 (linear_int8_sparse with sparse) for one layer on numpy arrays:
     call(x, residual=None) -> array, x (..., K) float32 or uint8 (quantized with a_scale, a_zp),
     the residual float32 (..., N). Built once per layer and epilogue and kept on the packed
@@ -250,13 +313,16 @@ def linear_np_call(packed, w_scale, col_sums, b, n, k, act, act_args, a_scale, a
     call = calls.get(key)
     if call is None:
         call = calls[key] = _bind_linear(packed, w_scale, col_sums, b, n, k, act, act_args, a_scale, a_zp,
-                                         out_scale, out_zp, sparse, int4)
+                                         out_scale, out_zp, sparse, int4, bf16)
     return call
 
 
 def _bind_linear(packed, w_scale, col_sums, b, n, k, act, act_args, a_scale, a_zp, out_scale, out_zp, sparse,
-                 int4=False):
-    if int4:
+                 int4=False, bf16=False):
+    if bf16:
+        pw, bias = _packed_bf16(packed, w_scale, col_sums, b, n, k)
+        kernel = K.bind_linear_bf16(pw, bias, act, tuple(act_args), a_scale, a_zp, out_scale, out_zp)
+    elif int4:
         pw, bias = _packed_int4(packed, w_scale, col_sums, b, n, k)
         kernel = K.bind_linear_int4(pw, bias, act, tuple(act_args), a_scale, a_zp, out_scale, out_zp)
     elif sparse:
@@ -325,6 +391,14 @@ def _linear_int4(x, packed, w_scale, col_sums, b, n, k, act, act_args, a_scale, 
                  out_scale=0.0, out_zp=0, residual=None):
     call = linear_call(packed, w_scale, col_sums, b, n, k, act, act_args, a_scale, a_zp, out_scale, out_zp,
                        int4=True)
+    return call(x, residual)
+
+
+def _linear_bf16(x, packed, w_scale, col_sums, b, n, k, act, act_args, a_scale, a_zp,
+                 out_scale=0.0, out_zp=0, residual=None):
+    _check_bf16_input(x, a_scale)
+    call = linear_call(packed, w_scale, col_sums, b, n, k, act, act_args, a_scale, a_zp, out_scale, out_zp,
+                       bf16=True)
     return call(x, residual)
 
 
@@ -401,6 +475,8 @@ def _guarded(op):
 _lib.impl("linear_int8", _guarded(_linear_int8), "CPU")
 _lib.impl("linear_int8_sparse", _guarded(_linear_int8_sparse), "CPU")
 _lib.impl("linear_int4", _guarded(_linear_int4), "CPU")
+_lib.impl("linear_bf16", _guarded(_linear_bf16), "CPU")
+_lib.impl("linear_bf16", linear_bf16_reference, "CompositeExplicitAutograd")   # other devices: the torch math
 _lib.impl("embedding_int4", _embedding_int4, "CompositeExplicitAutograd")
 _lib.impl("layer_norm", _guarded(_layer_norm), "CPU")
 _lib.impl("attention_int8", _guarded(_attention_int8), "CPU")
@@ -416,6 +492,7 @@ def _linear_int8_fake(x, packed, w_scale, col_sums, b, n, k, act, act_args, a_sc
 
 torch.library.register_fake("fxopt::linear_int8_sparse")(_linear_int8_fake)
 torch.library.register_fake("fxopt::linear_int4")(_linear_int8_fake)
+torch.library.register_fake("fxopt::linear_bf16")(_linear_int8_fake)
 
 
 @torch.library.register_fake("fxopt::embedding_int4")
@@ -446,9 +523,10 @@ def _layer_norm_fake(x, weight=None, bias=None, eps=1e-05):
 linear_int8 = torch.ops.fxopt.linear_int8.default
 linear_int8_sparse = torch.ops.fxopt.linear_int8_sparse.default
 linear_int4 = torch.ops.fxopt.linear_int4.default
+linear_bf16 = torch.ops.fxopt.linear_bf16.default
 embedding_int4 = torch.ops.fxopt.embedding_int4.default
-# the lowered linears: one schema (int8 activations), three weight layouts
-LINEARS = (linear_int8, linear_int8_sparse, linear_int4)
+# the lowered linears: one schema, four weight layouts (int8 activations but for bf16's)
+LINEARS = (linear_int8, linear_int8_sparse, linear_int4, linear_bf16)
 layer_norm = torch.ops.fxopt.layer_norm.default
 attention_int8 = torch.ops.fxopt.attention_int8.default
 conv2d_int8 = torch.ops.fxopt.conv2d_int8.default

@@ -496,7 +496,8 @@ def _np_linear(gm, node):
     weights = [_value(gm, bound[name]) for name in ("packed", "w_scale", "col_sums", "b")]
     call = kernel_ops.linear_np_call(*weights, *(bound[a] for a in (
         "n", "k", "act", "act_args", "a_scale", "a_zp", "out_scale", "out_zp")),
-        sparse=node.target is kernel_ops.linear_int8_sparse, int4=node.target is kernel_ops.linear_int4)
+        sparse=node.target is kernel_ops.linear_int8_sparse, int4=node.target is kernel_ops.linear_int4,
+        bf16=node.target is kernel_ops.linear_bf16)
     residual = bound["residual"]
     return call, (bound["x"],) if residual is None else (bound["x"], residual), {}
 
@@ -541,6 +542,7 @@ _NP_BUILDERS = {
     kernel_ops.linear_int8: _np_linear,
     kernel_ops.linear_int8_sparse: _np_linear,
     kernel_ops.linear_int4: _np_linear,
+    kernel_ops.linear_bf16: _np_linear,
     kernel_ops.layer_norm: _np_layer_norm,
     nonfinite.nonfinite_samples: _same(_np_nonfinite),
 }

@@ -71,21 +71,23 @@ def _lower_by_latency(gm, report, twin, int8, recompile, args, kwargs):
     call = report.summary["latency_optimized"]
     # a few profiles of each plan, ~50 ms each: large models need few calls for a steady median
     times = sensitivity.plan_layer_latency(gm, twin, args, kwargs, repeats=max(1, min(5, int(0.05 / call))))
-    slow = {name: why for name, why in sensitivity.slower_in_int8(times, NOISE).items() if name in int8}
+    precision = {row["layer"]: row["precision"] for row in report.layers}     # int8, int4 or bf16
+    slow = {name: why for name, why in sensitivity.slower_in_int8(times, NOISE, precision).items() if name in int8}
+    word = "/".join(sorted({precision.get(name, "int8") for name in int8})) or "int8"   # what the text calls them
     if not slow:
         return gm, report
     gain = sum(times[name][0] - times[name][1] for name in slow)
     if gain < call * NOISE / 2:     # a recompile could not gain more than noise: do not pay for it
-        report.sections["latency_aware"] = _format(slow, len(int8), call, None, kept=False, gain=gain)
+        report.sections["latency_aware"] = _format(slow, len(int8), call, None, kept=False, gain=gain, word=word)
         return gm, report
     mixed, mixed_report = recompile(sorted(slow))
     t_int8, t_mixed = _turns(gm, mixed, args, kwargs)
     if t_mixed > t_int8 * (1 - NOISE / 2):
         # Within noise of each other (the layers added up to little of the model): int8 stays,
         # which keeps the model small.
-        report.sections["latency_aware"] = _format(slow, len(int8), t_int8, t_mixed, kept=False)
+        report.sections["latency_aware"] = _format(slow, len(int8), t_int8, t_mixed, kept=False, word=word)
         return gm, report
-    mixed_report.sections["latency_aware"] = _format(slow, len(int8), t_int8, t_mixed, kept=True)
+    mixed_report.sections["latency_aware"] = _format(slow, len(int8), t_int8, t_mixed, kept=True, word=word)
     mixed_report.summary["latency_aware"] = slow
     _say_why(mixed, mixed_report, slow)
     return mixed, mixed_report
@@ -125,15 +127,15 @@ def _slower_message(s: dict, ratio: float, reverted: dict, n_int8: int) -> str:
 
 
 def _format(slow: dict, n_int8: int, t_int8: float, t_mixed: float | None, kept: bool,
-            gain: float = 0.0) -> str:
-    head = f"latency-aware lowering: {len(slow)} of {n_int8} int8 layers measured slower than fp32"
+            gain: float = 0.0, word: str = "int8") -> str:
+    head = f"latency-aware lowering: {len(slow)} of {n_int8} {word} layers measured slower than fp32"
     if t_mixed is None:
         head += (f", by {gain * 1e3:.3f} ms together, under {NOISE / 2:.0%} of the {t_int8 * 1e3:.3f} ms "
-                 f"call, so they stay int8:")
+                 f"call, so they stay {word}:")
     elif kept:
         head += (f" and went back to fp32; the model with them fp32 runs {t_mixed * 1e3:.3f} ms against "
-                 f"{t_int8 * 1e3:.3f} ms all-int8:")
+                 f"{t_int8 * 1e3:.3f} ms all-{word}:")
     else:
         head += (f", but the model with them fp32 was not faster ({t_mixed * 1e3:.3f} ms against "
-                 f"{t_int8 * 1e3:.3f} ms all-int8), so they stay int8:")
+                 f"{t_int8 * 1e3:.3f} ms all-{word}), so they stay {word}:")
     return "\n".join([head] + [f"  {name}: {why}" for name, why in slow.items()])

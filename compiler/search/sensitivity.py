@@ -146,14 +146,15 @@ def plan_layer_latency(int8_gm: GraphModule, fp32_gm: GraphModule, args: tuple, 
             for layer in int8 if layer in fp32}
 
 
-def slower_in_int8(times: dict, margin: float = 0.10) -> dict:
+def slower_in_int8(times: dict, margin: float = 0.10, precision: dict | None = None) -> dict:
     """{layer: reason} for layers whose int8 op is slower than fp32 by more than `margin`.
 
     The margin keeps timing noise on a shared machine from flipping a decision.
 
         slower_in_int8({"fc": (2e-3, 1e-3)}) -> {"fc": "int8 not faster here (2.000 ms vs 1.000 ms fp32)"}
     """
-    return {name: f"int8 not faster here ({_time(t8)} vs {_time(t32)} fp32)"
+    label = precision or {}        # {layer: "bf16", ...} where the layer is not int8
+    return {name: f"{label.get(name, 'int8')} not faster here ({_time(t8)} vs {_time(t32)} fp32)"
             for name, (t8, t32) in times.items() if t8 > t32 * (1 + margin)}
 
 
