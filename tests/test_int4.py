@@ -240,3 +240,15 @@ def test_cpu_int4_with_calibration_data_takes_gptq_and_says_so(mlp4):
     with torch.no_grad():
         cos = torch.nn.functional.cosine_similarity(fast(x), model(x), dim=1)
     assert float(cos.min()) > 0.99
+
+
+def test_cpu_int4_compressed_file_loads_the_same(mlp4, tmp_path):
+    # compress="huffman" took linear_int4's nibbles for int8 GEMM bytes and failed to reshape them
+    _, data, fast = mlp4
+    x = data.x_test[:64]
+    fxopt.save(fast, tmp_path / "mlp4c.fxopt", compress="huffman")
+    fxopt.save(fast, tmp_path / "mlp4.fxopt")
+    assert (tmp_path / "mlp4c.fxopt").stat().st_size < (tmp_path / "mlp4.fxopt").stat().st_size
+    loaded = fxopt.load(tmp_path / "mlp4c.fxopt")
+    with torch.no_grad():
+        assert torch.equal(loaded(x), fast(x))

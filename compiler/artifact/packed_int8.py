@@ -43,7 +43,8 @@ def pw_bytes(pw) -> np.ndarray:
 def layer_geometry(node) -> tuple | None:
     """(n per group, k, groups) of a lowered linear/conv node's packed weight; None for a
     depthwise conv (its taps are not a GEMM operand)."""
-    if node.target in kernel_ops.LINEARS and node.target is not kernel_ops.linear_bf16:   # bf16: no int8 bytes
+    # int4 nibbles and bf16 weights are not int8 GEMM bytes: their buffers are stored as they are
+    if node.target in kernel_ops.LINEARS and node.target not in (kernel_ops.linear_bf16, kernel_ops.linear_int4):
         return int(node.args[5]), int(node.args[6]), 1
     if node.target is kernel_ops.conv2d_int8:
         o, c, kh, kw, groups, depthwise = node.args[5]
