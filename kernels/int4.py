@@ -34,7 +34,7 @@ from .int4_pack import COLS, STEP_BYTES, STEP_K, PackedInt4, pack_int4, unpack_i
 from .linear import bound_constants, call_arrays, get_num_threads
 from .quantize import quantize_rows_range, quantize_tensor_into
 from .gemm import _COUNTER_STRIDE, _count_add, _starts
-from .rowops import borrowed, call_llvm
+from .rowops import IntrinsicArgs, borrowed, call_llvm
 
 KERNEL_VERSION = "int4-2"
 ROWS = 4            # activation rows a tile computes at once (they share each weight load)
@@ -59,16 +59,8 @@ def int4_s32(typingctx, mr, a, m0, w, w_off, steps, groups, xsum, azp, colsum, s
     nrows = mr.literal_value
 
     def codegen(context, builder, sig, args):
-        intp = context.get_value_type(types.intp)
-
-        def arr(i):
-            return cgutils.create_struct_proxy(sig.args[i])(context, builder, value=args[i])
-
-        def num(i):
-            return context.cast(builder, args[i], sig.args[i], types.intp)
-
-        def cst(v):
-            return ir.Constant(intp, v)
+        ar = IntrinsicArgs(context, builder, sig, args)
+        arr, num, cst = ar.array, ar.int, ar.cst
         v32, v16, acc_ty, f_ty = ir.VectorType(_i8, 32), ir.VectorType(_i16, 16), ir.VectorType(_i32, 8), \
             ir.VectorType(_f32, 8)
         a_st, xs_st = arr(1), arr(7)

@@ -37,6 +37,31 @@ def _call(builder, name, ret, args):
                         fastmath=("nnan", "nsz"))
 
 
+class IntrinsicArgs:
+    """Typed access to an intrinsic's array and integer arguments in its codegen.
+
+        ar = IntrinsicArgs(context, builder, sig, args)
+        ar.array(1).strides, ar.ptr(1, 2), ar.int(2), ar.cst(16)   # struct, data (+ offset arg 2), intp, constant
+    """
+
+    def __init__(self, context, builder, sig, args):
+        self.c, self.b, self.tys, self.args = context, builder, sig.args, args
+        self.intp = context.get_value_type(types.intp)
+
+    def array(self, i):
+        return cgutils.create_struct_proxy(self.tys[i])(self.c, self.b, value=self.args[i])
+
+    def ptr(self, i, off=None):
+        p = self.array(i).data
+        return p if off is None else self.b.gep(p, [self.int(off)])
+
+    def int(self, i):
+        return self.c.cast(self.b, self.args[i], self.tys[i], types.intp)
+
+    def cst(self, v):
+        return ir.Constant(self.intp, v)
+
+
 def call_llvm(builder, name, ret, args):
     """Call the LLVM intrinsic `name` returning type `ret` (no fast-math flags)."""
     fnty = ir.FunctionType(ret, [a.type for a in args])

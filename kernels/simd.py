@@ -37,7 +37,7 @@ from numba.core.imputils import lower_constant
 from numba.extending import (intrinsic, models,
                              register_model, typeof_impl)
 
-from .rowops import call_llvm as _call, emit_prefetch, splat as _splat
+from .rowops import IntrinsicArgs as _Args, call_llvm as _call, emit_prefetch, splat as _splat
 
 KERNEL_VERSION = "simd-10"
 
@@ -174,24 +174,6 @@ def _a_type_ok(isa, a):
     if not isinstance(a, types.Array):
         return False
     return a.dtype == types.uint8 or (a.dtype == types.uint16 and A_DTYPES.get(isa) == np.uint16)
-
-
-class _Args:
-    """Typed access to an intrinsic's array and integer arguments."""
-
-    def __init__(self, context, builder, sig, args):
-        self.c, self.b, self.tys, self.args = context, builder, sig.args, args
-        self.intp = context.get_value_type(types.intp)
-
-    def ptr(self, i, off=None):
-        p = cgutils.create_struct_proxy(self.tys[i])(self.c, self.b, value=self.args[i]).data
-        return p if off is None else self.b.gep(p, [self.int(off)])
-
-    def int(self, i):
-        return self.c.cast(self.b, self.args[i], self.tys[i], types.intp)
-
-    def cst(self, v):
-        return ir.Constant(self.intp, v)
 
 
 # independent accumulator chains a tile keeps in flight: a tile with fewer

@@ -53,7 +53,7 @@ from .epilogue import EP_ACT, EP_P0, EP_P1, EP_RES_FIRST, add_residual_rows, app
 from .gemm import _COUNTER_STRIDE, _count_add, _is_float32, _staged, _starts
 from .linear import _bias, bound_constants, call_arrays, epilogue_params, get_num_threads
 from .quantize import quantize_rows_into, quantize_tensor_into
-from .rowops import borrowed, call_llvm
+from .rowops import IntrinsicArgs, borrowed, call_llvm
 from .simd import BLOCK_COLS, GEOMETRY, TAGS, is_portable, isa_geometry, staged_f32
 from .sparse_pack import (HIGH, SLICE, SLOTS, STEP, WINDOW, PackedSparse, density, pack_sparse_s8,  # noqa: F401
                           unpack_sparse_s8)
@@ -77,16 +77,8 @@ def steps_s32(typingctx, mr, a, m0, starts, idx, val, j0, j1, offsets, o_off, t,
     nrows = mr.literal_value
 
     def codegen(context, builder, sig, args):
-        intp = context.get_value_type(types.intp)
-
-        def arr(i):
-            return cgutils.create_struct_proxy(sig.args[i])(context, builder, value=args[i])
-
-        def num(i):
-            return context.cast(builder, args[i], sig.args[i], types.intp)
-
-        def cst(v):
-            return ir.Constant(intp, v)
+        ar = IntrinsicArgs(context, builder, sig, args)
+        arr, num, cst, intp = ar.array, ar.int, ar.cst, ar.intp
         a_st = arr(1)
         lda = builder.extract_value(a_st.strides, 0)
         rows = [builder.gep(a_st.data, [builder.mul(builder.add(num(2), cst(r)), lda)]) for r in range(nrows)]
@@ -326,6 +318,8 @@ assert all(GEOMETRY[name][1] <= BLOCK_COLS for name in GEOMETRY)
 # below this many slot multiply-adds (steps * 32 * rows) a thread launch costs more than it saves
 PARALLEL_MIN_SLOTS = 1 << 15
 _NO_X = np.empty((0, 0), np.float32)
+_NO_U8 = np.empty((0, 0), np.uint8)
+_F32 = np.dtype(np.float32)
 _F0, _I0 = np.float32(0), np.int32(0)
 
 
@@ -398,6 +392,10 @@ def bind_linear_sparse(ps, bias=None, act="none", act_args=(), a_scale=0.0, a_ze
     scale, zero_point = (np.float32(a_scale), np.int32(a_zero_point)) if static else (_F0, _I0)
 
     def call(x, out=None, residual=None, n_threads=None):
+        if (out is None and residual is None and type(x) is np.ndarray and x.dtype is _F32 and x.ndim == 2
+                and x.shape[1] == k and x.flags.c_contiguous):    # the common case, kept short
+            return _run(ps, x, _NO_U8, scale, zero_point, b, _NO_X, ep, np.empty((x.shape[0], n), out_dtype),
+                        n_threads)
         xf, aq, out, res = call_arrays("bind_linear_sparse", x, k, n, static, chained_out, out_dtype, out, residual)
         return _run(ps, xf, aq, scale, zero_point, b, res, ep, out, n_threads)
     return call
