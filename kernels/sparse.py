@@ -58,7 +58,7 @@ from .simd import BLOCK_COLS, GEOMETRY, TAGS, is_portable, isa_geometry, staged_
 from .sparse_pack import (HIGH, SLICE, SLOTS, STEP, WINDOW, PackedSparse, density, pack_sparse_s8,  # noqa: F401
                           unpack_sparse_s8)
 
-KERNEL_VERSION = "sparse-3"
+KERNEL_VERSION = "sparse-4"
 ROWS = 4            # activation rows a job computes at once (they share the weight loads)
 
 _i8, _i16, _i32 = ir.IntType(8), ir.IntType(16), ir.IntType(32)
@@ -235,13 +235,16 @@ def _block(tag, nb, a, slice_ptr, starts, idx, val, offsets, colsum, ascale, azp
               bias, res, ep, out, t, y)
 
 
-@njit(inline="always")
+@njit
 def _quantized(tag, x, aq, a_scale, a_zp):
     """(rows, scales, zero points): the activation rows as the kernel reads them, uint8, each
     padded by a window (a step's window may reach past K, onto zero weights), and their
     per-row scales. From float x per row (a_scale 0) or with the static (a_scale, a_zp), as
     the dense kernel does; uint8 aq as given. The SIMD path reads a ^ 0x80 = a - 128 as
-    int8 (steps_s32: why), flipped here once per call."""
+    int8 (steps_s32: why), flipped here once per call.
+    Not inlined: in the parallel entry, Numba made each of its np.zeros/np.full a parallel
+    loop of its own (three more launches: the threaded call at M=1 took 38 us on one
+    thread against 24 serial)."""
     m = x.shape[0] if x.shape[1] > 0 else aq.shape[0]
     k = x.shape[1] if x.shape[1] > 0 else aq.shape[1]
     a = np.zeros((m, (k + WINDOW + 15) // 16 * 16), np.uint8)
