@@ -57,16 +57,21 @@ def _op_precision(gm, layer: str) -> str:
     return "fp32"
 
 
+def _with_outlier(mlp, data):
+    """A copy of the MLP with an input column of net.4 whose neuron is dead on the training data
+    times 1000: the fp32 model does not change, but every row's int8 or int4 scale grows ~1000x
+    and rounds the rest of the row away."""
+    model = copy.deepcopy(mlp)
+    with torch.no_grad():
+        hidden = torch.relu(model.net[1](data["fit"].x_train.flatten(1))).mean(0)
+        model.net[4].weight[:, int(hidden.argmin())] *= 1000
+    return model
+
+
 @pytest.mark.slow
 @pytest.mark.usefixtures("one_torch_thread")
 def test_search_over_int4_int8_fp32_meets_the_budget_with_a_mix(mlp, data):
-    model = copy.deepcopy(mlp)
-    with torch.no_grad():
-        # An input column of net.4 whose neuron is dead on the training data, times 1000: the
-        # fp32 model does not change, but every row's int8 or int4 scale grows ~1000x and
-        # rounds the rest of the row away, so net.4 must climb int4 -> int8 -> fp32.
-        hidden = torch.relu(model.net[1](data["fit"].x_train.flatten(1))).mean(0)
-        model.net[4].weight[:, int(hidden.argmin())] *= 1000
+    model = _with_outlier(mlp, data)     # net.4 must climb int4 -> int8 -> fp32
     xv, yv = data["val"]
     base_val, base_test = accuracy(model, xv, yv), accuracy(model, *data["test"])
     with warnings.catch_warnings():
@@ -175,10 +180,7 @@ def test_bad_search_precisions(monkeypatch):
 def test_search_with_bf16_on_the_ladder_stops_the_outlier_layer_at_bf16(mlp, data):
     # the same outlier column in net.4 as above: int4 and int8 round its row away, bf16 keeps
     # 8 bits of every weight whatever its neighbours, so net.4 climbs int4 -> int8 -> bf16
-    model = copy.deepcopy(mlp)
-    with torch.no_grad():
-        hidden = torch.relu(model.net[1](data["fit"].x_train.flatten(1))).mean(0)
-        model.net[4].weight[:, int(hidden.argmin())] *= 1000
+    model = _with_outlier(mlp, data)
     xv, yv = data["val"]
     base_val, base_test = accuracy(model, xv, yv), accuracy(model, *data["test"])
     with warnings.catch_warnings():
