@@ -404,4 +404,34 @@ def bind_linear(pw, bias=None, act="none", act_args=(), a_scale=0.0, a_zero_poin
                 rows = per_row[m] = (np.full(m, scale, np.float32), np.full(m, zero_point, np.int32))
             s, z = rows
         return _run(_NO_X, _prepare_u8(q, pw), s, z, pw, b, ep, out, n_threads, res)
+    if rows_in_workers:
+        call.rows = rows_call(call, k, n, out_dt, n * k, PARALLEL_MIN_MACS, ENTRIES, _NO_Q,
+                              (_NO_F, _NO_I, pw.data, pw.k_groups, pw.col_sums, pw.scales, b, _NO_X, ep))
     return call
+
+
+def rows_call(call, k, n, out_dt, work, min_work, entries, no_q, bound):
+    """A bound linear's most common call in one Python frame around its kernel entry:
+    rows(x, out, n_threads) -> out, for float32 (M, k) x, which the workers quantize (any
+    other x: call(x, out, None, n_threads)), and out None or a buffer to reuse
+    (one of another shape or dtype is not written: a fresh one is). entries, no_q: the
+    kernel's {isa: (serial, parallel)} and {isa: empty quantized rows}; bound: the entry's
+    arguments between the quantized rows and out; work: its multiply-adds a row, threaded
+    from min_work on (as the kernel's own _run)."""
+    current = _dispatch._current
+
+    def rows(x, out, n_threads):
+        if x.dtype is not _F32 or x.ndim != 2 or x.shape[1] != k:
+            return call(x, out, None, n_threads)
+        if not x.flags.c_contiguous:
+            x = np.ascontiguousarray(x)
+        m = x.shape[0]
+        if out is None or out.shape != (m, n) or out.dtype is not out_dt or not out.flags.c_contiguous:
+            out = np.empty((m, n), out_dt)
+        isa = current[0]
+        if n_threads > 1 and m * work >= min_work:
+            entries[isa][1](x, no_q[isa], *bound, out, n_threads)
+        else:
+            entries[isa][0](x, no_q[isa], *bound, out, 1)
+        return out
+    return rows

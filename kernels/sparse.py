@@ -51,7 +51,7 @@ from . import dispatch as _dispatch
 from .dispatch import KernelError
 from .epilogue import EP_ACT, EP_P0, EP_P1, EP_RES_FIRST, add_residual_rows, apply_activation
 from .gemm import _COUNTER_STRIDE, _count_add, _is_float32, _staged, _starts
-from .linear import _bias, bound_constants, call_arrays, epilogue_params, get_num_threads
+from .linear import _bias, bound_constants, call_arrays, epilogue_params, get_num_threads, rows_call
 from .quantize import quantize_rows_into, quantize_tensor_into
 from .rowops import IntrinsicArgs, borrowed, call_llvm
 from .simd import BLOCK_COLS, GEOMETRY, TAGS, is_portable, isa_geometry, staged_f32
@@ -322,6 +322,7 @@ assert all(GEOMETRY[name][1] <= BLOCK_COLS for name in GEOMETRY)
 PARALLEL_MIN_SLOTS = 1 << 15
 _NO_X = np.empty((0, 0), np.float32)
 _NO_U8 = np.empty((0, 0), np.uint8)
+_NO_Q = {name: _NO_U8 for name in TAGS}    # rows_call's empty quantized rows, per ISA
 _F32 = np.dtype(np.float32)
 _F0, _I0 = np.float32(0), np.int32(0)
 
@@ -401,4 +402,7 @@ def bind_linear_sparse(ps, bias=None, act="none", act_args=(), a_scale=0.0, a_ze
                         n_threads)
         xf, aq, out, res = call_arrays("bind_linear_sparse", x, k, n, static, chained_out, out_dtype, out, residual)
         return _run(ps, xf, aq, scale, zero_point, b, res, ep, out, n_threads)
+    call.rows = rows_call(call, k, n, out_dtype, ps.starts.shape[0] * STEP, PARALLEL_MIN_SLOTS, ENTRIES, _NO_Q,
+                          (scale, zero_point, ps.slice_ptr, ps.starts, ps.idx, ps.val, ps.offsets, ps.col_sums,
+                           ps.scales, b, _NO_X, ep))
     return call

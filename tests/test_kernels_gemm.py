@@ -578,6 +578,7 @@ def test_bind_linear_equals_the_unbound_entries(isa, monkeypatch, parallel, m, k
     q_rows, s_rows, z_rows = K.quantize_rows_f32_u8(x)
     cases = [  # (bind_linear kwargs, x, residual, reference)
         ({"act": "gelu"}, x, res, K.linear_f32(x, pw, bias, "gelu", n_threads=threads, residual=res)),
+        ({"act": "gelu"}, x, None, K.linear_f32(x, pw, bias, "gelu", n_threads=threads)),
         ({"act": "relu", "a_scale": 0.03, "a_zero_point": 120}, x, res,
          K.gemm_u8s8_f32(q_static, 0.03, 120, pw, bias, "relu", n_threads=threads, residual=res)),
         ({"a_scale": 0.03, "a_zero_point": 120}, q_static, None,
@@ -585,12 +586,26 @@ def test_bind_linear_equals_the_unbound_entries(isa, monkeypatch, parallel, m, k
         ({"out_scale": 0.05, "out_zero_point": 7}, x, None,
          K.gemm_u8s8_u8(q_rows, s_rows, z_rows, pw, 0.05, 7, bias, n_threads=threads)),
     ]
+    checked = 0
     for kwargs, inp, residual, want in cases:
         call = K.bind_linear(pw, bias, **kwargs)
         got = call(inp, None, residual, threads)
         assert got.dtype == want.dtype and np.array_equal(got, want), kwargs
         out = np.full_like(want, 3)
         assert call(inp, out, residual, threads) is out and np.array_equal(out, want), kwargs
+        if residual is None and hasattr(call, "rows"):     # the plan's one-frame path: the same bits
+            assert np.array_equal(call.rows(inp, None, threads), want), kwargs
+            out = np.full_like(want, 3)
+            assert call.rows(inp, out, threads) is out and np.array_equal(out, want), kwargs
+            wrong = np.empty((m + 1, n), want.dtype)         # not this call's buffer: a fresh one
+            got = call.rows(inp, wrong, threads)
+            assert got is not wrong and np.array_equal(got, want), kwargs
+            strided = np.concatenate([inp, inp], axis=1)[:, :k]     # not C-contiguous: the full call
+            assert np.array_equal(call.rows(strided, None, threads), want), kwargs
+            with pytest.raises(K.KernelError, match="uint8 x needs"):     # other dtypes: the full call's answer
+                call.rows(inp.astype(np.float64), None, threads)
+            checked += 1
+    assert checked == 1                  # only the dynamic float-rows layer has the one-frame path
     with pytest.raises(K.KernelError, match="out must be"):
         K.bind_linear(pw, bias)(x, np.empty((m, n + 1), np.float32))
     with pytest.raises(K.KernelError, match="uint8 x needs the static a_scale"):

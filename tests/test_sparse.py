@@ -15,6 +15,7 @@ from fxopt.core.drift import tensor_drift
 from fxopt.core.errors import ArtifactError
 from fxopt.kernels import api as K
 from fxopt.kernels import reference as R
+from fxopt.kernels import sparse as S
 from fxopt.kernels.sparse_pack import STEP
 from fxopt.runtime import kernel_ops
 from fxopt.runtime.kernel_args import check_lowered
@@ -70,7 +71,11 @@ def test_linear_equals_the_dense_kernel_bit_for_bit(isa, m, n, k, density, act):
         qx = K.quantize_tensor_f32_u8(x, 0.02, 120)
         for xin in (x, qx):
             dense = K.bind_linear(pw, b, act, (), 0.02, 120, 0.05, 7)(xin)
-            np.testing.assert_array_equal(K.bind_linear_sparse(ps, b, act, (), 0.02, 120, 0.05, 7)(xin), dense)
+            sparse = K.bind_linear_sparse(ps, b, act, (), 0.02, 120, 0.05, 7)
+            np.testing.assert_array_equal(sparse(xin), dense)
+            np.testing.assert_array_equal(sparse.rows(xin, None, 1), dense)     # the plan's path
+        np.testing.assert_array_equal(K.bind_linear_sparse(ps, b, act).rows(x, None, 1),
+                                      K.linear_f32(x, pw, b, act=act, n_threads=1))
     # numpy's float64 epilogue on the same int32 sums: float32 rounding apart
     np.testing.assert_allclose(K.linear_sparse_f32(x, ps, b, act=act), R.linear_f32(x, q, s, b, act),
                                rtol=1e-4, atol=1e-4)
@@ -81,6 +86,11 @@ def test_threads_split_the_work_with_the_same_result():
     q, s = sparse_weights(rng, 1024, 1024, 0.1)
     ps, x = K.pack_sparse_s8(q, s), rng.standard_normal((5, 1024)).astype(np.float32)
     np.testing.assert_array_equal(K.linear_sparse_f32(x, ps, n_threads=2), K.linear_sparse_f32(x, ps, n_threads=1))
+    rows = K.bind_linear_sparse(ps).rows          # the plan's path, threaded (above the launch threshold)
+    assert ps.steps * STEP * x.shape[0] >= S.PARALLEL_MIN_SLOTS
+    out = np.empty((5, 1024), np.float32)
+    assert rows(x, out, 2) is out
+    np.testing.assert_array_equal(out, K.linear_sparse_f32(x, ps, n_threads=1))
 
 
 @pytest.mark.parametrize("isa", ISAS)

@@ -333,11 +333,14 @@ def _bind_linear(packed, w_scale, col_sums, b, n, k, act, act_args, a_scale, a_z
         kernel = K.bind_linear(pw, bias, act, tuple(act_args), a_scale, a_zp, out_scale, out_zp)
     static = a_scale > 0
     get_threads = torch.get_num_threads
+    lean = getattr(kernel, "rows", None)      # float rows the workers quantize, in one frame
 
     def call(x, residual=None, out=None):
         # out: (M, N) to write into (the plan's buffer), or None for a fresh array
         if static and saturation.active():
             saturation.count(packed, torch.from_numpy(x), a_scale, a_zp)
+        if residual is None and lean is not None and x.ndim == 2 and x.dtype is _F32:
+            return lean(x, out, get_threads())
         if residual is None and x.ndim == 2 and (x.dtype is _F32 or x.dtype is _U8) and x.flags.c_contiguous:
             if out is not None and out.shape[0] != x.shape[0]:      # the common case, kept short
                 out = None

@@ -36,6 +36,7 @@ from fxopt.core import fxops
 from fxopt.core.ir import storage_roots
 from fxopt.kernels import api as K
 from fxopt.kernels import threads
+from fxopt.kernels.finite import _nonfinite_sum
 from fxopt.kernels.threads import launch_guard
 from fxopt.quant import qops
 from fxopt.runtime import kernel_ops, nonfinite
@@ -288,7 +289,10 @@ class Plan:
                 args = ["_fx_m", str(slots[node])] + args
             self._home[node] = step.out_domain
             calls[len(body)] = f"{name} = _fx_timed({index}, {', '.join([fn] + args)})"
-            body.append(f"{name} = {fn}({', '.join(args)})")
+            if node.target is nonfinite.poison_samples_ and len(args) == 2:    # no call when all is finite
+                body.append(f"{name} = {args[0]} if {args[1]} is None else {fn}({', '.join(args)})")
+            else:
+                body.append(f"{name} = {fn}({', '.join(args)})")
         output = next(n for n in gm.graph.nodes if n.op == "output")
         body.append(f"return {self._output(output.args[0], info)}")
         return params, body, calls
@@ -510,11 +514,17 @@ def _np_layer_norm(gm, node):
 
 def _np_nonfinite(xs):
     """nonfinite_samples on numpy inputs, or None when every value is finite (one pass of
-    kernels/finite.py per input; the per-sample check only when one is not)."""
+    kernels/finite.py per input, called past all_finite's checks, which the dtype test here
+    makes; the per-sample check only when one is not)."""
     for x in xs:
-        if (x.dtype is not _F32 and x.dtype is not _F64) or not K.all_finite(x):
-            return nonfinite._nonfinite_samples([torch.from_numpy(x) for x in xs])
-    return None
+        if x.dtype is not _F32 and x.dtype is not _F64:
+            break
+        s = _nonfinite_sum(x.reshape(-1))
+        if s != s:
+            break
+    else:
+        return None
+    return nonfinite._nonfinite_samples([torch.from_numpy(x) for x in xs])
 
 
 def _np_embedding(gm, node):
@@ -738,6 +748,8 @@ def _planned_call(self, *args, **kwargs):
     if (len(self._forward_pre_hooks) != plan.hooks[0] or len(self._forward_hooks) != plan.hooks[1]
             or _HOOKS._global_forward_pre_hooks or _HOOKS._global_forward_hooks):
         return torch.nn.Module.__call__(self, *args, **kwargs)
+    if threads.THREADSAFE:                  # Plan.__call__, one frame less
+        return plan._run(*args, **kwargs)
     return plan(*args, **kwargs)
 
 
