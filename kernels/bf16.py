@@ -25,22 +25,22 @@ import llvmlite.ir as ir
 import numpy as np
 from numba import njit, prange, types
 from numba.core import cgutils
-from numba.extending import intrinsic, overload
+from numba.extending import intrinsic
 
 from ._cache import CACHE  # package-wide cache locators, before any @njit(cache=CACHE)
 from . import dispatch as _dispatch
 from .dispatch import KernelError
-from .epilogue import (EP_ACT, EP_OSCALE, EP_OZP, EP_P0, EP_P1, EP_RES_FIRST, _bits_to_f32, add_residual_rows,
-                       apply_activation)
+from .epilogue import _bits_to_f32, store_float_tile
 from .gemm import _COUNTER_STRIDE, _count_add, _starts
 from .linear import bound_constants, call_arrays, get_num_threads
-from .rowops import borrowed, call_llvm
+from .rowops import IntrinsicArgs, borrowed, call_llvm
 
 KERNEL_VERSION = "bf16-1"
 COLS = 16            # columns of a packed block
 PARALLEL_MIN_MACS = 1 << 18      # as linear.py: below this a thread launch costs more than it saves
 PARALLEL_PREP = 1 << 16          # activation elements from which the threads round the rows too
-_F0, _F255, _F1 = np.float32(0), np.float32(255), np.float32(1)
+_F0 = np.float32(0)
+_NO_SCALE = np.empty(0, np.float32)     # store_float_tile: no row scale
 _i16, _i32, _f32 = ir.IntType(16), ir.IntType(32), ir.FloatType()
 
 
@@ -119,17 +119,9 @@ def bf16_tile(typingctx, mr, nv, a, m0, w, w_off, bstride, k, f):
     nrows, nvec = mr.literal_value, nv.literal_value
 
     def codegen(context, builder, sig, args):
-        intp = context.get_value_type(types.intp)
+        ar = IntrinsicArgs(context, builder, sig, args)
+        arr, num, cst = ar.array, ar.int, ar.cst
         v8i, v8f = ir.VectorType(_i32, 8), ir.VectorType(_f32, 8)
-
-        def arr(i):
-            return cgutils.create_struct_proxy(sig.args[i])(context, builder, value=args[i])
-
-        def num(i):
-            return context.cast(builder, args[i], sig.args[i], types.intp)
-
-        def cst(v):
-            return ir.Constant(intp, v)
         a_st = arr(2)
         lda = builder.extract_value(a_st.strides, 0)
         a_bytes = builder.bitcast(a_st.data, ir.IntType(8).as_pointer())
@@ -223,45 +215,6 @@ CHUNK_BYTES = 384 << 10   # activation rows a job keeps in L2 (Zen 3: 512 KiB a 
 TILE_F = 96          # float32 scratch of the largest tile (6 x 16; 1 x 64, 2 x 32)
 
 
-def _finish(mr, m0, n0, ncols, f, width, bias, res, ep, out, y):
-    """out[m0.., n0..n0+ncols] from the tile f (row stride width) + bias, then the epilogue
-    the int8 linear applies (activation, residual, uint8 requantization)."""
-    raise NotImplementedError  # compiled through the overload below
-
-
-@overload(_finish, inline="always")
-def _finish_impl(mr, m0, n0, ncols, f, width, bias, res, ep, out, y):
-    if out.dtype == types.uint8:
-        def impl(mr, m0, n0, ncols, f, width, bias, res, ep, out, y):
-            act = np.int32(ep[EP_ACT])
-            inv, ozp = _F1 / ep[EP_OSCALE], ep[EP_OZP]
-            for r in range(mr):
-                for c in range(ncols):
-                    y[0, c] = f[r * width + c] + bias[n0 + c]
-                if act != 0:
-                    apply_activation(y, 0, 0, ncols, act, ep[EP_P0], ep[EP_P1])
-                for c in range(ncols):
-                    q = np.rint(y[0, c] * inv) + ozp
-                    q = q if q > _F0 else _F0
-                    q = q if q < _F255 else _F255
-                    out[m0 + r, n0 + c] = np.uint8(np.int32(q))
-        return impl
-    if out.dtype != types.float32:
-        return None
-
-    def impl(mr, m0, n0, ncols, f, width, bias, res, ep, out, y):
-        act = np.int32(ep[EP_ACT])
-        pre = res.shape[0] > 0 and ep[EP_RES_FIRST] != 0       # the activation waits for the residual
-        for r in range(mr):
-            for c in range(ncols):
-                out[m0 + r, n0 + c] = f[r * width + c] + bias[n0 + c]
-            if act != 0 and not pre:
-                apply_activation(out, m0 + r, n0, ncols, act, ep[EP_P0], ep[EP_P1])
-        if res.shape[0] > 0:
-            add_residual_rows(out, res, m0, mr, n0, ncols, act if pre else 0, ep[EP_P0], ep[EP_P1])
-    return impl
-
-
 @njit(inline="always")
 def _span(simd, nb0, nb1, r0, r1, nv, a, w, bias, res, ep, out, f, y):
     """Output column blocks nb0..nb1-1 for rows r0..r1-1 of a (nv blocks a tile where they fit)."""
@@ -276,7 +229,7 @@ def _span(simd, nb0, nb1, r0, r1, nv, a, w, bias, res, ep, out, f, y):
         for m0 in range(r0, r1, rt):
             mr = min(rt, r1 - m0)
             _tile(simd, mr, span, a, m0, w, nb * bstride, bstride, k, f)
-            _finish(mr, m0, n0, ncols, f, span * COLS, bias, res, ep, out, y)
+            store_float_tile(mr, m0, n0, ncols, f, span * COLS, _NO_SCALE, bias, res, ep, out, y)
         nb += span
 
 

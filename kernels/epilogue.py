@@ -15,7 +15,7 @@ calls would cost more than the GEMM for GELU at BERT shapes).
 import llvmlite.ir as ir
 import numpy as np
 from numba import njit, types
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
 from ._cache import CACHE  # package-wide cache locators, before any @njit(cache=CACHE)
 
@@ -196,3 +196,46 @@ def store_tile_s32(t, ldt, mr, m0, n0, ncols, out):
         ui, ut = np.uint64(m0 + r), np.uint64(r * ldt)
         for j in range(ncols):
             out[ui, un + np.uint64(j)] = t[ut + np.uint64(j)]
+
+
+def store_float_tile(mr, m0, n0, ncols, f, width, ascale, bias, res, ep, out, y):
+    """out[m0..m0+mr-1, n0..n0+ncols-1] from a float tile f (row r at r * width), each row
+    times its scale ascale[m0 + r] (no scale when ascale is empty), + bias, then the
+    epilogue the int8 linear applies (activation, residual, uint8 requantization with the
+    row staged in y). The int4 and bf16 kernels end their tiles with it."""
+    raise NotImplementedError  # compiled through the overload below
+
+
+@overload(store_float_tile, inline="always")
+def _store_float_tile(mr, m0, n0, ncols, f, width, ascale, bias, res, ep, out, y):
+    if out.dtype == types.uint8:
+        def impl(mr, m0, n0, ncols, f, width, ascale, bias, res, ep, out, y):
+            act = np.int32(ep[EP_ACT])
+            inv, ozp = _F1 / ep[EP_OSCALE], ep[EP_OZP]
+            for r in range(mr):
+                sa = ascale[m0 + r] if ascale.shape[0] > 0 else _F1    # x * 1 is x: the same bits
+                for c in range(ncols):
+                    y[0, c] = f[r * width + c] * sa + bias[n0 + c]
+                if act != 0:
+                    apply_activation(y, 0, 0, ncols, act, ep[EP_P0], ep[EP_P1])
+                for c in range(ncols):
+                    q = np.rint(y[0, c] * inv) + ozp
+                    q = q if q > _F0 else _F0
+                    q = q if q < _F255 else _F255
+                    out[m0 + r, n0 + c] = np.uint8(np.int32(q))
+        return impl
+    if out.dtype != types.float32:
+        return None
+
+    def impl(mr, m0, n0, ncols, f, width, ascale, bias, res, ep, out, y):
+        act = np.int32(ep[EP_ACT])
+        pre = res.shape[0] > 0 and ep[EP_RES_FIRST] != 0       # the activation waits for the residual
+        for r in range(mr):
+            sa = ascale[m0 + r] if ascale.shape[0] > 0 else _F1
+            for c in range(ncols):
+                out[m0 + r, n0 + c] = f[r * width + c] * sa + bias[n0 + c]
+            if act != 0 and not pre:
+                apply_activation(out, m0 + r, n0, ncols, act, ep[EP_P0], ep[EP_P1])
+        if res.shape[0] > 0:
+            add_residual_rows(out, res, m0, mr, n0, ncols, act if pre else 0, ep[EP_P0], ep[EP_P1])
+    return impl

@@ -24,12 +24,12 @@ import llvmlite.ir as ir
 import numpy as np
 from numba import njit, prange, types
 from numba.core import cgutils
-from numba.extending import intrinsic, overload
+from numba.extending import intrinsic
 
 from ._cache import CACHE  # package-wide cache locators, before any @njit(cache=CACHE)
 from . import dispatch as _dispatch
 from .dispatch import KernelError
-from .epilogue import EP_ACT, EP_OSCALE, EP_OZP, EP_P0, EP_P1, EP_RES_FIRST, add_residual_rows, apply_activation
+from .epilogue import store_float_tile
 from .int4_pack import COLS, STEP_BYTES, STEP_K, PackedInt4, pack_int4, unpack_int4  # noqa: F401
 from .linear import bound_constants, call_arrays, get_num_threads
 from .quantize import quantize_rows_range, quantize_tensor_into
@@ -45,7 +45,7 @@ JOB_BLOCKS = 4      # column blocks (of COLS) a worker takes from the shared cou
 PARALLEL_PREP = 1 << 16
 
 _i8, _i16, _i32, _f32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.FloatType()
-_F0, _F1, _F255 = np.float32(0), np.float32(1), np.float32(255)
+_F0 = np.float32(0)
 
 
 @intrinsic(prefer_literal=True)
@@ -157,45 +157,6 @@ def _tile(simd, mr, a, m0, w, w_off, steps, groups, xsum, azp, colsum, scales, c
         int4_s32(1, a, m0, w, w_off, steps, groups, xsum, azp, colsum, scales, cs_off, f)
 
 
-def _finish(mr, m0, n0, ncols, f, ascale, bias, res, ep, out, y):
-    """out[m0.., n0..n0+ncols] from the float tile f: * the row scale + bias, then the
-    epilogue the int8 linear applies (activation, residual, uint8 requantization)."""
-    raise NotImplementedError  # compiled through the overload below
-
-
-@overload(_finish, inline="always")
-def _finish_impl(mr, m0, n0, ncols, f, ascale, bias, res, ep, out, y):
-    if out.dtype == types.uint8:
-        def impl(mr, m0, n0, ncols, f, ascale, bias, res, ep, out, y):
-            act = np.int32(ep[EP_ACT])
-            inv, ozp = _F1 / ep[EP_OSCALE], ep[EP_OZP]
-            for r in range(mr):
-                for c in range(ncols):
-                    y[0, c] = f[r * COLS + c] * ascale[m0 + r] + bias[n0 + c]
-                if act != 0:
-                    apply_activation(y, 0, 0, ncols, act, ep[EP_P0], ep[EP_P1])
-                for c in range(ncols):
-                    q = np.rint(y[0, c] * inv) + ozp
-                    q = q if q > _F0 else _F0
-                    q = q if q < _F255 else _F255
-                    out[m0 + r, n0 + c] = np.uint8(np.int32(q))
-        return impl
-    if out.dtype != types.float32:
-        return None
-
-    def impl(mr, m0, n0, ncols, f, ascale, bias, res, ep, out, y):
-        act = np.int32(ep[EP_ACT])
-        pre = res.shape[0] > 0 and ep[EP_RES_FIRST] != 0       # the activation waits for the residual
-        for r in range(mr):
-            for c in range(ncols):
-                out[m0 + r, n0 + c] = f[r * COLS + c] * ascale[m0 + r] + bias[n0 + c]
-            if act != 0 and not pre:
-                apply_activation(out, m0 + r, n0, ncols, act, ep[EP_P0], ep[EP_P1])
-        if res.shape[0] > 0:
-            add_residual_rows(out, res, m0, mr, n0, ncols, act if pre else 0, ep[EP_P0], ep[EP_P1])
-    return impl
-
-
 @njit(inline="always")
 def _blocks(simd, b0, b1, a, ascale, azp, xsum, w, colsum, scales, group, bias, res, ep, out, f, y):
     """Output column blocks b0..b1-1 for every row of a, ROWS rows at a time; f (ROWS * COLS)
@@ -211,7 +172,7 @@ def _blocks(simd, b0, b1, a, ascale, azp, xsum, w, colsum, scales, group, bias, 
             mr = min(ROWS, m - m0)
             _tile(simd, mr, a, m0, w, nb * (k // 2) * COLS, steps, groups, xsum, azp, colsum, scales,
                   nb * groups * COLS, f)
-            _finish(mr, m0, n0, ncols, f, ascale, bias, res, ep, out, y)
+            store_float_tile(mr, m0, n0, ncols, f, COLS, ascale, bias, res, ep, out, y)
 
 
 @njit(inline="always")

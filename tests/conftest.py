@@ -40,3 +40,17 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def search_data():
+    """The digits split the budget and mixed-precision searches use: validation (their
+    eval_fn) carved from the training images and never trained or distilled on, and the
+    test split, which checks the chosen model on images the search never saw."""
+    from fxopt.examples import Digits, digits
+    d = digits()
+    n = 300
+    fit = Digits(d.x_train[n:], d.y_train[n:], d.x_test, d.y_test)
+    return {"fit": fit, "val": (d.x_train[:n], d.y_train[:n]), "test": (d.x_test, d.y_test),
+            "calib": [(fit.x_train[i:i + 64],) for i in range(0, len(fit.x_train), 64)],
+            "example": (fit.x_train[:64],)}

@@ -12,7 +12,7 @@ import torch
 
 import fxopt
 from fxopt.core.pipeline import target_pipeline
-from fxopt.examples import Digits, DigitsCNN, DigitsMLP, accuracy, digits, train
+from fxopt.examples import DigitsCNN, DigitsMLP, accuracy, train
 from fxopt.report.pareto import pareto_front
 from fxopt.search.budget import Config, choose, with_fp32_layers
 from fxopt.search.sensitivity import quant_proxy, slower_in_int8
@@ -27,15 +27,8 @@ pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
-def data():
-    d = digits()
-    # Validation (eval_fn) is carved from the training images and never trained or distilled on;
-    # the test split checks the chosen model on images the search never saw.
-    n = 300
-    fit = Digits(d.x_train[n:], d.y_train[n:], d.x_test, d.y_test)
-    return {"fit": fit, "val": (d.x_train[:n], d.y_train[:n]), "test": (d.x_test, d.y_test),
-            "calib": [(fit.x_train[i:i + 64],) for i in range(0, len(fit.x_train), 64)],
-            "example": (fit.x_train[:64],)}
+def data(search_data):
+    return search_data
 
 
 @pytest.fixture(scope="module")

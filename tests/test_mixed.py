@@ -14,7 +14,7 @@ import torch
 import fxopt
 from fxopt.core.ir import LAYER
 from fxopt.core.pipeline import target_pipeline
-from fxopt.examples import Digits, DigitsMLP, accuracy, digits, train
+from fxopt.examples import DigitsMLP, accuracy, train
 from fxopt.runtime import kernel_ops
 from fxopt.search import precision
 from fxopt.search.precision import Config, assignment, build_pipeline, candidates, explain, make_config, mix_label
@@ -25,13 +25,8 @@ EPS = 0.005
 
 
 @pytest.fixture(scope="module")
-def data():
-    d = digits()
-    n = 300
-    fit = Digits(d.x_train[n:], d.y_train[n:], d.x_test, d.y_test)
-    return {"fit": fit, "val": (d.x_train[:n], d.y_train[:n]), "test": (d.x_test, d.y_test),
-            "calib": [(fit.x_train[i:i + 64],) for i in range(0, len(fit.x_train), 64)],
-            "example": (fit.x_train[:64],)}
+def data(search_data):
+    return search_data
 
 
 @pytest.fixture(scope="module")
