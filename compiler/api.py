@@ -24,7 +24,8 @@ from fxopt.core.pass_manager import PassManager
 from fxopt.core.pipeline import PassSpec, Pipeline
 from fxopt.driver.compile import COMPILE_LOCK, compile_model, example_from, reference_outputs, reiterable
 from fxopt.pruning.structured import check_options as check_prune_options
-from fxopt.runtime.plan import Plan, Profile, plan_of
+from fxopt.runtime.plan import Plan, plan_of
+from fxopt.runtime.profile import Profile
 from fxopt.search import latency_guard
 from fxopt.search.budget import search
 

@@ -208,7 +208,7 @@ def test_plan_source_is_names_and_calls_only():
 
 def test_planned_buffers_are_reused_and_never_overlap_while_live():
     import random
-    from fxopt.runtime.plan import place
+    from fxopt.runtime.memory import place
     rng = random.Random(0)
     for _ in range(200):
         n = rng.randint(1, 12)

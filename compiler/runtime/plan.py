@@ -23,7 +23,6 @@ import functools
 import keyword
 import operator
 import statistics
-import threading
 import time
 
 import numpy as np
@@ -33,14 +32,14 @@ import torch.utils._pytree as pytree
 from torch import fx
 
 from fxopt.core import fxops
-from fxopt.core.ir import storage_roots
-from fxopt.kernels import api as K
 from fxopt.kernels import threads
 from fxopt.kernels.finite import _nonfinite_sum
 from fxopt.kernels.threads import launch_guard
 from fxopt.quant import qops
 from fxopt.runtime import kernel_ops, nonfinite
 from fxopt.runtime.input_check import GUARD, InputCheck
+from fxopt.runtime.memory import Memory, in_arena, planned_buffers
+from fxopt.runtime.profile import Profile
 
 __all__ = ["Plan", "install", "plan_of", "check_runtime", "RUNTIMES"]
 
@@ -261,7 +260,7 @@ class Plan:
         if tensors:
             test = " or ".join(f"type({v}) is not _fx_Tensor or {v}.requires_grad" for v in tensors)
             body.append(f"if {test}: return _fx_graph({', '.join(params)})")
-        planned = _planned_buffers(gm)
+        planned = planned_buffers(gm)
         slots = {node: j for j, node in enumerate(planned)}     # node -> its buffer in the arena
         if planned:
             self.memory = Memory(list(planned.values()))
@@ -285,7 +284,7 @@ class Plan:
             args = ([self._render(a, step.domain) for a in step.args]
                     + [f"{k}={self._render(v, step.domain)}" for k, v in step.kwargs.items()])
             if node in slots and step.domain == "np":     # its output goes in the arena
-                self._globals[fn] = step.fn = _in_arena(step.fn)
+                self._globals[fn] = step.fn = in_arena(step.fn)
                 args = ["_fx_m", str(slots[node])] + args
             self._home[node] = step.out_domain
             calls[len(body)] = f"{name} = _fx_timed({index}, {', '.join([fn] + args)})"
@@ -574,161 +573,6 @@ _BUILDERS = {
     fxops.linear_act: _same(fxops.linear_act_impl),
     fxops.conv2d_act: _same(fxops.conv2d_act_impl),
 }
-
-
-# --- memory: activation buffers planned by liveness -------------------------------------
-
-_ARENA_OPS = (*kernel_ops.LINEARS, kernel_ops.layer_norm)     # kernels that write into `out`
-
-
-def _planned_buffers(gm) -> dict:
-    """{node: (first step, last step)} for the kernel outputs the arena holds: those no graph
-    output can alias (the user gets fresh tensors), live from their step to the last use of
-    anything that may alias them (views, splits, torch views of them)."""
-    order = {node: i for i, node in enumerate(gm.graph.nodes)}
-    candidates = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in _ARENA_OPS]
-    if not candidates:
-        return {}
-    output = next(n for n in gm.graph.nodes if n.op == "output")
-    escaping = set()
-    fx.node.map_arg(output.args, lambda n: escaping.update(storage_roots(n)))
-    last = {n: order[n] for n in candidates}
-    for node in gm.graph.nodes:
-        uses = [order[u] for u in node.users]
-        if not uses:
-            continue
-        for root in storage_roots(node):
-            if root in last:
-                last[root] = max(last[root], *uses)
-    return {n: (order[n], last[n]) for n in candidates if n not in escaping}
-
-
-def _in_arena(call):
-    """A kernel step writing into its buffer j of the call's arena m (see Memory)."""
-    def step(m, j, *args):
-        y = call(*args, out=m.buffers[j])
-        if m.shapes is not None:                 # the first call of these input shapes
-            m.shapes[j] = (y.size // y.shape[-1] if y.shape[-1] else 0, y.shape[-1]), y.dtype
-        return y
-    step.__wrapped__ = call
-    return step
-
-
-class _Arena:
-    """The planned buffers of one input-shape signature on one thread."""
-    __slots__ = ("buffers", "shapes", "nbytes")
-
-    def __init__(self, n: int):
-        self.buffers = [None] * n       # None: the step allocates
-        self.shapes = [None] * n        # noted by the first call, then laid out
-        self.nbytes = 0
-
-
-class Memory:
-    """Activation buffers planned by liveness: per input-shape signature (and per thread,
-    so that threads calling one model never share a buffer), the first call notes each
-    planned output's shape, the second lays them out in one block, offsets chosen so that
-    buffers live at the same time never overlap, and every later call writes into it:
-    no allocation and no page faults for these outputs. A few signatures are kept per
-    thread (MAX_SIGNATURES); the oldest goes first."""
-    MAX_SIGNATURES = 8
-    ALIGN = 64
-
-    def __init__(self, intervals: list):
-        self.intervals = intervals
-        self._local = threading.local()
-
-    def arena(self, signature) -> _Arena:
-        arenas = getattr(self._local, "arenas", None)
-        if arenas is None:
-            arenas = self._local.arenas = {}
-        m = arenas.get(signature)
-        if m is None:
-            if len(arenas) >= self.MAX_SIGNATURES:
-                del arenas[next(iter(arenas))]
-            m = arenas[signature] = _Arena(len(self.intervals))
-        elif m.shapes is not None:
-            self._lay_out(m)
-        return m
-
-    def _lay_out(self, m: _Arena) -> None:
-        sizes = [0 if s is None else -(-int(np.prod(s[0])) * s[1].itemsize // self.ALIGN) * self.ALIGN
-                 for s in m.shapes]
-        offsets = place(sizes, self.intervals)
-        total = max([o + n for o, n in zip(offsets, sizes)] or [0])
-        block = K.aligned_empty((max(total, 1),), np.uint8)
-        block.fill(0)                   # fault the pages in now, not during calls
-        for j, (shape, offset) in enumerate(zip(m.shapes, offsets)):
-            if shape is not None and sizes[j]:
-                nbytes = int(np.prod(shape[0])) * shape[1].itemsize
-                m.buffers[j] = block[offset:offset + nbytes].view(shape[1]).reshape(shape[0])
-        m.shapes, m.nbytes = None, total
-
-    def nbytes(self) -> int:
-        """Bytes of the arenas this thread holds."""
-        return sum(m.nbytes for m in getattr(self._local, "arenas", {}).values())
-
-
-def place(sizes: list, intervals: list) -> list:
-    """Offsets for buffers of `sizes` bytes live over `intervals` (first, last step, both
-    included): the largest first, each at the lowest offset where it overlaps no placed
-    buffer that is live at the same time."""
-    offsets = [0] * len(sizes)
-    placed = []
-    for j in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
-        if not sizes[j]:
-            continue
-        first, last = intervals[j]
-        busy = sorted((offsets[i], offsets[i] + sizes[i]) for i in placed
-                      if intervals[i][0] <= last and first <= intervals[i][1])
-        at = 0
-        for start, end in busy:
-            if at + sizes[j] <= start:
-                break
-            at = max(at, end)
-        offsets[j] = at
-        placed.append(j)
-    return offsets
-
-
-class Profile:
-    """Per-step times of a plan on one input: op, layer, output shape and dtype, us (median
-    over the timed calls), % of the call, whether the step is a kernel; and the time of a
-    plain call outside the steps (binding inputs, moving arrays between torch and numpy,
-    building the output). str() is a table, slowest steps first."""
-
-    def __init__(self, plan: Plan, step_seconds: list, outputs: list, timed_call: float, call: float):
-        self.rows = []
-        for step, seconds, (shape, dtype) in zip(plan.steps, step_seconds, outputs):
-            node = step.node
-            self.rows.append({"op": step.op, "layer": node.meta.get("fxopt_layer", node.name),
-                              "shape": shape, "dtype": dtype, "kernel": step.kernel, "us": seconds * 1e6})
-        self.call_us = call * 1e6                # median plain call, as a user makes it
-        self.timed_call_us = timed_call * 1e6    # median call timing each step
-        self.steps_us = sum(r["us"] for r in self.rows)
-        self.kernel_us = sum(r["us"] for r in self.rows if r["kernel"])
-
-    @property
-    def outside_us(self) -> float:
-        """Time of a plain call not spent in any step."""
-        return max(self.call_us - self.steps_us, 0.0)
-
-    @property
-    def outside_kernels_pct(self) -> float:
-        """% of a plain call not spent in kernel steps (other ops and glue)."""
-        return 100.0 * max(self.call_us - self.kernel_us, 0.0) / (self.call_us or 1.0)
-
-    def __str__(self) -> str:
-        total = self.call_us or 1.0
-        lines = [f"{'op':<28} {'layer':<40} {'output':<22} {'dtype':<8} {'us':>9} {'%':>6}"]
-        for r in sorted(self.rows, key=lambda r: -r["us"]):
-            lines.append(f"{r['op'][:28]:<28} {str(r['layer'])[:40]:<40} {str(r['shape'])[:22]:<22} "
-                         f"{r['dtype']:<8} {r['us']:9.1f} {100 * r['us'] / total:6.1f}")
-        lines.append(f"{'outside steps':<28} {'':<40} {'':<22} {'':<8} {self.outside_us:9.1f} "
-                     f"{100 * self.outside_us / total:6.1f}")
-        lines.append(f"call {self.call_us:.1f} us (median; {self.timed_call_us:.1f} us when timing each step); "
-                     f"kernel steps {self.kernel_us:.1f} us; outside kernels {self.outside_kernels_pct:.1f} %")
-        return "\n".join(lines)
 
 
 # --- installing --------------------------------------------------------------------------
