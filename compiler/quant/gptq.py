@@ -57,22 +57,27 @@ def gptq_groups(w: torch.Tensor, h: torch.Tensor, group_size: int = 32, bits: in
     w[:, dead] = 0.0
     h += DAMP * torch.mean(torch.diag(h)) * torch.eye(k, dtype=h.dtype)
     u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
-    q = torch.zeros(n, k, dtype=torch.int8)
+    # columns of w as rows (wt[c] is input feature c's weights): each step below reads and
+    # updates contiguous rows, in place (a rank-1 update per column, no temporaries)
+    wt = w.t().contiguous()
+    qt = torch.zeros(k, n, dtype=torch.int8)
     scale = torch.ones(n, k // group_size, dtype=torch.float32)
     for i1 in range(0, k, BLOCK):
         i2 = min(i1 + BLOCK, k)
-        w1, err = w[:, i1:i2].clone(), torch.zeros(n, i2 - i1, dtype=w.dtype)
+        w1, err = wt[i1:i2], torch.zeros(i2 - i1, n, dtype=w.dtype)
         u1 = u[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = i1 + i
             if col % group_size == 0:           # the group's scale, from its compensated weights
-                _, s = qops.quantize_weight_groups(w1[:, i:i + group_size].float(), bits, group_size)
+                _, s = qops.quantize_weight_groups(w1[i:i + group_size].t().float(), bits, group_size)
                 scale[:, col // group_size] = s[:, 0]
-            s = scale[:, col // group_size].double()
-            qc = torch.clamp(torch.round(w1[:, i] / s), -qmax, qmax)
-            q[:, col] = qc.to(torch.int8)
-            e = (w1[:, i] - qc * s) / u1[i, i]
-            w1[:, i:] -= e[:, None] * u1[i, i:][None, :]
-            err[:, i] = e
-        w[:, i2:] -= err @ u[i1:i2, i2:]
+                sd = s[:, 0].double()
+            qc = torch.clamp(torch.round(w1[i] / sd), -qmax, qmax)
+            qt[col] = qc.to(torch.int8)
+            e = err[i]
+            torch.sub(w1[i], qc * sd, out=e)
+            e /= u1[i, i]
+            w1[i:].addr_(u1[i, i:], e, alpha=-1)
+        wt[i2:] -= u[i1:i2, i2:].t() @ err
+    q = qt.t().contiguous()
     return q, scale
