@@ -32,7 +32,7 @@ from . import dispatch as _dispatch
 from .dispatch import KernelError
 from .epilogue import _bits_to_f32, store_float_tile
 from .gemm import _COUNTER_STRIDE, _count_add, _starts
-from .linear import bound_constants, call_arrays, get_num_threads
+from .linear import bound_constants, call_arrays, get_num_threads, on_rows
 from .rowops import IntrinsicArgs, borrowed, call_llvm
 
 KERNEL_VERSION = "bf16-1"
@@ -329,13 +329,8 @@ def linear_bf16_f32(x, pw, bias=None, act="none", act_args=(), n_threads=None, r
     if x.dtype != np.float32:
         raise KernelError(f"linear_bf16_f32: x must be float32, got {x.dtype} (cast it with .astype(np.float32))")
     x = np.ascontiguousarray(x)
-    if x.ndim < 1 or x.shape[-1] != pw.k:
-        raise KernelError(f"linear_bf16_f32: input has shape {x.shape}, weights expect K={pw.k} "
-                          f"in the last dimension")
-    rows = x.reshape(-1, pw.k)
-    res = None if residual is None else np.asarray(residual).reshape(-1, pw.n)
-    y = bind_linear_bf16(pw, bias, act, act_args)(rows, residual=res, n_threads=n_threads)
-    return y.reshape(x.shape[:-1] + (pw.n,))
+    return on_rows("linear_bf16_f32", x, pw.k, pw.n, lambda: bind_linear_bf16(pw, bias, act, act_args),
+                   residual, n_threads)
 
 
 def bind_linear_bf16(pw, bias=None, act="none", act_args=(), a_scale=0.0, a_zero_point=0,

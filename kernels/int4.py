@@ -31,7 +31,7 @@ from . import dispatch as _dispatch
 from .dispatch import KernelError
 from .epilogue import store_float_tile
 from .int4_pack import COLS, STEP_BYTES, STEP_K, PackedInt4, pack_int4, unpack_int4  # noqa: F401
-from .linear import bound_constants, call_arrays, get_num_threads
+from .linear import bound_constants, call_arrays, get_num_threads, on_rows
 from .quantize import quantize_rows_range, quantize_tensor_into
 from .gemm import _COUNTER_STRIDE, _count_add, _starts
 from .rowops import IntrinsicArgs, borrowed, call_llvm
@@ -282,13 +282,8 @@ def linear_int4_f32(x, pw, bias=None, act="none", act_args=(), n_threads=None, r
     """
     _check_packed(pw)
     x = np.ascontiguousarray(x, np.float32)
-    if x.ndim < 1 or x.shape[-1] != pw.k:
-        raise KernelError(f"linear_int4_f32: input has shape {x.shape}, weights expect K={pw.k} "
-                          f"in the last dimension")
-    rows = x.reshape(-1, pw.k)
-    res = None if residual is None else np.asarray(residual).reshape(-1, pw.n)
-    y = bind_linear_int4(pw, bias, act, act_args)(rows, residual=res, n_threads=n_threads)
-    return y.reshape(x.shape[:-1] + (pw.n,))
+    return on_rows("linear_int4_f32", x, pw.k, pw.n, lambda: bind_linear_int4(pw, bias, act, act_args),
+                   residual, n_threads)
 
 
 def bind_linear_int4(pw, bias=None, act="none", act_args=(), a_scale=0.0, a_zero_point=0,

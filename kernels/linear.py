@@ -410,6 +410,16 @@ def bind_linear(pw, bias=None, act="none", act_args=(), a_scale=0.0, a_zero_poin
     return call
 
 
+def on_rows(name, x, k, n, bind, residual=None, n_threads=None):
+    """A bound linear, made by bind(), on x float32 (..., k) of any leading shape as its
+    (rows, k): the result (..., n), the residual (..., n) taken as rows alike. x's K is
+    checked before binding (a bad input is named first)."""
+    if x.ndim < 1 or x.shape[-1] != k:
+        raise KernelError(f"{name}: input has shape {x.shape}, weights expect K={k} in the last dimension")
+    res = None if residual is None else np.asarray(residual).reshape(-1, n)
+    return bind()(x.reshape(-1, k), residual=res, n_threads=n_threads).reshape(x.shape[:-1] + (n,))
+
+
 def rows_call(call, k, n, out_dt, work, min_work, entries, no_q, bound):
     """A bound linear's most common call in one Python frame around its kernel entry:
     rows(x, out, n_threads) -> out, for float32 (M, k) x, which the workers quantize (any

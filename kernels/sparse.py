@@ -51,7 +51,8 @@ from . import dispatch as _dispatch
 from .dispatch import KernelError
 from .epilogue import EP_ACT, EP_P0, EP_P1, EP_RES_FIRST, add_residual_rows, apply_activation
 from .gemm import _COUNTER_STRIDE, _count_add, _is_float32, _staged, _starts
-from .linear import _bias, bound_constants, call_arrays, epilogue_params, get_num_threads, rows_call
+from .linear import (_bias, bound_constants, call_arrays, epilogue_params, get_num_threads, on_rows,
+                     rows_call)
 from .quantize import quantize_rows_into, quantize_tensor_into
 from .rowops import IntrinsicArgs, borrowed, call_llvm
 from .simd import BLOCK_COLS, GEOMETRY, TAGS, is_portable, isa_geometry, staged_f32
@@ -372,13 +373,8 @@ def linear_sparse_f32(x, ps, bias=None, act="none", act_args=(), n_threads=None,
     """
     _check_packed(ps)
     x = np.ascontiguousarray(x, np.float32)
-    if x.ndim < 1 or x.shape[-1] != ps.k:
-        raise KernelError(f"linear_sparse_f32: input has shape {x.shape}, weights expect K={ps.k} "
-                          f"in the last dimension")
-    rows = x.reshape(-1, ps.k)
-    res = None if residual is None else np.asarray(residual).reshape(-1, ps.n)
-    y = bind_linear_sparse(ps, bias, act, act_args)(rows, residual=res, n_threads=n_threads)
-    return y.reshape(x.shape[:-1] + (ps.n,))
+    return on_rows("linear_sparse_f32", x, ps.k, ps.n, lambda: bind_linear_sparse(ps, bias, act, act_args),
+                   residual, n_threads)
 
 
 def bind_linear_sparse(ps, bias=None, act="none", act_args=(), a_scale=0.0, a_zero_point=0,
