@@ -63,20 +63,26 @@ def _with_outlier(mlp, data):
     return model
 
 
+def _search(model, data, precisions, max_evals):
+    """The budget search over `precisions` (MAC cost, no pruning), validated on data["val"]."""
+    xv, yv = data["val"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return fxopt.optimize(model, data["example"], "cpu-int8", calibration_data=data["calib"],
+                              eval_fn=lambda m: accuracy(m, xv, yv), max_accuracy_drop=EPS,
+                              search_precisions=precisions, search_cost="macs", search_prune=(),
+                              max_evals=max_evals, latency_repeats=0, int4_rounding="nearest")
+
+
 @pytest.mark.slow
 @pytest.mark.usefixtures("one_torch_thread")
 def test_search_over_int4_int8_fp32_meets_the_budget_with_a_mix(mlp, data):
     model = _with_outlier(mlp, data)     # net.4 must climb int4 -> int8 -> fp32
     xv, yv = data["val"]
     base_val, base_test = accuracy(model, xv, yv), accuracy(model, *data["test"])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        # max_evals=16 leaves room for each layer alone at int4 and int8 (the others fp32): the
-        # measured drops order the layers (the SQNR proxy blames net.6 for net.4's error).
-        fast = fxopt.optimize(model, data["example"], "cpu-int8", calibration_data=data["calib"],
-                              eval_fn=lambda m: accuracy(m, xv, yv), max_accuracy_drop=EPS,
-                              search_precisions=("int4", "int8", "fp32"), search_cost="macs",
-                              search_prune=(), max_evals=16, latency_repeats=0, int4_rounding="nearest")
+    # max_evals=16 leaves room for each layer alone at int4 and int8 (the others fp32): the
+    # measured drops order the layers (the SQNR proxy blames net.6 for net.4's error).
+    fast = _search(model, data, ("int4", "int8", "fp32"), max_evals=16)
     s = fast.fxopt_report.search
     evals, chosen = s["evaluations"], s["evaluations"][s["chosen"]]
     got_val, got_test = accuracy(fast, xv, yv), accuracy(fast, *data["test"])
@@ -178,12 +184,7 @@ def test_search_with_bf16_on_the_ladder_stops_the_outlier_layer_at_bf16(mlp, dat
     model = _with_outlier(mlp, data)
     xv, yv = data["val"]
     base_val, base_test = accuracy(model, xv, yv), accuracy(model, *data["test"])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        fast = fxopt.optimize(model, data["example"], "cpu-int8", calibration_data=data["calib"],
-                              eval_fn=lambda m: accuracy(m, xv, yv), max_accuracy_drop=EPS,
-                              search_precisions=("int4", "int8", "bf16", "fp32"), search_cost="macs",
-                              search_prune=(), max_evals=24, latency_repeats=0, int4_rounding="nearest")
+    fast = _search(model, data, ("int4", "int8", "bf16", "fp32"), max_evals=24)
     s = fast.fxopt_report.search
     layers = {r["layer"]: r for r in s["layers"]}
     want = {"net.1": "int4", "net.4": "bf16", "net.6": "int4"}
