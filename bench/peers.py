@@ -261,12 +261,12 @@ def _ort_setup(threads: int) -> str:
             f"ORT_ENABLE_ALL, {ORT_SPIN}=0")
 
 
-def fxopt_int8(model, inputs, ctx: Context) -> Prepared:
-    """fxopt cpu-int8 with the spec's calibration batches; optimize and first call timed."""
+def fxopt_int8(model, inputs, ctx: Context, target: str = "cpu-int8") -> Prepared:
+    """fxopt cpu-int8 (or `target`) with the spec's calibration batches; optimize and first call timed."""
     import fxopt
     t0 = time.perf_counter()
     with _quiet():
-        fast = fxopt.optimize(model, inputs, target="cpu-int8", calibration_data=ctx.calibration,
+        fast = fxopt.optimize(model, inputs, target=target, calibration_data=ctx.calibration,
                               latency_repeats=0)
     optimize_s = time.perf_counter() - t0
     fn = _torch_call(fast, inputs, ctx.output)
@@ -282,7 +282,7 @@ def fxopt_int8(model, inputs, ctx: Context) -> Prepared:
     # where a call's time goes: kernel steps of the execution plan against everything else
     with torch.inference_mode():
         prof = fxopt.profile(fast, **inputs, repeats=5)
-    info = {"setup": "fxopt.optimize(target='cpu-int8', latency_repeats=0), inference_mode",
+    info = {"setup": f"fxopt.optimize(target={target!r}, latency_repeats=0), inference_mode",
             "outside_kernels_pct": prof.outside_kernels_pct, "kernel_ms": prof.kernel_us / 1e3,
             "profile_call_ms": prof.call_us / 1e3,
             "optimize_s": optimize_s, "first_call_s": first_call_s,
@@ -291,6 +291,13 @@ def fxopt_int8(model, inputs, ctx: Context) -> Prepared:
             "pass_seconds": passes, "outside_passes_s": optimize_s - sum(passes.values()),
             "fp32_layers": sorted({r["op"] for r in layers if r.get("precision") != "int8"})}
     return Prepared(fn, info)
+
+
+def fxopt_int8_fp32_stem(model, inputs, ctx: Context) -> Prepared:
+    """fxopt cpu-int8 with the image model's first conv kept fp32 (quantize_int8's image_stem)."""
+    import fxopt
+    target = fxopt.TARGETS["cpu-int8"].replace("quantize_int8", "quantize_int8{image_stem=fp32}")
+    return fxopt_int8(model, inputs, ctx, target)
 
 
 def cpu_has_vnni() -> bool:

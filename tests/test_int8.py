@@ -86,6 +86,37 @@ def test_skip_and_per_layer_keep_fp32_with_reason():
     assert "layers:" in str(fast.fxopt_report) and "size:" in str(fast.fxopt_report)
 
 
+class _PaddedStem(nn.Module):
+    """A TensorFlow-style "same" stem (an explicit asymmetric pad), then a second conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.body = nn.Conv2d(3, 8, 3, stride=2), nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        return self.body(torch.relu(self.stem(nn.functional.pad(x, (0, 1, 0, 1)))))
+
+
+def test_image_stem_fp32_keeps_only_the_first_conv_fp32():
+    model = _PaddedStem().eval()
+    x = torch.randn(4, 3, 16, 16)
+    calib = [(torch.randn(4, 3, 16, 16),)]
+    target = fxopt.TARGETS["cpu-int8"].replace("quantize_int8", "quantize_int8{image_stem=fp32}")
+    fast = fxopt.optimize(model, (x,), target=target, calibration_data=calib, latency_repeats=0, latency_aware=False)
+    rows = {r["layer"]: r for r in fast.fxopt_report.layers}
+    assert rows["stem"]["precision"] == "fp32" and "image_stem" in rows["stem"]["why"]
+    assert rows["body"]["precision"] == "int8"
+    with torch.no_grad():
+        want, other = model(x), model(torch.randn(4, 3, 16, 16))
+        assert (want - other).abs().max() > 0.5                 # the output depends on the input
+        torch.testing.assert_close(fast(x), want, rtol=0.05, atol=0.05)
+    default = fxopt.optimize(model, (x,), target="cpu-int8", calibration_data=calib, latency_repeats=0,
+                             latency_aware=False)
+    assert {r["layer"]: r["precision"] for r in default.fxopt_report.layers} == {"stem": "int8", "body": "int8"}
+    with pytest.raises(fxopt.PassError, match="image_stem=.int4.; use fp32 or int8"):
+        fxopt.optimize(model, (x,), target=target.replace("image_stem=fp32", "image_stem=int4"), latency_repeats=0)
+
+
 def test_bad_calibration_data_is_a_clear_error():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()).eval()
     x = (torch.randn(2, 3, 8, 8),)
