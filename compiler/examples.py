@@ -77,6 +77,40 @@ class DigitsMLP(nn.Module):
         return self.net(x)
 
 
+class Fire(nn.Module):
+    """SqueezeNet's fire module: a 1x1 squeeze, then 1x1 and 3x3 expands side by side, concatenated."""
+
+    def __init__(self, cin: int, squeeze: int, expand: int):
+        super().__init__()
+        self.squeeze = nn.Conv2d(cin, squeeze, 1)
+        self.expand1 = nn.Conv2d(squeeze, expand, 1)
+        self.expand3 = nn.Conv2d(squeeze, expand, 3, padding=1)
+
+    def forward(self, x):
+        s = torch.relu(self.squeeze(x))
+        return torch.cat([torch.relu(self.expand1(s)), torch.relu(self.expand3(s))], 1)
+
+
+class SqueezeNet11(nn.Module):
+    """SqueezeNet 1.1 (Iandola et al.; the 1.1 layout: a 3x3 stem, pools after fires 2 and 4),
+    for image batches (N, 3, H, W), H and W at least 17. The input is named pixel_values,
+    as the Hugging Face vision models' is, so benchmarks call both alike."""
+
+    def __init__(self, classes: int = 1000):
+        super().__init__()
+        pool = dict(kernel_size=3, stride=2, ceil_mode=True)
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 64, 3, stride=2), nn.ReLU(), nn.MaxPool2d(**pool),
+            Fire(64, 16, 64), Fire(128, 16, 64), nn.MaxPool2d(**pool),
+            Fire(128, 32, 128), Fire(256, 32, 128), nn.MaxPool2d(**pool),
+            Fire(256, 48, 192), Fire(384, 48, 192), Fire(384, 64, 256), Fire(512, 64, 256))
+        self.classifier = nn.Sequential(nn.Dropout(0.5), nn.Conv2d(512, classes, 1), nn.ReLU(),
+                                        nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+    def forward(self, pixel_values):
+        return self.classifier(self.features(pixel_values))
+
+
 def randomize_batchnorm(model: nn.Module, seed: int = 0, mean_std: float = 0.5,
                         var_range: tuple = (0.5, 2.0), gamma_range: tuple = (0.5, 1.5),
                         beta_std: float = 0.2) -> nn.Module:

@@ -11,8 +11,14 @@ own padding. Asymmetric pads (stride-2 "same", [0, 1, 0, 1]), non-zero
 values, other modes, pads of more than the spatial dims and pads with other
 users stay as they are, counted by reason. (All-zero pads are copies:
 remove_identity drops them.)
+
+PyTorch's own "same" and "valid" (conv2d(x, W, padding="same"), as Hugging Face's
+EfficientNet depthwise convs have it) become numbers first, where they are symmetric
+(odd kernels): the int8 rules and the saved-model opset know numeric padding only.
 """
 from __future__ import annotations
+
+import torch
 
 from fxopt.core.ops import OpKind, conv_parts, is_conv2d, pad_parts
 from fxopt.core.pass_base import PassInfo, PassResult
@@ -25,7 +31,10 @@ _PATTERN = Pat(is_conv2d, Pat(OpKind.PAD, name="pad"), name="conv")
 
 def run(gm, ctx) -> PassResult:
     stats = {"folded": 0, "skipped_asymmetric": 0, "skipped_not_zero_constant": 0,
-             "skipped_shared_pad": 0, "skipped_not_2d": 0}
+             "skipped_shared_pad": 0, "skipped_not_2d": 0, "named_padding": 0, "named_padding_kept": 0}
+    for node in list(gm.graph.nodes):
+        if node.target is torch.ops.aten.conv2d.padding:
+            stats["named_padding" if _numeric_padding(node) else "named_padding_kept"] += 1
     for m in find_all(gm, _PATTERN):
         pad, conv = m["pad"], m["conv"]
         reason = _why_not(pad, conv)
@@ -34,7 +43,32 @@ def run(gm, ctx) -> PassResult:
             continue
         _fold(gm, pad, conv)
         stats["folded"] += 1
-    return PassResult(stats["folded"] > 0, stats)
+    return PassResult(stats["folded"] + stats["named_padding"] > 0, stats)
+
+
+def _numeric_padding(conv) -> bool:
+    """conv2d(x, W, padding="same" or "valid") -> the same conv with numeric padding, in place,
+    when that padding is symmetric; False (unchanged) otherwise."""
+    parts = conv_parts(conv)
+    w = parts["weight"].meta.get("val") if hasattr(parts["weight"], "meta") else None
+    if w is None or w.dim() != 4:
+        return False
+    dilation = _pair(parts["dilation"])
+    mode = conv.args[4] if len(conv.args) > 4 else conv.kwargs.get("padding", "valid")   # the schema's default
+    if mode == "valid":
+        padding = [0, 0]
+    elif mode == "same" and _pair(parts["stride"]) == [1, 1]:
+        totals = [d * (k - 1) for d, k in zip(dilation, w.shape[2:])]
+        if any(t % 2 for t in totals):      # an even kernel: PyTorch pads one more at the end
+            return False
+        padding = [t // 2 for t in totals]
+    else:
+        return False
+    conv.target = torch.ops.aten.conv2d.default
+    conv.args = (parts["x"], parts["weight"], parts["bias"], _pair(parts["stride"]), padding, dilation,
+                 parts["groups"])
+    conv.kwargs = {}
+    return True
 
 
 def _spatial(amounts):

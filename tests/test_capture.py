@@ -52,9 +52,10 @@ def test_matches_eager(name, which):
 
 
 # image models that take any height and width; ViT's position table fixes its image size, and
-# so does the TF-style padding of Hugging Face's MobileNetV2 (computed from the input's size)
-IMAGE_MODELS = {"cnn_bn_residual", "dwsep_cnn", "resnet", "convnext"}
-FIXED_IMAGE_MODELS = {"vit", "mobilenet_v2"}
+# so does the TF-style padding of Hugging Face's MobileNetV2 and EfficientNet (computed from
+# the input's size)
+IMAGE_MODELS = {"cnn_bn_residual", "dwsep_cnn", "resnet", "convnext", "squeezenet"}
+FIXED_IMAGE_MODELS = {"vit", "mobilenet_v2", "efficientnet"}
 
 
 @pytest.mark.parametrize("name", zoo_params())

@@ -147,7 +147,7 @@ def test_fold_padding_and_zero_pads():
     assert _stats(fast, "remove_identity")["zero_pad"] == 1
     assert _stats(fast, "fold_padding") == {"folded": 2, "skipped_asymmetric": 1,
                                             "skipped_not_zero_constant": 2, "skipped_shared_pad": 1,
-                                            "skipped_not_2d": 0}
+                                            "skipped_not_2d": 0, "named_padding": 0, "named_padding_kept": 0}
     assert ir.node_counts(fast)["pad"] == 4
     paddings = [ops.conv_parts(n)["padding"] for n in fast.graph.nodes if ops.is_conv2d(n)]
     assert [list(p) for p in paddings[:3]] == [[1, 1], [1, 1], [2, 3]]
@@ -155,6 +155,26 @@ def test_fold_padding_and_zero_pads():
     x2 = torch.randn(3, 4, 9, 9)
     with torch.no_grad():
         torch.testing.assert_close(fast(x2), model(x2), rtol=1e-5, atol=1e-5)
+
+
+def test_named_padding_becomes_numeric_where_symmetric():
+    """padding="same"/"valid" (Hugging Face EfficientNet's depthwise convs) become numbers,
+    which the int8 rules and the saved-model opset know; an even kernel's "same" pads one
+    more at the end and stays as it is."""
+    convs = nn.ModuleList([nn.Conv2d(4, 4, 3, padding="same", groups=4),
+                           nn.Conv2d(4, 4, 3, padding="same", dilation=2),
+                           nn.Conv2d(4, 4, 3, padding="valid"),
+                           nn.Conv2d(4, 4, 2, padding="same")])
+    model = nn.Sequential(*convs).eval()
+    x = torch.randn(2, 4, 11, 11)
+    fast, expected, got = _run(model, x, "fold_padding")
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    stats = _stats(fast, "fold_padding")
+    assert (stats["named_padding"], stats["named_padding_kept"]) == (3, 1)
+    paddings = [ops.conv_parts(n)["padding"] for n in fast.graph.nodes if ops.is_conv2d(n)]
+    assert [p if isinstance(p, str) else list(p) for p in paddings] == [[1, 1], [2, 2], [0, 0], "same"]
+    with torch.no_grad():
+        assert (got - model(torch.randn(2, 4, 11, 11))).abs().max() > 0.1     # the input matters
 
 
 @pytest.mark.slow

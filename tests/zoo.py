@@ -219,6 +219,22 @@ def mobilenet_v2():
     return model, {"pixel_values": _image(2)}, {"pixel_values": _image(3)}
 
 
+def efficientnet():
+    """EfficientNet (B0's block layout, narrowed; hidden_dim = the head conv's 1280 channels at that
+    width): squeeze-excite, SiLU, TF-style padding."""
+    model = _hf("EfficientNetConfig", "EfficientNetModel",
+                num_channels=3, image_size=32, width_coefficient=0.25, depth_coefficient=0.5, hidden_dim=320)
+    torch.manual_seed(SEED)
+    return model, {"pixel_values": _image(2)}, {"pixel_values": _image(3)}
+
+
+def squeezenet():
+    """SqueezeNet 1.1 (fxopt.examples): fire modules, concat, ceil-mode max pools. At 32x32 its
+    last pools reach 1x1 and torch.export cannot keep the size dynamic; at 64x64 it can."""
+    model = _seeded(lambda: examples.SqueezeNet11(classes=10)).eval()
+    return model, {"pixel_values": _image(2, 3, 64)}, {"pixel_values": _image(3, 3, *OTHER_HW)}
+
+
 def convnext():
     model = _hf("ConvNextConfig", "ConvNextModel",
                 num_channels=3, num_stages=2, hidden_sizes=[8, 16],
@@ -248,6 +264,8 @@ ZOO = {
     "resnet": resnet,
     "mobilenet_v2": mobilenet_v2,
     "convnext": convnext,
+    "efficientnet": efficientnet,
+    "squeezenet": squeezenet,
     "gpt2": gpt2,
 }
 
