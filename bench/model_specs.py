@@ -27,7 +27,7 @@ CALIB_SEED = 2
 class Spec:
     """One benchmark entry: an architecture at one input size."""
     name: str
-    family: str          # "bert", "resnet50" or "mobilenetv2"
+    family: str          # "bert", "resnet50", "mobilenetv2", "efficientnet" or "squeezenet"
     batch: int
     size: int            # sequence length (bert) or image side (conv nets)
     output: str          # the output compared by cosine, flattened
@@ -49,6 +49,9 @@ SPECS = {
     "resnet50_b1": Spec("resnet50_b1", "resnet50", 1, 224, "last_hidden_state"),
     "resnet50_b8": Spec("resnet50_b8", "resnet50", 8, 224, "last_hidden_state"),
     "mobilenetv2_b1": Spec("mobilenetv2_b1", "mobilenetv2", 1, 224, "last_hidden_state"),
+    "mobilenetv2_b8": Spec("mobilenetv2_b8", "mobilenetv2", 8, 224, "last_hidden_state"),
+    "efficientnet_b0_b1": Spec("efficientnet_b0_b1", "efficientnet", 1, 224, "last_hidden_state"),
+    "squeezenet_b1": Spec("squeezenet_b1", "squeezenet", 1, 224, "logits"),
 }
 
 SMALL_SPECS = {
@@ -57,6 +60,9 @@ SMALL_SPECS = {
     "resnet50_b1": Spec("resnet50_b1", "resnet50", 1, 64, "last_hidden_state", 2, 2),
     "resnet50_b8": Spec("resnet50_b8", "resnet50", 2, 64, "last_hidden_state", 2, 2),
     "mobilenetv2_b1": Spec("mobilenetv2_b1", "mobilenetv2", 1, 64, "last_hidden_state", 2, 2),
+    "mobilenetv2_b8": Spec("mobilenetv2_b8", "mobilenetv2", 2, 64, "last_hidden_state", 2, 2),
+    "efficientnet_b0_b1": Spec("efficientnet_b0_b1", "efficientnet", 1, 64, "last_hidden_state", 2, 2),
+    "squeezenet_b1": Spec("squeezenet_b1", "squeezenet", 1, 64, "logits", 2, 2),
 }
 
 _CONFIGS = {
@@ -65,6 +71,9 @@ _CONFIGS = {
     "resnet50": dict(depths=[3, 4, 6, 3], hidden_sizes=[256, 512, 1024, 2048],
                      embedding_size=64, layer_type="bottleneck"),
     "mobilenetv2": dict(),
+    # B0: EfficientNetConfig's defaults are B7's (width 2.0, depth 3.1, 600 pixels)
+    "efficientnet": dict(width_coefficient=1.0, depth_coefficient=1.0, image_size=224, hidden_dim=1280),
+    "squeezenet": dict(classes=1000),
 }
 _SMALL_CONFIGS = {
     "bert": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
@@ -72,9 +81,12 @@ _SMALL_CONFIGS = {
     "resnet50": dict(depths=[1, 1], hidden_sizes=[32, 64], embedding_size=16,
                      layer_type="bottleneck"),
     "mobilenetv2": dict(depth_multiplier=0.35, image_size=64),
+    "efficientnet": dict(width_coefficient=0.25, depth_coefficient=0.5, image_size=64, hidden_dim=320),
+    "squeezenet": dict(classes=10),
 }
 _CLASSES = {"bert": ("BertConfig", "BertModel"), "resnet50": ("ResNetConfig", "ResNetModel"),
-            "mobilenetv2": ("MobileNetV2Config", "MobileNetV2Model")}
+            "mobilenetv2": ("MobileNetV2Config", "MobileNetV2Model"),
+            "efficientnet": ("EfficientNetConfig", "EfficientNetModel")}
 
 
 def specs(small: bool) -> dict[str, Spec]:
@@ -88,14 +100,21 @@ def config_of(family: str, small: bool) -> dict:
 
 def build(family: str, small: bool, seed: int = SEED) -> nn.Module:
     """The family's model in eval mode with seeded random weights (BERT on the sdpa path)."""
+    kwargs = config_of(family, small)
+    if family == "squeezenet":              # not a Hugging Face model: fxopt.examples
+        torch.manual_seed(seed)
+        return examples.SqueezeNet11(**kwargs).eval()
     import transformers
     config_name, model_name = _CLASSES[family]
-    kwargs = config_of(family, small)
     if family == "bert":
         kwargs["attn_implementation"] = "sdpa"
     cfg = getattr(transformers, config_name)(**kwargs)
     torch.manual_seed(seed)
     model = getattr(transformers, model_name)(cfg)
+    if family == "efficientnet":
+        # Its pooler, AvgPool2d(hidden_dim, ceil_mode=True), is a global average pool that
+        # OpenVINO's ONNX reader rejects (a kernel larger than the input); this one is the same
+        model.pooler = nn.AdaptiveAvgPool2d(1)
     return randomize_batchnorm(model, seed).eval()
 
 

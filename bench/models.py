@@ -3,13 +3,14 @@
     fxopt bench models [--models bert_b8_s128,resnet50_b8] [--systems torch_fp32,fxopt]
                        [--threads 2] [--repeats 20] [--warmup 3] [--small] [--out PATH]
 
-Per model (BERT-base b8xs128 and b1xs32, ResNet-50 b1 and b8, MobileNetV2 b1;
-random weights, nothing downloads) and per system (torch fp32 eager, torch
+Per model (BERT-base b8xs128 and b1xs32, ResNet-50 b1 and b8, MobileNetV2 b1 and b8,
+EfficientNet-B0 b1, SqueezeNet 1.1 b1; random weights, nothing downloads; fidelity on
+trained weights and photographs is fxopt.bench.pretrained's) and per system (torch fp32 eager, torch
 dynamic int8, ONNX Runtime fp32, dynamic int8 and static QDQ int8, OpenVINO at
 its default precision and int8 through NNCF (fxopt.bench.openvino_peers),
 fxopt cpu-int8):
 median wall latency after warm-up, speedup over torch fp32, and cosine of the
-flattened last_hidden_state against torch fp32 on the same inputs. Every
+flattened last_hidden_state (SqueezeNet: logits) against torch fp32 on the same inputs. Every
 system gets its own copy of the model and the same thread count. Rows print
 as they are measured; with --out PATH, models.json (models_small.json with
 --small) and a PNG chart are written there, nothing otherwise.

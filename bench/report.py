@@ -152,7 +152,8 @@ def check_goals(results: list, small: bool) -> list:
                            _row(results, model, "torch_int8"),
                            check=lambda f, a, b: f["median_ms"] < min(a["median_ms"], b["median_ms"])))
     # issues 20 and 21: the peer users deploy on CPUs, at its int8 and its default precision
-    for model in ("bert_b8_s128", "bert_b1_s32", "resnet50_b8", "resnet50_b1", "mobilenetv2_b1"):
+    for model in ("bert_b8_s128", "bert_b1_s32", "resnet50_b8", "resnet50_b1", "mobilenetv2_b1", "mobilenetv2_b8",
+                  "efficientnet_b0_b1", "squeezenet_b1"):
         for peer, label in (("ov_int8", "OpenVINO int8 (NNCF)"), ("ov_default", "OpenVINO default")):
             goals.append(_goal(f"{model}: fxopt faster than {label}", _row(results, model, "fxopt"),
                                _row(results, model, peer), check=lambda f, o: f["median_ms"] < o["median_ms"]))
