@@ -96,9 +96,10 @@ DEPTHWISE_WHY = "depthwise conv: the int8 kernel is slower than fp32 here (depth
 # and the same top-1 class on 82.8 % of the crops with the stem int8; 0.998 and 95.3 % with it
 # fp32. It is also where int8 pays least (K = 27 for a 3x3 RGB stem; 2.8 % of that model's
 # MACs): on an AVX2 CPU it ran 1.10 ms int8 against 0.75 ms fp32. Not the default yet: it
-# changes other measured results, which need re-measuring first (tests/test_dynamic_spatial's
-# CNN at 160x160: worst cosine 0.9957 with it against 0.9992 without; the digits CNN's
-# deep-compression tests and figures count every conv int8).
+# changes other measured results, which need re-measuring first (with it, the random-weight
+# CNN of tests/test_dynamic_spatial fell to a worst cosine of 0.9957 at 160x160 against 0.9992
+# at its captured size, beyond that test's margin; the digits CNN's deep-compression tests
+# and figures count every conv int8).
 IMAGE_CHANNELS = 4
 IMAGE_STEM_WHY = "first conv on the image input, kept fp32 by image_stem=fp32"
 _PADS = (torch.ops.aten.pad.default, torch.ops.aten.constant_pad_nd.default)

@@ -35,7 +35,7 @@ def test_int8_with_an_fp32_stem_keeps_top1_and_logits_on_photographs(lite0):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         # every conv int8 but the depthwise ones (fp32 by default) and the stem; with the stem
-        # int8 too these crops measured min cosine 0.980 and 90.6 % top-1 (bench.pretrained)
+        # int8 too, these crops measured min cosine 0.980 and 90.6 % top-1
         target = fxopt.TARGETS["cpu-int8"].replace("quantize_int8", "quantize_int8{image_stem=fp32}")
         fast = fxopt.optimize(model, (test[:1],), target=target, latency_aware=False, latency_repeats=0,
                               calibration_data=[(calib[i:i + 8],) for i in range(0, len(calib), 8)])
