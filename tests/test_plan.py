@@ -115,6 +115,22 @@ def test_load_rebuilds_the_plan(tmp_path):
         fxopt.load(path, runtime="fast")
 
 
+def test_one_float_input_is_screened_inline_and_bad_samples_still_poisoned():
+    model = torch.nn.Sequential(torch.nn.Linear(16, 8)).eval()
+    fast = fxopt.optimize(model, (torch.randn(4, 16),), target="cpu-int8", latency_repeats=0)
+    graph = fxopt.optimize(model, (torch.randn(4, 16),), target="cpu-int8", latency_repeats=0, runtime="graph")
+    assert "_fx_finite_sum(" in plan_of(fast).source          # the finite sum, no screen call
+    x = torch.randn(4, 16)
+    x[1, 3], x[2, 0] = float("nan"), float("inf")
+    with torch.no_grad():
+        y, want = fast(x), graph(x)
+    assert torch.isnan(y[1]).all() and torch.isnan(y[2]).all()
+    assert torch.equal(y[[0, 3]], want[[0, 3]]) and torch.isnan(want[[1, 2]]).all()
+    clean = torch.randn(4, 16)
+    with torch.no_grad():
+        assert torch.equal(fast(clean), graph(clean))
+
+
 def test_unknown_runtime_is_an_error():
     model, example, _ = ZOO["mlp"]()
     with pytest.raises(ValueError, match="runtime must be one of plan, graph"):

@@ -175,6 +175,14 @@ def _numpy_dtype(node: fx.Node):
     return all(v.dtype in _NUMPY_DTYPES for v in vals)
 
 
+def _one_float(nodes) -> bool:
+    """Whether `nodes` (a screen's inputs) is one float32 or float64 tensor, by its metadata."""
+    if not isinstance(nodes, (list, tuple)) or len(nodes) != 1 or not isinstance(nodes[0], fx.Node):
+        return False
+    val = nodes[0].meta.get("val")
+    return isinstance(val, torch.Tensor) and val.dtype in (torch.float32, torch.float64)
+
+
 def _float32(node: fx.Node) -> bool:
     val = node.meta.get("val")
     return isinstance(val, torch.Tensor) and val.dtype == torch.float32
@@ -214,6 +222,7 @@ class Plan:
         self._globals: dict = {"_fx_graph": None, "_fx_tree_flatten_spec": fx_pytree.tree_flatten_spec,
                                "_fx_tree_unflatten": pytree.tree_unflatten, "_fx_Tensor": torch.Tensor}
         self._globals["_fx_from_numpy"], self._globals["_fx_to_numpy"] = torch.from_numpy, _to_numpy
+        self._globals["_fx_finite_sum"] = _nonfinite_sum
         forward = type(gm).forward
         if forward is not _planned_forward:       # the graph's own forward: the path for other inputs
             self._globals["_fx_graph"] = functools.partial(forward, gm)
@@ -290,6 +299,11 @@ class Plan:
             calls[len(body)] = f"{name} = _fx_timed({index}, {', '.join([fn] + args)})"
             if node.target is nonfinite.poison_samples_ and len(args) == 2:    # no call when all is finite
                 body.append(f"{name} = {args[0]} if {args[1]} is None else {fn}({', '.join(args)})")
+            elif step.fn is _np_nonfinite and _one_float(node.args[0]):
+                # one float input: its finite sum inline (0 when every value is finite), the
+                # per-sample screen only when it is not
+                x = self._render(node.args[0][0], "np")
+                body.append(f"{name} = None if _fx_finite_sum({x}.reshape(-1)) == 0 else {fn}({', '.join(args)})")
             else:
                 body.append(f"{name} = {fn}({', '.join(args)})")
         output = next(n for n in gm.graph.nodes if n.op == "output")
