@@ -54,8 +54,8 @@ def _numeric_padding(conv) -> bool:
     if w is None or w.dim() != 4:
         return False
     dilation = _pair(parts["dilation"])
-    mode = conv.args[4] if len(conv.args) > 4 else conv.kwargs.get("padding", "valid")   # the schema's default
-    if mode == "valid":
+    mode = parts["padding"]         # conv_parts gives 0 where the call left "valid", the default
+    if mode in ("valid", 0):
         padding = [0, 0]
     elif mode == "same" and _pair(parts["stride"]) == [1, 1]:
         totals = [d * (k - 1) for d, k in zip(dilation, w.shape[2:])]

@@ -102,7 +102,6 @@ DEPTHWISE_WHY = "depthwise conv: the int8 kernel is slower than fp32 here (depth
 # and figures count every conv int8).
 IMAGE_CHANNELS = 4
 IMAGE_STEM_WHY = "first conv on the image input, kept fp32 by image_stem=fp32"
-_PADS = (torch.ops.aten.pad.default, torch.ops.aten.constant_pad_nd.default)
 
 
 def _is_image_stem(node) -> bool:
@@ -111,9 +110,9 @@ def _is_image_stem(node) -> bool:
     if node.target is not fxops.conv2d_act:
         return False
     src = node.args[0]
-    while isinstance(src, Node) and src.op == "call_function" and src.target in _PADS:
+    while isinstance(src, Node) and kind_of(src) is OpKind.PAD:
         src = src.args[0]
-    if not isinstance(src, Node) or src.op != "placeholder":
+    if not isinstance(src, Node) or kind_of(src) is not OpKind.INPUT:
         return False
     val = src.meta.get("val")
     return isinstance(val, torch.Tensor) and val.dim() == 4 and val.shape[1] <= IMAGE_CHANNELS
