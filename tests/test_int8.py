@@ -98,6 +98,7 @@ class _PaddedStem(nn.Module):
 
 
 def test_image_stem_fp32_keeps_only_the_first_conv_fp32():
+    torch.manual_seed(0)
     model = _PaddedStem().eval()
     x = torch.randn(4, 3, 16, 16)
     calib = [(torch.randn(4, 3, 16, 16),)]
@@ -109,7 +110,9 @@ def test_image_stem_fp32_keeps_only_the_first_conv_fp32():
     with torch.no_grad():
         want, other = model(x), model(torch.randn(4, 3, 16, 16))
         assert (want - other).abs().max() > 0.5                 # the output depends on the input
-        torch.testing.assert_close(fast(x), want, rtol=0.05, atol=0.05)
+        # int8 against fp32 by cosine, as the zoo test above: element-wise, one value past the
+        # calibrated range (these inputs are random) sits off by more than any fixed atol
+        assert drift(want, fast(x)).cosine >= 0.999
     default = fxopt.optimize(model, (x,), target="cpu-int8", calibration_data=calib, latency_repeats=0,
                              latency_aware=False)
     assert {r["layer"]: r["precision"] for r in default.fxopt_report.layers} == {"stem": "int8", "body": "int8"}
