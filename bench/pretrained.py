@@ -38,7 +38,6 @@ import torch
 
 from fxopt.bench.models import prepare_system, set_threads, time_in_turns
 from fxopt.bench.peers import Context
-from fxopt.bench.systems import LABELS
 from fxopt.bench import systems
 
 SYSTEMS = {**systems.SYSTEMS, **systems.VARIANTS}     # the peers and fxopt with its options
@@ -159,11 +158,11 @@ def main(argv=None) -> int:
     for name in args.systems:
         row = rows[name]
         if name not in logits or "median_ms" not in row:
-            print(f"{LABELS[name]:24s} failed: {row.get('error', '')}")
+            print(f"{systems.LABELS[name]:24s} failed: {row.get('error', '')}")
             continue
         f = fidelity(logits[name], ref)
         row.update(f)
-        print(f"{LABELS[name]:24s} {row['median_ms']:9.2f} {base / row['median_ms']:6.2f}x {f['min_cos']:8.4f} "
+        print(f"{systems.LABELS[name]:24s} {row['median_ms']:9.2f} {base / row['median_ms']:6.2f}x {f['min_cos']:8.4f} "
               f"{f['median_cos']:10.5f} {100 * f['top1']:11.1f}% {f['two_images_cos']:12.3f}")
     print(f"\ncommand: python -m fxopt.bench.pretrained {' '.join(sys.argv[1:] if argv is None else argv)}")
     return 0

