@@ -23,7 +23,7 @@ from .quantize import quantize_rows_range
 from .simd import (A_DTYPES, AMX_ISAS, BLOCK_COLS, GEOMETRY, GROUP_BYTES, TAGS, is_portable, isa_geometry, tile_f32,
                    tile_f32_half, HALF_COLS, staged_f32, tile_s32)
 
-KERNEL_VERSION = "gemm-19"
+KERNEL_VERSION = "gemm-20"
 
 
 @njit(inline="always")
@@ -599,15 +599,16 @@ def _entries(tag):
     disk cache keys each closure on its tag. An entry quantizes float rows x, or with
     an empty x takes the quantized rows aq as they are; pass an aq of the ISA's
     A_DTYPES element type (an empty one with x) so that both branches share one
-    compiled body."""
+    compiled body. With x, ascale and azp of x's M rows receive the rows' scales and
+    zero points (a NaN scale: a row holding NaN or inf); empty ones, fresh arrays."""
     @njit(cache=CACHE)
     def serial(x, aq, ascale, azp, bp, kg, colsum, wscale, bias, res, ep, out, threads):
         if x.shape[1] == 0:
             _serial_jobs(tag, x, aq, ascale, azp, bp, kg, colsum, wscale, bias, res, ep, out)
         else:  # fresh rows, quantized by the worker
             m = x.shape[0]
-            _serial_jobs(tag, x, a_rows(tag, m, kg), np.empty(m, np.float32),
-                         np.empty(m, np.int32), bp, kg, colsum, wscale, bias, res, ep, out)
+            s, z = _row_params(ascale, azp, m)
+            _serial_jobs(tag, x, a_rows(tag, m, kg), s, z, bp, kg, colsum, wscale, bias, res, ep, out)
 
     @njit(cache=CACHE)  # the threads are launched by the parallel=True callees
     def parallel(x, aq, ascale, azp, bp, kg, colsum, wscale, bias, res, ep, out, threads):
@@ -616,10 +617,19 @@ def _entries(tag):
                            threads)
         else:  # fresh rows, quantized by the workers
             m = x.shape[0]
-            _parallel_jobs(tag, x, a_rows(tag, m, kg), np.empty(m, np.float32),
-                           np.empty(m, np.int32), bp, kg, colsum, wscale, bias, res, ep, out,
+            s, z = _row_params(ascale, azp, m)
+            _parallel_jobs(tag, x, a_rows(tag, m, kg), s, z, bp, kg, colsum, wscale, bias, res, ep, out,
                            threads)
     return serial, parallel
+
+
+@njit(inline="always")
+def _row_params(ascale, azp, m):
+    """The per-row scales and zero points float rows are quantized into: the caller's, if
+    sized for the m rows, else fresh."""
+    if ascale.shape[0] == m and azp.shape[0] == m:
+        return ascale, azp
+    return np.empty(m, np.float32), np.empty(m, np.int32)
 
 
 ENTRIES = {name: _entries(tag) for name, tag in TAGS.items()}

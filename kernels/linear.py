@@ -22,10 +22,11 @@ from .epilogue import ACTIVATIONS
 from .gemm import ENTRIES, a_stride
 from .dispatch import KernelError
 from .pack import PackedWeights, aligned_empty
-from .quantize import padded_k, quantize_rows_f32_u8, quantize_tensor_f32_u8
+from .finite import _nonfinite_sum
+from .quantize import padded_k, quantize_rows_f32_u8, quantize_tensor_f32_u8, quantize_tensor_into
 from .simd import A_DTYPES
 
-KERNEL_VERSION = "linear-3"
+KERNEL_VERSION = "linear-4"
 # below this many multiply-adds a thread launch costs more than it saves
 PARALLEL_MIN_MACS = 1 << 18
 
@@ -404,6 +405,28 @@ def bind_linear(pw, bias=None, act="none", act_args=(), a_scale=0.0, a_zero_poin
                 rows = per_row[m] = (np.full(m, scale, np.float32), np.full(m, zero_point, np.int32))
             s, z = rows
         return _run(_NO_X, _prepare_u8(q, pw), s, z, pw, b, ep, out, n_threads, res)
+    def screened(x, out=None, n_threads=None):
+        """call(x, out) on float32 (M, K) x, and whether x is finite, found by the pass
+        that quantizes it (no pass of its own): (y, 0.0), or (y, NaN) when a value of x
+        is NaN or +-inf (y's rows for those are then not to be used)."""
+        if type(x) is not np.ndarray or x.dtype is not _F32 or x.ndim != 2 or not x.flags.c_contiguous:
+            return call(x, out, None, n_threads), _nonfinite_sum(np.asarray(x, np.float32).reshape(-1))
+        m = x.shape[0]
+        if rows_in_workers:                 # the workers write each row's scale: NaN for a bad row
+            scales, zps = np.empty(m, np.float32), np.empty(m, np.int32)
+            if out is None or out.shape != (m, n) or out.dtype is not out_dt or not out.flags.c_contiguous:
+                out = np.empty((m, n), out_dt)
+            if x.shape[1] != k:
+                raise KernelError(f"bind_linear: x must be C-contiguous (M, {k}), got {x.shape}")
+            return _run(x, _NO_Q[current[0]], scales, zps, pw, b, ep, out, n_threads), _nonfinite_sum(scales)
+        if static:
+            if x.shape[1] != k:
+                raise KernelError(f"bind_linear: x must be C-contiguous (M, {k}), got {x.shape}")
+            q = np.empty((m, k), np.uint8)
+            bad = quantize_tensor_into(x, scale, zero_point, q)
+            return call(q, out, None, n_threads), bad
+        return call(x, out, None, n_threads), _nonfinite_sum(x.reshape(-1))
+    call.screened = screened
     if rows_in_workers:
         call.rows = rows_call(call, k, n, out_dt, n * k, PARALLEL_MIN_MACS, ENTRIES, _NO_Q,
                               (_NO_F, _NO_I, pw.data, pw.k_groups, pw.col_sums, pw.scales, b, _NO_X, ep))

@@ -24,7 +24,7 @@ from numba.extending import intrinsic
 from ._cache import CACHE  # package-wide cache locators, before any @njit(cache=CACHE)
 from .rowops import quantize_u8
 
-KERNEL_VERSION = "quantize-7"
+KERNEL_VERSION = "quantize-8"
 
 _F0 = np.float32(0.0)
 _F1 = np.float32(1.0)
@@ -77,6 +77,7 @@ def scale_zero_point(lo, hi):
 def quantize_row(x, i, inv, zp, q):
     """q[i, :K] = clip(rint(x[i] * inv) + zp, 0, 255); q[i, K:Kp] = zp, Kp = K rounded
     up to the k-group of 4 (q's columns past Kp are row padding the GEMM never reads).
+    Returns 0, or NaN when a value of the row is NaN or +-inf (rowops.quantize_u8).
 
     q is uint8, or uint16 (the AVX2 GEMM's A rows: the same values, widened)."""
     ui = np.uint64(i)
@@ -84,28 +85,34 @@ def quantize_row(x, i, inv, zp, q):
     qsize = q.itemsize
     if (x.strides[1] == 4 and x.strides[0] % 4 == 0 and q.strides[1] == qsize
             and q.strides[0] % qsize == 0):  # the vector intrinsic
-        quantize_u8(x, i * (x.strides[0] // 4), K, np.float32(inv), np.int32(zp), q,
-                    i * (q.strides[0] // qsize))
+        bad = quantize_u8(x, i * (x.strides[0] // 4), K, np.float32(inv), np.int32(zp), q,
+                          i * (q.strides[0] // qsize))
     else:
+        bad = _F0
         for k in range(K):
             uk = np.uint64(k)
-            v = np.rint(x[ui, uk] * inv) + zp
+            f = x[ui, uk]
+            bad += f - f
+            v = np.rint(f * inv) + zp
             v = v if v > _F0 else _F0
             v = v if v < _F255 else _F255
             q[ui, uk] = np.uint8(np.int32(v))
     for k in range(K, min(q.shape[1], (K + 3) & ~3)):
         q[ui, np.uint64(k)] = np.uint8(zp)
+    return np.float32(bad)
 
 
 @njit(cache=CACHE)
 def quantize_rows_range(x, q, scales, zps, start, stop):
-    """Dynamic per-row quantization of rows start..stop-1 of x into q, scales, zps."""
+    """Dynamic per-row quantization of rows start..stop-1 of x into q, scales, zps.
+    A row holding NaN or +-inf gets a NaN scale (its GEMM row is NaN, and a caller
+    can tell it from the scales: linear.bind_linear's screened call)."""
     for i in range(start, stop):
         lo, hi = row_range(x, i)
         s, zp = scale_zero_point(lo, hi)
-        scales[i] = s
         zps[i] = np.int32(zp)
-        quantize_row(x, i, _F1 / s, zp, q)
+        bad = quantize_row(x, i, _F1 / s, zp, q)
+        scales[i] = s if bad == _F0 else np.float32(np.nan)
 
 
 @njit(cache=CACHE)
@@ -116,11 +123,14 @@ def quantize_rows_into(x, q, scales, zps):
 
 @njit(cache=CACHE)
 def quantize_tensor_into(x, scale, zp, q):
-    """Static quantization of x (M, K) with one scale and zero point."""
+    """Static quantization of x (M, K) with one scale and zero point; returns 0, or
+    NaN when a value of x is NaN or +-inf."""
     inv = _F1 / np.float32(scale)
     z = np.float32(zp)
+    bad = _F0
     for i in range(x.shape[0]):
-        quantize_row(x, i, inv, z, q)
+        bad += quantize_row(x, i, inv, z, q)
+    return bad
 
 
 def padded_k(k):

@@ -2,7 +2,7 @@
 
     lo, hi = minmax_f32(x, off, n)          # min and max of x[off:off+n]
     mx = masked_max_f32(x, off, n, m, moff)  # max where the uint8 mask m is not 0
-    quantize_u8(x, off, n, inv, zp, q, qoff) # q[qoff:qoff+n] = uint8 of x[off:off+n]
+    f = quantize_u8(x, off, n, inv, zp, q, qoff) # q[qoff:qoff+n] = uint8 of x[off:off+n]; f: NaN if one is not finite
     absmax_cols(x, off, stride, rows, n, out)  # out[c] = max_r |x[off + r*stride + c]|
     prefetch(x, off)                         # cache hint for element off
     p = pointer(address, np.float32)         # an integer address as a typed pointer
@@ -22,7 +22,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-KERNEL_VERSION = "rowops-5"
+KERNEL_VERSION = "rowops-6"
 
 _LANES = 16
 _f32 = ir.FloatType()
@@ -165,12 +165,15 @@ def quantize_u8(typingctx, x, off, n, inv, zp, q, qoff):
     """q[qoff + j] = clip(rint(x[off + j] * inv) + zp, 0, 255) for j < n: float32 x,
     uint8 q (or uint16 q, the AVX2 GEMM's A rows: the same values, widened), both
     contiguous from their offsets; inv float32, zp an integer in [0, 255].
-    Exactly quantize.quantize_row's float formula (|x * inv| < 2**31)."""
+    Exactly quantize.quantize_row's float formula (|x * inv| < 2**31).
+    Returns the sum of x - x over the values (finite.py): 0, or NaN when one is NaN
+    or +-inf, so the pass that quantizes an input also screens it. A caller that
+    ignores it pays nothing: the sum is dead code once the intrinsic is inlined."""
     if not (isinstance(x, types.Array) and x.dtype == types.float32
             and isinstance(q, types.Array) and q.dtype in (types.uint8, types.uint16)):
         return None
     out_ty = ir.IntType(q.dtype.bitwidth)
-    sig = types.void(x, off, n, types.float32, types.int32, q, qoff)
+    sig = types.float32(x, off, n, types.float32, types.int32, q, qoff)
 
     def codegen(context, builder, sig, args):
         intp = context.get_value_type(types.intp)
@@ -182,20 +185,27 @@ def quantize_u8(typingctx, x, off, n, inv, zp, q, qoff):
         vb = ir.VectorType(out_ty, _LANES)
         lanes = (splat(builder, inv, _LANES), splat(builder, zp, _LANES),
                  ir.Constant(vi, [0] * _LANES), ir.Constant(vi, [255] * _LANES))
+        # x - x, summed: no fast-math flags, so LLVM keeps it (it is not 0 for NaN and inf)
+        acc = cgutils.alloca_once_value(builder, ir.Constant(_v16, None))
         nvec = builder.udiv(count, ir.Constant(intp, _LANES))
         with cgutils.for_range(builder, nvec) as loop:
             i = builder.mul(loop.index, ir.Constant(intp, _LANES))
             v = builder.load(builder.bitcast(builder.gep(src, [i]), _v16.as_pointer()), align=4)
+            builder.store(builder.fadd(builder.load(acc), builder.fsub(v, v)), acc)
             b = _emit_quantize(builder, v, *lanes, ("v16i32", "v16f32"), out_ty)
             builder.store(b, builder.bitcast(builder.gep(dst, [i]), vb.as_pointer()), align=1)
+        total = cgutils.alloca_once_value(
+            builder, _call(builder, "llvm.vector.reduce.fadd.v16f32", _f32, [ir.Constant(_f32, 0.0),
+                                                                             builder.load(acc)]))
         tail = builder.mul(nvec, ir.Constant(intp, _LANES))
         scalars = (inv, zp, ir.Constant(_i32, 0), ir.Constant(_i32, 255))
         with cgutils.for_range(builder, builder.sub(count, tail)) as loop:
             i = builder.add(tail, loop.index)
-            b = _emit_quantize(builder, builder.load(builder.gep(src, [i])), *scalars, ("i32", "f32"),
-                               out_ty)
+            v = builder.load(builder.gep(src, [i]))
+            builder.store(builder.fadd(builder.load(total), builder.fsub(v, v)), total)
+            b = _emit_quantize(builder, v, *scalars, ("i32", "f32"), out_ty)
             builder.store(b, builder.gep(dst, [i]))
-        return context.get_dummy_value()
+        return builder.load(total)
     return sig, codegen
 
 

@@ -610,3 +610,36 @@ def test_bind_linear_equals_the_unbound_entries(isa, monkeypatch, parallel, m, k
         K.bind_linear(pw, bias)(x, np.empty((m, n + 1), np.float32))
     with pytest.raises(K.KernelError, match="uint8 x needs the static a_scale"):
         K.bind_linear(pw, bias)(q_static)
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+@pytest.mark.parametrize("m, k, n", [(1, 64, 64), (7, 130, 70), (33, 128, 96)])
+def test_screened_call_tells_a_non_finite_input_from_its_quantization(isa, monkeypatch, parallel, m, k, n):
+    """bind_linear's screened call (the plan's entry screen fused into the first linear):
+    the plain call's result bit for bit and 0 for finite x; NaN for x holding a NaN or
+    +-inf anywhere (the first, a middle or the last value, in the vector body or the
+    tail of a row), with the other rows' results unchanged; for dynamic rows, static
+    rows and uint8 output alike."""
+    if parallel:
+        monkeypatch.setattr(L, "PARALLEL_MIN_MACS", 0)
+    rng = np.random.default_rng(m * 7 + k)
+    x = rng.standard_normal((m, k), dtype=np.float32)
+    bias = rng.standard_normal(n, dtype=np.float32)
+    pw = K.pack_weights_s8(*K.quantize_weights_s8(rng.standard_normal((n, k), dtype=np.float32)))
+    threads = 2 if parallel else 1
+    for kwargs in ({"act": "relu"}, {"a_scale": 0.03, "a_zero_point": 120}, {"out_scale": 0.05, "out_zero_point": 7}):
+        call = K.bind_linear(pw, bias, **kwargs)
+        want = call(x, None, None, threads)
+        got, bad = call.screened(x, None, threads)
+        assert bad == 0 and np.array_equal(got, want), kwargs
+        out = np.full_like(want, 3)
+        got, bad = call.screened(x, out, threads)
+        assert got is out and bad == 0 and np.array_equal(out, want), kwargs
+        for value in (np.nan, np.inf, -np.inf):
+            for row, col in ((0, 0), (m // 2, k // 2), (m - 1, k - 1)):
+                xb = x.copy()
+                xb[row, col] = value
+                got, bad = call.screened(xb, None, threads)
+                assert bad != bad, (kwargs, value, row, col)
+                others = np.arange(m) != row
+                assert np.array_equal(got[others], want[others]), (kwargs, value, row, col)

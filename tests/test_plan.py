@@ -115,20 +115,52 @@ def test_load_rebuilds_the_plan(tmp_path):
         fxopt.load(path, runtime="fast")
 
 
-def test_one_float_input_is_screened_inline_and_bad_samples_still_poisoned():
-    model = torch.nn.Sequential(torch.nn.Linear(16, 8)).eval()
-    fast = fxopt.optimize(model, (torch.randn(4, 16),), target="cpu-int8", latency_repeats=0)
-    graph = fxopt.optimize(model, (torch.randn(4, 16),), target="cpu-int8", latency_repeats=0, runtime="graph")
-    assert "_fx_finite_sum(" in plan_of(fast).source          # the finite sum, no screen call
-    x = torch.randn(4, 16)
-    x[1, 3], x[2, 0] = float("nan"), float("inf")
+class Scaled(torch.nn.Module):
+    """A float input whose first step is not a linear: its screen is a pass of its own."""
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(16, 8)
+
+    def forward(self, x):
+        return self.fc(x * 2.0)
+
+
+def _poisons_bad_samples(fast, graph, shape):
+    """NaN and inf in one value of a sample poison all of that sample's outputs (not only
+    its row: the screen's doing); the other samples equal the graph runtime's bit for bit."""
+    x = torch.randn(shape)
+    n = shape[0]
+    x[1].view(-1)[3], x[2].view(-1)[0], x[n - 1].view(-1)[-1] = float("nan"), float("inf"), float("-inf")
     with torch.no_grad():
         y, want = fast(x), graph(x)
-    assert torch.isnan(y[1]).all() and torch.isnan(y[2]).all()
-    assert torch.equal(y[[0, 3]], want[[0, 3]]) and torch.isnan(want[[1, 2]]).all()
-    clean = torch.randn(4, 16)
+    for bad in (1, 2, n - 1):
+        assert torch.isnan(y[bad]).all() and torch.isnan(want[bad]).all()
+    good = [0] + list(range(3, n - 1))
+    assert torch.equal(y[good], want[good])
+    clean = torch.randn(shape)
     with torch.no_grad():
-        assert torch.equal(fast(clean), graph(clean))
+        assert not torch.isnan(fast(clean)).any() and torch.equal(fast(clean), graph(clean))
+
+
+def test_one_float_input_is_screened_inline_and_bad_samples_still_poisoned():
+    model = Scaled().eval()
+    fast, graph = both_runtimes(model, (torch.randn(4, 3, 16),))
+    assert "_fx_finite_sum(" in plan_of(fast).source          # the finite sum, no screen call
+    _poisons_bad_samples(fast, graph, (4, 3, 16))
+
+
+@pytest.mark.parametrize("shape", [(4, 3, 16), (5, 16, 512)])    # 192 or 40960 values: apart, fused
+def test_first_linear_screens_its_input_while_quantizing_it(shape):
+    """A float input read first by an int8 linear is screened by the linear's own
+    quantization pass (no pass of its own over a large input)."""
+    from fxopt.runtime import kernel_ops
+    k = shape[-1]
+    model = torch.nn.Sequential(torch.nn.Linear(k, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8)).eval()
+    fast, graph = both_runtimes(model, (torch.randn(shape),))
+    source = plan_of(fast).source
+    assert "_fx_finite_sum(" not in source and ", _fx_f" in source, source
+    assert (torch.Size(shape).numel() >= kernel_ops.SCREEN_APART) == (k == 512)
+    _poisons_bad_samples(fast, graph, shape)
 
 
 def test_unknown_runtime_is_an_error():

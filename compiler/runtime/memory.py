@@ -43,12 +43,14 @@ def planned_buffers(gm) -> dict:
 
 
 def in_arena(call):
-    """A kernel step writing into its buffer j of the call's arena m (see Memory)."""
+    """A kernel step writing into its buffer j of the call's arena m (see Memory). A step
+    returning (output, flag), as a linear's screened call does, keeps the flag."""
     def step(m, j, *args):
-        y = call(*args, out=m.buffers[j])
+        got = call(*args, out=m.buffers[j])
         if m.shapes is not None:                 # the first call of these input shapes
+            y = got[0] if type(got) is tuple else got
             m.shapes[j] = (y.size // y.shape[-1] if y.shape[-1] else 0, y.shape[-1]), y.dtype
-        return y
+        return got
     step.__wrapped__ = call
     return step
 

@@ -24,6 +24,7 @@ import keyword
 import operator
 import statistics
 import time
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -275,6 +276,7 @@ class Plan:
             self.memory = Memory(list(planned.values()))
             self._globals["_fx_arena"] = self.memory.arena
             body.append(f"_fx_m = _fx_arena(({''.join(f'{v}.shape, ' for v in tensors)}))")
+        screen = None       # a screen of one float input, held back in case the next step fuses it
         for node in gm.graph.nodes:
             if node.op in ("placeholder", "output"):
                 continue
@@ -287,25 +289,41 @@ class Plan:
             if step is None:            # dropped check
                 body.append(f"{name} = None")
                 continue
+            # a linear that quantizes the screened input whole tells whether it is finite
+            fused = screen is not None and _reads_first(node, step, screen.node)
+            if screen is not None and not fused:
+                screen.emit(body, calls)
+                screen = None
             index, fn = len(self.steps), f"_fx_s{len(self.steps)}"
             self.steps.append(step)
-            self._globals[fn] = step.fn
+            call = step.fn.screened if fused else step.fn
             args = ([self._render(a, step.domain) for a in step.args]
                     + [f"{k}={self._render(v, step.domain)}" for k, v in step.kwargs.items()])
             if node in slots and step.domain == "np":     # its output goes in the arena
-                self._globals[fn] = step.fn = in_arena(step.fn)
+                call = step.fn = in_arena(call)
                 args = ["_fx_m", str(slots[node])] + args
+            self._globals[fn] = call
             self._home[node] = step.out_domain
-            calls[len(body)] = f"{name} = _fx_timed({index}, {', '.join([fn] + args)})"
-            if node.target is nonfinite.poison_samples_ and len(args) == 2:    # no call when all is finite
-                body.append(f"{name} = {args[0]} if {args[1]} is None else {fn}({', '.join(args)})")
-            elif step.fn is _np_nonfinite and _one_float(node.args[0]):
+            out = f"{name}, _fx_f{index}" if fused else name
+            timed = f"{out} = _fx_timed({index}, {', '.join([fn] + args)})"
+            if step.fn is _np_nonfinite and _one_float(node.args[0]):
                 # one float input: its finite sum inline (0 when every value is finite), the
-                # per-sample screen only when it is not
+                # per-sample screen only when it is not; held back one step (see fused)
                 x = self._render(node.args[0][0], "np")
-                body.append(f"{name} = None if _fx_finite_sum({x}.reshape(-1)) == 0 else {fn}({', '.join(args)})")
+                screen = _Screen(node.args[0][0], f"{name} = None if {{}} else {fn}({', '.join(args)})",
+                                 f"_fx_finite_sum({x}.reshape(-1)) == 0", timed)
+                continue
+            calls[len(body)] = timed
+            if fused:
+                body.append(f"{out} = {fn}({', '.join(args)})")
+                screen.emit(body, calls, f"_fx_f{index} == 0")
+                screen = None
+            elif node.target is nonfinite.poison_samples_ and len(args) == 2:    # no call when all is finite
+                body.append(f"{name} = {args[0]} if {args[1]} is None else {fn}({', '.join(args)})")
             else:
                 body.append(f"{name} = {fn}({', '.join(args)})")
+        if screen is not None:
+            screen.emit(body, calls)
         output = next(n for n in gm.graph.nodes if n.op == "output")
         body.append(f"return {self._output(output.args[0], info)}")
         return params, body, calls
@@ -434,8 +452,32 @@ class Plan:
         return Profile(self, per_step, outputs, statistics.median_high(calls), statistics.median_high(plain))
 
 
+class _Screen(NamedTuple):
+    """A plan line screening one float input: `line` with its test (`finite`, the input's
+    finite sum, unless a fused linear gives it) and, for profiles, the step timed."""
+    node: fx.Node
+    line: str
+    finite: str
+    timed: str
+
+    def emit(self, body: list, calls: dict, finite: str | None = None):
+        if finite is None:              # the screen's own pass: timed as its step
+            calls[len(body)] = self.timed
+        body.append(self.line.format(finite or self.finite))
+
+
+def _reads_first(node: fx.Node, step: Step, screened: fx.Node) -> bool:
+    """Whether `step` is a dense int8 linear whose only activation is `screened` (quantized
+    whole by its kernel, which then tells whether it was finite: bind_linear's screened)."""
+    return (node.target is kernel_ops.linear_int8 and step.domain == "np" and len(step.args) == 1
+            and step.args[0] is screened and not step.kwargs and hasattr(step.fn, "screened"))
+
+
 def _shape_of(value):
     """(shape, dtype) of a step's output as the profile shows it."""
+    if isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], np.ndarray) \
+            and not isinstance(value[1], np.ndarray):        # a linear's (output, screen result)
+        value = value[0]
     if isinstance(value, (torch.Tensor, np.ndarray)):
         return list(value.shape), str(value.dtype).removeprefix("torch.")
     if isinstance(value, (list, tuple)) and value and isinstance(value[0], (torch.Tensor, np.ndarray)):
