@@ -44,10 +44,10 @@ import llvmlite.ir as ir
 import numpy as np
 from numba import njit, prange, types
 from numba.core import cgutils
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
 from ._cache import CACHE  # package-wide cache locators, before any @njit(cache=CACHE)
-from . import dispatch as _dispatch
+from . import amx, dispatch as _dispatch
 from .dispatch import KernelError
 from .epilogue import EP_ACT, EP_P0, EP_P1, EP_RES_FIRST, add_residual_rows, apply_activation
 from .gemm import _COUNTER_STRIDE, _count_add, _is_float32, _staged, _starts
@@ -55,11 +55,11 @@ from .linear import (_bias, bound_constants, call_arrays, epilogue_params, get_n
                      rows_call)
 from .quantize import quantize_rows_into, quantize_tensor_into
 from .rowops import IntrinsicArgs, borrowed, call_llvm
-from .simd import BLOCK_COLS, GEOMETRY, TAGS, is_portable, isa_geometry, staged_f32
+from .simd import AMX_ISAS, BLOCK_COLS, GEOMETRY, TAGS, is_portable, isa_geometry, staged_f32
 from .sparse_pack import (HIGH, SLICE, SLOTS, STEP, WINDOW, PackedSparse, density, pack_sparse_s8,  # noqa: F401
                           unpack_sparse_s8)
 
-KERNEL_VERSION = "sparse-4"
+KERNEL_VERSION = "sparse-5"
 ROWS = 4            # activation rows a job computes at once (they share the weight loads)
 
 _i8, _i16, _i32 = ir.IntType(8), ir.IntType(16), ir.IntType(32)
@@ -173,16 +173,20 @@ def _staged_regs(tag, mr, t, t_off, colsum, wscale, bias, n0, ascale, azp, m0, o
 
 
 @njit(inline="always")
-def _epilogue(tag, mr, m0, n0, ncols, colsum, ascale, azp, wscale, bias, res, ep, out, t, y):
+def _epilogue(tag, mr, m0, n0, ncols, colsum, ascale, azp, wscale, bias, res, ep, out, t, y, amx_m):
     """The int32 tile t (mr rows of 64) into out's rows m0.. and columns n0..n0+ncols, each
     column by the code the dense kernel (gemm._job_into) gives it: its whole ISA tiles in
-    registers (the staged form of tile_f32), the rest and the portable path staged.
-    Two cases differ from the dense kernel by at most an ulp (a fused multiply-add against
-    a multiply and an add), both on AVX-512 machines only: a block's 32-column half tile
-    (simd.HALF_COLS), staged here, and AMX blocks (M >= amx.MIN_ROWS), staged there."""
+    registers (the staged form of tile_f32), the rest and the portable path staged; rows
+    the dense kernel runs in AMX blocks (below amx_m, _dense_amx_rows) staged where its
+    AMX epilogue stages them (a column block under 64 wide, a block's last rows under 4).
+    One case differs from the dense kernel by at most an ulp (a fused multiply-add against
+    a multiply and an add), on AVX-512 machines only: a block's 32-column half tile
+    (simd.HALF_COLS), staged here."""
     fast = bias.shape[0] > 0 and not is_portable(tag) and _is_float32(out)
     tc = isa_geometry(tag)[1]
     width = ncols - ncols % tc if fast else 0
+    if m0 < amx_m and (ncols < BLOCK_COLS or m0 >= amx_m - amx_m % ROWS):
+        width = 0
     act = np.int32(ep[EP_ACT])
     in_regs = act <= 3
     first = ep[EP_RES_FIRST] != 0
@@ -204,17 +208,18 @@ def _epilogue(tag, mr, m0, n0, ncols, colsum, ascale, azp, wscale, bias, res, ep
 
 @njit(inline="always")
 def _rows(tag, mr, m0, s0, s1, n0, ncols, a, slice_ptr, starts, idx, val, offsets, colsum, ascale, azp, wscale,
-          bias, res, ep, out, t, y):
+          bias, res, ep, out, t, y, amx_m):
     """Rows m0..m0+mr-1 (mr a literal: no branch on it left, which at M=1 saved 4.5 us a
     1024-column call) of slices s0..s1-1 (output columns n0..n0+ncols-1)."""
     for s in range(s0, s1):
         _slice(tag, mr, a, m0, starts, idx, val, slice_ptr[s], slice_ptr[s + 1], offsets, s * SLICE, t,
                (s - s0) * SLICE)
-    _epilogue(tag, mr, m0, n0, ncols, colsum, ascale, azp, wscale, bias, res, ep, out, t, y)
+    _epilogue(tag, mr, m0, n0, ncols, colsum, ascale, azp, wscale, bias, res, ep, out, t, y, amx_m)
 
 
 @njit(inline="always")
-def _block(tag, nb, a, slice_ptr, starts, idx, val, offsets, colsum, ascale, azp, wscale, bias, res, ep, out, t, y):
+def _block(tag, nb, a, slice_ptr, starts, idx, val, offsets, colsum, ascale, azp, wscale, bias, res, ep, out, t, y,
+           amx_m):
     """Output columns of block nb (8 slices) for every row of a, ROWS rows at a time."""
     m, n = a.shape[0], out.shape[1]
     n0 = nb * BLOCK_COLS
@@ -223,17 +228,17 @@ def _block(tag, nb, a, slice_ptr, starts, idx, val, offsets, colsum, ascale, azp
     s1 = min(slice_ptr.shape[0] - 1, s0 + BLOCK_COLS // SLICE)
     for m0 in range(0, m - ROWS + 1, ROWS):
         _rows(tag, 4, m0, s0, s1, n0, ncols, a, slice_ptr, starts, idx, val, offsets, colsum, ascale, azp, wscale,
-              bias, res, ep, out, t, y)
+              bias, res, ep, out, t, y, amx_m)
     m0 = m - m % ROWS
     if m % ROWS == 3:
         _rows(tag, 3, m0, s0, s1, n0, ncols, a, slice_ptr, starts, idx, val, offsets, colsum, ascale, azp, wscale,
-              bias, res, ep, out, t, y)
+              bias, res, ep, out, t, y, amx_m)
     elif m % ROWS == 2:
         _rows(tag, 2, m0, s0, s1, n0, ncols, a, slice_ptr, starts, idx, val, offsets, colsum, ascale, azp, wscale,
-              bias, res, ep, out, t, y)
+              bias, res, ep, out, t, y, amx_m)
     elif m % ROWS == 1:
         _rows(tag, 1, m0, s0, s1, n0, ncols, a, slice_ptr, starts, idx, val, offsets, colsum, ascale, azp, wscale,
-              bias, res, ep, out, t, y)
+              bias, res, ep, out, t, y, amx_m)
 
 
 @njit
@@ -267,7 +272,7 @@ def _quantized(tag, x, aq, a_scale, a_zp):
 
 @njit
 def _worker(tag, w, threads, nxt, nblocks, a, slice_ptr, starts, idx, val, offsets, colsum, ascale, azp, wscale, bias,
-            res, ep, out, t, y):
+            res, ep, out, t, y, amx_m):
     """Worker w's share of the column blocks (the same blocks call after call, so their
     weights stay in its core's L2), then what is left of the others' (taken from the same
     atomic counters, as gemm._worker does): a worker the OS delays holds up nobody.
@@ -288,7 +293,27 @@ def _worker(tag, w, threads, nxt, nblocks, a, slice_ptr, starts, idx, val, offse
             nb = _count_add(nxt, owner * _COUNTER_STRIDE, 1)
             if nb >= hi:
                 break
-            _block(tag, nb, a, slice_ptr, starts, idx, val, offsets, colsum, ascale, azp, wscale, bias, res, ep, out, t, y)
+            _block(tag, nb, a, slice_ptr, starts, idx, val, offsets, colsum, ascale, azp, wscale, bias, res, ep, out, t,
+                   y, amx_m)
+
+
+def _dense_amx_rows(tag, m, k):
+    raise NotImplementedError  # compiled through the overload below
+
+
+@overload(_dense_amx_rows, inline="always")
+def _dense_amx_rows_impl(tag, m, k):
+    """The rows of an (m, k) product the dense kernel runs in AMX blocks (gemm._amx_rows),
+    whose epilogue the sparse one follows: all of them under amx.ROWS rows, else the
+    whole blocks of amx.ROWS; 0 off AMX, or where K is not whole tiles, or under MIN_ROWS."""
+    if tag.isa not in AMX_ISAS:
+        return lambda tag, m, k: 0
+
+    def impl(tag, m, k):
+        if not amx.suits(m, (k + 3) // 4):
+            return 0
+        return m if m < amx.ROWS else m - m % amx.ROWS
+    return impl
 
 
 def _entries(tag):
@@ -299,17 +324,18 @@ def _entries(tag):
         nblocks = (out.shape[1] + BLOCK_COLS - 1) // BLOCK_COLS
         t, y = np.empty(ROWS * BLOCK_COLS, np.int32), np.empty((1, BLOCK_COLS), np.float32)
         _worker(tag, 0, 1, _starts(nblocks, 1), nblocks, a, slice_ptr, starts, idx, val, offsets, colsum, ascale, azp,
-                wscale, bias, res, ep, out, t, y)
+                wscale, bias, res, ep, out, t, y, _dense_amx_rows(tag, out.shape[0], max(x.shape[1], aq.shape[1])))
 
     @njit(cache=CACHE, parallel=True)
     def parallel(x, aq, a_scale, a_zp, slice_ptr, starts, idx, val, offsets, colsum, wscale, bias, res, ep, out, threads):
         a, ascale, azp = _quantized(tag, x, aq, a_scale, a_zp)
         nblocks = (out.shape[1] + BLOCK_COLS - 1) // BLOCK_COLS
         nxt = _starts(nblocks, threads)
+        amx_m = _dense_amx_rows(tag, out.shape[0], max(x.shape[1], aq.shape[1]))
         for w in prange(threads):
             t, y = np.empty(ROWS * BLOCK_COLS, np.int32), np.empty((1, BLOCK_COLS), np.float32)
             _worker(tag, w, threads, nxt, nblocks, a, slice_ptr, starts, idx, val, offsets, colsum, ascale, azp, wscale,
-                    bias, res, ep, out, t, y)
+                    bias, res, ep, out, t, y, amx_m)
     return serial, parallel
 
 

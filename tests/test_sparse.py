@@ -21,6 +21,10 @@ from fxopt.runtime import kernel_ops
 from fxopt.runtime.kernel_args import check_lowered
 
 ISAS = [isa for isa in ("avx2", "portable") if isa in K.available_isas()]
+# the dense kernel's AMX blocks (K whole tiles of 64, at least 4 rows) stage a block's last
+# rows under 4 and column blocks under 64 wide; the sparse epilogue follows it there. Column
+# tails under 32: a tail of 32 to 63 is the AVX-512 half tile, within an ulp (sparse._epilogue)
+AMX_SHAPES = [(7, 130, 128, 0.2), (4, 64, 192, 0.3), (37, 90, 64, 0.3), (64, 200, 128, 0.1)]
 
 # (M, N, K, density): M not a multiple of the 4-row groups, K not a multiple of 4 or of the
 # 16-k chunk, N with a column tail, very sparse and fully dense
@@ -79,6 +83,24 @@ def test_linear_equals_the_dense_kernel_bit_for_bit(isa, m, n, k, density, act):
     # numpy's float64 epilogue on the same int32 sums: float32 rounding apart
     np.testing.assert_allclose(K.linear_sparse_f32(x, ps, b, act=act), R.linear_f32(x, q, s, b, act),
                                rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif("amx_int8" not in K.available_isas(), reason="needs AMX-INT8 (and the OS's leave)")
+@pytest.mark.parametrize("m,n,k,density", AMX_SHAPES)
+@pytest.mark.parametrize("act", ["relu", "gelu"])
+def test_linear_equals_the_dense_amx_kernel_bit_for_bit(m, n, k, density, act):
+    rng = np.random.default_rng(m + n + k)
+    q, s = sparse_weights(rng, n, k, density)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    b = rng.standard_normal(n).astype(np.float32)
+    res = rng.standard_normal((m, n)).astype(np.float32)
+    with K.use_isa("amx_int8"):
+        pw, ps = K.pack_weights_s8(q, s), K.pack_sparse_s8(q, s)
+        for threads in (1, 2):
+            np.testing.assert_array_equal(K.linear_sparse_f32(x, ps, b, act=act, n_threads=threads),
+                                          K.linear_f32(x, pw, b, act=act, n_threads=threads))
+            np.testing.assert_array_equal(K.linear_sparse_f32(x, ps, None, act=act, residual=res, n_threads=threads),
+                                          K.linear_f32(x, pw, None, act=act, residual=res, n_threads=threads))
 
 
 def test_threads_split_the_work_with_the_same_result():
