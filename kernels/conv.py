@@ -22,7 +22,7 @@ from .pack import pack_weights_s8, quantize_weights_s8
 from .quantize import padded_k, scale_zero_point
 from .rowops import minmax_f32, quantize_u8
 
-KERNEL_VERSION = "conv-13"
+KERNEL_VERSION = "conv-14"
 _NO_X = np.empty((0, 0), np.float32)
 _F0, _F1, _F255 = np.float32(0.0), np.float32(1.0), np.float32(255.0)
 # blocks of quantize_chw_rows (pixels, channels) and of rows_to_chw (square), in L1
@@ -337,10 +337,11 @@ def _depthwise(x, nhwc, pc, geo, bias, ep, oh, ow, a_scale, a_zp):
     return out
 
 
-def _conv_batched(x, nhwc, pc, geo, bias, ep, n_threads, oh, ow, a_scale, a_zp, res=_NO_X):
+def _conv_batched(x, nhwc, pc, geo, bias, ep, n_threads, oh, ow, a_scale, a_zp, res=_NO_X, static_rows=None):
     """All images of a batch in one GEMM (M = N*OH*OW): small late-stage images (7x7)
     would starve the GEMM one by one. Each image keeps its own scale and zero point
-    through the GEMM's per-row quantization parameters. Returns (N, OH, OW, O)."""
+    through the GEMM's per-row quantization parameters. Returns (N, OH, OW, O).
+    static_rows: the rows' (scales, zero points) of a static scale, made once by the caller."""
     n, rows = x.shape[0], oh * ow
     cg = pc.in_channels
     kp = padded_k(cg * pc.kh * pc.kw)
@@ -351,8 +352,7 @@ def _conv_batched(x, nhwc, pc, geo, bias, ep, n_threads, oh, ow, a_scale, a_zp, 
     if not direct:
         h, w = x.shape[1:3] if nhwc else x.shape[2:]
         im2col_batch_u8(xq.reshape(n, h, w, cg), cg, pc.kh, pc.kw, *geo, zps, cols)
-    rows_s = np.repeat(scales, rows)
-    rows_z = np.repeat(zps, rows)
+    rows_s, rows_z = static_rows if static_rows is not None else (np.repeat(scales, rows), np.repeat(zps, rows))
     out = np.empty((n * rows, pc.out_channels), np.float32)
     _run(_NO_X, cols, rows_s, rows_z, pc.parts[0], _bias(bias if bias.size else None, pc.out_channels),
          ep, out, n_threads, res)
@@ -384,6 +384,50 @@ def _gemm_groups(xq, pc, geo, s, z, bias, ep, n_threads, oh, ow):
              n_threads)
         out[:, g * og:(g + 1) * og] = part
     return out
+
+
+def bind_conv2d(pc, bias=None, stride=1, padding=0, dilation=1, act="none", act_args=(), a_scale=0.0,
+                a_zero_point=0):
+    """conv2d_f32 on NHWC images with all but the input bound once, for a runtime that calls
+    the layer many times: call(x, residual=None, n_threads=None) -> (N, OH, OW, O) float32,
+    the result of conv2d_f32(x, pc, ..., layout="NHWC") bit for bit. Per call it only
+    quantizes, lays out and multiplies; the checks, epilogue constants and (for a static
+    scale) the GEMM rows' scales are made once, per input size for the last.
+
+        >>> call = bind_conv2d(pc, bias, stride=2, padding=1, act="relu", a_scale=0.02, a_zero_point=128)
+        >>> y = call(x_nhwc)
+    """
+    if a_scale > 0 and not 0 <= a_zero_point <= 255:
+        raise KernelError(f"a_zero_point must be in [0, 255], got {a_zero_point}")
+    (sh, sw), (ph, pw), (dh, dw) = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
+    geo = (sh, sw, ph, pw, dh, dw)
+    b = np.zeros(pc.out_channels, np.float32) if bias is None else _bias(bias, pc.out_channels)
+    eps = {first: epilogue_params(act, tuple(act_args), residual_first=first) for first in (False, True)}
+    static = a_scale > 0
+    sizes = {}       # (N, H, W) -> (OH, OW, the GEMM rows' static scales and zero points or None)
+    dense = pc.dw_q is None and pc.groups == 1
+
+    def call(x, residual=None, n_threads=None):
+        if (not dense or type(x) is not np.ndarray or x.dtype != np.float32 or x.ndim != 4
+                or x.shape[3] != pc.in_channels or not x.flags.c_contiguous):
+            return conv2d_f32(x, pc, bias, stride, padding, dilation, act, act_args, "NHWC", n_threads, a_scale,
+                              a_zero_point, residual)
+        size = sizes.get(x.shape[:3])
+        if size is None:
+            n, h, w = x.shape[:3]
+            oh, ow = (h + 2 * ph - dh * (pc.kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (pc.kw - 1) - 1) // sw + 1
+            if oh <= 0 or ow <= 0:          # conv2d_f32 names the problem
+                return conv2d_f32(x, pc, bias, stride, padding, dilation, act, act_args, "NHWC", n_threads,
+                                  a_scale, a_zero_point, residual)
+            rows = (np.full(n * oh * ow, a_scale, np.float32), np.full(n * oh * ow, a_zero_point, np.int32))
+            if len(sizes) > 64:            # many input sizes: keep the table small
+                sizes.clear()
+            size = sizes[x.shape[:3]] = (oh, ow, rows if static else None)
+        oh, ow, rows = size
+        res = _NO_X if residual is None else _residual_rows(residual, pc, x.shape[0], oh, ow, True)
+        return _conv_batched(x, True, pc, geo, b, eps[residual is not None], n_threads, oh, ow, a_scale,
+                             a_zero_point, res, rows)
+    return call
 
 
 def conv2d_f32(x, pc, bias=None, stride=1, padding=0, dilation=1, act="none",

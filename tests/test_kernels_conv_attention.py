@@ -102,6 +102,33 @@ def test_conv2d_static_scale_matches_quantized_reference(isa, layout, k, c, h):
     np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
 
 
+@pytest.mark.parametrize("static", [False, True])
+@pytest.mark.parametrize("groups", [1, 2, 8])     # dense, grouped, depthwise (the last two: conv2d_f32 itself)
+def test_bound_conv_equals_conv2d_f32_bit_for_bit(static, groups):
+    """bind_conv2d (the runtime's per-layer conv): conv2d_f32's NHWC result bit for bit,
+    with and without a residual, at two input sizes and a batch; its errors are conv2d_f32's."""
+    rng = np.random.default_rng(groups + 10 * static)
+    w = rng.standard_normal((8, 8 // groups, 3, 3)).astype(np.float32)
+    b = rng.standard_normal(8).astype(np.float32)
+    pc = K.pack_conv_weights_s8(w, groups=groups)
+    q = {"a_scale": 0.03, "a_zero_point": 110} if static else {}
+    call = K.bind_conv2d(pc, b, stride=(2, 1), padding=1, act="relu", **q)
+    for shape in ((1, 9, 7, 8), (3, 12, 12, 8), (1, 9, 7, 8)):
+        x = rng.standard_normal(shape).astype(np.float32)
+        want = K.conv2d_f32(x, pc, b, (2, 1), 1, act="relu", layout="NHWC", **q)
+        assert np.array_equal(call(x), want)
+        if groups == 1:
+            r = rng.standard_normal(want.shape).astype(np.float32)
+            want = K.conv2d_f32(x, pc, b, (2, 1), 1, act="relu", layout="NHWC", residual=r, **q)
+            assert np.array_equal(call(x, r, 2), want)
+    with pytest.raises(K.KernelError, match="channels"):
+        call(np.ones((1, 8, 8, 5), np.float32))
+    with pytest.raises(K.KernelError, match="larger"):
+        K.bind_conv2d(pc, b, padding=0)(np.ones((1, 2, 2, 8), np.float32))
+    with pytest.raises(K.KernelError, match="a_zero_point"):
+        K.bind_conv2d(pc, b, a_scale=0.1, a_zero_point=300)
+
+
 def test_conv2d_residual_errors():
     x = np.ones((1, 4, 6, 6), np.float32)
     grouped = K.pack_conv_weights_s8(np.ones((4, 2, 3, 3), np.float32), groups=2)

@@ -137,7 +137,14 @@ def _packed_conv(packed, w_scale, col_sums, b, geometry, stride, padding, dilati
 
 def _conv2d_int8(x, packed, w_scale, col_sums, b, geometry, stride, padding, dilation, act, act_args,
                  a_scale, a_zp, residual=None):
-    pc, bias = _packed_conv(packed, w_scale, col_sums, b, geometry, stride, padding, dilation)
+    key = (tuple(stride), tuple(padding), tuple(dilation), act, tuple(act_args), a_scale, a_zp)
+    calls = getattr(packed, "_fxopt_calls", None)
+    if calls is None:
+        calls = packed._fxopt_calls = _Calls()
+    conv = calls.get(key)
+    if conv is None:      # the layer's conv, bound once (K.bind_conv2d)
+        pc, bias = _packed_conv(packed, w_scale, col_sums, b, geometry, stride, padding, dilation)
+        conv = calls[key] = K.bind_conv2d(pc, bias, *key[:3], act, key[4], a_scale, a_zp)
     saturation.count(packed, x, a_scale, a_zp)
     x = x if x.dtype == torch.float32 else x.float()
     # Work in NHWC, the layout im2col reads, and hand back a channels_last tensor (logical
@@ -149,10 +156,7 @@ def _conv2d_int8(x, packed, w_scale, col_sums, b, geometry, stride, padding, dil
     if residual is not None:
         r = residual.permute(0, 2, 3, 1)
         res = (r if r.is_contiguous() and r.dtype == torch.float32 else r.float().contiguous()).detach().numpy()
-    y = K.conv2d_f32(xn, pc, bias, tuple(stride), tuple(padding), tuple(dilation), act, tuple(act_args),
-                     layout="NHWC", n_threads=torch.get_num_threads(), a_scale=a_scale, a_zero_point=a_zp,
-                     residual=res)
-    return torch.from_numpy(y).permute(0, 3, 1, 2)
+    return torch.from_numpy(conv(xn, res, torch.get_num_threads())).permute(0, 3, 1, 2)
 
 
 def pack_linear(w_q: torch.Tensor, w_scale: torch.Tensor) -> dict:
