@@ -277,9 +277,14 @@ class Plan:
             self._globals["_fx_arena"] = self.memory.arena
             body.append(f"_fx_m = _fx_arena(({''.join(f'{v}.shape, ' for v in tensors)}))")
         screen = None       # a screen of one float input, held back in case the next step fuses it
+        dead, pending = _last_uses(gm.graph), ()
         for node in gm.graph.nodes:
             if node.op in ("placeholder", "output"):
                 continue
+            # values whose last use was the step before are let go: the allocator hands their
+            # memory, still in cache, to the next outputs (as torch.fx's own forward does)
+            self._free(pending, body)
+            pending = dead.get(node, ())
             name = self._names[node] = f"_fx_v{len(self._names)}"
             self._home[node] = "torch"
             if node.op == "get_attr":
@@ -327,6 +332,12 @@ class Plan:
         output = next(n for n in gm.graph.nodes if n.op == "output")
         body.append(f"return {self._output(output.args[0], info)}")
         return params, body, calls
+
+    def _free(self, nodes, body: list) -> None:
+        """A line dropping the plan's names for `nodes` (and their conversions)."""
+        names = [self._names[n] for n in nodes] + [v for (n, _), v in self._converted.items() if n in nodes]
+        if names:
+            body.append(" = ".join(names) + " = None")
 
     def _in(self, node: fx.Node, domain: str) -> str:
         """The name of node's value in `domain` ('torch' or 'np'), converting it (once, in
@@ -432,7 +443,8 @@ class Plan:
             start = clock()
             out = _f(*a, **k)
             steps[_i] += clock() - start
-            shapes[_i] = out
+            if shapes[_i] is None:     # its description, not the output: the plan lets outputs go
+                shapes[_i] = _shape_of(out)
             return out
         self._globals["_fx_timed"] = timed
         calls, plain = [], []
@@ -446,10 +458,22 @@ class Plan:
             start = clock()
             self(*args, **kwargs)
             plain.append(clock() - start)
-        self._globals["_fx_timed"] = None          # let go of the outputs it holds
+        self._globals["_fx_timed"] = None
         per_step = [statistics.median_high([run[i] for run in runs]) for i in range(len(self.steps))]
-        outputs = [_shape_of(out) for out in shapes]
+        outputs = [("", "") if out is None else out for out in shapes]
         return Profile(self, per_step, outputs, statistics.median_high(calls), statistics.median_high(plain))
+
+
+def _last_uses(graph: fx.Graph) -> dict:
+    """{node: the values (not inputs, weights or outputs) whose last use is node}."""
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    dead: dict = {}
+    for n in graph.nodes:
+        if n.op in ("placeholder", "get_attr", "output") or not n.users \
+                or any(u.op == "output" for u in n.users):
+            continue
+        dead.setdefault(max(n.users, key=order.__getitem__), []).append(n)
+    return dead
 
 
 class _Screen(NamedTuple):
