@@ -405,6 +405,7 @@ def bind_linear(pw, bias=None, act="none", act_args=(), a_scale=0.0, a_zero_poin
                 rows = per_row[m] = (np.full(m, scale, np.float32), np.full(m, zero_point, np.int32))
             s, z = rows
         return _run(_NO_X, _prepare_u8(q, pw), s, z, pw, b, ep, out, n_threads, res)
+
     def screened(x, out=None, n_threads=None):
         """call(x, out) on float32 (M, K) x, and whether x is finite, found by the pass
         that quantizes it (no pass of its own): (y, 0.0), or (y, NaN) when a value of x
