@@ -137,26 +137,37 @@ def _packed_conv(packed, w_scale, col_sums, b, geometry, stride, padding, dilati
 
 def _conv2d_int8(x, packed, w_scale, col_sums, b, geometry, stride, padding, dilation, act, act_args,
                  a_scale, a_zp, residual=None):
+    return conv_call(packed, w_scale, col_sums, b, geometry, stride, padding, dilation, act, act_args, a_scale,
+                     a_zp)(x, residual)
+
+
+def conv_call(packed, w_scale, col_sums, b, geometry, stride, padding, dilation, act, act_args, a_scale, a_zp):
+    """conv2d_int8 for one layer: call(x, residual=None) -> a channels_last tensor, the layer's
+    conv bound once (K.bind_conv2d) and kept on the packed tensor; the execution plan binds it
+    when it is built and calls it with the activations only."""
     key = (tuple(stride), tuple(padding), tuple(dilation), act, tuple(act_args), a_scale, a_zp)
-    calls = getattr(packed, "_fxopt_calls", None)
-    if calls is None:
-        calls = packed._fxopt_calls = _Calls()
-    conv = calls.get(key)
-    if conv is None:      # the layer's conv, bound once (K.bind_conv2d)
-        pc, bias = _packed_conv(packed, w_scale, col_sums, b, geometry, stride, padding, dilation)
-        conv = calls[key] = K.bind_conv2d(pc, bias, *key[:3], act, key[4], a_scale, a_zp)
-    saturation.count(packed, x, a_scale, a_zp)
-    x = x if x.dtype == torch.float32 else x.float()
-    # Work in NHWC, the layout im2col reads, and hand back a channels_last tensor (logical
-    # NCHW, NHWC in memory): the next conv reads it without a copy, and torch's
-    # elementwise ops and pools keep the format.
-    nhwc = x.permute(0, 2, 3, 1)
-    xn = (nhwc if nhwc.is_contiguous() else nhwc.contiguous()).detach().numpy()
-    res = None
-    if residual is not None:
-        r = residual.permute(0, 2, 3, 1)
-        res = (r if r.is_contiguous() and r.dtype == torch.float32 else r.float().contiguous()).detach().numpy()
-    return torch.from_numpy(conv(xn, res, torch.get_num_threads())).permute(0, 3, 1, 2)
+    return _bound(packed, key, lambda: _bind_conv(packed, w_scale, col_sums, b, geometry, key, a_scale, a_zp))
+
+
+def _bind_conv(packed, w_scale, col_sums, b, geometry, key, a_scale, a_zp):
+    stride, padding, dilation, act, act_args = key[:5]
+    pc, bias = _packed_conv(packed, w_scale, col_sums, b, geometry, stride, padding, dilation)
+    conv = K.bind_conv2d(pc, bias, stride, padding, dilation, act, act_args, a_scale, a_zp)
+
+    def call(x, residual=None):
+        saturation.count(packed, x, a_scale, a_zp)
+        x = x if x.dtype == torch.float32 else x.float()
+        # Work in NHWC, the layout im2col reads, and hand back a channels_last tensor (logical
+        # NCHW, NHWC in memory): the next conv reads it without a copy, and torch's
+        # elementwise ops and pools keep the format.
+        nhwc = x.permute(0, 2, 3, 1)
+        xn = (nhwc if nhwc.is_contiguous() else nhwc.contiguous()).detach().numpy()
+        res = None
+        if residual is not None:
+            r = residual.permute(0, 2, 3, 1)
+            res = (r if r.is_contiguous() and r.dtype == torch.float32 else r.float().contiguous()).detach().numpy()
+        return torch.from_numpy(conv(xn, res, torch.get_num_threads())).permute(0, 3, 1, 2)
+    return call
 
 
 def pack_linear(w_q: torch.Tensor, w_scale: torch.Tensor) -> dict:
@@ -316,13 +327,18 @@ def linear_np_call(packed, w_scale, col_sums, b, n, k, act, act_args, a_scale, a
     the residual float32 (..., N). Built once per layer and epilogue and kept on the packed
     tensor; the execution plan calls it directly."""
     key = (act, tuple(act_args), a_scale, a_zp, out_scale, out_zp, id(b))
+    return _bound(packed, key, lambda: _bind_linear(packed, w_scale, col_sums, b, n, k, act, act_args, a_scale,
+                                                    a_zp, out_scale, out_zp, sparse, int4, bf16))
+
+
+def _bound(packed, key, bind):
+    """The layer's call for `key`, made by bind() once and kept on its packed tensor."""
     calls = getattr(packed, "_fxopt_calls", None)
     if calls is None:
         calls = packed._fxopt_calls = _Calls()
     call = calls.get(key)
     if call is None:
-        call = calls[key] = _bind_linear(packed, w_scale, col_sums, b, n, k, act, act_args, a_scale, a_zp,
-                                         out_scale, out_zp, sparse, int4, bf16)
+        call = calls[key] = bind()
     return call
 
 

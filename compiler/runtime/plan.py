@@ -560,9 +560,13 @@ def _value(gm, a):
 
 
 def _conv(gm, node):
-    a = node.args
-    kernel_ops._packed_conv(*(_value(gm, x) for x in a[1:5]), a[5], a[6], a[7], a[8])
-    return kernel_ops._conv2d_int8, node.args, node.kwargs
+    """conv2d_int8 bound to its weights and epilogue (kernel_ops.conv_call): the activations are its args."""
+    bound = _bind(gm, node)
+    call = kernel_ops.conv_call(*(_value(gm, bound[name]) for name in ("packed", "w_scale", "col_sums", "b")),
+                                *(bound[name] for name in ("geometry", "stride", "padding", "dilation", "act",
+                                                           "act_args", "a_scale", "a_zp")))
+    residual = bound["residual"]
+    return call, (bound["x"],) if residual is None else (bound["x"], residual), {}
 
 
 def _same(fn):
