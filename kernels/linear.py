@@ -378,13 +378,17 @@ def bind_linear(pw, bias=None, act="none", act_args=(), a_scale=0.0, a_zero_poin
     rows_in_workers = not static and not chained_out
     current = _dispatch._current
 
-    def call(x, out=None, residual=None, n_threads=None):
-        m = x.shape[0]
+    def checked_out(out, m):
         if out is None:
-            out = np.empty((m, n), out_dt)
-        elif out.shape != (m, n) or out.dtype is not out_dt or not out.flags.c_contiguous:
+            return np.empty((m, n), out_dt)
+        if out.shape != (m, n) or out.dtype is not out_dt or not out.flags.c_contiguous:
             raise KernelError(f"bind_linear: out must be C-contiguous {out_dt.name} ({m}, {n}), "
                               f"got {out.dtype} {out.shape}")
+        return out
+
+    def call(x, out=None, residual=None, n_threads=None):
+        m = x.shape[0]
+        out = checked_out(out, m)
         res = _NO_X if residual is None else _residual(residual, m, n)
         if res is not _NO_X and chained_out:
             raise KernelError("bind_linear: a residual needs float output (out_scale=0)")
@@ -413,16 +417,13 @@ def bind_linear(pw, bias=None, act="none", act_args=(), a_scale=0.0, a_zero_poin
         if type(x) is not np.ndarray or x.dtype is not _F32 or x.ndim != 2 or not x.flags.c_contiguous:
             return call(x, out, None, n_threads), _nonfinite_sum(np.asarray(x, np.float32).reshape(-1))
         m = x.shape[0]
+        if x.shape[1] != k:
+            raise KernelError(f"bind_linear: x must be C-contiguous (M, {k}), got {x.shape}")
         if rows_in_workers:                 # the workers write each row's scale: NaN for a bad row
             scales, zps = np.empty(m, np.float32), np.empty(m, np.int32)
-            if out is None or out.shape != (m, n) or out.dtype is not out_dt or not out.flags.c_contiguous:
-                out = np.empty((m, n), out_dt)
-            if x.shape[1] != k:
-                raise KernelError(f"bind_linear: x must be C-contiguous (M, {k}), got {x.shape}")
-            return _run(x, _NO_Q[current[0]], scales, zps, pw, b, ep, out, n_threads), _nonfinite_sum(scales)
+            return (_run(x, _NO_Q[current[0]], scales, zps, pw, b, ep, checked_out(out, m), n_threads),
+                    _nonfinite_sum(scales))
         if static:
-            if x.shape[1] != k:
-                raise KernelError(f"bind_linear: x must be C-contiguous (M, {k}), got {x.shape}")
             q = np.empty((m, k), np.uint8)
             bad = quantize_tensor_into(x, scale, zero_point, q)
             return call(q, out, None, n_threads), bad
