@@ -287,6 +287,17 @@ def _pair(v, name):
     return t
 
 
+def _geometry(stride, padding, dilation):
+    """(sh, sw, ph, pw, dh, dw), each given as an int or a pair (checked)."""
+    return (*_pair(stride, "stride"), *_pair(padding, "padding"), *_pair(dilation, "dilation"))
+
+
+def _out_hw(h, w, pc, geo):
+    """The output height and width of pc's kernel over an h x w input with geometry geo."""
+    sh, sw, ph, pw, dh, dw = geo
+    return (h + 2 * ph - dh * (pc.kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (pc.kw - 1) - 1) // sw + 1
+
+
 def _residual_rows(residual, pc, n, oh, ow, nhwc):
     """The residual as the GEMM's (N*OH*OW, O) output rows (NHWC order)."""
     if pc.dw_q is not None or pc.groups != 1:
@@ -399,8 +410,7 @@ def bind_conv2d(pc, bias=None, stride=1, padding=0, dilation=1, act="none", act_
     """
     if a_scale > 0 and not 0 <= a_zero_point <= 255:
         raise KernelError(f"a_zero_point must be in [0, 255], got {a_zero_point}")
-    (sh, sw), (ph, pw), (dh, dw) = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
-    geo = (sh, sw, ph, pw, dh, dw)
+    geo = _geometry(stride, padding, dilation)
     b = np.zeros(pc.out_channels, np.float32) if bias is None else _bias(bias, pc.out_channels)
     eps = {first: epilogue_params(act, tuple(act_args), residual_first=first) for first in (False, True)}
     static = a_scale > 0
@@ -415,7 +425,7 @@ def bind_conv2d(pc, bias=None, stride=1, padding=0, dilation=1, act="none", act_
         size = sizes.get(x.shape[:3])
         if size is None:
             n, h, w = x.shape[:3]
-            oh, ow = (h + 2 * ph - dh * (pc.kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (pc.kw - 1) - 1) // sw + 1
+            oh, ow = _out_hw(h, w, pc, geo)
             if oh <= 0 or ow <= 0:          # conv2d_f32 names the problem
                 return conv2d_f32(x, pc, bias, stride, padding, dilation, act, act_args, "NHWC", n_threads,
                                   a_scale, a_zero_point, residual)
@@ -453,16 +463,13 @@ def conv2d_f32(x, pc, bias=None, stride=1, padding=0, dilation=1, act="none",
     if x.ndim != 4 or x.shape[3 if nhwc else 1] != pc.in_channels:
         raise KernelError(f"conv2d_f32: input {x.shape} ({layout}) does not have "
                           f"{pc.in_channels} channels")
-    (sh, sw), (ph, pw), (dh, dw) = (_pair(stride, "stride"), _pair(padding, "padding"),
-                                    _pair(dilation, "dilation"))
+    geo = _geometry(stride, padding, dilation)
     h, w = x.shape[1:3] if nhwc else x.shape[2:]
-    oh = (h + 2 * ph - dh * (pc.kh - 1) - 1) // sh + 1
-    ow = (w + 2 * pw - dw * (pc.kw - 1) - 1) // sw + 1
+    oh, ow = _out_hw(h, w, pc, geo)
     if oh <= 0 or ow <= 0:
         raise KernelError(f"conv2d_f32: kernel larger than padded input {x.shape}")
     b = np.zeros(pc.out_channels, np.float32) if bias is None else _bias(bias, pc.out_channels)
     ep = epilogue_params(act, tuple(act_args), residual_first=residual is not None)
-    geo = (sh, sw, ph, pw, dh, dw)
     res = _NO_X
     if residual is not None:
         res = _residual_rows(residual, pc, x.shape[0], oh, ow, nhwc)
