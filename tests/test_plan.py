@@ -305,6 +305,52 @@ def test_memory_plan_holds_less_than_every_output_and_threads_get_their_own():
             assert all(pool.map(work, range(4)))
 
 
+@pytest.mark.slow
+def test_values_of_the_input_shapes_alone_are_computed_once_per_shapes():
+    # BERT builds its position ids and attention mask with arange, new_ones and comparisons
+    # on the input's sizes: the plan computes those once per input shapes, while the mask's
+    # values still come from each call's attention_mask
+    model, example, other = ZOO["bert"]()
+    fast, graph = both_runtimes(model, example)
+    shaped = plan_of(fast).shape_values
+    assert torch.ops.aten.arange.default in {n.target for n in shaped.cached}
+    assert not any(s.node in shaped.cached for s in plan_of(fast).steps)
+    padded = dict(example, attention_mask=example["attention_mask"].clone())
+    padded["attention_mask"][1, 3:] = 0             # same shapes, other mask values
+    with torch.no_grad():
+        got, got_padded = fast(**example), fast(**padded)
+        assert not torch.allclose(got.logits, got_padded.logits)      # the mask counts
+        assert_bitwise(got, graph(**example))
+        assert_bitwise(got_padded, graph(**padded))
+        assert len(shaped.values) == 1
+        assert_bitwise(fast(**other), graph(**other))
+        assert len(shaped.values) == 2
+        assert_bitwise(fast(**padded), graph(**padded))
+
+
+class _Positions(torch.nn.Module):
+    """Returns a value made from its input's shape alone (positions), and one derived from it."""
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(16, 16)
+
+    def forward(self, x):
+        pos = torch.arange(x.shape[1])
+        return self.lin(x) + pos[:, None].float(), pos[None], pos.float().sum()
+
+
+def test_shape_values_handed_to_the_caller_are_fresh_each_call():
+    torch.manual_seed(0)
+    x, other = torch.randn(2, 6, 16), torch.randn(3, 9, 16)
+    fast, graph = both_runtimes(_Positions().eval(), (x,))
+    with torch.no_grad():
+        for inputs in (x, other, x):
+            got = fast(inputs)
+            assert_bitwise(got, graph(inputs))
+            got[1].add_(100)            # the caller's to change: the next call is not affected
+            got[2].add_(100)
+
+
 class _TwoInputs(torch.nn.Module):
     def __init__(self):
         super().__init__()

@@ -500,6 +500,17 @@ def attention_array(q, k, v, attn_mask=None, scale=None, is_causal=False):
                                     n_threads=torch.get_num_threads())
 
 
+def attention_np_call(scale=None, is_causal=False):
+    """attention_int8 as the execution plan calls it: on numpy q/k/v (and mask), the
+    kernel reading them in place, returning its numpy array, as attention_array does
+    for torch tensors."""
+    def call(q, k, v, mask=None):
+        if mask is not None and mask.dtype != np.bool_ and mask.dtype != np.float32:
+            mask = mask.astype(np.float32)          # as attention_array's .to(float32)
+        return K.attention_int8(q, k, v, mask, scale, is_causal, n_threads=torch.get_num_threads())
+    return call
+
+
 def _layer_norm(x, weight=None, bias=None, eps=1e-05):
     def arr(t):
         return None if t is None else t.detach().float().numpy()

@@ -23,6 +23,7 @@ import functools
 import keyword
 import operator
 import statistics
+import threading
 import time
 from typing import NamedTuple
 
@@ -33,6 +34,7 @@ import torch.utils._pytree as pytree
 from torch import fx
 
 from fxopt.core import fxops
+from fxopt.core.ir import storage_roots
 from fxopt.kernels import threads
 from fxopt.kernels.finite import _nonfinite_sum
 from fxopt.kernels.threads import launch_guard
@@ -131,6 +133,69 @@ _NP_LAYOUT = {
     aten.select.int: _np_select,
     aten.sym_size.int: lambda x, d: x.shape[d],
 }
+# Integer and bool ops, which the attention masks of exported models are built with,
+# compute the same values in numpy, at a fraction of torch's cost on such small
+# tensors (an index of a 1x32 mask: about 50 us in torch inside a model's call).
+# Each builder returns (fn, args, kwargs) on numpy arrays, or None where its case is
+# not one numpy does the same way (then the op runs in torch).
+
+def _numpy_twin(dtype):
+    return torch.empty(0, dtype=dtype).numpy().dtype
+
+
+def _np_to(gm, node):
+    """to(x, dtype) on the CPU: x itself if it has that dtype (unless copy), else a cast."""
+    bound = _bind(gm, node)
+    device, layout = bound.get("device"), bound.get("layout")
+    if (device is not None and torch.device(device).type != "cpu" or layout not in (None, torch.strided)
+            or bound.get("memory_format") not in (None, torch.preserve_format) or bound.get("dtype") is None):
+        return None
+    dtype, copy = _numpy_twin(bound["dtype"]), bool(bound.get("copy"))
+    return (lambda x: x.astype(dtype, copy=copy)), node.args[:1], {}
+
+
+def _np_index(gm, node):
+    """x[i, j, ...] with integer or bool index tensors (None: the whole dim), numpy's rules."""
+    x, indices = node.args
+    if any(isinstance(i, fx.Node) and i.meta["val"].dtype not in (torch.int64, torch.int32, torch.bool)
+           for i in indices):
+        return None
+    return (lambda x, idx: x[tuple(slice(None) if i is None else i for i in idx)]), (x, list(indices)), {}
+
+
+def _np_and(gm, node):
+    a, b = node.args
+    if not all(isinstance(t, fx.Node) for t in (a, b)) or a.meta["val"].dtype != b.meta["val"].dtype:
+        return None
+    return np.bitwise_and, (a, b), {}
+
+
+def _np_expand(gm, node):
+    """expand of an attention mask: the mask itself, which the attention kernel broadcasts
+    to (B, H, Sq, Sk) as it reads it (stride 0 along each dim of size 1), as expand would."""
+    if node.kwargs.get("implicit") or not all(
+            u.target is kernel_ops.attention_int8 and u.kwargs.get("attn_mask") is node
+            and node not in u.args for u in node.users):
+        return None
+    return _same_array, node.args[:1], {}
+
+
+def _same_array(x):
+    return x
+
+
+_NP_EXACT = {aten.to.device: _np_to, aten.to.dtype_layout: _np_to, aten.to.dtype: _np_to,
+             aten.index.Tensor: _np_index, aten.__and__.Tensor: _np_and, aten.bitwise_and.Tensor: _np_and,
+             aten.expand.default: _np_expand}
+
+
+def _integral(node: fx.Node, tensors: list) -> bool:
+    """Whether node and its tensor arguments are integer or bool tensors, by their metadata."""
+    vals = [node.meta.get("val")] + [t.meta.get("val") for t in tensors]
+    return all(isinstance(v, torch.Tensor) and not v.is_floating_point() and not v.is_complex()
+               and v.dtype in _NUMPY_DTYPES for v in vals)
+
+
 _NUMPY_DTYPES = (torch.float32, torch.float64, torch.uint8, torch.int8, torch.int16, torch.int32,
                  torch.int64, torch.bool)
 
@@ -278,6 +343,8 @@ class Plan:
             body.append(f"_fx_m = _fx_arena(({''.join(f'{v}.shape, ' for v in tensors)}))")
         screen = None       # a screen of one float input, held back in case the next step fuses it
         dead, pending = _last_uses(gm.graph), ()
+        shaped = self.shape_values = ShapeValues(gm, placeholders)
+        unpacked = False
         for node in gm.graph.nodes:
             if node.op in ("placeholder", "output"):
                 continue
@@ -285,14 +352,18 @@ class Plan:
             # memory, still in cache, to the next outputs (as torch.fx's own forward does)
             self._free(pending, body)
             pending = dead.get(node, ())
+            if node.op == "get_attr":          # a weight: its name in the plan's globals, no line
+                self._names[node], self._home[node] = self._const(_attr(gm, node.target)), "torch"
+                continue
+            if node in shaped.cached:          # computed once per input shapes (see ShapeValues)
+                continue
+            if shaped.frontier and not unpacked and any(a in shaped.frontier for a in node.all_input_nodes):
+                body.append(shaped.line(self, leaves, tensors))
+                unpacked = True
             name = self._names[node] = f"_fx_v{len(self._names)}"
             self._home[node] = "torch"
-            if node.op == "get_attr":
-                body.append(f"{name} = {self._const(_attr(gm, node.target))}")
-                continue
             step = self._step(node)
-            if step is None:            # dropped check
-                body.append(f"{name} = None")
+            if step is None:            # dropped check (it has no users)
                 continue
             # a linear that quantizes the screened input whole tells whether it is finite
             fused = screen is not None and _reads_first(node, step, screen.node)
@@ -335,7 +406,8 @@ class Plan:
 
     def _free(self, nodes, body: list) -> None:
         """A line dropping the plan's names for `nodes` (and their conversions)."""
-        names = [self._names[n] for n in nodes] + [v for (n, _), v in self._converted.items() if n in nodes]
+        names = [self._names[n] for n in nodes if n in self._names]      # not values kept per shape
+        names += [v for (n, _), v in self._converted.items() if n in nodes]
         if names:
             body.append(" = ".join(names) + " = None")
 
@@ -406,8 +478,11 @@ class Plan:
                 return Step(node, target, False, domain="np")
             if made_in_numpy:                       # kernel outputs: float32 or uint8
                 return Step(node, _NP_LAYOUT[target], False, domain="np")
-        if target in _ARRAY_OUT:
-            return Step(node, _ARRAY_OUT[target], True, out_domain="np")
+        build = _NP_EXACT.get(target)
+        if build is not None and _integral(node, tensors):
+            got = build(self.gm, node)
+            if got is not None:                     # integer and bool ops: numpy's are the same
+                return Step(node, got[0], False, got[1], got[2], domain="np")
         build = _BUILDERS.get(target)
         if build is not None:
             fn, args, kwargs = build(self.gm, node)
@@ -474,6 +549,101 @@ def _last_uses(graph: fx.Graph) -> dict:
             continue
         dead.setdefault(max(n.users, key=order.__getitem__), []).append(n)
     return dead
+
+
+class ShapeValues:
+    """The values a graph computes from its inputs' shapes alone, once per input shapes.
+
+    Exported models build position ids, masks and sizes from the input's shape: arange,
+    new_ones, comparisons and views of them (BERT's attention mask: a dozen small torch
+    ops per call). A node is shape-only when it is a pure ATen op (or getitem) whose
+    arguments are weights, other shape-only values, or the size of an input. The plan
+    computes them, the first time it sees a signature of input shapes, as the graph
+    would (each op on its arguments), and keeps them (a few signatures, MAX_SIGNATURES;
+    the oldest goes first). Values a graph output may alias or an op may write are not
+    kept: the user gets fresh tensors, and nothing written is shared between calls."""
+    MAX_SIGNATURES = 8
+
+    def __init__(self, gm: fx.GraphModule, placeholders: list):
+        self.gm, self.placeholders = gm, placeholders
+        found = _shape_only(gm.graph)
+        output = next(n for n in gm.graph.nodes if n.op == "output")
+        shared = set()                # storage a graph output may alias, or an op may write
+        fx.node.map_arg(output.args, lambda n: shared.update(storage_roots(n)))
+        for node in gm.graph.nodes:
+            if _writes(node):
+                fx.node.map_arg((node.args, node.kwargs), lambda n: shared.update(storage_roots(n)))
+        self.computed = [n for n in gm.graph.nodes if n in found]       # what a fill evaluates
+        self.cached = {n for n in found if n.op != "get_attr" and not storage_roots(n) & shared}
+        self.frontier = [n for n in self.computed if n in self.cached
+                         and any(u not in self.cached and u.target not in _DROPPED for u in n.users)]
+        self.values: dict = {}        # input shapes -> the frontier's values
+        self._lock = threading.Lock()
+
+    def line(self, plan: "Plan", leaves: list, tensors: list) -> str:
+        """The plan's line unpacking the kept values its later steps read."""
+        names = []
+        for node in self.frontier:
+            plan._names[node] = name = f"_fx_v{len(plan._names)}"
+            plan._home[node] = "torch"
+            names.append(name)
+        fill = plan._const(self.fill)
+        key = f"({''.join(f'{v}.shape, ' for v in tensors)})"
+        return f"{', '.join(names)}, = {plan._const(self.values)}.get({key}) or {fill}({key}, {', '.join(leaves)})"
+
+    def fill(self, key, *inputs) -> tuple:
+        """Evaluate the shape-only values for these inputs (each op as the graph calls it),
+        keep the ones the plan reads, and return them."""
+        env = dict(zip(self.placeholders, inputs))
+
+        def value(a):
+            return env[a]
+        with torch.inference_mode(False), torch.no_grad():      # plain tensors, usable in any mode
+            for node in self.computed:
+                args, kwargs = fx.node.map_arg((node.args, node.kwargs), value)
+                env[node] = _attr(self.gm, node.target) if node.op == "get_attr" else node.target(*args, **kwargs)
+        got = tuple(env[n] for n in self.frontier)
+        with self._lock:                # threads may fill at once
+            if len(self.values) >= self.MAX_SIGNATURES:
+                self.values.pop(next(iter(self.values)), None)
+            self.values[key] = got
+        return got
+
+
+def _shape_only(graph: fx.Graph) -> set:
+    """Nodes whose values depend on the inputs' shapes alone (see ShapeValues), with the
+    weights they read."""
+    found = set()
+    for node in graph.nodes:
+        if node.op == "get_attr":
+            found.add(node)
+        elif node.op != "call_function":
+            continue
+        elif node.target is aten.sym_size.int:
+            if node.args[0].op == "placeholder" or node.args[0] in found:
+                found.add(node)
+        elif (node.target is operator.getitem or _pure(node.target)) and all(
+                a in found for a in node.all_input_nodes):
+            found.add(node)
+    return {n for n in found if n.op != "get_attr" or any(u in found for u in n.users)}
+
+
+def _pure(target) -> bool:
+    """An ATen op that computes its result from its arguments alone: no writes, no random
+    numbers, not a check the plan drops."""
+    return (isinstance(target, torch._ops.OpOverload) and target.namespace == "aten"
+            and not target._schema.is_mutable and torch.Tag.nondeterministic_seeded not in target.tags
+            and target not in _DROPPED)
+
+
+def _writes(node: fx.Node) -> bool:
+    """Whether node's op may write one of its arguments (any op but getitem, an ATen op
+    whose schema says it writes none, and the entry check)."""
+    if node.op in ("placeholder", "get_attr", "output") or node.target is operator.getitem:
+        return False
+    if node.op == "call_module":
+        return node.target != GUARD
+    return not isinstance(node.target, torch._ops.OpOverload) or node.target._schema.is_mutable
 
 
 class _Screen(NamedTuple):
@@ -595,6 +765,14 @@ def _np_layer_norm(gm, node):
     return kernel_ops.layer_norm_np_call(w, b, bound["eps"]), (bound["x"],), {}
 
 
+def _np_attention(gm, node):
+    """attention_int8 on numpy q/k/v (views of the QKV projection's output) and mask."""
+    bound = _bind(gm, node)
+    call = kernel_ops.attention_np_call(bound["scale"], bound["is_causal"])
+    mask = bound["attn_mask"]
+    return call, (bound["q"], bound["k"], bound["v"]) + (() if mask is None else (mask,)), {}
+
+
 def _np_nonfinite(xs):
     """nonfinite_samples on numpy inputs, or None when every value is finite (one pass of
     kernels/finite.py per input, called past all_finite's checks, which the dtype test here
@@ -627,9 +805,6 @@ def _np_embedding(gm, node):
 
 
 _NP_OUT = {nonfinite.nonfinite_samples: "torch"}    # None or a torch tensor
-# kernels that take torch tensors (read in place through their data pointers) and hand
-# back numpy arrays, so that the layout ops after them run on the arrays
-_ARRAY_OUT = {kernel_ops.attention_int8: kernel_ops.attention_array}
 _NP_BUILDERS = {
     torch.ops.fxopt.embedding_int8.default: _np_embedding,
     kernel_ops.linear_int8: _np_linear,
@@ -637,6 +812,7 @@ _NP_BUILDERS = {
     kernel_ops.linear_int4: _np_linear,
     kernel_ops.linear_bf16: _np_linear,
     kernel_ops.layer_norm: _np_layer_norm,
+    kernel_ops.attention_int8: _np_attention,
     nonfinite.nonfinite_samples: _same(_np_nonfinite),
 }
 
@@ -649,7 +825,7 @@ def _bind(gm, node: fx.Node) -> dict:
     return bound.kwargs
 
 
-# kernels called on torch tensors (the ones in _NP_BUILDERS and _ARRAY_OUT never get here);
+# kernels called on torch tensors (the ones in _NP_BUILDERS never get here);
 # the fused fp32 units call their own implementation, past torch's dispatcher (~30 us a call)
 _BUILDERS = {
     kernel_ops.conv2d_int8: _conv,
