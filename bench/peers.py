@@ -281,7 +281,7 @@ def fxopt_int8(model, inputs, ctx: Context, target: str = "cpu-int8") -> Prepare
     int8 = sum(1 for r in layers if r.get("precision") == "int8")
     # where a call's time goes: kernel steps of the execution plan against everything else
     with torch.inference_mode():
-        prof = fxopt.profile(fast, **inputs, repeats=5)
+        prof = fxopt.profile(fast, **inputs, repeats=20)
     info = {"setup": f"fxopt.optimize(target={target!r}, latency_repeats=0), inference_mode",
             "outside_kernels_pct": prof.outside_kernels_pct, "kernel_ms": prof.kernel_us / 1e3,
             "profile_call_ms": prof.call_us / 1e3,

@@ -236,6 +236,21 @@ def test_profile_lists_every_step_and_the_time_outside():
     assert "outside steps" in text and "encoder.layer.0" in text
 
 
+def test_profile_sums_kernel_time_within_each_call():
+    # a step's time is skewed: one slow call in three. The kernels' share of a call is their
+    # sum within each call (median over calls), not the sum of each step's median
+    from types import SimpleNamespace
+    from fxopt.runtime.profile import Profile
+    node = SimpleNamespace(meta={}, name="n")
+    plan = SimpleNamespace(steps=[SimpleNamespace(node=node, op="k", kernel=True)] * 2
+                           + [SimpleNamespace(node=node, op="v", kernel=False)])
+    runs = [[1e-6, 1e-6, 1e-6], [1e-6, 5e-6, 1e-6], [5e-6, 1e-6, 1e-6]]
+    prof = Profile(plan, runs, [("", "")] * 3, timed_call=10e-6, call=8e-6)
+    assert [r["us"] for r in prof.rows] == pytest.approx([1, 1, 1])
+    assert prof.kernel_us == pytest.approx(6) and prof.steps_us == pytest.approx(7)
+    assert prof.outside_us == pytest.approx(1) and prof.outside_kernels_pct == pytest.approx(25)
+
+
 def test_profile_of_a_graph_runtime_model_builds_a_plan():
     model, example, other = ZOO["mlp"]()
     _, graph = both_runtimes(model, example)

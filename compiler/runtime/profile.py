@@ -1,6 +1,8 @@
 """What one call of an execution plan spends where (Plan.profile builds it)."""
 from __future__ import annotations
 
+import statistics
+
 
 class Profile:
     """Per-step times of a plan on one input: op, layer, output shape and dtype, us (median
@@ -8,16 +10,23 @@ class Profile:
     plain call outside the steps (binding inputs, moving arrays between torch and numpy,
     building the output). str() is a table, slowest steps first."""
 
-    def __init__(self, plan, step_seconds: list, outputs: list, timed_call: float, call: float):
+    def __init__(self, plan, runs: list, outputs: list, timed_call: float, call: float):
+        """runs: per timed call, each step's seconds; timed_call, call: median seconds of a
+        call timing each step and of a plain one."""
         self.rows = []
-        for step, seconds, (shape, dtype) in zip(plan.steps, step_seconds, outputs):
+        for i, (step, (shape, dtype)) in enumerate(zip(plan.steps, outputs)):
             node = step.node
             self.rows.append({"op": step.op, "layer": node.meta.get("fxopt_layer", node.name),
-                              "shape": shape, "dtype": dtype, "kernel": step.kernel, "us": seconds * 1e6})
+                              "shape": shape, "dtype": dtype, "kernel": step.kernel,
+                              "us": statistics.median_high([run[i] for run in runs]) * 1e6})
         self.call_us = call * 1e6                # median plain call, as a user makes it
         self.timed_call_us = timed_call * 1e6    # median call timing each step
-        self.steps_us = sum(r["us"] for r in self.rows)
-        self.kernel_us = sum(r["us"] for r in self.rows if r["kernel"])
+        # the steps' (and the kernel steps') share of a call: their sum within each timed call,
+        # the median over calls. A sum of per-step medians would fall short of it: a step's
+        # time is skewed (a median below its mean), and hundreds of steps add that up.
+        kernels = [i for i, r in enumerate(self.rows) if r["kernel"]]
+        self.steps_us = statistics.median_high([sum(run) for run in runs]) * 1e6
+        self.kernel_us = statistics.median_high([sum(run[i] for i in kernels) for run in runs]) * 1e6
 
     @property
     def outside_us(self) -> float:
