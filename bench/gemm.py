@@ -1,6 +1,6 @@
 """int8 GEMM benchmark: fxopt kernels against torch fp32 and torch int8.
 
-    fxopt bench gemm [--threads 2] [--repeats 21] [--quick] [--out PATH]
+    fxopt bench gemm [--threads 2] [--repeats 21] [--quick] [--mix] [--out PATH]
 
 Per shape (M, K, N): our GEMM (uint8 in, fp32 out), our full linear (fp32
 in/out, quantization included), the module fxopt.optimize returns for that
@@ -11,7 +11,8 @@ measured peak of the path's multiply-accumulate (vpdpbusd; vpmaddwd + vpaddd
 on avx2; none on portable) and ratios to torch int8 (medians, compile excluded),
 the first-call (compile or cache-load) times, the warm call overhead of a
 1x64x64 linear, and two batch-1 models through optimize against eager fp32;
-rows print as they are measured. With --out PATH, writes PATH/gemm.json (+
+rows print as they are measured. --mix runs only a sweep of the module against
+fbgemm at M = 1 and 8 over every (K, N) of MIX_SIZES. With --out PATH, writes PATH/gemm.json (+
 gemm.png if matplotlib is present); without it, nothing is written.
 """
 import argparse
@@ -39,6 +40,9 @@ CONV_SHAPES = {"conv3x3 64->64 @56": (56 * 56, 64 * 9, 64),
 CONVS = {"conv3x3 64->64 @56": (64, 64, 3, 56), "conv1x1 256->64 @56": (256, 64, 1, 56),
          "conv3x3 256->256 @14": (256, 256, 3, 14)}
 PEAK_ITERS = 2_000_000
+# --mix: every (K, N) of these at M = 1 and 8 (the runtime issue's sweep against fbgemm)
+MIX_SIZES = (384, 768, 1024, 1536, 3072, 4096)
+MIX_ROWS = (1, 8)
 
 
 def _peak_probes(tag):
@@ -153,6 +157,40 @@ def bench_shape(name, m, k, n, repeats, threads, rng):
         row[key + "_us"] = sec * 1e6
         row[key + "_gops"] = ops / sec / 1e9
     return row
+
+
+def bench_mix(repeats, rng, out=lambda row: None):
+    """The module optimize returns for one nn.Linear against torch dynamic int8 (fbgemm) at
+    M = 1 and 8, for every (K, N) of MIX_SIZES: medians, the two interleaved per shape.
+    out(row) is called as each row is measured."""
+    import torch
+    rows = []
+    for m in MIX_ROWS:
+        for k in MIX_SIZES:
+            for n in MIX_SIZES:
+                w = (rng.standard_normal((n, k), dtype=np.float32) / np.sqrt(k)).astype(np.float32)
+                fp32, int8 = _torch_models(w, rng.standard_normal(n, dtype=np.float32))
+                xt = torch.from_numpy(rng.standard_normal((m, k), dtype=np.float32))
+                optimized = _optimized(fp32, xt)
+                with torch.no_grad():
+                    med = interleaved_medians({"fxopt": lambda: optimized(xt), "fbgemm": lambda: int8(xt)},
+                                              repeats=repeats)
+                rows.append({"m": m, "k": k, "n": n, "fxopt_us": med["fxopt"] * 1e6,
+                             "fbgemm_us": med["fbgemm"] * 1e6})
+                out(rows[-1])
+    return rows
+
+
+def _print_mix(rows):
+    """One table per M: K down, N across, fbgemm's time over fxopt's; then the least of each."""
+    for m in MIX_ROWS:
+        ratio = {(r["k"], r["n"]): r["fbgemm_us"] / r["fxopt_us"] for r in rows if r["m"] == m}
+        print(f"\nM = {m}: speed of optimize over fbgemm (fbgemm us / fxopt us), K down, N across")
+        print(f"{'K / N':>8}" + "".join(f"{n:>8}" for n in MIX_SIZES))
+        for k in MIX_SIZES:
+            print(f"{k:>8}" + "".join(f"{ratio[k, n]:>7.2f}x" for n in MIX_SIZES))
+        k, n = min(ratio, key=ratio.get)
+        print(f"least: {ratio[k, n]:.2f}x at K={k}, N={n}", flush=True)
 
 
 def _optimized(model, x):
@@ -290,12 +328,23 @@ def main(argv=None):
                    help="write gemm.json (and gemm.png with matplotlib) into the folder PATH "
                         "(default: write nothing)")
     p.add_argument("--quick", action="store_true", help="BERT shapes only, no convs, 7 repeats")
+    p.add_argument("--mix", action="store_true",
+                   help="only the sweep: optimize's module against fbgemm at M = 1 and 8 for every K, N "
+                        f"in {MIX_SIZES}")
     args = p.parse_args(argv)
     import torch
     torch.set_num_threads(args.threads)
     K.set_num_threads(args.threads)
     rng = np.random.default_rng(0)
     info = _header(args, rng)
+    if args.mix:
+        mix = bench_mix(args.repeats, rng)
+        _print_mix(mix)
+        if args.out:
+            os.makedirs(args.out, exist_ok=True)
+            with open(os.path.join(args.out, "gemm_mix.json"), "w") as f:
+                json.dump({"info": info, "mix": mix}, f, indent=1)
+        return 0
     shapes = [(f"bert {m}x{k}x{n}", m, k, n) for m, k, n in BERT_SHAPES]
     if not args.quick:
         shapes += [(name, *s) for name, s in CONV_SHAPES.items()]
