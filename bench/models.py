@@ -42,7 +42,7 @@ from fxopt.bench import model_specs as specs_mod
 from fxopt.bench import report as rep
 from fxopt.bench.peers import Context
 from fxopt.bench.systems import LABELS, SYSTEMS
-from fxopt.bench.timing import call_peak_mb
+from fxopt.bench.timing import call_faults, call_peak_mb
 
 ROUNDS = 5                 # timed calls are spread over this many rounds of all systems
 DRIFT_TOLERANCE = 0.10     # warn when torch fp32's last round differs from its first by more
@@ -90,11 +90,13 @@ def prepare_system(name, prepare, model, inputs, ctx, reference, args) -> tuple[
         first_s = time.perf_counter() - t1
         time_calls(prepared.fn, args.warmup, 0)
         peak_mb = call_peak_mb(prepared.fn)
+        faults = call_faults(prepared.fn)
     except Exception as e:  # a failing system is a result, not the end of the run
         row = _failure(e, t0)
         print(f"  {LABELS[name]}: failed: {row['error']}", flush=True)
         return row, None
-    row = {"status": "ok", "setup_s": setup_s, "first_call_s": first_s, "call_peak_mb": peak_mb, **prepared.info,
+    row = {"status": "ok", "setup_s": setup_s, "first_call_s": first_s, "call_peak_mb": peak_mb,
+           "call_faults": faults, "output_pages": -(-out.numel() * out.element_size() // 4096), **prepared.info,
            "cosine": 1.0 if reference is None else cosine(out, reference)}
     print(f"  {LABELS[name]}: set up in {setup_s:.1f} s", flush=True)
     return row, prepared

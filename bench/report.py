@@ -80,25 +80,31 @@ def print_table(result: dict) -> None:
     """One model's table: system, median ms, speedup over torch fp32, cosine, notes."""
     print(f"\n{result['model']} ({result['shape']}, cosine on {result['output']})")
     head = (f"{'system':<20}{'median ms':>11}{'min ms':>9}{'speedup':>9}{'cosine':>10}{'outside kernels':>16}"
-            f"{'call peak MB':>13}  notes")
+            f"{'call peak MB':>13}{'faults/call':>12}  notes")
     print(head)
     print("-" * len(head))
     for name, row in result["systems"].items():
         if row["status"] != "ok":
-            print(f"{LABELS[name]:<20}{'failed':>11}{'':>9}{'':>9}{'':>10}{'':>16}{'':>13}  {row['error'][:90]}")
+            print(f"{LABELS[name]:<20}{'failed':>11}{'':>9}{'':>9}{'':>10}{'':>16}{'':>13}{'':>12}  "
+                  f"{row['error'][:90]}")
             continue
         speed = f"{row['speedup']:.2f}x" if "speedup" in row else "-"
         # % of a call outside the kernel steps (fxopt.profile of the execution plan)
         outside = f"{row['outside_kernels_pct']:.1f}%" if "outside_kernels_pct" in row else "-"
         # resident memory one call adds at its peak (RSS high-water mark, after warm-up)
         peak = f"{row['call_peak_mb']:.1f}" if row.get("call_peak_mb") is not None else "-"
+        # minor page faults a warm call takes (the output's pages, when the allocator maps them anew)
+        faults = f"{row['call_faults']:.0f}" if row.get("call_faults") is not None else "-"
         print(f"{LABELS[name]:<20}{row['median_ms']:>11.2f}{row['min_ms']:>9.2f}{speed:>9}"
-              f"{row['cosine']:>10.5f}{outside:>16}{peak:>13}  {_notes(row)}")
+              f"{row['cosine']:>10.5f}{outside:>16}{peak:>13}{faults:>12}  {_notes(row)}")
     drift = result.get("torch_fp32_drift")
     if drift:
         print(f"systems timed in {len(result['systems']['torch_fp32']['round_medians_ms'])} rounds, in turns; "
               f"torch fp32 first round {drift['first_round_ms']:.2f} ms, last {drift['last_round_ms']:.2f} ms "
               f"({100 * drift['drift']:+.1f}%)")
+    pages = next((row["output_pages"] for row in result["systems"].values() if "output_pages" in row), None)
+    if pages is not None:
+        print(f"the compared output fills {pages} pages of 4 KiB (what writing it into fresh memory faults in)")
 
 
 def _notes(row: dict) -> str:

@@ -36,6 +36,19 @@ def call_peak_mb(fn):
         return None
 
 
+def call_faults(fn, calls: int = 5):
+    """Minor page faults per call of fn, over `calls` calls (getrusage: the whole process,
+    so its worker threads count too). Warm fn up first. None where it cannot be read."""
+    try:
+        import resource
+    except ImportError:           # not on this platform
+        return None
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(calls):
+        fn()
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / calls
+
+
 def _status_kb(field):
     with open("/proc/self/status") as f:
         for line in f:
