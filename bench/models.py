@@ -27,6 +27,7 @@ in memory at once (BERT-base: ~1.5 GB).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import gc
 import os
@@ -223,17 +224,24 @@ def _subset(parser, flag, text, known) -> list[str]:
     return [n for n in known if n in names]   # canonical order: torch fp32 first
 
 
-def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = parse_args([str(a) for a in argv])
+@contextlib.contextmanager
+def kept_threads():
+    """Put torch's and the kernels' thread counts back on exit: a caller in the same process
+    (a test session) keeps its own."""
     from fxopt.kernels import api as kernels
     saved = torch.get_num_threads(), kernels.get_num_threads()
     try:
-        return _run(args, argv)
+        yield
     finally:
-        # a caller in the same process (a test session) keeps its thread counts
         torch.set_num_threads(saved[0])
         kernels.set_num_threads(saved[1])
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args([str(a) for a in argv])
+    with kept_threads():
+        return _run(args, argv)
 
 
 def _run(args, argv) -> int:

@@ -36,7 +36,7 @@ import types
 import numpy as np
 import torch
 
-from fxopt.bench.models import prepare_system, set_threads, time_in_turns
+from fxopt.bench.models import kept_threads, prepare_system, set_threads, time_in_turns
 from fxopt.bench.peers import Context
 from fxopt.bench import systems
 
@@ -124,6 +124,11 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    with kept_threads():
+        return _run(args, argv)
+
+
+def _run(args, argv) -> int:
     model = load_model(args.model)
     set_threads(args.threads)
     side = MODELS[args.model]
