@@ -139,7 +139,7 @@ def _head(tag, b, h, geo, qf, kf, vf, mf, mb, mkind, causal, scale, ep, bufs, ou
     _gemm(tag, qa, kp32.view(np.int8), kgd, cols_i[0], rows_f[0], rows_i[0], kscale, bias, ep,
           scores)
     softmax_rows(scores, sk, mkind, mf, mb, b * geo[_MS] + h * geo[_MS + 1], geo[_MS + 2],
-                 causal, pa, rows_f[1])
+                 causal, pa, rows_f[1], tmp[0])
     vbase = b * geo[_VS] + h * geo[_VS + 1]
     v_scales(vf, vbase, geo[_VS + 2], sk, dv, vmax, vscale, vinv)
     pack_v(vf, vbase, geo[_VS + 2], sk, dv, vinv, vp32)
