@@ -2,7 +2,7 @@
 
 float:   y = (acc - zp_a[i] * colsum[j]) * (scale_a[i] * scale_w[j]) + bias[j]
          then act(y), act in ACTIVATIONS, then + res[i, j] if a residual is given
-uint8:   q = clip(rint(y / out_scale) + out_zp, 0, 255) after act
+uint8:   q = clip(rint(y * (1 / out_scale)) + out_zp, 0, 255) after act, in float32
 int32:   raw acc
 
 ``ep`` is a float32 parameter vector: [act code, p0, p1, out_scale, out_zp,
@@ -19,7 +19,7 @@ from numba.extending import intrinsic, overload
 
 from ._cache import CACHE  # package-wide cache locators, before any @njit(cache=CACHE)
 
-KERNEL_VERSION = "epilogue-7"
+KERNEL_VERSION = "epilogue-8"
 
 ACTIVATIONS = {"none": 0, "relu": 1, "hardtanh": 2, "relu6": 2,
                "gelu": 3, "gelu_tanh": 4, "silu": 5}
@@ -168,13 +168,21 @@ def store_tile_f32(t, ldt, mr, m0, n0, ncols, colsum, ascale, azp, wscale,
             apply_activation(out, m0 + r, n0, ncols, act, ep[EP_P0], ep[EP_P1])
 
 
+@njit(inline="always")
+def requant_params(ep):
+    """(1 / out_scale, out_zp) of the parameter vector ep, float32: what store_tile_u8
+    multiplies by and adds; the in-register epilogue (simd.tile_u8) takes the same two."""
+    return _F1 / ep[EP_OSCALE], ep[EP_OZP]
+
+
 @njit(cache=CACHE)
 def store_tile_u8(t, ldt, mr, m0, n0, ncols, colsum, ascale, azp, wscale,
                   bias, ep, out, y):
-    """y: float32 scratch of shape (1, >= ncols)."""
+    """Dequantize an int32 tile row by row into y (float32 scratch of shape (1, >= ncols)),
+    apply the activation, and requantize into out (uint8). simd.tile_u8 and staged_u8
+    repeat these operations in registers, bit for bit: change both together."""
     act = np.int32(ep[EP_ACT])
-    inv = _F1 / ep[EP_OSCALE]
-    ozp = ep[EP_OZP]
+    inv, ozp = requant_params(ep)
     for r in range(mr):
         i = m0 + r
         dequant_row(t, r * ldt, ncols, azp[i], ascale[i], colsum, wscale, bias, n0,

@@ -1,12 +1,14 @@
 """uint8 x packed int8 GEMM with int32 accumulation and fused epilogues.
 
 Work is split into jobs of (one 64-column block of B) x (a chunk of rows
-of A). A job walks its rows in tiles of MR (isa_geometry), computes each
-MR x 64 int32 tile with the ISA's intrinsic (simd.tile_s32) into a small
-L1-resident buffer and immediately runs the epilogue on it (epilogue.py),
-so the int32 result never goes to memory. Jobs run serially or over
-Numba's thread pool (prange), one entry pair per ISA below, each bound
-to its ISA by a compile-time IsaTag constant.
+of A). A job walks its rows in tiles of MR (isa_geometry) and computes
+each MR x 64 int32 tile with the ISA's intrinsic: for float and uint8
+output it finishes the tile in registers (simd.tile_f32, simd.tile_u8),
+else it stores it (simd.tile_s32) into a small L1-resident buffer and
+immediately runs the epilogue on it (epilogue.py); either way the int32
+result never goes to memory. Jobs run serially or over Numba's thread
+pool (prange), one entry pair per ISA below, each bound to its ISA by a
+compile-time IsaTag constant.
 """
 import numpy as np
 import llvmlite.ir as ir
@@ -15,15 +17,15 @@ from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
 from ._cache import CACHE  # package-wide cache locators, before any @njit(cache=CACHE)
-from .epilogue import (EP_ACT, EP_P0, EP_P1, EP_RES_FIRST, add_residual_rows, apply_activation, store_tile_f32,
-                       store_tile_s32, store_tile_u8)
+from .epilogue import (EP_ACT, EP_P0, EP_P1, EP_RES_FIRST, add_residual_rows, apply_activation, requant_params,
+                       store_tile_f32, store_tile_s32, store_tile_u8)
 from . import amx
 from .rowops import borrowed, call_llvm, prefetch
 from .quantize import quantize_rows_range
 from .simd import (A_DTYPES, AMX_ISAS, BLOCK_COLS, GEOMETRY, GROUP_BYTES, TAGS, is_portable, isa_geometry, tile_f32,
-                   tile_f32_half, HALF_COLS, staged_f32, tile_s32)
+                   tile_f32_half, tile_u8, tile_u8_half, HALF_COLS, staged_f32, staged_u8, tile_s32)
 
-KERNEL_VERSION = "gemm-20"
+KERNEL_VERSION = "gemm-21"
 
 
 @njit(inline="always")
@@ -43,35 +45,39 @@ def _tile(tag, mr, a, a_off, lda, b, b_off, kg, t, t_off):
         tile_s32(tag, 1, a, a_off, lda, b, b_off, kg, t, t_off, BLOCK_COLS)
 
 
-def _f32_dispatch(tile):
-    """A call of the tile intrinsic `tile` (tile_f32 or tile_f32_half) for a run-time
-    row count mr: the intrinsic needs mr as a literal, one specialization per count."""
+def _tile_dispatch(tile):
+    """A call of the tile intrinsic `tile` (tile_f32, tile_u8 or their half tiles) for a
+    run-time row count mr: the intrinsic needs mr as a literal, one specialization per
+    count. e0, e1: the tile's last two arguments (residual and its flag; 1 / out_scale and
+    out_zp)."""
     @njit(inline="always")
     def dispatch(tag, mr, a, a_off, lda, b, b_off, kg, colsum, wscale, bias, n0,
-                 ascale, azp, m0, out, act, p0, p1, res, first):
+                 ascale, azp, m0, out, act, p0, p1, e0, e1):
         if mr == 6:
             tile(tag, 6, a, a_off, lda, b, b_off, kg, colsum, wscale, bias, n0, ascale, azp, m0, out,
-                 act, p0, p1, res, first)
+                 act, p0, p1, e0, e1)
         elif mr == 5:
             tile(tag, 5, a, a_off, lda, b, b_off, kg, colsum, wscale, bias, n0, ascale, azp, m0, out,
-                 act, p0, p1, res, first)
+                 act, p0, p1, e0, e1)
         elif mr == 4:
             tile(tag, 4, a, a_off, lda, b, b_off, kg, colsum, wscale, bias, n0, ascale, azp, m0, out,
-                 act, p0, p1, res, first)
+                 act, p0, p1, e0, e1)
         elif mr == 3:
             tile(tag, 3, a, a_off, lda, b, b_off, kg, colsum, wscale, bias, n0, ascale, azp, m0, out,
-                 act, p0, p1, res, first)
+                 act, p0, p1, e0, e1)
         elif mr == 2:
             tile(tag, 2, a, a_off, lda, b, b_off, kg, colsum, wscale, bias, n0, ascale, azp, m0, out,
-                 act, p0, p1, res, first)
+                 act, p0, p1, e0, e1)
         else:
             tile(tag, 1, a, a_off, lda, b, b_off, kg, colsum, wscale, bias, n0, ascale, azp, m0, out,
-                 act, p0, p1, res, first)
+                 act, p0, p1, e0, e1)
     return dispatch
 
 
-_tile_f32 = _f32_dispatch(tile_f32)
-_tile_f32_half = _f32_dispatch(tile_f32_half)  # the half-width tile (simd.HALF_COLS)
+_tile_f32 = _tile_dispatch(tile_f32)
+_tile_f32_half = _tile_dispatch(tile_f32_half)  # the half-width tile (simd.HALF_COLS)
+_tile_u8 = _tile_dispatch(tile_u8)
+_tile_u8_half = _tile_dispatch(tile_u8_half)
 
 
 @njit
@@ -112,6 +118,17 @@ def _is_float32_impl(a):
     return lambda a: flag
 
 
+def _finished_in_registers(a):
+    raise NotImplementedError  # compiled through the overload below
+
+
+@overload(_finished_in_registers, inline="always")
+def _finished_in_registers_impl(a):
+    """True for the output types whose whole tiles _register_tile finishes: float32, uint8."""
+    flag = a.dtype in (types.float32, types.uint8)
+    return lambda a: flag
+
+
 def _register_tile(tag, mr, m0, n0, width, aq, bp, boff, kg, colsum, ascale, azp, wscale,
                    bias, res, ep, out):
     raise NotImplementedError  # compiled through the overload below
@@ -120,13 +137,29 @@ def _register_tile(tag, mr, m0, n0, width, aq, bp, boff, kg, colsum, ascale, azp
 @overload(_register_tile, inline="always")
 def _register_tile_impl(tag, mr, m0, n0, width, aq, bp, boff, kg, colsum, ascale, azp, wscale,
                         bias, res, ep, out):
-    """The first `width` columns (register_width) of a block, float output, an activation done in
-    registers (none, relu, clamp, erf GELU): dequantized, activated and the fused
-    residual added in registers (tile_f32). The hot path, kept apart from the tail
+    """The first `width` columns (register_width) of a block, float or uint8 output, an
+    activation done in registers (none, relu, clamp, erf GELU): dequantized, activated and
+    the fused residual added (tile_f32) or requantized (tile_u8) in registers, the int32
+    tile never stored. The hot path, kept apart from the tail
     and int32-staging code of _compute and from _stored_tile's path: with either in
     the same loop body, though never run, a tile cost ~240 cycles more on Zen 4, and
     an AVX2 tile at K=64 ran 1.5x slower on Zen 3. (Adding the residual to the stored
     tile instead cost ~600 cycles a tile: the reloads wait on the stores.)"""
+    if out.dtype == types.uint8:
+        def impl(tag, mr, m0, n0, width, aq, bp, boff, kg, colsum, ascale, azp, wscale, bias, res, ep,
+                 out):
+            act = np.int32(ep[EP_ACT])
+            inv, ozp = requant_params(ep)
+            tc, lda = isa_geometry(tag)[1], aq.shape[1]
+            full = width - width % tc
+            for cs in range(0, full, tc):
+                _tile_u8(tag, mr, aq, m0 * lda, lda, bp, boff + 4 * cs, kg, colsum, wscale, bias,
+                         n0 + cs, ascale, azp, m0, out, act, ep[EP_P0], ep[EP_P1], inv, ozp)
+            if full < width:  # a half tile (register_width)
+                _tile_u8_half(tag, mr, aq, m0 * lda, lda, bp, boff + 4 * full, kg, colsum, wscale,
+                              bias, n0 + full, ascale, azp, m0, out, act, ep[EP_P0], ep[EP_P1], inv,
+                              ozp)
+        return impl
     if out.dtype != types.float32:
         def impl(tag, mr, m0, n0, width, aq, bp, boff, kg, colsum, ascale, azp, wscale, bias, res, ep,
                  out):
@@ -235,8 +268,10 @@ def _staged_impl(mr, m0, n0, ncols, colsum, ascale, azp, wscale, bias, res, ep, 
 @njit(inline="always")
 def _compute(tag, mr, m0, n0, ncols, aq, bp, boff, kg, colsum, ascale, azp, wscale,
              bias, res, ep, out, t, y):
-    """Column tails, no bias vector, int32/uint8 outputs, the portable ISA (whole blocks
-    with float output take _register_tile / _stored_tile): the int32 tile staged in t."""
+    """Column tails, no bias vector, int32 output, uint8 output with an activation after
+    erf GELU (SiLU, tanh GELU), the portable ISA (whole tiles with float output take
+    _register_tile / _stored_tile, with uint8 output _register_tile): the int32 tile
+    staged in t."""
     _tiles_s32(tag, mr, m0, ncols, aq, bp, boff, kg, t)
     _staged(mr, m0, n0, ncols, colsum, ascale, azp, wscale, bias, res, ep, out, t, y)
 
@@ -282,7 +317,7 @@ def _amx_epilogue(tag, m0, rows, n0, ncols, colsum, ascale, azp, wscale, bias, r
     raise NotImplementedError  # compiled through the overload below
 
 
-_EP_ROWS = 4  # rows of an AMX block staged_f32 finishes at a time (their vectors stay in registers)
+_EP_ROWS = 4  # rows of an AMX block staged_f32 / staged_u8 finish at a time (their vectors stay in registers)
 
 
 @overload(_amx_epilogue, inline="always")
@@ -290,7 +325,21 @@ def _amx_epilogue_impl(tag, m0, rows, n0, ncols, colsum, ascale, azp, wscale, bi
                        t, y):
     """The epilogue of an AMX block (rows of out from m0, staged in t): for float output,
     a bias and all 64 columns, in registers (simd.staged_f32, as _register_tile and
-    _stored_tile do it) _EP_ROWS rows at a time; else, and for the last rows, _staged."""
+    _stored_tile do it) _EP_ROWS rows at a time; for uint8 output likewise (simd.staged_u8)
+    when the activation runs in registers (act <= 3); else, and for the last rows, _staged."""
+    if out.dtype == types.uint8:
+        def impl(tag, m0, rows, n0, ncols, colsum, ascale, azp, wscale, bias, res, ep, out, t, y):
+            act = np.int32(ep[EP_ACT])   # no residual: refused with uint8 output
+            whole = (ncols == BLOCK_COLS) & (bias.shape[0] > 0) & (act <= 3)
+            full = (rows - rows % _EP_ROWS) * np.intp(whole)
+            if full < rows:
+                _staged(rows - full, m0 + full, n0, ncols, colsum, ascale, azp, wscale, bias, res, ep,
+                        out, t[full * BLOCK_COLS:], y)
+            inv, ozp = requant_params(ep)
+            for r in range(0, full, _EP_ROWS):
+                staged_u8(tag, _EP_ROWS, t, r * BLOCK_COLS, BLOCK_COLS, colsum, wscale, bias, n0,
+                          ascale, azp, m0 + r, out, act, ep[EP_P0], ep[EP_P1], inv, ozp)
+        return impl
     if out.dtype != types.float32:
         def impl(tag, m0, rows, n0, ncols, colsum, ascale, azp, wscale, bias, res, ep, out, t, y):
             _staged(rows, m0, n0, ncols, colsum, ascale, azp, wscale, bias, res, ep, out, t, y)
@@ -388,12 +437,15 @@ def _job_into(tag, job, nmc, mchunk, rows_first, aq, bp, kg, colsum, ascale, azp
     boff = nb * kg * GROUP_BYTES
     m_start = _amx_rows(tag, m_start, m_end, n0, ncols, aq, bp, boff, kg, colsum, ascale, azp,
                         wscale, bias, res, ep, out, t, y)
-    # whole tiles of the ISA with float output take the in-register epilogue; column
-    # tails (under one tile), int32/uint8 outputs and the portable ISA are staged
-    fast = bias.shape[0] > 0 and not is_portable(tag) and _is_float32(out)
-    width = ncols - ncols % isa_geometry(tag)[1] if fast else 0
-    if fast and ep[EP_ACT] <= 3:
+    # whole tiles of the ISA with float output take the in-register epilogue, with uint8
+    # output those whose activation runs in registers (act <= 3); column tails (under one
+    # tile), int32 output, uint8 with a later activation and the portable ISA are staged
+    regs = bias.shape[0] > 0 and not is_portable(tag)
+    width = 0
+    if regs and ep[EP_ACT] <= 3 and _finished_in_registers(out):
         width = register_width(tag, ncols)
+    elif regs and _is_float32(out):   # SiLU, tanh GELU: _stored_tile
+        width = ncols - ncols % isa_geometry(tag)[1]
     if width > 0:
         if ep[EP_ACT] <= 3:  # one loop per kind of tile (see _register_tile)
             for m0 in range(m_start, m_end, mr_max):

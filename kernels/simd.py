@@ -13,6 +13,11 @@ One intrinsic, ``tile_s32``, computes an ``mr x tile_cols`` int32 tile of
 - ``amx_int8``:    the avx512_vnni tiles here, and AMX tiles (amx.py) for the
   blocks gemm.py can give them.
 
+``tile_f32`` and ``tile_u8`` run the same K loop and finish the tile in
+registers: dequantized and activated, then stored as float32 (a residual
+added) or requantized to uint8; ``staged_f32`` and ``staged_u8`` do the same
+on an int32 tile already in memory (an AMX block).
+
 A is uint8 rows, or for ``avx2`` preferably uint16 rows holding the same
 values (``A_DTYPES``): the 4 k of a row's k-group are then one 8-byte
 broadcast, where uint8 rows need a broadcast and a widening per row and
@@ -37,9 +42,10 @@ from numba.core.imputils import lower_constant
 from numba.extending import (intrinsic, models,
                              register_model, typeof_impl)
 
+from . import epilogue as _ep
 from .rowops import IntrinsicArgs as _Args, call_llvm as _call, emit_prefetch, splat as _splat
 
-KERNEL_VERSION = "simd-10"
+KERNEL_VERSION = "simd-11"
 
 ISAS = ("amx_int8", "avx512_vnni", "avx_vnni", "avx2", "portable")
 # amx_int8 is avx512_vnni plus AMX tiles for the large blocks (amx.py, gemm.py): every
@@ -298,14 +304,16 @@ def tile_s32(typingctx, tag, mr, a, a_off, lda, b, b_off, kg, t, t_off, ldt):
     return sig, codegen
 
 
-def _tile_f32_intrinsic(half):
-    """tile_f32 (the ISA's tile width), or with half the columns of its first vectors
-    (HALF_COLS: a block's column tail in registers instead of staged)."""
+def _tile_intrinsic(half, u8):
+    """tile_f32, or with u8 tile_u8 (the ISA's tile width), or with half the columns of
+    its first vectors (HALF_COLS: a block's column tail in registers instead of staged).
+    The last two arguments: the residual and its flag res_first (tile_f32), or
+    1 / out_scale and the output zero point, float32 (tile_u8)."""
     @intrinsic(prefer_literal=True)
     def tile(typingctx, tag, mr, a, a_off, lda, b, b_off, kg, colsum, wscale, bias,
-             n0, ascale, azp, m0, out, act, p0, p1, res, res_first):
-        return _tile_f32_typer(half, tag, mr, a, a_off, lda, b, b_off, kg, colsum, wscale, bias,
-                               n0, ascale, azp, m0, out, act, p0, p1, res, res_first)
+             n0, ascale, azp, m0, out, act, p0, p1, e0, e1):
+        return _tile_typer(half, u8, tag, mr, a, a_off, lda, b, b_off, kg, colsum, wscale, bias,
+                           n0, ascale, azp, m0, out, act, p0, p1, e0, e1)
     return tile
 
 
@@ -313,8 +321,14 @@ def _tile_f32_intrinsic(half):
 HALF_COLS = {"avx512_vnni": 32}
 
 
-def _tile_f32_typer(half, tag, mr, a, a_off, lda, b, b_off, kg, colsum, wscale, bias,
-                    n0, ascale, azp, m0, out, act, p0, p1, res, res_first):
+def _out_type_ok(out, u8):
+    """uint8 out for the uint8 epilogue; any array for the float one (a kernel may type a
+    tile_f32 call for other outputs on a branch it never takes, as sparse.py does)."""
+    return isinstance(out, types.Array) and (out.dtype == types.uint8 or not u8)
+
+
+def _tile_typer(half, u8, tag, mr, a, a_off, lda, b, b_off, kg, colsum, wscale, bias,
+                n0, ascale, azp, m0, out, act, p0, p1, e0, e1):
     """A tile (the ISA's width; with half, HALF_COLS columns) with the dequantizing
     epilogue done in registers:
 
@@ -322,76 +336,92 @@ def _tile_f32_typer(half, tag, mr, a, a_off, lda, b, b_off, kg, colsum, wscale, 
                               * (ascale[m0+r] * wscale[n0+j]) + bias[n0+j])
 
     for r < mr, j < tile columns (all columns must exist in out and bias).
-    A residual res (float32, out's shape; an empty array for none) is added
-    in registers too: act(y) + res, or act(y + res) with res_first.
-    The formulas of epilogue.dequant_row, with scale and bias one fused
-    multiply-add (within an ulp of the staged path); act (an
+    tile_f32 (float32 out): a residual res = e0 (float32, out's shape; an empty
+    array for none) is added in registers too: act(y) + res, or act(y + res)
+    with res_first = e1. The formulas of epilogue.dequant_row, with scale and
+    bias one fused multiply-add (within an ulp of the staged path); act (an
     epilogue.ACTIVATIONS code) is applied in registers for relu (1),
     clamp(p0, p1) (2) and erf GELU (3), the formulas of epilogue.py (GELU's
     reciprocal an estimate and a Newton step, ~2^-23), and left to the
     caller otherwise. Every vector operation here costs about a cycle per
     tile vector on Zen 4, where 512-bit float ops issue once per cycle.
+    tile_u8 (uint8 out): that result requantized, clip(rint(y * e0) + e1, 0, 255)
+    with e0 = 1 / out_scale, e1 = out_zp, bit for bit as the staged path
+    (epilogue.store_tile_u8) computes it: see _emit_u8_epilogue; act 0 to 3.
     """
     if (not isinstance(tag, IsaType) or not isinstance(mr, types.IntegerLiteral)
-            or not _a_type_ok(tag.isa, a)):
+            or not _a_type_ok(tag.isa, a) or not _out_type_ok(out, u8)):
         return None
     sig = types.void(tag, mr, a, a_off, lda, b, b_off, kg, colsum, wscale, bias,
-                     n0, ascale, azp, m0, out, act, p0, p1, res, res_first)
+                     n0, ascale, azp, m0, out, act, p0, p1, e0, e1)
     isa, nrows = tag.isa, mr.literal_value
     width = HALF_COLS.get(isa, 0) if half else GEOMETRY[isa][1]
+    emit = _emit_u8_epilogue if u8 else _emit_f32_epilogue
 
     def codegen(context, builder, sig, args):
         if isa not in _SPECS or nrows > GEOMETRY[isa][0] or not width:
             return context.get_dummy_value()
         ar = _Args(context, builder, sig, args)
-        _emit_f32_epilogue(context, builder, ar, 8, nrows, width,
-                           lambda: _emit_accumulate(ar, isa, nrows, 2, 5, 7, width))
+        emit(context, builder, ar, 8, nrows, width,
+             lambda: _emit_accumulate(ar, isa, nrows, 2, 5, 7, width))
         return context.get_dummy_value()
     return sig, codegen
 
 
-@intrinsic(prefer_literal=True)
-def staged_f32(typingctx, tag, mr, t, t_off, ldt, colsum, wscale, bias, n0, ascale, azp, m0, out,
-               act, p0, p1, res, res_first):
-    """tile_f32's epilogue, in registers, on an int32 tile already computed: mr rows of
-    the ISA's tile width from t[t_off + r * ldt] (an AMX block, amx.py)."""
-    if (not isinstance(tag, IsaType) or not isinstance(mr, types.IntegerLiteral)
-            or not (isinstance(t, types.Array) and t.dtype == types.int32)):
-        return None
-    sig = types.void(tag, mr, t, t_off, ldt, colsum, wscale, bias, n0, ascale, azp, m0, out,
-                     act, p0, p1, res, res_first)
-    isa, nrows = tag.isa, mr.literal_value
+def _staged_intrinsic(u8):
+    """staged_f32, or with u8 staged_u8: tile_f32's (tile_u8's) epilogue, in registers, on
+    an int32 tile already computed: mr rows of the ISA's tile width from t[t_off + r * ldt]
+    (an AMX block, amx.py); the last two arguments as the tile's."""
+    @intrinsic(prefer_literal=True)
+    def staged(typingctx, tag, mr, t, t_off, ldt, colsum, wscale, bias, n0, ascale, azp, m0, out,
+               act, p0, p1, e0, e1):
+        if (not isinstance(tag, IsaType) or not isinstance(mr, types.IntegerLiteral)
+                or not (isinstance(t, types.Array) and t.dtype == types.int32)
+                or not _out_type_ok(out, u8)):
+            return None
+        sig = types.void(tag, mr, t, t_off, ldt, colsum, wscale, bias, n0, ascale, azp, m0, out,
+                         act, p0, p1, e0, e1)
+        isa, nrows = tag.isa, mr.literal_value
+        emit = _emit_u8_epilogue if u8 else _emit_f32_epilogue
 
-    def codegen(context, builder, sig, args):
-        if isa not in _SPECS:
+        def codegen(context, builder, sig, args):
+            if isa not in _SPECS:
+                return context.get_dummy_value()
+            ar = _Args(context, builder, sig, args)
+            spec, width = _SPECS[isa], GEOMETRY[isa][1]
+            # the int32 vectors tile_f32 finishes with (one lane a column; avx2's pair
+            # accumulators finish to 8 lanes), so the epilogue is tile_f32's own
+            n = spec.vbytes // 4
+            ty = _vec(_i32, n)
+
+            def accs():
+                t_ptr, ldt_v = ar.ptr(2, 3), ar.int(4)
+                return [[_load_vec(builder, t_ptr, builder.add(builder.mul(ldt_v, ar.cst(r)), ar.cst(c * n)),
+                                   ty) for c in range(width // n)] for r in range(nrows)]
+            emit(context, builder, ar, 5, nrows, width, accs)
             return context.get_dummy_value()
-        ar = _Args(context, builder, sig, args)
-        spec, width = _SPECS[isa], GEOMETRY[isa][1]
-        # the int32 vectors tile_f32 finishes with (one lane a column; avx2's pair
-        # accumulators finish to 8 lanes), so the epilogue is tile_f32's own
-        n = spec.vbytes // 4
-        ty = _vec(_i32, n)
-
-        def accs():
-            t_ptr, ldt_v = ar.ptr(2, 3), ar.int(4)
-            return [[_load_vec(builder, t_ptr, builder.add(builder.mul(ldt_v, ar.cst(r)), ar.cst(c * n)),
-                               ty) for c in range(width // n)] for r in range(nrows)]
-        _emit_f32_epilogue(context, builder, ar, 5, nrows, width, accs)
-        return context.get_dummy_value()
-    return sig, codegen
+        return sig, codegen
+    return staged
 
 
-def _emit_f32_epilogue(context, builder, ar, i0, nrows, width, accumulate):
-    """The epilogue of tile_f32 on the int32 vectors accumulate() returns (mr x vectors);
-    the arguments from colsum on start at index i0 (colsum, wscale, bias, n0, ascale,
-    azp, m0, out, act, p0, p1, res, res_first)."""
+def _tile_out(context, builder, ar, i0, nrows, width):
+    """(pointer to out[m0, n0], out's row stride in elements) of a tile whose arguments from
+    colsum on start at i0 (out at i0 + 7), its output lines asked for before the K loop."""
     sig, args = ar.tys, ar.args
     n0v, m0v = ar.int(i0 + 3), ar.int(i0 + 6)
     out_st = cgutils.create_struct_proxy(sig[i0 + 7])(context, builder, value=args[i0 + 7])
-    ldo = builder.sdiv(builder.extract_value(out_st.strides, 0), ar.cst(4))
+    size = sig[i0 + 7].dtype.bitwidth // 8
+    ldo = builder.sdiv(builder.extract_value(out_st.strides, 0), ar.cst(size))
     o_ptr = builder.gep(out_st.data, [builder.add(builder.mul(m0v, ldo), n0v)])
-    _prefetch_for_write(builder, o_ptr, ldo, nrows, width, ar)
-    accs = accumulate()
+    _prefetch_for_write(builder, o_ptr, ldo, nrows, width, size, ar)
+    return o_ptr, ldo
+
+
+def _dequantize(builder, ar, i0, accs, fused):
+    """The float32 y of the int32 vectors accs (rows x vectors), as rows of vectors:
+    float32(acc - azp[m0+r] * colsum) * (ascale[m0+r] * wscale) + bias. fused: the
+    multiply and the add one fma (tile_f32, within an ulp of the staged path); else each
+    rounded, epilogue.dequant_row's operations and so its bits."""
     cs_p, ws_p, b_p = ar.ptr(i0, i0 + 3), ar.ptr(i0 + 1, i0 + 3), ar.ptr(i0 + 2, i0 + 3)
     sa_p, zp_p = ar.ptr(i0 + 4, i0 + 6), ar.ptr(i0 + 5, i0 + 6)
     n = accs[0][0].type.count
@@ -401,19 +431,48 @@ def _emit_f32_epilogue(context, builder, ar, i0, nrows, width, accumulate):
              _load_vec(builder, b_p, ar.cst(c * n), fvec)) for c in range(len(accs[0]))]
     ys = []
     for r, row in enumerate(accs):
-        zp = builder.load(builder.gep(zp_p, [ar.cst(r)]))
-        sa = builder.load(builder.gep(sa_p, [ar.cst(r)]))
-        zpv = _splat(builder, zp, n)
-        sav = _splat(builder, sa, n)
-        base = builder.mul(ldo, ar.cst(r))
+        zpv = _splat(builder, builder.load(builder.gep(zp_p, [ar.cst(r)])), n)
+        sav = _splat(builder, builder.load(builder.gep(sa_p, [ar.cst(r)])), n)
+        ys.append([])
         for c, v in enumerate(row):
             cs, ws, bv = cols[c]
-            acc = builder.sub(v, builder.mul(zpv, cs))
-            y = _vcall(builder, "llvm.fma", builder.sitofp(acc, fvec), builder.fmul(sav, ws), bv)
-            ys.append((y, r, c, builder.add(base, ar.cst(c * n))))
+            x = builder.sitofp(builder.sub(v, builder.mul(zpv, cs)), fvec)
+            if fused:
+                ys[r].append(_vcall(builder, "llvm.fma", x, builder.fmul(sav, ws), bv))
+            else:
+                ys[r].append(builder.fadd(builder.fmul(x, builder.fmul(sav, ws)), bv))
+    return ys
+
+
+def _by_activation(builder, act, cases, otherwise):
+    """Emit the first of cases [(ACTIVATIONS code, emit)] whose code is act (an i32 value),
+    else otherwise(): one branch per tile, each emit storing the whole tile."""
+    if not cases:
+        otherwise()
+        return
+    (code, emit), rest = cases[0], cases[1:]
+    with builder.if_else(builder.icmp_signed("==", act, ir.Constant(_i32, code))) as (hit, miss):
+        with hit:
+            emit()
+        with miss:
+            _by_activation(builder, act, rest, otherwise)
+
+
+def _emit_f32_epilogue(context, builder, ar, i0, nrows, width, accumulate):
+    """The epilogue of tile_f32 on the int32 vectors accumulate() returns (mr x vectors);
+    the arguments from colsum on start at index i0 (colsum, wscale, bias, n0, ascale,
+    azp, m0, out, act, p0, p1, res, res_first)."""
+    sig, args = ar.tys, ar.args
+    o_ptr, ldo = _tile_out(context, builder, ar, i0, nrows, width)
+    rows = _dequantize(builder, ar, i0, accumulate(), fused=True)
+    n = rows[0][0].type.count
+    fvec = rows[0][0].type
+    ys = [(y, r, c, builder.add(builder.mul(ldo, ar.cst(r)), ar.cst(c * n)))
+          for r, row in enumerate(rows) for c, y in enumerate(row)]
     act_v = context.cast(builder, args[i0 + 8], sig[i0 + 8], types.int32)
     p0v = _splat(builder, context.cast(builder, args[i0 + 9], sig[i0 + 9], types.float32), n)
     p1v = _splat(builder, context.cast(builder, args[i0 + 10], sig[i0 + 10], types.float32), n)
+    n0v, m0v = ar.int(i0 + 3), ar.int(i0 + 6)
     res_st = cgutils.create_struct_proxy(sig[i0 + 11])(context, builder, value=args[i0 + 11])
     ldr = builder.sdiv(builder.extract_value(res_st.strides, 0), ar.cst(4))
     r_ptr = builder.gep(res_st.data, [builder.add(builder.mul(m0v, ldr), n0v)])
@@ -432,27 +491,15 @@ def _emit_f32_epilogue(context, builder, ar, i0, nrows, width, accumulate):
             before, after = builder.select(first, rv, neg0), builder.select(first, neg0, rv)
             _store_vec(builder, builder.fadd(fn(builder.fadd(y, before)), after), o_ptr, off)
 
-    def is_act(code):
-        return builder.icmp_signed("==", act_v, ir.Constant(_i32, code))
-
     zero = ir.Constant(fvec, None)
 
     def activations(with_res):
-        with builder.if_else(is_act(3)) as (gelu, other):
-            with gelu:
-                store(lambda y: _gelu_vec(builder, y), with_res)
-            with other:
-                with builder.if_else(is_act(1)) as (relu, other2):
-                    with relu:
-                        store(lambda y: _vcall(builder, "llvm.maxnum", y, zero), with_res)
-                    with other2:
-                        with builder.if_else(is_act(2)) as (clamp, plain):
-                            with clamp:
-                                store(lambda y: _vcall(builder, "llvm.minnum",
-                                                       _vcall(builder, "llvm.maxnum", y, p0v), p1v),
-                                      with_res)
-                            with plain:
-                                store(lambda y: y, with_res)
+        _by_activation(builder, act_v, [
+            (3, lambda: store(lambda y: _gelu_vec(builder, y), with_res)),
+            (1, lambda: store(lambda y: _vcall(builder, "llvm.maxnum", y, zero), with_res)),
+            (2, lambda: store(lambda y: _vcall(builder, "llvm.minnum", _vcall(builder, "llvm.maxnum", y, p0v),
+                                               p1v), with_res))],
+            lambda: store(lambda y: y, with_res))
 
     has_res = builder.icmp_signed(">", builder.extract_value(res_st.shape, 0),
                                   ir.Constant(context.get_value_type(types.intp), 0))
@@ -463,17 +510,103 @@ def _emit_f32_epilogue(context, builder, ar, i0, nrows, width, accumulate):
             activations(False)
 
 
-tile_f32 = _tile_f32_intrinsic(False)
-tile_f32_half = _tile_f32_intrinsic(True)
+def _emit_u8_epilogue(context, builder, ar, i0, nrows, width, accumulate):
+    """The epilogue of tile_u8 on the int32 vectors accumulate() returns (mr x vectors);
+    the arguments from colsum on start at index i0 (colsum, wscale, bias, n0, ascale,
+    azp, m0, out, act, p0, p1, inv, ozp).
+
+    epilogue.store_tile_u8's operations in its order, on vectors instead of a staged
+    row, so that the bytes are the staged path's on every input: y as dequant_row
+    rounds it (no fma), the activation as apply_activation computes it (Python's
+    max/min compares, _gelu_staged), then clip(rint(y * inv) + ozp, 0, 255) and the
+    low byte (_requantize). Activations past erf GELU (3) are the caller's to stage."""
+    sig, args = ar.tys, ar.args
+    o_ptr, ldo = _tile_out(context, builder, ar, i0, nrows, width)
+    rows = _dequantize(builder, ar, i0, accumulate(), fused=False)
+    n = rows[0][0].type.count
+    act_v = context.cast(builder, args[i0 + 8], sig[i0 + 8], types.int32)
+    p0v, p1v, inv, ozp = (_splat(builder, context.cast(builder, args[i], sig[i], types.float32), n)
+                          for i in range(i0 + 9, i0 + 13))
+    zero = _fconst(rows[0][0].type, 0.0)
+
+    def store(fn):
+        for r, row in enumerate(rows):
+            for c, y in enumerate(row):
+                off = builder.add(builder.mul(ldo, ar.cst(r)), ar.cst(c * n))
+                _store_vec(builder, _requantize(builder, fn(y), inv, ozp), o_ptr, off)
+
+    _by_activation(builder, act_v, [
+        (3, lambda: store(lambda y: _gelu_staged(builder, y))),
+        (1, lambda: store(lambda y: _py_max(builder, y, zero))),
+        (2, lambda: store(lambda y: _py_min(builder, _py_max(builder, y, p0v), p1v)))],
+        lambda: store(lambda y: y))
 
 
-def _prefetch_for_write(builder, o_ptr, ldo, nrows, ncols, ar):
+tile_f32 = _tile_intrinsic(False, False)
+tile_f32_half = _tile_intrinsic(True, False)
+tile_u8 = _tile_intrinsic(False, True)
+tile_u8_half = _tile_intrinsic(True, True)
+staged_f32 = _staged_intrinsic(False)
+staged_u8 = _staged_intrinsic(True)
+
+
+def _prefetch_for_write(builder, o_ptr, ldo, nrows, ncols, size, ar):
     """Ask for the tile's output lines (owned, for writing) before the K loop, so that
-    their misses overlap the arithmetic instead of stalling the epilogue's stores."""
+    their misses overlap the arithmetic instead of stalling the epilogue's stores;
+    size: bytes of an element of out."""
     for r in range(nrows):
         row = builder.gep(o_ptr, [builder.mul(ldo, ar.cst(r))])
-        for line in range(max(1, ncols * 4 // 64)):
-            emit_prefetch(builder, builder.gep(row, [ar.cst(line * 16)]), write=True, locality=3)
+        for line in range(max(1, ncols * size // 64)):
+            emit_prefetch(builder, builder.gep(row, [ar.cst(line * 64 // size)]), write=True, locality=3)
+
+
+def _fconst(ty, v):
+    """A constant float vector of type ty, each lane the float32 value v."""
+    return ir.Constant(ty, [ir.Constant(ir.FloatType(), float(np.float32(v)))] * ty.count)
+
+
+def _py_max(builder, a, b):
+    """max(a, b) as Numba compiles Python's max on floats (b if b > a else a): the staged
+    epilogue's own operation, NaNs and signed zeros alike (llvm.maxnum is not)."""
+    return builder.select(builder.fcmp_ordered(">", b, a), b, a)
+
+
+def _py_min(builder, a, b):
+    """min(a, b) as Numba compiles Python's min on floats (b if b < a else a)."""
+    return builder.select(builder.fcmp_ordered("<", b, a), b, a)
+
+
+def _requantize(builder, y, inv, ozp):
+    """store_tile_u8's requantization of a float vector y, operation for operation:
+    q = rint(y * inv) + ozp (llvm.rint: half to even, as np.rint), q = q if q > 0 else 0,
+    q = q if q < 255 else 255 (NaN: 0), then int32 and its low byte (<n x i8>)."""
+    fty = y.type
+    zero, top = _fconst(fty, 0.0), _fconst(fty, 255.0)
+    q = builder.fadd(_vcall(builder, "llvm.rint", builder.fmul(y, inv)), ozp)
+    q = builder.select(builder.fcmp_ordered(">", q, zero), q, zero)
+    q = builder.select(builder.fcmp_ordered("<", q, top), q, top)
+    return builder.trunc(builder.fptosi(q, _vec(_i32, fty.count)), _vec(_i8, fty.count))
+
+
+def _gelu_staged(builder, x):
+    """apply_activation's erf GELU on a float vector, operation for operation:
+    0.5 * x * (1 + erf_f32(x * (1 / sqrt 2))), erf_f32's polynomial by multiplies and
+    adds, its 1 / p a division, with epilogue.py's float32 constants. The staged path's
+    bits, where _gelu_vec (tile_f32's) folds constants and estimates 1 / p (~2^-23)."""
+    def k(v):
+        return _fconst(x.type, v)
+    u = builder.fmul(x, k(_ep._INV_SQRT2))
+    z = _py_min(builder, _vcall(builder, "llvm.fabs", u), k(_ep._ERF_ZMAX))
+    a = _ep._ERF_A
+    p = builder.fmul(z, k(a[5]))
+    for i in range(4, -1, -1):        # 1 + z (a1 + z (a2 + ... z (a5 + z a6)))
+        p = builder.fmul(z, builder.fadd(k(a[i]), p))
+    p = builder.fadd(k(1.0), p)
+    for _ in range(4):
+        p = builder.fmul(p, p)
+    e = builder.fsub(k(1.0), builder.fdiv(k(1.0), p))
+    erf = builder.select(builder.fcmp_ordered(">=", u, k(0.0)), e, builder.fsub(k(-0.0), e))
+    return builder.fmul(builder.fmul(k(0.5), x), builder.fadd(k(1.0), erf))
 
 
 def _vcall(builder, name, *vecs):

@@ -193,6 +193,68 @@ def test_gemm_u8_requantize(isa, act, m, k):
     assert (got == ref).mean() > 0.99
 
 
+def _requantized(y, out_scale, out_zp):
+    """epilogue.store_tile_u8's requantization of float32 y, its operations in its order:
+    rint(y * (1 / out_scale)) + out_zp in float32, clamped by its compares (NaN: 0), then
+    int32 and the low byte."""
+    q = np.rint(y * (np.float32(1) / np.float32(out_scale))) + np.float32(out_zp)
+    q = np.where(q > 0, q, np.float32(0))
+    q = np.where(q < 255, q, np.float32(255))
+    return q.astype(np.int32).astype(np.uint8)
+
+
+# AMX blocks of 32 rows and a 6-row tail (K % 64 == 0), one AMX block of 13 or 23 rows
+# (12 or 20 of them 4 at a time in registers), vpdpbusd register tiles (K % 64 != 0);
+# N: a whole block, + 36 columns (avx512: a 32-column half tile, 4 staged; avx2 and
+# avx_vnni: two 16-column tiles, 4 staged), 40 and 8 columns alone
+U8_SHAPES = [(70, 128, 64), (13, 64, 100), (23, 192, 40), (38, 100, 100), (7, 36, 8)]
+
+
+@pytest.mark.parametrize("act,act_args", ACTS)
+@pytest.mark.parametrize("ties", [False, True])
+def test_gemm_u8_equals_the_staged_requantization_bit_for_bit(isa, monkeypatch, act, act_args, ties):
+    """uint8 output, finished in registers (simd.tile_u8 on vpdpbusd tiles, staged_u8 on
+    AMX blocks) where the path has them and staged elsewhere, is the staged path's:
+    the float result of the all-staged (portable) path, store_tile_u8's arithmetic in
+    numpy, bit for bit, on every path, serial and threaded, with and without a bias,
+    every activation (SiLU and tanh GELU stay staged). The float output of a register
+    path is no reference: it fuses scale and bias into one fma and estimates GELU's
+    1 / p, an ulp away, which moves a value on a rounding tie. With ties, every other
+    y / out_scale is a tie (scales 0.5, bias in quarters): round half to even."""
+    monkeypatch.setattr(L, "PARALLEL_MIN_MACS", 0)
+    rng = np.random.default_rng(40 + ties)
+    for m, k, n in U8_SHAPES:
+        x, q, s, b = _float_case(rng, m, k, n)
+        aq, sa, za = R.quantize_rows_f32_u8(x)
+        out_scale, out_zp = 0.05, 100
+        if ties:   # y = acc / 4 + b exactly, y / out_scale = acc / 2 + 2 b
+            aq = (128 + rng.integers(-2, 3, (m, k))).astype(np.uint8)
+            q = rng.integers(-3, 4, (n, k)).astype(np.int8)
+            s, sa, za = np.full(n, 0.5, np.float32), np.full(m, 0.5, np.float32), np.full(m, 128, np.int32)
+            b = (rng.integers(-40, 40, n) / 4).astype(np.float32)
+            out_scale, out_zp = 0.5, 128
+        pw = K.pack_weights_s8(q, s)
+        for bias in (b, None):
+            with K.use_isa("portable"):
+                y = K.gemm_u8s8_f32(aq, sa, za, pw, bias, act, act_args)
+            want = _requantized(y, out_scale, out_zp)
+            ref = R.gemm_u8s8_u8(aq, sa, za, q, s, out_scale, out_zp, bias, act, act_args)
+            # float rounding may move a value on a .5 boundary by one step: with ties and an
+            # activation computed by polynomials, many values
+            assert np.abs(want.astype(int) - ref).max() <= 1
+            assert ties or (want == ref).mean() > 0.99
+            if act == "none" and bias is not None:    # the cases hold what they are for
+                if ties:
+                    assert (y / np.float32(out_scale) % 1 == 0.5).mean() > 0.2
+                else:
+                    assert (want == 0).any() and (want == 255).any()
+            for threads in ((1, 2) if isa in THREADED_ISAS else (1,)):
+                got = K.gemm_u8s8_u8(aq, sa, za, pw, out_scale, out_zp, bias, act, act_args,
+                                     n_threads=threads)
+                np.testing.assert_array_equal(got, want, err_msg=f"{(m, k, n)}, bias {bias is not None}, "
+                                                                 f"{threads} threads")
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("m,k,n", [(1, 768, 64), (3, 13, 70), (130, 96, 128)])
 def test_linear_f32_matches_reference(isa, monkeypatch, threads, m, k, n):
