@@ -17,6 +17,7 @@ import re
 
 import torch
 from torch.fx import GraphModule, Node
+from torch.fx.node import map_arg
 
 from fxopt.core.errors import PassError
 from fxopt.core.ops import OpKind, kind_of
@@ -222,6 +223,14 @@ def storage_roots(start: Node) -> set:
         if sources is None:
             roots.add(node)
         todo.extend(sources or ())
+    return roots
+
+
+def storage_roots_of(args) -> set:
+    """storage_roots of every node in args (a node, or nested lists, tuples and dicts of
+    them): the storage those values may be views of."""
+    roots: set = set()
+    map_arg(args, lambda n: roots.update(storage_roots(n)))
     return roots
 
 

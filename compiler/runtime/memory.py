@@ -11,9 +11,8 @@ from __future__ import annotations
 import threading
 
 import numpy as np
-from torch import fx
 
-from fxopt.core.ir import storage_roots
+from fxopt.core.ir import storage_roots, storage_roots_of
 from fxopt.kernels import api as K
 from fxopt.runtime import kernel_ops
 
@@ -29,8 +28,7 @@ def planned_buffers(gm) -> dict:
     if not candidates:
         return {}
     output = next(n for n in gm.graph.nodes if n.op == "output")
-    escaping = set()
-    fx.node.map_arg(output.args, lambda n: escaping.update(storage_roots(n)))
+    escaping = storage_roots_of(output.args)
     last = {n: order[n] for n in candidates}
     for node in gm.graph.nodes:
         uses = [order[u] for u in node.users]

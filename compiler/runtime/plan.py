@@ -34,7 +34,7 @@ import torch.utils._pytree as pytree
 from torch import fx
 
 from fxopt.core import fxops
-from fxopt.core.ir import storage_roots
+from fxopt.core.ir import storage_roots, storage_roots_of
 from fxopt.kernels import threads
 from fxopt.kernels.finite import _nonfinite_sum
 from fxopt.kernels.threads import launch_guard
@@ -337,13 +337,15 @@ class Plan:
             body.append(f"if {test}: return _fx_graph({', '.join(params)})")
         planned = planned_buffers(gm)
         slots = {node: j for j, node in enumerate(planned)}     # node -> its buffer in the arena
+        shaped = self.shape_values = ShapeValues(gm, placeholders)
+        if planned or shaped.frontier:          # the input shapes: what arenas and shape values are kept by
+            body.append(f"_fx_k = ({''.join(f'{v}.shape, ' for v in tensors)})")
         if planned:
             self.memory = Memory(list(planned.values()))
             self._globals["_fx_arena"] = self.memory.arena
-            body.append(f"_fx_m = _fx_arena(({''.join(f'{v}.shape, ' for v in tensors)}))")
+            body.append("_fx_m = _fx_arena(_fx_k)")
         screen = None       # a screen of one float input, held back in case the next step fuses it
         dead, pending = _last_uses(gm.graph), ()
-        shaped = self.shape_values = ShapeValues(gm, placeholders)
         unpacked = False
         for node in gm.graph.nodes:
             if node.op in ("placeholder", "output"):
@@ -358,7 +360,7 @@ class Plan:
             if node in shaped.cached:          # computed once per input shapes (see ShapeValues)
                 continue
             if shaped.frontier and not unpacked and any(a in shaped.frontier for a in node.all_input_nodes):
-                body.append(shaped.line(self, leaves, tensors))
+                body.append(shaped.line(self, leaves))
                 unpacked = True
             name = self._names[node] = f"_fx_v{len(self._names)}"
             self._home[node] = "torch"
@@ -570,11 +572,10 @@ class ShapeValues:
         self.gm, self.placeholders = gm, placeholders
         found = _shape_only(gm.graph)
         output = next(n for n in gm.graph.nodes if n.op == "output")
-        shared = set()                # storage a graph output may alias, or an op may write
-        fx.node.map_arg(output.args, lambda n: shared.update(storage_roots(n)))
+        shared = storage_roots_of(output.args)        # storage a graph output may alias, or an op may write
         for node in gm.graph.nodes:
             if _writes(node):
-                fx.node.map_arg((node.args, node.kwargs), lambda n: shared.update(storage_roots(n)))
+                shared |= storage_roots_of((node.args, node.kwargs))
         self.computed = [n for n in gm.graph.nodes if n in found]       # what a fill evaluates
         self.cached = {n for n in found if n.op != "get_attr" and not storage_roots(n) & shared}
         self.frontier = [n for n in self.computed if n in self.cached
@@ -582,16 +583,16 @@ class ShapeValues:
         self.values: dict = {}        # input shapes -> the frontier's values
         self._lock = threading.Lock()
 
-    def line(self, plan: "Plan", leaves: list, tensors: list) -> str:
-        """The plan's line unpacking the kept values its later steps read."""
+    def line(self, plan: "Plan", leaves: list) -> str:
+        """The plan's line unpacking the kept values its later steps read (_fx_k: the call's
+        input shapes)."""
         names = []
         for node in self.frontier:
             plan._names[node] = name = f"_fx_v{len(plan._names)}"
             plan._home[node] = "torch"
             names.append(name)
         fill = plan._const(self.fill)
-        key = f"({''.join(f'{v}.shape, ' for v in tensors)})"
-        return f"{', '.join(names)}, = {plan._const(self.values)}.get({key}) or {fill}({key}, {', '.join(leaves)})"
+        return f"{', '.join(names)}, = {plan._const(self.values)}.get(_fx_k) or {fill}(_fx_k, {', '.join(leaves)})"
 
     def fill(self, key, *inputs) -> tuple:
         """Evaluate the shape-only values for these inputs (each op as the graph calls it),
