@@ -17,12 +17,12 @@ from numba import njit, prange
 from ._cache import CACHE  # package-wide cache locators, before any @njit(cache=CACHE)
 from .dispatch import KernelError
 from .epilogue import apply_activation
-from .linear import _bias, _run, epilogue_params, new_a_rows
+from .linear import _bias, _prepare_u8, _run, epilogue_params, new_a_rows
 from .pack import pack_weights_s8, quantize_weights_s8
 from .quantize import padded_k, scale_zero_point
 from .rowops import minmax_f32, quantize_u8
 
-KERNEL_VERSION = "conv-14"
+KERNEL_VERSION = "conv-15"
 _NO_X = np.empty((0, 0), np.float32)
 _F0, _F1, _F255 = np.float32(0.0), np.float32(1.0), np.float32(255.0)
 # blocks of quantize_chw_rows (pixels, channels) and of rows_to_chw (square), in L1
@@ -348,23 +348,31 @@ def _depthwise(x, nhwc, pc, geo, bias, ep, oh, ow, a_scale, a_zp):
     return out
 
 
-def _conv_batched(x, nhwc, pc, geo, bias, ep, n_threads, oh, ow, a_scale, a_zp, res=_NO_X, static_rows=None):
+def _conv_batched(x, nhwc, pc, geo, bias, ep, n_threads, oh, ow, a_scale, a_zp, res=_NO_X, static_rows=None,
+                  out_dtype=np.float32):
     """All images of a batch in one GEMM (M = N*OH*OW): small late-stage images (7x7)
     would starve the GEMM one by one. Each image keeps its own scale and zero point
-    through the GEMM's per-row quantization parameters. Returns (N, OH, OW, O).
-    static_rows: the rows' (scales, zero points) of a static scale, made once by the caller."""
+    through the GEMM's per-row quantization parameters. Returns (N, OH, OW, O) of
+    out_dtype (uint8: ep requantizes). static_rows: the rows' (scales, zero points) of a
+    static scale, made once by the caller. A uint8 x (NHWC) is quantized already, with
+    the static (a_scale, a_zp): it goes to im2col, or straight to the GEMM, as it is."""
     n, rows = x.shape[0], oh * ow
     cg = pc.in_channels
     kp = padded_k(cg * pc.kh * pc.kw)
     direct = pc.kh == pc.kw == 1 and kp == cg and geo == (1, 1, 0, 0, 1, 1)
-    cols = new_a_rows(n * rows, kp // 4)
-    xq = cols if direct else np.empty((x.size // cg, cg), np.uint8)
-    scales, zps = _pixel_rows(x, nhwc, cg, a_scale, a_zp, xq)
+    if x.dtype == np.uint8:
+        zps = np.full(n, a_zp, np.int32)
+        xq = x.reshape(-1, cg)
+        cols = _prepare_u8(xq, pc.parts[0]) if direct else new_a_rows(n * rows, kp // 4)
+    else:
+        cols = new_a_rows(n * rows, kp // 4)
+        xq = cols if direct else np.empty((x.size // cg, cg), np.uint8)
+        scales, zps = _pixel_rows(x, nhwc, cg, a_scale, a_zp, xq)
     if not direct:
         h, w = x.shape[1:3] if nhwc else x.shape[2:]
         im2col_batch_u8(xq.reshape(n, h, w, cg), cg, pc.kh, pc.kw, *geo, zps, cols)
     rows_s, rows_z = static_rows if static_rows is not None else (np.repeat(scales, rows), np.repeat(zps, rows))
-    out = np.empty((n * rows, pc.out_channels), np.float32)
+    out = np.empty((n * rows, pc.out_channels), out_dtype)
     _run(_NO_X, cols, rows_s, rows_z, pc.parts[0], _bias(bias if bias.size else None, pc.out_channels),
          ep, out, n_threads, res)
     return out.reshape(n, oh, ow, pc.out_channels)
@@ -398,45 +406,70 @@ def _gemm_groups(xq, pc, geo, s, z, bias, ep, n_threads, oh, ow):
 
 
 def bind_conv2d(pc, bias=None, stride=1, padding=0, dilation=1, act="none", act_args=(), a_scale=0.0,
-                a_zero_point=0):
+                a_zero_point=0, out_scale=0.0, out_zero_point=0):
     """conv2d_f32 on NHWC images with all but the input bound once, for a runtime that calls
     the layer many times: call(x, residual=None, n_threads=None) -> (N, OH, OW, O) float32,
     the result of conv2d_f32(x, pc, ..., layout="NHWC") bit for bit. Per call it only
     quantizes, lays out and multiplies; the checks, epilogue constants and (for a static
     scale) the GEMM rows' scales are made once, per input size for the last.
 
+    Chained int8 layers (dense convs, static scales) skip the float activations: with
+    out_scale > 0 the output is uint8, clip(rint(y / out_scale) + out_zero_point, 0, 255)
+    of that float result y, written by the GEMM's epilogue; and x may be uint8 NHWC,
+    quantized already with (a_scale, a_zero_point), which the call then takes as it is
+    (the result is the call's on the float image those codes stand for).
+
         >>> call = bind_conv2d(pc, bias, stride=2, padding=1, act="relu", a_scale=0.02, a_zero_point=128)
         >>> y = call(x_nhwc)
     """
     if a_scale > 0 and not 0 <= a_zero_point <= 255:
         raise KernelError(f"a_zero_point must be in [0, 255], got {a_zero_point}")
+    dense = pc.dw_q is None and pc.groups == 1
+    chained_out = out_scale > 0
+    if chained_out and not (dense and 0 <= out_zero_point <= 255):
+        raise KernelError(f"uint8 output (out_scale > 0) needs a dense conv (groups == 1) and an out_zero_point "
+                          f"in [0, 255]; got groups={pc.groups}, out_zero_point={out_zero_point}")
     geo = _geometry(stride, padding, dilation)
     b = np.zeros(pc.out_channels, np.float32) if bias is None else _bias(bias, pc.out_channels)
-    eps = {first: epilogue_params(act, tuple(act_args), residual_first=first) for first in (False, True)}
+    ep_args = (float(out_scale), int(out_zero_point)) if chained_out else (1.0, 0)
+    eps = {first: epilogue_params(act, tuple(act_args), *ep_args, residual_first=first) for first in (False, True)}
+    out_dtype = np.uint8 if chained_out else np.float32
     static = a_scale > 0
     sizes = {}       # (N, H, W) -> (OH, OW, the GEMM rows' static scales and zero points or None)
-    dense = pc.dw_q is None and pc.groups == 1
 
     def call(x, residual=None, n_threads=None):
-        if (not dense or type(x) is not np.ndarray or x.dtype != np.float32 or x.ndim != 4
+        if type(x) is np.ndarray and x.dtype == np.uint8:
+            if not (dense and static and x.ndim == 4 and x.shape[3] == pc.in_channels and x.flags.c_contiguous):
+                raise KernelError(f"uint8 input is taken by dense convs with a static scale only, as C-contiguous "
+                                  f"NHWC (N, H, W, {pc.in_channels}); got groups={pc.groups}, a_scale={a_scale}, "
+                                  f"shape {x.shape}: pass float32 images")
+        elif (chained_out or not dense or type(x) is not np.ndarray or x.dtype != np.float32 or x.ndim != 4
                 or x.shape[3] != pc.in_channels or not x.flags.c_contiguous):
-            return conv2d_f32(x, pc, bias, stride, padding, dilation, act, act_args, "NHWC", n_threads, a_scale,
-                              a_zero_point, residual)
+            if chained_out:     # conv2d_f32 has no uint8 output: the input as the fast path takes it
+                x = np.ascontiguousarray(x, np.float32)
+                if x.ndim != 4 or x.shape[3] != pc.in_channels:
+                    raise KernelError(f"conv: input {x.shape} (NHWC) does not have {pc.in_channels} channels")
+            else:
+                return conv2d_f32(x, pc, bias, stride, padding, dilation, act, act_args, "NHWC", n_threads,
+                                  a_scale, a_zero_point, residual)
         size = sizes.get(x.shape[:3])
         if size is None:
             n, h, w = x.shape[:3]
             oh, ow = _out_hw(h, w, pc, geo)
-            if oh <= 0 or ow <= 0:          # conv2d_f32 names the problem
-                return conv2d_f32(x, pc, bias, stride, padding, dilation, act, act_args, "NHWC", n_threads,
-                                  a_scale, a_zero_point, residual)
+            if oh <= 0 or ow <= 0:
+                raise KernelError(f"conv: kernel larger than padded input {x.shape} (NHWC)")
             rows = (np.full(n * oh * ow, a_scale, np.float32), np.full(n * oh * ow, a_zero_point, np.int32))
             if len(sizes) > 64:            # many input sizes: keep the table small
                 sizes.clear()
             size = sizes[x.shape[:3]] = (oh, ow, rows if static else None)
         oh, ow, rows = size
-        res = _NO_X if residual is None else _residual_rows(residual, pc, x.shape[0], oh, ow, True)
+        res = _NO_X
+        if residual is not None:
+            if chained_out:
+                raise KernelError("conv: a residual needs float output (out_scale=0): the uint8 epilogue adds none")
+            res = _residual_rows(residual, pc, x.shape[0], oh, ow, True)
         return _conv_batched(x, True, pc, geo, b, eps[residual is not None], n_threads, oh, ow, a_scale,
-                             a_zero_point, res, rows)
+                             a_zero_point, res, rows, out_dtype)
     return call
 
 

@@ -23,6 +23,12 @@ bit for bit) and the dense one are timed on the packed weights at the example in
 count, taking turns, and the faster one is kept; the layer's report row says which and
 both times. Option sparse=False (optimize's, or this pass's) keeps every linear dense;
 sparse="always" takes the sparse kernel wherever the zeros allow, untimed (deterministic).
+
+Chained int8 layers: where the next int8 layers quantize a layer's output with a static
+scale, the layer's epilogue writes that uint8 directly (linears to a linear, dense convs to
+dense convs). The codes are the ones the consumer would have made from the float value
+(but for a value within an ulp of a rounding tie: the float epilogue rounds scale and bias
+once, the uint8 one twice); option chain=False keeps every hand-over in float (debugging).
 """
 from __future__ import annotations
 
@@ -42,7 +48,8 @@ from fxopt.runtime import kernel_ops
 
 aten = torch.ops.aten
 
-PASS = PassInfo("lower_to_kernels", requires=("quantize_int8|quantize_bf16",), options={"sparse": None},
+PASS = PassInfo("lower_to_kernels", requires=("quantize_int8|quantize_bf16",),
+                options={"sparse": None, "chain": True},
                 doc="replace int8 reference ops by Numba kernel ops with pre-packed weights")
 
 SPARSE_MODES = (True, False, "always")   # timed choice, dense only, sparse wherever zeros allow
@@ -51,7 +58,7 @@ TIMING_ROUNDS = 5        # interleaved rounds of the dense/sparse timing, each >
 TIMING_BATCH_S = 2e-4
 
 
-def run(gm, ctx, sparse=None) -> PassResult:
+def run(gm, ctx, sparse=None, chain=True) -> PassResult:
     sparse = ctx.get("sparse", True) if sparse is None else sparse
     if sparse not in SPARSE_MODES:
         raise ValueError(f"lower_to_kernels: sparse must be one of {SPARSE_MODES}, got {sparse!r}")
@@ -82,8 +89,9 @@ def run(gm, ctx, sparse=None) -> PassResult:
         stats["layer_norm"] = _lower_layer_norms(gm)
     if stats["conv2d"]:
         stats["view_to_reshape"] = _views_to_reshapes(gm)
-    stats["chained"] = _chain(gm)
+    stats["chained"] = _chain(gm) if chain else 0
     stats["residual_adds"] = _fuse_residual_adds(gm) + _fuse_conv_residuals(gm)
+    stats["chained"] += _chain_convs(gm) if chain else 0
     from fxopt.kernels import api as kernels
     gm.meta.setdefault("fxopt_artifact", {})["kernel_isa"] = kernels.isa()
     return PassResult(stats["linear"] + stats["conv2d"] + stats["attention"] > 0, stats)
@@ -208,7 +216,7 @@ def _lower_layer_norms(gm) -> int:
 def _chain(gm) -> int:
     """Let an int8 linear hand uint8 straight to the next one when that one quantizes its
     input statically: the producer's epilogue requantizes to the consumer's (scale, zero
-    point), so the value never exists in float. Convs have no uint8 input path yet."""
+    point), so the value never exists in float (convs: _chain_convs)."""
     count = 0
     for node in gm.graph.nodes:
         if node.target not in kernel_ops.LINEARS or len(node.users) != 1:
@@ -221,6 +229,62 @@ def _chain(gm) -> int:
         node.meta.setdefault("fxopt_quant", {})["chained"] = True
         count += 1
     return count
+
+
+def _chain_convs(gm) -> int:
+    """The same for convs, after their residual adds are fused: a dense int8 conv without a
+    residual hands uint8 (channels_last) to the dense static-scale convs reading it as
+    their input, when it has no other user and they all take one (scale, zero point), as
+    convs reading one tensor do (SqueezeNet's expand pair, a ResNet stage's first block).
+    A max pool between them runs on the codes (fxopt.max_pool2d): ResNet's stem. A
+    residual stays float: the uint8 epilogue adds none."""
+    count = 0
+    for node in list(gm.graph.nodes):
+        if (node.target is not kernel_ops.conv2d_int8 or not _dense_conv(node) or _conv_out_scale(node) > 0
+                or (len(node.args) > 13 and node.args[13] is not None)):
+            continue
+        pools = [u for u in node.users if u.target is aten.max_pool2d.default and u.args[0] is node
+                 and not u.kwargs]
+        takers = [(u, node) for u in node.users if u not in pools] + [(u, p) for p in pools for u in p.users]
+        takes = {(float(u.args[11]), int(u.args[12])) if _reads_uint8_input(u, x) else None for u, x in takers}
+        if len(takes) != 1 or None in takes:
+            continue
+        scale, zp = takes.pop()
+        node.args = (*node.args[:13], None, scale, zp)
+        infer_meta(gm, node)
+        node.meta.setdefault("fxopt_quant", {})["chained"] = True
+        for pool in pools:
+            _replace(gm, pool, kernel_ops.max_pool2d, _pool_args(pool))
+        count += 1
+    return count
+
+
+def _pool_args(pool) -> tuple:
+    """aten.max_pool2d's arguments with every size a pair and the defaults spelled out."""
+    x, kernel, stride, padding, dilation, ceil_mode = (*pool.args, *[None] * 5)[:6]
+    kernel = _pair(kernel, None)
+    return (x, kernel, _pair(stride, kernel), _pair(padding, [0, 0]), _pair(dilation, [1, 1]), bool(ceil_mode))
+
+
+def _pair(v, default) -> list:
+    """A pool size as a pair: [k] is [k, k]; [] or None is the default."""
+    if not v:
+        return default
+    return [int(v[0])] * 2 if len(v) == 1 else [int(i) for i in v]
+
+
+def _dense_conv(node) -> bool:
+    return node.args[5][4] == 1 and not node.args[5][5]
+
+
+def _conv_out_scale(node) -> float:
+    return float(node.args[14]) if len(node.args) > 14 else float(node.kwargs.get("out_scale", 0.0))
+
+
+def _reads_uint8_input(user, node) -> bool:
+    """user is a dense static-scale int8 conv taking node as its input x (and only so)."""
+    return (user.target is kernel_ops.conv2d_int8 and _dense_conv(user) and user.args[0] is node
+            and user.args[11] > 0 and not user.kwargs and node not in user.args[1:])
 
 
 def _fuse_residual_adds(gm) -> int:

@@ -129,6 +129,63 @@ def test_bound_conv_equals_conv2d_f32_bit_for_bit(static, groups):
         K.bind_conv2d(pc, b, a_scale=0.1, a_zero_point=300)
 
 
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("c, o, k, stride", [(64, 96, 3, 1), (24, 40, 3, 2), (32, 64, 1, 1), (1024, 64, 1, 1)])
+def test_bound_conv_takes_and_gives_uint8(isa, c, o, k, stride):
+    """Chained convs: uint8 NHWC input gives the result of the float image its codes stand
+    for, bit for bit (3x3 through im2col, 1x1 read in place); uint8 output is that float
+    result requantized, clip(rint(y / out_scale) + zp, 0, 255), up to one code where y sits
+    within an ulp of a tie (the float epilogue fuses scale and bias in one multiply-add)."""
+    rng = np.random.default_rng(c + o + k)
+    w = rng.standard_normal((o, c, k, k)).astype(np.float32)
+    b = rng.standard_normal(o).astype(np.float32)
+    pc = K.pack_conv_weights_s8(w)
+    q = {"stride": stride, "padding": k // 2, "act": "relu", "a_scale": 0.03, "a_zero_point": 7}
+    codes = rng.integers(0, 256, (2, 11, 9, c)).astype(np.uint8)
+    x = ((codes.astype(np.float32) - 7) * np.float32(0.03)).astype(np.float32)
+    with K.use_isa(isa):
+        floats = K.bind_conv2d(pc, b, **q)
+        chained = K.bind_conv2d(pc, b, **q, out_scale=0.05, out_zero_point=3)
+        y = floats(x)
+        assert np.array_equal(floats(codes), y)
+        assert np.abs(y).max() > 0.5 * 255 * 0.05                 # the outputs reach the clip too
+        for inputs in (codes, x):
+            got = chained(inputs)
+            assert got.dtype == np.uint8 and got.shape == y.shape
+            want = np.clip(np.rint(y * (np.float32(1) / np.float32(0.05))) + 3, 0, 255)
+            diff = np.abs(got.astype(np.int32) - want)
+            assert diff.max() <= 1 and (diff > 0).mean() < 1e-3
+        with pytest.raises(K.KernelError, match="residual needs float output"):
+            chained(codes, np.zeros(y.shape, np.float32))
+    grouped = K.pack_conv_weights_s8(np.ones((4, 2, 3, 3), np.float32), groups=2)
+    with pytest.raises(K.KernelError, match="uint8 output"):
+        K.bind_conv2d(grouped, out_scale=0.1)
+    with pytest.raises(K.KernelError, match="uint8 input"):
+        K.bind_conv2d(grouped, a_scale=0.1)(np.zeros((1, 5, 5, 4), np.uint8))
+    with pytest.raises(K.KernelError, match="uint8 input"):
+        K.bind_conv2d(pc)(codes)                                   # a dynamic scale: codes of what?
+
+
+@pytest.mark.parametrize("shape, k, stride, padding, dilation, ceil_mode", [
+    ((2, 12, 12, 64), (3, 3), (2, 2), (1, 1), (1, 1), False),    # ResNet's stem pool
+    ((1, 13, 13, 24), (3, 3), (2, 2), (0, 0), (1, 1), True),     # SqueezeNet's: the last window overhangs
+    ((2, 9, 10, 5), (3, 2), (2, 1), (1, 0), (2, 2), True),
+    ((1, 7, 7, 3), (2, 2), None, (0, 0), (1, 1), False),         # stride defaults to the kernel
+])
+def test_max_pool_on_uint8_codes_is_torchs_max_pool(shape, k, stride, padding, dilation, ceil_mode):
+    import torch
+    rng = np.random.default_rng(sum(shape))
+    x = rng.integers(0, 256, shape).astype(np.uint8)
+    got = K.max_pool2d_nhwc(x, k, stride, padding, dilation, ceil_mode)
+    want = torch.nn.functional.max_pool2d(torch.from_numpy(x.astype(np.float32)).permute(0, 3, 1, 2), k,
+                                          stride, padding, dilation, ceil_mode=ceil_mode)
+    assert got.dtype == np.uint8 and np.array_equal(got, want.permute(0, 2, 3, 1).numpy())
+    with pytest.raises(K.KernelError, match="padding at most half"):
+        K.max_pool2d_nhwc(x, (2, 2), (1, 1), (2, 2))
+    with pytest.raises(K.KernelError, match="larger than the padded input"):
+        K.max_pool2d_nhwc(x, (20, 20), (1, 1), (0, 0))
+
+
 def test_conv2d_residual_errors():
     x = np.ones((1, 4, 6, 6), np.float32)
     grouped = K.pack_conv_weights_s8(np.ones((4, 2, 3, 3), np.float32), groups=2)

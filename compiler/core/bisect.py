@@ -18,7 +18,7 @@ import torch.fx._pytree as fx_pytree
 from torch.fx import GraphModule, Interpreter
 
 from fxopt.core.drift import Drift, tensor_drift
-from fxopt.core.ir import ID, LAYER, op_name
+from fxopt.core.ir import ID, LAYER, float_value, op_name
 
 
 @dataclass
@@ -105,7 +105,7 @@ def record_values(gm: GraphModule, args: tuple, kwargs: dict, keep=None) -> dict
         def run_node(self, n):
             out = super().run_node(n)
             if ID in n.meta and (keep is None or n.meta[ID] in keep):
-                values[n.meta[ID]] = out
+                values[n.meta[ID]] = float_value(n, out)
             return out
 
     flat = flat_inputs(gm, args, kwargs)

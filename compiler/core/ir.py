@@ -146,6 +146,21 @@ def replace_node(old: Node, new: Node) -> None:
     old.graph.erase_node(old)
 
 
+def float_value(node: Node, value):
+    """The float values a chained int8 op's uint8 output stands for, (q - out_zp) * out_scale
+    (ops whose schema has out_scale, such as fxopt's linear and conv kernels); any other
+    value as it is. What per-layer comparisons set against a float reference."""
+    if not (isinstance(value, torch.Tensor) and value.dtype == torch.uint8
+            and isinstance(node.target, torch._ops.OpOverload)):
+        return value
+    names = [a.name for a in node.target._schema.arguments]
+    if "out_scale" not in names:
+        return value
+    bound = {**dict(zip(names, node.args)), **node.kwargs}
+    scale, zp = float(bound.get("out_scale", 0.0)), int(bound.get("out_zp", 0))
+    return (value.float() - zp) * scale if scale > 0 else value
+
+
 def infer_meta(gm: GraphModule, node: Node) -> None:
     """Compute `node.meta["val"]` by running its op on the fake values of its inputs."""
     if node.op != "call_function":

@@ -77,13 +77,21 @@ _lib.define("linear_bf16(Tensor x, Tensor packed, Tensor w_scale, Tensor col_sum
 
 
 # A conv's residual (same shape as its output) is added before the activation: relu(conv(x) + r).
+# Chained like the linears: x may be uint8 (a dense conv with a static a_scale/a_zp), and with
+# out_scale > 0 a dense conv without a residual hands its output on as uint8 (channels_last).
 # An int4 embedding table (cpu-int4): row v's weights q[v, 2j], q[v, 2j + 1] in the low and
 # high nibble of packed[v, j] (each + 8), a float32 scale per group of D / w_scale.shape[1]
 # along the row: quantize_weight_groups' numbers, weight-only (a gather needs no kernel).
 _lib.define("embedding_int4(Tensor packed, Tensor w_scale, Tensor indices) -> Tensor")
 _lib.define("conv2d_int8(Tensor x, Tensor packed, Tensor w_scale, Tensor col_sums, Tensor? b, int[] geometry, "
             "int[] stride, int[] padding, int[] dilation, str act, float[] act_args, float a_scale, int a_zp, "
-            "Tensor? residual=None) -> Tensor")
+            "Tensor? residual=None, float out_scale=0.0, int out_zp=0) -> Tensor")
+
+
+# aten.max_pool2d with its arguments spelled out in pairs; on uint8 (a chained conv's output,
+# channels_last) it runs kernels/pool.py, the codes' max being the max's code; else torch's op.
+_lib.define("max_pool2d(Tensor x, int[] kernel_size, int[] stride, int[] padding, int[] dilation, bool ceil_mode) "
+            "-> Tensor")
 
 
 _lib.define("attention_int8(Tensor q, Tensor k, Tensor v, Tensor? attn_mask=None, float? scale=None, "
@@ -136,27 +144,28 @@ def _packed_conv(packed, w_scale, col_sums, b, geometry, stride, padding, dilati
 
 
 def _conv2d_int8(x, packed, w_scale, col_sums, b, geometry, stride, padding, dilation, act, act_args,
-                 a_scale, a_zp, residual=None):
+                 a_scale, a_zp, residual=None, out_scale=0.0, out_zp=0):
     return conv_call(packed, w_scale, col_sums, b, geometry, stride, padding, dilation, act, act_args, a_scale,
-                     a_zp)(x, residual)
+                     a_zp, out_scale, out_zp)(x, residual)
 
 
-def conv_call(packed, w_scale, col_sums, b, geometry, stride, padding, dilation, act, act_args, a_scale, a_zp):
+def conv_call(packed, w_scale, col_sums, b, geometry, stride, padding, dilation, act, act_args, a_scale, a_zp,
+              out_scale=0.0, out_zp=0):
     """conv2d_int8 for one layer: call(x, residual=None) -> a channels_last tensor, the layer's
     conv bound once (K.bind_conv2d) and kept on the packed tensor; the execution plan binds it
     when it is built and calls it with the activations only."""
-    key = (tuple(stride), tuple(padding), tuple(dilation), act, tuple(act_args), a_scale, a_zp)
-    return _bound(packed, key, lambda: _bind_conv(packed, w_scale, col_sums, b, geometry, key, a_scale, a_zp))
+    key = (tuple(stride), tuple(padding), tuple(dilation), act, tuple(act_args), a_scale, a_zp, out_scale, out_zp)
+    return _bound(packed, key, lambda: _bind_conv(packed, w_scale, col_sums, b, geometry, key))
 
 
-def _bind_conv(packed, w_scale, col_sums, b, geometry, key, a_scale, a_zp):
-    stride, padding, dilation, act, act_args = key[:5]
+def _bind_conv(packed, w_scale, col_sums, b, geometry, key):
+    stride, padding, dilation, act, act_args, a_scale, a_zp, out_scale, out_zp = key
     pc, bias = _packed_conv(packed, w_scale, col_sums, b, geometry, stride, padding, dilation)
-    conv = K.bind_conv2d(pc, bias, stride, padding, dilation, act, act_args, a_scale, a_zp)
+    conv = K.bind_conv2d(pc, bias, stride, padding, dilation, act, act_args, a_scale, a_zp, out_scale, out_zp)
 
     def call(x, residual=None):
         saturation.count(packed, x, a_scale, a_zp)
-        x = x if x.dtype == torch.float32 else x.float()
+        x = x if x.dtype in (torch.float32, torch.uint8) else x.float()
         # Work in NHWC, the layout im2col reads, and hand back a channels_last tensor (logical
         # NCHW, NHWC in memory): the next conv reads it without a copy, and torch's
         # elementwise ops and pools keep the format.
@@ -168,6 +177,16 @@ def _bind_conv(packed, w_scale, col_sums, b, geometry, key, a_scale, a_zp):
             res = (r if r.is_contiguous() and r.dtype == torch.float32 else r.float().contiguous()).detach().numpy()
         return torch.from_numpy(conv(xn, res, torch.get_num_threads())).permute(0, 3, 1, 2)
     return call
+
+
+def max_pool2d_impl(x, kernel_size, stride, padding, dilation, ceil_mode):
+    """fxopt::max_pool2d (the plan calls it directly): a channels_last tensor for uint8 x."""
+    if x.dtype != torch.uint8:
+        return torch.ops.aten.max_pool2d.default(x, kernel_size, stride, padding, dilation, ceil_mode)
+    nhwc = x.permute(0, 2, 3, 1)
+    xn = (nhwc if nhwc.is_contiguous() else nhwc.contiguous()).numpy()
+    y = K.max_pool2d_nhwc(xn, kernel_size, stride, padding, dilation, ceil_mode)
+    return torch.from_numpy(y).permute(0, 3, 1, 2)
 
 
 def pack_linear(w_q: torch.Tensor, w_scale: torch.Tensor) -> dict:
@@ -538,6 +557,7 @@ _lib.impl("embedding_int4", _embedding_int4, "CompositeExplicitAutograd")
 _lib.impl("layer_norm", _guarded(_layer_norm), "CPU")
 _lib.impl("attention_int8", _guarded(_attention_int8), "CPU")
 _lib.impl("conv2d_int8", _guarded(_conv2d_int8), "CPU")
+_lib.impl("max_pool2d", _guarded(max_pool2d_impl), "CPU")
 
 
 @torch.library.register_fake("fxopt::linear_int8")
@@ -559,12 +579,20 @@ def _embedding_int4_fake(packed, w_scale, indices):
 
 @torch.library.register_fake("fxopt::conv2d_int8")
 def _conv2d_int8_fake(x, packed, w_scale, col_sums, b, geometry, stride, padding, dilation, act, act_args,
-                      a_scale, a_zp, residual=None):
+                      a_scale, a_zp, residual=None, out_scale=0.0, out_zp=0):
     n, _, h, w = x.shape
     o, _, kh, kw = geometry[:4]
     oh = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
     ow = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
-    return x.new_empty((n, o, oh, ow), dtype=torch.float32)
+    return x.new_empty((n, o, oh, ow), dtype=torch.uint8 if out_scale > 0 else torch.float32)
+
+
+@torch.library.register_fake("fxopt::max_pool2d")
+def _max_pool2d_fake(x, kernel_size, stride, padding, dilation, ceil_mode):
+    n, c, h, w = x.shape
+    oh, ow = (K.pool_out_size(size, *args, ceil_mode)
+              for size, *args in zip((h, w), kernel_size, stride, padding, dilation))
+    return x.new_empty((n, c, oh, ow), dtype=x.dtype)
 
 
 @torch.library.register_fake("fxopt::attention_int8")
@@ -587,3 +615,4 @@ LINEARS = (linear_int8, linear_int8_sparse, linear_int4, linear_bf16)
 layer_norm = torch.ops.fxopt.layer_norm.default
 attention_int8 = torch.ops.fxopt.attention_int8.default
 conv2d_int8 = torch.ops.fxopt.conv2d_int8.default
+max_pool2d = torch.ops.fxopt.max_pool2d.default

@@ -737,7 +737,7 @@ def _conv(gm, node):
     bound = _bind(gm, node)
     call = kernel_ops.conv_call(*(_value(gm, bound[name]) for name in ("packed", "w_scale", "col_sums", "b")),
                                 *(bound[name] for name in ("geometry", "stride", "padding", "dilation", "act",
-                                                           "act_args", "a_scale", "a_zp")))
+                                                           "act_args", "a_scale", "a_zp", "out_scale", "out_zp")))
     residual = bound["residual"]
     return call, (bound["x"],) if residual is None else (bound["x"], residual), {}
 
@@ -835,6 +835,7 @@ _BUILDERS = {
     nonfinite.poison_samples_: _same(_poison_samples_),
     fxops.linear_act: _same(fxops.linear_act_impl),
     fxops.conv2d_act: _same(fxops.conv2d_act_impl),
+    kernel_ops.max_pool2d: _same(kernel_ops.max_pool2d_impl),
 }
 
 
