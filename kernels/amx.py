@@ -34,7 +34,7 @@ from numba.extending import intrinsic
 
 from .rowops import call_llvm as _call
 
-KERNEL_VERSION = "amx-1"
+KERNEL_VERSION = "amx-2"
 
 ROWS = 32          # rows of A one block_s32 covers (2 tiles of 16)
 K_GROUPS = 16      # k-groups (64 k) per tile step
@@ -172,6 +172,10 @@ def configure(rows0, rows1):
     _ldtilecfg(cfg)
 
 
+# byte offsets of a GEMM's A tile steps in a row: 64 k each (K up to 64 * 4096)
+K_STEPS = np.arange(4096, dtype=np.int64) * 64
+
+
 @njit(inline="always")
 def block_s32(a, a_off, lda, b, b_off, kg, t, two):
     """t[r * 64 + c] = sum over k of A[r, k] * B[k, c] (int32), for the rows of A the
@@ -179,6 +183,14 @@ def block_s32(a, a_off, lda, b, b_off, kg, t, two):
     5) and one 64-column block of packed B (int8, the block from byte b_off); kg, the
     block's k-groups, a multiple of 16. Two 32-column halves, each 2 x 2 int32 tiles
     (1 x 2 without two)."""
+    block_s32_steps(a, a_off, lda, K_STEPS, b, b_off, kg, t, two)
+
+
+@njit(inline="always")
+def block_s32_steps(a, a_off, lda, steps, b, b_off, kg, t, two):
+    """block_s32 with the A tile of k-step s (64 k) read from byte a_off + steps[s]
+    instead of a_off + 64 * s: an implicit-GEMM convolution's taps, each a shifted
+    window of the image's rows (conv_amx.py)."""
     step_b = K_GROUPS * 256
     for cs in range(0, 64, 32):
         _tilezero(0)
@@ -188,7 +200,7 @@ def block_s32(a, a_off, lda, b, b_off, kg, t, two):
             _tilezero(3)
         bo = b_off + 4 * cs
         for s in range(kg // K_GROUPS):
-            ao = a_off + 64 * s
+            ao = a_off + steps[s]
             _tileload(4, a, ao, lda)
             _tileload(6, b, bo + s * step_b, 256)
             _tileload(7, b, bo + s * step_b + 64, 256)

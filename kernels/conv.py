@@ -1,4 +1,5 @@
-"""int8 2-D convolution: im2col feeding the GEMM, depthwise done directly.
+"""int8 2-D convolution: im2col feeding the GEMM, depthwise done directly, and 3x3
+stride-1 convs on AMX straight from the image (conv_amx.py, no im2col).
 
 The input image is quantized once per tensor (dynamic asymmetric uint8,
 formula of quantize.py over the whole image) and laid out HWC, so im2col
@@ -15,12 +16,14 @@ import numpy as np
 from numba import njit, prange
 
 from ._cache import CACHE  # package-wide cache locators, before any @njit(cache=CACHE)
-from .dispatch import KernelError
+from . import conv_amx
+from .dispatch import KernelError, isa as current_isa
 from .epilogue import apply_activation
-from .linear import _bias, _prepare_u8, _run, epilogue_params, new_a_rows
+from .linear import _bias, _prepare_u8, _run, epilogue_params, get_num_threads, new_a_rows
 from .pack import pack_weights_s8, quantize_weights_s8
 from .quantize import padded_k, scale_zero_point
 from .rowops import minmax_f32, quantize_u8
+from .simd import BLOCK_COLS
 
 KERNEL_VERSION = "conv-15"
 _NO_X = np.empty((0, 0), np.float32)
@@ -358,8 +361,10 @@ def _conv_batched(x, nhwc, pc, geo, bias, ep, n_threads, oh, ow, a_scale, a_zp, 
     the static (a_scale, a_zp): it goes to im2col, or straight to the GEMM, as it is."""
     n, rows = x.shape[0], oh * ow
     cg = pc.in_channels
-    kp = padded_k(cg * pc.kh * pc.kw)
+    kp = padded_k(pc.parts[0].k)     # K, or more (_whole_amx_tiles): im2col fills it with zero points
     direct = pc.kh == pc.kw == 1 and kp == cg and geo == (1, 1, 0, 0, 1, 1)
+    if nhwc and conv_amx.suits(pc, geo, current_isa(), oh, ow):
+        return _implicit_3x3(x, pc, bias, ep, n_threads, oh, ow, a_scale, a_zp, res, static_rows, out_dtype)
     if x.dtype == np.uint8:
         zps = np.full(n, a_zp, np.int32)
         xq = x.reshape(-1, cg)
@@ -375,6 +380,21 @@ def _conv_batched(x, nhwc, pc, geo, bias, ep, n_threads, oh, ow, a_scale, a_zp, 
     out = np.empty((n * rows, pc.out_channels), out_dtype)
     _run(_NO_X, cols, rows_s, rows_z, pc.parts[0], _bias(bias if bias.size else None, pc.out_channels),
          ep, out, n_threads, res)
+    return out.reshape(n, oh, ow, pc.out_channels)
+
+
+def _implicit_3x3(x, pc, bias, ep, n_threads, oh, ow, a_scale, a_zp, res, static_rows, out_dtype):
+    """_conv_batched of a 3x3 stride-1 conv on AMX: conv_amx.conv3x3 reads the uint8 images
+    (quantized here from float NHWC) with no im2col."""
+    n, cg = x.shape[0], pc.in_channels
+    if x.dtype == np.uint8:
+        xq, zps = x, np.full(n, a_zp, np.int32)
+    else:
+        xq = np.empty(x.shape, np.uint8)
+        scales, zps = _pixel_rows(x, True, cg, a_scale, a_zp, xq.reshape(-1, cg))
+    rows_s, rows_z = static_rows if static_rows is not None else (np.repeat(scales, oh * ow), np.repeat(zps, oh * ow))
+    out = np.empty((n * oh * ow, pc.out_channels), out_dtype)
+    conv_amx.conv3x3(xq, zps, pc.parts[0], rows_s, rows_z, bias, ep, out, res, n_threads or get_num_threads())
     return out.reshape(n, oh, ow, pc.out_channels)
 
 
@@ -430,6 +450,8 @@ def bind_conv2d(pc, bias=None, stride=1, padding=0, dilation=1, act="none", act_
         raise KernelError(f"uint8 output (out_scale > 0) needs a dense conv (groups == 1) and an out_zero_point "
                           f"in [0, 255]; got groups={pc.groups}, out_zero_point={out_zero_point}")
     geo = _geometry(stride, padding, dilation)
+    if dense:
+        pc = pc._replace(parts=(_whole_amx_tiles(pc.parts[0]),))
     b = np.zeros(pc.out_channels, np.float32) if bias is None else _bias(bias, pc.out_channels)
     ep_args = (float(out_scale), int(out_zero_point)) if chained_out else (1.0, 0)
     eps = {first: epilogue_params(act, tuple(act_args), *ep_args, residual_first=first) for first in (False, True)}
@@ -471,6 +493,20 @@ def bind_conv2d(pc, bias=None, stride=1, padding=0, dilation=1, act="none", act_
         return _conv_batched(x, True, pc, geo, b, eps[residual is not None], n_threads, oh, ow, a_scale,
                              a_zero_point, res, rows, out_dtype)
     return call
+
+
+def _whole_amx_tiles(pw):
+    """pw with K padded with zero weights to whole AMX tiles (64 k) when AMX runs it and
+    that adds at most half: the GEMM then runs on AMX tiles instead of vpdpbusd (a 7x7
+    stem on RGB, K = 147 -> 192, 224x224 in: its GEMM 285 -> 138 us, the whole conv
+    634 -> 528 us; AMX Xeon, 2 threads). im2col fills the added columns with the zero
+    point, which the zero weights ignore."""
+    k64 = (pw.k + 63) // 64 * 64
+    if current_isa() not in conv_amx.AMX_ISAS or k64 == pw.k or k64 > 1.5 * pw.k:
+        return pw
+    blocks = pw.data.size // (BLOCK_COLS * padded_k(pw.k))
+    q = pw.data.reshape(blocks, -1, BLOCK_COLS, 4).transpose(0, 2, 1, 3).reshape(blocks * BLOCK_COLS, -1)
+    return pack_weights_s8(np.pad(q[:pw.n, :pw.k], ((0, 0), (0, k64 - pw.k))), pw.scales)
 
 
 def conv2d_f32(x, pc, bias=None, stride=1, padding=0, dilation=1, act="none",

@@ -89,6 +89,13 @@ def test_saturation_monitor_counts_what_static_scales_clip():
     q = torch.round(x / scale) + zero_point       # the stem reads the model input itself
     assert counts[layer] == (int(((q < 0) | (q > 255)).sum()), x.numel()) and counts[layer][0] > 0
     assert set(counts) == {n.meta["fxopt_layer"] for n in fast.graph.nodes if "conv2d_int8" in str(n.target)}
+    # a conv handed uint8 (chained) is counted by its producer: as if its input were float
+    assert any(n.meta["val"].dtype == torch.uint8 for n in fast.graph.nodes if "conv2d_int8" in str(n.target))
+    plain = fxopt.optimize(*trained_cnn()[:1], (data.x_test[:8],), target=fxopt.TARGETS["cpu-int8"].replace(
+        "lower_to_kernels", "lower_to_kernels{chain=False}"), calibration_data=batches, **FAST)
+    with fxopt.saturation_monitor(plain) as unchained:
+        plain(x)
+    assert counts == unchained
     with fxopt.saturation_monitor(fast) as calm:
         fast(data.x_test[:64])
     assert calm[layer][0] < counts[layer][0]

@@ -250,7 +250,7 @@ def test_a_max_pool_between_chained_convs_runs_on_the_codes(tmp_path):
     convs reading the pooled value, which take one scale; the logits are those of every
     hand-over in float (chain=False) on nearly every image (see the test above)."""
     data = digits()
-    model = train(_PooledDigitsCNN(), data, epochs=10)
+    model = train(_PooledDigitsCNN(), data, epochs=20)
     calib = [(x,) for x, _ in data.batches(batch_size=64)][:4]
     target = fxopt.TARGETS["cpu-int8"]
     fast = fxopt.optimize(model, (data.x_train[:32],), target=target, calibration_data=calib, latency_repeats=0)

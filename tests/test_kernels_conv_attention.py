@@ -16,6 +16,7 @@ CONVS = [  # (C, O, kernel, stride, padding, dilation, groups, H)
     (8, 12, (3, 3), 1, 2, 2, 4, 11),        # grouped, dilated
     (32, 16, (1, 1), 1, 0, 1, 1, 7),        # 1x1
     (5, 7, (2, 3), (2, 1), (0, 1), 1, 1, 8),
+    (64, 70, (3, 3), 1, 1, 1, 1, 15),       # AMX, NHWC: the implicit GEMM (conv_amx), a column tail
 ]
 
 
@@ -184,6 +185,59 @@ def test_max_pool_on_uint8_codes_is_torchs_max_pool(shape, k, stride, padding, d
         K.max_pool2d_nhwc(x, (2, 2), (1, 1), (2, 2))
     with pytest.raises(K.KernelError, match="larger than the padded input"):
         K.max_pool2d_nhwc(x, (20, 20), (1, 1), (0, 0))
+
+
+@pytest.mark.skipif("amx_int8" not in ISAS, reason="the implicit 3x3 conv runs on AMX tiles")
+@pytest.mark.parametrize("n, h, w, c, o", [(1, 14, 14, 64, 96), (2, 15, 17, 128, 70), (3, 16, 40, 64, 64)])
+def test_implicit_3x3_conv_equals_im2col(monkeypatch, n, h, w, c, o):
+    """conv_amx (3x3 stride 1 on AMX tiles, no im2col): the int32 sums of im2col's GEMM at
+    every pixel, images and rows of any width (blocks straddle rows and images); float
+    output an ulp apart at most (which rows the epilogue finishes in registers differs),
+    with a residual too; uint8 output bit for bit; a dynamic scale alike."""
+    from fxopt.kernels import conv_amx
+    rng = np.random.default_rng(n * h + c)
+    pc = K.pack_conv_weights_s8(rng.standard_normal((o, c, 3, 3)).astype(np.float32))
+    b = rng.standard_normal(o).astype(np.float32)
+    x = rng.standard_normal((n, h, w, c)).astype(np.float32)
+    codes = rng.integers(0, 256, x.shape).astype(np.uint8)
+    r = rng.standard_normal((n, h, w, o)).astype(np.float32)
+    static = {"a_scale": 0.03, "a_zero_point": 9}
+    calls = {"float": K.bind_conv2d(pc, b, padding=1, act="relu", **static),
+             "dynamic": K.bind_conv2d(pc, b, padding=1, act="relu"),
+             "uint8": K.bind_conv2d(pc, b, padding=1, act="relu", **static, out_scale=0.2, out_zero_point=4)}
+
+    def run(min_side):
+        monkeypatch.setattr(conv_amx, "MIN_SIDE", min_side)
+        with K.use_isa("amx_int8"):
+            return [calls["float"](x), calls["float"](codes), calls["float"](x, r), calls["dynamic"](x),
+                    calls["uint8"](codes)]
+    implicit, im2col = run(1), run(10 ** 6)
+    for got, want in zip(implicit, im2col):
+        assert got.dtype == want.dtype and got.shape == want.shape == (n, h, w, o)
+        if got.dtype == np.uint8:
+            assert np.array_equal(got, want)
+        else:  # acc * scale + bias rounded once or twice: an ulp of the sums' size apart
+            np.testing.assert_allclose(got, want, rtol=0, atol=4 * np.spacing(np.abs(want).max()))
+            assert (got == want).mean() > 0.9
+
+
+@pytest.mark.skipif("amx_int8" not in ISAS, reason="K is padded for AMX tiles only")
+def test_bound_stem_padded_to_whole_amx_tiles_equals_conv2d_f32():
+    """A 7x7 RGB stem (K = 147) is bound with K padded to 192 so that AMX tiles run it:
+    conv2d_f32's result (K = 148 on vpdpbusd) up to the epilogue's rounding, and its
+    uint8 output alike."""
+    rng = np.random.default_rng(7)
+    pc = K.pack_conv_weights_s8(rng.standard_normal((64, 3, 7, 7)).astype(np.float32))
+    b = rng.standard_normal(64).astype(np.float32)
+    x = rng.standard_normal((2, 40, 36, 3)).astype(np.float32)
+    q = {"stride": 2, "padding": 3, "act": "relu", "a_scale": 0.02, "a_zero_point": 128}
+    with K.use_isa("amx_int8"):
+        got = K.bind_conv2d(pc, b, **q)(x)
+        codes = K.bind_conv2d(pc, b, **q, out_scale=0.1, out_zero_point=0)(x)
+        want = K.conv2d_f32(x, pc, b, layout="NHWC", **q)
+    np.testing.assert_allclose(got, want, rtol=0, atol=4 * np.spacing(np.abs(want).max()))
+    expected = np.clip(np.rint(want * (np.float32(1) / np.float32(0.1))), 0, 255)
+    assert np.abs(codes.astype(np.int32) - expected).max() <= 1 and (codes != expected).mean() < 1e-3
 
 
 def test_conv2d_residual_errors():

@@ -162,6 +162,12 @@ def _bind_conv(packed, w_scale, col_sums, b, geometry, key):
     stride, padding, dilation, act, act_args, a_scale, a_zp, out_scale, out_zp = key
     pc, bias = _packed_conv(packed, w_scale, col_sums, b, geometry, stride, padding, dilation)
     conv = K.bind_conv2d(pc, bias, stride, padding, dilation, act, act_args, a_scale, a_zp, out_scale, out_zp)
+    floats = []     # with uint8 output: the float twin a saturation monitor counts with
+
+    def count_chained(xn, res, threads):
+        if not floats:
+            floats.append(K.bind_conv2d(pc, bias, stride, padding, dilation, act, act_args, a_scale, a_zp))
+        saturation.count_chained(packed, torch.from_numpy(floats[0](xn, res, threads)), out_scale, out_zp)
 
     def call(x, residual=None):
         saturation.count(packed, x, a_scale, a_zp)
@@ -175,6 +181,8 @@ def _bind_conv(packed, w_scale, col_sums, b, geometry, key):
         if residual is not None:
             r = residual.permute(0, 2, 3, 1)
             res = (r if r.is_contiguous() and r.dtype == torch.float32 else r.float().contiguous()).detach().numpy()
+        if out_scale > 0 and saturation.active():
+            count_chained(xn, res, torch.get_num_threads())
         return torch.from_numpy(conv(xn, res, torch.get_num_threads())).permute(0, 3, 1, 2)
     return call
 

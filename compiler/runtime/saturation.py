@@ -8,6 +8,11 @@ look-up per call.
     with fxopt.saturation_monitor(fast) as counts:
         fast(x)
     counts    # {"conv1": (clipped, total), ...} for the layers with a static scale
+
+A conv handed uint8 by the conv before it (chained: its input never exists in float) is
+counted by that conv, which computes its float output once more while a monitor is on and
+counts what the requantization to the next layer's scale clips (before a max pool between
+them, if any). Chained linears are not counted yet.
 """
 from __future__ import annotations
 
@@ -24,19 +29,43 @@ STATIC_OPS = ("fxopt::linear_int8", "fxopt::linear_int8_sparse", "fxopt::linear_
 @contextlib.contextmanager
 def monitor(gm: torch.fx.GraphModule):
     """Count, while the block runs, the inputs each static-scale int8 layer of `gm` clips."""
-    layers = {}
+    layers, feeds = {}, {}
     for node in gm.graph.nodes:
         schema = getattr(node.target, "_schema", None)
         if node.op == "call_function" and schema is not None and schema.name in STATIC_OPS:
-            packed = node.args[1]
-            if isinstance(packed, torch.fx.Node) and packed.op == "get_attr":
-                layers[id(gm.get_buffer(packed.target))] = node.meta.get("fxopt_layer", node.name)
+            packed = _packed_of(gm, node)
+            if packed is not None:
+                layers[id(packed)] = node.meta.get("fxopt_layer", node.name)
+                source = _chained_source(node.args[0])
+                if source is not None and _packed_of(gm, source) is not None:
+                    feeds.setdefault(id(_packed_of(gm, source)), []).append(layers[id(packed)])
     counts: dict = {}
-    token = _ACTIVE.set((layers, counts))
+    token = _ACTIVE.set((layers, counts, feeds))
     try:
         yield counts
     finally:
         _ACTIVE.reset(token)
+
+
+def _packed_of(gm, node):
+    packed = node.args[1] if len(node.args) > 1 else None
+    if isinstance(packed, torch.fx.Node) and packed.op == "get_attr":
+        return gm.get_buffer(packed.target)
+    return None
+
+
+def _chained_source(x):
+    """The chained conv whose uint8 output x is (directly or through fxopt's max pool), or None."""
+    if _op_name(x) == "fxopt::max_pool2d":
+        x = x.args[0]
+    if _op_name(x) != "fxopt::conv2d_int8" or len(x.args) < 15 or not x.args[14] > 0:
+        return None
+    return x
+
+
+def _op_name(x):
+    schema = getattr(x.target, "_schema", None) if isinstance(x, torch.fx.Node) else None
+    return schema.name if schema is not None else None
 
 
 def active() -> bool:
@@ -49,10 +78,22 @@ def count(packed: torch.Tensor, x: torch.Tensor, scale: float, zero_point: int) 
     state = _ACTIVE.get()
     if state is None or scale <= 0 or x.dtype == torch.uint8:
         return
-    layers, counts = state
+    layers, counts, _ = state
     layer = layers.get(id(packed))
-    if layer is None:
-        return
+    if layer is not None:
+        _add(counts, layer, x, scale, zero_point)
+
+
+def count_chained(packed: torch.Tensor, y: torch.Tensor, scale: float, zero_point: int) -> None:
+    """Called by a chained conv with its float output, if a monitor is on: the layers it
+    hands uint8 add what its requantization to (scale, zero_point) clips."""
+    state = _ACTIVE.get()
+    if state is not None:
+        for layer in state[2].get(id(packed), ()):
+            _add(state[1], layer, y, scale, zero_point)
+
+
+def _add(counts, layer, x, scale, zero_point):
     q = torch.round(x.detach().float() / scale) + zero_point
     clipped = int(((q < 0) | (q > 255) | torch.isnan(q)).sum())
     before = counts.get(layer, (0, 0))
