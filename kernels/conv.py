@@ -450,7 +450,7 @@ def bind_conv2d(pc, bias=None, stride=1, padding=0, dilation=1, act="none", act_
         raise KernelError(f"uint8 output (out_scale > 0) needs a dense conv (groups == 1) and an out_zero_point "
                           f"in [0, 255]; got groups={pc.groups}, out_zero_point={out_zero_point}")
     geo = _geometry(stride, padding, dilation)
-    if dense:
+    if dense and pc.kh * pc.kw > 1:     # im2col's rows (a 1x1 conv's rows are the image's own)
         pc = pc._replace(parts=(_whole_amx_tiles(pc.parts[0]),))
     b = np.zeros(pc.out_channels, np.float32) if bias is None else _bias(bias, pc.out_channels)
     ep_args = (float(out_scale), int(out_zero_point)) if chained_out else (1.0, 0)
