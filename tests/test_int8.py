@@ -193,6 +193,14 @@ def test_static_linears_chain_in_uint8():
         assert drift(model(*x), chained(*x)).cosine > 0.999
         other = torch.randn(3, 16)
         assert drift(model(other), chained(other)).cosine > 0.99
+    # the saturation monitor counts a linear handed uint8 as if its input were float
+    plain = fxopt.optimize(model, x, target=static.replace("lower_to_kernels", "lower_to_kernels{chain=False}"),
+                           calibration_data=[x], latency_repeats=0)
+    with fxopt.saturation_monitor(chained) as counts:
+        chained(x[0] * 8)
+    with fxopt.saturation_monitor(plain) as unchained:
+        plain(x[0] * 8)
+    assert counts == unchained and len(counts) == 3 and all(clipped > 0 for clipped, _ in counts.values())
 
 
 @pytest.mark.slow

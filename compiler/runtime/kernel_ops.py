@@ -369,20 +369,35 @@ def _bound(packed, key, bind):
     return call
 
 
-def _bind_linear(packed, w_scale, col_sums, b, n, k, act, act_args, a_scale, a_zp, out_scale, out_zp, sparse,
-                 int4=False, bf16=False):
+def _linear_kernel(packed, w_scale, col_sums, b, n, k, act, act_args, a_scale, a_zp, out_scale, out_zp, sparse,
+                   int4, bf16):
+    """The bound kernel of one linear layer: kernel(rows, out, residual, threads) -> array."""
     if bf16:
         pw, bias = _packed_bf16(packed, w_scale, col_sums, b, n, k)
-        kernel = K.bind_linear_bf16(pw, bias, act, tuple(act_args), a_scale, a_zp, out_scale, out_zp)
-    elif int4:
+        return K.bind_linear_bf16(pw, bias, act, tuple(act_args), a_scale, a_zp, out_scale, out_zp)
+    if int4:
         pw, bias = _packed_int4(packed, w_scale, col_sums, b, n, k)
-        kernel = K.bind_linear_int4(pw, bias, act, tuple(act_args), a_scale, a_zp, out_scale, out_zp)
-    elif sparse:
+        return K.bind_linear_int4(pw, bias, act, tuple(act_args), a_scale, a_zp, out_scale, out_zp)
+    if sparse:
         ps, bias = _packed_sparse(packed, w_scale, col_sums, b, n, k)
-        kernel = K.bind_linear_sparse(ps, bias, act, tuple(act_args), a_scale, a_zp, out_scale, out_zp)
-    else:
-        pw, bias = _packed(packed, w_scale, col_sums, b, n, k)
-        kernel = K.bind_linear(pw, bias, act, tuple(act_args), a_scale, a_zp, out_scale, out_zp)
+        return K.bind_linear_sparse(ps, bias, act, tuple(act_args), a_scale, a_zp, out_scale, out_zp)
+    pw, bias = _packed(packed, w_scale, col_sums, b, n, k)
+    return K.bind_linear(pw, bias, act, tuple(act_args), a_scale, a_zp, out_scale, out_zp)
+
+
+def _bind_linear(packed, w_scale, col_sums, b, n, k, act, act_args, a_scale, a_zp, out_scale, out_zp, sparse,
+                 int4=False, bf16=False):
+    weights = (packed, w_scale, col_sums, b, n, k, act, act_args, a_scale, a_zp)
+    kernel = _linear_kernel(*weights, out_scale, out_zp, sparse, int4, bf16)
+    floats = []     # with uint8 output: the float twin a saturation monitor counts with
+
+    def count_chained(x):
+        if not floats:
+            floats.append(_linear_kernel(*weights, 0.0, 0, sparse, int4, bf16))
+        rows = np.ascontiguousarray(x.reshape(-1, k))
+        y = floats[0](rows if rows.dtype == np.uint8 else rows.astype(np.float32), None, None, get_threads())
+        saturation.count_chained(packed, torch.from_numpy(y), out_scale, out_zp)
+
     static = a_scale > 0
     get_threads = torch.get_num_threads
     lean = getattr(kernel, "rows", None)      # float rows the workers quantize, in one frame
@@ -390,8 +405,11 @@ def _bind_linear(packed, w_scale, col_sums, b, n, k, act, act_args, a_scale, a_z
 
     def call(x, residual=None, out=None):
         # out: (M, N) to write into (the plan's buffer), or None for a fresh array
-        if static and saturation.active():
-            saturation.count(packed, torch.from_numpy(x), a_scale, a_zp)
+        if saturation.active():
+            if static:
+                saturation.count(packed, torch.from_numpy(x), a_scale, a_zp)
+            if out_scale > 0:
+                count_chained(x)
         if residual is None and lean is not None and x.ndim == 2 and x.dtype is _F32:
             return lean(x, out, get_threads())
         if residual is None and x.ndim == 2 and (x.dtype is _F32 or x.dtype is _U8) and x.flags.c_contiguous:
@@ -420,8 +438,11 @@ def _bind_linear(packed, w_scale, col_sums, b, n, k, act, act_args, a_scale, a_z
         if (x.size < SCREEN_APART or x.dtype is not _F32 or not x.flags.c_contiguous or x.ndim < 1
                 or x.shape[-1] != k):
             return call(x, None, out), _nonfinite_sum(np.ascontiguousarray(x).reshape(-1))
-        if static and saturation.active():
-            saturation.count(packed, torch.from_numpy(x), a_scale, a_zp)
+        if saturation.active():
+            if static:
+                saturation.count(packed, torch.from_numpy(x), a_scale, a_zp)
+            if out_scale > 0:
+                count_chained(x)
         rows = x.reshape(-1, k)
         if out is not None and out.shape[0] != rows.shape[0]:
             out = None

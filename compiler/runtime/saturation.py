@@ -9,10 +9,10 @@ look-up per call.
         fast(x)
     counts    # {"conv1": (clipped, total), ...} for the layers with a static scale
 
-A conv handed uint8 by the conv before it (chained: its input never exists in float) is
-counted by that conv, which computes its float output once more while a monitor is on and
+A layer handed uint8 by the layer before it (chained: its input never exists in float) is
+counted by that layer, which computes its float output once more while a monitor is on and
 counts what the requantization to the next layer's scale clips (before a max pool between
-them, if any). Chained linears are not counted yet.
+two convs, if any).
 """
 from __future__ import annotations
 
@@ -54,11 +54,17 @@ def _packed_of(gm, node):
     return None
 
 
+# where a kernel op's out_scale is (> 0: its output is uint8, chained to the next layer)
+_OUT_SCALE_ARG = {"fxopt::conv2d_int8": 14, "fxopt::linear_int8": 11, "fxopt::linear_int8_sparse": 11,
+                  "fxopt::linear_int4": 11, "fxopt::linear_bf16": 11}
+
+
 def _chained_source(x):
-    """The chained conv whose uint8 output x is (directly or through fxopt's max pool), or None."""
+    """The chained layer whose uint8 output x is (directly or through fxopt's max pool), or None."""
     if _op_name(x) == "fxopt::max_pool2d":
         x = x.args[0]
-    if _op_name(x) != "fxopt::conv2d_int8" or len(x.args) < 15 or not x.args[14] > 0:
+    i = _OUT_SCALE_ARG.get(_op_name(x))
+    if i is None or len(x.args) <= i or not x.args[i] > 0:
         return None
     return x
 
