@@ -376,17 +376,11 @@ def _conv_batched(x, nhwc, pc, geo, bias, ep, n_threads, oh, ow, a_scale, a_zp, 
     if not direct:
         h, w = x.shape[1:3] if nhwc else x.shape[2:]
         im2col_batch_u8(xq.reshape(n, h, w, cg), cg, pc.kh, pc.kw, *geo, zps, cols)
-    rows_s, rows_z = _gemm_rows(static_rows, scales, zps, rows)
+    rows_s, rows_z = static_rows if static_rows is not None else (np.repeat(scales, rows), np.repeat(zps, rows))
     out = np.empty((n * rows, pc.out_channels), out_dtype)
     _run(_NO_X, cols, rows_s, rows_z, pc.parts[0], _bias(bias if bias.size else None, pc.out_channels),
          ep, out, n_threads, res)
     return out.reshape(n, oh, ow, pc.out_channels)
-
-
-def _gemm_rows(static_rows, scales, zps, rows):
-    """The GEMM rows' (scales, zero points): a static scale's, made once by the caller, or each
-    image's own repeated over its `rows` output pixels."""
-    return static_rows if static_rows is not None else (np.repeat(scales, rows), np.repeat(zps, rows))
 
 
 def _implicit_3x3(x, pc, bias, ep, n_threads, oh, ow, a_scale, a_zp, res, static_rows, out_dtype):
@@ -398,7 +392,7 @@ def _implicit_3x3(x, pc, bias, ep, n_threads, oh, ow, a_scale, a_zp, res, static
     else:
         xq = np.empty(x.shape, np.uint8)
         scales, zps = _pixel_rows(x, True, cg, a_scale, a_zp, xq.reshape(-1, cg))
-    rows_s, rows_z = _gemm_rows(static_rows, scales, zps, oh * ow)
+    rows_s, rows_z = static_rows if static_rows is not None else (np.repeat(scales, oh * ow), np.repeat(zps, oh * ow))
     out = np.empty((n * oh * ow, pc.out_channels), out_dtype)
     conv_amx.conv3x3(xq, zps, pc.parts[0], rows_s, rows_z, bias, ep, out, res, n_threads or get_num_threads())
     return out.reshape(n, oh, ow, pc.out_channels)

@@ -74,27 +74,10 @@ def _tile_dispatch(tile):
     return dispatch
 
 
-def _tile_columns(tile, half):
-    """The register tiles (`tile`, then `half` for a half-width rest) across the first
-    `width` columns of a block, rows m0.. (mr of them); e0, e1 as in _tile_dispatch."""
-    @njit(inline="always")
-    def columns(tag, mr, m0, n0, width, aq, bp, boff, kg, colsum, ascale, azp, wscale, bias, out,
-                act, p0, p1, e0, e1):
-        tc, lda = isa_geometry(tag)[1], aq.shape[1]
-        full = width - width % tc
-        for cs in range(0, full, tc):
-            tile(tag, mr, aq, m0 * lda, lda, bp, boff + 4 * cs, kg, colsum, wscale, bias, n0 + cs, ascale,
-                 azp, m0, out, act, p0, p1, e0, e1)
-        if full < width:  # a half tile (register_width)
-            half(tag, mr, aq, m0 * lda, lda, bp, boff + 4 * full, kg, colsum, wscale, bias, n0 + full,
-                 ascale, azp, m0, out, act, p0, p1, e0, e1)
-    return columns
-
-
 _tile_f32 = _tile_dispatch(tile_f32)
 _tile_f32_half = _tile_dispatch(tile_f32_half)  # the half-width tile (simd.HALF_COLS)
-_f32_columns = _tile_columns(_tile_f32, _tile_f32_half)
-_u8_columns = _tile_columns(_tile_dispatch(tile_u8), _tile_dispatch(tile_u8_half))
+_tile_u8 = _tile_dispatch(tile_u8)
+_tile_u8_half = _tile_dispatch(tile_u8_half)
 
 
 @njit
@@ -165,9 +148,17 @@ def _register_tile_impl(tag, mr, m0, n0, width, aq, bp, boff, kg, colsum, ascale
     if out.dtype == types.uint8:
         def impl(tag, mr, m0, n0, width, aq, bp, boff, kg, colsum, ascale, azp, wscale, bias, res, ep,
                  out):
+            act = np.int32(ep[EP_ACT])
             inv, ozp = requant_params(ep)
-            _u8_columns(tag, mr, m0, n0, width, aq, bp, boff, kg, colsum, ascale, azp, wscale, bias, out,
-                        np.int32(ep[EP_ACT]), ep[EP_P0], ep[EP_P1], inv, ozp)
+            tc, lda = isa_geometry(tag)[1], aq.shape[1]
+            full = width - width % tc
+            for cs in range(0, full, tc):
+                _tile_u8(tag, mr, aq, m0 * lda, lda, bp, boff + 4 * cs, kg, colsum, wscale, bias,
+                         n0 + cs, ascale, azp, m0, out, act, ep[EP_P0], ep[EP_P1], inv, ozp)
+            if full < width:  # a half tile (register_width)
+                _tile_u8_half(tag, mr, aq, m0 * lda, lda, bp, boff + 4 * full, kg, colsum, wscale,
+                              bias, n0 + full, ascale, azp, m0, out, act, ep[EP_P0], ep[EP_P1], inv,
+                              ozp)
         return impl
     if out.dtype != types.float32:
         def impl(tag, mr, m0, n0, width, aq, bp, boff, kg, colsum, ascale, azp, wscale, bias, res, ep,
@@ -180,8 +171,16 @@ def _register_tile_impl(tag, mr, m0, n0, width, aq, bp, boff, kg, colsum, ascale
             for r in range(mr):
                 for line in range(0, width, 16):
                     prefetch(res, (m0 + r) * res.shape[1] + n0 + line)
-        _f32_columns(tag, mr, m0, n0, width, aq, bp, boff, kg, colsum, ascale, azp, wscale, bias, out,
-                     np.int32(ep[EP_ACT]), ep[EP_P0], ep[EP_P1], res, ep[EP_RES_FIRST] != 0)
+        act, first = np.int32(ep[EP_ACT]), ep[EP_RES_FIRST] != 0
+        tc, lda = isa_geometry(tag)[1], aq.shape[1]
+        full = width - width % tc
+        for cs in range(0, full, tc):
+            _tile_f32(tag, mr, aq, m0 * lda, lda, bp, boff + 4 * cs, kg, colsum, wscale, bias,
+                      n0 + cs, ascale, azp, m0, out, act, ep[EP_P0], ep[EP_P1], res, first)
+        if full < width:  # a half tile (register_width)
+            _tile_f32_half(tag, mr, aq, m0 * lda, lda, bp, boff + 4 * full, kg, colsum, wscale,
+                           bias, n0 + full, ascale, azp, m0, out, act, ep[EP_P0], ep[EP_P1], res,
+                           first)
     return impl
 
 
