@@ -25,7 +25,7 @@ from .quantize import padded_k, scale_zero_point
 from .rowops import minmax_f32, quantize_u8
 from .simd import BLOCK_COLS
 
-KERNEL_VERSION = "conv-15"
+KERNEL_VERSION = "conv-16"
 _NO_X = np.empty((0, 0), np.float32)
 _F0, _F1, _F255 = np.float32(0.0), np.float32(1.0), np.float32(255.0)
 # blocks of quantize_chw_rows (pixels, channels) and of rows_to_chw (square), in L1
@@ -88,7 +88,6 @@ def im2col_u8(x, c0, cg, kh, kw, sh, sw, ph, pw, dh, dw, zp, out, oy0, oy1):
     tap is one contiguous run of cg values, copied with vector moves (out is uint8,
     or uint16 A rows for the avx2 GEMM)."""
     h, w, c_all = x.shape
-    oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
     ow = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
     zq = np.uint8(zp)
     uc0 = np.uint64(c0)
@@ -301,8 +300,9 @@ def _out_hw(h, w, pc, geo):
     return (h + 2 * ph - dh * (pc.kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (pc.kw - 1) - 1) // sw + 1
 
 
-def _residual_rows(residual, pc, n, oh, ow, nhwc):
-    """The residual as the GEMM's (N*OH*OW, O) output rows (NHWC order)."""
+def _residual_rows(residual, pc, n, oh, ow, nhwc, codes=False):
+    """The residual as the GEMM's (N*OH*OW, O) output rows (NHWC order): float32, or with
+    codes a uint8 residual's own codes (the epilogue dequantizes them)."""
     if pc.dw_q is not None or pc.groups != 1:
         raise KernelError("conv2d_f32: a residual needs a dense conv (groups == 1)")
     r = np.asarray(residual)
@@ -311,7 +311,13 @@ def _residual_rows(residual, pc, n, oh, ow, nhwc):
         raise KernelError(f"conv2d_f32: residual must have the output's shape {shape}, got {r.shape}")
     if not nhwc:
         r = r.transpose(0, 2, 3, 1)
-    return np.ascontiguousarray(r, np.float32).reshape(n * oh * ow, pc.out_channels)
+    return np.ascontiguousarray(r, np.uint8 if codes else np.float32).reshape(n * oh * ow, pc.out_channels)
+
+
+def residual_floats(codes, res_scale, res_zero_point):
+    """The float32 values uint8 residual codes stand for, as the epilogue computes them
+    (epilogue.residual_value): (float32(code) - zero point) * scale."""
+    return (codes.astype(np.float32) - np.float32(res_zero_point)) * np.float32(res_scale)
 
 
 def _pixel_rows(x, nhwc, cg, a_scale, a_zp, out):
@@ -426,7 +432,7 @@ def _gemm_groups(xq, pc, geo, s, z, bias, ep, n_threads, oh, ow):
 
 
 def bind_conv2d(pc, bias=None, stride=1, padding=0, dilation=1, act="none", act_args=(), a_scale=0.0,
-                a_zero_point=0, out_scale=0.0, out_zero_point=0):
+                a_zero_point=0, out_scale=0.0, out_zero_point=0, res_scale=0.0, res_zero_point=0):
     """conv2d_f32 on NHWC images with all but the input bound once, for a runtime that calls
     the layer many times: call(x, residual=None, n_threads=None) -> (N, OH, OW, O) float32,
     the result of conv2d_f32(x, pc, ..., layout="NHWC") bit for bit. Per call it only
@@ -437,13 +443,18 @@ def bind_conv2d(pc, bias=None, stride=1, padding=0, dilation=1, act="none", act_
     out_scale > 0 the output is uint8, clip(rint(y / out_scale) + out_zero_point, 0, 255)
     of that float result y, written by the GEMM's epilogue; and x may be uint8 NHWC,
     quantized already with (a_scale, a_zero_point), which the call then takes as it is
-    (the result is the call's on the float image those codes stand for).
+    (the result is the call's on the float image those codes stand for). With res_scale > 0
+    and uint8 output the residual may be uint8 NHWC codes too, standing for (code -
+    res_zero_point) * res_scale (residual_floats): the result is the call's with those
+    floats, bit for bit.
 
         >>> call = bind_conv2d(pc, bias, stride=2, padding=1, act="relu", a_scale=0.02, a_zero_point=128)
         >>> y = call(x_nhwc)
     """
     if a_scale > 0 and not 0 <= a_zero_point <= 255:
         raise KernelError(f"a_zero_point must be in [0, 255], got {a_zero_point}")
+    if res_scale > 0 and not 0 <= res_zero_point <= 255:
+        raise KernelError(f"res_zero_point must be in [0, 255], got {res_zero_point}")
     dense = pc.dw_q is None and pc.groups == 1
     chained_out = out_scale > 0
     if chained_out and not (dense and 0 <= out_zero_point <= 255):
@@ -454,7 +465,8 @@ def bind_conv2d(pc, bias=None, stride=1, padding=0, dilation=1, act="none", act_
         pc = pc._replace(parts=(_whole_amx_tiles(pc.parts[0]),))
     b = np.zeros(pc.out_channels, np.float32) if bias is None else _bias(bias, pc.out_channels)
     ep_args = (float(out_scale), int(out_zero_point)) if chained_out else (1.0, 0)
-    eps = {first: epilogue_params(act, tuple(act_args), *ep_args, residual_first=first) for first in (False, True)}
+    res_args = (float(res_scale), int(res_zero_point)) if res_scale > 0 else (1.0, 0)
+    eps = {first: epilogue_params(act, tuple(act_args), *ep_args, first, *res_args) for first in (False, True)}
     out_dtype = np.uint8 if chained_out else np.float32
     static = a_scale > 0
     sizes = {}       # (N, H, W) -> (OH, OW, the GEMM rows' static scales and zero points or None)
@@ -472,6 +484,8 @@ def bind_conv2d(pc, bias=None, stride=1, padding=0, dilation=1, act="none", act_
                 if x.ndim != 4 or x.shape[3] != pc.in_channels:
                     raise KernelError(f"conv: input {x.shape} (NHWC) does not have {pc.in_channels} channels")
             else:
+                if _is_codes(residual):
+                    _codes(residual, res_scale, chained_out)     # refused: float output
                 return conv2d_f32(x, pc, bias, stride, padding, dilation, act, act_args, "NHWC", n_threads,
                                   a_scale, a_zero_point, residual)
         size = sizes.get(x.shape[:3])
@@ -487,12 +501,25 @@ def bind_conv2d(pc, bias=None, stride=1, padding=0, dilation=1, act="none", act_
         oh, ow, rows = size
         res = _NO_X
         if residual is not None:
-            if chained_out:
-                raise KernelError("conv: a residual needs float output (out_scale=0): the uint8 epilogue adds none")
-            res = _residual_rows(residual, pc, x.shape[0], oh, ow, True)
+            codes = _is_codes(residual)
+            res = _residual_rows(_codes(residual, res_scale, chained_out) if codes else residual, pc, x.shape[0],
+                                 oh, ow, True, codes)
         return _conv_batched(x, True, pc, geo, b, eps[residual is not None], n_threads, oh, ow, a_scale,
                              a_zero_point, res, rows, out_dtype)
     return call
+
+
+def _is_codes(residual):
+    return type(residual) is np.ndarray and residual.dtype == np.uint8
+
+
+def _codes(residual, res_scale, chained_out=True):
+    """A uint8 residual, refused unless the conv was bound with its scale and writes uint8
+    (a float output adding codes would compile the GEMM once more, for no model's use)."""
+    if not (res_scale > 0 and chained_out):
+        raise KernelError(f"conv: a uint8 residual is taken by a conv bound with the scale its codes stand for "
+                          f"(res_scale > 0, now {res_scale}) and uint8 output (out_scale > 0); pass float32")
+    return residual
 
 
 def _whole_amx_tiles(pw):

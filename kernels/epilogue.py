@@ -6,9 +6,10 @@ uint8:   q = clip(rint(y * (1 / out_scale)) + out_zp, 0, 255) after act, in floa
 int32:   raw acc
 
 ``ep`` is a float32 parameter vector: [act code, p0, p1, out_scale, out_zp,
-residual first]. A residual is added after the activation (a transformer's
-`dense(x) + h`), or before it when "residual first" is set (a ResNet's
-`relu(conv(x) + h)`).
+residual first, res_scale, res_zp]. A residual is added after the activation (a
+transformer's `dense(x) + h`), or before it when "residual first" is set (a ResNet's
+`relu(conv(x) + h)`). It is float32, or uint8 codes standing for
+(float32(code) - res_zp) * res_scale (a chained block's output; residual_value).
 exp/erf/tanh are written with polynomials so the loops vectorize (libm
 calls would cost more than the GEMM for GELU at BERT shapes).
 """
@@ -19,11 +20,11 @@ from numba.extending import intrinsic, overload
 
 from ._cache import CACHE  # package-wide cache locators, before any @njit(cache=CACHE)
 
-KERNEL_VERSION = "epilogue-8"
+KERNEL_VERSION = "epilogue-9"
 
 ACTIVATIONS = {"none": 0, "relu": 1, "hardtanh": 2, "relu6": 2,
                "gelu": 3, "gelu_tanh": 4, "silu": 5}
-EP_ACT, EP_P0, EP_P1, EP_OSCALE, EP_OZP, EP_RES_FIRST = range(6)
+EP_ACT, EP_P0, EP_P1, EP_OSCALE, EP_OZP, EP_RES_FIRST, EP_RSCALE, EP_RZP = range(8)
 
 _F0, _F1, _F2, _HALF, _F255 = (np.float32(v) for v in (0.0, 1.0, 2.0, 0.5, 255.0))
 _LOG2E = np.float32(1.4426950408889634)
@@ -116,23 +117,37 @@ def apply_activation(v, i, j0, n, act, p0, p1):
             v[ui, k] = x / (_F1 + exp_f32(-x))
 
 
+def residual_value(res, i, k, ep):
+    """The float32 value of res[i, k]: itself, or for uint8 codes
+    (float32(code) - res_zp) * res_scale; simd._residual_vec computes the same bits."""
+    raise NotImplementedError  # compiled through the overload below
+
+
+@overload(residual_value, inline="always")
+def _residual_value(res, i, k, ep):
+    if res.dtype == types.uint8:
+        return lambda res, i, k, ep: (np.float32(res[i, k]) - ep[EP_RZP]) * ep[EP_RSCALE]
+    return lambda res, i, k, ep: res[i, k]
+
+
 @njit(cache=CACHE)
-def add_row(out, res, i, j0, n):
-    """out[i, j0:j0+n] += res[i, j0:j0+n] (float32; the fused residual add)."""
+def add_row(out, res, i, j0, n, ep):
+    """out[i, j0:j0+n] += the residual's values there (the fused residual add)."""
     ui, uj = np.uint64(i), np.uint64(j0)
     for j in range(n):
         k = uj + np.uint64(j)
-        out[ui, k] += res[ui, k]
+        out[ui, k] += residual_value(res, ui, k, ep)
 
 
 @njit(cache=CACHE)
-def add_residual_rows(out, res, m0, mr, n0, ncols, act, p0, p1):
+def add_residual_rows(out, res, m0, mr, n0, ncols, act, ep):
     """out[m0:m0+mr, n0:n0+ncols] += res there, then act (an ACTIVATIONS code; 0 when the
-    activation already ran, i.e. the residual comes after it)."""
+    activation already ran, i.e. the residual comes after it); p0, p1 and the residual's
+    scale from ep."""
     for r in range(mr):
-        add_row(out, res, m0 + r, n0, ncols)
+        add_row(out, res, m0 + r, n0, ncols, ep)
         if act != 0:
-            apply_activation(out, m0 + r, n0, ncols, act, p0, p1)
+            apply_activation(out, m0 + r, n0, ncols, act, ep[EP_P0], ep[EP_P1])
 
 
 @njit(inline="always")
@@ -177,19 +192,28 @@ def requant_params(ep):
 
 @njit(cache=CACHE)
 def store_tile_u8(t, ldt, mr, m0, n0, ncols, colsum, ascale, azp, wscale,
-                  bias, ep, out, y):
+                  bias, res, ep, out, y):
     """Dequantize an int32 tile row by row into y (float32 scratch of shape (1, >= ncols)),
-    apply the activation, and requantize into out (uint8). simd.tile_u8 and staged_u8
-    repeat these operations in registers, bit for bit: change both together."""
+    add the residual res (if any: res.shape[0] > 0) before or after the activation as ep
+    says, and requantize into out (uint8). simd.tile_u8 and staged_u8 repeat these
+    operations in registers, bit for bit: change both together."""
     act = np.int32(ep[EP_ACT])
     inv, ozp = requant_params(ep)
+    has_res = res.shape[0] > 0
+    pre = has_res and ep[EP_RES_FIRST] != 0
     for r in range(mr):
         i = m0 + r
         dequant_row(t, r * ldt, ncols, azp[i], ascale[i], colsum, wscale, bias, n0,
                     y, 0, 0)
+        ui, un = np.uint64(i), np.uint64(n0)
+        if pre:
+            for j in range(ncols):
+                y[0, j] += residual_value(res, ui, un + np.uint64(j), ep)
         if act != 0:
             apply_activation(y, 0, 0, ncols, act, ep[EP_P0], ep[EP_P1])
-        ui, un = np.uint64(i), np.uint64(n0)
+        if has_res and not pre:
+            for j in range(ncols):
+                y[0, j] += residual_value(res, ui, un + np.uint64(j), ep)
         for j in range(ncols):
             q = np.rint(y[0, j] * inv) + ozp
             q = q if q > _F0 else _F0
@@ -245,5 +269,5 @@ def _store_float_tile(mr, m0, n0, ncols, f, width, ascale, bias, res, ep, out, y
             if act != 0 and not pre:
                 apply_activation(out, m0 + r, n0, ncols, act, ep[EP_P0], ep[EP_P1])
         if res.shape[0] > 0:
-            add_residual_rows(out, res, m0, mr, n0, ncols, act if pre else 0, ep[EP_P0], ep[EP_P1])
+            add_residual_rows(out, res, m0, mr, n0, ncols, act if pre else 0, ep)
     return impl

@@ -17,15 +17,15 @@ from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
 from ._cache import CACHE  # package-wide cache locators, before any @njit(cache=CACHE)
-from .epilogue import (EP_ACT, EP_P0, EP_P1, EP_RES_FIRST, add_residual_rows, apply_activation, requant_params,
-                       store_tile_f32, store_tile_s32, store_tile_u8)
+from .epilogue import (EP_ACT, EP_P0, EP_P1, EP_RES_FIRST, add_residual_rows, apply_activation, store_tile_f32,
+                       store_tile_s32, store_tile_u8)
 from . import amx
 from .rowops import borrowed, call_llvm, prefetch
 from .quantize import quantize_rows_range
 from .simd import (A_DTYPES, AMX_ISAS, BLOCK_COLS, GEOMETRY, GROUP_BYTES, TAGS, is_portable, isa_geometry, tile_f32,
                    tile_f32_half, tile_u8, tile_u8_half, HALF_COLS, staged_f32, staged_u8, tile_s32)
 
-KERNEL_VERSION = "gemm-21"
+KERNEL_VERSION = "gemm-22"
 
 
 @njit(inline="always")
@@ -48,8 +48,7 @@ def _tile(tag, mr, a, a_off, lda, b, b_off, kg, t, t_off):
 def _tile_dispatch(tile):
     """A call of the tile intrinsic `tile` (tile_f32, tile_u8 or their half tiles) for a
     run-time row count mr: the intrinsic needs mr as a literal, one specialization per
-    count. e0, e1: the tile's last two arguments (residual and its flag; 1 / out_scale and
-    out_zp)."""
+    count. e0, e1: the tile's last two arguments (the residual and the parameter vector ep)."""
     @njit(inline="always")
     def dispatch(tag, mr, a, a_off, lda, b, b_off, kg, colsum, wscale, bias, n0,
                  ascale, azp, m0, out, act, p0, p1, e0, e1):
@@ -148,17 +147,15 @@ def _register_tile_impl(tag, mr, m0, n0, width, aq, bp, boff, kg, colsum, ascale
     if out.dtype == types.uint8:
         def impl(tag, mr, m0, n0, width, aq, bp, boff, kg, colsum, ascale, azp, wscale, bias, res, ep,
                  out):
-            act = np.int32(ep[EP_ACT])
-            inv, ozp = requant_params(ep)
+            act = np.int32(ep[EP_ACT])   # no residual: _job_into stages those tiles
             tc, lda = isa_geometry(tag)[1], aq.shape[1]
             full = width - width % tc
             for cs in range(0, full, tc):
                 _tile_u8(tag, mr, aq, m0 * lda, lda, bp, boff + 4 * cs, kg, colsum, wscale, bias,
-                         n0 + cs, ascale, azp, m0, out, act, ep[EP_P0], ep[EP_P1], inv, ozp)
+                         n0 + cs, ascale, azp, m0, out, act, ep[EP_P0], ep[EP_P1], res, ep)
             if full < width:  # a half tile (register_width)
                 _tile_u8_half(tag, mr, aq, m0 * lda, lda, bp, boff + 4 * full, kg, colsum, wscale,
-                              bias, n0 + full, ascale, azp, m0, out, act, ep[EP_P0], ep[EP_P1], inv,
-                              ozp)
+                              bias, n0 + full, ascale, azp, m0, out, act, ep[EP_P0], ep[EP_P1], res, ep)
         return impl
     if out.dtype != types.float32:
         def impl(tag, mr, m0, n0, width, aq, bp, boff, kg, colsum, ascale, azp, wscale, bias, res, ep,
@@ -167,21 +164,27 @@ def _register_tile_impl(tag, mr, m0, n0, width, aq, bp, boff, kg, colsum, ascale
         return impl
 
     def impl(tag, mr, m0, n0, width, aq, bp, boff, kg, colsum, ascale, azp, wscale, bias, res, ep, out):
-        if res.shape[0] > 0:  # the residual rows arrive while the K loop runs
-            for r in range(mr):
-                for line in range(0, width, 16):
-                    prefetch(res, (m0 + r) * res.shape[1] + n0 + line)
-        act, first = np.int32(ep[EP_ACT]), ep[EP_RES_FIRST] != 0
+        _prefetch_residual(res, mr, m0, n0, width)
+        act = np.int32(ep[EP_ACT])
         tc, lda = isa_geometry(tag)[1], aq.shape[1]
         full = width - width % tc
         for cs in range(0, full, tc):
             _tile_f32(tag, mr, aq, m0 * lda, lda, bp, boff + 4 * cs, kg, colsum, wscale, bias,
-                      n0 + cs, ascale, azp, m0, out, act, ep[EP_P0], ep[EP_P1], res, first)
+                      n0 + cs, ascale, azp, m0, out, act, ep[EP_P0], ep[EP_P1], res, ep)
         if full < width:  # a half tile (register_width)
             _tile_f32_half(tag, mr, aq, m0 * lda, lda, bp, boff + 4 * full, kg, colsum, wscale,
-                           bias, n0 + full, ascale, azp, m0, out, act, ep[EP_P0], ep[EP_P1], res,
-                           first)
+                           bias, n0 + full, ascale, azp, m0, out, act, ep[EP_P0], ep[EP_P1], res, ep)
     return impl
+
+
+@njit(inline="always")
+def _prefetch_residual(res, mr, m0, n0, width):
+    """Ask for a tile's residual rows (if any), so they arrive while the K loop runs."""
+    if res.shape[0] > 0:
+        step = 64 // res.itemsize
+        for r in range(mr):
+            for line in range(0, width, step):
+                prefetch(res, (m0 + r) * res.shape[1] + n0 + line)
 
 
 def register_width(tag, ncols):
@@ -228,11 +231,11 @@ def _stored_tile_impl(tag, mr, m0, n0, width, aq, bp, boff, kg, colsum, ascale, 
         for cs in range(0, width, tc):
             _tile_f32(tag, mr, aq, m0 * lda, lda, bp, boff + 4 * cs, kg, colsum, wscale, bias,
                       n0 + cs, ascale, azp, m0, out, 0, ep[EP_P0], ep[EP_P1],
-                      res if first else res[:0], first)
+                      res if first else res[:0], ep)
         for r in range(mr):
             apply_activation(out, m0 + r, n0, width, act, ep[EP_P0], ep[EP_P1])
         if res.shape[0] > 0 and not first:
-            add_residual_rows(out, res, m0, mr, n0, width, 0, ep[EP_P0], ep[EP_P1])
+            add_residual_rows(out, res, m0, mr, n0, width, 0, ep)
     return impl
 
 
@@ -252,11 +255,11 @@ def _staged_impl(mr, m0, n0, ncols, colsum, ascale, azp, wscale, bias, res, ep, 
             store_tile_f32(t, BLOCK_COLS, mr, m0, n0, ncols, colsum, ascale, azp,
                            wscale, bias, ep, 0 if pre else act, out)
             if has_res:
-                add_residual_rows(out, res, m0, mr, n0, ncols, act if pre else 0, ep[EP_P0], ep[EP_P1])
+                add_residual_rows(out, res, m0, mr, n0, ncols, act if pre else 0, ep)
     elif out.dtype == types.uint8:
         def impl(mr, m0, n0, ncols, colsum, ascale, azp, wscale, bias, res, ep, out, t, y):
             store_tile_u8(t, BLOCK_COLS, mr, m0, n0, ncols, colsum, ascale, azp,
-                          wscale, bias, ep, out, y)
+                          wscale, bias, res, ep, out, y)
     elif out.dtype == types.int32:
         def impl(mr, m0, n0, ncols, colsum, ascale, azp, wscale, bias, res, ep, out, t, y):
             store_tile_s32(t, BLOCK_COLS, mr, m0, n0, ncols, out)
@@ -329,16 +332,15 @@ def _amx_epilogue_impl(tag, m0, rows, n0, ncols, colsum, ascale, azp, wscale, bi
     when the activation runs in registers (act <= 3); else, and for the last rows, _staged."""
     if out.dtype == types.uint8:
         def impl(tag, m0, rows, n0, ncols, colsum, ascale, azp, wscale, bias, res, ep, out, t, y):
-            act = np.int32(ep[EP_ACT])   # no residual: refused with uint8 output
+            act = np.int32(ep[EP_ACT])
             whole = (ncols == BLOCK_COLS) & (bias.shape[0] > 0) & (act <= 3)
             full = (rows - rows % _EP_ROWS) * np.intp(whole)
             if full < rows:
                 _staged(rows - full, m0 + full, n0, ncols, colsum, ascale, azp, wscale, bias, res, ep,
                         out, t[full * BLOCK_COLS:], y)
-            inv, ozp = requant_params(ep)
             for r in range(0, full, _EP_ROWS):
                 staged_u8(tag, _EP_ROWS, t, r * BLOCK_COLS, BLOCK_COLS, colsum, wscale, bias, n0,
-                          ascale, azp, m0 + r, out, act, ep[EP_P0], ep[EP_P1], inv, ozp)
+                          ascale, azp, m0 + r, out, act, ep[EP_P0], ep[EP_P1], res, ep)
         return impl
     if out.dtype != types.float32:
         def impl(tag, m0, rows, n0, ncols, colsum, ascale, azp, wscale, bias, res, ep, out, t, y):
@@ -359,12 +361,12 @@ def _amx_epilogue_impl(tag, m0, rows, n0, ncols, colsum, ascale, azp, wscale, bi
         tile_res = res[:res.shape[0] * np.intp(in_regs | first)]
         for r in range(0, full, _EP_ROWS):
             staged_f32(tag, _EP_ROWS, t, r * BLOCK_COLS, BLOCK_COLS, colsum, wscale, bias, n0,
-                       ascale, azp, m0 + r, out, tile_act, ep[EP_P0], ep[EP_P1], tile_res, first)
+                       ascale, azp, m0 + r, out, tile_act, ep[EP_P0], ep[EP_P1], tile_res, ep)
         if not in_regs:
             for r in range(full):
                 apply_activation(out, m0 + r, n0, BLOCK_COLS, act, ep[EP_P0], ep[EP_P1])
             if res.shape[0] > 0 and not first:
-                add_residual_rows(out, res, m0, full, n0, BLOCK_COLS, 0, ep[EP_P0], ep[EP_P1])
+                add_residual_rows(out, res, m0, full, n0, BLOCK_COLS, 0, ep)
     return impl
 
 
@@ -438,11 +440,12 @@ def _job_into(tag, job, nmc, mchunk, rows_first, aq, bp, kg, colsum, ascale, azp
     m_start = _amx_rows(tag, m_start, m_end, n0, ncols, aq, bp, boff, kg, colsum, ascale, azp,
                         wscale, bias, res, ep, out, t, y)
     # whole tiles of the ISA with float output take the in-register epilogue, with uint8
-    # output those whose activation runs in registers (act <= 3); column tails (under one
-    # tile), int32 output, uint8 with a later activation and the portable ISA are staged
+    # output those whose activation runs in registers (act <= 3) and that add no residual;
+    # column tails (under one tile), int32 output, uint8 with a later activation or a
+    # residual, and the portable ISA are staged
     regs = bias.shape[0] > 0 and not is_portable(tag)
     width = 0
-    if regs and ep[EP_ACT] <= 3 and _finished_in_registers(out):
+    if regs and ep[EP_ACT] <= 3 and _finished_in_registers(out) and (res.shape[0] == 0 or _is_float32(out)):
         width = register_width(tag, ncols)
     elif regs and _is_float32(out):   # SiLU, tanh GELU: _stored_tile
         width = ncols - ncols % isa_geometry(tag)[1]

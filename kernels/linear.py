@@ -55,9 +55,12 @@ def get_num_threads():
     return _threads[0]
 
 
-def epilogue_params(act="none", act_args=(), out_scale=1.0, out_zero_point=0, residual_first=False):
-    """float32 vector [act, p0, p1, out_scale, out_zp, residual first] (cached by value)."""
-    key = (act, tuple(act_args), out_scale, out_zero_point, bool(residual_first))
+def epilogue_params(act="none", act_args=(), out_scale=1.0, out_zero_point=0, residual_first=False,
+                    res_scale=1.0, res_zero_point=0):
+    """float32 vector [act, p0, p1, out_scale, out_zp, residual first, res_scale, res_zp]
+    (epilogue.py; cached by value). res_scale, res_zero_point: what a uint8 residual's
+    codes stand for."""
+    key = (act, tuple(act_args), out_scale, out_zero_point, bool(residual_first), res_scale, res_zero_point)
     ep = _EP_CACHE.get(key)
     if ep is None:
         if act not in ACTIVATIONS:
@@ -70,10 +73,12 @@ def epilogue_params(act="none", act_args=(), out_scale=1.0, out_zero_point=0, re
         p0, p1 = (tuple(act_args) + (0.0, 0.0))[:2]
         if not out_scale > 0:
             raise KernelError(f"out_scale must be > 0, got {out_scale}")
-        ep = np.array([ACTIVATIONS[act], p0, p1, out_scale, out_zero_point, float(bool(residual_first))],
-                      np.float32)
+        if not res_scale > 0:
+            raise KernelError(f"res_scale must be > 0, got {res_scale}")
+        ep = np.array([ACTIVATIONS[act], p0, p1, out_scale, out_zero_point, float(bool(residual_first)),
+                       res_scale, res_zero_point], np.float32)
         _EP_CACHE[key] = ep
-        if key[1:] == ((), 1.0, 0, False):
+        if key[1:] == ((), 1.0, 0, False, 1.0, 0):
             _EP_PLAIN[act] = ep
     return ep
 

@@ -45,7 +45,7 @@ from numba.extending import (intrinsic, models,
 from . import epilogue as _ep
 from .rowops import IntrinsicArgs as _Args, call_llvm as _call, emit_prefetch, splat as _splat
 
-KERNEL_VERSION = "simd-11"
+KERNEL_VERSION = "simd-12"
 
 ISAS = ("amx_int8", "avx512_vnni", "avx_vnni", "avx2", "portable")
 # amx_int8 is avx512_vnni plus AMX tiles for the large blocks (amx.py, gemm.py): every
@@ -307,8 +307,8 @@ def tile_s32(typingctx, tag, mr, a, a_off, lda, b, b_off, kg, t, t_off, ldt):
 def _tile_intrinsic(half, u8):
     """tile_f32, or with u8 tile_u8 (the ISA's tile width), or with half the columns of
     its first vectors (HALF_COLS: a block's column tail in registers instead of staged).
-    The last two arguments: the residual and its flag res_first (tile_f32), or
-    1 / out_scale and the output zero point, float32 (tile_u8)."""
+    The last two arguments: the residual (float32 or uint8, out's rows; an empty array for
+    none) and the epilogue's parameter vector ep (epilogue.py)."""
     @intrinsic(prefer_literal=True)
     def tile(typingctx, tag, mr, a, a_off, lda, b, b_off, kg, colsum, wscale, bias,
              n0, ascale, azp, m0, out, act, p0, p1, e0, e1):
@@ -327,6 +327,12 @@ def _out_type_ok(out, u8):
     return isinstance(out, types.Array) and (out.dtype == types.uint8 or not u8)
 
 
+def _res_ep_ok(res, ep):
+    """A residual of float32 or uint8 rows, and the float32 parameter vector."""
+    return (isinstance(res, types.Array) and res.ndim == 2 and res.dtype in (types.float32, types.uint8)
+            and isinstance(ep, types.Array) and ep.dtype == types.float32)
+
+
 def _tile_typer(half, u8, tag, mr, a, a_off, lda, b, b_off, kg, colsum, wscale, bias,
                 n0, ascale, azp, m0, out, act, p0, p1, e0, e1):
     """A tile (the ISA's width; with half, HALF_COLS columns) with the dequantizing
@@ -336,27 +342,30 @@ def _tile_typer(half, u8, tag, mr, a, a_off, lda, b, b_off, kg, colsum, wscale, 
                               * (ascale[m0+r] * wscale[n0+j]) + bias[n0+j])
 
     for r < mr, j < tile columns (all columns must exist in out and bias).
-    tile_f32 (float32 out): a residual res = e0 (float32, out's shape; an empty
-    array for none) is added in registers too: act(y) + res, or act(y + res)
-    with res_first = e1. The formulas of epilogue.dequant_row, with scale and
-    bias one fused multiply-add (within an ulp of the staged path); act (an
+    A residual res = e0 (out's rows; an empty array for none) is added in registers
+    too: act(y) + res, or act(y + res) when ep = e1 says residual first; uint8 codes
+    stand for (code - res_zp) * res_scale (_Residual). tile_f32 (float32 out): the
+    formulas of epilogue.dequant_row, with scale and bias one fused multiply-add
+    (within an ulp of the staged path); act (an
     epilogue.ACTIVATIONS code) is applied in registers for relu (1),
     clamp(p0, p1) (2) and erf GELU (3), the formulas of epilogue.py (GELU's
     reciprocal an estimate and a Newton step, ~2^-23), and left to the
     caller otherwise. Every vector operation here costs about a cycle per
     tile vector on Zen 4, where 512-bit float ops issue once per cycle.
-    tile_u8 (uint8 out): that result requantized, clip(rint(y * e0) + e1, 0, 255)
-    with e0 = 1 / out_scale, e1 = out_zp, bit for bit as the staged path
-    (epilogue.store_tile_u8) computes it: see _emit_u8_epilogue; act 0 to 3.
+    tile_u8 (uint8 out): that result requantized, clip(rint(y / out_scale) + out_zp, 0, 255)
+    with ep's out_scale and out_zp, bit for bit as the staged path
+    (epilogue.store_tile_u8) computes it: see _emit_u8_epilogue; act 0 to 3. tile_u8 adds
+    no residual (gemm._job_into stages those tiles; staged_u8 adds one): one copy of its
+    code per row count and activation instead of two, which keeps the GEMM's compile short.
     """
     if (not isinstance(tag, IsaType) or not isinstance(mr, types.IntegerLiteral)
-            or not _a_type_ok(tag.isa, a) or not _out_type_ok(out, u8)):
+            or not _a_type_ok(tag.isa, a) or not _out_type_ok(out, u8) or not _res_ep_ok(e0, e1)):
         return None
     sig = types.void(tag, mr, a, a_off, lda, b, b_off, kg, colsum, wscale, bias,
                      n0, ascale, azp, m0, out, act, p0, p1, e0, e1)
     isa, nrows = tag.isa, mr.literal_value
     width = HALF_COLS.get(isa, 0) if half else GEOMETRY[isa][1]
-    emit = _emit_u8_epilogue if u8 else _emit_f32_epilogue
+    emit = _emit_u8_tile if u8 else _emit_f32_epilogue
 
     def codegen(context, builder, sig, args):
         if isa not in _SPECS or nrows > GEOMETRY[isa][0] or not width:
@@ -377,7 +386,7 @@ def _staged_intrinsic(u8):
                act, p0, p1, e0, e1):
         if (not isinstance(tag, IsaType) or not isinstance(mr, types.IntegerLiteral)
                 or not (isinstance(t, types.Array) and t.dtype == types.int32)
-                or not _out_type_ok(out, u8)):
+                or not _out_type_ok(out, u8) or not _res_ep_ok(e0, e1)):
             return None
         sig = types.void(tag, mr, t, t_off, ldt, colsum, wscale, bias, n0, ascale, azp, m0, out,
                          act, p0, p1, e0, e1)
@@ -458,10 +467,49 @@ def _by_activation(builder, act, cases, otherwise):
             _by_activation(builder, act, rest, otherwise)
 
 
+def _ep_float(builder, ar, i, k):
+    """ep[k], ep the float32 vector argument i."""
+    return builder.load(builder.gep(ar.ptr(i), [ar.cst(k)]))
+
+
+class _Residual:
+    """The residual argument i of a tile whose arguments from colsum on start at i0 (n0 at
+    i0 + 3, m0 at i0 + 6, ep at i0 + 12), as float32 vectors of n lanes: add(y, r, c, fn)
+    is fn(y + res) + 0, or fn(y) + res, by ep's residual-first flag."""
+
+    def __init__(self, context, builder, ar, i0, n):
+        self.b, self.ar, self.n = builder, ar, n
+        ty = ar.tys[i0 + 11]
+        self.u8 = ty.dtype == types.uint8
+        st = ar.array(i0 + 11)
+        self.ld = builder.sdiv(builder.extract_value(st.strides, 0), ar.cst(ty.dtype.bitwidth // 8))
+        self.ptr = builder.gep(st.data, [builder.add(builder.mul(ar.int(i0 + 6), self.ld), ar.int(i0 + 3))])
+        self.present = builder.icmp_signed(">", builder.extract_value(st.shape, 0), ar.cst(0))
+        self.fvec = _vec(ir.FloatType(), n)
+        zero = ir.Constant(ir.FloatType(), 0.0)
+        self.first = builder.fcmp_unordered("!=", _ep_float(builder, ar, i0 + 12, _ep.EP_RES_FIRST), zero)
+        self.scale = _splat(builder, _ep_float(builder, ar, i0 + 12, _ep.EP_RSCALE), n)
+        self.zp = _splat(builder, _ep_float(builder, ar, i0 + 12, _ep.EP_RZP), n)
+
+    def vec(self, r, c):
+        """res[m0 + r, n0 + c*n ...] as float32 (epilogue.residual_value's operations)."""
+        b, off = self.b, self.b.add(self.b.mul(self.ld, self.ar.cst(r)), self.ar.cst(c * self.n))
+        if not self.u8:
+            return _load_vec(b, self.ptr, off, self.fvec)
+        codes = _load_vec(b, self.ptr, off, _vec(_i8, self.n))
+        return b.fmul(b.fsub(b.uitofp(codes, self.fvec), self.zp), self.scale)
+
+    def add(self, y, r, c, fn):
+        # -0.0 is the exact identity of float addition (x + -0.0 == x, signed zeros too)
+        rv, neg0 = self.vec(r, c), _fconst(self.fvec, -0.0)
+        before, after = self.b.select(self.first, rv, neg0), self.b.select(self.first, neg0, rv)
+        return self.b.fadd(fn(self.b.fadd(y, before)), after)
+
+
 def _emit_f32_epilogue(context, builder, ar, i0, nrows, width, accumulate):
     """The epilogue of tile_f32 on the int32 vectors accumulate() returns (mr x vectors);
     the arguments from colsum on start at index i0 (colsum, wscale, bias, n0, ascale,
-    azp, m0, out, act, p0, p1, res, res_first)."""
+    azp, m0, out, act, p0, p1, res, ep)."""
     sig, args = ar.tys, ar.args
     o_ptr, ldo = _tile_out(context, builder, ar, i0, nrows, width)
     rows = _dequantize(builder, ar, i0, accumulate(), fused=True)
@@ -472,24 +520,11 @@ def _emit_f32_epilogue(context, builder, ar, i0, nrows, width, accumulate):
     act_v = context.cast(builder, args[i0 + 8], sig[i0 + 8], types.int32)
     p0v = _splat(builder, context.cast(builder, args[i0 + 9], sig[i0 + 9], types.float32), n)
     p1v = _splat(builder, context.cast(builder, args[i0 + 10], sig[i0 + 10], types.float32), n)
-    n0v, m0v = ar.int(i0 + 3), ar.int(i0 + 6)
-    res_st = cgutils.create_struct_proxy(sig[i0 + 11])(context, builder, value=args[i0 + 11])
-    ldr = builder.sdiv(builder.extract_value(res_st.strides, 0), ar.cst(4))
-    r_ptr = builder.gep(res_st.data, [builder.add(builder.mul(m0v, ldr), n0v)])
-    first = builder.icmp_signed("!=", context.cast(builder, args[i0 + 12], sig[i0 + 12], types.int32),
-                                ir.Constant(_i32, 0))
-    # -0.0 is the exact identity of float addition (x + -0.0 == x, signed zeros too)
-    neg0 = ir.Constant(fvec, [ir.Constant(ir.FloatType(), -0.0)] * n)
+    res = _Residual(context, builder, ar, i0, n)
 
     def store(fn, with_res):
         for y, r, c, off in ys:
-            if not with_res:
-                _store_vec(builder, fn(y), o_ptr, off)
-                continue
-            rv = _load_vec(builder, r_ptr, builder.add(builder.mul(ldr, ar.cst(r)), ar.cst(c * n)),
-                           fvec)
-            before, after = builder.select(first, rv, neg0), builder.select(first, neg0, rv)
-            _store_vec(builder, builder.fadd(fn(builder.fadd(y, before)), after), o_ptr, off)
+            _store_vec(builder, res.add(y, r, c, fn) if with_res else fn(y), o_ptr, off)
 
     zero = ir.Constant(fvec, None)
 
@@ -501,45 +536,64 @@ def _emit_f32_epilogue(context, builder, ar, i0, nrows, width, accumulate):
                                                p1v), with_res))],
             lambda: store(lambda y: y, with_res))
 
-    has_res = builder.icmp_signed(">", builder.extract_value(res_st.shape, 0),
-                                  ir.Constant(context.get_value_type(types.intp), 0))
-    with builder.if_else(has_res) as (residual, alone):
+    with builder.if_else(res.present) as (residual, alone):
         with residual:
             activations(True)
         with alone:
             activations(False)
 
 
-def _emit_u8_epilogue(context, builder, ar, i0, nrows, width, accumulate):
+def _emit_u8_tile(context, builder, ar, i0, nrows, width, accumulate):
+    """_emit_u8_epilogue without the residual (tile_u8)."""
+    _emit_u8_epilogue(context, builder, ar, i0, nrows, width, accumulate, residual=False)
+
+
+def _emit_u8_epilogue(context, builder, ar, i0, nrows, width, accumulate, residual=True):
     """The epilogue of tile_u8 on the int32 vectors accumulate() returns (mr x vectors);
     the arguments from colsum on start at index i0 (colsum, wscale, bias, n0, ascale,
-    azp, m0, out, act, p0, p1, inv, ozp).
+    azp, m0, out, act, p0, p1, res, ep).
 
     epilogue.store_tile_u8's operations in its order, on vectors instead of a staged
     row, so that the bytes are the staged path's on every input: y as dequant_row
-    rounds it (no fma), the activation as apply_activation computes it (Python's
-    max/min compares, _gelu_staged), then clip(rint(y * inv) + ozp, 0, 255) and the
-    low byte (_requantize). Activations past erf GELU (3) are the caller's to stage."""
+    rounds it (no fma), the residual added as store_tile_u8 adds it, the activation as
+    apply_activation computes it (Python's max/min compares, _gelu_staged), then
+    clip(rint(y * (1 / out_scale)) + out_zp, 0, 255) and the low byte (_requantize).
+    Activations past erf GELU (3) are the caller's to stage."""
     sig, args = ar.tys, ar.args
     o_ptr, ldo = _tile_out(context, builder, ar, i0, nrows, width)
     rows = _dequantize(builder, ar, i0, accumulate(), fused=False)
     n = rows[0][0].type.count
     act_v = context.cast(builder, args[i0 + 8], sig[i0 + 8], types.int32)
-    p0v, p1v, inv, ozp = (_splat(builder, context.cast(builder, args[i], sig[i], types.float32), n)
-                          for i in range(i0 + 9, i0 + 13))
+    p0v, p1v = (_splat(builder, context.cast(builder, args[i], sig[i], types.float32), n)
+                for i in range(i0 + 9, i0 + 11))
+    one = ir.Constant(ir.FloatType(), 1.0)
+    inv = _splat(builder, builder.fdiv(one, _ep_float(builder, ar, i0 + 12, _ep.EP_OSCALE)), n)
+    ozp = _splat(builder, _ep_float(builder, ar, i0 + 12, _ep.EP_OZP), n)
     zero = _fconst(rows[0][0].type, 0.0)
+    res = _Residual(context, builder, ar, i0, n) if residual else None
 
-    def store(fn):
+    def store(fn, with_res):
         for r, row in enumerate(rows):
             for c, y in enumerate(row):
                 off = builder.add(builder.mul(ldo, ar.cst(r)), ar.cst(c * n))
-                _store_vec(builder, _requantize(builder, fn(y), inv, ozp), o_ptr, off)
+                v = res.add(y, r, c, fn) if with_res else fn(y)
+                _store_vec(builder, _requantize(builder, v, inv, ozp), o_ptr, off)
 
-    _by_activation(builder, act_v, [
-        (3, lambda: store(lambda y: _gelu_staged(builder, y))),
-        (1, lambda: store(lambda y: _py_max(builder, y, zero))),
-        (2, lambda: store(lambda y: _py_min(builder, _py_max(builder, y, p0v), p1v)))],
-        lambda: store(lambda y: y))
+    def activations(with_res):
+        _by_activation(builder, act_v, [
+            (3, lambda: store(lambda y: _gelu_staged(builder, y), with_res)),
+            (1, lambda: store(lambda y: _py_max(builder, y, zero), with_res)),
+            (2, lambda: store(lambda y: _py_min(builder, _py_max(builder, y, p0v), p1v), with_res))],
+            lambda: store(lambda y: y, with_res))
+
+    if res is None:
+        activations(False)
+        return
+    with builder.if_else(res.present) as (added, alone):
+        with added:
+            activations(True)
+        with alone:
+            activations(False)
 
 
 tile_f32 = _tile_intrinsic(False, False)

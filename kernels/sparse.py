@@ -59,7 +59,7 @@ from .simd import AMX_ISAS, BLOCK_COLS, GEOMETRY, TAGS, is_portable, isa_geometr
 from .sparse_pack import (HIGH, SLICE, SLOTS, STEP, WINDOW, PackedSparse, density, pack_sparse_s8,  # noqa: F401
                           unpack_sparse_s8)
 
-KERNEL_VERSION = "sparse-5"
+KERNEL_VERSION = "sparse-6"
 ROWS = 4            # activation rows a job computes at once (they share the weight loads)
 
 _i8, _i16, _i32 = ir.IntType(8), ir.IntType(16), ir.IntType(32)
@@ -156,20 +156,20 @@ def _slice(tag, mr, a, m0, starts, idx, val, j0, j1, offsets, o_off, t, t_off):
 
 
 @njit(inline="always")
-def _staged_regs(tag, mr, t, t_off, colsum, wscale, bias, n0, ascale, azp, m0, out, act, p0, p1, res, first):
+def _staged_regs(tag, mr, t, t_off, colsum, wscale, bias, n0, ascale, azp, m0, out, act, p0, p1, res, ep):
     # staged_f32 needs mr as a literal
     if mr == 4:
         staged_f32(tag, 4, t, t_off, BLOCK_COLS, colsum, wscale, bias, n0, ascale, azp, m0, out, act, p0, p1,
-                   res, first)
+                   res, ep)
     elif mr == 3:
         staged_f32(tag, 3, t, t_off, BLOCK_COLS, colsum, wscale, bias, n0, ascale, azp, m0, out, act, p0, p1,
-                   res, first)
+                   res, ep)
     elif mr == 2:
         staged_f32(tag, 2, t, t_off, BLOCK_COLS, colsum, wscale, bias, n0, ascale, azp, m0, out, act, p0, p1,
-                   res, first)
+                   res, ep)
     else:
         staged_f32(tag, 1, t, t_off, BLOCK_COLS, colsum, wscale, bias, n0, ascale, azp, m0, out, act, p0, p1,
-                   res, first)
+                   res, ep)
 
 
 @njit(inline="always")
@@ -192,12 +192,12 @@ def _epilogue(tag, mr, m0, n0, ncols, colsum, ascale, azp, wscale, bias, res, ep
     first = ep[EP_RES_FIRST] != 0
     for cs in range(0, width, tc):
         _staged_regs(tag, mr, t, cs, colsum, wscale, bias, n0 + cs, ascale, azp, m0, out,
-                     act if in_regs else 0, ep[EP_P0], ep[EP_P1], res if in_regs or first else res[:0], first)
+                     act if in_regs else 0, ep[EP_P0], ep[EP_P1], res if in_regs or first else res[:0], ep)
     if width > 0 and not in_regs:   # as gemm._stored_tile
         for r in range(mr):
             apply_activation(out, m0 + r, n0, width, act, ep[EP_P0], ep[EP_P1])
         if res.shape[0] > 0 and not first:
-            add_residual_rows(out, res, m0, mr, n0, width, 0, ep[EP_P0], ep[EP_P1])
+            add_residual_rows(out, res, m0, mr, n0, width, 0, ep)
     if width < ncols:
         # the tail's int32 columns moved to the tile's start, where _staged reads them
         for r in range(mr):

@@ -26,9 +26,11 @@ sparse="always" takes the sparse kernel wherever the zeros allow, untimed (deter
 
 Chained int8 layers: where the next int8 layers quantize a layer's output with a static
 scale, the layer's epilogue writes that uint8 directly (linears to a linear, dense convs to
-dense convs). The codes are the ones the consumer would have made from the float value
-(but for a value within an ulp of a rounding tie: the float epilogue rounds scale and bias
-once, the uint8 one twice); option chain=False keeps every hand-over in float (debugging).
+dense convs, which may also add it as their residual: then the residual is 8-bit too;
+option residual_codes=False keeps residuals float, as quantization-aware training models
+them). The codes are the ones the consumer would have made from the float value (but for
+a value within an ulp of a rounding tie: the float epilogue rounds scale and bias once,
+the uint8 one twice); option chain=False keeps every hand-over in float (debugging).
 """
 from __future__ import annotations
 
@@ -49,7 +51,7 @@ from fxopt.runtime import kernel_ops
 aten = torch.ops.aten
 
 PASS = PassInfo("lower_to_kernels", requires=("quantize_int8|quantize_bf16",),
-                options={"sparse": None, "chain": True},
+                options={"sparse": None, "chain": True, "residual_codes": True},
                 doc="replace int8 reference ops by Numba kernel ops with pre-packed weights")
 
 SPARSE_MODES = (True, False, "always")   # timed choice, dense only, sparse wherever zeros allow
@@ -58,7 +60,7 @@ TIMING_ROUNDS = 5        # interleaved rounds of the dense/sparse timing, each >
 TIMING_BATCH_S = 2e-4
 
 
-def run(gm, ctx, sparse=None, chain=True) -> PassResult:
+def run(gm, ctx, sparse=None, chain=True, residual_codes=True) -> PassResult:
     sparse = ctx.get("sparse", True) if sparse is None else sparse
     if sparse not in SPARSE_MODES:
         raise ValueError(f"lower_to_kernels: sparse must be one of {SPARSE_MODES}, got {sparse!r}")
@@ -91,7 +93,7 @@ def run(gm, ctx, sparse=None, chain=True) -> PassResult:
         stats["view_to_reshape"] = _views_to_reshapes(gm)
     stats["chained"] = _chain(gm) if chain else 0
     stats["residual_adds"] = _fuse_residual_adds(gm) + _fuse_conv_residuals(gm)
-    stats["chained"] += _chain_convs(gm) if chain else 0
+    stats["chained"] += _chain_convs(gm, residual_codes) if chain else 0
     from fxopt.kernels import api as kernels
     gm.meta.setdefault("fxopt_artifact", {})["kernel_isa"] = kernels.isa()
     return PassResult(stats["linear"] + stats["conv2d"] + stats["attention"] > 0, stats)
@@ -231,32 +233,60 @@ def _chain(gm) -> int:
     return count
 
 
-def _chain_convs(gm) -> int:
-    """The same for convs, after their residual adds are fused: a dense int8 conv without a
-    residual hands uint8 (channels_last) to the dense static-scale convs reading it as
-    their input, when it has no other user and they all take one (scale, zero point), as
-    convs reading one tensor do (SqueezeNet's expand pair, a ResNet stage's first block).
-    A max pool between them runs on the codes (fxopt.max_pool2d): ResNet's stem. A
-    residual stays float: the uint8 epilogue adds none."""
-    count = 0
-    for node in list(gm.graph.nodes):
-        if (node.target is not kernel_ops.conv2d_int8 or not _dense_conv(node) or _conv_out_scale(node) > 0
-                or (len(node.args) > 13 and node.args[13] is not None)):
+def _chain_convs(gm, residual_codes=True) -> int:
+    """The same for convs, after their residual adds are fused: a dense int8 conv hands
+    uint8 (channels_last) on when its users are dense static-scale convs reading it as
+    their input, all taking one (scale, zero point) as convs reading one tensor do, and
+    dense convs adding it as their residual that hand uint8 on themselves (the kernels
+    add codes in the uint8 epilogue only). Those add the floats the codes stand for: a
+    ResNet block's output feeds the next block's first conv and its residual add, and
+    both read the codes (the residual is then quantized as that conv's input is: 8 bits,
+    the scale calibrated there). A max pool between a conv and its readers runs on the
+    codes (fxopt.max_pool2d): ResNet's stem. With residual_codes=False a conv adding a
+    value keeps it float (so does its producer)."""
+    plans = {}
+    for node in gm.graph.nodes:
+        if node.target is not kernel_ops.conv2d_int8 or not _dense_conv(node) or _conv_out_scale(node) > 0:
             continue
         pools = [u for u in node.users if u.target is aten.max_pool2d.default and u.args[0] is node
                  and not u.kwargs]
-        takers = [(u, node) for u in node.users if u not in pools] + [(u, p) for p in pools for u in p.users]
+        adders = [u for u in node.users if residual_codes and _adds_uint8_residual(u, node)]
+        takers = ([(u, node) for u in node.users if u not in pools and u not in adders]
+                  + [(u, p) for p in pools for u in p.users])
         takes = {(float(u.args[11]), int(u.args[12])) if _reads_uint8_input(u, x) else None for u, x in takers}
-        if len(takes) != 1 or None in takes:
-            continue
-        scale, zp = takes.pop()
-        node.args = (*node.args[:13], None, scale, zp)
-        infer_meta(gm, node)
+        if len(takes) == 1 and None not in takes:
+            plans[node] = (*takes.pop(), pools, adders)
+    dropped = True
+    while dropped:      # an adder that cannot hand uint8 on takes no codes: its residual's producer stays float
+        dropped = [node for node, (*_, adders) in plans.items() if any(a not in plans for a in adders)]
+        for node in dropped:
+            del plans[node]
+    for node, (scale, zp, pools, adders) in plans.items():
+        _set_conv_args(gm, node, out_scale=scale, out_zp=zp)
         node.meta.setdefault("fxopt_quant", {})["chained"] = True
+        for adder in adders:
+            _set_conv_args(gm, adder, res_scale=scale, res_zp=zp)
         for pool in pools:
             _replace(gm, pool, kernel_ops.max_pool2d, _pool_args(pool))
-        count += 1
-    return count
+    return len(plans)
+
+
+# conv2d_int8's arguments after a_zp, with their defaults (its schema)
+_CONV_TAIL = {"residual": None, "out_scale": 0.0, "out_zp": 0, "res_scale": 0.0, "res_zp": 0}
+
+
+def _set_conv_args(gm, node, **values) -> None:
+    """Set conv2d_int8 arguments after a_zp by name, the others kept, all positional."""
+    tail = dict(zip(_CONV_TAIL, node.args[13:]))
+    tail = {name: values.get(name, tail.get(name, default)) for name, default in _CONV_TAIL.items()}
+    node.args = (*node.args[:13], *tail.values())
+    infer_meta(gm, node)
+
+
+def _adds_uint8_residual(user, node) -> bool:
+    """user is a dense int8 conv adding node as its residual (and reading it nowhere else)."""
+    return (user.target is kernel_ops.conv2d_int8 and _dense_conv(user) and len(user.args) > 13
+            and user.args[13] is node and not user.kwargs and node not in user.args[:13])
 
 
 def _pool_args(pool) -> tuple:

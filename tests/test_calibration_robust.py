@@ -95,7 +95,15 @@ def test_saturation_monitor_counts_what_static_scales_clip():
         "lower_to_kernels", "lower_to_kernels{chain=False}"), calibration_data=batches, **FAST)
     with fxopt.saturation_monitor(plain) as unchained:
         plain(x)
-    assert counts == unchained
+    # the same counts, but where a conv adds a uint8 residual (quantized, where plain adds
+    # floats): what its readers clip may differ by the values near the range's ends
+    convs = [n for n in fast.graph.nodes if "conv2d_int8" in str(n.target)]
+    near = {u.meta["fxopt_layer"] for n in convs if len(n.args) > 16 and n.args[16] > 0 for u in n.users}
+    assert near and set(counts) == set(unchained)
+    for name, (clipped, total) in counts.items():
+        want = unchained[name]
+        assert total == want[1] and (clipped == want[0] if name not in near
+                                     else abs(clipped - want[0]) <= max(2, want[0] // 100)), (name, counts, unchained)
     with fxopt.saturation_monitor(fast) as calm:
         fast(data.x_test[:64])
     assert calm[layer][0] < counts[layer][0]

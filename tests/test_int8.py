@@ -204,34 +204,41 @@ def test_static_linears_chain_in_uint8():
 
 
 @pytest.mark.slow
-def test_trained_cnn_convs_chain_in_uint8_with_the_same_logits(digits_models):
-    """A dense conv hands uint8 to the conv after it: its epilogue writes the codes the next
-    conv would have made from the float value, but where that value lies within an ulp of a
-    rounding tie (the float epilogue fuses scale and bias in one multiply-add, the uint8 one
-    rounds twice, as the staged path does; seen on 1 image of 100 in one of 8 trainings). So
-    the trained digits CNN gives the logits of every hand-over in float (chain=False) on
-    nearly every image, and the report's per-layer row of the chained layer compares the
-    values its codes stand for with the float model's."""
+def test_trained_cnn_convs_chain_in_uint8_through_the_residual_block(digits_models):
+    """The digits CNN's stem feeds its residual block twice: the block's first conv reads
+    it, the block's last conv adds it (relu(x + block(x))). Chained, the stem writes uint8
+    codes once, the first conv reads them as its input and the last adds the floats they
+    stand for, then hands uint8 to the downsampling conv: 3 hand-overs in uint8 instead of
+    1 before. The residual is now quantized (8 bits, the scale calibrated for the block's
+    first conv), so the logits are near, not equal to, those of every hand-over in float
+    (chain=False; a hand-over without a residual is bit-exact but for rounding ties: see the
+    max-pool test below). The report's per-layer rows compare the values the codes stand
+    for with the float model's."""
     data, cnn, _ = digits_models
     calib = [(x,) for x, _ in data.batches(batch_size=64)][:4]
     target = fxopt.TARGETS["cpu-int8"]
     fast = fxopt.optimize(cnn, (data.x_train[:32],), target=target, calibration_data=calib, latency_repeats=0)
     plain = fxopt.optimize(cnn, (data.x_train[:32],), target=target.replace("lower_to_kernels",
                            "lower_to_kernels{chain=False}"), calibration_data=calib, latency_repeats=0)
-    assert fast.fxopt_report.record("lower_to_kernels").stats["chained"] == 1
+    assert fast.fxopt_report.record("lower_to_kernels").stats["chained"] == 3
     assert plain.fxopt_report.record("lower_to_kernels").stats["chained"] == 0
-    convs = [n for n in fast.graph.nodes if n.target is kernel_ops.conv2d_int8]
-    assert [n.meta["val"].dtype for n in convs] == [torch.float32, torch.uint8, torch.float32, torch.float32]
+    stem, first, last, down = [n for n in fast.graph.nodes if n.target is kernel_ops.conv2d_int8]
+    assert [n.meta["val"].dtype for n in (stem, first, last, down)] == [torch.uint8] * 3 + [torch.float32]
+    assert last.args[13] is stem and (last.args[16], last.args[17]) == (stem.args[14], stem.args[15])
+    assert (stem.args[14], stem.args[15]) == (first.args[11], first.args[12])   # one scale for both readers
     x, other = data.x_test[:100], data.x_test[100:200]
     with torch.no_grad():
         assert drift(cnn(x), cnn(other)).cosine < 0.5         # the logits depend on the input
         for batch in (x, other):
             got, want = fast(batch), plain(batch)
-            assert (got != want).any(dim=1).sum() <= 2
-            assert drift(want, got).sqnr_db > 60
+            assert drift(want, got).sqnr_db > 30, drift(want, got)
+            assert (got.argmax(1) != want.argmax(1)).sum() <= 1
         assert drift(cnn(x), fast(x)).cosine > 0.999
-    chained = next(r for r in fast.fxopt_report.layers if r["layer"] == convs[1].meta["fxopt_layer"])
-    assert chained["cosine"] > 0.99, chained
+    before, after = accuracy(cnn, data.x_test, data.y_test), accuracy(fast, data.x_test, data.y_test)
+    assert before > 0.9 and after >= before - 0.005, (before, after)
+    for conv in (stem, last):
+        row = next(r for r in fast.fxopt_report.layers if r["layer"] == conv.meta["fxopt_layer"])
+        assert row["cosine"] > 0.99, row
 
 
 class _PooledDigitsCNN(nn.Module):

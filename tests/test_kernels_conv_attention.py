@@ -156,8 +156,10 @@ def test_bound_conv_takes_and_gives_uint8(isa, c, o, k, stride):
             want = np.clip(np.rint(y * (np.float32(1) / np.float32(0.05))) + 3, 0, 255)
             diff = np.abs(got.astype(np.int32) - want)
             assert diff.max() <= 1 and (diff > 0).mean() < 1e-3
-        with pytest.raises(K.KernelError, match="residual needs float output"):
-            chained(codes, np.zeros(y.shape, np.float32))
+        with pytest.raises(K.KernelError, match="uint8 residual"):
+            chained(codes, np.zeros(y.shape, np.uint8))            # bound without res_scale
+        with pytest.raises(K.KernelError, match="uint8 residual"):
+            K.bind_conv2d(pc, b, **q, res_scale=0.1)(codes, np.zeros(y.shape, np.uint8))   # float output
     grouped = K.pack_conv_weights_s8(np.ones((4, 2, 3, 3), np.float32), groups=2)
     with pytest.raises(K.KernelError, match="uint8 output"):
         K.bind_conv2d(grouped, out_scale=0.1)
@@ -165,6 +167,33 @@ def test_bound_conv_takes_and_gives_uint8(isa, c, o, k, stride):
         K.bind_conv2d(grouped, a_scale=0.1)(np.zeros((1, 5, 5, 4), np.uint8))
     with pytest.raises(K.KernelError, match="uint8 input"):
         K.bind_conv2d(pc)(codes)                                   # a dynamic scale: codes of what?
+
+
+@pytest.mark.parametrize("c, h, k", [(64, 15, 1), (64, 14, 3), (72, 6, 3)])   # AMX blocks; implicit 3x3; im2col
+def test_bound_conv_adds_a_uint8_residual(c, h, k):
+    """A ResNet block's end with its output and residual chained: uint8 in, a uint8
+    residual (the previous block's codes) added before the relu, uint8 out. It is the
+    output of the float residual those codes stand for, bit for bit, and the float
+    result with that residual, requantized (up to a code at a rounding tie)."""
+    rng = np.random.default_rng(c + h + k)
+    o = 64 + 8 * (k == 1)                                          # a column tail on the 1x1
+    w = rng.standard_normal((o, c, k, k)).astype(np.float32)
+    pc = K.pack_conv_weights_s8(w)
+    b = rng.standard_normal(o).astype(np.float32)
+    q = {"padding": k // 2, "act": "relu", "a_scale": 0.03, "a_zero_point": 7}
+    x = rng.integers(0, 256, (2, h, h + 1, c)).astype(np.uint8)
+    codes = rng.integers(0, 256, (2, h, h + 1, o)).astype(np.uint8)
+    floats = K.residual_floats(codes, 0.2, 120)
+    out = {"out_scale": 0.3, "out_zero_point": 4}
+    chained = K.bind_conv2d(pc, b, **q, **out, res_scale=0.2, res_zero_point=120)
+    got = chained(x, codes)
+    np.testing.assert_array_equal(got, chained(x, floats))
+    assert not np.array_equal(got, chained(x, np.zeros_like(floats)))     # the residual counts
+    y = K.bind_conv2d(pc, b, **q)(x, floats)                        # float output, float residual
+    want = np.clip(np.rint(y * (np.float32(1) / np.float32(0.3))) + 4, 0, 255)
+    diff = np.abs(got.astype(np.int32) - want)
+    assert diff.max() <= 1 and (diff > 0).mean() < 1e-3
+    assert 0.05 < (got == 4).mean() < 0.95 and (got > 4).mean() > 0.05   # relu's zeros and values
 
 
 @pytest.mark.parametrize("shape, k, stride, padding, dilation, ceil_mode", [

@@ -705,3 +705,38 @@ def test_screened_call_tells_a_non_finite_input_from_its_quantization(isa, monke
                 assert bad != bad, (kwargs, value, row, col)
                 others = np.arange(m) != row
                 assert np.array_equal(got[others], want[others]), (kwargs, value, row, col)
+
+
+@pytest.mark.parametrize("isa", sorted({ISAS[0], "portable"}))
+@pytest.mark.parametrize("m,k,n", [(37, 64, 70), (300, 128, 128)])   # tails and vpdpbusd rows; AMX blocks
+def test_uint8_residual_adds_the_floats_its_codes_stand_for(isa, m, k, n):
+    """A uint8 residual (a chained ResNet block's output) gives the uint8 output of the
+    float residual its codes stand for, bit for bit, added before or after the activation
+    (relu in registers, SiLU staged); that output is the float64 reference requantized."""
+    from fxopt.kernels.conv import residual_floats
+    rng = np.random.default_rng(m + k + n)
+    a, w = _operands(rng, m, k, n)
+    ws = (rng.random(n).astype(np.float32) + 0.5) * np.float32(2e-3)
+    pw = _pack(w, ws)
+    s, z = np.full(m, 0.02, np.float32), np.full(m, 9, np.int32)
+    bias = rng.standard_normal(n).astype(np.float32)
+    codes = rng.integers(0, 256, (m, n), dtype=np.uint8)
+    floats = residual_floats(codes, 0.03, 100)
+    assert np.abs(floats).max() > 3                                      # as large as the conv's own values
+    acc = R.gemm_u8s8_s32(a, w).astype(np.float64) - 9.0 * w.astype(np.float64).sum(1)
+    y = acc * (0.02 * ws.astype(np.float64)) + bias
+    acts = {"relu": lambda v: np.maximum(v, 0), "silu": lambda v: v / (1 + np.exp(-v))}
+    for act, fn in acts.items():
+        for first in (False, True):
+            ep = L.epilogue_params(act, (), 0.05, 3, first, 0.03, 100)
+            with K.use_isa(isa):
+                aq = K.pad_rows_u8(a).base                     # the GEMM's padded rows
+                got, want = (np.empty((m, n), np.uint8) for _ in range(2))
+                L._run(L._NO_X, aq, s, z, pw, bias, ep, got, 2, codes)
+                L._run(L._NO_X, aq, s, z, pw, bias, ep, want, 2, floats)
+            np.testing.assert_array_equal(got, want)
+            ref = fn(y + floats) if first else fn(y) + floats
+            ref = np.clip(np.rint(ref / 0.05) + 3, 0, 255)
+            diff = np.abs(got.astype(np.int32) - ref)
+            assert diff.max() <= 1 and (diff > 0).mean() < 2e-3, (act, first, diff.max(), (diff > 0).mean())
+            assert (got == 255).any() and len(np.unique(got)) > 100      # the clip, and values below it

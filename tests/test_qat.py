@@ -8,6 +8,7 @@ import torch
 import fxopt
 from fxopt import examples as ex
 from fxopt.quant import fake_quant, qat, qops
+from fxopt.runtime import kernel_ops
 
 warnings.filterwarnings("ignore", category=UserWarning)
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -120,9 +121,13 @@ def _assert_same_model(fake, exact):
 
 @pytest.mark.parametrize("name", ["cnn", "mlp"])
 def test_fake_quant_graph_equals_the_kernels(trained, digits, name):
+    """The fake-quant graph computes what the kernels QAT lowers to compute: float residual
+    adds (with_qat's lower_to_kernels{residual_codes=False}; by default the CNN's would be
+    8-bit, which the fake graph does not model)."""
     model, x, calib = trained[name], digits.x_train[:8], _calib(digits)
-    lowered = fxopt.optimize(model, (x,), calibration_data=calib, latency_repeats=0, latency_aware=False,
-                             drift=False, report_layers=False)
+    target = fxopt.TARGETS["cpu-int8"].replace("lower_to_kernels", "lower_to_kernels{residual_codes=False}")
+    lowered = fxopt.optimize(model, (x,), target=target, calibration_data=calib, latency_repeats=0,
+                             latency_aware=False, drift=False, report_layers=False)
     gm, floats = _quantized(model, x, calib)
     units = qat.prepare(gm, floats)
     assert units.fake and not units.frozen
@@ -165,6 +170,9 @@ def test_optimize_with_finetune_does_qat_and_keeps_accuracy(trained, digits, tmp
     assert stats["int8_ops"] == 6 and stats["codes_changed"] > 0      # 4 convs, 2 linears
     ops = {str(n.target) for n in fast.graph.nodes if n.op == "call_function"}
     assert any("int8" in o for o in ops) and not any("fake_quant" in o for o in ops)
+    convs = [n for n in fast.graph.nodes if n.target is kernel_ops.conv2d_int8]
+    assert any(len(n.args) > 13 and n.args[13] is not None for n in convs)   # the block's residual add, fused
+    assert not any(len(n.args) > 16 and n.args[16] > 0 for n in convs)  # and float, as it was trained
     assert acc(fast) >= acc(model) - 0.01
     assert "quantization-aware trained" in fast.fxopt_report.sections["layers"]
     path = tmp_path / "qat.fxopt"

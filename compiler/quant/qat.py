@@ -209,7 +209,10 @@ def with_qat(pipeline: Pipeline, finetune, pruned: bool) -> tuple:
     """(pipeline, options for distill_pruned): finetune_quantized{finetune} spliced in right
     after quantize_int8 where finetune= asks for quantization-aware training. Without prune=
     an int8 target's finetune= is QAT; with prune= it recovers the pruned model by
-    distillation (as before QAT existed), and finetune={..., "qat": True} does both."""
+    distillation (as before QAT existed), and finetune={..., "qat": True} does both.
+    QAT trains on what the kernels compute, which is exact but for the 8-bit residual adds
+    lower_to_kernels chains by default (the fake-quant graph does not model them): a QAT
+    pipeline lowers with lower_to_kernels{residual_codes=False}, unless its spec says."""
     if not finetune:
         return pipeline, finetune
     if not isinstance(finetune, dict):
@@ -229,7 +232,9 @@ def with_qat(pipeline: Pipeline, finetune, pruned: bool) -> tuple:
     if not (asked if asked is not None else not pruned):
         return pipeline, options
     at = names.index("quantize_int8") + 1
-    passes = list(pipeline.passes)
+    # the fake-quant graph adds residuals in float: so do the kernels of a QAT model, unless asked
+    passes = [PassSpec(p.name, {"residual_codes": False, **p.options}) if p.name == "lower_to_kernels" else p
+              for p in pipeline.passes]
     out = Pipeline(tuple(passes[:at] + [PassSpec("finetune_quantized", options)] + passes[at:]))
     try:
         out.validate()

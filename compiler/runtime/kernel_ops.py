@@ -78,14 +78,15 @@ _lib.define("linear_bf16(Tensor x, Tensor packed, Tensor w_scale, Tensor col_sum
 
 # A conv's residual (same shape as its output) is added before the activation: relu(conv(x) + r).
 # Chained like the linears: x may be uint8 (a dense conv with a static a_scale/a_zp), and with
-# out_scale > 0 a dense conv without a residual hands its output on as uint8 (channels_last).
+# out_scale > 0 a dense conv hands its output on as uint8 (channels_last). With res_scale > 0 the
+# residual may be uint8 too (a chained block's output): (code - res_zp) * res_scale is added.
 # An int4 embedding table (cpu-int4): row v's weights q[v, 2j], q[v, 2j + 1] in the low and
 # high nibble of packed[v, j] (each + 8), a float32 scale per group of D / w_scale.shape[1]
 # along the row: quantize_weight_groups' numbers, weight-only (a gather needs no kernel).
 _lib.define("embedding_int4(Tensor packed, Tensor w_scale, Tensor indices) -> Tensor")
 _lib.define("conv2d_int8(Tensor x, Tensor packed, Tensor w_scale, Tensor col_sums, Tensor? b, int[] geometry, "
             "int[] stride, int[] padding, int[] dilation, str act, float[] act_args, float a_scale, int a_zp, "
-            "Tensor? residual=None, float out_scale=0.0, int out_zp=0) -> Tensor")
+            "Tensor? residual=None, float out_scale=0.0, int out_zp=0, float res_scale=0.0, int res_zp=0) -> Tensor")
 
 
 # aten.max_pool2d with its arguments spelled out in pairs; on uint8 (a chained conv's output,
@@ -144,29 +145,33 @@ def _packed_conv(packed, w_scale, col_sums, b, geometry, stride, padding, dilati
 
 
 def _conv2d_int8(x, packed, w_scale, col_sums, b, geometry, stride, padding, dilation, act, act_args,
-                 a_scale, a_zp, residual=None, out_scale=0.0, out_zp=0):
+                 a_scale, a_zp, residual=None, out_scale=0.0, out_zp=0, res_scale=0.0, res_zp=0):
     return conv_call(packed, w_scale, col_sums, b, geometry, stride, padding, dilation, act, act_args, a_scale,
-                     a_zp, out_scale, out_zp)(x, residual)
+                     a_zp, out_scale, out_zp, res_scale, res_zp)(x, residual)
 
 
 def conv_call(packed, w_scale, col_sums, b, geometry, stride, padding, dilation, act, act_args, a_scale, a_zp,
-              out_scale=0.0, out_zp=0):
+              out_scale=0.0, out_zp=0, res_scale=0.0, res_zp=0):
     """conv2d_int8 for one layer: call(x, residual=None) -> a channels_last tensor, the layer's
     conv bound once (K.bind_conv2d) and kept on the packed tensor; the execution plan binds it
     when it is built and calls it with the activations only."""
-    key = (tuple(stride), tuple(padding), tuple(dilation), act, tuple(act_args), a_scale, a_zp, out_scale, out_zp)
+    key = (tuple(stride), tuple(padding), tuple(dilation), act, tuple(act_args), a_scale, a_zp, out_scale, out_zp,
+           res_scale, res_zp)
     return _bound(packed, key, lambda: _bind_conv(packed, w_scale, col_sums, b, geometry, key))
 
 
 def _bind_conv(packed, w_scale, col_sums, b, geometry, key):
-    stride, padding, dilation, act, act_args, a_scale, a_zp, out_scale, out_zp = key
+    stride, padding, dilation, act, act_args, a_scale, a_zp, out_scale, out_zp, res_scale, res_zp = key
     pc, bias = _packed_conv(packed, w_scale, col_sums, b, geometry, stride, padding, dilation)
-    conv = K.bind_conv2d(pc, bias, stride, padding, dilation, act, act_args, a_scale, a_zp, out_scale, out_zp)
+    conv = K.bind_conv2d(pc, bias, stride, padding, dilation, act, act_args, a_scale, a_zp, out_scale, out_zp,
+                         res_scale, res_zp)
     floats = []     # with uint8 output: the float twin a saturation monitor counts with
 
     def count_chained(xn, res, threads):
         if not floats:
             floats.append(K.bind_conv2d(pc, bias, stride, padding, dilation, act, act_args, a_scale, a_zp))
+        if res is not None and res.dtype == np.uint8:       # the float twin adds the values the codes stand for
+            res = K.residual_floats(res, res_scale, res_zp)
         saturation.count_chained(packed, torch.from_numpy(floats[0](xn, res, threads)), out_scale, out_zp)
 
     def call(x, residual=None):
@@ -180,7 +185,9 @@ def _bind_conv(packed, w_scale, col_sums, b, geometry, key):
         res = None
         if residual is not None:
             r = residual.permute(0, 2, 3, 1)
-            res = (r if r.is_contiguous() and r.dtype == torch.float32 else r.float().contiguous()).detach().numpy()
+            keep = r.dtype == torch.float32 or (r.dtype == torch.uint8 and res_scale > 0)   # else as floats
+            res = (r if r.is_contiguous() and keep else r.to(r.dtype if keep else torch.float32).contiguous()
+                   ).detach().numpy()
         if out_scale > 0 and saturation.active():
             count_chained(xn, res, torch.get_num_threads())
         return torch.from_numpy(conv(xn, res, torch.get_num_threads())).permute(0, 3, 1, 2)
@@ -608,7 +615,7 @@ def _embedding_int4_fake(packed, w_scale, indices):
 
 @torch.library.register_fake("fxopt::conv2d_int8")
 def _conv2d_int8_fake(x, packed, w_scale, col_sums, b, geometry, stride, padding, dilation, act, act_args,
-                      a_scale, a_zp, residual=None, out_scale=0.0, out_zp=0):
+                      a_scale, a_zp, residual=None, out_scale=0.0, out_zp=0, res_scale=0.0, res_zp=0):
     n, _, h, w = x.shape
     o, _, kh, kw = geometry[:4]
     oh = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1

@@ -737,7 +737,8 @@ def _conv(gm, node):
     bound = _bind(gm, node)
     call = kernel_ops.conv_call(*(_value(gm, bound[name]) for name in ("packed", "w_scale", "col_sums", "b")),
                                 *(bound[name] for name in ("geometry", "stride", "padding", "dilation", "act",
-                                                           "act_args", "a_scale", "a_zp", "out_scale", "out_zp")))
+                                                           "act_args", "a_scale", "a_zp", "out_scale", "out_zp",
+                                                           "res_scale", "res_zp")))
     residual = bound["residual"]
     return call, (bound["x"],) if residual is None else (bound["x"], residual), {}
 
