@@ -242,7 +242,8 @@ def _chain_convs(gm, residual_codes=True) -> int:
     ResNet block's output feeds the next block's first conv and its residual add, and
     both read the codes (the residual is then quantized as that conv's input is: 8 bits,
     the scale calibrated there). A max pool between a conv and its readers runs on the
-    codes (fxopt.max_pool2d): ResNet's stem. With residual_codes=False a conv adding a
+    codes (fxopt.max_pool2d): ResNet's stem. A conv only added (a stage's shortcut conv)
+    takes the scale calibrate_ranges measured on its output. With residual_codes=False a conv adding a
     value keeps it float (so does its producer)."""
     plans = {}
     for node in gm.graph.nodes:
@@ -254,6 +255,9 @@ def _chain_convs(gm, residual_codes=True) -> int:
         takers = ([(u, node) for u in node.users if u not in pools and u not in adders]
                   + [(u, p) for p in pools for u in p.users])
         takes = {(float(u.args[11]), int(u.args[12])) if _reads_uint8_input(u, x) else None for u, x in takers}
+        quant = node.meta.get("fxopt_quant", {})
+        if not takes and adders and quant.get("out_scale", 0) > 0:    # added only: its own calibrated scale
+            takes = {(float(quant["out_scale"]), int(quant["out_zp"]))}
         if len(takes) == 1 and None not in takes:
             plans[node] = (*takes.pop(), pools, adders)
     dropped = True

@@ -48,6 +48,7 @@ def run(gm, ctx, activations="auto", skip=(), per_layer=None, embeddings=True, m
         raise ValueError(f"quantize_int8: image_stem={image_stem!r}; use fp32 or int8")
     per_layer = dict(per_layer or {})
     ranges = ctx.state.get("calibrate_ranges", {})
+    outputs = ctx.state.get("calibrate_outputs", {})
     inputs = ctx.state.get("calibrate_inputs", {}) if bias_correction == "auto" else {}
     stats = {"linear": 0, "conv2d": 0, "embedding": 0, "attention": 0, "dynamic": 0, "static": 0,
              "kept_fp32": 0, "bias_corrected": 0}
@@ -67,7 +68,8 @@ def run(gm, ctx, activations="auto", skip=(), per_layer=None, embeddings=True, m
                 stats["kept_fp32"] += 1
                 continue
             floats[node.meta.get(ID)] = get_weight(gm, node.args[1])
-            stats["bias_corrected"] += _quantize_unit(gm, node, mode, ranges, inputs.get(_input_id(node)))
+            stats["bias_corrected"] += _quantize_unit(gm, node, mode, ranges, inputs.get(_input_id(node)),
+                                                      outputs.get(node.meta.get(ID)))
             stats["linear" if node.target is fxops.linear_act else "conv2d"] += 1
             stats[mode] += 1
         elif embeddings and kind_of(node) is OpKind.EMBEDDING and _layer(node) not in skip:
@@ -162,8 +164,10 @@ def _input_id(node) -> str:
     return node.args[0].meta.get("fxopt_id")
 
 
-def _quantize_unit(gm, node, mode: str, ranges: dict, input_stats) -> int:
-    """Rewrite one unit to its int8 op; returns 1 if its bias was corrected."""
+def _quantize_unit(gm, node, mode: str, ranges: dict, input_stats, out_range=None) -> int:
+    """Rewrite one unit to its int8 op; returns 1 if its bias was corrected. out_range: the
+    calibrated range of its output (a conv a residual add takes), recorded in the meta as
+    out_scale, out_zp for lower_to_kernels to hand it on in uint8."""
     weight = get_weight(gm, node.args[1])
     w_q, w_scale = weight_sharing.quantize(node, weight, qops.quantize_weight_per_channel)
     name = _layer(node)
@@ -195,6 +199,8 @@ def _quantize_unit(gm, node, mode: str, ranges: dict, input_stats) -> int:
                        target is qops.quantized_linear else f"{mode} per-tensor activations"}
     if corrected is not None:
         new.meta[QUANT]["reason"] += ", bias corrected"
+    if out_range is not None:
+        new.meta[QUANT]["out_scale"], new.meta[QUANT]["out_zp"] = qops.qparams_from_range(*out_range)
     node.replace_all_uses_with(new)
     gm.graph.erase_node(node)
     return int(corrected is not None)

@@ -203,6 +203,17 @@ def test_static_linears_chain_in_uint8():
     assert counts == unchained and len(counts) == 3 and all(clipped > 0 for clipped, _ in counts.values())
 
 
+def _chained_and_plain(model, data):
+    """model optimized for cpu-int8 (calibrated on 4 batches of the digits) with its int8
+    layers chained, and with every hand-over in float (chain=False); and the batches."""
+    calib = [(x,) for x, _ in data.batches(batch_size=64)][:4]
+    target = fxopt.TARGETS["cpu-int8"]
+    fast = fxopt.optimize(model, (data.x_train[:32],), target=target, calibration_data=calib, latency_repeats=0)
+    plain = fxopt.optimize(model, (data.x_train[:32],), target=target.replace("lower_to_kernels",
+                           "lower_to_kernels{chain=False}"), calibration_data=calib, latency_repeats=0)
+    return fast, plain, calib
+
+
 @pytest.mark.slow
 def test_trained_cnn_convs_chain_in_uint8_through_the_residual_block(digits_models):
     """The digits CNN's stem feeds its residual block twice: the block's first conv reads
@@ -215,11 +226,7 @@ def test_trained_cnn_convs_chain_in_uint8_through_the_residual_block(digits_mode
     max-pool test below). The report's per-layer rows compare the values the codes stand
     for with the float model's."""
     data, cnn, _ = digits_models
-    calib = [(x,) for x, _ in data.batches(batch_size=64)][:4]
-    target = fxopt.TARGETS["cpu-int8"]
-    fast = fxopt.optimize(cnn, (data.x_train[:32],), target=target, calibration_data=calib, latency_repeats=0)
-    plain = fxopt.optimize(cnn, (data.x_train[:32],), target=target.replace("lower_to_kernels",
-                           "lower_to_kernels{chain=False}"), calibration_data=calib, latency_repeats=0)
+    fast, plain, calib = _chained_and_plain(cnn, data)
     assert fast.fxopt_report.record("lower_to_kernels").stats["chained"] == 3
     assert plain.fxopt_report.record("lower_to_kernels").stats["chained"] == 0
     stem, first, last, down = [n for n in fast.graph.nodes if n.target is kernel_ops.conv2d_int8]
@@ -266,11 +273,7 @@ def test_a_max_pool_between_chained_convs_runs_on_the_codes(tmp_path):
     hand-over in float (chain=False) on nearly every image (see the test above)."""
     data = digits()
     model = train(_PooledDigitsCNN(), data, epochs=20)
-    calib = [(x,) for x, _ in data.batches(batch_size=64)][:4]
-    target = fxopt.TARGETS["cpu-int8"]
-    fast = fxopt.optimize(model, (data.x_train[:32],), target=target, calibration_data=calib, latency_repeats=0)
-    plain = fxopt.optimize(model, (data.x_train[:32],), target=target.replace("lower_to_kernels",
-                           "lower_to_kernels{chain=False}"), calibration_data=calib, latency_repeats=0)
+    fast, plain, calib = _chained_and_plain(model, data)
     assert fast.fxopt_report.record("lower_to_kernels").stats["chained"] == 2     # stem (through the pool), a
     pools = [n for n in fast.graph.nodes if n.target is kernel_ops.max_pool2d]
     assert len(pools) == 1 and pools[0].meta["val"].dtype == torch.uint8
@@ -287,6 +290,62 @@ def test_a_max_pool_between_chained_convs_runs_on_the_codes(tmp_path):
     fxopt.save(fast, tmp_path / "pooled.fxopt")              # the artifact keeps the op and the chain
     with torch.no_grad():
         assert torch.equal(fxopt.load(tmp_path / "pooled.fxopt")(x), fast(x))
+
+
+class _ShortcutDigitsCNN(nn.Module):
+    """Two ResNet blocks in small: the first with a shortcut conv (read only by the add), the
+    second with an identity shortcut, then a strided conv (8x8 digits)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU())
+        self.a, self.b = nn.Conv2d(32, 16, 1), nn.Conv2d(16, 64, 3, padding=1)
+        self.shortcut = nn.Sequential(nn.Conv2d(32, 64, 1), nn.BatchNorm2d(64))
+        self.c, self.d = nn.Conv2d(64, 16, 1), nn.Conv2d(16, 64, 3, padding=1)
+        self.down = nn.Conv2d(64, 64, 3, stride=2, padding=1)
+        self.head = nn.Linear(64, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = torch.relu(self.b(torch.relu(self.a(x))) + self.shortcut(x))
+        x = torch.relu(self.d(torch.relu(self.c(x))) + x)
+        return self.head(torch.relu(self.down(x)).mean(dim=(2, 3)))
+
+
+@pytest.mark.slow
+def test_a_shortcut_conv_hands_its_residual_on_in_uint8():
+    """Every hand-over of the two blocks is uint8: the shortcut conv, read by nothing but the
+    first block's add, writes codes with the scale calibrated on its own output; each
+    block's last conv adds the floats its residual's codes stand for. Fidelity on the trained
+    net: the float model's logits and accuracy, near those of every hand-over in float."""
+    data = digits()
+    torch.manual_seed(0)
+    model = train(_ShortcutDigitsCNN(), data, epochs=15)
+    fast, plain, calib = _chained_and_plain(model, data)
+    convs = {n.meta["fxopt_layer"]: n for n in fast.graph.nodes if n.target is kernel_ops.conv2d_int8}
+    assert [layer for layer, n in convs.items() if n.meta["val"].dtype == torch.uint8] == [
+        "stem.0", "a", "shortcut.0", "b", "c", "d"]
+    shortcut, b, d = convs["shortcut.0"], convs["b"], convs["d"]
+    assert b.args[13] is shortcut and d.args[13] is b
+    assert (b.args[16], b.args[17]) == (shortcut.args[14], shortcut.args[15])
+    # the shortcut's scale is its own output's calibrated range (minmax): measured here on the float model
+    seen = []
+    hook = model.shortcut.register_forward_hook(lambda m, i, o: seen.append(o.detach()))
+    with torch.no_grad():
+        for (x,) in calib:
+            model(x)
+    hook.remove()
+    lo, hi = min(float(t.min()) for t in seen), max(float(t.max()) for t in seen)
+    scale, zp = qops.qparams_from_range(min(lo, 0.0), max(hi, 0.0))
+    assert shortcut.args[14] == pytest.approx(scale, rel=1e-3) and abs(shortcut.args[15] - zp) <= 1
+    x, other = data.x_test[:100], data.x_test[100:200]
+    with torch.no_grad():
+        assert drift(model(x), model(other)).cosine < 0.5
+        for batch in (x, other):
+            assert drift(model(batch), fast(batch)).cosine > 0.999
+            assert drift(plain(batch), fast(batch)).sqnr_db > 30
+    before, after = accuracy(model, data.x_test, data.y_test), accuracy(fast, data.x_test, data.y_test)
+    assert before > 0.9 and after >= before - 0.005, (before, after)
 
 
 @pytest.mark.slow
