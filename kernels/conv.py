@@ -485,7 +485,7 @@ def bind_conv2d(pc, bias=None, stride=1, padding=0, dilation=1, act="none", act_
                     raise KernelError(f"conv: input {x.shape} (NHWC) does not have {pc.in_channels} channels")
             else:
                 if _is_codes(residual):
-                    _codes(residual, res_scale, chained_out)     # refused: float output
+                    _check_codes(res_scale, chained_out)     # refused: float output
                 return conv2d_f32(x, pc, bias, stride, padding, dilation, act, act_args, "NHWC", n_threads,
                                   a_scale, a_zero_point, residual)
         size = sizes.get(x.shape[:3])
@@ -502,8 +502,9 @@ def bind_conv2d(pc, bias=None, stride=1, padding=0, dilation=1, act="none", act_
         res = _NO_X
         if residual is not None:
             codes = _is_codes(residual)
-            res = _residual_rows(_codes(residual, res_scale, chained_out) if codes else residual, pc, x.shape[0],
-                                 oh, ow, True, codes)
+            if codes:
+                _check_codes(res_scale, chained_out)
+            res = _residual_rows(residual, pc, x.shape[0], oh, ow, True, codes)
         return _conv_batched(x, True, pc, geo, b, eps[residual is not None], n_threads, oh, ow, a_scale,
                              a_zero_point, res, rows, out_dtype)
     return call
@@ -513,13 +514,12 @@ def _is_codes(residual):
     return type(residual) is np.ndarray and residual.dtype == np.uint8
 
 
-def _codes(residual, res_scale, chained_out=True):
-    """A uint8 residual, refused unless the conv was bound with its scale and writes uint8
+def _check_codes(res_scale, chained_out):
+    """A uint8 residual is refused unless the conv was bound with its scale and writes uint8
     (a float output adding codes would compile the GEMM once more, for no model's use)."""
     if not (res_scale > 0 and chained_out):
         raise KernelError(f"conv: a uint8 residual is taken by a conv bound with the scale its codes stand for "
                           f"(res_scale > 0, now {res_scale}) and uint8 output (out_scale > 0); pass float32")
-    return residual
 
 
 def _whole_amx_tiles(pw):

@@ -119,7 +119,7 @@ def apply_activation(v, i, j0, n, act, p0, p1):
 
 def residual_value(res, i, k, ep):
     """The float32 value of res[i, k]: itself, or for uint8 codes
-    (float32(code) - res_zp) * res_scale; simd._residual_vec computes the same bits."""
+    (float32(code) - res_zp) * res_scale; simd._Residual.vec computes the same bits."""
     raise NotImplementedError  # compiled through the overload below
 
 
@@ -186,8 +186,17 @@ def store_tile_f32(t, ldt, mr, m0, n0, ncols, colsum, ascale, azp, wscale,
 @njit(inline="always")
 def requant_params(ep):
     """(1 / out_scale, out_zp) of the parameter vector ep, float32: what store_tile_u8
-    multiplies by and adds; the in-register epilogue (simd.tile_u8) takes the same two."""
+    multiplies by and adds; the in-register epilogue (simd._emit_u8_epilogue) reads the same
+    two from ep and divides alike."""
     return _F1 / ep[EP_OSCALE], ep[EP_OZP]
+
+
+@njit(inline="always")
+def _add_to_row(y, res, i, n0, ncols, ep):
+    """y[0, :ncols] += the residual's values res[i, n0:n0+ncols] (store_tile_u8's staged row)."""
+    ui, un = np.uint64(i), np.uint64(n0)
+    for j in range(ncols):
+        y[0, j] += residual_value(res, ui, un + np.uint64(j), ep)
 
 
 @njit(cache=CACHE)
@@ -195,8 +204,8 @@ def store_tile_u8(t, ldt, mr, m0, n0, ncols, colsum, ascale, azp, wscale,
                   bias, res, ep, out, y):
     """Dequantize an int32 tile row by row into y (float32 scratch of shape (1, >= ncols)),
     add the residual res (if any: res.shape[0] > 0) before or after the activation as ep
-    says, and requantize into out (uint8). simd.tile_u8 and staged_u8 repeat these
-    operations in registers, bit for bit: change both together."""
+    says, and requantize into out (uint8). simd.staged_u8 and tile_u8 (which adds no
+    residual) repeat these operations in registers, bit for bit: change them together."""
     act = np.int32(ep[EP_ACT])
     inv, ozp = requant_params(ep)
     has_res = res.shape[0] > 0
@@ -205,15 +214,13 @@ def store_tile_u8(t, ldt, mr, m0, n0, ncols, colsum, ascale, azp, wscale,
         i = m0 + r
         dequant_row(t, r * ldt, ncols, azp[i], ascale[i], colsum, wscale, bias, n0,
                     y, 0, 0)
-        ui, un = np.uint64(i), np.uint64(n0)
         if pre:
-            for j in range(ncols):
-                y[0, j] += residual_value(res, ui, un + np.uint64(j), ep)
+            _add_to_row(y, res, i, n0, ncols, ep)
         if act != 0:
             apply_activation(y, 0, 0, ncols, act, ep[EP_P0], ep[EP_P1])
         if has_res and not pre:
-            for j in range(ncols):
-                y[0, j] += residual_value(res, ui, un + np.uint64(j), ep)
+            _add_to_row(y, res, i, n0, ncols, ep)
+        ui, un = np.uint64(i), np.uint64(n0)
         for j in range(ncols):
             q = np.rint(y[0, j] * inv) + ozp
             q = q if q > _F0 else _F0
