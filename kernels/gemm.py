@@ -25,7 +25,7 @@ from .quantize import quantize_rows_range
 from .simd import (A_DTYPES, AMX_ISAS, BLOCK_COLS, GEOMETRY, GROUP_BYTES, TAGS, is_portable, isa_geometry, tile_f32,
                    tile_f32_half, tile_u8, tile_u8_half, HALF_COLS, staged_f32, staged_u8, tile_s32)
 
-KERNEL_VERSION = "gemm-22"
+KERNEL_VERSION = "gemm-23"
 
 
 @njit(inline="always")
@@ -412,9 +412,10 @@ def _scratch(tag):
 
 @overload(_scratch)
 def _scratch_impl(tag):
-    """A worker's tile buffers: int32 tile t, float32 row y (allocated once per call)."""
+    """A worker's tile buffers: int32 tile t, float32 rows y for the staged uint8 epilogue
+    (store_tile_u8 finishes as many rows at a time as y has), allocated once per call."""
     rows = max(GEOMETRY[tag.isa][0], amx.ROWS if tag.isa in AMX_ISAS else 0)
-    return lambda tag: (np.empty(rows * BLOCK_COLS, np.int32), np.empty((1, BLOCK_COLS), np.float32))
+    return lambda tag: (np.empty(rows * BLOCK_COLS, np.int32), np.empty((rows, BLOCK_COLS), np.float32))
 
 
 @njit(inline="always")

@@ -59,7 +59,7 @@ from .simd import AMX_ISAS, BLOCK_COLS, GEOMETRY, TAGS, is_portable, isa_geometr
 from .sparse_pack import (HIGH, SLICE, SLOTS, STEP, WINDOW, PackedSparse, density, pack_sparse_s8,  # noqa: F401
                           unpack_sparse_s8)
 
-KERNEL_VERSION = "sparse-6"
+KERNEL_VERSION = "sparse-7"
 ROWS = 4            # activation rows a job computes at once (they share the weight loads)
 
 _i8, _i16, _i32 = ir.IntType(8), ir.IntType(16), ir.IntType(32)
@@ -322,7 +322,7 @@ def _entries(tag):
     def serial(x, aq, a_scale, a_zp, slice_ptr, starts, idx, val, offsets, colsum, wscale, bias, res, ep, out, threads):
         a, ascale, azp = _quantized(tag, x, aq, a_scale, a_zp)
         nblocks = (out.shape[1] + BLOCK_COLS - 1) // BLOCK_COLS
-        t, y = np.empty(ROWS * BLOCK_COLS, np.int32), np.empty((1, BLOCK_COLS), np.float32)
+        t, y = np.empty(ROWS * BLOCK_COLS, np.int32), np.empty((ROWS, BLOCK_COLS), np.float32)
         _worker(tag, 0, 1, _starts(nblocks, 1), nblocks, a, slice_ptr, starts, idx, val, offsets, colsum, ascale, azp,
                 wscale, bias, res, ep, out, t, y, _dense_amx_rows(tag, out.shape[0], max(x.shape[1], aq.shape[1])))
 
@@ -333,7 +333,7 @@ def _entries(tag):
         nxt = _starts(nblocks, threads)
         amx_m = _dense_amx_rows(tag, out.shape[0], max(x.shape[1], aq.shape[1]))
         for w in prange(threads):
-            t, y = np.empty(ROWS * BLOCK_COLS, np.int32), np.empty((1, BLOCK_COLS), np.float32)
+            t, y = np.empty(ROWS * BLOCK_COLS, np.int32), np.empty((ROWS, BLOCK_COLS), np.float32)
             _worker(tag, w, threads, nxt, nblocks, a, slice_ptr, starts, idx, val, offsets, colsum, ascale, azp, wscale,
                     bias, res, ep, out, t, y, amx_m)
     return serial, parallel
