@@ -1,4 +1,4 @@
-"""int8 2-D convolution: im2col feeding the GEMM, depthwise done directly, and 3x3
+"""int8 2-D convolution: im2col feeding the GEMM, depthwise done directly (depthwise.py), and 3x3
 stride-1 convs on AMX straight from the image (conv_amx.py, no im2col).
 
 The input image is quantized once per tensor (dynamic asymmetric uint8,
@@ -17,16 +17,17 @@ from numba import njit, prange
 
 from ._cache import CACHE  # package-wide cache locators, before any @njit(cache=CACHE)
 from . import conv_amx
+from .depthwise import depthwise_u8, pack_taps
 from .dispatch import KernelError, isa as current_isa
-from .epilogue import apply_activation
 from .linear import _bias, _prepare_u8, _run, epilogue_params, get_num_threads, new_a_rows
 from .pack import pack_weights_s8, quantize_weights_s8
 from .quantize import padded_k, scale_zero_point
 from .rowops import minmax_f32, quantize_u8
 from .simd import BLOCK_COLS
 
-KERNEL_VERSION = "conv-16"
+KERNEL_VERSION = "conv-17"
 _NO_X = np.empty((0, 0), np.float32)
+_NO_CODES = np.empty((0, 0), np.uint8)
 _F0, _F1, _F255 = np.float32(0.0), np.float32(1.0), np.float32(255.0)
 # blocks of quantize_chw_rows (pixels, channels) and of rows_to_chw (square), in L1
 _CHW_PIXELS, _CHW_CHANNELS = 128, 32
@@ -238,50 +239,6 @@ def rows_to_chw(y, out):
                 dst[d + np.uint64(px)] = src[s + np.uint64(px * o)]
 
 
-@njit(cache=CACHE, parallel=True)
-def depthwise_hwc(xq, taps, kh, kw, sh, sw, ph, pw, dh, dw, zps, scales, ws, bias, ep, out):
-    """Direct depthwise conv of uint8 HWC images xq (N, H, W, C), image n with zero point
-    zps[n] and scale scales[n], int32 taps (kh*kw, C) with channel scales ws: out float32
-    (N, OH, OW, C) = act(sum over taps of (x - zp) * tap * scale * ws + bias).
-
-    One job per output row, its int32 sums kept for the whole row: tap by tap, the
-    pixels of the row that tap sees inside the image (a range, found up front, so the
-    loop has no branches), channels innermost, contiguous in x, taps and sums: a vector
-    multiply-add per pixel and tap. The rows spread over the threads."""
-    n, h, w, c = xq.shape
-    oh, ow = out.shape[1], out.shape[2]
-    src, dst, tf = xq.reshape(-1), out.reshape(-1), taps.reshape(-1)
-    rows = out.reshape(n * oh * ow, c)
-    act = np.int32(ep[0])
-    for job in prange(n * oh):
-        acc = np.zeros(ow * c, np.int32)
-        i, oy = job // oh, job % oh
-        zp = np.int32(zps[i])
-        for ty in range(kh):
-            y = oy * sh - ph + ty * dh
-            if y < 0 or y >= h:
-                continue
-            for tx in range(kw):
-                off = tx * dw - pw   # input column of output column ox: ox * sw + off
-                lo = max(0, (-off + sw - 1) // sw)
-                hi = min(ow, (w - 1 - off) // sw + 1)
-                t = np.uint64((ty * kw + tx) * c)
-                for ox in range(lo, hi):
-                    a = np.uint64(ox * c)
-                    b = np.uint64(((i * h + y) * w + ox * sw + off) * c)
-                    for ch in range(c):
-                        uc = np.uint64(ch)
-                        acc[a + uc] += (np.int32(src[b + uc]) - zp) * tf[t + uc]
-        base = np.uint64((i * oh + oy) * ow * c)
-        s = scales[i]
-        for ox in range(ow):
-            for ch in range(c):
-                k = np.uint64(ox * c + ch)
-                dst[base + k] = np.float32(acc[k]) * (s * ws[ch]) + bias[ch]
-            if act != 0:
-                apply_activation(rows, np.uint64((i * oh + oy) * ow + ox), 0, c, act, ep[1], ep[2])
-
-
 def _pair(v, name):
     t = (int(v), int(v)) if np.isscalar(v) else tuple(int(i) for i in v)
     if len(t) != 2:
@@ -348,13 +305,61 @@ def _hwc_images(x, nhwc, a_scale, a_zp):
 
 
 def _depthwise(x, nhwc, pc, geo, bias, ep, oh, ow, a_scale, a_zp):
-    """A depthwise conv of the batch (depthwise_hwc); returns (N, OH, OW, C)."""
-    n, c = x.shape[0], pc.in_channels
+    """A depthwise conv of the batch (depthwise.depthwise_u8); returns (N, OH, OW, C) float32."""
     xq, scales, zps = _hwc_images(x, nhwc, a_scale, a_zp)
-    taps = np.ascontiguousarray(pc.dw_q.T, np.int32)
-    out = np.empty((n, oh, ow, c), np.float32)
-    depthwise_hwc(xq, taps, pc.kh, pc.kw, *geo, zps, scales, pc.dw_scales, bias, ep, out)
-    return out
+    pairs, sums = pack_taps(_taps(pc))
+    out = np.empty((x.shape[0] * oh * ow, pc.out_channels), np.float32)
+    sh, sw, ph, pw, dh, dw = geo
+    depthwise_u8(xq, zps, scales, pairs, sums, pc.kh, pc.kw, sh, sw, ph, pw, dh, dw, oh, ow, pc.dw_scales, bias, ep,
+                 out, _NO_CODES)
+    return out.reshape(x.shape[0], oh, ow, pc.out_channels)
+
+
+def _taps(pc):
+    """A depthwise PackedConv's int8 taps as (C, kh, kw)."""
+    return pc.dw_q.reshape(pc.out_channels, pc.kh, pc.kw)
+
+
+def _bind_depthwise(pc, bias, stride, padding, dilation, ep, a_scale, a_zp, out_scale):
+    """bind_conv2d of a depthwise conv: call(x, residual=None, n_threads=None) on float32 or
+    (static scale) uint8 NHWC images, float32 output or with out_scale > 0 uint8; padding
+    two ints or four, (top, left, bottom, right): TensorFlow-style "same" pads of stride 2
+    ([0, 0, 1, 1]) fold into the conv here, where the dense kernels take symmetric ones only."""
+    sh, sw = _pair(stride, "stride")
+    dh, dw = _pair(dilation, "dilation")
+    pads = tuple(int(v) for v in padding) if not np.isscalar(padding) and len(padding) == 4 else \
+        2 * _pair(padding, "padding")
+    if min(pads) < 0:
+        raise KernelError(f"padding must not be negative, got {padding}")
+    pt, pl, pb, pr = pads
+    pairs, sums = pack_taps(_taps(pc))
+    c = pc.out_channels
+
+    def call(x, residual=None, n_threads=None):
+        if residual is not None:
+            raise KernelError("a depthwise conv adds no residual: add it after the conv")
+        if type(x) is not np.ndarray or x.ndim != 4 or x.shape[3] != c:
+            raise KernelError(f"depthwise conv: input must be NHWC with {c} channels, (N, H, W, {c}); got "
+                              f"{getattr(x, 'shape', x)}")
+        n, h, w = x.shape[:3]
+        oh = (h + pt + pb - dh * (pc.kh - 1) - 1) // sh + 1
+        ow = (w + pl + pr - dw * (pc.kw - 1) - 1) // sw + 1
+        if oh <= 0 or ow <= 0:
+            raise KernelError(f"conv: kernel larger than padded input {x.shape} (NHWC)")
+        if x.dtype == np.uint8:
+            if not (a_scale > 0 and x.flags.c_contiguous):
+                raise KernelError(f"uint8 input is taken by convs with a static scale only, as C-contiguous NHWC; "
+                                  f"got a_scale={a_scale}: pass float32 images")
+            xq, scales, zps = x, np.full(n, a_scale, np.float32), np.full(n, a_zp, np.int32)
+        else:
+            xq, scales, zps = _hwc_images(np.ascontiguousarray(x, np.float32), True, a_scale, a_zp)
+        rows = n * oh * ow
+        out = np.empty((0 if out_scale > 0 else rows, c), np.float32)
+        codes = np.empty((rows if out_scale > 0 else 0, c), np.uint8)
+        depthwise_u8(xq, zps, scales, pairs, sums, pc.kh, pc.kw, sh, sw, pt, pl, dh, dw, oh, ow, pc.dw_scales, bias,
+                     ep, out, codes)
+        return (codes if out_scale > 0 else out).reshape(n, oh, ow, c)
+    return call
 
 
 def _conv_batched(x, nhwc, pc, geo, bias, ep, n_threads, oh, ow, a_scale, a_zp, res=_NO_X, static_rows=None,
@@ -457,9 +462,13 @@ def bind_conv2d(pc, bias=None, stride=1, padding=0, dilation=1, act="none", act_
         raise KernelError(f"res_zero_point must be in [0, 255], got {res_zero_point}")
     dense = pc.dw_q is None and pc.groups == 1
     chained_out = out_scale > 0
-    if chained_out and not (dense and 0 <= out_zero_point <= 255):
-        raise KernelError(f"uint8 output (out_scale > 0) needs a dense conv (groups == 1) and an out_zero_point "
+    if chained_out and not ((dense or pc.dw_q is not None) and 0 <= out_zero_point <= 255):
+        raise KernelError(f"uint8 output (out_scale > 0) needs a dense or depthwise conv and an out_zero_point "
                           f"in [0, 255]; got groups={pc.groups}, out_zero_point={out_zero_point}")
+    if pc.dw_q is not None:
+        b = np.zeros(pc.out_channels, np.float32) if bias is None else _bias(bias, pc.out_channels)
+        ep = epilogue_params(act, tuple(act_args), *((float(out_scale), int(out_zero_point)) if chained_out else ()))
+        return _bind_depthwise(pc, b, stride, padding, dilation, ep, a_scale, a_zero_point, out_scale)
     geo = _geometry(stride, padding, dilation)
     if dense and pc.kh * pc.kw > 1:     # im2col's rows (a 1x1 conv's rows are the image's own)
         pc = pc._replace(parts=(_whole_amx_tiles(pc.parts[0]),))

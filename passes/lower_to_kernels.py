@@ -25,8 +25,9 @@ both times. Option sparse=False (optimize's, or this pass's) keeps every linear 
 sparse="always" takes the sparse kernel wherever the zeros allow, untimed (deterministic).
 
 Chained int8 layers: where the next int8 layers quantize a layer's output with a static
-scale, the layer's epilogue writes that uint8 directly (linears to a linear, dense convs to
-dense convs, which may also add it as their residual: then the residual is 8-bit too;
+scale, the layer's epilogue writes that uint8 directly (linears to a linear, dense and
+depthwise convs to dense and depthwise convs, a zero pad between them folded into a
+depthwise conv's padding; dense convs may also add it as their residual: then the residual is 8-bit too;
 option residual_codes=False keeps residuals float, as quantization-aware training models
 them). The codes are the ones the consumer would have made from the float value (but for
 a value within an ulp of a rounding tie: the float epilogue rounds scale and bias once,
@@ -43,6 +44,7 @@ import torch
 
 from fxopt.core.ir import ID, add_weight, get_weight, infer_meta, insert_call
 from fxopt.core.macs import concrete_shape
+from fxopt.core.ops import OpKind, kind_of, pad_parts
 from fxopt.kernels import api as K
 from fxopt.core.pass_base import PassInfo, PassResult
 from fxopt.quant import qops
@@ -93,6 +95,8 @@ def run(gm, ctx, sparse=None, chain=True, residual_codes=True) -> PassResult:
         stats["view_to_reshape"] = _views_to_reshapes(gm)
     stats["chained"] = _chain(gm) if chain else 0
     stats["residual_adds"] = _fuse_residual_adds(gm) + _fuse_conv_residuals(gm)
+    if stats["conv2d"]:
+        stats["pads_folded"] = _fold_depthwise_pads(gm)
     stats["chained"] += _chain_convs(gm, residual_codes) if chain else 0
     from fxopt.kernels import api as kernels
     gm.meta.setdefault("fxopt_artifact", {})["kernel_isa"] = kernels.isa()
@@ -234,9 +238,10 @@ def _chain(gm) -> int:
 
 
 def _chain_convs(gm, residual_codes=True) -> int:
-    """The same for convs, after their residual adds are fused: a dense int8 conv hands
-    uint8 (channels_last) on when its users are dense static-scale convs reading it as
-    their input, all taking one (scale, zero point) as convs reading one tensor do, and
+    """The same for convs, after their residual adds are fused: a dense or depthwise int8
+    conv hands uint8 (channels_last) on when its users are dense or depthwise static-scale
+    convs reading it as their input, all taking one (scale, zero point) as convs reading
+    one tensor do (MobileNetV2's expand -> depthwise -> project, end to end), and
     dense convs adding it as their residual that hand uint8 on themselves (the kernels
     add codes in the uint8 epilogue only). Those add the floats the codes stand for: a
     ResNet block's output feeds the next block's first conv and its residual add, and
@@ -247,7 +252,7 @@ def _chain_convs(gm, residual_codes=True) -> int:
     value keeps it float (so does its producer)."""
     plans = {}
     for node in gm.graph.nodes:
-        if node.target is not kernel_ops.conv2d_int8 or not _dense_conv(node) or _conv_out_scale(node) > 0:
+        if node.target is not kernel_ops.conv2d_int8 or not _chainable_conv(node) or _conv_out_scale(node) > 0:
             continue
         pools = [u for u in node.users if u.target is aten.max_pool2d.default and u.args[0] is node
                  and not u.kwargs]
@@ -273,6 +278,42 @@ def _chain_convs(gm, residual_codes=True) -> int:
         for pool in pools:
             _replace(gm, pool, kernel_ops.max_pool2d, _pool_args(pool))
     return len(plans)
+
+
+def _fold_depthwise_pads(gm) -> int:
+    """A zero pad read only by int8 depthwise convs becomes their padding, four numbers (top,
+    left, bottom, right) where it is asymmetric: TensorFlow-style "same" convs of stride 2
+    (Hugging Face MobileNetV2, EfficientNet) pad [0, 1, 0, 1] apart, which fold_padding leaves
+    (aten's conv pads symmetrically). The pad's copy of the activations goes, and the conv
+    can read a uint8 producer's codes, out-of-image taps reading the zero point (= 0.0)."""
+    count = 0
+    for pad in list(gm.graph.nodes):
+        if pad.op != "call_function" or kind_of(pad) is not OpKind.PAD or not pad.users:
+            continue
+        parts = pad_parts(pad)
+        amounts = parts["amounts"]
+        convs = list(pad.users)
+        if (parts["mode"] != "constant" or parts["value"] != 0 or len(amounts) != 4 or min(amounts) < 0
+                or not all(_pads_fold_into(c, pad) for c in convs)):
+            continue
+        left, right, top, bottom = (int(v) for v in amounts)
+        for conv in convs:
+            pt, pl, pb, pr = _four(conv.args[7])
+            conv.args = (parts["x"], *conv.args[1:7], [pt + top, pl + left, pb + bottom, pr + right], *conv.args[8:])
+            infer_meta(gm, conv)
+        gm.graph.erase_node(pad)
+        count += 1
+    return count
+
+
+def _pads_fold_into(conv, pad) -> bool:
+    return (conv.target is kernel_ops.conv2d_int8 and bool(conv.args[5][5]) and conv.args[0] is pad
+            and not conv.kwargs and pad not in conv.args[1:])
+
+
+def _four(padding) -> list:
+    """A conv2d_int8 padding as (top, left, bottom, right)."""
+    return [int(v) for v in padding] if len(padding) == 4 else [int(padding[0]), int(padding[1])] * 2
 
 
 # conv2d_int8's arguments after a_zp, with their defaults (its schema)
@@ -311,13 +352,18 @@ def _dense_conv(node) -> bool:
     return node.args[5][4] == 1 and not node.args[5][5]
 
 
+def _chainable_conv(node) -> bool:
+    """A conv whose kernel takes and gives uint8: dense, or depthwise (kernels/depthwise.py)."""
+    return _dense_conv(node) or bool(node.args[5][5])
+
+
 def _conv_out_scale(node) -> float:
     return float(node.args[14]) if len(node.args) > 14 else float(node.kwargs.get("out_scale", 0.0))
 
 
 def _reads_uint8_input(user, node) -> bool:
-    """user is a dense static-scale int8 conv taking node as its input x (and only so)."""
-    return (user.target is kernel_ops.conv2d_int8 and _dense_conv(user) and user.args[0] is node
+    """user is a dense or depthwise static-scale int8 conv taking node as its input x (and only so)."""
+    return (user.target is kernel_ops.conv2d_int8 and _chainable_conv(user) and user.args[0] is node
             and user.args[11] > 0 and not user.kwargs and node not in user.args[1:])
 
 

@@ -113,7 +113,8 @@ def optimize(model, target, **options):
                               latency_repeats=0, report_layers=False, drift=False, **options)
 
 
-# depthwise convs int8 too (the default keeps them fp32), so every conv kernel path runs
+# depthwise convs int8 (the default since kernels/depthwise.py; named so that it stays so here):
+# every conv kernel path runs
 INT8 = fxopt.TARGETS["cpu-int8"].replace("quantize_int8", "quantize_int8{depthwise=int8}")
 
 

@@ -104,7 +104,7 @@ def test_conv2d_static_scale_matches_quantized_reference(isa, layout, k, c, h):
 
 
 @pytest.mark.parametrize("static", [False, True])
-@pytest.mark.parametrize("groups", [1, 2, 8])     # dense, grouped, depthwise (the last two: conv2d_f32 itself)
+@pytest.mark.parametrize("groups", [1, 2, 8])     # dense, grouped (conv2d_f32 itself), depthwise
 def test_bound_conv_equals_conv2d_f32_bit_for_bit(static, groups):
     """bind_conv2d (the runtime's per-layer conv): conv2d_f32's NHWC result bit for bit,
     with and without a residual, at two input sizes and a batch; its errors are conv2d_f32's."""
@@ -167,6 +167,54 @@ def test_bound_conv_takes_and_gives_uint8(isa, c, o, k, stride):
         K.bind_conv2d(grouped, a_scale=0.1)(np.zeros((1, 5, 5, 4), np.uint8))
     with pytest.raises(K.KernelError, match="uint8 input"):
         K.bind_conv2d(pc)(codes)                                   # a dynamic scale: codes of what?
+
+
+# (C, kernel, stride, padding, dilation): padding of four is (top, left, bottom, right)
+DEPTHWISE = [(32, (3, 3), 1, 1, 1),
+             (48, (3, 3), 2, (0, 0, 1, 1), 1),          # TensorFlow "same", stride 2: bottom and right only
+             (40, (5, 3), 1, (2, 1), (1, 2)),           # a channel tail of 8, dilated
+             (16, (2, 4), (1, 2), (1, 0, 0, 2), 1)]     # even kernel widths: no zero tap in the pairs
+
+
+@pytest.mark.parametrize("c, k, stride, padding, dilation", DEPTHWISE)
+def test_bound_depthwise_conv_takes_and_gives_uint8(c, k, stride, padding, dilation):
+    """A depthwise conv bound for a chain (kernels/depthwise.py): on uint8 codes it is the
+    float64 conv of the values the codes stand for with the int8 taps (torch, the image
+    padded with zeros first), up to float32 rounding; on the float images of those codes
+    the same bits; with uint8 output that float result requantized, up to one code at a
+    rounding tie."""
+    import torch
+    import torch.nn.functional as F
+    rng = np.random.default_rng(c)
+    w = rng.standard_normal((c, 1, *k)).astype(np.float32)
+    b = rng.standard_normal(c).astype(np.float32)
+    pc = K.pack_conv_weights_s8(w, groups=c)
+    q = {"stride": stride, "padding": padding, "dilation": dilation, "act": "relu6", "act_args": (0.0, 6.0),
+         "a_scale": 0.03, "a_zero_point": 7}
+    codes = rng.integers(0, 256, (2, 11, 9, c)).astype(np.uint8)
+    x = ((codes.astype(np.float32) - 7) * np.float32(0.03)).astype(np.float32)
+    floats = K.bind_conv2d(pc, b, **q)
+    y = floats(codes)
+    pads = padding if np.ndim(padding) and len(padding) == 4 else 2 * tuple(np.broadcast_to(padding, 2))
+    taps = pc.dw_q.reshape(c, 1, *k).astype(np.float64) * pc.dw_scales.astype(np.float64)[:, None, None, None]
+    xt = F.pad(torch.from_numpy(x.astype(np.float64)).permute(0, 3, 1, 2), (pads[1], pads[3], pads[0], pads[2]))
+    ref = F.conv2d(xt, torch.from_numpy(taps), torch.from_numpy(b.astype(np.float64)), stride, 0, dilation, c)
+    ref = ref.clamp(0, 6).permute(0, 2, 3, 1).numpy()
+    assert y.shape == ref.shape and y.dtype == np.float32
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
+    assert 0.1 < (ref == 0).mean() < 0.9 and (ref == 6).any()         # the clamp cuts, not everything
+    assert np.array_equal(floats(x), y)
+    chained = K.bind_conv2d(pc, b, **q, out_scale=0.025, out_zero_point=3)
+    want = np.clip(np.rint(y * (np.float32(1) / np.float32(0.025))) + 3, 0, 255)
+    for inputs in (codes, x):
+        got = chained(inputs)
+        assert got.dtype == np.uint8 and got.shape == y.shape
+        diff = np.abs(got.astype(np.int32) - want)
+        assert diff.max() <= 1 and (diff > 0).mean() < 1e-3
+    with pytest.raises(K.KernelError, match="residual"):
+        chained(codes, np.zeros(y.shape, np.uint8))
+    with pytest.raises(K.KernelError, match="uint8 input"):
+        K.bind_conv2d(pc, b, padding=padding)(codes)                   # a dynamic scale: codes of what?
 
 
 @pytest.mark.parametrize("c, h, k", [(64, 15, 1), (64, 14, 3), (72, 6, 3)])   # AMX blocks; implicit 3x3; im2col

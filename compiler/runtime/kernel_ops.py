@@ -618,8 +618,9 @@ def _conv2d_int8_fake(x, packed, w_scale, col_sums, b, geometry, stride, padding
                       a_scale, a_zp, residual=None, out_scale=0.0, out_zp=0, res_scale=0.0, res_zp=0):
     n, _, h, w = x.shape
     o, _, kh, kw = geometry[:4]
-    oh = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-    ow = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    pt, pl, pb, pr = padding if len(padding) == 4 else 2 * list(padding)
+    oh = (h + pt + pb - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    ow = (w + pl + pr - dilation[1] * (kw - 1) - 1) // stride[1] + 1
     return x.new_empty((n, o, oh, ow), dtype=torch.uint8 if out_scale > 0 else torch.float32)
 
 
