@@ -444,14 +444,16 @@ def bind_conv2d(pc, bias=None, stride=1, padding=0, dilation=1, act="none", act_
     quantizes, lays out and multiplies; the checks, epilogue constants and (for a static
     scale) the GEMM rows' scales are made once, per input size for the last.
 
-    Chained int8 layers (dense convs, static scales) skip the float activations: with
-    out_scale > 0 the output is uint8, clip(rint(y / out_scale) + out_zero_point, 0, 255)
-    of that float result y, written by the GEMM's epilogue; and x may be uint8 NHWC,
+    Chained int8 layers (dense and depthwise convs, static scales) skip the float
+    activations: with out_scale > 0 the output is uint8, clip(rint(y / out_scale) +
+    out_zero_point, 0, 255) of that float result y, written by the GEMM's (or the depthwise
+    kernel's) epilogue; and x may be uint8 NHWC,
     quantized already with (a_scale, a_zero_point), which the call then takes as it is
     (the result is the call's on the float image those codes stand for). With res_scale > 0
     and uint8 output the residual may be uint8 NHWC codes too, standing for (code -
     res_zero_point) * res_scale (residual_floats): the result is the call's with those
-    floats, bit for bit.
+    floats, bit for bit. A depthwise conv (_bind_depthwise) adds no residual and takes
+    padding as four numbers too, (top, left, bottom, right).
 
         >>> call = bind_conv2d(pc, bias, stride=2, padding=1, act="relu", a_scale=0.02, a_zero_point=128)
         >>> y = call(x_nhwc)

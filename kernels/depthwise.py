@@ -20,9 +20,10 @@ output pixel sums all its taps over codes, sum (x) * t, and the sum of zp * t ov
 is taken off once per channel (tap_sums): exact, and no border case in the inner loop.
 Products fit int16 pairs (|x * t| <= 255 * 128) and their sums int32.
 
-The epilogue is conv.depthwise's float formula: float32(acc) * (scale * ws) + bias, then
-the activation, then (uint8 output) clip(rint(y / out_scale) + out_zp, 0, 255), as the
-GEMM's uint8 epilogue computes it.
+The epilogue: float32(acc) * (scale * ws) + bias, then the activation, then (uint8 output)
+clip(rint(y * (1 / out_scale)) + out_zp, 0, 255), the GEMM's uint8 epilogue's operations.
+With no activation, relu or a clamp (ReLU6), and whole 16-channel vectors, it runs in
+registers on each sum (pair_outputs); else on a row of sums staged in memory.
 """
 import llvmlite.ir as ir
 import numpy as np
@@ -32,13 +33,18 @@ from numba.extending import intrinsic
 
 from ._cache import CACHE  # package-wide cache locators, before any @njit(cache=CACHE)
 from .epilogue import EP_ACT, EP_P0, EP_P1, apply_activation, requant_params
-from .rowops import IntrinsicArgs, quantize_u8
+from .rowops import IntrinsicArgs, splat
+from .simd import _fconst, _py_max, _py_min, _requantize
 
 KERNEL_VERSION = "depthwise-1"
+_F0, _F255 = np.float32(0.0), np.float32(255.0)
 
 # a job takes up to BAND_ROWS output rows, their input rows made pair rows once (a 3x3 stride-1
 # row reads 3, a band of 8 reads 10); as many as leave BAND_JOBS jobs to spread
 BAND_ROWS, BAND_JOBS = 8, 8
+# (tap rows, tap pairs) whose loops pair_sums unrolls: 3x3 and 5x5 kernels (every output
+# row reads all kh tap rows: outside the image the pair rows hold the zero point)
+UNROLLED = ((3, 2), (5, 3))
 
 LANES = 16
 _i16, _i32 = ir.IntType(16), ir.IntType(32)
@@ -55,6 +61,61 @@ def _madd_pairs(builder, a, b):
     return builder.add(builder.shuffle_vector(p, p, _EVEN), builder.shuffle_vector(p, p, _ODD))
 
 
+def _emit_sums(builder, ar, finish):
+    """pair_sums' loops over pixels and channel vectors (its arguments 0-11), the taps
+    unrolled for the UNROLLED shapes, looped over for others; finish(total, pixel, lane0)
+    stores each pixel's 16 sums."""
+    xp, tp, cp = ar.ptr(0), ar.ptr(4), ar.ptr(11)
+    xpix_, xrow_, xpair_, trow_, tpair_ = (ar.int(k) for k in (1, 2, 3, 5, 6))
+    nrows, npairs = ar.int(7), ar.int(8)
+    total = cgutils.alloca_once(builder, _V16)
+
+    def tap(x_v, t_v, i, j):
+        return _madd_pairs(builder, _load(builder, x_v, builder.add(builder.mul(i, xrow_), builder.mul(j, xpair_))),
+                           _load(builder, t_v, builder.add(builder.mul(i, trow_), builder.mul(j, tpair_))))
+
+    def pixels(shape):
+        with cgutils.for_range(builder, ar.int(10)) as px:
+            x_px = builder.gep(xp, [builder.mul(px.index, xpix_)])
+            with cgutils.for_range(builder, ar.int(9)) as v:
+                lane0 = builder.mul(v.index, ar.cst(LANES))
+                x_v, t_v = builder.gep(x_px, [lane0]), builder.gep(tp, [lane0])
+                if shape:
+                    acc = _load(builder, cp, lane0)
+                    for i in range(shape[0]):
+                        for j in range(shape[1]):
+                            acc = builder.add(acc, tap(x_v, t_v, ar.cst(i), ar.cst(j)))
+                else:
+                    builder.store(_load(builder, cp, lane0), total)
+                    with cgutils.for_range(builder, nrows) as i:
+                        with cgutils.for_range(builder, npairs) as j:
+                            builder.store(builder.add(builder.load(total), tap(x_v, t_v, i.index, j.index)), total)
+                    acc = builder.load(total)
+                finish(acc, px.index, lane0)
+
+    def by_shape(shapes):
+        if not shapes:
+            pixels(None)
+            return
+        rows, pairs = shapes[0]
+        known = builder.and_(builder.icmp_signed("==", nrows, ar.cst(rows)),
+                             builder.icmp_signed("==", npairs, ar.cst(pairs)))
+        with builder.if_else(known) as (then, otherwise):
+            with then:
+                pixels(shapes[0])
+            with otherwise:
+                by_shape(shapes[1:])
+    by_shape(UNROLLED)
+
+
+def _load(builder, ptr, off, ty=_V16):
+    return builder.load(builder.bitcast(builder.gep(ptr, [off]), ty.as_pointer()), align=4)
+
+
+def _store(builder, value, ptr, off):
+    builder.store(value, builder.bitcast(builder.gep(ptr, [off]), value.type.as_pointer()), align=1)
+
+
 @intrinsic
 def pair_sums(typingctx, x2, xpix, xrow, xpair, taps, trow, tpair, nrows, npairs, nvec, npix, corr, acc, aoff,
               apix):
@@ -66,28 +127,56 @@ def pair_sums(typingctx, x2, xpix, xrow, xpair, taps, trow, tpair, nrows, npairs
 
     def codegen(context, builder, sig, args):
         ar = IntrinsicArgs(context, builder, sig, args)
-        xp, tp, cp, ap = ar.ptr(0), ar.ptr(4), ar.ptr(11), ar.ptr(12, 13)
-        xpix_, xrow_, xpair_, trow_, tpair_, apix_ = (ar.int(k) for k in (1, 2, 3, 5, 6, 14))
-        total = cgutils.alloca_once(builder, _V16)
+        ap, apix_ = ar.ptr(12, 13), ar.int(14)
+        _emit_sums(builder, ar, lambda total, px, lane0: _store(builder, total, ap,
+                                                                  builder.add(builder.mul(px, apix_), lane0)))
+        return context.get_dummy_value()
+    return sig, codegen
 
-        def vec(ptr, off):
-            return builder.load(builder.bitcast(builder.gep(ptr, [off]), _V16.as_pointer()), align=4)
-        with cgutils.for_range(builder, ar.int(10)) as px:
-            x_px = builder.gep(xp, [builder.mul(px.index, xpix_)])
-            a_px = builder.gep(ap, [builder.mul(px.index, apix_)])
-            with cgutils.for_range(builder, ar.int(9)) as v:
-                lane0 = builder.mul(v.index, ar.cst(LANES))
-                builder.store(vec(cp, lane0), total)
-                x_v, t_v = builder.gep(x_px, [lane0]), builder.gep(tp, [lane0])
-                with cgutils.for_range(builder, ar.int(7)) as i:
-                    x_i = builder.gep(x_v, [builder.mul(i.index, xrow_)])
-                    t_i = builder.gep(t_v, [builder.mul(i.index, trow_)])
-                    with cgutils.for_range(builder, ar.int(8)) as j:
-                        s = _madd_pairs(builder, vec(x_i, builder.mul(j.index, xpair_)),
-                                        vec(t_i, builder.mul(j.index, tpair_)))
-                        builder.store(builder.add(builder.load(total), s), total)
-                builder.store(builder.load(total), builder.bitcast(builder.gep(a_px, [lane0]), _V16.as_pointer()),
-                              align=4)
+
+@intrinsic
+def pair_outputs(typingctx, x2, xpix, xrow, xpair, taps, trow, tpair, nrows, npairs, nvec, npix, corr, cs, bias,
+                 act, p0, p1, inv, ozp, out, ooff, opix):
+    """pair_sums finished in registers, straight into out (float32, or uint8 codes) at
+    out[ooff + p*opix + 16v + l]: y = float32(sum) * cs + bias (cs: scale * ws, float32),
+    then act 0 (none), 1 (relu) or 2 (clamp to p0, p1), then for uint8
+    clip(rint(y * inv) + ozp, 0, 255): depthwise_u8's epilogue, operation for operation
+    (simd's _py_max, _py_min and _requantize: the staged epilogue's compares and rounding)."""
+    if not (isinstance(out, types.Array) and out.dtype in (types.uint8, types.float32)):
+        return None
+    sig = types.void(x2, xpix, xrow, xpair, taps, trow, tpair, nrows, npairs, nvec, npix, corr, cs, bias,
+                     act, p0, p1, types.float32, types.float32, out, ooff, opix)
+    codes = out.dtype == types.uint8
+
+    def codegen(context, builder, sig, args):
+        ar = IntrinsicArgs(context, builder, sig, args)
+        cs_p, b_p, o_p, opix_ = ar.ptr(12), ar.ptr(13), ar.ptr(19, 20), ar.int(21)
+        fvec = ir.VectorType(ir.FloatType(), LANES)
+        act_v = context.cast(builder, args[14], sig.args[14], types.int32)
+        p0v, p1v, inv, ozp = (splat(builder, context.cast(builder, args[k], sig.args[k], types.float32), LANES)
+                              for k in (15, 16, 17, 18))
+        zero = _fconst(fvec, 0.0)
+
+        def finish_with(fn):
+            def finish(total, px, lane0):
+                y = builder.fadd(builder.fmul(builder.sitofp(total, fvec), _load(builder, cs_p, lane0, fvec)),
+                                 _load(builder, b_p, lane0, fvec))
+                y = fn(y)
+                off = builder.add(builder.mul(px, opix_), lane0)
+                _store(builder, _requantize(builder, y, inv, ozp) if codes else y, o_p, off)
+            return finish
+        relu = builder.icmp_signed("==", act_v, ir.Constant(_i32, 1))
+        clamp = builder.icmp_signed("==", act_v, ir.Constant(_i32, 2))
+        with builder.if_else(relu) as (then, otherwise):
+            with then:
+                _emit_sums(builder, ar, finish_with(lambda y: _py_max(builder, y, zero)))
+            with otherwise:
+                with builder.if_else(clamp) as (then2, otherwise2):
+                    with then2:
+                        _emit_sums(builder, ar, finish_with(
+                            lambda y: _py_min(builder, _py_max(builder, y, p0v), p1v)))
+                    with otherwise2:
+                        _emit_sums(builder, ar, finish_with(lambda y: y))
         return context.get_dummy_value()
     return sig, codegen
 
@@ -156,9 +245,11 @@ def depthwise_u8(xq, zps, scales, pairs, tap_sums, kh, kw, sh, sw, pt, pl, dh, d
         acc = np.empty(ow * c, np.int32)
         y = np.empty((1, ow * c), np.float32)
         corr = np.empty(c, np.int32)
+        cs = np.empty(c, np.float32)
         zp = np.int32(zps[i])
         for l in range(c):
             corr[l] = -zp * tap_sums[l]
+            cs[l] = scales[i] * ws[l]
         top = oy0 * sh - pt
         for r in range((oy1 - oy0 - 1) * sh + (kh - 1) * dh + 1):
             yy = top + r
@@ -166,13 +257,23 @@ def depthwise_u8(xq, zps, scales, pairs, tap_sums, kh, kw, sh, sw, pt, pl, dh, d
                       x2, r * wp * c)
         for oy in range(oy0, oy1):
             _output_row(x2, (oy - oy0) * sh * wp * c, tf, corr, kh, kw, sw, dh, dw, wp, c, nvec, npairs, ow,
-                        acc, y, scales[i], ws, bias, ep, act, inv, ozp, to_codes, qf, of, ((i * oh) + oy) * ow * c)
+                        acc, y, cs, bias, ep, act, inv, ozp, to_codes, qf, of, ((i * oh) + oy) * ow * c)
 
 
 @njit(inline="always")
-def _output_row(x2, x_off, tf, corr, kh, kw, sw, dh, dw, wp, c, nvec, npairs, ow, acc, y, scale, ws, bias, ep, act,
+def _output_row(x2, x_off, tf, corr, kh, kw, sw, dh, dw, wp, c, nvec, npairs, ow, acc, y, cs, bias, ep, act,
                 inv, ozp, to_codes, qf, of, r0):
-    """One output row of depthwise_u8 from the pair rows in x2 from x_off (its first tap row)."""
+    """One output row of depthwise_u8 from the pair rows in x2 from x_off (its first tap row),
+    written at r0: finished in registers (pair_outputs) where the channels are whole vectors
+    and the activation is none, relu or a clamp; else the sums staged in acc, then y."""
+    if act <= 2 and nvec * LANES == c:
+        if to_codes:
+            pair_outputs(x2[x_off:], sw * c, dh * wp * c, 2 * dw * c, tf, npairs * c, c, kh, npairs, nvec, ow, corr,
+                         cs, bias, act, ep[EP_P0], ep[EP_P1], inv, ozp, qf, r0, c)
+        else:
+            pair_outputs(x2[x_off:], sw * c, dh * wp * c, 2 * dw * c, tf, npairs * c, c, kh, npairs, nvec, ow, corr,
+                         cs, bias, act, ep[EP_P0], ep[EP_P1], inv, ozp, of, r0, c)
+        return
     pair_sums(x2[x_off:], sw * c, dh * wp * c, 2 * dw * c, tf, npairs * c, c, kh, npairs, nvec, ow, corr, acc, 0, c)
     for ox in range(ow):           # channels past the last whole vector
         for l in range(nvec * LANES, c):
@@ -187,11 +288,15 @@ def _output_row(x2, x_off, tf, corr, kh, kw, sw, dh, dw, wp, c, nvec, npairs, ow
         a = np.uint64(ox * c)
         for l in range(c):
             ul = np.uint64(l)
-            y[0, a + ul] = np.float32(acc[a + ul]) * (scale * ws[l]) + bias[l]
+            y[0, a + ul] = np.float32(acc[a + ul]) * cs[ul] + bias[l]
     if act != 0:
         apply_activation(y, 0, 0, ow * c, act, ep[EP_P0], ep[EP_P1])
     if to_codes:
-        quantize_u8(y, 0, ow * c, inv, np.int32(ozp), qf, r0)
+        for k in range(ow * c):      # the GEMM's uint8 epilogue's formula (epilogue._requantize_rows)
+            q = np.rint(y[0, np.uint64(k)] * inv) + ozp
+            q = q if q > _F0 else _F0
+            q = q if q < _F255 else _F255
+            qf[np.uint64(r0 + k)] = np.uint8(np.int32(q))
     else:
         for k in range(ow * c):
             of[np.uint64(r0 + k)] = y[0, np.uint64(k)]
