@@ -25,7 +25,7 @@ from .quantize import padded_k, scale_zero_point
 from .rowops import minmax_f32, quantize_u8
 from .simd import BLOCK_COLS
 
-KERNEL_VERSION = "conv-17"
+KERNEL_VERSION = "conv-18"
 _NO_X = np.empty((0, 0), np.float32)
 _NO_CODES = np.empty((0, 0), np.uint8)
 _F0, _F1, _F255 = np.float32(0.0), np.float32(1.0), np.float32(255.0)
@@ -467,15 +467,14 @@ def bind_conv2d(pc, bias=None, stride=1, padding=0, dilation=1, act="none", act_
     if chained_out and not ((dense or pc.dw_q is not None) and 0 <= out_zero_point <= 255):
         raise KernelError(f"uint8 output (out_scale > 0) needs a dense or depthwise conv and an out_zero_point "
                           f"in [0, 255]; got groups={pc.groups}, out_zero_point={out_zero_point}")
+    b = np.zeros(pc.out_channels, np.float32) if bias is None else _bias(bias, pc.out_channels)
+    ep_args = (float(out_scale), int(out_zero_point)) if chained_out else (1.0, 0)
     if pc.dw_q is not None:
-        b = np.zeros(pc.out_channels, np.float32) if bias is None else _bias(bias, pc.out_channels)
-        ep = epilogue_params(act, tuple(act_args), *((float(out_scale), int(out_zero_point)) if chained_out else ()))
-        return _bind_depthwise(pc, b, stride, padding, dilation, ep, a_scale, a_zero_point, out_scale)
+        return _bind_depthwise(pc, b, stride, padding, dilation, epilogue_params(act, tuple(act_args), *ep_args),
+                               a_scale, a_zero_point, out_scale)
     geo = _geometry(stride, padding, dilation)
     if dense and pc.kh * pc.kw > 1:     # im2col's rows (a 1x1 conv's rows are the image's own)
         pc = pc._replace(parts=(_whole_amx_tiles(pc.parts[0]),))
-    b = np.zeros(pc.out_channels, np.float32) if bias is None else _bias(bias, pc.out_channels)
-    ep_args = (float(out_scale), int(out_zero_point)) if chained_out else (1.0, 0)
     res_args = (float(res_scale), int(res_zero_point)) if res_scale > 0 else (1.0, 0)
     eps = {first: epilogue_params(act, tuple(act_args), *ep_args, first, *res_args) for first in (False, True)}
     out_dtype = np.uint8 if chained_out else np.float32

@@ -32,12 +32,12 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from ._cache import CACHE  # package-wide cache locators, before any @njit(cache=CACHE)
-from .epilogue import EP_ACT, EP_P0, EP_P1, apply_activation, requant_params
+from .epilogue import EP_ACT, EP_P0, EP_P1, apply_activation, requant_params, requantize_rows
 from .rowops import IntrinsicArgs, splat
-from .simd import _fconst, _py_max, _py_min, _requantize
+from .simd import _py_max, _py_min, _requantize
 
-KERNEL_VERSION = "depthwise-1"
-_F0, _F255 = np.float32(0.0), np.float32(255.0)
+KERNEL_VERSION = "depthwise-2"
+_F0, _INF = np.float32(0.0), np.float32(np.inf)
 
 # a job takes up to BAND_ROWS output rows, their input rows made pair rows once (a 3x3 stride-1
 # row reads 3, a band of 8 reads 10); as many as leave BAND_JOBS jobs to spread
@@ -136,47 +136,32 @@ def pair_sums(typingctx, x2, xpix, xrow, xpair, taps, trow, tpair, nrows, npairs
 
 @intrinsic
 def pair_outputs(typingctx, x2, xpix, xrow, xpair, taps, trow, tpair, nrows, npairs, nvec, npix, corr, cs, bias,
-                 act, p0, p1, inv, ozp, out, ooff, opix):
+                 lo, hi, inv, ozp, out, ooff, opix):
     """pair_sums finished in registers, straight into out (float32, or uint8 codes) at
     out[ooff + p*opix + 16v + l]: y = float32(sum) * cs + bias (cs: scale * ws, float32),
-    then act 0 (none), 1 (relu) or 2 (clamp to p0, p1), then for uint8
-    clip(rint(y * inv) + ozp, 0, 255): depthwise_u8's epilogue, operation for operation
-    (simd's _py_max, _py_min and _requantize: the staged epilogue's compares and rounding)."""
+    clamped to [lo, hi] (no activation: -inf, inf; relu: 0, inf; a clamp: its bounds), then
+    for uint8 clip(rint(y * inv) + ozp, 0, 255): depthwise_u8's epilogue, operation for
+    operation (simd's _py_max, _py_min and _requantize: the staged epilogue's compares and
+    rounding; max(y, -inf) and min(y, inf) are y, NaN too)."""
     if not (isinstance(out, types.Array) and out.dtype in (types.uint8, types.float32)):
         return None
     sig = types.void(x2, xpix, xrow, xpair, taps, trow, tpair, nrows, npairs, nvec, npix, corr, cs, bias,
-                     act, p0, p1, types.float32, types.float32, out, ooff, opix)
+                     types.float32, types.float32, types.float32, types.float32, out, ooff, opix)
     codes = out.dtype == types.uint8
 
     def codegen(context, builder, sig, args):
         ar = IntrinsicArgs(context, builder, sig, args)
-        cs_p, b_p, o_p, opix_ = ar.ptr(12), ar.ptr(13), ar.ptr(19, 20), ar.int(21)
+        cs_p, b_p, o_p, opix_ = ar.ptr(12), ar.ptr(13), ar.ptr(18, 19), ar.int(20)
         fvec = ir.VectorType(ir.FloatType(), LANES)
-        act_v = context.cast(builder, args[14], sig.args[14], types.int32)
-        p0v, p1v, inv, ozp = (splat(builder, context.cast(builder, args[k], sig.args[k], types.float32), LANES)
-                              for k in (15, 16, 17, 18))
-        zero = _fconst(fvec, 0.0)
+        lo_v, hi_v, inv, ozp = (splat(builder, args[k], LANES) for k in (14, 15, 16, 17))
 
-        def finish_with(fn):
-            def finish(total, px, lane0):
-                y = builder.fadd(builder.fmul(builder.sitofp(total, fvec), _load(builder, cs_p, lane0, fvec)),
-                                 _load(builder, b_p, lane0, fvec))
-                y = fn(y)
-                off = builder.add(builder.mul(px, opix_), lane0)
-                _store(builder, _requantize(builder, y, inv, ozp) if codes else y, o_p, off)
-            return finish
-        relu = builder.icmp_signed("==", act_v, ir.Constant(_i32, 1))
-        clamp = builder.icmp_signed("==", act_v, ir.Constant(_i32, 2))
-        with builder.if_else(relu) as (then, otherwise):
-            with then:
-                _emit_sums(builder, ar, finish_with(lambda y: _py_max(builder, y, zero)))
-            with otherwise:
-                with builder.if_else(clamp) as (then2, otherwise2):
-                    with then2:
-                        _emit_sums(builder, ar, finish_with(
-                            lambda y: _py_min(builder, _py_max(builder, y, p0v), p1v)))
-                    with otherwise2:
-                        _emit_sums(builder, ar, finish_with(lambda y: y))
+        def finish(total, px, lane0):
+            y = builder.fadd(builder.fmul(builder.sitofp(total, fvec), _load(builder, cs_p, lane0, fvec)),
+                             _load(builder, b_p, lane0, fvec))
+            y = _py_min(builder, _py_max(builder, y, lo_v), hi_v)
+            off = builder.add(builder.mul(px, opix_), lane0)
+            _store(builder, _requantize(builder, y, inv, ozp) if codes else y, o_p, off)
+        _emit_sums(builder, ar, finish)
         return context.get_dummy_value()
     return sig, codegen
 
@@ -229,7 +214,7 @@ def depthwise_u8(xq, zps, scales, pairs, tap_sums, kh, kw, sh, sw, pt, pl, dh, d
     Jobs of up to BAND_ROWS output rows, spread over the threads."""
     n, h, w, c = xq.shape
     to_codes = codes.shape[0] > 0
-    src, tf, qf, of = xq.reshape(-1), pairs.reshape(-1), codes.reshape(-1), out.reshape(-1)
+    src, tf, of = xq.reshape(-1), pairs.reshape(-1), out.reshape(-1)
     act = np.int32(ep[EP_ACT])
     inv, ozp = requant_params(ep)
     npairs = (kw + 1) // 2
@@ -257,22 +242,24 @@ def depthwise_u8(xq, zps, scales, pairs, tap_sums, kh, kw, sh, sw, pt, pl, dh, d
                       x2, r * wp * c)
         for oy in range(oy0, oy1):
             _output_row(x2, (oy - oy0) * sh * wp * c, tf, corr, kh, kw, sw, dh, dw, wp, c, nvec, npairs, ow,
-                        acc, y, cs, bias, ep, act, inv, ozp, to_codes, qf, of, ((i * oh) + oy) * ow * c)
+                        acc, y, cs, bias, ep, act, inv, ozp, to_codes, codes, of, ((i * oh) + oy) * ow * c)
 
 
 @njit(inline="always")
 def _output_row(x2, x_off, tf, corr, kh, kw, sw, dh, dw, wp, c, nvec, npairs, ow, acc, y, cs, bias, ep, act,
-                inv, ozp, to_codes, qf, of, r0):
+                inv, ozp, to_codes, codes, of, r0):
     """One output row of depthwise_u8 from the pair rows in x2 from x_off (its first tap row),
     written at r0: finished in registers (pair_outputs) where the channels are whole vectors
     and the activation is none, relu or a clamp; else the sums staged in acc, then y."""
     if act <= 2 and nvec * LANES == c:
+        lo = -_INF if act == 0 else (_F0 if act == 1 else ep[EP_P0])
+        hi = _INF if act < 2 else ep[EP_P1]
         if to_codes:
             pair_outputs(x2[x_off:], sw * c, dh * wp * c, 2 * dw * c, tf, npairs * c, c, kh, npairs, nvec, ow, corr,
-                         cs, bias, act, ep[EP_P0], ep[EP_P1], inv, ozp, qf, r0, c)
+                         cs, bias, lo, hi, inv, ozp, codes, r0, c)
         else:
             pair_outputs(x2[x_off:], sw * c, dh * wp * c, 2 * dw * c, tf, npairs * c, c, kh, npairs, nvec, ow, corr,
-                         cs, bias, act, ep[EP_P0], ep[EP_P1], inv, ozp, of, r0, c)
+                         cs, bias, lo, hi, inv, ozp, of, r0, c)
         return
     pair_sums(x2[x_off:], sw * c, dh * wp * c, 2 * dw * c, tf, npairs * c, c, kh, npairs, nvec, ow, corr, acc, 0, c)
     for ox in range(ow):           # channels past the last whole vector
@@ -292,11 +279,7 @@ def _output_row(x2, x_off, tf, corr, kh, kw, sw, dh, dw, wp, c, nvec, npairs, ow
     if act != 0:
         apply_activation(y, 0, 0, ow * c, act, ep[EP_P0], ep[EP_P1])
     if to_codes:
-        for k in range(ow * c):      # the GEMM's uint8 epilogue's formula (epilogue._requantize_rows)
-            q = np.rint(y[0, np.uint64(k)] * inv) + ozp
-            q = q if q > _F0 else _F0
-            q = q if q < _F255 else _F255
-            qf[np.uint64(r0 + k)] = np.uint8(np.int32(q))
+        requantize_rows(y.reshape(ow, c), ow, r0 // c, 0, c, ep, codes)
     else:
         for k in range(ow * c):
             of[np.uint64(r0 + k)] = y[0, np.uint64(k)]

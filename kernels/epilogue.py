@@ -20,7 +20,7 @@ from numba.extending import intrinsic, overload
 
 from ._cache import CACHE  # package-wide cache locators, before any @njit(cache=CACHE)
 
-KERNEL_VERSION = "epilogue-10"
+KERNEL_VERSION = "epilogue-11"
 
 ACTIVATIONS = {"none": 0, "relu": 1, "hardtanh": 2, "relu6": 2,
                "gelu": 3, "gelu_tanh": 4, "silu": 5}
@@ -231,7 +231,7 @@ def _rows_u8(t, t_off, ldt, rows, m0, n0, ncols, colsum, ascale, azp, wscale, bi
     if act != 0:
         for r in range(rows):
             apply_activation(y, r, 0, ncols, act, ep[EP_P0], ep[EP_P1])
-    _requantize_rows(y, rows, m0, n0, ncols, ep, out)
+    requantize_rows(y, rows, m0, n0, ncols, ep, out)
 
 
 @njit(cache=CACHE)
@@ -248,11 +248,11 @@ def _rows_u8_residual(t, t_off, ldt, rows, m0, n0, ncols, colsum, ascale, azp, w
             apply_activation(y, r, 0, ncols, act, ep[EP_P0], ep[EP_P1])
     if not pre:
         _add_to_rows(y, rows, res, m0, n0, ncols, ep)
-    _requantize_rows(y, rows, m0, n0, ncols, ep, out)
+    requantize_rows(y, rows, m0, n0, ncols, ep, out)
 
 
 @njit(inline="always")
-def _requantize_rows(y, rows, m0, n0, ncols, ep, out):
+def requantize_rows(y, rows, m0, n0, ncols, ep, out):
     """out[m0 + r, n0 + j] = clip(rint(y[r, j] * (1 / out_scale)) + out_zp, 0, 255)."""
     inv, ozp = requant_params(ep)
     un = np.uint64(n0)
