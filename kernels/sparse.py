@@ -18,7 +18,12 @@ row r of the slice. A window starts wherever the slice's rows have their next no
 (sparse_pack._pack), not on a grid of chunks: at 90 % random sparsity 1024 x 1024 that is
 5255 steps where chunks of 32 took 7668.
 
-Exactness whatever the weights: ``vpmaddubsw`` multiplies unsigned by signed bytes and adds
+On CPUs with VNNI (avx512_vnni, amx_int8, avx_vnni) a step is one ``vpdpbusd`` a row: the
+gathered uint8 activations times the int8 slots, four into each row's int32 lane, exact as
+they are. It waits ~5 cycles on its accumulator, so the loop keeps CHAINS of them (rows x
+sets of accumulators taken in turn): one chain ran a step in 1.2 ns, four in 0.75 ns.
+
+On AVX2, exactness whatever the weights: ``vpmaddubsw`` multiplies unsigned by signed bytes and adds
 pairs in saturating int16, so uint8 activations (<= 255) times int8 weights (|w| <= 127)
 could saturate. The unsigned operand is |w| instead, and the signed one the activation
 shifted, a - 128 (the rows are stored xor 0x80), for w > 0, or its complement
@@ -34,7 +39,8 @@ same epilogue code (epilogue.py / simd.staged_f32, routed column by column as
 gemm._job_into routes them).
 
 Cost: steps of 68 bytes (1024 x 1024 at 90 %: 358 KB against 1 MB dense, for 104 K
-nonzeros), 15 vector instructions each at M=1 (the sign and |w| once a step for all rows).
+nonzeros), 9 instructions each at M=1 with VNNI, 15 on AVX2 (the sign and |w| once a step
+for all rows).
 Jobs are 64-column blocks (8 slices) x row groups of 4, each group size its own compiled
 variant; over Numba's pool (prange), each worker its own share of blocks first, then
 helping the others. The portable path runs the same layout with plain loops on the
@@ -55,30 +61,47 @@ from .linear import (_bias, bound_constants, call_arrays, epilogue_params, get_n
                      rows_call)
 from .quantize import quantize_rows_into, quantize_tensor_into
 from .rowops import IntrinsicArgs, borrowed, call_llvm
-from .simd import AMX_ISAS, BLOCK_COLS, GEOMETRY, TAGS, is_portable, isa_geometry, staged_f32
+from .simd import AMX_ISAS, BLOCK_COLS, GEOMETRY, TAGS, IsaType, is_portable, isa_geometry, staged_f32
 from .sparse_pack import (HIGH, SLICE, SLOTS, STEP, WINDOW, PackedSparse, density, pack_sparse_s8,  # noqa: F401
                           unpack_sparse_s8)
 
-KERNEL_VERSION = "sparse-7"
+KERNEL_VERSION = "sparse-8"
 ROWS = 4            # activation rows a job computes at once (they share the weight loads)
+VNNI_ISAS = ("amx_int8", "avx512_vnni", "avx_vnni")     # step loops on vpdpbusd (ymm)
+CHAINS = 4          # vpdpbusd accumulators a step loop keeps going (rows x sets)
 
 _i8, _i16, _i32 = ir.IntType(8), ir.IntType(16), ir.IntType(32)
 
 
 # --- the step loop -------------------------------------------------------------------
 
-@intrinsic(prefer_literal=True)
-def steps_s32(typingctx, mr, a, m0, starts, idx, val, j0, j1, offsets, o_off, t, t_off, ldt):
-    """t[t_off + r*ldt + lane] = int32 sums of steps j0..j1-1 (one slice) for activation
-    rows m0..m0+mr-1 of a (a ^ 0x80 as int8, rows padded by a window), each lane starting
-    from offsets[o_off + lane], lane = row of the slice."""
-    if not isinstance(mr, types.IntegerLiteral) or not isinstance(a, types.Array):
+@intrinsic
+def shifted_rows(typingctx, tag):
+    """Whether the tag's step loop reads the activation rows as a ^ 0x80 (AVX2's vpmaddubsw
+    path) rather than as they are (vpdpbusd and the portable loops)."""
+    if not isinstance(tag, IsaType):
         return None
-    sig = types.void(mr, a, m0, starts, idx, val, j0, j1, offsets, o_off, t, t_off, ldt)
-    nrows = mr.literal_value
+    flag = tag.isa not in VNNI_ISAS and tag.isa != "portable"
 
     def codegen(context, builder, sig, args):
-        ar = IntrinsicArgs(context, builder, sig, args)
+        return context.get_constant(types.boolean, flag)
+    return types.boolean(tag), codegen
+
+
+@intrinsic(prefer_literal=True)
+def steps_s32(typingctx, tag, mr, a, m0, starts, idx, val, j0, j1, offsets, o_off, t, t_off, ldt):
+    """t[t_off + r*ldt + lane] = int32 sums of steps j0..j1-1 (one slice) for activation
+    rows m0..m0+mr-1 of a (rows padded by a window), lane = row of the slice. VNNI ISAs:
+    a as it is, each lane from 0, one vpdpbusd a step and row. AVX2: a ^ 0x80 as int8, each
+    lane from offsets[o_off + lane] (the module docstring: why)."""
+    if not isinstance(tag, IsaType) or not isinstance(mr, types.IntegerLiteral) or not isinstance(a, types.Array):
+        return None
+    sig = types.void(tag, mr, a, m0, starts, idx, val, j0, j1, offsets, o_off, t, t_off, ldt)
+    nrows = mr.literal_value
+    vnni = tag.isa in VNNI_ISAS
+
+    def codegen(context, builder, sig, args):
+        ar = IntrinsicArgs(context, builder, types.void(*sig.args[1:]), args[1:])   # without the tag
         arr, num, cst, intp = ar.array, ar.int, ar.cst, ar.intp
         a_st = arr(1)
         lda = builder.extract_value(a_st.strides, 0)
@@ -88,21 +111,28 @@ def steps_s32(typingctx, mr, a, m0, starts, idx, val, j0, j1, offsets, o_off, t,
         ones = ir.Constant(v16, [1] * 16)
         flip = ir.Constant(v32, [HIGH - 256] * 32)
         zero = ir.Constant(v32, None)
-        start = builder.load(builder.bitcast(builder.gep(arr(8).data, [num(9)]), acc_ty.as_pointer()), align=4)
-        accs = [cgutils.alloca_once_value(builder, start) for _ in range(nrows)]
+        if vnni:
+            start = ir.Constant(acc_ty, None)
+        else:
+            start = builder.load(builder.bitcast(builder.gep(arr(8).data, [num(9)]), acc_ty.as_pointer()), align=4)
+        # vpdpbusd waits ~5 cycles on its accumulator: CHAINS independent ones a step
+        # round (each row its own, and sets of them taken by turns) keep the ports busy
+        sets = max(1, CHAINS // nrows) if vnni else 1
+        accs = [[cgutils.alloca_once_value(builder, start if u == 0 else ir.Constant(acc_ty, None))
+                 for _ in range(nrows)] for u in range(sets)]
         bcast = ir.Constant(ir.VectorType(_i32, 32), list(range(16)) * 2)
-        j0v = num(6)
-        with cgutils.for_range(builder, builder.sub(num(7), j0v)) as loop:
-            j = builder.add(j0v, loop.index)
+
+        def step(j, acc):
             k0 = builder.sext(builder.load(builder.gep(st_p, [j])), intp)
             o = builder.mul(j, cst(STEP))
             iv = builder.load(builder.bitcast(builder.gep(ix_p, [o]), v32.as_pointer()), align=1)
             vv = builder.load(builder.bitcast(builder.gep(va_p, [o]), v32.as_pointer()), align=1)
             iv_high = builder.xor(iv, flip)
-            # |w| (unsigned, <= 127) times a - 128 (w > 0) or ~(a - 128) = 127 - a (w < 0):
-            # a pair's int16 sum is at most 2 * 127 * 128 < 2^15, whatever the weights
-            neg = builder.sext(builder.icmp_signed("<", vv, zero), v32)
-            wabs = builder.select(builder.icmp_signed("<", vv, zero), builder.sub(zero, vv), vv)
+            if not vnni:
+                # |w| (unsigned, <= 127) times a - 128 (w > 0) or ~(a - 128) = 127 - a (w < 0):
+                # a pair's int16 sum is at most 2 * 127 * 128 < 2^15, whatever the weights
+                neg = builder.sext(builder.icmp_signed("<", vv, zero), v32)
+                wabs = builder.select(builder.icmp_signed("<", vv, zero), builder.sub(zero, vv), vv)
             for r in range(nrows):
                 halves = []
                 for h, ix in ((0, iv), (16, iv_high)):
@@ -110,15 +140,30 @@ def steps_s32(typingctx, mr, a, m0, starts, idx, val, j0, j1, offsets, o_off, t,
                     xs = builder.load(builder.bitcast(p, ir.VectorType(_i8, 16).as_pointer()), align=1)
                     xb = builder.shuffle_vector(xs, xs, bcast)
                     halves.append(call_llvm(builder, "llvm.x86.avx2.pshuf.b", v32, [xb, ix]))
-                g = builder.xor(builder.or_(halves[0], halves[1]), neg)
-                p16 = call_llvm(builder, "llvm.x86.avx2.pmadd.ub.sw", v16, [wabs, g])
+                g = builder.or_(halves[0], halves[1])
+                if vnni:    # uint8 a times int8 w, four slots into the row's int32 lane: exact
+                    s32 = call_llvm(builder, "llvm.x86.avx512.vpdpbusd.256", acc_ty, [builder.load(acc[r]), g, vv])
+                    builder.store(s32, acc[r])
+                    continue
+                p16 = call_llvm(builder, "llvm.x86.avx2.pmadd.ub.sw", v16, [wabs, builder.xor(g, neg)])
                 p32 = call_llvm(builder, "llvm.x86.avx2.pmadd.wd", acc_ty, [p16, ones])
-                builder.store(builder.add(builder.load(accs[r]), p32), accs[r])
+                builder.store(builder.add(builder.load(acc[r]), p32), acc[r])
+
+        j0v, count = num(6), builder.sub(num(7), num(6))
+        rounds = builder.udiv(count, cst(sets))
+        with cgutils.for_range(builder, rounds) as loop:
+            j = builder.add(j0v, builder.mul(loop.index, cst(sets)))
+            for u in range(sets):
+                step(builder.add(j, cst(u)), accs[u])
+        with cgutils.for_range(builder, builder.sub(count, builder.mul(rounds, cst(sets)))) as loop:
+            step(builder.add(j0v, builder.add(builder.mul(rounds, cst(sets)), loop.index)), accs[0])
         t_st = arr(10)
         for r in range(nrows):
+            total = builder.load(accs[0][r])
+            for u in range(1, sets):
+                total = builder.add(total, builder.load(accs[u][r]))
             off = builder.add(num(11), builder.mul(num(12), cst(r)))
-            builder.store(builder.load(accs[r]), builder.bitcast(builder.gep(t_st.data, [off]), acc_ty.as_pointer()),
-                          align=4)
+            builder.store(total, builder.bitcast(builder.gep(t_st.data, [off]), acc_ty.as_pointer()), align=4)
         return context.get_dummy_value()
     return sig, codegen
 
@@ -146,13 +191,13 @@ def _slice(tag, mr, a, m0, starts, idx, val, j0, j1, offsets, o_off, t, t_off):
     if is_portable(tag):
         _steps_portable(mr, a, m0, starts, idx, val, j0, j1, t, t_off, BLOCK_COLS)
     elif mr == 4:
-        steps_s32(4, a, m0, starts, idx, val, j0, j1, offsets, o_off, t, t_off, BLOCK_COLS)
+        steps_s32(tag, 4, a, m0, starts, idx, val, j0, j1, offsets, o_off, t, t_off, BLOCK_COLS)
     elif mr == 3:
-        steps_s32(3, a, m0, starts, idx, val, j0, j1, offsets, o_off, t, t_off, BLOCK_COLS)
+        steps_s32(tag, 3, a, m0, starts, idx, val, j0, j1, offsets, o_off, t, t_off, BLOCK_COLS)
     elif mr == 2:
-        steps_s32(2, a, m0, starts, idx, val, j0, j1, offsets, o_off, t, t_off, BLOCK_COLS)
+        steps_s32(tag, 2, a, m0, starts, idx, val, j0, j1, offsets, o_off, t, t_off, BLOCK_COLS)
     else:
-        steps_s32(1, a, m0, starts, idx, val, j0, j1, offsets, o_off, t, t_off, BLOCK_COLS)
+        steps_s32(tag, 1, a, m0, starts, idx, val, j0, j1, offsets, o_off, t, t_off, BLOCK_COLS)
 
 
 @njit(inline="always")
@@ -263,7 +308,7 @@ def _quantized(tag, x, aq, a_scale, a_zp):
         quantize_tensor_into(x, a_scale, a_zp, a)
     else:
         quantize_rows_into(x, a, ascale, azp)
-    if not is_portable(tag):
+    if shifted_rows(tag):
         flat = a.reshape(-1)
         for i in range(flat.shape[0]):
             flat[i] ^= np.uint8(HIGH)
@@ -345,8 +390,10 @@ assert all(GEOMETRY[name][1] <= BLOCK_COLS for name in GEOMETRY)
 
 # --- numpy entry points --------------------------------------------------------------
 
-# below this many slot multiply-adds (steps * 32 * rows) a thread launch costs more than it saves
-PARALLEL_MIN_SLOTS = 1 << 15
+# below this many slot multiply-adds (steps * 32 * rows) a thread launch costs more than it
+# saves. Measured with VNNI steps, 2 threads against 1 (AMX Xeon): 168 K slots 8.6 / 7.9 us,
+# 258 K 9.6 / 10.1, 336 K 11.3 / 13.6 (1 x 2048 x 1024 at 90 %)
+PARALLEL_MIN_SLOTS = 1 << 18
 _NO_X = np.empty((0, 0), np.float32)
 _NO_U8 = np.empty((0, 0), np.uint8)
 _NO_Q = {name: _NO_U8 for name in TAGS}    # rows_call's empty quantized rows, per ISA

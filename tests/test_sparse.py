@@ -20,7 +20,11 @@ from fxopt.kernels.sparse_pack import STEP
 from fxopt.runtime import kernel_ops
 from fxopt.runtime.kernel_args import check_lowered
 
-ISAS = [isa for isa in ("avx2", "portable") if isa in K.available_isas()]
+# every step loop this CPU runs: vpdpbusd (the machine's own ISA where it has VNNI; the VNNI
+# ISAs share that loop), vpmaddubsw on shifted rows (avx2), plain loops (portable). Each
+# more ISA is a cold compile of the kernel (~45 s)
+ISAS = [isa for isa in ("amx_int8", "avx512_vnni", "avx_vnni", "avx2", "portable")
+        if isa in K.available_isas() and isa in (K.isa(), "avx2", "portable")]
 # the dense kernel's AMX blocks (K whole tiles of 64, at least 4 rows) stage a block's last
 # rows under 4 and column blocks under 64 wide; the sparse epilogue follows it there. Column
 # tails under 32: a tail of 32 to 63 is the AVX-512 half tile, within an ulp (sparse._epilogue)
