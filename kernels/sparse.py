@@ -18,13 +18,23 @@ row r of the slice. A window starts wherever the slice's rows have their next no
 (sparse_pack._pack), not on a grid of chunks: at 90 % random sparsity 1024 x 1024 that is
 5255 steps where chunks of 32 took 7668.
 
-On CPUs with VNNI (avx512_vnni, amx_int8, avx_vnni) a step is one ``vpdpbusd`` a row: the
-gathered uint8 activations times the int8 slots, four into each row's int32 lane, exact as
-they are. It waits ~5 cycles on its accumulator, so the loop keeps CHAINS of them (rows x
-sets of accumulators taken in turn): one chain ran a step in 1.2 ns, four in 0.75 ns.
+The wide layout (sparse_pack.WideSteps), on CPUs with AVX512-VBMI and VNNI (amx_int8 and
+avx512_vnni there): slices of 16 rows, 4 slots a row, windows of 64 k. A step is one
+``vpermb`` (the 64 slot indexes looked up in the 64 activation bytes from the step's start)
+and one 512-bit ``vpdpbusd`` a row. 1024 x 1024 at 90 %: 2183 steps of 64 slots (288 KB,
+74 % of the slots filled) where the 8-row layout takes 5255 of 32 (358 KB, 62 %); at M=1 the
+loop then streams its steps from L2 at about 1 ns a step (idx and val aligned on cache
+lines). PackedSparse keeps both layouts; artifacts hold only the 8-row one, and loading
+rebuilds the wide one.
 
-On AVX2, exactness whatever the weights: ``vpmaddubsw`` multiplies unsigned by signed bytes and adds
-pairs in saturating int16, so uint8 activations (<= 255) times int8 weights (|w| <= 127)
+On CPUs with VNNI and no VBMI (avx512_vnni on Cascade Lake, avx_vnni) a step of the 8-row
+layout is one ``vpdpbusd`` a row: the gathered uint8 activations times the int8 slots, four
+into each row's int32 lane, exact as they are. vpdpbusd waits ~5 cycles on its
+accumulator, so both VNNI loops keep CHAINS of them (rows x sets of accumulators taken in
+turn): one chain ran an 8-row step in 1.2 ns, four in 0.75 ns.
+
+On AVX2, exactness whatever the weights: ``vpmaddubsw`` multiplies unsigned by signed bytes
+and adds pairs in saturating int16, so uint8 activations (<= 255) times int8 weights (|w| <= 127)
 could saturate. The unsigned operand is |w| instead, and the signed one the activation
 shifted, a - 128 (the rows are stored xor 0x80), for w > 0, or its complement
 ~(a - 128) = 127 - a for w < 0 (an xor with the weight's sign): every pair is then at most
@@ -38,9 +48,9 @@ and so is everything after them: the same activation quantization (quantize.py) 
 same epilogue code (epilogue.py / simd.staged_f32, routed column by column as
 gemm._job_into routes them).
 
-Cost: steps of 68 bytes (1024 x 1024 at 90 %: 358 KB against 1 MB dense, for 104 K
+Cost: 8-row steps of 68 bytes (1024 x 1024 at 90 %: 358 KB against 1 MB dense, for 104 K
 nonzeros), 9 instructions each at M=1 with VNNI, 15 on AVX2 (the sign and |w| once a step
-for all rows).
+for all rows); wide steps of 132 bytes, 4 instructions and 4 loads each.
 Jobs are 64-column blocks (8 slices) x row groups of 4, each group size its own compiled
 variant; over Numba's pool (prange), each worker its own share of blocks first, then
 helping the others. The portable path runs the same layout with plain loops on the
@@ -62,18 +72,52 @@ from .linear import (_bias, bound_constants, call_arrays, epilogue_params, get_n
 from .quantize import quantize_rows_into, quantize_tensor_into
 from .rowops import IntrinsicArgs, borrowed, call_llvm
 from .simd import AMX_ISAS, BLOCK_COLS, GEOMETRY, TAGS, IsaType, is_portable, isa_geometry, staged_f32
-from .sparse_pack import (HIGH, SLICE, SLOTS, STEP, WINDOW, PackedSparse, density, pack_sparse_s8,  # noqa: F401
-                          unpack_sparse_s8)
+from .sparse_pack import (HIGH, SLICE, SLOTS, STEP, WIDE_HOST, WIDE_SLICE, WIDE_STEP, WIDE_WINDOW,  # noqa: F401
+                          PackedSparse, density, pack_sparse_s8, unpack_sparse_s8)
 
 KERNEL_VERSION = "sparse-8"
 ROWS = 4            # activation rows a job computes at once (they share the weight loads)
 VNNI_ISAS = ("amx_int8", "avx512_vnni", "avx_vnni")     # step loops on vpdpbusd (ymm)
 CHAINS = 4          # vpdpbusd accumulators a step loop keeps going (rows x sets)
+# the ISAs whose kernels run the wide layout (sparse_pack.WideSteps) on a CPU with AVX512-VBMI
+WIDE_ISAS = ("amx_int8", "avx512_vnni") if WIDE_HOST else ()
 
 _i8, _i16, _i32 = ir.IntType(8), ir.IntType(16), ir.IntType(32)
 
 
 # --- the step loop -------------------------------------------------------------------
+
+def _step_args(context, builder, sig, args, nrows):
+    """(args without the tag, the nrows activation row pointers from row m0, the starts,
+    idx and val pointers) of a step loop (tag, mr, a, m0, starts, idx, val, ...)."""
+    ar = IntrinsicArgs(context, builder, types.void(*sig.args[1:]), args[1:])
+    a = ar.array(1)
+    lda = builder.extract_value(a.strides, 0)
+    rows = [builder.gep(a.data, [builder.mul(builder.add(ar.int(2), ar.cst(r)), lda)]) for r in range(nrows)]
+    return ar, rows, (ar.array(3).data, ar.array(4).data, ar.array(5).data)
+
+
+def _chains(builder, cst, j0, j1, step, accs):
+    """step(j, accs[u]) for j = j0..j1-1, the accumulator sets taken in turn (u = (j - j0) % sets)."""
+    sets, count = len(accs), builder.sub(j1, j0)
+    rounds = builder.udiv(count, cst(sets))
+    with cgutils.for_range(builder, rounds) as loop:
+        j = builder.add(j0, builder.mul(loop.index, cst(sets)))
+        for u in range(sets):
+            step(builder.add(j, cst(u)), accs[u])
+    with cgutils.for_range(builder, builder.sub(count, builder.mul(rounds, cst(sets)))) as loop:
+        step(builder.add(j0, builder.add(builder.mul(rounds, cst(sets)), loop.index)), accs[0])
+
+
+def _store_sums(builder, cst, accs, t, t_off, ldt):
+    """Row r's sets summed into t[t_off + r * ldt ...] (int32 lanes, unaligned)."""
+    for r in range(len(accs[0])):
+        total = builder.load(accs[0][r])
+        for acc in accs[1:]:
+            total = builder.add(total, builder.load(acc[r]))
+        p = builder.gep(t, [builder.add(t_off, builder.mul(ldt, cst(r)))])
+        builder.store(total, builder.bitcast(p, total.type.as_pointer()), align=4)
+
 
 @intrinsic
 def shifted_rows(typingctx, tag):
@@ -101,12 +145,8 @@ def steps_s32(typingctx, tag, mr, a, m0, starts, idx, val, j0, j1, offsets, o_of
     vnni = tag.isa in VNNI_ISAS
 
     def codegen(context, builder, sig, args):
-        ar = IntrinsicArgs(context, builder, types.void(*sig.args[1:]), args[1:])   # without the tag
+        ar, rows, (st_p, ix_p, va_p) = _step_args(context, builder, sig, args, nrows)
         arr, num, cst, intp = ar.array, ar.int, ar.cst, ar.intp
-        a_st = arr(1)
-        lda = builder.extract_value(a_st.strides, 0)
-        rows = [builder.gep(a_st.data, [builder.mul(builder.add(num(2), cst(r)), lda)]) for r in range(nrows)]
-        st_p, ix_p, va_p = arr(3).data, arr(4).data, arr(5).data
         v32, v16, acc_ty = ir.VectorType(_i8, 32), ir.VectorType(_i16, 16), ir.VectorType(_i32, 8)
         ones = ir.Constant(v16, [1] * 16)
         flip = ir.Constant(v32, [HIGH - 256] * 32)
@@ -149,21 +189,59 @@ def steps_s32(typingctx, tag, mr, a, m0, starts, idx, val, j0, j1, offsets, o_of
                 p32 = call_llvm(builder, "llvm.x86.avx2.pmadd.wd", acc_ty, [p16, ones])
                 builder.store(builder.add(builder.load(acc[r]), p32), acc[r])
 
-        j0v, count = num(6), builder.sub(num(7), num(6))
-        rounds = builder.udiv(count, cst(sets))
-        with cgutils.for_range(builder, rounds) as loop:
-            j = builder.add(j0v, builder.mul(loop.index, cst(sets)))
-            for u in range(sets):
-                step(builder.add(j, cst(u)), accs[u])
-        with cgutils.for_range(builder, builder.sub(count, builder.mul(rounds, cst(sets)))) as loop:
-            step(builder.add(j0v, builder.add(builder.mul(rounds, cst(sets)), loop.index)), accs[0])
-        t_st = arr(10)
-        for r in range(nrows):
-            total = builder.load(accs[0][r])
-            for u in range(1, sets):
-                total = builder.add(total, builder.load(accs[u][r]))
-            off = builder.add(num(11), builder.mul(num(12), cst(r)))
-            builder.store(total, builder.bitcast(builder.gep(t_st.data, [off]), acc_ty.as_pointer()), align=4)
+        _chains(builder, cst, num(6), num(7), step, accs)
+        _store_sums(builder, cst, accs, arr(10).data, num(11), num(12))
+        return context.get_dummy_value()
+    return sig, codegen
+
+
+@intrinsic
+def wide_isa(typingctx, tag):
+    """Whether the tag's kernels run the wide layout (where the packer made one)."""
+    if not isinstance(tag, IsaType):
+        return None
+    flag = tag.isa in WIDE_ISAS
+
+    def codegen(context, builder, sig, args):
+        return context.get_constant(types.boolean, flag)
+    return types.boolean(tag), codegen
+
+
+@intrinsic(prefer_literal=True)
+def steps_wide(typingctx, tag, mr, a, m0, starts, idx, val, j0, j1, t, t_off, ldt):
+    """steps_s32 for the wide layout (sparse_pack.WideSteps): a step's 64 slots are 16 rows
+    of 4; a vpermb looks them up in the 64 bytes of an activation row from the step's start,
+    and one 512-bit vpdpbusd adds them into the 16 rows' int32 lanes. Compiles to nothing
+    for a tag without the wide layout (its callers never get there)."""
+    if not isinstance(tag, IsaType) or not isinstance(mr, types.IntegerLiteral) or not isinstance(a, types.Array):
+        return None
+    sig = types.void(tag, mr, a, m0, starts, idx, val, j0, j1, t, t_off, ldt)
+    nrows = mr.literal_value
+    emit = tag.isa in WIDE_ISAS
+
+    def codegen(context, builder, sig, args):
+        if not emit:
+            return context.get_dummy_value()
+        ar, rows, (st_p, ix_p, va_p) = _step_args(context, builder, sig, args, nrows)
+        arr, num, cst, intp = ar.array, ar.int, ar.cst, ar.intp
+        v64, acc_ty = ir.VectorType(_i8, 64), ir.VectorType(_i32, 16)
+        sets = max(1, CHAINS // nrows)
+        accs = [[cgutils.alloca_once_value(builder, ir.Constant(acc_ty, None)) for _ in range(nrows)]
+                for _ in range(sets)]
+
+        def step(j, acc):
+            k0 = builder.sext(builder.load(builder.gep(st_p, [j])), intp)
+            o = builder.mul(j, cst(WIDE_STEP))
+            iv = builder.load(builder.bitcast(builder.gep(ix_p, [o]), v64.as_pointer()), align=1)
+            vv = builder.load(builder.bitcast(builder.gep(va_p, [o]), v64.as_pointer()), align=1)
+            for r in range(nrows):
+                xw = builder.load(builder.bitcast(builder.gep(rows[r], [k0]), v64.as_pointer()), align=1)
+                g = call_llvm(builder, "llvm.x86.avx512.permvar.qi.512", v64, [xw, iv])
+                builder.store(call_llvm(builder, "llvm.x86.avx512.vpdpbusd.512", acc_ty, [builder.load(acc[r]), g, vv]),
+                              acc[r])
+
+        _chains(builder, cst, num(6), num(7), step, accs)
+        _store_sums(builder, cst, accs, arr(8).data, num(9), num(10))
         return context.get_dummy_value()
     return sig, codegen
 
@@ -198,6 +276,18 @@ def _slice(tag, mr, a, m0, starts, idx, val, j0, j1, offsets, o_off, t, t_off):
         steps_s32(tag, 2, a, m0, starts, idx, val, j0, j1, offsets, o_off, t, t_off, BLOCK_COLS)
     else:
         steps_s32(tag, 1, a, m0, starts, idx, val, j0, j1, offsets, o_off, t, t_off, BLOCK_COLS)
+
+
+@njit(inline="always")
+def _slice_wide(tag, mr, a, m0, starts, idx, val, j0, j1, t, t_off):
+    if mr == 4:
+        steps_wide(tag, 4, a, m0, starts, idx, val, j0, j1, t, t_off, BLOCK_COLS)
+    elif mr == 3:
+        steps_wide(tag, 3, a, m0, starts, idx, val, j0, j1, t, t_off, BLOCK_COLS)
+    elif mr == 2:
+        steps_wide(tag, 2, a, m0, starts, idx, val, j0, j1, t, t_off, BLOCK_COLS)
+    else:
+        steps_wide(tag, 1, a, m0, starts, idx, val, j0, j1, t, t_off, BLOCK_COLS)
 
 
 @njit(inline="always")
@@ -252,44 +342,50 @@ def _epilogue(tag, mr, m0, n0, ncols, colsum, ascale, azp, wscale, bias, res, ep
 
 
 @njit(inline="always")
-def _rows(tag, mr, m0, s0, s1, n0, ncols, a, slice_ptr, starts, idx, val, offsets, colsum, ascale, azp, wscale,
+def _rows(tag, mr, m0, nb, n0, ncols, a, slice_ptr, starts, idx, val, offsets, wide, colsum, ascale, azp, wscale,
           bias, res, ep, out, t, y, amx_m):
     """Rows m0..m0+mr-1 (mr a literal: no branch on it left, which at M=1 saved 4.5 us a
-    1024-column call) of slices s0..s1-1 (output columns n0..n0+ncols-1)."""
-    for s in range(s0, s1):
-        _slice(tag, mr, a, m0, starts, idx, val, slice_ptr[s], slice_ptr[s + 1], offsets, s * SLICE, t,
-               (s - s0) * SLICE)
+    1024-column call) of column block nb (output columns n0..n0+ncols-1): its slices in
+    the wide layout where the tag runs it and the packer made it, else in the 8-row one."""
+    wptr, wstarts, widx, wval = wide
+    if wide_isa(tag) and wptr.shape[0] > 0:
+        s0 = nb * (BLOCK_COLS // WIDE_SLICE)
+        for s in range(s0, min(wptr.shape[0] - 1, s0 + BLOCK_COLS // WIDE_SLICE)):
+            _slice_wide(tag, mr, a, m0, wstarts, widx, wval, wptr[s], wptr[s + 1], t, (s - s0) * WIDE_SLICE)
+    else:
+        s0 = nb * (BLOCK_COLS // SLICE)
+        for s in range(s0, min(slice_ptr.shape[0] - 1, s0 + BLOCK_COLS // SLICE)):
+            _slice(tag, mr, a, m0, starts, idx, val, slice_ptr[s], slice_ptr[s + 1], offsets, s * SLICE, t,
+                   (s - s0) * SLICE)
     _epilogue(tag, mr, m0, n0, ncols, colsum, ascale, azp, wscale, bias, res, ep, out, t, y, amx_m)
 
 
 @njit(inline="always")
-def _block(tag, nb, a, slice_ptr, starts, idx, val, offsets, colsum, ascale, azp, wscale, bias, res, ep, out, t, y,
-           amx_m):
-    """Output columns of block nb (8 slices) for every row of a, ROWS rows at a time."""
+def _block(tag, nb, a, slice_ptr, starts, idx, val, offsets, wide, colsum, ascale, azp, wscale, bias, res, ep, out,
+           t, y, amx_m):
+    """Output columns of block nb (8 slices, or 4 wide ones) for every row of a, ROWS rows at a time."""
     m, n = a.shape[0], out.shape[1]
     n0 = nb * BLOCK_COLS
     ncols = min(BLOCK_COLS, n - n0)
-    s0 = nb * (BLOCK_COLS // SLICE)
-    s1 = min(slice_ptr.shape[0] - 1, s0 + BLOCK_COLS // SLICE)
     for m0 in range(0, m - ROWS + 1, ROWS):
-        _rows(tag, 4, m0, s0, s1, n0, ncols, a, slice_ptr, starts, idx, val, offsets, colsum, ascale, azp, wscale,
+        _rows(tag, 4, m0, nb, n0, ncols, a, slice_ptr, starts, idx, val, offsets, wide, colsum, ascale, azp, wscale,
               bias, res, ep, out, t, y, amx_m)
     m0 = m - m % ROWS
     if m % ROWS == 3:
-        _rows(tag, 3, m0, s0, s1, n0, ncols, a, slice_ptr, starts, idx, val, offsets, colsum, ascale, azp, wscale,
+        _rows(tag, 3, m0, nb, n0, ncols, a, slice_ptr, starts, idx, val, offsets, wide, colsum, ascale, azp, wscale,
               bias, res, ep, out, t, y, amx_m)
     elif m % ROWS == 2:
-        _rows(tag, 2, m0, s0, s1, n0, ncols, a, slice_ptr, starts, idx, val, offsets, colsum, ascale, azp, wscale,
+        _rows(tag, 2, m0, nb, n0, ncols, a, slice_ptr, starts, idx, val, offsets, wide, colsum, ascale, azp, wscale,
               bias, res, ep, out, t, y, amx_m)
     elif m % ROWS == 1:
-        _rows(tag, 1, m0, s0, s1, n0, ncols, a, slice_ptr, starts, idx, val, offsets, colsum, ascale, azp, wscale,
+        _rows(tag, 1, m0, nb, n0, ncols, a, slice_ptr, starts, idx, val, offsets, wide, colsum, ascale, azp, wscale,
               bias, res, ep, out, t, y, amx_m)
 
 
 @njit
 def _quantized(tag, x, aq, a_scale, a_zp):
     """(rows, scales, zero points): the activation rows as the kernel reads them, uint8, each
-    padded by a window (a step's window may reach past K, onto zero weights), and their
+    padded by a wide window (a step's window may reach past K, onto zero weights), and their
     per-row scales. From float x per row (a_scale 0) or with the static (a_scale, a_zp), as
     the dense kernel does; uint8 aq as given. The SIMD path reads a ^ 0x80 = a - 128 as
     int8 (steps_s32: why), flipped here once per call.
@@ -298,7 +394,7 @@ def _quantized(tag, x, aq, a_scale, a_zp):
     thread against 24 serial)."""
     m = x.shape[0] if x.shape[1] > 0 else aq.shape[0]
     k = x.shape[1] if x.shape[1] > 0 else aq.shape[1]
-    a = np.zeros((m, (k + WINDOW + 15) // 16 * 16), np.uint8)
+    a = np.zeros((m, (k + WIDE_WINDOW + 15) // 16 * 16), np.uint8)
     ascale, azp = np.full(m, a_scale, np.float32), np.full(m, a_zp, np.int32)
     if x.shape[1] == 0:
         for i in range(m):
@@ -316,8 +412,8 @@ def _quantized(tag, x, aq, a_scale, a_zp):
 
 
 @njit
-def _worker(tag, w, threads, nxt, nblocks, a, slice_ptr, starts, idx, val, offsets, colsum, ascale, azp, wscale, bias,
-            res, ep, out, t, y, amx_m):
+def _worker(tag, w, threads, nxt, nblocks, a, slice_ptr, starts, idx, val, offsets, wide, colsum, ascale, azp, wscale,
+            bias, res, ep, out, t, y, amx_m):
     """Worker w's share of the column blocks (the same blocks call after call, so their
     weights stay in its core's L2), then what is left of the others' (taken from the same
     atomic counters, as gemm._worker does): a worker the OS delays holds up nobody.
@@ -329,6 +425,7 @@ def _worker(tag, w, threads, nxt, nblocks, a, slice_ptr, starts, idx, val, offse
     # call at M=1 and 99.9 % sparsity (9.4 -> 5.4 us on one thread; perf: NRT_incref/decref).
     a, slice_ptr, starts, idx, val = borrowed(a), borrowed(slice_ptr), borrowed(starts), borrowed(idx), borrowed(val)
     offsets, colsum, ascale, azp = borrowed(offsets), borrowed(colsum), borrowed(ascale), borrowed(azp)
+    wide = (borrowed(wide[0]), borrowed(wide[1]), borrowed(wide[2]), borrowed(wide[3]))
     wscale, bias, res, ep, out = borrowed(wscale), borrowed(bias), borrowed(res), borrowed(ep), borrowed(out)
     t, y = borrowed(t), borrowed(y)
     for v in range(threads):
@@ -338,8 +435,8 @@ def _worker(tag, w, threads, nxt, nblocks, a, slice_ptr, starts, idx, val, offse
             nb = _count_add(nxt, owner * _COUNTER_STRIDE, 1)
             if nb >= hi:
                 break
-            _block(tag, nb, a, slice_ptr, starts, idx, val, offsets, colsum, ascale, azp, wscale, bias, res, ep, out, t,
-                   y, amx_m)
+            _block(tag, nb, a, slice_ptr, starts, idx, val, offsets, wide, colsum, ascale, azp, wscale, bias, res, ep,
+                   out, t, y, amx_m)
 
 
 def _dense_amx_rows(tag, m, k):
@@ -364,23 +461,27 @@ def _dense_amx_rows_impl(tag, m, k):
 def _entries(tag):
     """Serial and threaded entries of one ISA (a compile-time tag, as gemm._entries)."""
     @njit(cache=CACHE)
-    def serial(x, aq, a_scale, a_zp, slice_ptr, starts, idx, val, offsets, colsum, wscale, bias, res, ep, out, threads):
+    def serial(x, aq, a_scale, a_zp, slice_ptr, starts, idx, val, offsets, wptr, wstarts, widx, wval, colsum, wscale,
+               bias, res, ep, out, threads):
+        wide = (wptr, wstarts, widx, wval)
         a, ascale, azp = _quantized(tag, x, aq, a_scale, a_zp)
         nblocks = (out.shape[1] + BLOCK_COLS - 1) // BLOCK_COLS
         t, y = np.empty(ROWS * BLOCK_COLS, np.int32), np.empty((ROWS, BLOCK_COLS), np.float32)
-        _worker(tag, 0, 1, _starts(nblocks, 1), nblocks, a, slice_ptr, starts, idx, val, offsets, colsum, ascale, azp,
-                wscale, bias, res, ep, out, t, y, _dense_amx_rows(tag, out.shape[0], max(x.shape[1], aq.shape[1])))
+        _worker(tag, 0, 1, _starts(nblocks, 1), nblocks, a, slice_ptr, starts, idx, val, offsets, wide, colsum, ascale,
+                azp, wscale, bias, res, ep, out, t, y, _dense_amx_rows(tag, out.shape[0], max(x.shape[1], aq.shape[1])))
 
     @njit(cache=CACHE, parallel=True)
-    def parallel(x, aq, a_scale, a_zp, slice_ptr, starts, idx, val, offsets, colsum, wscale, bias, res, ep, out, threads):
+    def parallel(x, aq, a_scale, a_zp, slice_ptr, starts, idx, val, offsets, wptr, wstarts, widx, wval, colsum,
+                 wscale, bias, res, ep, out, threads):
+        wide = (wptr, wstarts, widx, wval)
         a, ascale, azp = _quantized(tag, x, aq, a_scale, a_zp)
         nblocks = (out.shape[1] + BLOCK_COLS - 1) // BLOCK_COLS
         nxt = _starts(nblocks, threads)
         amx_m = _dense_amx_rows(tag, out.shape[0], max(x.shape[1], aq.shape[1]))
         for w in prange(threads):
             t, y = np.empty(ROWS * BLOCK_COLS, np.int32), np.empty((ROWS, BLOCK_COLS), np.float32)
-            _worker(tag, w, threads, nxt, nblocks, a, slice_ptr, starts, idx, val, offsets, colsum, ascale, azp, wscale,
-                    bias, res, ep, out, t, y, amx_m)
+            _worker(tag, w, threads, nxt, nblocks, a, slice_ptr, starts, idx, val, offsets, wide, colsum, ascale, azp,
+                    wscale, bias, res, ep, out, t, y, amx_m)
     return serial, parallel
 
 
@@ -390,10 +491,12 @@ assert all(GEOMETRY[name][1] <= BLOCK_COLS for name in GEOMETRY)
 
 # --- numpy entry points --------------------------------------------------------------
 
-# below this many slot multiply-adds (steps * 32 * rows) a thread launch costs more than it
-# saves. Measured with VNNI steps, 2 threads against 1 (AMX Xeon): 168 K slots 8.6 / 7.9 us,
-# 258 K 9.6 / 10.1, 336 K 11.3 / 13.6 (1 x 2048 x 1024 at 90 %)
-PARALLEL_MIN_SLOTS = 1 << 18
+# below this many slot multiply-adds (steps * 32 * rows, in the 8-row layout whichever runs)
+# a thread launch costs more than it saves. 2 threads against 1, rows() calls, AMX Xeon:
+# 8-row VNNI steps: 168 K slots 8.6 / 7.9 us, 258 K 9.6 / 10.1, 336 K 11.3 / 13.6;
+# wide steps: 336 K 9.6 / 9.1 (1 x 2048 x 1024 at 90 %), 668 K 12.4 / 14.1 (1 x 2048 x 2048),
+# 673 K 10.9 / 9.4 (4 x 1024 x 1024)
+PARALLEL_MIN_SLOTS = 1 << 19
 _NO_X = np.empty((0, 0), np.float32)
 _NO_U8 = np.empty((0, 0), np.uint8)
 _NO_Q = {name: _NO_U8 for name in TAGS}    # rows_call's empty quantized rows, per ISA
@@ -412,11 +515,11 @@ def _run(ps, x, aq, a_scale, a_zp, bias, res, ep, out, n_threads):
     threads = n_threads or get_num_threads()
     rows = x.shape[0] if x.shape[1] else aq.shape[0]
     if threads > 1 and ps.starts.shape[0] * STEP * rows >= PARALLEL_MIN_SLOTS:
-        parallel(x, aq, a_scale, a_zp, ps.slice_ptr, ps.starts, ps.idx, ps.val, ps.offsets, ps.col_sums, ps.scales, bias,
-                 res, ep, out, threads)
+        parallel(x, aq, a_scale, a_zp, ps.slice_ptr, ps.starts, ps.idx, ps.val, ps.offsets, *ps.wide, ps.col_sums,
+                 ps.scales, bias, res, ep, out, threads)
     else:
-        serial(x, aq, a_scale, a_zp, ps.slice_ptr, ps.starts, ps.idx, ps.val, ps.offsets, ps.col_sums, ps.scales, bias,
-               res, ep, out, 1)
+        serial(x, aq, a_scale, a_zp, ps.slice_ptr, ps.starts, ps.idx, ps.val, ps.offsets, *ps.wide, ps.col_sums,
+               ps.scales, bias, res, ep, out, 1)
     return out
 
 
@@ -472,6 +575,6 @@ def bind_linear_sparse(ps, bias=None, act="none", act_args=(), a_scale=0.0, a_ze
         xf, aq, out, res = call_arrays("bind_linear_sparse", x, k, n, static, chained_out, out_dtype, out, residual)
         return _run(ps, xf, aq, scale, zero_point, b, res, ep, out, n_threads)
     call.rows = rows_call(call, k, n, out_dtype, ps.starts.shape[0] * STEP, PARALLEL_MIN_SLOTS, ENTRIES, _NO_Q,
-                          (scale, zero_point, ps.slice_ptr, ps.starts, ps.idx, ps.val, ps.offsets, ps.col_sums,
-                           ps.scales, b, _NO_X, ep))
+                          (scale, zero_point, ps.slice_ptr, ps.starts, ps.idx, ps.val, ps.offsets, *ps.wide,
+                           ps.col_sums, ps.scales, b, _NO_X, ep))
     return call

@@ -12,7 +12,8 @@ import numpy as np
 from numba import njit
 
 from ._cache import CACHE  # package-wide cache locators, before any @njit(cache=CACHE)
-from .dispatch import KernelError
+from .dispatch import KernelError, host_features
+from .pack import aligned_empty
 
 KERNEL_VERSION = "sparse-pack-2"
 SLICE = 8           # output rows per slice (int32 lanes of a ymm)
@@ -20,6 +21,13 @@ SLOTS = 4           # byte slots per row and step
 WINDOW = 32         # k a step can reach from its start: two vpshufb tables of 16
 HIGH = 0x80         # slot index byte: (k - start) & 15, plus HIGH for the window's second 16
 STEP = SLICE * SLOTS
+# the wide layout (sparse.py: CPUs with AVX512-VBMI): slices of 16 rows, 4 slots a row, a
+# window of 64 k that one vpermb looks up, slot index k - start; 64-byte steps
+WIDE_SLICE = 16
+WIDE_WINDOW = 64
+WIDE_STEP = WIDE_SLICE * SLOTS
+# whether this CPU runs the wide layout's step loop (vpermb and the 512-bit vpdpbusd)
+WIDE_HOST = {"avx512vbmi", "avx512vnni", "avx512bw"} <= host_features()
 # the blob's first 4 bytes: a layout of another version (sparse-pack-1 began with a zero
 # int32, and read its chunk numbers as chunks of 32) is refused, not misread
 MAGIC = np.frombuffer(b"SPK2", np.uint8)
@@ -34,20 +42,22 @@ def _next_nonzero(q, row, k):
 
 
 @njit(cache=CACHE)
-def _pack(q, slice_ptr, starts, idx, val, fill):
+def _pack(q, slice_ptr, starts, idx, val, fill, slice_rows, window, wide):
     """Count the steps (fill False: slice_ptr only) or write them (fill True; idx and val
     zeroed beforehand). A slice's rows walk their nonzeros in k order together; each step's
     window starts at the lowest k any row has left, and every row puts up to SLOTS of its
     nonzeros inside the window in its slots: a row with few nonzeros near that k costs empty
     slots, but no step waits on a fixed chunk grid (31 % fewer steps than chunks of 32 at
-    90 % random sparsity)."""
+    90 % random sparsity). slice_rows, window: SLICE and WINDOW, or the wide layout's
+    (wide True: slot index k - start)."""
     n, k = q.shape
-    nxt = np.empty(SLICE, np.int64)
+    nxt = np.empty(slice_rows, np.int64)
+    step = slice_rows * SLOTS
     j = 0
-    for s in range((n + SLICE - 1) // SLICE):
+    for s in range((n + slice_rows - 1) // slice_rows):
         slice_ptr[s] = j
-        r0 = s * SLICE
-        rows = min(SLICE, n - r0)
+        r0 = s * slice_rows
+        rows = min(slice_rows, n - r0)
         for r in range(rows):
             nxt[r] = _next_nonzero(q, r0 + r, 0)
         while True:
@@ -60,17 +70,49 @@ def _pack(q, slice_ptr, starts, idx, val, fill):
                 starts[j] = k0
             for r in range(rows):
                 kk, b = nxt[r], 0
-                while kk < k0 + WINDOW and kk < k and b < SLOTS:
+                while kk < k0 + window and kk < k and b < SLOTS:
                     if fill:
-                        o = j * STEP + r * SLOTS + b
-                        idx[o] = (kk - k0) % 16 + HIGH * ((kk - k0) // 16)
+                        o = j * step + r * SLOTS + b
+                        idx[o] = kk - k0 if wide else (kk - k0) % 16 + HIGH * ((kk - k0) // 16)
                         val[o] = q[r0 + r, kk]
                     b += 1
                     kk = _next_nonzero(q, r0 + r, kk + 1)
                 nxt[r] = kk
             j += 1
-    slice_ptr[(n + SLICE - 1) // SLICE] = j
+    slice_ptr[(n + slice_rows - 1) // slice_rows] = j
     return j
+
+
+class WideSteps(NamedTuple):
+    """The wide layout of the same weights (empty arrays where the CPU lacks AVX512-VBMI)."""
+    slice_ptr: np.ndarray   # int32 (ceil(N/16) + 1,)
+    starts: np.ndarray      # int32 (steps,)
+    idx: np.ndarray         # uint8 (steps * 64,): k - start
+    val: np.ndarray         # int8 (steps * 64,)
+
+
+NO_WIDE = WideSteps(np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(0, np.uint8), np.zeros(0, np.int8))
+
+
+def _layout(q, slice_rows, window, wide):
+    """(slice_ptr, starts, idx, val) of int8 weights q in one of the two layouts."""
+    slice_ptr = np.zeros((q.shape[0] + slice_rows - 1) // slice_rows + 1, np.int32)
+    none = (np.empty(0, np.int32), np.empty(0, np.uint8), np.empty(0, np.int8))
+    steps = _pack(q, slice_ptr, *none, False, slice_rows, window, wide)
+    step = slice_rows * SLOTS
+    # steps on cache lines: the wide loop's 64-byte loads split in two otherwise (1.35 -> 1.05 ns a step)
+    starts = np.empty(steps, np.int32)
+    idx, val = aligned_empty(steps * step, np.uint8), aligned_empty(steps * step, np.int8)
+    idx[:], val[:] = 0, 0
+    _pack(q, slice_ptr, starts, idx, val, True, slice_rows, window, wide)
+    return slice_ptr, starts, idx, val
+
+
+def wide_steps(q):
+    """WideSteps of int8 weights q (N, K), or NO_WIDE where the kernels cannot run them."""
+    if not WIDE_HOST:
+        return NO_WIDE
+    return WideSteps(*_layout(np.ascontiguousarray(q), WIDE_SLICE, WIDE_WINDOW, True))
 
 
 class PackedSparse(NamedTuple):
@@ -86,6 +128,7 @@ class PackedSparse(NamedTuple):
     n: int
     k: int
     offsets: np.ndarray     # int32 (ceil(N/8) * 8,): 128 * (row's sum) - (sum of its negative weights)
+    wide: WideSteps = NO_WIDE   # the same weights in the wide layout (not saved: rebuilt on load)
 
     @property
     def steps(self):
@@ -93,6 +136,7 @@ class PackedSparse(NamedTuple):
 
     @property
     def nbytes(self):
+        """Bytes of the saved layout (the wide one is rebuilt on load)."""
         return self.slice_ptr.nbytes + self.starts.nbytes + self.idx.nbytes + self.val.nbytes
 
     def to_bytes(self):
@@ -102,9 +146,10 @@ class PackedSparse(NamedTuple):
                                self.val.view(np.uint8)])
 
     @classmethod
-    def from_bytes(cls, blob, scales, col_sums, n, k):
+    def from_bytes(cls, blob, scales, col_sums, n, k, wide=True):
         """Inverse of to_bytes, checked: the kernel reads only inside its arrays whatever
-        the blob (a corrupt file is a KernelError, not a wild read)."""
+        the blob (a corrupt file is a KernelError, not a wild read). wide False: without
+        the wide layout (for a check or an unpack, not for the kernel)."""
         n, k = int(n), int(k)
         if n < 1 or k < 1:
             raise KernelError(f"sparse weights need N >= 1 and K >= 1, got N={n}, K={k}")
@@ -134,8 +179,9 @@ class PackedSparse(NamedTuple):
             raise KernelError(f"scales and col_sums must have shape ({n},), got {scales.shape} and "
                               f"{col_sums.shape}")
         col_sums = np.ascontiguousarray(col_sums, np.int32)
-        return cls(slice_ptr, starts, idx, val, np.ascontiguousarray(scales, np.float32), col_sums, n, k,
-                   _offsets(slice_ptr, val, n))
+        ps = cls(slice_ptr, starts, idx, val, np.ascontiguousarray(scales, np.float32), col_sums, n, k,
+                 _offsets(slice_ptr, val, n))
+        return ps._replace(wide=wide_steps(unpack_sparse_s8(ps))) if wide and WIDE_HOST else ps
 
 
 def _offsets(slice_ptr, val, n):
@@ -171,20 +217,18 @@ def pack_sparse_s8(q, scales):
     n, k = q.shape
     if n == 0 or k == 0:
         raise KernelError(f"weights must be non-empty, got shape {q.shape}")
-    if k > np.iinfo(np.int32).max - WINDOW:
-        raise KernelError(f"weights with K={k} columns: the sparse layout takes K < 2**31 - {WINDOW}")
+    if k > np.iinfo(np.int32).max - WIDE_WINDOW:
+        raise KernelError(f"weights with K={k} columns: the sparse layout takes K < 2**31 - {WIDE_WINDOW}")
     if q.min() < -127:
         raise KernelError("int8 weights must be in [-127, 127] (quantize_weights_s8's range), got -128")
     scales = np.ascontiguousarray(scales, np.float32).reshape(-1)
     if scales.shape != (n,):
         raise KernelError(f"need one scale per output channel ({n}), got {scales.shape}")
     q = np.ascontiguousarray(q)
-    slice_ptr = np.zeros(slices(n) + 1, np.int32)
-    steps = _pack(q, slice_ptr, np.empty(0, np.int32), np.empty(0, np.uint8), np.empty(0, np.int8), False)
-    starts, idx, val = np.empty(steps, np.int32), np.zeros(steps * STEP, np.uint8), np.zeros(steps * STEP, np.int8)
-    _pack(q, slice_ptr, starts, idx, val, True)
+    slice_ptr, starts, idx, val = _layout(q, SLICE, WINDOW, False)
     col_sums = q.sum(axis=1, dtype=np.int64).astype(np.int32)
-    return PackedSparse(slice_ptr, starts, idx, val, scales, col_sums, n, k, _offsets(slice_ptr, val, n))
+    return PackedSparse(slice_ptr, starts, idx, val, scales, col_sums, n, k, _offsets(slice_ptr, val, n),
+                        wide_steps(q))
 
 
 def unpack_sparse_s8(ps):

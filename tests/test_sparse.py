@@ -16,13 +16,14 @@ from fxopt.core.errors import ArtifactError
 from fxopt.kernels import api as K
 from fxopt.kernels import reference as R
 from fxopt.kernels import sparse as S
-from fxopt.kernels.sparse_pack import STEP
+from fxopt.kernels.sparse_pack import NO_WIDE, SLOTS, STEP, WIDE_SLICE, WIDE_STEP
 from fxopt.runtime import kernel_ops
 from fxopt.runtime.kernel_args import check_lowered
 
-# every step loop this CPU runs: vpdpbusd (the machine's own ISA where it has VNNI; the VNNI
-# ISAs share that loop), vpmaddubsw on shifted rows (avx2), plain loops (portable). Each
-# more ISA is a cold compile of the kernel (~45 s)
+# the step loops this CPU runs: the machine's own ISA (with AVX512-VBMI the wide layout's
+# vpermb + 512-bit vpdpbusd; the 8-row layout's 256-bit vpdpbusd in
+# test_the_wide_layout_holds_the_weights_and_runs, and without VBMI here), vpmaddubsw on
+# shifted rows (avx2), plain loops (portable). Each more ISA is a cold compile (~45 s)
 ISAS = [isa for isa in ("amx_int8", "avx512_vnni", "avx_vnni", "avx2", "portable")
         if isa in K.available_isas() and isa in (K.isa(), "avx2", "portable")]
 # the dense kernel's AMX blocks (K whole tiles of 64, at least 4 rows) stage a block's last
@@ -155,7 +156,8 @@ def test_a_corrupt_layout_is_refused_not_read():
     ps = K.pack_sparse_s8(q, s)
     blob = ps.to_bytes()
     again = K.PackedSparse.from_bytes(blob, ps.scales, ps.col_sums, 16, 40)
-    assert all(np.array_equal(a, b) for a, b in zip(again, ps))
+    assert all(np.array_equal(a, b) for a, b in zip(again[:-1], ps[:-1]))
+    assert all(np.array_equal(a, b) for a, b in zip(again.wide, ps.wide))
     bad_start = blob.copy()
     bad_start[4 + 4 * 3:4 + 4 * 3 + 4] = 255            # the first step's start: -1
     bad_idx = blob.copy()
@@ -209,6 +211,33 @@ def test_unpack_gives_back_the_packed_matrix(m, n, k, density):
     np.testing.assert_array_equal(K.unpack_sparse_s8(K.pack_sparse_s8(q2, np.ones(70, np.float32))), q2)
     with pytest.raises(K.KernelError, match="PackedSparse"):
         K.unpack_sparse_s8(K.pack_weights_s8(q, s))
+
+
+def _wide_matrix(wide, n, k):
+    """The int8 (n, k) matrix a WideSteps holds (its slot index is k - start), in numpy."""
+    q = np.zeros(((n + WIDE_SLICE - 1) // WIDE_SLICE * WIDE_SLICE, k + 64), np.int8)
+    rows = np.repeat(np.arange(wide.slice_ptr.shape[0] - 1) * WIDE_SLICE, np.diff(wide.slice_ptr))
+    o = np.flatnonzero(wide.val)
+    step = o // WIDE_STEP
+    q[rows[step] + o % WIDE_STEP // SLOTS, wide.starts[step] + wide.idx[o]] = wide.val[o]
+    return q[:n, :k], q
+
+
+@pytest.mark.skipif(not S.WIDE_HOST, reason="the wide layout needs AVX512-VBMI and VNNI")
+@pytest.mark.parametrize("m,n,k,density", SHAPES)
+def test_the_wide_layout_holds_the_weights_and_runs(m, n, k, density):
+    q, s = sparse_weights(np.random.default_rng(n + k + 1), n, k, density)
+    ps = K.pack_sparse_s8(q, s)
+    for packed in (ps, K.PackedSparse.from_bytes(ps.to_bytes(), ps.scales, ps.col_sums, n, k)):
+        got, whole = _wide_matrix(packed.wide, n, k)
+        np.testing.assert_array_equal(got, q)
+        assert not whole[n:].any() and not whole[:, k:].any()     # nothing past the matrix
+        assert packed.wide.idx.ctypes.data % 64 == 0 and packed.wide.val.ctypes.data % 64 == 0
+    assert not K.PackedSparse.from_bytes(ps.to_bytes(), ps.scales, ps.col_sums, n, k, wide=False).wide.starts.size
+    a = np.random.default_rng(m).integers(0, 256, (m, k), dtype=np.uint8)
+    assert K.isa() in S.WIDE_ISAS    # the wide loop, and without the wide layout the 8-row one (256-bit vpdpbusd)
+    np.testing.assert_array_equal(K.gemm_sparse_s32(a, ps), R.gemm_u8s8_s32(a, q))
+    np.testing.assert_array_equal(K.gemm_sparse_s32(a, ps._replace(wide=NO_WIDE)), R.gemm_u8s8_s32(a, q))
 
 
 # --- through optimize ------------------------------------------------------------------

@@ -75,7 +75,7 @@ def matrices(packed: torch.Tensor, n: int, k: int, groups: int, kind: str = "lin
     """The int8 matrix of every group of one packed weight (kind: see layout)."""
     data = packed.detach().numpy()
     if kind == "sparse":
-        ps = PackedSparse.from_bytes(data, np.ones(n, np.float32), np.zeros(n, np.int32), n, k)
+        ps = PackedSparse.from_bytes(data, np.ones(n, np.float32), np.zeros(n, np.int32), n, k, wide=False)
         return [unpack_sparse_s8(ps)]
     flat = data.reshape(groups, -1)
     return [unpack_matrix(flat[g], n, k) for g in range(groups)]

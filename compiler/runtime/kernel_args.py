@@ -54,7 +54,7 @@ def check_sparse_linear(packed, w_scale, col_sums, b, n, k) -> None:
         raise BadKernelArgs(f"packed must be a contiguous 1-D uint8 tensor (the sparse layout), got {_show(packed)}")
     _per_channel(n, w_scale, col_sums, b)
     try:
-        PackedSparse.from_bytes(packed.numpy(), w_scale.numpy(), col_sums.numpy(), n, k)
+        PackedSparse.from_bytes(packed.numpy(), w_scale.numpy(), col_sums.numpy(), n, k, wide=False)
     except KernelError as e:
         raise BadKernelArgs(str(e)) from None
 
