@@ -548,6 +548,7 @@ def test_aliasing_row_strides_are_repacked_exactly():
     # K = 1024: rows 4 KiB apart every 4 rows would share an L1 set
     assert L.rows_share_l1_set(1024) and L.rows_share_l1_set(4096)
     assert not L.rows_share_l1_set(1088)
+    assert not any(L.rows_share_l1_set(k) for k in (16, 24, 32, 48))     # rows sharing lines: read in place
     a, w = _operands(np.random.default_rng(15), 9, 1024, 64)
     np.testing.assert_array_equal(K.gemm_u8s8_s32(a, _pack(w)), R.gemm_u8s8_s32(a, w))
     x, q, s, b = _float_case(np.random.default_rng(16), 9, 1024, 64)
