@@ -23,26 +23,34 @@ from . import amx
 from .rowops import borrowed, call_llvm, prefetch
 from .quantize import quantize_rows_range
 from .simd import (A_DTYPES, AMX_ISAS, BLOCK_COLS, GEOMETRY, GROUP_BYTES, TAGS, is_portable, isa_geometry, tile_f32,
-                   tile_f32_half, tile_u8, tile_u8_half, HALF_COLS, staged_f32, staged_u8, tile_s32)
+                   tile_f32_half, tile_u8, tile_u8_half, tile_u8_quarter, HALF_COLS, QUARTER_COLS, staged_f32,
+                   staged_u8, tile_s32, tile_s32_quarter)
 
 KERNEL_VERSION = "gemm-23"
 
 
-@njit(inline="always")
-def _tile(tag, mr, a, a_off, lda, b, b_off, kg, t, t_off):
-    # tile_s32 needs mr as a literal: one specialization per row count
-    if mr == 6:
-        tile_s32(tag, 6, a, a_off, lda, b, b_off, kg, t, t_off, BLOCK_COLS)
-    elif mr == 5:
-        tile_s32(tag, 5, a, a_off, lda, b, b_off, kg, t, t_off, BLOCK_COLS)
-    elif mr == 4:
-        tile_s32(tag, 4, a, a_off, lda, b, b_off, kg, t, t_off, BLOCK_COLS)
-    elif mr == 3:
-        tile_s32(tag, 3, a, a_off, lda, b, b_off, kg, t, t_off, BLOCK_COLS)
-    elif mr == 2:
-        tile_s32(tag, 2, a, a_off, lda, b, b_off, kg, t, t_off, BLOCK_COLS)
-    else:
-        tile_s32(tag, 1, a, a_off, lda, b, b_off, kg, t, t_off, BLOCK_COLS)
+def _s32_dispatch(tile):
+    """A call of the int32 tile intrinsic `tile` (tile_s32, tile_s32_quarter) for a run-time
+    row count mr: the intrinsic needs mr as a literal, one specialization per count."""
+    @njit(inline="always")
+    def dispatch(tag, mr, a, a_off, lda, b, b_off, kg, t, t_off):
+        if mr == 6:
+            tile(tag, 6, a, a_off, lda, b, b_off, kg, t, t_off, BLOCK_COLS)
+        elif mr == 5:
+            tile(tag, 5, a, a_off, lda, b, b_off, kg, t, t_off, BLOCK_COLS)
+        elif mr == 4:
+            tile(tag, 4, a, a_off, lda, b, b_off, kg, t, t_off, BLOCK_COLS)
+        elif mr == 3:
+            tile(tag, 3, a, a_off, lda, b, b_off, kg, t, t_off, BLOCK_COLS)
+        elif mr == 2:
+            tile(tag, 2, a, a_off, lda, b, b_off, kg, t, t_off, BLOCK_COLS)
+        else:
+            tile(tag, 1, a, a_off, lda, b, b_off, kg, t, t_off, BLOCK_COLS)
+    return dispatch
+
+
+_tile = _s32_dispatch(tile_s32)
+_tile_quarter = _s32_dispatch(tile_s32_quarter)
 
 
 def _tile_dispatch(tile):
@@ -77,6 +85,7 @@ _tile_f32 = _tile_dispatch(tile_f32)
 _tile_f32_half = _tile_dispatch(tile_f32_half)  # the half-width tile (simd.HALF_COLS)
 _tile_u8 = _tile_dispatch(tile_u8)
 _tile_u8_half = _tile_dispatch(tile_u8_half)
+_tile_u8_quarter = _tile_dispatch(tile_u8_quarter)
 
 
 @njit
@@ -104,7 +113,20 @@ def _tiles_s32(tag, mr, m0, ncols, aq, bp, boff, kg, t):
     else:
         tc, lda = isa_geometry(tag)[1], aq.shape[1]
         for cs in range(0, ncols, tc):
-            _tile(tag, mr, aq, m0 * lda, lda, bp, boff + 4 * cs, kg, t, cs)
+            if ncols - cs <= _quarter_cols(tag):    # a tail of at most a quarter tile
+                _tile_quarter(tag, mr, aq, m0 * lda, lda, bp, boff + 4 * cs, kg, t, cs)
+            else:
+                _tile(tag, mr, aq, m0 * lda, lda, bp, boff + 4 * cs, kg, t, cs)
+
+
+def _quarter_cols(tag):
+    raise NotImplementedError  # compiled through the overload below
+
+
+@overload(_quarter_cols, inline="always")
+def _quarter_cols_impl(tag):
+    cols = QUARTER_COLS.get(tag.isa, 0)
+    return lambda tag: cols
 
 
 def _is_float32(a):
@@ -145,6 +167,8 @@ def _register_tile_impl(tag, mr, m0, n0, width, aq, bp, boff, kg, colsum, ascale
     an AVX2 tile at K=64 ran 1.5x slower on Zen 3. (Adding the residual to the stored
     tile instead cost ~600 cycles a tile: the reloads wait on the stores.)"""
     if out.dtype == types.uint8:
+        half, quarter = HALF_COLS.get(tag.isa, 0), QUARTER_COLS.get(tag.isa, 0)
+
         def impl(tag, mr, m0, n0, width, aq, bp, boff, kg, colsum, ascale, azp, wscale, bias, res, ep,
                  out):
             act = np.int32(ep[EP_ACT])   # no residual: _job_into stages those tiles
@@ -153,9 +177,13 @@ def _register_tile_impl(tag, mr, m0, n0, width, aq, bp, boff, kg, colsum, ascale
             for cs in range(0, full, tc):
                 _tile_u8(tag, mr, aq, m0 * lda, lda, bp, boff + 4 * cs, kg, colsum, wscale, bias,
                          n0 + cs, ascale, azp, m0, out, act, ep[EP_P0], ep[EP_P1], res, ep)
-            if full < width:  # a half tile (register_width)
+            if width - full >= half > 0:  # a half tile, then a quarter tile (register_width)
                 _tile_u8_half(tag, mr, aq, m0 * lda, lda, bp, boff + 4 * full, kg, colsum, wscale,
                               bias, n0 + full, ascale, azp, m0, out, act, ep[EP_P0], ep[EP_P1], res, ep)
+                full += half
+            if width - full >= quarter > 0:
+                _tile_u8_quarter(tag, mr, aq, m0 * lda, lda, bp, boff + 4 * full, kg, colsum, wscale,
+                                 bias, n0 + full, ascale, azp, m0, out, act, ep[EP_P0], ep[EP_P1], res, ep)
         return impl
     if out.dtype != types.float32:
         def impl(tag, mr, m0, n0, width, aq, bp, boff, kg, colsum, ascale, azp, wscale, bias, res, ep,
@@ -187,23 +215,27 @@ def _prefetch_residual(res, mr, m0, n0, width):
                 prefetch(res, (m0 + r) * res.shape[1] + n0 + line)
 
 
-def register_width(tag, ncols):
+def register_width(tag, ncols, out):
     raise NotImplementedError  # compiled through the overload below
 
 
 @overload(register_width, inline="always")
-def _register_width_impl(tag, ncols):
+def _register_width_impl(tag, ncols, out):
     """Columns of a block _register_tile does: whole tiles, plus a half tile (HALF_COLS)
-    where the ISA has one and the tail holds it; the rest is staged (_compute). On
-    avx512 a 32-column block (a conv with 32 channels) staged ran at 305 GOP/s against
-    788 for 64 columns (4096x288, 2 threads, Zen 5)."""
+    where the ISA has one and the tail holds it, then for uint8 out a quarter tile
+    (QUARTER_COLS) likewise; the rest is staged (_compute). On avx512 a 32-column block
+    (a conv with 32 channels) staged ran at 305 GOP/s against 788 for 64 columns
+    (4096x288, 2 threads, Zen 5)."""
     half = HALF_COLS.get(tag.isa, 0)
+    quarter = QUARTER_COLS.get(tag.isa, 0) if out.dtype == types.uint8 else 0
     tc = GEOMETRY[tag.isa][1]
 
-    def impl(tag, ncols):
+    def impl(tag, ncols, out):
         width = ncols - ncols % tc
         if half and ncols - width >= half:
             width += half
+        if quarter and ncols - width >= quarter:
+            width += quarter
         return width
     return impl
 
@@ -294,12 +326,13 @@ def _amx_rows_impl(tag, m_start, m_end, n0, ncols, aq, bp, boff, kg, colsum, asc
     if tag.isa not in AMX_ISAS:
         return lambda tag, m_start, m_end, n0, ncols, aq, bp, boff, kg, colsum, ascale, azp, \
             wscale, bias, res, ep, out, t, y: m_start
+    wide_out = out.dtype != types.uint8
 
     def impl(tag, m_start, m_end, n0, ncols, aq, bp, boff, kg, colsum, ascale, azp, wscale, bias,
              res, ep, out, t, y):
         m_amx = m_start
         lda = aq.shape[1]
-        suits = amx.suits(aq.shape[0], kg)
+        suits = amx.suits(aq.shape[0], kg) & ((ncols == BLOCK_COLS) | (kg > NARROW_VNNI_KG) | wide_out)
         if suits & (aq.shape[0] < amx.ROWS):
             # tiles of the GEMM's own rows (_tile_state): all of them one block
             amx.block_s32(aq, m_start * lda, lda, bp, boff, kg, t, m_end - m_start > 16)
@@ -314,6 +347,14 @@ def _amx_rows_impl(tag, m_start, m_end, n0, ncols, aq, bp, boff, kg, colsum, asc
                               ep, out, t, y)
         return m_amx
     return impl
+
+
+# a column block under 64 wide with uint8 output and K up to this many k-groups takes the
+# vpdpbusd tiles (quarter and half tiles in registers), not AMX, which computes all 64
+# columns and stages a narrow block's epilogue. 12544 rows, AMX / vpdpbusd: K 64 -> 16
+# 157 / 54 us, 64 -> 48 238 / 124, 192 -> 32 229 / 160; but 3136 x 512 -> 48 97 / 145
+# (2 threads, AMX Xeon)
+NARROW_VNNI_KG = 64
 
 
 def _amx_epilogue(tag, m0, rows, n0, ncols, colsum, ascale, azp, wscale, bias, res, ep, out, t, y):
@@ -447,7 +488,7 @@ def _job_into(tag, job, nmc, mchunk, rows_first, aq, bp, kg, colsum, ascale, azp
     regs = bias.shape[0] > 0 and not is_portable(tag)
     width = 0
     if regs and ep[EP_ACT] <= 3 and _finished_in_registers(out) and (res.shape[0] == 0 or _is_float32(out)):
-        width = register_width(tag, ncols)
+        width = register_width(tag, ncols, out)
     elif regs and _is_float32(out):   # SiLU, tanh GELU: _stored_tile
         width = ncols - ncols % isa_geometry(tag)[1]
     if width > 0:

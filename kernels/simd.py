@@ -275,9 +275,17 @@ def _store_vec(builder, value, ptr, off):
     builder.store(value, builder.bitcast(builder.gep(ptr, [off]), value.type.as_pointer()), align=1)
 
 
-@intrinsic(prefer_literal=True)
-def tile_s32(typingctx, tag, mr, a, a_off, lda, b, b_off, kg, t, t_off, ldt):
-    """T[t_off + r*ldt + j] = sum_k A[a_off + r*lda + k] * B(packed)[k, j].
+def _tile_s32_intrinsic(narrow):
+    """tile_s32, or with narrow (QUARTER_COLS) its narrower tile for a block's column tail."""
+    @intrinsic(prefer_literal=True)
+    def tile(typingctx, tag, mr, a, a_off, lda, b, b_off, kg, t, t_off, ldt):
+        return _tile_s32_typer(narrow, tag, mr, a, a_off, lda, b, b_off, kg, t, t_off, ldt)
+    return tile
+
+
+def _tile_s32_typer(narrow, tag, mr, a, a_off, lda, b, b_off, kg, t, t_off, ldt):
+    """T[t_off + r*ldt + j] = sum_k A[a_off + r*lda + k] * B(packed)[k, j], j below the
+    tile's width (the ISA's, or what the table narrow gives; none there: nothing emitted).
 
     ``mr`` must be a literal; ``kg`` counts k-groups of 4; ``b_off`` is the
     byte offset of the tile's first column inside its packed block; A is
@@ -288,13 +296,14 @@ def tile_s32(typingctx, tag, mr, a, a_off, lda, b, b_off, kg, t, t_off, ldt):
         return None
     sig = types.void(tag, mr, a, a_off, lda, b, b_off, kg, t, t_off, ldt)
     isa, nrows = tag.isa, mr.literal_value
+    width = narrow.get(isa, 0) if narrow is not None else GEOMETRY.get(isa, (0, 0))[1]
 
     def codegen(context, builder, sig, args):
         # portable, or more rows than the ISA's tile: unreachable, emit nothing
-        if isa not in _SPECS or nrows > GEOMETRY[isa][0]:
+        if isa not in _SPECS or nrows > GEOMETRY[isa][0] or not width:
             return context.get_dummy_value()
         ar = _Args(context, builder, sig, args)
-        accs = _emit_accumulate(ar, isa, nrows, 2, 5, 7)
+        accs = _emit_accumulate(ar, isa, nrows, 2, 5, 7, width)
         t_ptr, ldt_v = ar.ptr(8, 9), ar.int(10)
         for r, row in enumerate(accs):
             base = builder.mul(ldt_v, ar.cst(r))
@@ -304,21 +313,27 @@ def tile_s32(typingctx, tag, mr, a, a_off, lda, b, b_off, kg, t, t_off, ldt):
     return sig, codegen
 
 
-def _tile_intrinsic(half, u8):
-    """tile_f32, or with u8 tile_u8 (the ISA's tile width), or with half the columns of
-    its first vectors (HALF_COLS: a block's column tail in registers instead of staged).
-    The last two arguments: the residual (float32 or uint8, out's rows; an empty array for
-    none) and the epilogue's parameter vector ep (epilogue.py)."""
+def _tile_intrinsic(narrow, u8):
+    """tile_f32, or with u8 tile_u8 (the ISA's tile width), or with the columns of its
+    first vectors that the table `narrow` gives (HALF_COLS, QUARTER_COLS: a block's column
+    tail in registers instead of staged). The last two arguments: the residual (float32 or
+    uint8, out's rows; an empty array for none) and the epilogue's parameter vector ep
+    (epilogue.py)."""
     @intrinsic(prefer_literal=True)
     def tile(typingctx, tag, mr, a, a_off, lda, b, b_off, kg, colsum, wscale, bias,
              n0, ascale, azp, m0, out, act, p0, p1, e0, e1):
-        return _tile_typer(half, u8, tag, mr, a, a_off, lda, b, b_off, kg, colsum, wscale, bias,
+        return _tile_typer(narrow, u8, tag, mr, a, a_off, lda, b, b_off, kg, colsum, wscale, bias,
                            n0, ascale, azp, m0, out, act, p0, p1, e0, e1)
     return tile
 
 
-# columns of a half-width tile, per ISA (0: none; it must be whole vectors)
+# columns of a half-width tile, per ISA (none: it has none; whole vectors)
 HALF_COLS = {"avx512_vnni": 32}
+# columns of a quarter-width tile: in registers for uint8 output (a chained conv of 16 or
+# 24 channels: MobileNetV2's 32->16 1x1 at 112x112 staged its one 16-column tail, 4x the
+# GEMM's work and a staged epilogue; float output keeps staging those, as the sparse
+# kernel does), and the int32 tile of a staged tail of at most that many columns
+QUARTER_COLS = {"avx512_vnni": 16}
 
 
 def _out_type_ok(out, u8):
@@ -333,9 +348,9 @@ def _res_ep_ok(res, ep):
             and isinstance(ep, types.Array) and ep.dtype == types.float32)
 
 
-def _tile_typer(half, u8, tag, mr, a, a_off, lda, b, b_off, kg, colsum, wscale, bias,
+def _tile_typer(narrow, u8, tag, mr, a, a_off, lda, b, b_off, kg, colsum, wscale, bias,
                 n0, ascale, azp, m0, out, act, p0, p1, e0, e1):
-    """A tile (the ISA's width; with half, HALF_COLS columns) with the dequantizing
+    """A tile (the ISA's width; with narrow, the columns that table gives) with the dequantizing
     epilogue done in registers:
 
     out[m0 + r, n0 + j] = act(float32(acc - azp[m0+r] * colsum[n0+j])
@@ -364,7 +379,7 @@ def _tile_typer(half, u8, tag, mr, a, a_off, lda, b, b_off, kg, colsum, wscale, 
     sig = types.void(tag, mr, a, a_off, lda, b, b_off, kg, colsum, wscale, bias,
                      n0, ascale, azp, m0, out, act, p0, p1, e0, e1)
     isa, nrows = tag.isa, mr.literal_value
-    width = HALF_COLS.get(isa, 0) if half else GEOMETRY[isa][1]
+    width = narrow.get(isa, 0) if narrow is not None else GEOMETRY[isa][1]
     emit = _emit_u8_tile if u8 else _emit_f32_epilogue
 
     def codegen(context, builder, sig, args):
@@ -596,10 +611,13 @@ def _emit_u8_epilogue(context, builder, ar, i0, nrows, width, accumulate, residu
             activations(False)
 
 
-tile_f32 = _tile_intrinsic(False, False)
-tile_f32_half = _tile_intrinsic(True, False)
-tile_u8 = _tile_intrinsic(False, True)
-tile_u8_half = _tile_intrinsic(True, True)
+tile_s32 = _tile_s32_intrinsic(None)
+tile_s32_quarter = _tile_s32_intrinsic(QUARTER_COLS)
+tile_f32 = _tile_intrinsic(None, False)
+tile_f32_half = _tile_intrinsic(HALF_COLS, False)
+tile_u8 = _tile_intrinsic(None, True)
+tile_u8_half = _tile_intrinsic(HALF_COLS, True)
+tile_u8_quarter = _tile_intrinsic(QUARTER_COLS, True)
 staged_f32 = _staged_intrinsic(False)
 staged_u8 = _staged_intrinsic(True)
 
@@ -743,7 +761,7 @@ PEAK_CHAINS = {"avx512_vnni": (24, 64), "avx_vnni": (12, 32), "avx2": (12, 16)}
 # the instructions each probe chains, for reports
 PEAK_OPS = {"avx512_vnni": "vpdpbusd.512", "avx_vnni": "vpdpbusd.256", "avx2": "vpmaddwd+vpaddd"}
 
-for _table in (GEOMETRY, A_DTYPES, _SPECS, MIN_CHAINS, HALF_COLS, PEAK_CHAINS, PEAK_OPS):
+for _table in (GEOMETRY, A_DTYPES, _SPECS, MIN_CHAINS, HALF_COLS, QUARTER_COLS, PEAK_CHAINS, PEAK_OPS):
     _table["amx_int8"] = _table["avx512_vnni"]
 
 
