@@ -32,6 +32,12 @@ M=32 / M=128, the same way: random 3.22x / 3.31x -> 4.24x / 4.51x, l1-pruned 2.1
 -> 4.45x / 4.50x.
 2 threads, wall clock, in a quieter minute (p50 of 300 single calls): random 90 %, M=1,
 dense 50.3 us, sparse 23.8-24.5 us = 2.07-2.13x (sparse-pack-1: 1.64x in notes/stop20).
+
+AMX Xeon (AVX512-VBMI: the wide layout), 2 threads, --quick, 2026-12-07: section 3,
+sparse=True 10.2 us, sparse=False 14.7 us = 1.44x (1.05-1.20x before the VNNI and wide step
+loops). The sparse kernel's bound call alone is 5.4 us; what is left is about 3 us of fixed
+cost in and around it (the entry's 20 arguments, activation rows, the 1024 columns'
+epilogue) and the plan's 2-3 us, both of which the dense call pays too.
 """
 import argparse
 import platform
@@ -95,7 +101,8 @@ def kernels_on_pruned(threads, repeats, rows=(1, 8)):
                                   repeats=repeats, min_batch_s=2e-3)
         table[m] = med["dense"], med["sparse"]
         print(f"   M={m}: dense {med['dense'] * 1e6:8.1f} us, sparse {med['sparse'] * 1e6:8.1f} us = "
-              f"{med['dense'] / med['sparse']:.2f}x ({ps.steps} steps of 32 slots for {np.count_nonzero(q)} weights)")
+              f"{med['dense'] / med['sparse']:.2f}x ({ps.steps} steps of 32 slots, "
+              f"{ps.wide.starts.size} wide steps of 64, for {np.count_nonzero(q)} weights)")
     return table
 
 
