@@ -326,13 +326,13 @@ def _amx_rows_impl(tag, m_start, m_end, n0, ncols, aq, bp, boff, kg, colsum, asc
     if tag.isa not in AMX_ISAS:
         return lambda tag, m_start, m_end, n0, ncols, aq, bp, boff, kg, colsum, ascale, azp, \
             wscale, bias, res, ep, out, t, y: m_start
-    wide_out = out.dtype != types.uint8
+    any_width = out.dtype != types.uint8      # float and int32 out: narrow blocks stay on AMX too
 
     def impl(tag, m_start, m_end, n0, ncols, aq, bp, boff, kg, colsum, ascale, azp, wscale, bias,
              res, ep, out, t, y):
         m_amx = m_start
         lda = aq.shape[1]
-        suits = amx.suits(aq.shape[0], kg) & ((ncols == BLOCK_COLS) | (kg > NARROW_VNNI_KG) | wide_out)
+        suits = amx.suits(aq.shape[0], kg) & ((ncols == BLOCK_COLS) | (kg > NARROW_VNNI_KG) | any_width)
         if suits & (aq.shape[0] < amx.ROWS):
             # tiles of the GEMM's own rows (_tile_state): all of them one block
             amx.block_s32(aq, m_start * lda, lda, bp, boff, kg, t, m_end - m_start > 16)

@@ -744,15 +744,22 @@ def isa_geometry(typingctx, tag):
     return sig, codegen
 
 
-@intrinsic
-def is_portable(typingctx, tag):
-    if not isinstance(tag, IsaType):
-        return None
-    flag = tag.isa == "portable"
+def tag_flag(test):
+    """An intrinsic flag(tag): test(the tag's ISA name) as a compile-time constant, so a
+    branch on it leaves no code behind for the ISAs it does not hold for."""
+    @intrinsic
+    def flag(typingctx, tag):
+        if not isinstance(tag, IsaType):
+            return None
+        value = bool(test(tag.isa))
 
-    def codegen(context, builder, sig, args):
-        return context.get_constant(types.boolean, flag)
-    return types.boolean(tag), codegen
+        def codegen(context, builder, sig, args):
+            return context.get_constant(types.boolean, value)
+        return types.boolean(tag), codegen
+    return flag
+
+
+is_portable = tag_flag(lambda isa: isa == "portable")
 
 
 # peak probe: independent chains of the ISA's multiply-accumulate, as many as its

@@ -71,7 +71,7 @@ from .linear import (_bias, bound_constants, call_arrays, epilogue_params, get_n
                      rows_call)
 from .quantize import quantize_rows_into, quantize_tensor_into
 from .rowops import IntrinsicArgs, borrowed, call_llvm
-from .simd import AMX_ISAS, BLOCK_COLS, GEOMETRY, TAGS, IsaType, is_portable, isa_geometry, staged_f32
+from .simd import AMX_ISAS, BLOCK_COLS, GEOMETRY, TAGS, IsaType, is_portable, isa_geometry, staged_f32, tag_flag
 from .sparse_pack import (HIGH, SLICE, SLOTS, STEP, WIDE_HOST, WIDE_SLICE, WIDE_STEP, WIDE_WINDOW,  # noqa: F401
                           PackedSparse, density, pack_sparse_s8, unpack_sparse_s8)
 
@@ -119,17 +119,9 @@ def _store_sums(builder, cst, accs, t, t_off, ldt):
         builder.store(total, builder.bitcast(p, total.type.as_pointer()), align=4)
 
 
-@intrinsic
-def shifted_rows(typingctx, tag):
-    """Whether the tag's step loop reads the activation rows as a ^ 0x80 (AVX2's vpmaddubsw
-    path) rather than as they are (vpdpbusd and the portable loops)."""
-    if not isinstance(tag, IsaType):
-        return None
-    flag = tag.isa not in VNNI_ISAS and tag.isa != "portable"
-
-    def codegen(context, builder, sig, args):
-        return context.get_constant(types.boolean, flag)
-    return types.boolean(tag), codegen
+# whether the tag's step loop reads the activation rows as a ^ 0x80 (AVX2's vpmaddubsw
+# path) rather than as they are (vpdpbusd and the portable loops)
+shifted_rows = tag_flag(lambda isa: isa not in VNNI_ISAS and isa != "portable")
 
 
 @intrinsic(prefer_literal=True)
@@ -195,16 +187,8 @@ def steps_s32(typingctx, tag, mr, a, m0, starts, idx, val, j0, j1, offsets, o_of
     return sig, codegen
 
 
-@intrinsic
-def wide_isa(typingctx, tag):
-    """Whether the tag's kernels run the wide layout (where the packer made one)."""
-    if not isinstance(tag, IsaType):
-        return None
-    flag = tag.isa in WIDE_ISAS
-
-    def codegen(context, builder, sig, args):
-        return context.get_constant(types.boolean, flag)
-    return types.boolean(tag), codegen
+# whether the tag's kernels run the wide layout (where the packer made one)
+wide_isa = tag_flag(lambda isa: isa in WIDE_ISAS)
 
 
 @intrinsic(prefer_literal=True)
@@ -387,8 +371,8 @@ def _quantized(tag, x, aq, a_scale, a_zp):
     """(rows, scales, zero points): the activation rows as the kernel reads them, uint8, each
     padded by a wide window (a step's window may reach past K, onto zero weights), and their
     per-row scales. From float x per row (a_scale 0) or with the static (a_scale, a_zp), as
-    the dense kernel does; uint8 aq as given. The SIMD path reads a ^ 0x80 = a - 128 as
-    int8 (steps_s32: why), flipped here once per call.
+    the dense kernel does; uint8 aq as given. The AVX2 step loop reads a ^ 0x80 = a - 128
+    as int8 (steps_s32: why), flipped here once per call (shifted_rows).
     Not inlined: in the parallel entry, Numba made each of its np.zeros/np.full a parallel
     loop of its own (three more launches: the threaded call at M=1 took 38 us on one
     thread against 24 serial)."""

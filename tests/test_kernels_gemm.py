@@ -206,8 +206,11 @@ def _requantized(y, out_scale, out_zp):
 # AMX blocks of 32 rows and a 6-row tail (K % 64 == 0), one AMX block of 13 or 23 rows
 # (12 or 20 of them 4 at a time in registers), vpdpbusd register tiles (K % 64 != 0);
 # N: a whole block, + 36 columns (avx512: a 32-column half tile, 4 staged; avx2 and
-# avx_vnni: two 16-column tiles, 4 staged), 40 and 8 columns alone
-U8_SHAPES = [(70, 128, 64), (13, 64, 100), (23, 192, 40), (38, 100, 100), (7, 36, 8)]
+# avx_vnni: two 16-column tiles, 4 staged), 40 and 8 columns alone; 24 alone (avx512: a
+# 16-column quarter tile, 8 staged, and on AMX a narrow block off AMX), + 48 (a half and a
+# quarter tile)
+U8_SHAPES = [(70, 128, 64), (13, 64, 100), (23, 192, 40), (38, 100, 100), (7, 36, 8), (29, 64, 24),
+             (9, 96, 112)]
 
 
 @pytest.mark.parametrize("act,act_args", ACTS)
