@@ -5,9 +5,9 @@ through optimize.
 
 1. Break-even table: a 1024 x 1024 int8 linear (float32 in and out, activation quantization
    and epilogue included) with unstructured random sparsity 50/70/80/90/95 %, M = 1, 8, 32,
-   128 rows: dense kernel (linear_f32) and sparse kernel (linear_sparse_f32), interleaved
-   medians, and dense / sparse (> 1: sparse faster); then the lowest sparsity at which
-   sparse wins, per M.
+   128 rows: the dense kernel (bind_linear) and the sparse one (bind_linear_sparse), each
+   bound once as the runtime binds them, interleaved medians, and dense / sparse (> 1:
+   sparse faster); then the lowest sparsity at which sparse wins, per M.
 2. The same kernels on the int8 weights of that figure's layer (below: magnitude pruning
    leaves only large weights, |q| >= 114), M = 1 and 8.
 3. The figure: nn.Linear(1024, 1024) pruned to 90 % by torch.nn.utils.prune.l1_unstructured,
@@ -35,9 +35,11 @@ dense 50.3 us, sparse 23.8-24.5 us = 2.07-2.13x (sparse-pack-1: 1.64x in notes/s
 
 AMX Xeon (AVX512-VBMI: the wide layout), 2 threads, --quick, 2026-12-07: section 3,
 sparse=True 10.2 us, sparse=False 14.7 us = 1.44x (1.05-1.20x before the VNNI and wide step
-loops). The sparse kernel's bound call alone is 5.4 us; what is left is about 3 us of fixed
-cost in and around it (the entry's 20 arguments, activation rows, the 1024 columns'
-epilogue) and the plan's 2-3 us, both of which the dense call pays too.
+loops). Then with the small arrays in one table (10 entry arguments, not 20) and the input's
+NaN screen in the kernel's quantization: 8.1 / 13.2 us = 1.62x; bound kernels at M=1 (section
+2) 5.3 / 10.4 us = 1.94x. Of the 8.1 us, about 2.9 are the plan's (module call, input check,
+torch <-> numpy), about 1 the Python around the kernel and 0.45 Numba's dispatch, which the
+dense call pays as well; the kernel's steps take about 2.3 us.
 """
 import argparse
 import platform
@@ -72,11 +74,12 @@ def break_even(threads, repeats, rows=ROWS, sparsities=SPARSITIES):
     for sp in sparsities:
         q, s = weights(sp)
         pw, ps = K.pack_weights_s8(q, s), K.pack_sparse_s8(q, s)
+        dense, sparse = K.bind_linear(pw), K.bind_linear_sparse(ps)
         cells = []
         for m in rows:
             x = np.random.default_rng(m).standard_normal((m, SIZE)).astype(np.float32)
-            med = interleaved_medians({"dense": lambda: K.linear_f32(x, pw, n_threads=threads),
-                                       "sparse": lambda: K.linear_sparse_f32(x, ps, n_threads=threads)},
+            med = interleaved_medians({"dense": lambda: dense(x, n_threads=threads),
+                                       "sparse": lambda: sparse(x, n_threads=threads)},
                                       repeats=repeats, min_batch_s=2e-3)
             table[m, sp] = med["dense"], med["sparse"]
             cells.append(f"{med['dense'] * 1e6:8.1f} /{med['sparse'] * 1e6:8.1f} ={med['dense'] / med['sparse']:5.2f}x")
@@ -93,11 +96,12 @@ def kernels_on_pruned(threads, repeats, rows=(1, 8)):
     lin = pruned_linear(0.9)[0]
     q, s = K.quantize_weights_s8(lin.weight.detach().numpy())
     pw, ps = K.pack_weights_s8(q, s), K.pack_sparse_s8(q, s)
+    dense, sparse = K.bind_linear(pw), K.bind_linear_sparse(ps)
     table = {}
     for m in rows:
         x = np.random.default_rng(m).standard_normal((m, SIZE)).astype(np.float32)
-        med = interleaved_medians({"dense": lambda: K.linear_f32(x, pw, n_threads=threads),
-                                   "sparse": lambda: K.linear_sparse_f32(x, ps, n_threads=threads)},
+        med = interleaved_medians({"dense": lambda: dense(x, n_threads=threads),
+                                   "sparse": lambda: sparse(x, n_threads=threads)},
                                   repeats=repeats, min_batch_s=2e-3)
         table[m] = med["dense"], med["sparse"]
         print(f"   M={m}: dense {med['dense'] * 1e6:8.1f} us, sparse {med['sparse'] * 1e6:8.1f} us = "

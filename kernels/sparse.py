@@ -67,8 +67,7 @@ from . import amx, dispatch as _dispatch
 from .dispatch import KernelError
 from .epilogue import EP_ACT, EP_P0, EP_P1, EP_RES_FIRST, add_residual_rows, apply_activation
 from .gemm import _COUNTER_STRIDE, _count_add, _is_float32, _staged, _starts
-from .linear import (_bias, bound_constants, call_arrays, epilogue_params, get_num_threads, on_rows,
-                     rows_call)
+from .linear import _bias, bound_constants, call_arrays, epilogue_params, get_num_threads, on_rows
 from .quantize import quantize_rows_into, quantize_tensor_into
 from .rowops import IntrinsicArgs, borrowed, call_llvm
 from .simd import AMX_ISAS, BLOCK_COLS, GEOMETRY, TAGS, IsaType, is_portable, isa_geometry, staged_f32, tag_flag
@@ -326,53 +325,52 @@ def _epilogue(tag, mr, m0, n0, ncols, colsum, ascale, azp, wscale, bias, res, ep
 
 
 @njit(inline="always")
-def _rows(tag, mr, m0, nb, n0, ncols, a, slice_ptr, starts, idx, val, offsets, wide, colsum, ascale, azp, wscale,
-          bias, res, ep, out, t, y, amx_m):
+def _rows(tag, mr, m0, nb, n0, ncols, a, ptr, starts, idx, val, offsets, wide, colsum, ascale, azp, wscale, bias,
+          res, ep, out, t, y, amx_m):
     """Rows m0..m0+mr-1 (mr a literal: no branch on it left, which at M=1 saved 4.5 us a
     1024-column call) of column block nb (output columns n0..n0+ncols-1): its slices in
-    the wide layout where the tag runs it and the packer made it, else in the 8-row one."""
-    wptr, wstarts, widx, wval = wide
-    if wide_isa(tag) and wptr.shape[0] > 0:
+    the layout (ptr, starts, idx, val) given, the wide one where wide is set (the tag runs it)."""
+    if wide_isa(tag) and wide:
         s0 = nb * (BLOCK_COLS // WIDE_SLICE)
-        for s in range(s0, min(wptr.shape[0] - 1, s0 + BLOCK_COLS // WIDE_SLICE)):
-            _slice_wide(tag, mr, a, m0, wstarts, widx, wval, wptr[s], wptr[s + 1], t, (s - s0) * WIDE_SLICE)
+        for s in range(s0, min(ptr.shape[0] - 1, s0 + BLOCK_COLS // WIDE_SLICE)):
+            _slice_wide(tag, mr, a, m0, starts, idx, val, ptr[s], ptr[s + 1], t, (s - s0) * WIDE_SLICE)
     else:
         s0 = nb * (BLOCK_COLS // SLICE)
-        for s in range(s0, min(slice_ptr.shape[0] - 1, s0 + BLOCK_COLS // SLICE)):
-            _slice(tag, mr, a, m0, starts, idx, val, slice_ptr[s], slice_ptr[s + 1], offsets, s * SLICE, t,
-                   (s - s0) * SLICE)
+        for s in range(s0, min(ptr.shape[0] - 1, s0 + BLOCK_COLS // SLICE)):
+            _slice(tag, mr, a, m0, starts, idx, val, ptr[s], ptr[s + 1], offsets, s * SLICE, t, (s - s0) * SLICE)
     _epilogue(tag, mr, m0, n0, ncols, colsum, ascale, azp, wscale, bias, res, ep, out, t, y, amx_m)
 
 
 @njit(inline="always")
-def _block(tag, nb, a, slice_ptr, starts, idx, val, offsets, wide, colsum, ascale, azp, wscale, bias, res, ep, out,
-           t, y, amx_m):
+def _block(tag, nb, a, ptr, starts, idx, val, offsets, wide, colsum, ascale, azp, wscale, bias, res, ep, out, t, y,
+           amx_m):
     """Output columns of block nb (8 slices, or 4 wide ones) for every row of a, ROWS rows at a time."""
     m, n = a.shape[0], out.shape[1]
     n0 = nb * BLOCK_COLS
     ncols = min(BLOCK_COLS, n - n0)
     for m0 in range(0, m - ROWS + 1, ROWS):
-        _rows(tag, 4, m0, nb, n0, ncols, a, slice_ptr, starts, idx, val, offsets, wide, colsum, ascale, azp, wscale,
+        _rows(tag, 4, m0, nb, n0, ncols, a, ptr, starts, idx, val, offsets, wide, colsum, ascale, azp, wscale,
               bias, res, ep, out, t, y, amx_m)
     m0 = m - m % ROWS
     if m % ROWS == 3:
-        _rows(tag, 3, m0, nb, n0, ncols, a, slice_ptr, starts, idx, val, offsets, wide, colsum, ascale, azp, wscale,
+        _rows(tag, 3, m0, nb, n0, ncols, a, ptr, starts, idx, val, offsets, wide, colsum, ascale, azp, wscale,
               bias, res, ep, out, t, y, amx_m)
     elif m % ROWS == 2:
-        _rows(tag, 2, m0, nb, n0, ncols, a, slice_ptr, starts, idx, val, offsets, wide, colsum, ascale, azp, wscale,
+        _rows(tag, 2, m0, nb, n0, ncols, a, ptr, starts, idx, val, offsets, wide, colsum, ascale, azp, wscale,
               bias, res, ep, out, t, y, amx_m)
     elif m % ROWS == 1:
-        _rows(tag, 1, m0, nb, n0, ncols, a, slice_ptr, starts, idx, val, offsets, wide, colsum, ascale, azp, wscale,
+        _rows(tag, 1, m0, nb, n0, ncols, a, ptr, starts, idx, val, offsets, wide, colsum, ascale, azp, wscale,
               bias, res, ep, out, t, y, amx_m)
 
 
 @njit
 def _quantized(tag, x, aq, a_scale, a_zp):
-    """(rows, scales, zero points): the activation rows as the kernel reads them, uint8, each
-    padded by a wide window (a step's window may reach past K, onto zero weights), and their
-    per-row scales. From float x per row (a_scale 0) or with the static (a_scale, a_zp), as
-    the dense kernel does; uint8 aq as given. The AVX2 step loop reads a ^ 0x80 = a - 128
-    as int8 (steps_s32: why), flipped here once per call (shifted_rows).
+    """(rows, scales, zero points, bad): the activation rows as the kernel reads them, uint8,
+    each padded by a wide window (a step's window may reach past K, onto zero weights),
+    their per-row scales, and 0, or NaN where a value of x is NaN or +-inf. From float x per
+    row (a_scale 0) or with the static (a_scale, a_zp), as the dense kernel does; uint8 aq
+    as given. The AVX2 step loop reads a ^ 0x80 = a - 128 as int8 (steps_s32: why), flipped
+    here once per call (shifted_rows).
     Not inlined: in the parallel entry, Numba made each of its np.zeros/np.full a parallel
     loop of its own (three more launches: the threaded call at M=1 took 38 us on one
     thread against 24 serial)."""
@@ -380,24 +378,72 @@ def _quantized(tag, x, aq, a_scale, a_zp):
     k = x.shape[1] if x.shape[1] > 0 else aq.shape[1]
     a = np.zeros((m, (k + WIDE_WINDOW + 15) // 16 * 16), np.uint8)
     ascale, azp = np.full(m, a_scale, np.float32), np.full(m, a_zp, np.int32)
+    bad = np.float32(0)
     if x.shape[1] == 0:
         for i in range(m):
             for c in range(k):
                 a[i, c] = aq[i, c]
     elif a_scale > 0:
-        quantize_tensor_into(x, a_scale, a_zp, a)
+        bad = quantize_tensor_into(x, a_scale, a_zp, a)
     else:
         quantize_rows_into(x, a, ascale, azp)
+        for i in range(m):          # a bad row's scale is NaN
+            bad += ascale[i] * np.float32(0)
     if shifted_rows(tag):
         flat = a.reshape(-1)
         for i in range(flat.shape[0]):
             flat[i] ^= np.uint8(HIGH)
-    return a, ascale, azp
+    return a, ascale, azp, bad
+
+
+# --- the arrays of a bound layer -------------------------------------------------------
+#
+# Numba unboxes every array argument on every call, about 45 ns each (AMX Xeon). The
+# entries took 20 arguments, 16 of them arrays: a bound call of 1024 x 1024 at 90 % and
+# M=1 took 4.5 us, 3.8 us with the small arrays as sections of one uint8 table, made once
+# when the layer is bound. The steps' idx and val stay arrays of their own (no copy).
+
+TABLE_SECTIONS = ("ptr", "starts", "offsets", "colsum", "wscale", "bias", "ep")
+_NSEC = len(TABLE_SECTIONS)
+_HEAD = 16          # int64s before the first section: where each starts, its bytes, the wide flag
+
+
+def kernel_table(ptr, starts, offsets, colsum, wscale, bias, ep, wide):
+    """The table the entries read: a head of int64s (each section's first byte, each one's
+    bytes, the wide flag), then each array in TABLE_SECTIONS' order at an offset that is a
+    multiple of 64. (ptr, starts): the layout's slices and steps (wide: sparse_pack.WideSteps'),
+    offsets: PackedSparse's."""
+    arrays = [np.ascontiguousarray(arr, dt).reshape(-1) for arr, dt in
+              zip((ptr, starts, offsets, colsum, wscale, bias, ep), (np.int32,) * 4 + (np.float32,) * 3)]
+    head = np.zeros(_HEAD, np.int64)
+    parts, end = [head.view(np.uint8)], _HEAD * 8
+    for i, arr in enumerate(arrays):
+        head[i], head[_NSEC + i] = end, arr.nbytes
+        pad = -arr.nbytes % 64
+        parts += [arr.view(np.uint8), np.zeros(pad, np.uint8)]
+        end += arr.nbytes + pad
+    head[2 * _NSEC] = wide
+    return np.concatenate(parts)
+
+
+@njit(inline="always")
+def _section(table, h, i):
+    return table[h[i]:h[i] + h[_NSEC + i]]
+
+
+@njit(inline="always")
+def _sections(table):
+    """The arrays kernel_table put in table (views, TABLE_SECTIONS' order), and its wide flag."""
+    h = table[:_HEAD * 8].view(np.int64)
+    return (_section(table, h, 0).view(np.int32), _section(table, h, 1).view(np.int32),
+            _section(table, h, 2).view(np.int32), _section(table, h, 3).view(np.int32),
+            _section(table, h, 4).view(np.float32), _section(table, h, 5).view(np.float32),
+            _section(table, h, 6).view(np.float32), h[2 * _NSEC] != 0)
 
 
 @njit
-def _worker(tag, w, threads, nxt, nblocks, a, slice_ptr, starts, idx, val, offsets, wide, colsum, ascale, azp, wscale,
-            bias, res, ep, out, t, y, amx_m):
+def _worker(tag, w, threads, nxt, nblocks, a, ptr, starts, idx, val, offsets, wide, colsum, ascale, azp, wscale, bias,
+            res, ep, out, t, y, amx_m):
     """Worker w's share of the column blocks (the same blocks call after call, so their
     weights stay in its core's L2), then what is left of the others' (taken from the same
     atomic counters, as gemm._worker does): a worker the OS delays holds up nobody.
@@ -407,9 +453,8 @@ def _worker(tag, w, threads, nxt, nblocks, a, slice_ptr, starts, idx, val, offse
     # borrowed views: no reference counting in the loop. With the owners, the calls in the
     # loop counted references with atomic increments and decrements: half of a 1024-column
     # call at M=1 and 99.9 % sparsity (9.4 -> 5.4 us on one thread; perf: NRT_incref/decref).
-    a, slice_ptr, starts, idx, val = borrowed(a), borrowed(slice_ptr), borrowed(starts), borrowed(idx), borrowed(val)
+    a, ptr, starts, idx, val = borrowed(a), borrowed(ptr), borrowed(starts), borrowed(idx), borrowed(val)
     offsets, colsum, ascale, azp = borrowed(offsets), borrowed(colsum), borrowed(ascale), borrowed(azp)
-    wide = (borrowed(wide[0]), borrowed(wide[1]), borrowed(wide[2]), borrowed(wide[3]))
     wscale, bias, res, ep, out = borrowed(wscale), borrowed(bias), borrowed(res), borrowed(ep), borrowed(out)
     t, y = borrowed(t), borrowed(y)
     for v in range(threads):
@@ -419,8 +464,8 @@ def _worker(tag, w, threads, nxt, nblocks, a, slice_ptr, starts, idx, val, offse
             nb = _count_add(nxt, owner * _COUNTER_STRIDE, 1)
             if nb >= hi:
                 break
-            _block(tag, nb, a, slice_ptr, starts, idx, val, offsets, wide, colsum, ascale, azp, wscale, bias, res, ep,
-                   out, t, y, amx_m)
+            _block(tag, nb, a, ptr, starts, idx, val, offsets, wide, colsum, ascale, azp, wscale, bias, res, ep, out,
+                   t, y, amx_m)
 
 
 def _dense_amx_rows(tag, m, k):
@@ -431,7 +476,10 @@ def _dense_amx_rows(tag, m, k):
 def _dense_amx_rows_impl(tag, m, k):
     """The rows of an (m, k) product the dense kernel runs in AMX blocks (gemm._amx_rows),
     whose epilogue the sparse one follows: all of them under amx.ROWS rows, else the
-    whole blocks of amx.ROWS; 0 off AMX, or where K is not whole tiles, or under MIN_ROWS."""
+    whole blocks of amx.ROWS; 0 off AMX, or where K is not whole tiles, or under MIN_ROWS.
+    That is the dense routing for float and int32 output. With uint8 output the dense kernel
+    also keeps narrow blocks of small K off AMX; it does not matter here: the sparse
+    epilogue stages every uint8 column, which is what the dense register tiles write."""
     if tag.isa not in AMX_ISAS:
         return lambda tag, m, k: 0
 
@@ -443,29 +491,31 @@ def _dense_amx_rows_impl(tag, m, k):
 
 
 def _entries(tag):
-    """Serial and threaded entries of one ISA (a compile-time tag, as gemm._entries)."""
+    """Serial and threaded entries of one ISA (a compile-time tag, as gemm._entries):
+    (x, aq, a_scale, a_zp, table, idx, val, res, out, threads) -> bad, with the layer's
+    kernel_table and its layout's idx and val; bad as _quantized's."""
     @njit(cache=CACHE)
-    def serial(x, aq, a_scale, a_zp, slice_ptr, starts, idx, val, offsets, wptr, wstarts, widx, wval, colsum, wscale,
-               bias, res, ep, out, threads):
-        wide = (wptr, wstarts, widx, wval)
-        a, ascale, azp = _quantized(tag, x, aq, a_scale, a_zp)
+    def serial(x, aq, a_scale, a_zp, table, idx, val, res, out, threads):
+        ptr, starts, offsets, colsum, wscale, bias, ep, wide = _sections(table)
+        a, ascale, azp, bad = _quantized(tag, x, aq, a_scale, a_zp)
         nblocks = (out.shape[1] + BLOCK_COLS - 1) // BLOCK_COLS
         t, y = np.empty(ROWS * BLOCK_COLS, np.int32), np.empty((ROWS, BLOCK_COLS), np.float32)
-        _worker(tag, 0, 1, _starts(nblocks, 1), nblocks, a, slice_ptr, starts, idx, val, offsets, wide, colsum, ascale,
-                azp, wscale, bias, res, ep, out, t, y, _dense_amx_rows(tag, out.shape[0], max(x.shape[1], aq.shape[1])))
+        _worker(tag, 0, 1, _starts(nblocks, 1), nblocks, a, ptr, starts, idx, val, offsets, wide, colsum, ascale, azp,
+                wscale, bias, res, ep, out, t, y, _dense_amx_rows(tag, out.shape[0], max(x.shape[1], aq.shape[1])))
+        return bad
 
     @njit(cache=CACHE, parallel=True)
-    def parallel(x, aq, a_scale, a_zp, slice_ptr, starts, idx, val, offsets, wptr, wstarts, widx, wval, colsum,
-                 wscale, bias, res, ep, out, threads):
-        wide = (wptr, wstarts, widx, wval)
-        a, ascale, azp = _quantized(tag, x, aq, a_scale, a_zp)
+    def parallel(x, aq, a_scale, a_zp, table, idx, val, res, out, threads):
+        ptr, starts, offsets, colsum, wscale, bias, ep, wide = _sections(table)
+        a, ascale, azp, bad = _quantized(tag, x, aq, a_scale, a_zp)
         nblocks = (out.shape[1] + BLOCK_COLS - 1) // BLOCK_COLS
         nxt = _starts(nblocks, threads)
         amx_m = _dense_amx_rows(tag, out.shape[0], max(x.shape[1], aq.shape[1]))
         for w in prange(threads):
             t, y = np.empty(ROWS * BLOCK_COLS, np.int32), np.empty((ROWS, BLOCK_COLS), np.float32)
-            _worker(tag, w, threads, nxt, nblocks, a, slice_ptr, starts, idx, val, offsets, wide, colsum, ascale, azp,
+            _worker(tag, w, threads, nxt, nblocks, a, ptr, starts, idx, val, offsets, wide, colsum, ascale, azp,
                     wscale, bias, res, ep, out, t, y, amx_m)
+        return bad
     return serial, parallel
 
 
@@ -483,7 +533,6 @@ assert all(GEOMETRY[name][1] <= BLOCK_COLS for name in GEOMETRY)
 PARALLEL_MIN_SLOTS = 1 << 19
 _NO_X = np.empty((0, 0), np.float32)
 _NO_U8 = np.empty((0, 0), np.uint8)
-_NO_Q = {name: _NO_U8 for name in TAGS}    # rows_call's empty quantized rows, per ISA
 _F32 = np.dtype(np.float32)
 _F0, _I0 = np.float32(0), np.int32(0)
 
@@ -493,18 +542,33 @@ def _check_packed(ps):
         raise KernelError("weights must be a PackedSparse from pack_sparse_s8")
 
 
-def _run(ps, x, aq, a_scale, a_zp, bias, res, ep, out, n_threads):
-    """The kernel on float rows x or uint8 rows aq (the other empty); a_scale 0: per row."""
-    serial, parallel = ENTRIES[_dispatch._current[0]]
+class Kernels(dict):
+    """isa -> (serial entry, parallel entry, table, idx, val, slot products a row): what a
+    call of one layer (PackedSparse, bias, epilogue) hands the kernel of that ISA, made at
+    its first call there. The wide layout where the ISA runs it and the packer made it."""
+
+    def __init__(self, ps, bias, ep):
+        super().__init__()
+        self.ps, self.bias, self.ep = ps, bias, ep
+
+    def __missing__(self, isa):
+        ps = self.ps
+        wide = isa in WIDE_ISAS and ps.wide.starts.shape[0] > 0
+        ptr, starts, idx, val = ps.wide if wide else (ps.slice_ptr, ps.starts, ps.idx, ps.val)
+        table = kernel_table(ptr, starts, ps.offsets, ps.col_sums, ps.scales, self.bias, self.ep, wide)
+        self[isa] = ENTRIES[isa] + (table, idx, val, ps.starts.shape[0] * STEP)
+        return self[isa]
+
+
+def _run(kernel, x, aq, a_scale, a_zp, res, out, n_threads):
+    """kernel (a Kernels value) on float rows x or uint8 rows aq (the other empty);
+    a_scale 0: per row. Returns _quantized's bad."""
+    serial, parallel, table, idx, val, slots = kernel
     threads = n_threads or get_num_threads()
     rows = x.shape[0] if x.shape[1] else aq.shape[0]
-    if threads > 1 and ps.starts.shape[0] * STEP * rows >= PARALLEL_MIN_SLOTS:
-        parallel(x, aq, a_scale, a_zp, ps.slice_ptr, ps.starts, ps.idx, ps.val, ps.offsets, *ps.wide, ps.col_sums,
-                 ps.scales, bias, res, ep, out, threads)
-    else:
-        serial(x, aq, a_scale, a_zp, ps.slice_ptr, ps.starts, ps.idx, ps.val, ps.offsets, *ps.wide, ps.col_sums,
-               ps.scales, bias, res, ep, out, 1)
-    return out
+    if threads > 1 and slots * rows >= PARALLEL_MIN_SLOTS:
+        return parallel(x, aq, a_scale, a_zp, table, idx, val, res, out, threads)
+    return serial(x, aq, a_scale, a_zp, table, idx, val, res, out, 1)
 
 
 def gemm_sparse_s32(a, ps, n_threads=None):
@@ -519,10 +583,10 @@ def gemm_sparse_s32(a, ps, n_threads=None):
                           f"{getattr(a, 'shape', '')}")
     if a.shape[1] != ps.k:
         raise KernelError(f"A has K={a.shape[1]}, weights expect K={ps.k}")
-    m = a.shape[0]
-    out = np.empty((m, ps.n), np.int32)
-    return _run(ps, _NO_X, np.ascontiguousarray(a), _F0, _I0, _bias(None, ps.n), _NO_X, epilogue_params(), out,
-                n_threads)
+    out = np.empty((a.shape[0], ps.n), np.int32)
+    kernel = Kernels(ps, _bias(None, ps.n), epilogue_params())[_dispatch._current[0]]
+    _run(kernel, _NO_X, np.ascontiguousarray(a), _F0, _I0, _NO_X, out, n_threads)
+    return out
 
 
 def linear_sparse_f32(x, ps, bias=None, act="none", act_args=(), n_threads=None, residual=None):
@@ -540,7 +604,9 @@ def linear_sparse_f32(x, ps, bias=None, act="none", act_args=(), n_threads=None,
 def bind_linear_sparse(ps, bias=None, act="none", act_args=(), a_scale=0.0, a_zero_point=0,
                        out_scale=0.0, out_zero_point=0):
     """bind_linear (linear.py) for PackedSparse weights: the same arguments, the same
-    call(x, out=None, residual=None, n_threads=None), the same results bit for bit.
+    call(x, out=None, residual=None, n_threads=None), the same results bit for bit, and the
+    same call.rows and call.screened; call.rows_screened(x, out, n_threads) -> (y, bad) is
+    call.screened in one frame for float32 (M, K) rows (any other x: call.screened).
 
         >>> call = bind_linear_sparse(ps, bias, act="gelu")
         >>> y = call(x)
@@ -550,15 +616,35 @@ def bind_linear_sparse(ps, bias=None, act="none", act_args=(), a_scale=0.0, a_ze
     b, ep, out_dtype, static, chained_out = bound_constants(n, bias, act, act_args, a_scale, a_zero_point,
                                                             out_scale, out_zero_point)
     scale, zero_point = (np.float32(a_scale), np.int32(a_zero_point)) if static else (_F0, _I0)
+    kernels = Kernels(ps, b, ep)
+    current = _dispatch._current
+    kernels[current[0]]                   # the table now: a bad layer fails here, not at its first call
 
     def call(x, out=None, residual=None, n_threads=None):
+        return screened(x, out, n_threads, residual)[0]
+
+    def screened(x, out=None, n_threads=None, residual=None):
+        """(call(x, out, residual), 0.0 or NaN: whether x was finite, from its quantization)."""
         if (out is None and residual is None and type(x) is np.ndarray and x.dtype is _F32 and x.ndim == 2
                 and x.shape[1] == k and x.flags.c_contiguous):    # the common case, kept short
-            return _run(ps, x, _NO_U8, scale, zero_point, b, _NO_X, ep, np.empty((x.shape[0], n), out_dtype),
-                        n_threads)
+            out = np.empty((x.shape[0], n), out_dtype)
+            return out, _run(kernels[current[0]], x, _NO_U8, scale, zero_point, _NO_X, out, n_threads)
         xf, aq, out, res = call_arrays("bind_linear_sparse", x, k, n, static, chained_out, out_dtype, out, residual)
-        return _run(ps, xf, aq, scale, zero_point, b, res, ep, out, n_threads)
-    call.rows = rows_call(call, k, n, out_dtype, ps.starts.shape[0] * STEP, PARALLEL_MIN_SLOTS, ENTRIES, _NO_Q,
-                          (scale, zero_point, ps.slice_ptr, ps.starts, ps.idx, ps.val, ps.offsets, *ps.wide,
-                           ps.col_sums, ps.scales, b, _NO_X, ep))
+        return out, _run(kernels[current[0]], xf, aq, scale, zero_point, res, out, n_threads)
+
+    def rows_screened(x, out, n_threads):
+        if (type(x) is not np.ndarray or x.dtype is not _F32 or x.ndim != 2 or x.shape[1] != k
+                or not x.flags.c_contiguous):
+            return screened(x, None, n_threads)
+        m = x.shape[0]
+        if out is None or out.shape != (m, n) or out.dtype is not out_dtype or not out.flags.c_contiguous:
+            out = np.empty((m, n), out_dtype)
+        serial, parallel, table, idx, val, slots = kernels[current[0]]
+        if n_threads > 1 and m * slots >= PARALLEL_MIN_SLOTS:
+            return out, parallel(x, _NO_U8, scale, zero_point, table, idx, val, _NO_X, out, n_threads)
+        return out, serial(x, _NO_U8, scale, zero_point, table, idx, val, _NO_X, out, 1)
+
+    def rows(x, out, n_threads):
+        return rows_screened(x, out, n_threads)[0]
+    call.screened, call.rows, call.rows_screened = screened, rows, rows_screened
     return call

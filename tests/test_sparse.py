@@ -130,6 +130,44 @@ def test_all_zero_weights_give_the_bias(isa):
         np.testing.assert_array_equal(K.linear_sparse_f32(x, ps, b, n_threads=2), np.broadcast_to(b, (5, 70)))
 
 
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("a_scale", [0.0, 0.05])
+def test_the_screened_call_tells_a_nonfinite_input_from_its_quantization(isa, a_scale):
+    rng = np.random.default_rng(3)
+    q, s = sparse_weights(rng, 96, 80, 0.2)
+    ps = K.pack_sparse_s8(q, s)
+    x = rng.standard_normal((5, 80)).astype(np.float32)
+    with K.use_isa(isa):
+        call = K.bind_linear_sparse(ps, np.ones(96, np.float32), "relu", (), a_scale, 128 if a_scale else 0)
+        want = call(x.copy())
+        for screened in (lambda v: call.rows_screened(v, None, 1), lambda v: call.screened(v)):
+            y, bad = screened(x)
+            assert bad == 0 and np.array_equal(y, want)
+            for value in (np.nan, np.inf, -np.inf):
+                bad_x = x.copy()
+                bad_x[3, 41] = value
+                y, bad = screened(bad_x)
+                assert np.isnan(bad)
+                np.testing.assert_array_equal(np.delete(y, 3, 0), np.delete(want, 3, 0))
+        if a_scale:      # uint8 rows come quantized: finite
+            y, bad = call.screened(K.quantize_tensor_f32_u8(x, np.float32(a_scale), np.int32(128)))
+            assert bad == 0 and np.array_equal(y, want)
+
+
+def test_the_kernel_table_holds_its_arrays_whole():
+    rng = np.random.default_rng(4)
+    arrays = (np.arange(9, dtype=np.int32), rng.integers(0, 99, 30).astype(np.int32), np.arange(16, dtype=np.int32),
+              np.arange(5, dtype=np.int32), rng.random(5).astype(np.float32), rng.random(5).astype(np.float32),
+              S.epilogue_params("relu6"))
+    table = S.kernel_table(*arrays, True)
+    head = table[:128].view(np.int64)
+    assert head[2 * len(arrays)] == 1
+    for i, arr in enumerate(arrays):
+        first, nbytes = head[i], head[len(arrays) + i]
+        assert first % 64 == 0 and nbytes == arr.nbytes and (i == 0 or first >= head[i - 1] + head[len(arrays) + i - 1])
+        assert np.array_equal(table[first:first + nbytes].view(arr.dtype), arr)
+
+
 def test_bad_input_gets_the_dense_entry_points_errors():
     q, s = K.quantize_weights_s8(np.eye(8, 12, dtype=np.float32))
     ps = K.pack_sparse_s8(q, s)
@@ -288,6 +326,19 @@ def test_optimize_runs_pruned_linears_sparse_with_the_dense_models_outputs(prune
     assert _targets(loaded) == _targets(fast)
     with torch.no_grad():
         assert torch.equal(loaded(x), fast(x))
+
+
+def test_a_nonfinite_sample_comes_out_as_from_the_dense_model(pruned_mlp):
+    # the plan screens the input in the first sparse layer's quantization (rows_screened)
+    model, data = pruned_mlp
+    x = data.x_test[:6].clone()
+    dense, fast = _optimize(model, x, sparse=False), _optimize(model, x, sparse="always")
+    for value in (float("nan"), float("inf")):
+        x.view(len(x), -1)[2, 5] = value
+        with torch.no_grad():
+            y = fast(x)
+        assert torch.isnan(y[2]).all() and torch.isfinite(y[[0, 1, 3, 4, 5]]).all()
+        torch.testing.assert_close(y, dense(x), rtol=0, atol=0, equal_nan=True)
 
 
 def test_the_timed_choice_records_both_times(pruned_mlp):

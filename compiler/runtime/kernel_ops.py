@@ -409,6 +409,7 @@ def _bind_linear(packed, w_scale, col_sums, b, n, k, act, act_args, a_scale, a_z
     get_threads = torch.get_num_threads
     lean = getattr(kernel, "rows", None)      # float rows the workers quantize, in one frame
     screened = getattr(kernel, "screened", None)
+    lean_screened = getattr(kernel, "rows_screened", None)    # lean's (y, whether x was finite)
 
     def call(x, residual=None, out=None):
         # out: (M, N) to write into (the plan's buffer), or None for a fresh array
@@ -442,6 +443,9 @@ def _bind_linear(packed, w_scale, col_sums, b, n, k, act, act_args, a_scale, a_z
         # (call(x), 0 or NaN): whether x is finite, from the pass that quantizes it (the
         # plan's screen of a graph input this layer reads first; bind_linear's screened).
         # A small x takes a pass of its own: cheaper than the fused path's extra Python
+        # (a kernel with rows_screened has none: the sparse one)
+        if lean_screened is not None and x.ndim == 2 and x.dtype is _F32 and not saturation.active():
+            return lean_screened(x, out, get_threads())
         if (x.size < SCREEN_APART or x.dtype is not _F32 or not x.flags.c_contiguous or x.ndim < 1
                 or x.shape[-1] != k):
             return call(x, None, out), _nonfinite_sum(np.ascontiguousarray(x).reshape(-1))
