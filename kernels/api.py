@@ -23,7 +23,7 @@ from .linear import (bind_linear, gemm_u8s8_f32, gemm_u8s8_s32, gemm_u8s8_u8, ge
 from .pack import PackedWeights, aligned_empty, pack_weights_s8, quantize_weights_s8
 from .quantize import quantize_rows_f32_u8, quantize_tensor_f32_u8
 from .attention import Strided, attention_int8, attention_int8_strided
-from .conv import PackedConv, bind_conv2d, conv2d_f32, pack_conv_weights_s8, residual_floats
+from .conv import PackedConv, bind_conv2d, conv2d_f32, four_pads, pack_conv_weights_s8, residual_floats
 from .layernorm import layer_norm_f32
 from .pool import max_pool2d_nhwc, pool_out_size
 from .sparse import bind_linear_sparse, gemm_sparse_s32, linear_sparse_f32
@@ -38,7 +38,7 @@ __all__ = [
     "aligned_empty", "bind_linear_int4", "linear_int4_f32", "pack_int4", "unpack_int4",
     "bind_linear_sparse", "density", "gemm_sparse_s32", "linear_sparse_f32", "pack_sparse_s8", "unpack_sparse_s8",
     "all_finite", "attention_int8", "bind_linear", "attention_int8_strided", "available_isas", "bind_conv2d",
-    "conv2d_f32", "gemm_u8s8_f32",
+    "conv2d_f32", "four_pads", "gemm_u8s8_f32",
     "gemm_u8s8_s32", "gemm_u8s8_u8", "get_num_threads", "isa", "layer_norm_f32", "linear_f32",
     "max_pool2d_nhwc", "pack_conv_weights_s8", "pack_weights_s8", "pad_rows_u8", "pool_out_size",
     "quantize_rows_f32_u8",

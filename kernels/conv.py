@@ -83,13 +83,13 @@ def pack_conv_weights_s8(weight, groups=1, scales=None):
 
 
 @njit(cache=CACHE)
-def im2col_u8(x, c0, cg, kh, kw, sh, sw, ph, pw, dh, dw, zp, out, oy0, oy1):
+def im2col_u8(x, c0, cg, kh, kw, sh, sw, ph, pw, dh, dw, zp, out, oy0, oy1, ow):
     """Patches of channels c0..c0+cg of one uint8 HWC image (C-contiguous) into out
-    (OH*OW, Kp), columns ordered (kh, kw, c), output rows oy0..oy1-1 (of OH): each
-    tap is one contiguous run of cg values, copied with vector moves (out is uint8,
-    or uint16 A rows for the avx2 GEMM)."""
+    (OH*OW, Kp), columns ordered (kh, kw, c), output rows oy0..oy1-1 (of OH), OW wide:
+    each tap is one contiguous run of cg values, copied with vector moves (out is uint8,
+    or uint16 A rows for the avx2 GEMM). ph, pw: the padding above and left of the image;
+    below and right, whatever OH and OW reach past it (taps outside read zp)."""
     h, w, c_all = x.shape
-    ow = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
     zq = np.uint8(zp)
     uc0 = np.uint64(c0)
     # all channels, no dilation: a kernel row inside the image is kw * cg contiguous
@@ -127,17 +127,16 @@ def im2col_u8(x, c0, cg, kh, kw, sh, sw, ph, pw, dh, dw, zp, out, oy0, oy1):
 
 
 @njit(cache=CACHE, parallel=True)
-def im2col_batch_u8(x, cg, kh, kw, sh, sw, ph, pw, dh, dw, zps, out):
+def im2col_batch_u8(x, cg, kh, kw, sh, sw, ph, pw, dh, dw, zps, out, oh, ow):
     """im2col_u8 of every image of a uint8 NHWC batch, image i (zero point zps[i]) into
     its OH*OW consecutive rows of out: one call, output rows spread over the threads
     (a batch of 1 too: a 7x7 stem's patches alone cost more than its GEMM)."""
     n = x.shape[0]
-    rows = out.shape[0] // n
-    oh = (x.shape[1] + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    rows = oh * ow
     for job in prange(n * oh):
         i, oy = job // oh, job % oh
         im2col_u8(x[i], 0, cg, kh, kw, sh, sw, ph, pw, dh, dw, zps[i], out[i * rows:(i + 1) * rows],
-                  oy, oy + 1)
+                  oy, oy + 1, ow)
 
 
 @njit(cache=CACHE, parallel=True)
@@ -246,15 +245,30 @@ def _pair(v, name):
     return t
 
 
+def four_pads(padding):
+    """padding as (top, left, bottom, right), checked: four ints as they are, an int or a pair
+    (the same pads on both sides) doubled.
+
+        >>> four_pads((1, 2))       # (1, 2, 1, 2)
+    """
+    pads = tuple(int(v) for v in padding) if not np.isscalar(padding) and len(padding) == 4 else \
+        2 * _pair(padding, "padding")
+    if min(pads) < 0:
+        raise KernelError(f"padding must not be negative, got {padding}")
+    return pads
+
+
 def _geometry(stride, padding, dilation):
     """(sh, sw, ph, pw, dh, dw), each given as an int or a pair (checked)."""
     return (*_pair(stride, "stride"), *_pair(padding, "padding"), *_pair(dilation, "dilation"))
 
 
-def _out_hw(h, w, pc, geo):
-    """The output height and width of pc's kernel over an h x w input with geometry geo."""
+def _out_hw(h, w, pc, geo, far=None):
+    """The output height and width of pc's kernel over an h x w input with geometry geo,
+    padded below and right as above and left, or by far = (bottom, right)."""
     sh, sw, ph, pw, dh, dw = geo
-    return (h + 2 * ph - dh * (pc.kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (pc.kw - 1) - 1) // sw + 1
+    pb, pr = (ph, pw) if far is None else far
+    return (h + ph + pb - dh * (pc.kh - 1) - 1) // sh + 1, (w + pw + pr - dw * (pc.kw - 1) - 1) // sw + 1
 
 
 def _residual_rows(residual, pc, n, oh, ow, nhwc, codes=False):
@@ -320,28 +334,41 @@ def _taps(pc):
     return pc.dw_q.reshape(pc.out_channels, pc.kh, pc.kw)
 
 
+def _layout_in(x, layout, c, direct):
+    """(x, nhwc): the images of a bound conv's call as its kernels take them. NHWC as they
+    are; NCHW float32 C-contiguous images with c channels as they are where `direct` (the
+    kernel quantizes them from CHW, nhwc False), any other NCHW x copied NHWC."""
+    if layout == "NHWC":
+        return x, True
+    if layout != "NCHW":
+        raise KernelError(f"layout must be 'NHWC' or 'NCHW', got {layout!r}")
+    if (direct and type(x) is np.ndarray and x.dtype == np.float32 and x.ndim == 4 and x.shape[1] == c
+            and x.flags.c_contiguous):
+        return x, False
+    x = np.asarray(x)
+    if x.ndim != 4:
+        raise KernelError(f"conv: input must be 4-D NCHW images, got shape {x.shape}")
+    return np.ascontiguousarray(np.moveaxis(x, 1, -1)), True
+
+
 def _bind_depthwise(pc, bias, stride, padding, dilation, ep, a_scale, a_zp, out_scale):
-    """bind_conv2d of a depthwise conv: call(x, residual=None, n_threads=None) on float32 or
-    (static scale) uint8 NHWC images, float32 output or with out_scale > 0 uint8; padding
-    two ints or four, (top, left, bottom, right): TensorFlow-style "same" pads of stride 2
-    ([0, 0, 1, 1]) fold into the conv here, where the dense kernels take symmetric ones only."""
+    """bind_conv2d of a depthwise conv: call(x, residual=None, n_threads=None, layout="NHWC")
+    on float32 or (static scale) uint8 images, float32 output or with out_scale > 0 uint8;
+    padding two ints or four, (top, left, bottom, right)."""
     sh, sw = _pair(stride, "stride")
     dh, dw = _pair(dilation, "dilation")
-    pads = tuple(int(v) for v in padding) if not np.isscalar(padding) and len(padding) == 4 else \
-        2 * _pair(padding, "padding")
-    if min(pads) < 0:
-        raise KernelError(f"padding must not be negative, got {padding}")
-    pt, pl, pb, pr = pads
+    pt, pl, pb, pr = four_pads(padding)
     pairs, sums = pack_taps(_taps(pc))
     c = pc.out_channels
 
-    def call(x, residual=None, n_threads=None):
+    def call(x, residual=None, n_threads=None, layout="NHWC"):
         if residual is not None:
             raise KernelError("a depthwise conv adds no residual: add it after the conv")
-        if type(x) is not np.ndarray or x.ndim != 4 or x.shape[3] != c:
-            raise KernelError(f"depthwise conv: input must be NHWC with {c} channels, (N, H, W, {c}); got "
+        x, nhwc = _layout_in(x, layout, c, True)
+        if type(x) is not np.ndarray or x.ndim != 4 or x.shape[3 if nhwc else 1] != c:
+            raise KernelError(f"depthwise conv: input must be {layout} with {c} channels; got "
                               f"{getattr(x, 'shape', x)}")
-        n, h, w = x.shape[:3]
+        n, h, w = (x.shape[0], *x.shape[1:3]) if nhwc else (x.shape[0], *x.shape[2:])
         oh = (h + pt + pb - dh * (pc.kh - 1) - 1) // sh + 1
         ow = (w + pl + pr - dw * (pc.kw - 1) - 1) // sw + 1
         if oh <= 0 or ow <= 0:
@@ -352,7 +379,7 @@ def _bind_depthwise(pc, bias, stride, padding, dilation, ep, a_scale, a_zp, out_
                                   f"got a_scale={a_scale}: pass float32 images")
             xq, scales, zps = x, np.full(n, a_scale, np.float32), np.full(n, a_zp, np.int32)
         else:
-            xq, scales, zps = _hwc_images(np.ascontiguousarray(x, np.float32), True, a_scale, a_zp)
+            xq, scales, zps = _hwc_images(np.ascontiguousarray(x, np.float32), nhwc, a_scale, a_zp)
         rows = n * oh * ow
         out = np.empty((0 if out_scale > 0 else rows, c), np.float32)
         codes = np.empty((rows if out_scale > 0 else 0, c), np.uint8)
@@ -369,12 +396,16 @@ def _conv_batched(x, nhwc, pc, geo, bias, ep, n_threads, oh, ow, a_scale, a_zp, 
     through the GEMM's per-row quantization parameters. Returns (N, OH, OW, O) of
     out_dtype (uint8: ep requantizes). static_rows: the rows' (scales, zero points) of a
     static scale, made once by the caller. A uint8 x (NHWC) is quantized already, with
-    the static (a_scale, a_zp): it goes to im2col, or straight to the GEMM, as it is."""
+    the static (a_scale, a_zp): it goes to im2col, or straight to the GEMM, as it is.
+    geo's pads are those above and left of the images; below and right, whatever (OH, OW)
+    reach past them."""
     n, rows = x.shape[0], oh * ow
     cg = pc.in_channels
     kp = padded_k(pc.parts[0].k)     # K, or more (_whole_amx_tiles): im2col fills it with zero points
-    direct = pc.kh == pc.kw == 1 and kp == cg and geo == (1, 1, 0, 0, 1, 1)
-    if nhwc and conv_amx.suits(pc, geo, current_isa(), oh, ow):
+    h, w = x.shape[1:3] if nhwc else x.shape[2:]
+    same = (oh, ow) == (h, w)       # stride 1: then the pads below and right are geo's above and left
+    direct = pc.kh == pc.kw == 1 and kp == cg and geo == (1, 1, 0, 0, 1, 1) and same
+    if nhwc and same and conv_amx.suits(pc, geo, current_isa(), oh, ow):
         return _implicit_3x3(x, pc, bias, ep, n_threads, oh, ow, a_scale, a_zp, res, static_rows, out_dtype)
     if x.dtype == np.uint8:
         zps = np.full(n, a_zp, np.int32)
@@ -385,8 +416,7 @@ def _conv_batched(x, nhwc, pc, geo, bias, ep, n_threads, oh, ow, a_scale, a_zp, 
         xq = cols if direct else np.empty((x.size // cg, cg), np.uint8)
         scales, zps = _pixel_rows(x, nhwc, cg, a_scale, a_zp, xq)
     if not direct:
-        h, w = x.shape[1:3] if nhwc else x.shape[2:]
-        im2col_batch_u8(xq.reshape(n, h, w, cg), cg, pc.kh, pc.kw, *geo, zps, cols)
+        im2col_batch_u8(xq.reshape(n, h, w, cg), cg, pc.kh, pc.kw, *geo, zps, cols, oh, ow)
     rows_s, rows_z = static_rows if static_rows is not None else (np.repeat(scales, rows), np.repeat(zps, rows))
     out = np.empty((n * rows, pc.out_channels), out_dtype)
     _run(_NO_X, cols, rows_s, rows_z, pc.parts[0], _bias(bias if bias.size else None, pc.out_channels),
@@ -427,7 +457,7 @@ def _gemm_groups(xq, pc, geo, s, z, bias, ep, n_threads, oh, ow):
     rows_z = np.full(oh * ow, z, np.int32)
     cols = new_a_rows(oh * ow, kp // 4)
     for g, pw in enumerate(pc.parts):
-        im2col_u8(xq, g * cg, cg, pc.kh, pc.kw, *geo, z, cols, 0, oh)
+        im2col_u8(xq, g * cg, cg, pc.kh, pc.kw, *geo, z, cols, 0, oh, ow)
         part = np.empty((oh * ow, og), np.float32)
         b = bias[g * og:(g + 1) * og] if bias.size else bias
         _run(_NO_X, cols, rows_s, rows_z, pw, _bias(b if b.size else None, og), ep, part,
@@ -452,8 +482,13 @@ def bind_conv2d(pc, bias=None, stride=1, padding=0, dilation=1, act="none", act_
     (the result is the call's on the float image those codes stand for). With res_scale > 0
     and uint8 output the residual may be uint8 NHWC codes too, standing for (code -
     res_zero_point) * res_scale (residual_floats): the result is the call's with those
-    floats, bit for bit. A depthwise conv (_bind_depthwise) adds no residual and takes
-    padding as four numbers too, (top, left, bottom, right).
+    floats, bit for bit. A depthwise conv (_bind_depthwise) adds no residual.
+
+    padding may be four numbers, (top, left, bottom, right), for dense and depthwise convs:
+    TensorFlow-style "same" pads of stride 2 ([0, 0, 1, 1]) fold into the conv. The call
+    takes layout="NCHW" too for x (float32 images, the model's input as it comes; the
+    residual stays NHWC): dense and depthwise convs quantize them straight into their pixel
+    rows, with no NHWC copy (_layout_in).
 
         >>> call = bind_conv2d(pc, bias, stride=2, padding=1, act="relu", a_scale=0.02, a_zero_point=128)
         >>> y = call(x_nhwc)
@@ -472,7 +507,12 @@ def bind_conv2d(pc, bias=None, stride=1, padding=0, dilation=1, act="none", act_
     if pc.dw_q is not None:
         return _bind_depthwise(pc, b, stride, padding, dilation, epilogue_params(act, tuple(act_args), *ep_args),
                                a_scale, a_zero_point, out_scale)
-    geo = _geometry(stride, padding, dilation)
+    pt, pl, pb, pr = four_pads(padding)
+    four = (pt, pl) != (pb, pr)
+    if four and not dense:
+        raise KernelError(f"padding as four numbers, {padding}, is for dense (groups=1) and depthwise convs; "
+                          f"this one has groups={pc.groups}: pad the input (np.pad) and pass padding=0")
+    geo = (*_pair(stride, "stride"), pt, pl, *_pair(dilation, "dilation"))
     if dense and pc.kh * pc.kw > 1:     # im2col's rows (a 1x1 conv's rows are the image's own)
         pc = pc._replace(parts=(_whole_amx_tiles(pc.parts[0]),))
     res_args = (float(res_scale), int(res_zero_point)) if res_scale > 0 else (1.0, 0)
@@ -481,7 +521,10 @@ def bind_conv2d(pc, bias=None, stride=1, padding=0, dilation=1, act="none", act_
     static = a_scale > 0
     sizes = {}       # (N, H, W) -> (OH, OW, the GEMM rows' static scales and zero points or None)
 
-    def call(x, residual=None, n_threads=None):
+    def call(x, residual=None, n_threads=None, layout="NHWC"):
+        x, nhwc = _layout_in(x, layout, pc.in_channels, dense)
+        if not nhwc:
+            return images(x, False, residual, n_threads)
         if type(x) is np.ndarray and x.dtype == np.uint8:
             if not (dense and static and x.ndim == 4 and x.shape[3] == pc.in_channels and x.flags.c_contiguous):
                 raise KernelError(f"uint8 input is taken by dense convs with a static scale only, as C-contiguous "
@@ -489,33 +532,38 @@ def bind_conv2d(pc, bias=None, stride=1, padding=0, dilation=1, act="none", act_
                                   f"shape {x.shape}: pass float32 images")
         elif (chained_out or not dense or type(x) is not np.ndarray or x.dtype != np.float32 or x.ndim != 4
                 or x.shape[3] != pc.in_channels or not x.flags.c_contiguous):
-            if chained_out:     # conv2d_f32 has no uint8 output: the input as the fast path takes it
+            if chained_out or four:     # conv2d_f32 has no uint8 output, no four pads: the fast path
                 x = np.ascontiguousarray(x, np.float32)
                 if x.ndim != 4 or x.shape[3] != pc.in_channels:
                     raise KernelError(f"conv: input {x.shape} (NHWC) does not have {pc.in_channels} channels")
             else:
                 if _is_codes(residual):
                     _check_codes(res_scale, chained_out)     # refused: float output
-                return conv2d_f32(x, pc, bias, stride, padding, dilation, act, act_args, "NHWC", n_threads,
+                return conv2d_f32(x, pc, bias, stride, (pt, pl), dilation, act, act_args, "NHWC", n_threads,
                                   a_scale, a_zero_point, residual)
-        size = sizes.get(x.shape[:3])
+        return images(x, True, residual, n_threads)
+
+    def images(x, nhwc, residual, n_threads):
+        """The conv of checked images x, NHWC or (nhwc False) NCHW float32."""
+        n, h, w = (x.shape[0], *x.shape[1:3]) if nhwc else (x.shape[0], *x.shape[2:])
+        size = sizes.get((n, h, w))
         if size is None:
-            n, h, w = x.shape[:3]
-            oh, ow = _out_hw(h, w, pc, geo)
+            oh, ow = _out_hw(h, w, pc, geo, (pb, pr))
             if oh <= 0 or ow <= 0:
                 raise KernelError(f"conv: kernel larger than padded input {x.shape} (NHWC)")
-            rows = (np.full(n * oh * ow, a_scale, np.float32), np.full(n * oh * ow, a_zero_point, np.int32))
+            rows = (np.full(n * oh * ow, a_scale, np.float32), np.full(n * oh * ow, a_zero_point, np.int32)) \
+                if static else None
             if len(sizes) > 64:            # many input sizes: keep the table small
                 sizes.clear()
-            size = sizes[x.shape[:3]] = (oh, ow, rows if static else None)
+            size = sizes[n, h, w] = (oh, ow, rows)
         oh, ow, rows = size
         res = _NO_X
         if residual is not None:
             codes = _is_codes(residual)
             if codes:
                 _check_codes(res_scale, chained_out)
-            res = _residual_rows(residual, pc, x.shape[0], oh, ow, True, codes)
-        return _conv_batched(x, True, pc, geo, b, eps[residual is not None], n_threads, oh, ow, a_scale,
+            res = _residual_rows(residual, pc, n, oh, ow, True, codes)
+        return _conv_batched(x, nhwc, pc, geo, b, eps[residual is not None], n_threads, oh, ow, a_scale,
                              a_zero_point, res, rows, out_dtype)
     return call
 

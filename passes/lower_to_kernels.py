@@ -96,7 +96,7 @@ def run(gm, ctx, sparse=None, chain=True, residual_codes=True) -> PassResult:
     stats["chained"] = _chain(gm) if chain else 0
     stats["residual_adds"] = _fuse_residual_adds(gm) + _fuse_conv_residuals(gm)
     if stats["conv2d"]:
-        stats["pads_folded"] = _fold_depthwise_pads(gm)
+        stats["pads_folded"] = _fold_pads_into_convs(gm)
     stats["chained"] += _chain_convs(gm, residual_codes) if chain else 0
     from fxopt.kernels import api as kernels
     gm.meta.setdefault("fxopt_artifact", {})["kernel_isa"] = kernels.isa()
@@ -280,12 +280,13 @@ def _chain_convs(gm, residual_codes=True) -> int:
     return len(plans)
 
 
-def _fold_depthwise_pads(gm) -> int:
-    """A zero pad read only by int8 depthwise convs becomes their padding, four numbers (top,
-    left, bottom, right) where it is asymmetric: TensorFlow-style "same" convs of stride 2
-    (Hugging Face MobileNetV2, EfficientNet) pad [0, 1, 0, 1] apart, which fold_padding leaves
-    (aten's conv pads symmetrically). The pad's copy of the activations goes, and the conv
-    can read a uint8 producer's codes, out-of-image taps reading the zero point (= 0.0)."""
+def _fold_pads_into_convs(gm) -> int:
+    """A zero pad read only by int8 dense or depthwise convs becomes their padding, four
+    numbers (top, left, bottom, right) where it is asymmetric: TensorFlow-style "same" convs
+    of stride 2 (Hugging Face MobileNetV2 and EfficientNet, their stems too) pad [0, 1, 0, 1]
+    apart, which fold_padding leaves (aten's conv pads symmetrically). The pad's copy of the
+    activations goes, and the conv can read a uint8 producer's codes, or the model's float
+    input as it comes; out-of-image taps read the zero point (= 0.0)."""
     count = 0
     for pad in list(gm.graph.nodes):
         if pad.op != "call_function" or kind_of(pad) is not OpKind.PAD or not pad.users:
@@ -298,7 +299,7 @@ def _fold_depthwise_pads(gm) -> int:
             continue
         left, right, top, bottom = (int(v) for v in amounts)
         for conv in convs:
-            pt, pl, pb, pr = _four(conv.args[7])
+            pt, pl, pb, pr = K.four_pads(conv.args[7])
             conv.args = (parts["x"], *conv.args[1:7], [pt + top, pl + left, pb + bottom, pr + right], *conv.args[8:])
             infer_meta(gm, conv)
         gm.graph.erase_node(pad)
@@ -307,13 +308,9 @@ def _fold_depthwise_pads(gm) -> int:
 
 
 def _pads_fold_into(conv, pad) -> bool:
-    return (conv.target is kernel_ops.conv2d_int8 and bool(conv.args[5][5]) and conv.args[0] is pad
-            and not conv.kwargs and pad not in conv.args[1:])
-
-
-def _four(padding) -> list:
-    """A conv2d_int8 padding as (top, left, bottom, right)."""
-    return [int(v) for v in padding] if len(padding) == 4 else [int(padding[0]), int(padding[1])] * 2
+    """Whether conv is an int8 depthwise or dense (groups 1) conv reading pad as its input only."""
+    return (conv.target is kernel_ops.conv2d_int8 and (bool(conv.args[5][5]) or conv.args[5][4] == 1)
+            and conv.args[0] is pad and not conv.kwargs and pad not in conv.args[1:])
 
 
 # conv2d_int8's arguments after a_zp, with their defaults (its schema)

@@ -119,6 +119,31 @@ def test_image_stem_fp32_keeps_only_the_first_conv_fp32():
         fxopt.optimize(model, (x,), target=target.replace("image_stem=fp32", "image_stem=int4"), latency_repeats=0)
 
 
+def test_a_tf_same_stem_reads_the_input_with_its_pads_folded():
+    """The stem's asymmetric pad folds into the int8 conv as four pads, and the conv reads the
+    model's float NCHW input as it comes (no pad, no NHWC copy): the result is that of the
+    same layers given the input padded outside, bit for bit."""
+    torch.manual_seed(0)
+    model = _PaddedStem().eval()
+    unpadded = nn.Sequential(model.stem, nn.ReLU(), model.body).eval()
+
+    def pad(t):
+        return nn.functional.pad(t, (0, 1, 0, 1))
+    x, other, calib = torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16), torch.randn(8, 3, 16, 16)
+    kw = dict(target="cpu-int8", latency_repeats=0, latency_aware=False)
+    fast = fxopt.optimize(model, (x,), calibration_data=[(calib,)], **kw)
+    ref = fxopt.optimize(unpadded, (pad(x),), calibration_data=[(pad(calib),)], **kw)
+    assert fast.fxopt_report.record("lower_to_kernels").stats["pads_folded"] == 1
+    assert not any("pad" in str(n.target) for n in fast.graph.nodes)
+    stem = next(n for n in fast.graph.nodes if n.target is kernel_ops.conv2d_int8)
+    assert stem.args[0].op == "placeholder" and list(stem.args[7]) == [0, 0, 1, 1]
+    with torch.no_grad():
+        assert (model(x) - model(other)).abs().max() > 0.5                 # the output depends on the input
+        for inp in (x, other):
+            assert torch.equal(fast(inp), ref(pad(inp)))
+        assert drift(model(x), fast(x)).cosine >= 0.999
+
+
 def test_bad_calibration_data_is_a_clear_error():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()).eval()
     x = (torch.randn(2, 3, 8, 8),)

@@ -130,6 +130,51 @@ def test_bound_conv_equals_conv2d_f32_bit_for_bit(static, groups):
         K.bind_conv2d(pc, b, a_scale=0.1, a_zero_point=300)
 
 
+# (C, O, kernel, stride, padding (top, left, bottom, right)): a TF "same" stem of stride 2 (RGB,
+# K = 27), stride 1 padded below and right only, a 1x1 with a border, and pads on one side each
+FOUR_PADS = [(3, 32, 3, 2, (0, 0, 1, 1)), (16, 24, 3, 1, (0, 0, 2, 2)), (8, 16, 1, 1, (1, 1, 1, 1)),
+             (12, 8, (3, 5), (2, 1), (2, 0, 0, 3))]
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("c, o, k, stride, pads", FOUR_PADS)
+def test_bound_dense_conv_takes_four_pads_and_nchw_images(isa, c, o, k, stride, pads):
+    """A dense conv bound with padding (top, left, bottom, right) is the conv of the image
+    padded so with zeros (np.pad) and no padding, bit for bit: with a static scale the pads'
+    zeros are the zero point either way. Float NCHW images (layout="NCHW", quantized as
+    they are read) give the NHWC images' result, bit for bit; uint8 output alike."""
+    rng = np.random.default_rng(c + o)
+    kh, kw = (k, k) if np.isscalar(k) else k
+    w = rng.standard_normal((o, c, kh, kw)).astype(np.float32)
+    b = rng.standard_normal(o).astype(np.float32)
+    pc = K.pack_conv_weights_s8(w)
+    x = rng.standard_normal((2, 13, 11, c)).astype(np.float32)
+    padded = np.pad(x, ((0, 0), (pads[0], pads[2]), (pads[1], pads[3]), (0, 0)))
+    q = {"stride": stride, "act": "relu", "a_scale": 0.02, "a_zero_point": 120}
+    nchw = np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+    with K.use_isa(isa):
+        four = K.bind_conv2d(pc, b, padding=pads, **q)
+        want = K.bind_conv2d(pc, b, padding=0, **q)(padded)
+        got = four(x)
+        assert got.shape == want.shape and np.array_equal(got, want)
+        assert np.array_equal(four(nchw, None, None, "NCHW"), want)
+        codes = K.bind_conv2d(pc, b, padding=pads, **q, out_scale=0.05, out_zero_point=3)
+        assert np.array_equal(codes(nchw, None, None, "NCHW"), codes(x))
+        if c == 8:      # a channels-last view and uint8 codes in NCHW are copied NHWC first
+            assert np.array_equal(four(x.transpose(0, 3, 1, 2), None, None, "NCHW"), want)
+            u8 = rng.integers(0, 256, x.shape).astype(np.uint8)
+            assert np.array_equal(four(np.ascontiguousarray(u8.transpose(0, 3, 1, 2)), None, None, "NCHW"), four(u8))
+    with pytest.raises(K.KernelError, match="layout"):
+        four(x, None, None, "CHWN")
+    with pytest.raises(K.KernelError, match="negative"):
+        K.bind_conv2d(pc, b, padding=(0, -1, 1, 1))
+    grouped = K.pack_conv_weights_s8(np.ones((4, 2, 3, 3), np.float32), groups=2)
+    with pytest.raises(K.KernelError, match="four numbers"):
+        K.bind_conv2d(grouped, padding=(0, 0, 1, 1))
+    sym = K.bind_conv2d(grouped, padding=(1, 1, 1, 1))(np.ones((1, 5, 5, 4), np.float32))   # the same on all sides
+    assert np.array_equal(sym, K.bind_conv2d(grouped, padding=1)(np.ones((1, 5, 5, 4), np.float32)))
+
+
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("c, o, k, stride", [(64, 96, 3, 1), (24, 40, 3, 2), (32, 64, 1, 1), (1024, 64, 1, 1)])
 def test_bound_conv_takes_and_gives_uint8(isa, c, o, k, stride):

@@ -110,11 +110,11 @@ def check_conv(packed, w_scale, col_sums, b, geometry, stride, padding, dilation
     if depthwise not in (0, 1) or c % groups or o % groups:
         raise BadKernelArgs(f"geometry {list(geometry)}: groups must divide O and C, depthwise be 0 or 1")
     for name, pair, low in (("stride", stride, 1), ("padding", padding, 0), ("dilation", dilation, 1)):
-        sizes = (2, 4) if name == "padding" and depthwise == 1 else (2,)
+        sizes = (2, 4) if name == "padding" and (depthwise == 1 or groups == 1) else (2,)
         if not (isinstance(pair, (list, tuple)) and len(pair) in sizes
                 and all(type(v) is int and low <= v < 2**31 for v in pair)):
-            raise BadKernelArgs(f"{name} must be two ints >= {low} (padding of a depthwise conv: or four, top, "
-                                f"left, bottom, right), got {pair!r:.60}")
+            raise BadKernelArgs(f"{name} must be two ints >= {low} (padding of a dense or depthwise conv: or "
+                                f"four, top, left, bottom, right), got {pair!r:.60}")
     if depthwise:
         if not groups == c == o:
             raise BadKernelArgs(f"a depthwise conv needs groups == C == O, got {list(geometry)}")

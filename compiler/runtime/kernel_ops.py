@@ -167,21 +167,28 @@ def _bind_conv(packed, w_scale, col_sums, b, geometry, key):
                          res_scale, res_zp)
     floats = []     # with uint8 output: the float twin a saturation monitor counts with
 
-    def count_chained(xn, res, threads):
+    def count_chained(xn, res, threads, layout):
         if not floats:
             floats.append(K.bind_conv2d(pc, bias, stride, padding, dilation, act, act_args, a_scale, a_zp))
         if res is not None and res.dtype == np.uint8:       # the float twin adds the values the codes stand for
             res = K.residual_floats(res, res_scale, res_zp)
-        saturation.count_chained(packed, torch.from_numpy(floats[0](xn, res, threads)), out_scale, out_zp)
+        saturation.count_chained(packed, torch.from_numpy(floats[0](xn, res, threads, layout)), out_scale, out_zp)
 
     def call(x, residual=None):
         saturation.count(packed, x, a_scale, a_zp)
         x = x if x.dtype in (torch.float32, torch.uint8) else x.float()
         # Work in NHWC, the layout im2col reads, and hand back a channels_last tensor (logical
         # NCHW, NHWC in memory): the next conv reads it without a copy, and torch's
-        # elementwise ops and pools keep the format.
+        # elementwise ops and pools keep the format. Float NCHW images (the model's input)
+        # go as they are: a dense conv quantizes them into NHWC rows as it reads them.
         nhwc = x.permute(0, 2, 3, 1)
-        xn = (nhwc if nhwc.is_contiguous() else nhwc.contiguous()).detach().numpy()
+        layout = "NHWC"
+        if nhwc.is_contiguous():
+            xn = nhwc.detach().numpy()
+        elif x.dtype == torch.float32 and x.is_contiguous():
+            xn, layout = x.detach().numpy(), "NCHW"
+        else:
+            xn = nhwc.contiguous().detach().numpy()
         res = None
         if residual is not None:
             r = residual.permute(0, 2, 3, 1)
@@ -189,8 +196,8 @@ def _bind_conv(packed, w_scale, col_sums, b, geometry, key):
             res = (r if r.is_contiguous() and keep else r.to(r.dtype if keep else torch.float32).contiguous()
                    ).detach().numpy()
         if out_scale > 0 and saturation.active():
-            count_chained(xn, res, torch.get_num_threads())
-        return torch.from_numpy(conv(xn, res, torch.get_num_threads())).permute(0, 3, 1, 2)
+            count_chained(xn, res, torch.get_num_threads(), layout)
+        return torch.from_numpy(conv(xn, res, torch.get_num_threads(), layout)).permute(0, 3, 1, 2)
     return call
 
 
@@ -622,7 +629,7 @@ def _conv2d_int8_fake(x, packed, w_scale, col_sums, b, geometry, stride, padding
                       a_scale, a_zp, residual=None, out_scale=0.0, out_zp=0, res_scale=0.0, res_zp=0):
     n, _, h, w = x.shape
     o, _, kh, kw = geometry[:4]
-    pt, pl, pb, pr = padding if len(padding) == 4 else 2 * list(padding)
+    pt, pl, pb, pr = K.four_pads(padding)
     oh = (h + pt + pb - dilation[0] * (kh - 1) - 1) // stride[0] + 1
     ow = (w + pl + pr - dilation[1] * (kw - 1) - 1) // stride[1] + 1
     return x.new_empty((n, o, oh, ow), dtype=torch.uint8 if out_scale > 0 else torch.float32)
