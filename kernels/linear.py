@@ -189,8 +189,12 @@ def rows_share_l1_set(stride_bytes):
 
 def new_a_rows(m, kg):
     """Fresh (m, a_stride) A rows for k-groups kg, in the current path's element type
-    (producers such as im2col write them, the GEMM reads them in place)."""
+    (producers such as im2col write them, the GEMM reads them in place). uint8 rows under
+    a cache line are as wide as K, as those the GEMM reads in place (rows_share_l1_set):
+    an RGB 3x3 stem's im2col (K = 28) wrote 128-byte rows, 101 bytes of them padding."""
     dtype = _A_DTYPES[_dispatch._current[0]]
+    if dtype == np.uint8 and 4 * kg < 64:
+        return aligned_empty((m, 4 * kg), dtype)
     return aligned_empty((m, a_stride(kg, dtype.itemsize)), dtype)  # as gemm.a_rows
 
 

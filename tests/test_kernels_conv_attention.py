@@ -130,6 +130,21 @@ def test_bound_conv_equals_conv2d_f32_bit_for_bit(static, groups):
         K.bind_conv2d(pc, b, a_scale=0.1, a_zero_point=300)
 
 
+def test_rgb_images_quantize_into_the_pixel_rows_of_any_chw_image():
+    from fxopt.kernels import conv as C
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2, 3, 37, 41)).astype(np.float32) * 3       # 1517 pixels: a block and a tail
+    s, z = np.array([0.02, 0.05], np.float32), np.array([128, 3], np.int32)
+    want = np.empty((2 * 37 * 41, 3), np.uint8)
+    C.quantize_chw_rows(x.reshape(2, 3, -1), s, z, want)
+    got = np.empty_like(want)
+    C.quantize_rgb_rows(x.reshape(2, 3, -1), s, z, got.reshape(-1))
+    assert np.array_equal(got, want) and 0 < (got == 0).mean() and (got == 255).any()
+    hwc = np.empty_like(want)
+    C.quantize_hwc_rows(np.ascontiguousarray(x.transpose(0, 2, 3, 1)).reshape(2, -1, 3), s, z, hwc)
+    assert np.array_equal(got, hwc)
+
+
 # (C, O, kernel, stride, padding (top, left, bottom, right)): a TF "same" stem of stride 2 (RGB,
 # K = 27), stride 1 padded below and right only, a 1x1 with a border, and pads on one side each
 FOUR_PADS = [(3, 32, 3, 2, (0, 0, 1, 1)), (16, 24, 3, 1, (0, 0, 2, 2)), (8, 16, 1, 1, (1, 1, 1, 1)),
