@@ -41,6 +41,12 @@ def _defer_to_installed(name: str, folder: str):
 if __name__ != "fxopt":
     _defer_to_installed(__name__, __path__[0])
 else:
+    import warnings as _warnings
+    from numba.core.errors import NumbaIRAssumptionWarning as _NumbaIRAssumptionWarning
+    # Numba's own IR check flags a variable of gemm._staged, inlined into the sparse kernel's
+    # workers, as "not in scope" when they compile, and asks to report it to Numba: nothing
+    # a user of fxopt can act on (the kernels' results are tested bit for bit on every ISA).
+    _warnings.filterwarnings("ignore", category=_NumbaIRAssumptionWarning, module=r".*fxopt[/.]kernels[/.]")
     from fxopt.core.errors import (ArtifactError, CalibrationError, CaptureError, FxoptError,
                                    NoCalibrationWarning, PassError, PipelineError)
     from fxopt.core.version import VERSION as __version__
