@@ -27,7 +27,8 @@ sparse="always" takes the sparse kernel wherever the zeros allow, untimed (deter
 Chained int8 layers: where the next int8 layers quantize a layer's output with a static
 scale, the layer's epilogue writes that uint8 directly (linears to a linear, dense and
 depthwise convs to dense and depthwise convs, a zero pad between them folded into a
-depthwise conv's padding; dense convs may also add it as their residual: then the residual is 8-bit too;
+depthwise conv's padding; convs joined by a channel concat, as in SqueezeNet's fire modules;
+dense convs may also add it as their residual: then the residual is 8-bit too;
 option residual_codes=False keeps residuals float, as quantization-aware training models
 them). The codes are the ones the consumer would have made from the float value (but for
 a value within an ulp of a rounding tie: the float epilogue rounds scale and bias once,
@@ -97,7 +98,7 @@ def run(gm, ctx, sparse=None, chain=True, residual_codes=True) -> PassResult:
     stats["residual_adds"] = _fuse_residual_adds(gm) + _fuse_conv_residuals(gm)
     if stats["conv2d"]:
         stats["pads_folded"] = _fold_pads_into_convs(gm)
-    stats["chained"] += _chain_convs(gm, residual_codes) if chain else 0
+    stats["chained"] += (_chain_convs(gm, residual_codes) + _chain_concats(gm)) if chain else 0
     from fxopt.kernels import api as kernels
     gm.meta.setdefault("fxopt_artifact", {})["kernel_isa"] = kernels.isa()
     return PassResult(stats["linear"] + stats["conv2d"] + stats["attention"] > 0, stats)
@@ -278,6 +279,39 @@ def _chain_convs(gm, residual_codes=True) -> int:
         for pool in pools:
             _replace(gm, pool, kernel_ops.max_pool2d, _pool_args(pool))
     return len(plans)
+
+
+def _chain_concats(gm) -> int:
+    """Convs joined by a channel concat hand uint8 on too (SqueezeNet's fire modules: two
+    expand convs, each with its ReLU, joined), when the concat's readers are static-scale
+    convs taking it as their input, directly or through a max pool, all with one (scale,
+    zero point): each conv writes its channels' codes with that scale, torch.cat joins the
+    codes and the pool runs on them (fxopt.max_pool2d). The float concat and pool go, and
+    so does the readers' quantization. Returns the convs chained."""
+    count = 0
+    for cat in list(gm.graph.nodes):
+        if cat.target is not aten.cat.default or cat.kwargs or not cat.users:
+            continue
+        parts, dim = cat.args[0], cat.args[1] if len(cat.args) > 1 else 0
+        val = cat.meta.get("val")
+        if val is None or val.dim() != 4 or dim not in (1, -3) or not all(
+                isinstance(p, torch.fx.Node) and p.target is kernel_ops.conv2d_int8 and _chainable_conv(p)
+                and _conv_out_scale(p) == 0 and set(p.users) == {cat} for p in parts):
+            continue
+        pools = [u for u in cat.users if u.target is aten.max_pool2d.default and u.args[0] is cat and not u.kwargs]
+        takers = [(u, cat) for u in cat.users if u not in pools] + [(u, p) for p in pools for u in p.users]
+        takes = {(float(u.args[11]), int(u.args[12])) if _reads_uint8_input(u, x) else None for u, x in takers}
+        if len(takes) != 1 or None in takes:
+            continue
+        scale, zp = takes.pop()
+        for part in dict.fromkeys(parts):
+            _set_conv_args(gm, part, out_scale=scale, out_zp=zp)
+            part.meta.setdefault("fxopt_quant", {})["chained"] = True
+            count += 1
+        infer_meta(gm, cat)
+        for pool in pools:
+            _replace(gm, pool, kernel_ops.max_pool2d, _pool_args(pool))
+    return count
 
 
 def _fold_pads_into_convs(gm) -> int:

@@ -452,6 +452,51 @@ def test_trained_depthwise_separable_cnn_runs_uint8_from_stem_to_head(digits_mod
     _near_float_hand_overs_and_fp32(model, fast, plain, data)
 
 
+class _Fire(nn.Module):
+    """SqueezeNet's fire module: a 1x1 squeeze, then 1x1 and 3x3 expands joined by a concat."""
+
+    def __init__(self, cin, squeeze, expand):
+        super().__init__()
+        self.squeeze = nn.Sequential(nn.Conv2d(cin, squeeze, 1, bias=False), nn.BatchNorm2d(squeeze), nn.ReLU())
+        self.expand1, self.expand3 = nn.Conv2d(squeeze, expand, 1), nn.Conv2d(squeeze, expand, 3, padding=1)
+
+    def forward(self, x):
+        s = self.squeeze(x)
+        return torch.cat([torch.relu(self.expand1(s)), torch.relu(self.expand3(s))], 1)
+
+
+class _DigitsSqueezeNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU())
+        self.a, self.b = _Fire(32, 16, 32), _Fire(64, 16, 32)
+        self.pool = nn.MaxPool2d(2)
+        self.head, self.fc = nn.Conv2d(64, 32, 1), nn.Linear(32, 10)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.head(self.b(self.pool(self.a(self.stem(x)))))).mean(dim=(2, 3)))
+
+
+@pytest.mark.slow
+def test_trained_fire_modules_join_uint8_codes(digits_models):
+    """A SqueezeNet-style net trained on the digits: each fire module's two expand convs
+    write uint8 codes with the scale their reader quantizes the concat with, the concat
+    joins codes and the max pool between the modules runs on them. Its logits stay within
+    30 dB of every hand-over in float (chain=False), its accuracy within half a point of fp32's."""
+    data = digits_models[0]
+    torch.manual_seed(0)
+    model = train(_DigitsSqueezeNet(), data, epochs=12)
+    fast, plain, calib = _chained_and_plain(model, data)
+    assert fast.fxopt_report.record("lower_to_kernels").stats["chained"] == 7    # stem, squeezes, expands
+    cats = [n for n in fast.graph.nodes if n.target is torch.ops.aten.cat.default]
+    assert len(cats) == 2 and all(n.meta["val"].dtype == torch.uint8 for n in cats)
+    pools = [n.target for n in fast.graph.nodes if "max_pool2d" in str(n.target)]
+    assert pools == [kernel_ops.max_pool2d]
+    plain_cats = [n for n in plain.graph.nodes if n.target is torch.ops.aten.cat.default]
+    assert len(plain_cats) == 2 and all(n.meta["val"].dtype == torch.float32 for n in plain_cats)
+    _near_float_hand_overs_and_fp32(model, fast, plain, data)
+
+
 class _Residual(nn.Module):
     """Three adds: a residual (fusable), a broadcast bias-like add and an add of a linear
     that has a second user (neither fusable)."""
