@@ -255,12 +255,8 @@ def _chain_convs(gm, residual_codes=True) -> int:
     for node in gm.graph.nodes:
         if node.target is not kernel_ops.conv2d_int8 or not _chainable_conv(node) or _conv_out_scale(node) > 0:
             continue
-        pools = [u for u in node.users if u.target is aten.max_pool2d.default and u.args[0] is node
-                 and not u.kwargs]
         adders = [u for u in node.users if residual_codes and _adds_uint8_residual(u, node)]
-        takers = ([(u, node) for u in node.users if u not in pools and u not in adders]
-                  + [(u, p) for p in pools for u in p.users])
-        takes = {(float(u.args[11]), int(u.args[12])) if _reads_uint8_input(u, x) else None for u, x in takers}
+        pools, takes = _pools_and_takes(node, adders)
         quant = node.meta.get("fxopt_quant", {})
         if not takes and adders and quant.get("out_scale", 0) > 0:    # added only: its own calibrated scale
             takes = {(float(quant["out_scale"]), int(quant["out_zp"]))}
@@ -281,6 +277,16 @@ def _chain_convs(gm, residual_codes=True) -> int:
     return len(plans)
 
 
+def _pools_and_takes(node, others=()) -> tuple:
+    """(the max pools reading node, the set of (scale, zero point) that node's other readers
+    but `others`, and the pools' readers, quantize it with; None in the set for a reader
+    that is not a static-scale int8 conv taking it as its input)."""
+    pools = [u for u in node.users if u.target is aten.max_pool2d.default and u.args[0] is node and not u.kwargs]
+    takers = ([(u, node) for u in node.users if u not in pools and u not in others]
+              + [(u, p) for p in pools for u in p.users])
+    return pools, {(float(u.args[11]), int(u.args[12])) if _reads_uint8_input(u, x) else None for u, x in takers}
+
+
 def _chain_concats(gm) -> int:
     """Convs joined by a channel concat hand uint8 on too (SqueezeNet's fire modules: two
     expand convs, each with its ReLU, joined), when the concat's readers are static-scale
@@ -298,9 +304,7 @@ def _chain_concats(gm) -> int:
                 isinstance(p, torch.fx.Node) and p.target is kernel_ops.conv2d_int8 and _chainable_conv(p)
                 and _conv_out_scale(p) == 0 and set(p.users) == {cat} for p in parts):
             continue
-        pools = [u for u in cat.users if u.target is aten.max_pool2d.default and u.args[0] is cat and not u.kwargs]
-        takers = [(u, cat) for u in cat.users if u not in pools] + [(u, p) for p in pools for u in p.users]
-        takes = {(float(u.args[11]), int(u.args[12])) if _reads_uint8_input(u, x) else None for u, x in takers}
+        pools, takes = _pools_and_takes(cat)
         if len(takes) != 1 or None in takes:
             continue
         scale, zp = takes.pop()
