@@ -38,7 +38,7 @@ sparse=True 10.2 us, sparse=False 14.7 us = 1.44x (1.05-1.20x before the VNNI an
 loops). Then with the small arrays in one table (10 entry arguments, not 20) and the input's
 NaN screen in the kernel's quantization: 8.1 / 13.2 us = 1.62x; bound kernels at M=1 (section
 2) 5.3 / 10.4 us = 1.94x. Of the 8.1 us, about 2.9 are the plan's (module call, input check,
-torch <-> numpy), about 1 the Python around the kernel and 0.45 Numba's dispatch, which the
+torch <-> numpy), about 0.7 the Python around the kernel and 0.45 Numba's dispatch, which the
 dense call pays as well; the kernel's steps take about 2.3 us.
 """
 import argparse
