@@ -22,8 +22,8 @@ Products fit int16 pairs (|x * t| <= 255 * 128) and their sums int32.
 
 The epilogue: float32(acc) * (scale * ws) + bias, then the activation, then (uint8 output)
 clip(rint(y * (1 / out_scale)) + out_zp, 0, 255), the GEMM's uint8 epilogue's operations.
-With no activation, relu or a clamp (ReLU6), and whole 16-channel vectors, it runs in
-registers on each sum (pair_outputs); else on a row of sums staged in memory.
+With no activation, relu, a clamp (ReLU6) or SiLU, and whole 16-channel vectors, it runs
+in registers on each sum (pair_outputs); else on a row of sums staged in memory.
 """
 import llvmlite.ir as ir
 import numpy as np
@@ -32,12 +32,13 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from ._cache import CACHE  # package-wide cache locators, before any @njit(cache=CACHE)
-from .epilogue import EP_ACT, EP_P0, EP_P1, apply_activation, requant_params, requantize_rows
+from .epilogue import ACTIVATIONS, EP_ACT, EP_P0, EP_P1, apply_activation, requant_params, requantize_rows
 from .rowops import IntrinsicArgs, splat
-from .simd import _py_max, _py_min, _requantize
+from .simd import _py_max, _py_min, _requantize, _silu_staged
 
-KERNEL_VERSION = "depthwise-2"
+KERNEL_VERSION = "depthwise-3"
 _F0, _INF = np.float32(0.0), np.float32(np.inf)
+_SILU = ACTIVATIONS["silu"]
 
 # a job takes up to BAND_ROWS output rows, their input rows made pair rows once (a 3x3 stride-1
 # row reads 3, a band of 8 reads 10); as many as leave BAND_JOBS jobs to spread
@@ -136,32 +137,39 @@ def pair_sums(typingctx, x2, xpix, xrow, xpair, taps, trow, tpair, nrows, npairs
 
 @intrinsic
 def pair_outputs(typingctx, x2, xpix, xrow, xpair, taps, trow, tpair, nrows, npairs, nvec, npix, corr, cs, bias,
-                 lo, hi, inv, ozp, out, ooff, opix):
+                 lo, hi, silu, inv, ozp, out, ooff, opix):
     """pair_sums finished in registers, straight into out (float32, or uint8 codes) at
     out[ooff + p*opix + 16v + l]: y = float32(sum) * cs + bias (cs: scale * ws, float32),
     clamped to [lo, hi] (no activation: -inf, inf; relu: 0, inf; a clamp: its bounds), then
-    for uint8 clip(rint(y * inv) + ozp, 0, 255): depthwise_u8's epilogue, operation for
-    operation (simd's _py_max, _py_min and _requantize: the staged epilogue's compares and
-    rounding; max(y, -inf) and min(y, inf) are y, NaN too)."""
+    if silu (a bool) y / (1 + exp(-y)), then for uint8 clip(rint(y * inv) + ozp, 0, 255):
+    depthwise_u8's epilogue, operation for operation (simd's _py_max, _py_min, _silu_staged
+    and _requantize: the staged epilogue's compares, polynomial and rounding; max(y, -inf)
+    and min(y, inf) are y, NaN too)."""
     if not (isinstance(out, types.Array) and out.dtype in (types.uint8, types.float32)):
         return None
     sig = types.void(x2, xpix, xrow, xpair, taps, trow, tpair, nrows, npairs, nvec, npix, corr, cs, bias,
-                     types.float32, types.float32, types.float32, types.float32, out, ooff, opix)
+                     types.float32, types.float32, types.boolean, types.float32, types.float32, out, ooff, opix)
     codes = out.dtype == types.uint8
 
     def codegen(context, builder, sig, args):
         ar = IntrinsicArgs(context, builder, sig, args)
-        cs_p, b_p, o_p, opix_ = ar.ptr(12), ar.ptr(13), ar.ptr(18, 19), ar.int(20)
+        cs_p, b_p, o_p, opix_ = ar.ptr(12), ar.ptr(13), ar.ptr(19, 20), ar.int(21)
         fvec = ir.VectorType(ir.FloatType(), LANES)
-        lo_v, hi_v, inv, ozp = (splat(builder, args[k], LANES) for k in (14, 15, 16, 17))
+        lo_v, hi_v, inv, ozp = (splat(builder, args[k], LANES) for k in (14, 15, 17, 18))
 
-        def finish(total, px, lane0):
+        def finish(total, px, lane0, silu):
             y = builder.fadd(builder.fmul(builder.sitofp(total, fvec), _load(builder, cs_p, lane0, fvec)),
                              _load(builder, b_p, lane0, fvec))
             y = _py_min(builder, _py_max(builder, y, lo_v), hi_v)
+            if silu:
+                y = _silu_staged(builder, y)
             off = builder.add(builder.mul(px, opix_), lane0)
             _store(builder, _requantize(builder, y, inv, ozp) if codes else y, o_p, off)
-        _emit_sums(builder, ar, finish)
+        with builder.if_else(args[16]) as (with_silu, clamped):     # one loop nest each
+            with with_silu:
+                _emit_sums(builder, ar, lambda total, px, lane0: finish(total, px, lane0, True))
+            with clamped:
+                _emit_sums(builder, ar, lambda total, px, lane0: finish(total, px, lane0, False))
         return context.get_dummy_value()
     return sig, codegen
 
@@ -250,16 +258,17 @@ def _output_row(x2, x_off, tf, corr, kh, kw, sw, dh, dw, wp, c, nvec, npairs, ow
                 inv, ozp, to_codes, codes, of, r0):
     """One output row of depthwise_u8 from the pair rows in x2 from x_off (its first tap row),
     written at r0: finished in registers (pair_outputs) where the channels are whole vectors
-    and the activation is none, relu or a clamp; else the sums staged in acc, then y."""
-    if act <= 2 and nvec * LANES == c:
-        lo = -_INF if act == 0 else (_F0 if act == 1 else ep[EP_P0])
-        hi = _INF if act < 2 else ep[EP_P1]
+    and the activation is none, relu, a clamp or SiLU; else the sums staged in acc, then y."""
+    silu = act == _SILU
+    if (act <= 2 or silu) and nvec * LANES == c:
+        lo = -_INF if act == 0 or silu else (_F0 if act == 1 else ep[EP_P0])
+        hi = _INF if act < 2 or silu else ep[EP_P1]
         if to_codes:
             pair_outputs(x2[x_off:], sw * c, dh * wp * c, 2 * dw * c, tf, npairs * c, c, kh, npairs, nvec, ow, corr,
-                         cs, bias, lo, hi, inv, ozp, codes, r0, c)
+                         cs, bias, lo, hi, silu, inv, ozp, codes, r0, c)
         else:
             pair_outputs(x2[x_off:], sw * c, dh * wp * c, 2 * dw * c, tf, npairs * c, c, kh, npairs, nvec, ow, corr,
-                         cs, bias, lo, hi, inv, ozp, of, r0, c)
+                         cs, bias, lo, hi, silu, inv, ozp, of, r0, c)
         return
     pair_sums(x2[x_off:], sw * c, dh * wp * c, 2 * dw * c, tf, npairs * c, c, kh, npairs, nvec, ow, corr, acc, 0, c)
     for ox in range(ow):           # channels past the last whole vector

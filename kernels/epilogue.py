@@ -24,6 +24,7 @@ KERNEL_VERSION = "epilogue-11"
 
 ACTIVATIONS = {"none": 0, "relu": 1, "hardtanh": 2, "relu6": 2,
                "gelu": 3, "gelu_tanh": 4, "silu": 5}
+_GELU_TANH = ACTIVATIONS["gelu_tanh"]
 EP_ACT, EP_P0, EP_P1, EP_OSCALE, EP_OZP, EP_RES_FIRST, EP_RSCALE, EP_RZP = range(8)
 
 _F0, _F1, _F2, _HALF, _F255 = (np.float32(v) for v in (0.0, 1.0, 2.0, 0.5, 255.0))
@@ -115,6 +116,14 @@ def apply_activation(v, i, j0, n, act, p0, p1):
             k = uj + np.uint64(j)
             x = v[ui, k]
             v[ui, k] = x / (_F1 + exp_f32(-x))
+
+
+@njit(inline="always")
+def in_registers(act):
+    """Whether the tile epilogues (simd.tile_f32, tile_u8, staged_f32, staged_u8) apply the
+    activation with code act in registers: all but tanh GELU, which runs on stored rows
+    (apply_activation) after them."""
+    return act != _GELU_TANH
 
 
 def residual_value(res, i, k, ep):

@@ -17,8 +17,8 @@ from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
 from ._cache import CACHE  # package-wide cache locators, before any @njit(cache=CACHE)
-from .epilogue import (EP_ACT, EP_P0, EP_P1, EP_RES_FIRST, add_residual_rows, apply_activation, store_tile_f32,
-                       store_tile_s32, store_tile_u8)
+from .epilogue import (EP_ACT, EP_P0, EP_P1, EP_RES_FIRST, add_residual_rows, apply_activation, in_registers,
+                       store_tile_f32, store_tile_s32, store_tile_u8)
 from . import amx
 from .rowops import borrowed, call_llvm, prefetch
 from .quantize import quantize_rows_range
@@ -26,7 +26,7 @@ from .simd import (A_DTYPES, AMX_ISAS, BLOCK_COLS, GEOMETRY, GROUP_BYTES, TAGS, 
                    tile_f32_half, tile_u8, tile_u8_half, tile_u8_quarter, HALF_COLS, QUARTER_COLS, staged_f32,
                    staged_u8, tile_s32, tile_s32_quarter)
 
-KERNEL_VERSION = "gemm-23"
+KERNEL_VERSION = "gemm-24"
 
 
 def _s32_dispatch(tile):
@@ -159,7 +159,7 @@ def _register_tile(tag, mr, m0, n0, width, aq, bp, boff, kg, colsum, ascale, azp
 def _register_tile_impl(tag, mr, m0, n0, width, aq, bp, boff, kg, colsum, ascale, azp, wscale,
                         bias, res, ep, out):
     """The first `width` columns (register_width) of a block, float or uint8 output, an
-    activation done in registers (none, relu, clamp, erf GELU): dequantized, activated and
+    activation done in registers (none, relu, clamp, erf GELU, SiLU): dequantized, activated and
     the fused residual added (tile_f32) or requantized (tile_u8) in registers, the int32
     tile never stored. The hot path, kept apart from the tail
     and int32-staging code of _compute and from _stored_tile's path: with either in
@@ -248,8 +248,8 @@ def _stored_tile(tag, mr, m0, n0, width, aq, bp, boff, kg, colsum, ascale, azp, 
 @overload(_stored_tile, inline="always")
 def _stored_tile_impl(tag, mr, m0, n0, width, aq, bp, boff, kg, colsum, ascale, azp, wscale,
                       bias, res, ep, out):
-    """The first `width` columns (whole tiles) of a block, float output, activation SiLU
-    or tanh GELU: those run on the stored tile, between the residual's two places."""
+    """The first `width` columns (whole tiles) of a block, float output, activation tanh
+    GELU: it runs on the stored tile, between the residual's two places."""
     if out.dtype != types.float32:
         def impl(tag, mr, m0, n0, width, aq, bp, boff, kg, colsum, ascale, azp, wscale, bias, res, ep,
                  out):
@@ -303,8 +303,8 @@ def _staged_impl(mr, m0, n0, ncols, colsum, ascale, azp, wscale, bias, res, ep, 
 @njit(inline="always")
 def _compute(tag, mr, m0, n0, ncols, aq, bp, boff, kg, colsum, ascale, azp, wscale,
              bias, res, ep, out, t, y):
-    """Column tails, no bias vector, int32 output, uint8 output with an activation after
-    erf GELU (SiLU, tanh GELU), the portable ISA (whole tiles with float output take
+    """Column tails, no bias vector, int32 output, uint8 output with tanh GELU (not
+    epilogue.in_registers), the portable ISA (whole tiles with float output take
     _register_tile / _stored_tile, with uint8 output _register_tile): the int32 tile
     staged in t."""
     _tiles_s32(tag, mr, m0, ncols, aq, bp, boff, kg, t)
@@ -370,11 +370,11 @@ def _amx_epilogue_impl(tag, m0, rows, n0, ncols, colsum, ascale, azp, wscale, bi
     """The epilogue of an AMX block (rows of out from m0, staged in t): for float output,
     a bias and all 64 columns, in registers (simd.staged_f32, as _register_tile and
     _stored_tile do it) _EP_ROWS rows at a time; for uint8 output likewise (simd.staged_u8)
-    when the activation runs in registers (act <= 3); else, and for the last rows, _staged."""
+    when the activation runs in registers (in_registers); else, and for the last rows, _staged."""
     if out.dtype == types.uint8:
         def impl(tag, m0, rows, n0, ncols, colsum, ascale, azp, wscale, bias, res, ep, out, t, y):
             act = np.int32(ep[EP_ACT])
-            whole = (ncols == BLOCK_COLS) & (bias.shape[0] > 0) & (act <= 3)
+            whole = (ncols == BLOCK_COLS) & (bias.shape[0] > 0) & in_registers(act)
             full = (rows - rows % _EP_ROWS) * np.intp(whole)
             if full < rows:
                 _staged(rows - full, m0 + full, n0, ncols, colsum, ascale, azp, wscale, bias, res, ep,
@@ -397,7 +397,7 @@ def _amx_epilogue_impl(tag, m0, rows, n0, ncols, colsum, ascale, azp, wscale, bi
             _staged(rows - full, m0 + full, n0, ncols, colsum, ascale, azp, wscale, bias, res, ep,
                     out, t[full * BLOCK_COLS:], y)
         act, first = np.int32(ep[EP_ACT]), ep[EP_RES_FIRST] != 0
-        in_regs = act <= 3   # else SiLU, tanh GELU: after the tile, as _stored_tile
+        in_regs = in_registers(act)   # else tanh GELU: after the tile, as _stored_tile
         tile_act = act * np.int32(in_regs)
         tile_res = res[:res.shape[0] * np.intp(in_regs | first)]
         for r in range(0, full, _EP_ROWS):
@@ -482,17 +482,18 @@ def _job_into(tag, job, nmc, mchunk, rows_first, aq, bp, kg, colsum, ascale, azp
     m_start = _amx_rows(tag, m_start, m_end, n0, ncols, aq, bp, boff, kg, colsum, ascale, azp,
                         wscale, bias, res, ep, out, t, y)
     # whole tiles of the ISA with float output take the in-register epilogue, with uint8
-    # output those whose activation runs in registers (act <= 3) and that add no residual;
+    # output those whose activation runs in registers (in_registers) and that add no residual;
     # column tails (under one tile), int32 output, uint8 with a later activation or a
     # residual, and the portable ISA are staged
     regs = bias.shape[0] > 0 and not is_portable(tag)
     width = 0
-    if regs and ep[EP_ACT] <= 3 and _finished_in_registers(out) and (res.shape[0] == 0 or _is_float32(out)):
+    if (regs and in_registers(np.int32(ep[EP_ACT])) and _finished_in_registers(out)
+            and (res.shape[0] == 0 or _is_float32(out))):
         width = register_width(tag, ncols, out)
-    elif regs and _is_float32(out):   # SiLU, tanh GELU: _stored_tile
+    elif regs and _is_float32(out):   # tanh GELU: _stored_tile
         width = ncols - ncols % isa_geometry(tag)[1]
     if width > 0:
-        if ep[EP_ACT] <= 3:  # one loop per kind of tile (see _register_tile)
+        if in_registers(np.int32(ep[EP_ACT])):  # one loop per kind of tile (see _register_tile)
             for m0 in range(m_start, m_end, mr_max):
                 _register_tile(tag, min(mr_max, m_end - m0), m0, n0, width, aq, bp, boff, kg,
                                colsum, ascale, azp, wscale, bias, res, ep, out)

@@ -45,7 +45,7 @@ from numba.extending import (intrinsic, models,
 from . import epilogue as _ep
 from .rowops import IntrinsicArgs as _Args, call_llvm as _call, emit_prefetch, splat as _splat
 
-KERNEL_VERSION = "simd-12"
+KERNEL_VERSION = "simd-13"
 
 ISAS = ("amx_int8", "avx512_vnni", "avx_vnni", "avx2", "portable")
 # amx_int8 is avx512_vnni plus AMX tiles for the large blocks (amx.py, gemm.py): every
@@ -546,6 +546,7 @@ def _emit_f32_epilogue(context, builder, ar, i0, nrows, width, accumulate):
     def activations(with_res):
         _by_activation(builder, act_v, [
             (3, lambda: store(lambda y: _gelu_vec(builder, y), with_res)),
+            (5, lambda: store(lambda y: _silu_staged(builder, y), with_res)),
             (1, lambda: store(lambda y: _vcall(builder, "llvm.maxnum", y, zero), with_res)),
             (2, lambda: store(lambda y: _vcall(builder, "llvm.minnum", _vcall(builder, "llvm.maxnum", y, p0v),
                                                p1v), with_res))],
@@ -571,9 +572,9 @@ def _emit_u8_epilogue(context, builder, ar, i0, nrows, width, accumulate, residu
     epilogue.store_tile_u8's operations in its order, on vectors instead of a staged
     row, so that the bytes are the staged path's on every input: y as dequant_row
     rounds it (no fma), the residual added as store_tile_u8 adds it, the activation as
-    apply_activation computes it (Python's max/min compares, _gelu_staged), then
-    clip(rint(y * (1 / out_scale)) + out_zp, 0, 255) and the low byte (_requantize).
-    Activations past erf GELU (3) are the caller's to stage."""
+    apply_activation computes it (Python's max/min compares, _gelu_staged, _silu_staged),
+    then clip(rint(y * (1 / out_scale)) + out_zp, 0, 255) and the low byte (_requantize).
+    tanh GELU is the caller's to stage (epilogue.in_registers)."""
     sig, args = ar.tys, ar.args
     o_ptr, ldo = _tile_out(context, builder, ar, i0, nrows, width)
     rows = _dequantize(builder, ar, i0, accumulate(), fused=False)
@@ -597,6 +598,7 @@ def _emit_u8_epilogue(context, builder, ar, i0, nrows, width, accumulate, residu
     def activations(with_res):
         _by_activation(builder, act_v, [
             (3, lambda: store(lambda y: _gelu_staged(builder, y), with_res)),
+            (5, lambda: store(lambda y: _silu_staged(builder, y), with_res)),
             (1, lambda: store(lambda y: _py_max(builder, y, zero), with_res)),
             (2, lambda: store(lambda y: _py_min(builder, _py_max(builder, y, p0v), p1v), with_res))],
             lambda: store(lambda y: y, with_res))
@@ -679,6 +681,33 @@ def _gelu_staged(builder, x):
     e = builder.fsub(k(1.0), builder.fdiv(k(1.0), p))
     erf = builder.select(builder.fcmp_ordered(">=", u, k(0.0)), e, builder.fsub(k(-0.0), e))
     return builder.fmul(builder.fmul(k(0.5), x), builder.fadd(k(1.0), erf))
+
+
+def _exp_staged(builder, x):
+    """epilogue.exp_f32 on a float vector, operation for operation (its clamps as Python's
+    max and min, n = rint(x log2 e), the two-part ln 2, the degree-6 polynomial by
+    multiplies and adds, 2^n from the exponent bits): the staged path's bits."""
+    def k(v):
+        return _fconst(x.type, v)
+    n_lanes = x.type.count
+    x = _py_min(builder, _py_max(builder, x, k(_ep._EXP_LO)), k(_ep._EXP_HI))
+    n = _vcall(builder, "llvm.rint", builder.fmul(x, k(_ep._LOG2E)))
+    r = builder.fsub(builder.fsub(x, builder.fmul(n, k(_ep._LN2_HI))), builder.fmul(n, k(_ep._LN2_LO)))
+    p = builder.fmul(r, k(1 / 720))
+    for c in (1 / 120, 1 / 24, 1 / 6, 1 / 2, 1.0):     # 1 + r (1 + r (1/2 + ... r (1/120 + r / 720)))
+        p = builder.fmul(r, builder.fadd(k(c), p))
+    p = builder.fadd(k(1.0), p)
+    ivec = _vec(_i32, n_lanes)
+    bits = builder.shl(builder.add(builder.fptosi(n, ivec), ir.Constant(ivec, [ir.Constant(_i32, 127)] * n_lanes)),
+                       ir.Constant(ivec, [ir.Constant(_i32, 23)] * n_lanes))
+    return builder.fmul(p, builder.bitcast(bits, x.type))
+
+
+def _silu_staged(builder, x):
+    """apply_activation's SiLU on a float vector, operation for operation:
+    x / (1 + exp_f32(-x)), a division (its bits are the staged path's)."""
+    one = _fconst(x.type, 1.0)
+    return builder.fdiv(x, builder.fadd(one, _exp_staged(builder, builder.fneg(x))))
 
 
 def _vcall(builder, name, *vecs):

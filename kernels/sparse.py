@@ -65,7 +65,7 @@ from numba.extending import intrinsic, overload
 from ._cache import CACHE  # package-wide cache locators, before any @njit(cache=CACHE)
 from . import amx, dispatch as _dispatch
 from .dispatch import KernelError
-from .epilogue import EP_ACT, EP_P0, EP_P1, EP_RES_FIRST, add_residual_rows, apply_activation
+from .epilogue import EP_ACT, EP_P0, EP_P1, EP_RES_FIRST, add_residual_rows, apply_activation, in_registers
 from .gemm import _COUNTER_STRIDE, _count_add, _is_float32, _staged, _starts
 from .linear import _bias, bound_constants, call_arrays, epilogue_params, get_num_threads, on_rows
 from .quantize import quantize_rows_into, quantize_tensor_into
@@ -74,7 +74,7 @@ from .simd import AMX_ISAS, BLOCK_COLS, GEOMETRY, TAGS, IsaType, is_portable, is
 from .sparse_pack import (HIGH, SLICE, SLOTS, STEP, WIDE_HOST, WIDE_SLICE, WIDE_STEP, WIDE_WINDOW,  # noqa: F401
                           PackedSparse, density, pack_sparse_s8, unpack_sparse_s8)
 
-KERNEL_VERSION = "sparse-8"
+KERNEL_VERSION = "sparse-9"
 ROWS = 4            # activation rows a job computes at once (they share the weight loads)
 VNNI_ISAS = ("amx_int8", "avx512_vnni", "avx_vnni")     # step loops on vpdpbusd (ymm)
 CHAINS = 4          # vpdpbusd accumulators a step loop keeps going (rows x sets)
@@ -306,7 +306,7 @@ def _epilogue(tag, mr, m0, n0, ncols, colsum, ascale, azp, wscale, bias, res, ep
     if m0 < amx_m and (ncols < BLOCK_COLS or m0 >= amx_m - amx_m % ROWS):
         width = 0
     act = np.int32(ep[EP_ACT])
-    in_regs = act <= 3
+    in_regs = in_registers(act)
     first = ep[EP_RES_FIRST] != 0
     for cs in range(0, width, tc):
         _staged_regs(tag, mr, t, cs, colsum, wscale, bias, n0 + cs, ascale, azp, m0, out,

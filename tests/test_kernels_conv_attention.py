@@ -236,7 +236,7 @@ DEPTHWISE = [(32, (3, 3), 1, 1, 1),
              (16, (2, 4), (1, 2), (1, 0, 0, 2), 1)]     # even kernel widths: no zero tap in the pairs
 
 
-# activations: in registers (none, relu, a clamp) on whole 16-channel vectors, else staged
+# activations: in registers (none, relu, a clamp, SiLU) on whole 16-channel vectors, else staged
 DEPTHWISE_ACTS = {"relu6": ((0.0, 6.0), lambda t: t.clamp(0, 6)), "relu": ((), lambda t: t.clamp(min=0)),
                   "none": ((), lambda t: t), "silu": ((), lambda t: t * t.sigmoid())}
 
@@ -674,3 +674,23 @@ def test_nhwc_images_quantize_into_pixel_rows_exactly(c, p, wide, dtype):
         np.testing.assert_array_equal(got[:, :c], q.reshape(p, c))
         if wide:
             assert (got[:, c:kp] == z[0]).all() and (got[:, kp:] == 7).all()
+
+
+@pytest.mark.parametrize("act", sorted(DEPTHWISE_ACTS))
+def test_depthwise_registers_equal_the_staged_epilogue(act):
+    """A depthwise conv's channels finish in registers where they are whole 16-channel
+    vectors (pair_outputs) and staged in a row of sums otherwise (a channel tail makes
+    the whole row staged): the same operations, so the same bits, float and uint8 out.
+    The first 32 channels of a 40-channel conv (staged) against the same 32 alone."""
+    rng = np.random.default_rng(41)
+    w = rng.standard_normal((40, 1, 3, 3)).astype(np.float32)
+    b = rng.standard_normal(40).astype(np.float32)
+    wide, narrow = K.pack_conv_weights_s8(w, groups=40), K.pack_conv_weights_s8(w[:32], groups=32)
+    assert np.array_equal(wide.dw_q[:32], narrow.dw_q) and np.array_equal(wide.dw_scales[:32], narrow.dw_scales)
+    codes = rng.integers(0, 256, (2, 12, 10, 40)).astype(np.uint8)
+    q = {"padding": 1, "act": act, "act_args": DEPTHWISE_ACTS[act][0], "a_scale": 0.03, "a_zero_point": 7}
+    for out in ({}, {"out_scale": 0.025, "out_zero_point": 3}):
+        staged = K.bind_conv2d(wide, b, **q, **out)(codes)[..., :32]
+        in_regs = K.bind_conv2d(narrow, b[:32], **q, **out)(np.ascontiguousarray(codes[..., :32]))
+        assert len(np.unique(in_regs)) > 100                     # not all clipped
+        np.testing.assert_array_equal(in_regs, staged)

@@ -220,7 +220,7 @@ def test_gemm_u8_equals_the_staged_requantization_bit_for_bit(isa, monkeypatch, 
     AMX blocks) where the path has them and staged elsewhere, is the staged path's:
     the float result of the all-staged (portable) path, store_tile_u8's arithmetic in
     numpy, bit for bit, on every path, serial and threaded, with and without a bias,
-    every activation (SiLU and tanh GELU stay staged). The float output of a register
+    every activation (tanh GELU stays staged). The float output of a register
     path is no reference: it fuses scale and bias into one fma and estimates GELU's
     1 / p, an ulp away, which moves a value on a rounding tie. With ties, every other
     y / out_scale is a tie (scales 0.5, bias in quarters): round half to even."""
@@ -716,7 +716,7 @@ def test_screened_call_tells_a_non_finite_input_from_its_quantization(isa, monke
 def test_uint8_residual_adds_the_floats_its_codes_stand_for(isa, m, k, n):
     """A uint8 residual (a chained ResNet block's output) gives the uint8 output of the
     float residual its codes stand for, bit for bit, added before or after the activation
-    (relu in registers, SiLU staged); that output is the float64 reference requantized."""
+    (relu and SiLU in registers, tanh GELU after); that output is the float64 reference requantized."""
     from fxopt.kernels.conv import residual_floats
     rng = np.random.default_rng(m + k + n)
     a, w = _operands(rng, m, k, n)
@@ -729,7 +729,8 @@ def test_uint8_residual_adds_the_floats_its_codes_stand_for(isa, m, k, n):
     assert np.abs(floats).max() > 3                                      # as large as the conv's own values
     acc = R.gemm_u8s8_s32(a, w).astype(np.float64) - 9.0 * w.astype(np.float64).sum(1)
     y = acc * (0.02 * ws.astype(np.float64)) + bias
-    acts = {"relu": lambda v: np.maximum(v, 0), "silu": lambda v: v / (1 + np.exp(-v))}
+    acts = {"relu": lambda v: np.maximum(v, 0), "silu": lambda v: v / (1 + np.exp(-v)),
+            "gelu_tanh": lambda v: 0.5 * v * (1 + np.tanh(np.sqrt(2 / np.pi) * (v + 0.044715 * v ** 3)))}
     for act, fn in acts.items():
         for first in (False, True):
             ep = L.epilogue_params(act, (), 0.05, 3, first, 0.03, 100)
