@@ -12,7 +12,7 @@ See linear.py (GEMM/linear), bf16.py (the fp32-accumulating linear on bf16 weigh
 bf16-rounded activations: pack_bf16, linear_bf16_f32, bind_linear_bf16), int4.py (the linear on grouped int4 weights: pack_int4,
 linear_int4_f32, bind_linear_int4; layout in int4_pack.py), sparse.py (the same linear on sparse weights:
 pack_sparse_s8, linear_sparse_f32, bind_linear_sparse), attention.py (fused int8 attention, with attention_steps.py
-and rowops.py), conv.py (conv2d), pool.py (max pool on NHWC uint8), layernorm.py, dispatch.py (CPU dispatch), pack.py
+and rowops.py), conv.py (conv2d), pool.py (pools on NHWC images), layernorm.py, dispatch.py (CPU dispatch), pack.py
 (layout), reference.py (numpy twins).
 """
 from .dispatch import KernelError, available_isas, isa, select_isa, use_isa
@@ -25,7 +25,7 @@ from .quantize import quantize_rows_f32_u8, quantize_tensor_f32_u8
 from .attention import Strided, attention_int8, attention_int8_strided
 from .conv import PackedConv, bind_conv2d, conv2d_f32, four_pads, pack_conv_weights_s8, residual_floats
 from .layernorm import layer_norm_f32
-from .pool import max_pool2d_nhwc, pool_out_size
+from .pool import global_avg_pool_nhwc, max_pool2d_nhwc, pool_out_size
 from .sparse import bind_linear_sparse, gemm_sparse_s32, linear_sparse_f32
 from .sparse_pack import PackedSparse, density, pack_sparse_s8, unpack_sparse_s8
 from .int4 import bind_linear_int4, linear_int4_f32
@@ -40,7 +40,7 @@ __all__ = [
     "all_finite", "attention_int8", "bind_linear", "attention_int8_strided", "available_isas", "bind_conv2d",
     "conv2d_f32", "four_pads", "gemm_u8s8_f32",
     "gemm_u8s8_s32", "gemm_u8s8_u8", "get_num_threads", "isa", "layer_norm_f32", "linear_f32",
-    "max_pool2d_nhwc", "pack_conv_weights_s8", "pack_weights_s8", "pad_rows_u8", "pool_out_size",
-    "quantize_rows_f32_u8",
+    "max_pool2d_nhwc", "global_avg_pool_nhwc", "pack_conv_weights_s8", "pack_weights_s8",
+    "pad_rows_u8", "pool_out_size", "quantize_rows_f32_u8",
     "quantize_tensor_f32_u8", "quantize_weights_s8", "residual_floats", "select_isa", "set_num_threads", "use_isa",
 ]

@@ -33,6 +33,9 @@ option residual_codes=False keeps residuals float, as quantization-aware trainin
 them). The codes are the ones the consumer would have made from the float value (but for
 a value within an ulp of a rounding tie: the float epilogue rounds scale and bias once,
 the uint8 one twice); option chain=False keeps every hand-over in float (debugging).
+
+Global average pools of a conv's float output (a squeeze-excite block's, a classifier
+head's) -> fxopt.global_avg_pool, on the kernels' threads.
 """
 from __future__ import annotations
 
@@ -99,6 +102,8 @@ def run(gm, ctx, sparse=None, chain=True, residual_codes=True) -> PassResult:
     if stats["conv2d"]:
         stats["pads_folded"] = _fold_pads_into_convs(gm)
     stats["chained"] += (_chain_convs(gm, residual_codes) + _chain_concats(gm)) if chain else 0
+    if stats["conv2d"]:
+        stats["global_pools"] = _lower_global_pools(gm)
     from fxopt.kernels import api as kernels
     gm.meta.setdefault("fxopt_artifact", {})["kernel_isa"] = kernels.isa()
     return PassResult(stats["linear"] + stats["conv2d"] + stats["attention"] > 0, stats)
@@ -516,6 +521,37 @@ def _views_to_reshapes(gm) -> int:
             node.target = aten.reshape.default
             count += 1
     return count
+
+
+def _lower_global_pools(gm) -> int:
+    """Global average pools of a conv's float output (aten.adaptive_avg_pool2d(x, 1), a mean
+    over H and W) -> fxopt.global_avg_pool, which sums each thread's run of the conv's NHWC
+    pixel rows (kernels/pool.py). EfficientNet-B0 b1's pools: 822 -> 397 us a call."""
+    count = 0
+    for node in list(gm.graph.nodes):
+        keepdim = _global_pool_keepdim(node)
+        x = node.args[0] if node.args else None
+        if keepdim is not None and _float_conv_output(x):
+            _replace(gm, node, kernel_ops.global_avg_pool, (x, keepdim))
+            count += 1
+    return count
+
+
+def _float_conv_output(x) -> bool:
+    return (isinstance(x, torch.fx.Node) and x.target is kernel_ops.conv2d_int8
+            and x.meta["val"].dtype == torch.float32)
+
+
+def _global_pool_keepdim(node) -> bool | None:
+    """keepdim of a global average pool of an NCHW tensor, None for any other node."""
+    if node.target is aten.adaptive_avg_pool2d.default:
+        size = node.args[1]
+        return True if isinstance(size, (list, tuple)) and list(size) == [1, 1] else None
+    if node.target is aten.mean.dim and "dtype" not in node.kwargs and len(node.args) >= 2:
+        x, dims = node.args[0], node.args[1]
+        if isinstance(x, torch.fx.Node) and x.meta["val"].dim() == 4 and sorted(d % 4 for d in dims) == [2, 3]:
+            return bool(node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False))
+    return None
 
 
 def _replace(gm, node, target, args, kwargs=None):

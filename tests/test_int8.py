@@ -497,6 +497,55 @@ def test_trained_fire_modules_join_uint8_codes(digits_models):
     _near_float_hand_overs_and_fp32(model, fast, plain, data)
 
 
+class _DigitsSENet(nn.Module):
+    """EfficientNet's block in small: a 1x1 expansion and a depthwise 3x3 with SiLU, a
+    squeeze-excite (global pool, 1x1 reduce with SiLU, 1x1 expand with sigmoid, channel
+    scale), a 1x1 projection; a mean over H and W before the classifier."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.SiLU())
+        self.expand = nn.Sequential(nn.Conv2d(16, 64, 1, bias=False), nn.BatchNorm2d(64), nn.SiLU())
+        self.dw = nn.Sequential(nn.Conv2d(64, 64, 3, padding=1, groups=64, bias=False), nn.BatchNorm2d(64), nn.SiLU())
+        self.se = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(64, 8, 1), nn.SiLU(), nn.Conv2d(8, 64, 1),
+                                nn.Sigmoid())
+        self.project = nn.Sequential(nn.Conv2d(64, 24, 1, bias=False), nn.BatchNorm2d(24))
+        self.fc = nn.Linear(24, 10)
+
+    def forward(self, x):
+        h = self.dw(self.expand(self.stem(x)))
+        return self.fc(self.project(h * self.se(h)).mean(dim=(2, 3)))
+
+
+@pytest.mark.slow
+def test_trained_squeeze_excite_runs_on_the_kernels(digits_models):
+    """A squeeze-excite net trained on the digits (SiLU in the conv epilogues): its global
+    pools of conv outputs (the SE block's and the head's mean) run as fxopt.global_avg_pool.
+    Near fp32 and within 30 dB of every hand-over in float; the plan and the graph runtime
+    give the same bits; the op equals torch's pool on channels_last and other tensors."""
+    data = digits_models[0]
+    torch.manual_seed(0)
+    model = train(_DigitsSENet(), data, epochs=12)
+    fast, plain, calib = _chained_and_plain(model, data)
+    pools = [n for n in fast.graph.nodes if n.target is kernel_ops.global_avg_pool]
+    assert [n.args[1] for n in pools] == [True, False]                        # the SE's; the head's mean
+    stats = fast.fxopt_report.record("lower_to_kernels").stats
+    assert stats["global_pools"] == 2
+    assert not [n for n in fast.graph.nodes if n.target in (torch.ops.aten.adaptive_avg_pool2d.default,
+                                                            torch.ops.aten.mean.dim)]
+    _near_float_hand_overs_and_fp32(model, fast, plain, data)
+    on_graph = fxopt.optimize(model, (data.x_train[:32],), target=fxopt.TARGETS["cpu-int8"], calibration_data=calib,
+                              latency_repeats=0, runtime="graph")
+    with torch.no_grad():
+        x = data.x_test[:64]
+        torch.testing.assert_close(fast(x), on_graph(x), rtol=0, atol=0)
+    h = torch.randn(3, 40, 6, 5)
+    want = torch.nn.functional.adaptive_avg_pool2d(h, 1)
+    for t in (h.contiguous(memory_format=torch.channels_last), h):          # the kernel; torch's mean
+        for keepdim in (True, False):
+            torch.testing.assert_close(kernel_ops.global_avg_pool(t, keepdim), want if keepdim else want.flatten(1))
+
+
 class _Residual(nn.Module):
     """Three adds: a residual (fusable), a broadcast bias-like add and an add of a linear
     that has a second user (neither fusable)."""

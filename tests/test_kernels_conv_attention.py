@@ -331,6 +331,23 @@ def test_max_pool_on_uint8_codes_is_torchs_max_pool(shape, k, stride, padding, d
         K.max_pool2d_nhwc(x, (20, 20), (1, 1), (0, 0))
 
 
+@pytest.mark.parametrize("shape", [(1, 56, 56, 144), (3, 7, 7, 1280), (2, 1, 3, 5), (1, 1, 1, 8)])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_global_average_pool_is_the_mean_of_every_pixel(shape, threads):
+    """global_avg_pool_nhwc: each image's channel means, against numpy's in float64, for
+    more threads than pixels too; non-contiguous input is copied, a wrong one named."""
+    rng = np.random.default_rng(sum(shape))
+    x = (rng.standard_normal(shape) * 3 + 1).astype(np.float32)
+    got = K.global_avg_pool_nhwc(x, threads)
+    want = x.astype(np.float64).mean((1, 2))
+    assert got.dtype == np.float32 and got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    strided = np.asfortranarray(x)
+    np.testing.assert_allclose(K.global_avg_pool_nhwc(strided, threads), want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(K.KernelError, match="float32 NHWC"):
+        K.global_avg_pool_nhwc(x.astype(np.float64))
+
+
 @pytest.mark.skipif("amx_int8" not in ISAS, reason="the implicit 3x3 conv runs on AMX tiles")
 @pytest.mark.parametrize("n, h, w, c, o", [(1, 14, 14, 64, 96), (2, 15, 17, 128, 70), (3, 16, 40, 64, 64)])
 def test_implicit_3x3_conv_equals_im2col(monkeypatch, n, h, w, c, o):

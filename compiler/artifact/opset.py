@@ -70,7 +70,7 @@ ATEN.update({"gelu.default": {"approximate": ("none", "tanh")},
 FXOPT = {"linear_act.default": _ACT, "conv2d_act.default": _ACT, "quantized_linear.default": _ACT,
          "quantized_conv2d.default": _ACT, "linear_int8.default": _ACT, "linear_int8_sparse.default": _ACT,
          "linear_int4.default": _ACT, "linear_bf16.default": _ACT, "embedding_int4.default": {},
-         "conv2d_int8.default": _ACT, "max_pool2d.default": {},
+         "conv2d_int8.default": _ACT, "max_pool2d.default": {}, "global_avg_pool.default": {},
          "embedding_int8.default": {}, "quantized_attention.default": {}, "attention_int8.default": {},
          "layer_norm.default": {}, "nonfinite_samples.default": {}, "poison_samples_.default": {}}
 

@@ -95,6 +95,12 @@ _lib.define("max_pool2d(Tensor x, int[] kernel_size, int[] stride, int[] padding
             "-> Tensor")
 
 
+# aten.adaptive_avg_pool2d(x, 1), or a mean over H and W, of a conv's float output: on float32
+# channels_last x kernels/pool.py sums each thread's share of the pixels, the rows its conv
+# wrote from that core; on any other x torch's mean.
+_lib.define("global_avg_pool(Tensor x, bool keepdim=True) -> Tensor")
+
+
 _lib.define("attention_int8(Tensor q, Tensor k, Tensor v, Tensor? attn_mask=None, float? scale=None, "
             "bool is_causal=False) -> Tensor")
 
@@ -209,6 +215,16 @@ def max_pool2d_impl(x, kernel_size, stride, padding, dilation, ceil_mode):
     xn = (nhwc if nhwc.is_contiguous() else nhwc.contiguous()).numpy()
     y = K.max_pool2d_nhwc(xn, kernel_size, stride, padding, dilation, ceil_mode)
     return torch.from_numpy(y).permute(0, 3, 1, 2)
+
+
+def global_avg_pool_impl(x, keepdim=True):
+    """fxopt::global_avg_pool (the plan calls it directly): (N, C, 1, 1), or (N, C) without
+    keepdim, float32 for float32 x."""
+    nhwc = x.permute(0, 2, 3, 1)
+    if x.dtype != torch.float32 or not nhwc.is_contiguous():
+        return x.mean((2, 3), keepdim=keepdim)
+    y = torch.from_numpy(K.global_avg_pool_nhwc(nhwc.numpy(), torch.get_num_threads()))
+    return y.view(*y.shape, 1, 1) if keepdim else y
 
 
 def pack_linear(w_q: torch.Tensor, w_scale: torch.Tensor) -> dict:
@@ -605,6 +621,7 @@ _lib.impl("layer_norm", _guarded(_layer_norm), "CPU")
 _lib.impl("attention_int8", _guarded(_attention_int8), "CPU")
 _lib.impl("conv2d_int8", _guarded(_conv2d_int8), "CPU")
 _lib.impl("max_pool2d", _guarded(max_pool2d_impl), "CPU")
+_lib.impl("global_avg_pool", _guarded(global_avg_pool_impl), "CPU")
 
 
 @torch.library.register_fake("fxopt::linear_int8")
@@ -643,6 +660,12 @@ def _max_pool2d_fake(x, kernel_size, stride, padding, dilation, ceil_mode):
     return x.new_empty((n, c, oh, ow), dtype=x.dtype)
 
 
+@torch.library.register_fake("fxopt::global_avg_pool")
+def _global_avg_pool_fake(x, keepdim=True):
+    n, c = x.shape[:2]
+    return x.new_empty((n, c, 1, 1) if keepdim else (n, c))
+
+
 @torch.library.register_fake("fxopt::attention_int8")
 def _attention_int8_fake(q, k, v, attn_mask=None, scale=None, is_causal=False):
     return qops.attention_like(q, v)
@@ -664,3 +687,4 @@ layer_norm = torch.ops.fxopt.layer_norm.default
 attention_int8 = torch.ops.fxopt.attention_int8.default
 conv2d_int8 = torch.ops.fxopt.conv2d_int8.default
 max_pool2d = torch.ops.fxopt.max_pool2d.default
+global_avg_pool = torch.ops.fxopt.global_avg_pool.default

@@ -837,6 +837,7 @@ _BUILDERS = {
     fxops.linear_act: _same(fxops.linear_act_impl),
     fxops.conv2d_act: _same(fxops.conv2d_act_impl),
     kernel_ops.max_pool2d: _same(kernel_ops.max_pool2d_impl),
+    kernel_ops.global_avg_pool: _same(kernel_ops.global_avg_pool_impl),
 }
 
 
