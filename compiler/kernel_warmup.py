@@ -48,7 +48,8 @@ class Encoder(nn.Module):
 
 
 class CNN(nn.Module):
-    """Strided, depthwise, 1x1 and grouped convs, batch norms, residual add, pooling."""
+    """Strided, depthwise, 1x1 and grouped convs, batch norms, residual add, pooling (max,
+    average, and the global average of a conv's output)."""
 
     def __init__(self, c=16):
         super().__init__()
@@ -58,12 +59,13 @@ class CNN(nn.Module):
         self.grouped = nn.Sequential(nn.Conv2d(c, c, 3, padding=1, groups=2), nn.SiLU())
         self.conv = nn.Conv2d(c, c, 3, padding=1)
         self.pool = nn.MaxPool2d(2)
+        self.gate = nn.Conv2d(c, c, 1)
         self.head = nn.Linear(c, 10)
 
     def forward(self, x):
         x = self.stem(x)
         x = torch.relu(self.conv(self.grouped(self.pw(self.dw(x)))) + x)
-        x = F.avg_pool2d(self.pool(x), 2)
+        x = self.gate(F.avg_pool2d(self.pool(x), 2))
         return self.head(x.mean((2, 3)))
 
 
