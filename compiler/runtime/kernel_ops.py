@@ -96,8 +96,8 @@ _lib.define("max_pool2d(Tensor x, int[] kernel_size, int[] stride, int[] padding
 
 
 # aten.adaptive_avg_pool2d(x, 1), or a mean over H and W, of a conv's float output: on float32
-# channels_last x kernels/pool.py sums each thread's share of the pixels, the rows its conv
-# wrote from that core; on any other x torch's mean.
+# channels_last x kernels/pool.py, each thread summing one run of the pixel rows in the conv's
+# row order; on any other x torch's mean.
 _lib.define("global_avg_pool(Tensor x, bool keepdim=True) -> Tensor")
 
 
