@@ -397,8 +397,7 @@ def _bind_depthwise(pc, bias, stride, padding, dilation, ep, a_scale, a_zp, out_
             raise KernelError(f"depthwise conv: input must be {layout} with {c} channels; got "
                               f"{getattr(x, 'shape', x)}")
         n, h, w = (x.shape[0], *x.shape[1:3]) if nhwc else (x.shape[0], *x.shape[2:])
-        oh = (h + pt + pb - dh * (pc.kh - 1) - 1) // sh + 1
-        ow = (w + pl + pr - dw * (pc.kw - 1) - 1) // sw + 1
+        oh, ow = _out_hw(h, w, pc, (sh, sw, pt, pl, dh, dw), (pb, pr))
         if oh <= 0 or ow <= 0:
             raise KernelError(f"conv: kernel larger than padded input {x.shape} (NHWC)")
         if x.dtype == np.uint8:

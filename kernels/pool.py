@@ -123,20 +123,16 @@ def _mean_pixels(x, hw, parts, out):
         out[k] = np.float32(total / hw)
 
 
-def _float_images(name, x):
-    if not isinstance(x, np.ndarray) or x.ndim != 4 or x.dtype != np.float32:
-        raise KernelError(f"{name}: x must be a 4-D float32 NHWC numpy array, got "
-                          f"{getattr(x, 'dtype', type(x))} {getattr(x, 'shape', '')}")
-    return np.ascontiguousarray(x)
-
-
 def global_avg_pool_nhwc(x, n_threads=None):
     """adaptive_avg_pool2d(x, 1) of NHWC float32 images x: (N, C) float32 channel means,
     each thread's sums in float32, theirs added in float64.
 
         >>> m = global_avg_pool_nhwc(x)          # x (N, H, W, C)
     """
-    x = _float_images("global_avg_pool_nhwc", x)
+    if not isinstance(x, np.ndarray) or x.ndim != 4 or x.dtype != np.float32:
+        raise KernelError(f"global_avg_pool_nhwc: x must be a 4-D float32 NHWC numpy array, got "
+                          f"{getattr(x, 'dtype', type(x))} {getattr(x, 'shape', '')}")
+    x = np.ascontiguousarray(x)
     n, h, w, c = x.shape
     if h * w == 0:
         raise KernelError(f"global_avg_pool_nhwc: images of {h} x {w} pixels have no mean")
