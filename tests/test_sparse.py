@@ -329,7 +329,7 @@ def test_optimize_runs_pruned_linears_sparse_with_the_dense_models_outputs(prune
 
 
 def test_a_nonfinite_sample_comes_out_as_from_the_dense_model(pruned_mlp):
-    # the plan screens the input in the first sparse layer's quantization (rows_screened)
+    # the plan screens the (flattened) input in a pass of its own, then poisons the bad sample
     model, data = pruned_mlp
     x = data.x_test[:6].clone()
     dense, fast = _optimize(model, x, sparse=False), _optimize(model, x, sparse="always")
@@ -337,6 +337,26 @@ def test_a_nonfinite_sample_comes_out_as_from_the_dense_model(pruned_mlp):
         x.view(len(x), -1)[2, 5] = value
         with torch.no_grad():
             y = fast(x)
+        assert torch.isnan(y[2]).all() and torch.isfinite(y[[0, 1, 3, 4, 5]]).all()
+        torch.testing.assert_close(y, dense(x), rtol=0, atol=0, equal_nan=True)
+
+
+def test_a_sparse_first_layer_screens_its_input_while_quantizing_it(pruned_mlp):
+    """A float input read first by a sparse linear is screened by the kernel's quantization
+    (rows_screened), not by a pass of its own; a bad sample still comes out as from the
+    dense model."""
+    from fxopt.runtime.plan import plan_of
+    model, data = pruned_mlp
+    head = torch.nn.Sequential(model.net[1], model.net[2]).eval()     # Linear(64, 256), ReLU
+    x = data.x_test[:6].reshape(6, -1).clone()
+    dense, fast = _optimize(head, x, sparse=False), _optimize(head, x, sparse="always")
+    assert _targets(fast) == [kernel_ops.linear_int8_sparse]
+    source = plan_of(fast).source
+    assert "_fx_finite_sum(" not in source and ", _fx_f" in source, source
+    with torch.no_grad():
+        assert torch.equal(fast(x), dense(x))
+        x[2, 5] = float("nan")
+        y = fast(x)
         assert torch.isnan(y[2]).all() and torch.isfinite(y[[0, 1, 3, 4, 5]]).all()
         torch.testing.assert_close(y, dense(x), rtol=0, atol=0, equal_nan=True)
 

@@ -664,10 +664,11 @@ class _Screen(NamedTuple):
 
 
 def _reads_first(node: fx.Node, step: Step, screened: fx.Node) -> bool:
-    """Whether `step` is a dense int8 linear whose only activation is `screened` (quantized
-    whole by its kernel, which then tells whether it was finite: bind_linear's screened)."""
-    return (node.target is kernel_ops.linear_int8 and step.domain == "np" and len(step.args) == 1
-            and step.args[0] is screened and not step.kwargs and hasattr(step.fn, "screened"))
+    """Whether `step` is an int8 linear (dense or sparse) whose only activation is `screened`
+    (quantized whole by its kernel, which then tells whether it was finite: bind_linear's and
+    bind_linear_sparse's screened)."""
+    return (node.target in (kernel_ops.linear_int8, kernel_ops.linear_int8_sparse) and step.domain == "np"
+            and len(step.args) == 1 and step.args[0] is screened and not step.kwargs and hasattr(step.fn, "screened"))
 
 
 def _shape_of(value):
