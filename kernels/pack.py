@@ -11,6 +11,7 @@ A PackedWeights is plain arrays plus ints, so it can be saved with
 ``np.savez(f, **pw.to_arrays())`` and restored with
 ``PackedWeights.from_arrays(**np.load(f))`` - no pickle.
 """
+import math
 from typing import NamedTuple
 
 import numpy as np
@@ -25,7 +26,8 @@ ALIGN = 64
 def aligned_empty(shape, dtype, align=ALIGN):
     """np.empty whose data pointer is a multiple of ``align`` bytes."""
     dtype = np.dtype(dtype)
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    # math.prod, not np.prod: 0.06 against 2.8 us, on every conv call's A rows
+    nbytes = int(math.prod(shape if isinstance(shape, tuple) else np.atleast_1d(shape).tolist())) * dtype.itemsize
     raw = np.empty(nbytes + align, np.uint8)
     off = (-raw.ctypes.data) % align
     return raw[off:off + nbytes].view(dtype).reshape(shape)
