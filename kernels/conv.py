@@ -10,6 +10,7 @@ moves runs of bytes, not floats, and out-of-image taps read the zero point
     >>> pc = pack_conv_weights_s8(weight, groups=1)            # (O, I/g, kh, kw)
     >>> y = conv2d_f32(x, pc, bias, stride=2, padding=1, act="relu")
 """
+import functools
 from typing import NamedTuple, Optional
 
 import numpy as np
@@ -25,7 +26,7 @@ from .quantize import padded_k, scale_zero_point
 from .rowops import minmax_f32, quantize_u8
 from .simd import BLOCK_COLS
 
-KERNEL_VERSION = "conv-18"
+KERNEL_VERSION = "conv-19"
 _NO_X = np.empty((0, 0), np.float32)
 _NO_CODES = np.empty((0, 0), np.uint8)
 _F0, _F1, _F255 = np.float32(0.0), np.float32(1.0), np.float32(255.0)
@@ -36,6 +37,10 @@ _RGB_PIXELS = 1024
 _TILE = 32
 # float32 values per job of image_ranges and quantize_hwc_rows; pixel rows per job
 _RANGE_CHUNK, _ROW_BLOCK = 1 << 14, 32
+# images under this many values are quantized on the calling thread (quantize_hwc_rows_serial):
+# serial / 2 threads, AMX Xeon: 96 values 0.35 / 2.0 us, 4096 0.6 / 2.1, 32928 2.3 / 3.3-3.7,
+# 56448 4.2-4.4 / 4.3-4.7, 94080 6.8-7.3 / 5.7-6.4
+SERIAL_VALUES = 1 << 16
 
 
 class PackedConv(NamedTuple):
@@ -224,6 +229,18 @@ def quantize_hwc_rows(x, scales, zps, out):
     and zps[n], into pixel rows out (N*P, >= C), zero points in the k-group padding:
     into a plain (N*P, C) array in flat runs of _RANGE_CHUNK values, into wider rows
     (the GEMM's A rows) _ROW_BLOCK rows a job; the jobs spread over the threads."""
+    _quantize_hwc(x, scales, zps, out)
+
+
+@njit(cache=CACHE)
+def quantize_hwc_rows_serial(x, scales, zps, out):
+    """quantize_hwc_rows on the calling thread: for images under SERIAL_VALUES values
+    (a squeeze-excite's pooled pixel), where a thread launch costs more than it saves."""
+    _quantize_hwc(x, scales, zps, out)
+
+
+@njit(inline="always")
+def _quantize_hwc(x, scales, zps, out):
     n, p, c = x.shape
     size = p * c
     q_row = out.strides[0] // out.itemsize
@@ -317,18 +334,26 @@ def residual_floats(codes, res_scale, res_zero_point):
     return (codes.astype(np.float32) - np.float32(res_zero_point)) * np.float32(res_scale)
 
 
+@functools.lru_cache(maxsize=256)
+def _static_scales(n, a_scale, a_zp):
+    """(scales, zero points) of n images with one static scale: made once, read by every call
+    (two np.full a call were 1.3 us of a 1-pixel conv's 18). Callers do not write them."""
+    return np.full(n, a_scale, np.float32), np.full(n, a_zp, np.int32)
+
+
 def _pixel_rows(x, nhwc, cg, a_scale, a_zp, out):
     """Quantize images x (NHWC or NCHW float32, contiguous) into HWC pixel rows out
     (N*H*W, >= C); returns the images' scales and zero points (static a_scale > 0 for
     all, else each image's own)."""
     n = x.shape[0]
     if a_scale > 0:
-        scales, zps = np.full(n, a_scale, np.float32), np.full(n, a_zp, np.int32)
+        scales, zps = _static_scales(n, a_scale, a_zp)
     else:
         scales, zps = np.empty(n, np.float32), np.empty(n, np.int32)
         image_ranges(x.reshape(n, -1), scales, zps)
     if nhwc:
-        quantize_hwc_rows(x.reshape(n, -1, cg), scales, zps, out)
+        quantize = quantize_hwc_rows if x.size >= SERIAL_VALUES else quantize_hwc_rows_serial
+        quantize(x.reshape(n, -1, cg), scales, zps, out)
     elif cg == 3 and out.shape[1] == 3 and out.flags.c_contiguous:
         quantize_rgb_rows(x.reshape(n, 3, -1), scales, zps, out.reshape(-1))
     else:
@@ -404,7 +429,7 @@ def _bind_depthwise(pc, bias, stride, padding, dilation, ep, a_scale, a_zp, out_
             if not (a_scale > 0 and x.flags.c_contiguous):
                 raise KernelError(f"uint8 input is taken by convs with a static scale only, as C-contiguous NHWC; "
                                   f"got a_scale={a_scale}: pass float32 images")
-            xq, scales, zps = x, np.full(n, a_scale, np.float32), np.full(n, a_zp, np.int32)
+            xq, (scales, zps) = x, _static_scales(n, a_scale, a_zp)
         else:
             xq, scales, zps = _hwc_images(np.ascontiguousarray(x, np.float32), nhwc, a_scale, a_zp)
         rows = n * oh * ow
@@ -435,7 +460,7 @@ def _conv_batched(x, nhwc, pc, geo, bias, ep, n_threads, oh, ow, a_scale, a_zp, 
     if nhwc and same and conv_amx.suits(pc, geo, current_isa(), oh, ow):
         return _implicit_3x3(x, pc, bias, ep, n_threads, oh, ow, a_scale, a_zp, res, static_rows, out_dtype)
     if x.dtype == np.uint8:
-        zps = np.full(n, a_zp, np.int32)
+        zps = _static_scales(n, a_scale, a_zp)[1]
         xq = x.reshape(-1, cg)
         cols = _prepare_u8(xq, pc.parts[0]) if direct else new_a_rows(n * rows, kp // 4)
     else:
@@ -456,7 +481,7 @@ def _implicit_3x3(x, pc, bias, ep, n_threads, oh, ow, a_scale, a_zp, res, static
     (quantized here from float NHWC) with no im2col."""
     n, cg = x.shape[0], pc.in_channels
     if x.dtype == np.uint8:
-        xq, zps = x, np.full(n, a_zp, np.int32)
+        xq, zps = x, _static_scales(n, a_scale, a_zp)[1]
     else:
         xq = np.empty(x.shape, np.uint8)
         scales, zps = _pixel_rows(x, True, cg, a_scale, a_zp, xq.reshape(-1, cg))
