@@ -182,19 +182,21 @@ def _bind_conv(packed, w_scale, col_sums, b, geometry, key):
 
     def call(x, residual=None):
         saturation.count(packed, x, a_scale, a_zp)
-        x = x if x.dtype in (torch.float32, torch.uint8) else x.float()
+        x = x if x.dtype is torch.float32 or x.dtype is torch.uint8 else x.float()
         # Work in NHWC, the layout im2col reads, and hand back a channels_last tensor (logical
         # NCHW, NHWC in memory): the next conv reads it without a copy, and torch's
         # elementwise ops and pools keep the format. Float NCHW images (the model's input)
         # go as they are: a dense conv quantizes them into NHWC rows as it reads them.
-        nhwc = x.permute(0, 2, 3, 1)
+        # The axes move in numpy (a view, ~0.3 us; torch's permute takes ~1 us, twice a call).
+        xn = (x.detach() if x.requires_grad else x).numpy()
+        nhwc = xn.transpose(0, 2, 3, 1)
         layout = "NHWC"
-        if nhwc.is_contiguous():
-            xn = nhwc.detach().numpy()
-        elif x.dtype == torch.float32 and x.is_contiguous():
-            xn, layout = x.detach().numpy(), "NCHW"
+        if nhwc.flags.c_contiguous:
+            xn = nhwc
+        elif x.dtype is torch.float32 and xn.flags.c_contiguous:
+            layout = "NCHW"
         else:
-            xn = nhwc.contiguous().detach().numpy()
+            xn = np.ascontiguousarray(nhwc)
         res = None
         if residual is not None:
             r = residual.permute(0, 2, 3, 1)
@@ -203,7 +205,7 @@ def _bind_conv(packed, w_scale, col_sums, b, geometry, key):
                    ).detach().numpy()
         if out_scale > 0 and saturation.active():
             count_chained(xn, res, torch.get_num_threads(), layout)
-        return torch.from_numpy(conv(xn, res, torch.get_num_threads(), layout)).permute(0, 3, 1, 2)
+        return torch.from_numpy(conv(xn, res, torch.get_num_threads(), layout).transpose(0, 3, 1, 2))
     return call
 
 
