@@ -711,3 +711,33 @@ def test_depthwise_registers_equal_the_staged_epilogue(act):
         in_regs = K.bind_conv2d(narrow, b[:32], **q, **out)(np.ascontiguousarray(codes[..., :32]))
         assert len(np.unique(in_regs)) > 100                     # not all clipped
         np.testing.assert_array_equal(in_regs, staged)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])      # uint16: the avx2 GEMM's A rows
+@pytest.mark.parametrize("c, kh, kw, stride, pads, width", [
+    (3, 3, 3, 2, (0, 0), 28),       # the 3x3 stems: kernel rows of 9 values copied whole
+    (3, 7, 7, 2, (3, 3), 160),      # ResNet's stem: runs of 21
+    (3, 3, 3, 1, (1, 1), 64),
+    (16, 3, 3, 1, (1, 1), 144),     # runs of 48
+    (2, 1, 3, 1, (0, 1), 8),        # runs of 6, rows as wide as K
+])
+def test_im2col_copies_every_patch_exactly(dtype, c, kh, kw, stride, pads, width):
+    """im2col_batch_u8 against numpy's patches of the zero-point-padded images: every column
+    of every row written (zero points past K), nothing past the batch's rows."""
+    from fxopt.kernels import conv as C
+    rng = np.random.default_rng(c * kh + width)
+    n, h, w = 3, 13, 11
+    x = rng.integers(0, 256, (n, h, w, c), dtype=np.uint8)
+    zps = np.array([7, 130, 255], np.int32)
+    oh, ow = (h + 2 * pads[0] - kh) // stride + 1, (w + 2 * pads[1] - kw) // stride + 1
+    out = np.full((n * oh * ow + 1, width), 99, dtype)    # one row past the batch: must stay 99
+    C.im2col_batch_u8(x, c, kh, kw, stride, stride, pads[0], pads[1], 1, 1, zps, out, oh, ow)
+    for i in range(n):
+        padded = np.pad(x[i], ((pads[0], kh), (pads[1], kw), (0, 0)), constant_values=zps[i])
+        want = np.full((oh * ow, width), zps[i], dtype)
+        for oy in range(oh):
+            for ox in range(ow):
+                patch = padded[oy * stride:oy * stride + kh, ox * stride:ox * stride + kw]
+                want[oy * ow + ox, :kh * kw * c] = patch.reshape(-1)
+        np.testing.assert_array_equal(out[i * oh * ow:(i + 1) * oh * ow], want)
+    assert (out[-1] == 99).all()
