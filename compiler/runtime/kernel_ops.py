@@ -187,16 +187,12 @@ def _bind_conv(packed, w_scale, col_sums, b, geometry, key):
         # NCHW, NHWC in memory): the next conv reads it without a copy, and torch's
         # elementwise ops and pools keep the format. Float NCHW images (the model's input)
         # go as they are: a dense conv quantizes them into NHWC rows as it reads them.
-        # The axes move in numpy (a view, ~0.3 us; torch's permute takes ~1 us, twice a call).
-        xn = (x.detach() if x.requires_grad else x).numpy()
-        nhwc = xn.transpose(0, 2, 3, 1)
-        layout = "NHWC"
-        if nhwc.flags.c_contiguous:
-            xn = nhwc
-        elif x.dtype is torch.float32 and xn.flags.c_contiguous:
-            layout = "NCHW"
-        else:
-            xn = np.ascontiguousarray(nhwc)
+        xn, layout = _nhwc_numpy(x), "NHWC"
+        if not xn.flags.c_contiguous:
+            if x.dtype is torch.float32 and x.is_contiguous():
+                xn, layout = xn.transpose(0, 3, 1, 2), "NCHW"
+            else:
+                xn = np.ascontiguousarray(xn)
         res = None
         if residual is not None:
             r = residual.permute(0, 2, 3, 1)
@@ -209,23 +205,28 @@ def _bind_conv(packed, w_scale, col_sums, b, geometry, key):
     return call
 
 
+def _nhwc_numpy(x):
+    """x (N, C, H, W) as a numpy NHWC view of its memory: C-contiguous where x is
+    channels_last, as the kernel ops hand on their outputs. The axes move in numpy (a view,
+    ~0.3 us; torch's permute takes ~1 us)."""
+    return (x.detach() if x.requires_grad else x).numpy().transpose(0, 2, 3, 1)
+
+
 def max_pool2d_impl(x, kernel_size, stride, padding, dilation, ceil_mode):
     """fxopt::max_pool2d (the plan calls it directly): a channels_last tensor for uint8 x."""
     if x.dtype != torch.uint8:
         return torch.ops.aten.max_pool2d.default(x, kernel_size, stride, padding, dilation, ceil_mode)
-    nhwc = x.permute(0, 2, 3, 1)
-    xn = (nhwc if nhwc.is_contiguous() else nhwc.contiguous()).numpy()
-    y = K.max_pool2d_nhwc(xn, kernel_size, stride, padding, dilation, ceil_mode)
-    return torch.from_numpy(y).permute(0, 3, 1, 2)
+    y = K.max_pool2d_nhwc(_nhwc_numpy(x), kernel_size, stride, padding, dilation, ceil_mode)
+    return torch.from_numpy(y.transpose(0, 3, 1, 2))
 
 
 def global_avg_pool_impl(x, keepdim=True):
     """fxopt::global_avg_pool (the plan calls it directly): (N, C, 1, 1), or (N, C) without
     keepdim, float32 for float32 x."""
-    nhwc = x.permute(0, 2, 3, 1)
-    if x.dtype != torch.float32 or not nhwc.is_contiguous():
+    nhwc = _nhwc_numpy(x) if x.dtype is torch.float32 else None
+    if nhwc is None or not nhwc.flags.c_contiguous:
         return x.mean((2, 3), keepdim=keepdim)
-    y = torch.from_numpy(K.global_avg_pool_nhwc(nhwc.numpy(), torch.get_num_threads()))
+    y = torch.from_numpy(K.global_avg_pool_nhwc(nhwc, torch.get_num_threads()))
     return y.view(*y.shape, 1, 1) if keepdim else y
 
 
