@@ -58,7 +58,7 @@ unshifted rows.
 """
 import llvmlite.ir as ir
 import numpy as np
-from numba import njit, prange, types
+from numba import njit, prange, typeof, types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
@@ -496,7 +496,9 @@ def _entries(tag):
     kernel_table and its layout's idx and val; bad as _quantized's."""
     @njit(cache=CACHE)
     def serial(x, aq, a_scale, a_zp, table, idx, val, res, out, threads):
-        ptr, starts, offsets, colsum, wscale, bias, ep, wide = _sections(table)
+        # the table is the caller's for the whole call: its sections as views without its
+        # owner count no references (16 atomic increments and decrements less a call)
+        ptr, starts, offsets, colsum, wscale, bias, ep, wide = _sections(borrowed(table))
         a, ascale, azp, bad = _quantized(tag, x, aq, a_scale, a_zp)
         nblocks = (out.shape[1] + BLOCK_COLS - 1) // BLOCK_COLS
         t, y = np.empty(ROWS * BLOCK_COLS, np.int32), np.empty((ROWS, BLOCK_COLS), np.float32)
@@ -506,7 +508,7 @@ def _entries(tag):
 
     @njit(cache=CACHE, parallel=True)
     def parallel(x, aq, a_scale, a_zp, table, idx, val, res, out, threads):
-        ptr, starts, offsets, colsum, wscale, bias, ep, wide = _sections(table)
+        ptr, starts, offsets, colsum, wscale, bias, ep, wide = _sections(borrowed(table))
         a, ascale, azp, bad = _quantized(tag, x, aq, a_scale, a_zp)
         nblocks = (out.shape[1] + BLOCK_COLS - 1) // BLOCK_COLS
         nxt = _starts(nblocks, threads)
@@ -558,6 +560,14 @@ class Kernels(dict):
         table = kernel_table(ptr, starts, ps.offsets, ps.col_sums, ps.scales, self.bias, self.ep, wide)
         self[isa] = ENTRIES[isa] + (table, idx, val, ps.starts.shape[0] * STEP)
         return self[isa]
+
+
+def compiled_entry(dispatcher, args):
+    """The compiled code `dispatcher` runs for arguments of args' Numba types (compiled or
+    loaded from the cache now if need be): called directly it skips the dispatcher's typing
+    of every argument, 0.2-0.3 us a call (AMX Xeon). The caller must pass arguments of
+    exactly those types (arrays: dtype, rank, layout, alignment, writeability) and no other."""
+    return dispatcher.compile(tuple(typeof(a) for a in args))
 
 
 def _run(kernel, x, aq, a_scale, a_zp, res, out, n_threads):
@@ -619,6 +629,7 @@ def bind_linear_sparse(ps, bias=None, act="none", act_args=(), a_scale=0.0, a_ze
     kernels = Kernels(ps, b, ep)
     current = _dispatch._current
     kernels[current[0]]                   # the table now: a bad layer fails here, not at its first call
+    direct = {}                           # isa -> the serial entry's compiled code for rows_screened's types
 
     def call(x, out=None, residual=None, n_threads=None):
         return screened(x, out, n_threads, residual)[0]
@@ -633,16 +644,23 @@ def bind_linear_sparse(ps, bias=None, act="none", act_args=(), a_scale=0.0, a_ze
         return out, _run(kernels[current[0]], xf, aq, scale, zero_point, res, out, n_threads)
 
     def rows_screened(x, out, n_threads):
-        if (type(x) is not np.ndarray or x.dtype is not _F32 or x.ndim != 2 or x.shape[1] != k
-                or not x.flags.c_contiguous):
+        # x and out as carray (C-contiguous, aligned, writeable): the types the serial entry
+        # was compiled for, so that its compiled code is called without Numba's dispatch
+        if type(x) is not np.ndarray or x.dtype is not _F32 or x.ndim != 2 or x.shape[1] != k:
             return screened(x, None, n_threads)
+        if not x.flags.carray:          # strided, unaligned or readonly rows: a copy that is
+            x = x.copy()
         m = x.shape[0]
-        if out is None or out.shape != (m, n) or out.dtype is not out_dtype or not out.flags.c_contiguous:
+        if out is None or out.shape != (m, n) or out.dtype is not out_dtype or not out.flags.carray:
             out = np.empty((m, n), out_dtype)
         serial, parallel, table, idx, val, slots = kernels[current[0]]
         if n_threads > 1 and m * slots >= PARALLEL_MIN_SLOTS:
             return out, parallel(x, _NO_U8, scale, zero_point, table, idx, val, _NO_X, out, n_threads)
-        return out, serial(x, _NO_U8, scale, zero_point, table, idx, val, _NO_X, out, 1)
+        entry = direct.get(current[0])
+        if entry is None:
+            entry = direct[current[0]] = compiled_entry(serial, (x, _NO_U8, scale, zero_point, table, idx, val,
+                                                                 _NO_X, out, 1))
+        return out, entry(x, _NO_U8, scale, zero_point, table, idx, val, _NO_X, out, 1)
 
     def rows(x, out, n_threads):
         return rows_screened(x, out, n_threads)[0]

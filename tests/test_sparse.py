@@ -154,6 +154,38 @@ def test_the_screened_call_tells_a_nonfinite_input_from_its_quantization(isa, a_
             assert bad == 0 and np.array_equal(y, want)
 
 
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("out_scale", [0.0, 0.1])
+def test_rows_screened_takes_rows_the_compiled_entry_was_not_made_for(isa, out_scale):
+    """rows_screened calls the serial entry's compiled code directly for C-contiguous,
+    aligned, writeable float32 rows (sparse.compiled_entry); rows that are readonly,
+    unaligned, and an out buffer that is not, take the dispatcher: the same results, the
+    dense kernel's, bit for bit. Strided rows are refused as the dense kernel refuses them."""
+    rng = np.random.default_rng(5)
+    q, s = sparse_weights(rng, 140, 80, 0.2)         # no 32-column half tile (sparse._epilogue)
+    ps, pw, b = K.pack_sparse_s8(q, s), K.pack_weights_s8(q, s), rng.standard_normal(140).astype(np.float32)
+    x = rng.standard_normal((3, 80)).astype(np.float32)
+    readonly = x.copy()
+    readonly.setflags(write=False)
+    unaligned = np.empty(x.size * 4 + 1, np.uint8)[1:].view(np.float32).reshape(x.shape)
+    unaligned[...] = x
+    strided = np.repeat(x, 2, axis=1)[:, ::2]
+    assert not unaligned.flags.aligned and not strided.flags.c_contiguous
+    args = ("gelu", (), 0.0, 0, out_scale, 128 if out_scale else 0)
+    with K.use_isa(isa):
+        call, dense = K.bind_linear_sparse(ps, b, *args), K.bind_linear(pw, b, *args)
+        want = dense(x)
+        for v in (x, readonly, unaligned, strided, x):
+            y, bad = call.rows_screened(v, None, 1)
+            assert bad == 0 and y.dtype == want.dtype and np.array_equal(y, want)
+        out = np.empty(want.shape, want.dtype)
+        y, _ = call.rows_screened(x, out, 1)
+        assert y is out and np.array_equal(out, want)
+        loose = np.empty((want.shape[0], want.shape[1] * 2), want.dtype)[:, ::2]     # not an out it can take
+        y, _ = call.rows_screened(x, loose, 1)
+        assert y is not loose and np.array_equal(y, want)
+
+
 def test_the_kernel_table_holds_its_arrays_whole():
     rng = np.random.default_rng(4)
     arrays = (np.arange(9, dtype=np.int32), rng.integers(0, 99, 30).astype(np.int32), np.arange(16, dtype=np.int32),
