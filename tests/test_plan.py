@@ -211,6 +211,11 @@ def test_forward_hooks_still_run():
     (lambda x: x.double(), TypeError, "must be float32"),
     (lambda x: x[None], ValueError, "must have 2 dims"),
     (lambda x: x[:, :5], ValueError, "dim 1 must be"),
+    (lambda x: x.numpy(), TypeError, r"must be a torch.Tensor .*got numpy.ndarray.*torch.from_numpy"),
+    # a container: the plan's check names it; the graph runtime's input flattening (torch.export's) refuses it first
+    (lambda x: [x], (TypeError, ValueError), r"must be a torch.Tensor .*got list: pass each tensor|same number and"),
+    (lambda x: {"x": x}, (TypeError, ValueError), r"must be a torch.Tensor .*got dict: pass each tensor|same number"),
+    (lambda x: 1.0, TypeError, r"must be a torch.Tensor .*got float"),
 ])
 def test_bad_inputs_get_the_entry_check_message(bad, error, message):
     model, example, other = ZOO["mlp"]()
@@ -218,6 +223,14 @@ def test_bad_inputs_get_the_entry_check_message(bad, error, message):
     for m in (fast, graph):
         with pytest.raises(error, match=message):
             m(bad(other[0]))
+
+
+def test_a_container_for_a_tensor_input_is_named_by_the_plans_check():
+    model, example, other = ZOO["mlp"]()
+    fast, _ = both_runtimes(model, example)
+    for bad, kind in (([other[0]], "list"), ((other[0],), "tuple"), ({"x": other[0]}, "dict")):
+        with pytest.raises(TypeError, match=f"input 'x' must be a torch.Tensor .*got {kind}: pass each tensor"):
+            fast(bad)
 
 
 @pytest.mark.slow
@@ -443,7 +456,7 @@ def test_generated_input_check_agrees_with_the_rule_loop():
              (i64(2, 8), None, i64(2, 8), f32(2, 4)),     # a fixed size
              (i64(2, 8), None, i64(2, 8), f32(2, 3, 1)),  # rank
              (f32(2, 8), None, i64(2, 8), f32(2, 3)),     # dtype
-             (i64(2, 8), None, i64(2, 8), 1.0)]           # not a tensor: the loop's rules
+             (i64(2, 8), None, i64(2, 8), 1.0)]           # not a tensor: the loop refuses it
     outcomes = []
     for args in cases:
         results = []
@@ -455,4 +468,4 @@ def test_generated_input_check_agrees_with_the_rule_loop():
         assert results[0] == results[1], (args, results)
         outcomes.append(results[0][0])
     assert outcomes == ["ok", "ValueError", "ValueError", "ValueError", "ValueError", "ValueError",
-                        "TypeError", "ok"]
+                        "TypeError", "TypeError"]

@@ -58,9 +58,11 @@ class InputCheck(nn.Module):
 
     def check(self, *inputs) -> None:
         seen, tied = {}, self._tied
-        for rules, x in zip(self._rules, inputs):
-            if rules is None or not isinstance(x, torch.Tensor):
+        for rules, spec, x in zip(self._rules, self.specs, inputs):
+            if rules is None or isinstance(x, fx.Proxy):        # a proxy: the graph is being traced
                 continue
+            if not isinstance(x, torch.Tensor):
+                raise _not_a_tensor(spec, x)
             dtype, rank, fixed, symbols, limits = rules
             shape = x.shape
             if (dtype is not None and x.dtype is not dtype) or len(shape) != rank or not x.is_cpu:
@@ -127,9 +129,25 @@ def _rules(spec: dict) -> tuple:
             tuple((d, b) for d, b in enumerate(spec.get("max") or ()) if b is not None))
 
 
+def _not_a_tensor(spec: dict, x) -> TypeError:
+    """The error for a value that is not a tensor where the model takes one (it would reach
+    a kernel op, which could only say that its argument has the wrong type)."""
+    module = type(x).__module__.split(".")[0]
+    kind = type(x).__name__ if module == "builtins" else f"{module}.{type(x).__name__}"
+    fix = ("convert it with torch.from_numpy(...)" if kind == "numpy.ndarray" else
+           "pass each tensor as the model's own argument, as in the example inputs it was optimized with"
+           if isinstance(x, (list, tuple, dict)) else "pass a tensor (torch.as_tensor converts numbers and arrays)")
+    return TypeError(f"input '{spec['name']}' must be a torch.Tensor (shape {_wanted(spec['shape'])} "
+                     f"(* = any size), {spec.get('dtype', 'any dtype')}), got {kind}: {fix}")
+
+
+def _wanted(shape) -> str:
+    return "[" + ", ".join(str(d) if isinstance(d, int) else "*" for d in shape) + "]"
+
+
 def _check_one(spec: dict, x: torch.Tensor, seen: dict) -> None:
     name, shape, largest = spec["name"], spec["shape"], spec.get("max") or ()
-    wanted = "[" + ", ".join(str(d) if isinstance(d, int) else "*" for d in shape) + "]"
+    wanted = _wanted(shape)
     if x.device.type != "cpu":
         raise ValueError(f"input '{name}' is on {x.device}; fxopt models run on the CPU: pass it as .cpu()")
     got = str(x.dtype).removeprefix("torch.")
