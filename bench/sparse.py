@@ -40,6 +40,9 @@ NaN screen in the kernel's quantization: 8.1 / 13.2 us = 1.62x; bound kernels at
 2) 5.3 / 10.4 us = 1.94x. Of the 8.1 us, about 2.9 are the plan's (module call, input check,
 torch <-> numpy), about 0.7 the Python around the kernel and 0.45 Numba's dispatch, which the
 dense call pays as well; the kernel's steps take about 2.3 us.
+2026-12-07, later (same VM): rows_screened calls the serial entry's compiled code without
+Numba's dispatch, and the entries take the table's sections as borrowed views: section 3 at
+1.95-2.01x in five runs (1.78-1.89x before); the rows_screened call at M=1 5.3-5.7 us.
 """
 import argparse
 import platform
