@@ -217,7 +217,7 @@ def store_tile_u8(t, ldt, mr, m0, n0, ncols, colsum, ascale, azp, wscale,
     """Dequantize an int32 tile into y (float32 scratch of shape (>= 1, >= ncols)), as
     many rows at a time as y has (_rows_u8), add the residual res (if any: res.shape[0] > 0)
     before or after the activation as ep says, and requantize into out (uint8).
-    simd.staged_u8 and tile_u8 (which adds no residual) repeat these operations in
+    simd.staged_u8 and tile_u8 repeat these operations in
     registers, bit for bit: change them together."""
     for r0 in range(0, mr, y.shape[0]):
         _rows_u8(t, r0 * ldt, ldt, min(y.shape[0], mr - r0), m0 + r0, n0, ncols, colsum, ascale, azp, wscale,

@@ -171,7 +171,7 @@ def _register_tile_impl(tag, mr, m0, n0, width, aq, bp, boff, kg, colsum, ascale
 
         def impl(tag, mr, m0, n0, width, aq, bp, boff, kg, colsum, ascale, azp, wscale, bias, res, ep,
                  out):
-            act = np.int32(ep[EP_ACT])   # no residual: _job_into stages those tiles
+            act = np.int32(ep[EP_ACT])
             tc, lda = isa_geometry(tag)[1], aq.shape[1]
             full = width - width % tc
             for cs in range(0, full, tc):
@@ -482,13 +482,12 @@ def _job_into(tag, job, nmc, mchunk, rows_first, aq, bp, kg, colsum, ascale, azp
     m_start = _amx_rows(tag, m_start, m_end, n0, ncols, aq, bp, boff, kg, colsum, ascale, azp,
                         wscale, bias, res, ep, out, t, y)
     # whole tiles of the ISA with float output take the in-register epilogue, with uint8
-    # output those whose activation runs in registers (in_registers) and that add no residual;
-    # column tails (under one tile), int32 output, uint8 with a later activation or a
-    # residual, and the portable ISA are staged
+    # output those whose activation runs in registers (in_registers), a residual or not;
+    # column tails (under one tile), int32 output, uint8 with a later activation, and the
+    # portable ISA are staged
     regs = bias.shape[0] > 0 and not is_portable(tag)
     width = 0
-    if (regs and in_registers(np.int32(ep[EP_ACT])) and _finished_in_registers(out)
-            and (res.shape[0] == 0 or _is_float32(out))):
+    if regs and in_registers(np.int32(ep[EP_ACT])) and _finished_in_registers(out):
         width = register_width(tag, ncols, out)
     elif regs and _is_float32(out):   # tanh GELU: _stored_tile
         width = ncols - ncols % isa_geometry(tag)[1]

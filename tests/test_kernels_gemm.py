@@ -712,7 +712,8 @@ def test_screened_call_tells_a_non_finite_input_from_its_quantization(isa, monke
 
 
 @pytest.mark.parametrize("isa", sorted({ISAS[0], "portable"}))
-@pytest.mark.parametrize("m,k,n", [(37, 64, 70), (300, 128, 128)])   # tails and vpdpbusd rows; AMX blocks
+# tails and vpdpbusd rows; AMX blocks; K off AMX (every row in vpdpbusd tiles), with a half tile
+@pytest.mark.parametrize("m,k,n", [(37, 64, 70), (300, 128, 128), (29, 40, 96)])
 def test_uint8_residual_adds_the_floats_its_codes_stand_for(isa, m, k, n):
     """A uint8 residual (a chained ResNet block's output) gives the uint8 output of the
     float residual its codes stand for, bit for bit, added before or after the activation
@@ -740,6 +741,10 @@ def test_uint8_residual_adds_the_floats_its_codes_stand_for(isa, m, k, n):
                 L._run(L._NO_X, aq, s, z, pw, bias, ep, got, 2, codes)
                 L._run(L._NO_X, aq, s, z, pw, bias, ep, want, 2, floats)
             np.testing.assert_array_equal(got, want)
+            with K.use_isa("portable"):                        # every tile staged: the bytes the
+                staged = np.empty((m, n), np.uint8)            # register tiles must give
+                L._run(L._NO_X, K.pad_rows_u8(a).base, s, z, pw, bias, ep, staged, 2, codes)
+            np.testing.assert_array_equal(got, staged)
             ref = fn(y + floats) if first else fn(y) + floats
             ref = np.clip(np.rint(ref / 0.05) + 3, 0, 255)
             diff = np.abs(got.astype(np.int32) - ref)
