@@ -2,6 +2,8 @@
 the dense int8 kernel computes, on every ISA path; optimize picks it for pruned linears (any
 pruning: here torch.nn.utils.prune), and the model keeps the dense model's outputs bit for bit
 through the plan, the graph runtime and save/load."""
+import copy
+import pickle
 import warnings
 
 import numpy as np
@@ -157,10 +159,10 @@ def test_the_screened_call_tells_a_nonfinite_input_from_its_quantization(isa, a_
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("out_scale", [0.0, 0.1])
 def test_rows_screened_takes_rows_the_compiled_entry_was_not_made_for(isa, out_scale):
-    """rows_screened calls the serial entry's compiled code directly for C-contiguous,
+    """rows_screened calls the lean entry's compiled code directly for C-contiguous,
     aligned, writeable float32 rows (sparse.compiled_entry); rows that are readonly,
-    unaligned, and an out buffer that is not, take the dispatcher: the same results, the
-    dense kernel's, bit for bit. Strided rows are refused as the dense kernel refuses them."""
+    unaligned or strided are copied first, and an out buffer that is not one is not used:
+    the same results, the dense kernel's, bit for bit."""
     rng = np.random.default_rng(5)
     q, s = sparse_weights(rng, 140, 80, 0.2)         # no 32-column half tile (sparse._epilogue)
     ps, pw, b = K.pack_sparse_s8(q, s), K.pack_weights_s8(q, s), rng.standard_normal(140).astype(np.float32)
@@ -186,14 +188,30 @@ def test_rows_screened_takes_rows_the_compiled_entry_was_not_made_for(isa, out_s
         assert y is not loose and np.array_equal(y, want)
 
 
+def test_a_copied_layer_makes_its_tables_anew():
+    """A kernel table holds the addresses of its layer's idx and val: copies and pickles of
+    a layer's Kernels start empty and make their own, with the same results."""
+    rng = np.random.default_rng(6)
+    q, s = sparse_weights(rng, 70, 90, 0.3)
+    kernels = S.Kernels(K.pack_sparse_s8(q, s), np.zeros(70, np.float32), S.epilogue_params())
+    table = kernels[K.isa()][3]
+    for dup in (copy.deepcopy(kernels), pickle.loads(pickle.dumps(kernels))):
+        assert len(dup) == 0 and dup[K.isa()][3] is not table
+        head, mine = dup[K.isa()][3][:S._HEAD * 8].view(np.int64), dup[K.isa()][4]
+        assert head[S._IDX] == mine.ctypes.data != table[:S._HEAD * 8].view(np.int64)[S._IDX]
+
+
 def test_the_kernel_table_holds_its_arrays_whole():
     rng = np.random.default_rng(4)
     arrays = (np.arange(9, dtype=np.int32), rng.integers(0, 99, 30).astype(np.int32), np.arange(16, dtype=np.int32),
               np.arange(5, dtype=np.int32), rng.random(5).astype(np.float32), rng.random(5).astype(np.float32),
               S.epilogue_params("relu6"))
-    table = S.kernel_table(*arrays, True)
-    head = table[:128].view(np.int64)
-    assert head[2 * len(arrays)] == 1
+    idx, val = rng.integers(0, 255, 64).astype(np.uint8), rng.integers(-99, 99, 64).astype(np.int8)
+    table = S.kernel_table(*arrays, True, idx, val, 0.25, 131)
+    head = table[:S._HEAD * 8].view(np.int64)
+    assert table.ctypes.data % 64 == 0 and head[2 * len(arrays)] == 1
+    assert (head[S._IDX], head[S._VAL], head[S._SLOTS], head[S._A_ZP]) == (idx.ctypes.data, val.ctypes.data, 64, 131)
+    assert table[S._A_SCALE * 8:S._A_SCALE * 8 + 4].view(np.float32)[0] == np.float32(0.25)
     for i, arr in enumerate(arrays):
         first, nbytes = head[i], head[len(arrays) + i]
         assert first % 64 == 0 and nbytes == arr.nbytes and (i == 0 or first >= head[i - 1] + head[len(arrays) + i - 1])
