@@ -47,12 +47,14 @@ Numba's dispatch, and the entries take the table's sections as borrowed views: s
 AMD EPYC (Zen 5: AVX512-VNNI and VBMI, no AMX; isa avx512_vnni), 2 vCPUs, 2026-12-07:
 section 3 at 1.66x (6.2 / 10.3 us) before, then with the lean entry (three arguments, all
 arrays borrowed: sparse.py) 1.83-1.89x in five runs, sparse=True 5.5-5.9 us, sparse=False
-10.1-11.0 us (one run 2.40x, dense 13.3 us). The steps run at 0.84 ns each whether they fit
-in L1 or not (not L2-bound here); the two vCPUs share a core's L2 bandwidth (two threads
-reading L2-resident arrays: 131 GB/s each against 208 GB/s alone), so a second thread
-barely helps the sparse call (tried: warm helper threads, 0.14 us a launch, the call 5 %
-faster). The steps are load-bound: with no activation window load a step took 0.61 ns, with
-no val load 0.70 ns, with an xor for the vpermb 0.86 ns (timing variants of steps_wide).
+10.1-11.0 us (one run 2.40x, dense 13.3 us). The steps: 0.84 ns each in the kernel at
+1024 x 1024; a bare loop of them (start, window, vpermb, vpdpbusd) took 0.70 ns a step on
+steps in L2 (128 bytes a step: ~180 GB/s) and 0.65 on steps in L1, and the same loop with
+the steps grouped by aligned 128-byte regions (two loads a group, vpermi2b) 0.72 / 0.40 ns:
+from L2, fewer bytes a nonzero is the lever, not fewer instructions. The two vCPUs share a
+core's L2 bandwidth (two threads reading L2-resident arrays: 131 GB/s each against 208 GB/s
+alone), so a second thread barely helps the sparse call (tried: warm helper threads, 0.14 us
+a launch, the call 5 % faster).
 """
 import argparse
 import platform
