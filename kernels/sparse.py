@@ -398,21 +398,40 @@ def _scratch_bytes(m, k, tiles):
 
 
 @njit(inline="always")
-def _rows_in(buf, m, k):
-    """The quantized rows (m, padded k), their scales and zero points, as views of buf."""
+def _at(buf, start, shape, dtype):
+    """The bytes of uint8 buf from `start` as a C array of `shape` and dtype, without an
+    owner: for a buf the caller holds until the view's last use (an argument of the
+    function, not a local). buf[...].view(dtype) is a call of Numba's (_change_dtype: two
+    integer divisions and a reference count in and out) and a reshape another: the lean
+    entry made 14 of them a call, a sixth of its time on a 16 x 64 layer (perf, AMD EPYC)."""
+    return carray(pointer(np.int64(buf.ctypes.data) + np.int64(start), dtype), shape)
+
+
+@njit(inline="always")
+def _rows_in(buf, m, k, owned=True):
+    """The quantized rows (m, padded k), their scales and zero points, as views of buf
+    (owned False: _at's views, for a buf the caller holds)."""
     kp = _padded(k)
+    if not owned:
+        return (_at(buf, 0, (m, kp), np.uint8), _at(buf, m * kp, m, np.float32),
+                _at(buf, m * kp + 4 * m, m, np.int32))
     return (buf[:m * kp].reshape((m, kp)), buf[m * kp:m * kp + 4 * m].view(np.float32),
             buf[m * kp + 4 * m:m * kp + 8 * m].view(np.int32))
 
 
 @njit(inline="always")
-def _tiles_in(buf, m, k):
+def _tiles_in(buf, m, k, owned=True):
     """A worker's int32 tile t, float tile y and its block counter (at 0), after _rows_in's
-    arrays in buf."""
+    arrays in buf (owned as there)."""
     o = m * _padded(k) + 8 * m
-    t = buf[o:o + ROWS * BLOCK_COLS * 4].view(np.int32)
-    y = buf[o + ROWS * BLOCK_COLS * 4:o + ROWS * BLOCK_COLS * 8].view(np.float32).reshape((ROWS, BLOCK_COLS))
-    nxt = buf[o + ROWS * BLOCK_COLS * 8:o + ROWS * BLOCK_COLS * 8 + 8].view(np.int64)
+    if owned:
+        t = buf[o:o + ROWS * BLOCK_COLS * 4].view(np.int32)
+        y = buf[o + ROWS * BLOCK_COLS * 4:o + ROWS * BLOCK_COLS * 8].view(np.float32).reshape((ROWS, BLOCK_COLS))
+        nxt = buf[o + ROWS * BLOCK_COLS * 8:o + ROWS * BLOCK_COLS * 8 + 8].view(np.int64)
+    else:
+        t = _at(buf, o, ROWS * BLOCK_COLS, np.int32)
+        y = _at(buf, o + ROWS * BLOCK_COLS * 4, (ROWS, BLOCK_COLS), np.float32)
+        nxt = _at(buf, o + ROWS * BLOCK_COLS * 8, 1, np.int64)
     nxt[0] = 0
     return t, y, nxt
 
@@ -449,12 +468,12 @@ def _lean_rows(tag, buf, x, table, out):
     argument, alive until this returns, so all are taken as borrowed views: with their
     owners the call counted ~35 references with atomic instructions, a third of the time
     of a call on zero weights (perf, AMD EPYC)."""
-    own, x, out, buf = borrowed(table), borrowed(x), borrowed(out), borrowed(buf)
-    ptr, starts, offsets, colsum, wscale, bias, ep, wide = _sections(own)
-    idx, val, a_scale, a_zp = _steps_of(own)
+    x, out = borrowed(x), borrowed(out)
+    ptr, starts, offsets, colsum, wscale, bias, ep, wide = _sections(table)
+    idx, val, a_scale, a_zp = _steps_of(table)
     m, k = x.shape
-    a, ascale, azp = _rows_in(buf, m, k)
-    t, y, nxt = _tiles_in(buf, m, k)
+    a, ascale, azp = _rows_in(buf, m, k, False)
+    t, y, nxt = _tiles_in(buf, m, k, False)
     bad = _quantize_into(tag, x, a[:0, :0], a_scale, a_zp, a, ascale, azp)
     nblocks = (out.shape[1] + BLOCK_COLS - 1) // BLOCK_COLS
     _worker_inline(tag, 0, 1, nxt, nblocks, a, ptr, starts, idx, val, offsets, wide, colsum, ascale, azp,
@@ -504,27 +523,28 @@ def kernel_table(ptr, starts, offsets, colsum, wscale, bias, ep, wide, idx=None,
 
 
 @njit(inline="always")
-def _section(table, h, i):
-    return table[h[i]:h[i] + h[_NSEC + i]]
+def _section(table, h, i, dtype):
+    return _at(table, h[i], h[_NSEC + i] // 4, dtype)       # every section's values are 4 bytes
 
 
 @njit(inline="always")
 def _sections(table):
-    """The arrays kernel_table put in table (views, TABLE_SECTIONS' order), and its wide flag."""
-    h = table[:_HEAD * 8].view(np.int64)
-    return (_section(table, h, 0).view(np.int32), _section(table, h, 1).view(np.int32),
-            _section(table, h, 2).view(np.int32), _section(table, h, 3).view(np.int32),
-            _section(table, h, 4).view(np.float32), _section(table, h, 5).view(np.float32),
-            _section(table, h, 6).view(np.float32), h[_WIDE] != 0)
+    """The arrays kernel_table put in table (_at's views: the caller holds the table for
+    the whole call), in TABLE_SECTIONS' order, and its wide flag."""
+    h = _at(table, 0, _HEAD, np.int64)
+    return (_section(table, h, 0, np.int32), _section(table, h, 1, np.int32),
+            _section(table, h, 2, np.int32), _section(table, h, 3, np.int32),
+            _section(table, h, 4, np.float32), _section(table, h, 5, np.float32),
+            _section(table, h, 6, np.float32), h[_WIDE] != 0)
 
 
 @njit(inline="always")
 def _steps_of(table):
     """(idx, val, static activation scale, zero point) of kernel_table's head: the steps'
     slots as views of the arrays at the addresses it holds."""
-    h = table[:_HEAD * 8].view(np.int64)
+    h = _at(table, 0, _HEAD, np.int64)
     return (carray(pointer(h[_IDX], np.uint8), h[_SLOTS]), carray(pointer(h[_VAL], np.int8), h[_SLOTS]),
-            table[_A_SCALE * 8:_A_SCALE * 8 + 4].view(np.float32)[0], np.int32(h[_A_ZP]))
+            _at(table, _A_SCALE * 8, 1, np.float32)[0], np.int32(h[_A_ZP]))
 
 
 @njit
@@ -603,7 +623,7 @@ def _entries(tag):
     def serial(x, aq, a_scale, a_zp, table, idx, val, res, out, threads):
         # the table is the caller's for the whole call: its sections as views without its
         # owner count no references (16 atomic increments and decrements less a call)
-        ptr, starts, offsets, colsum, wscale, bias, ep, wide = _sections(borrowed(table))
+        ptr, starts, offsets, colsum, wscale, bias, ep, wide = _sections(table)
         a, ascale, azp, bad = _quantized(tag, x, aq, a_scale, a_zp)
         nblocks = (out.shape[1] + BLOCK_COLS - 1) // BLOCK_COLS
         t, y, nxt = _scratch()
@@ -617,7 +637,7 @@ def _entries(tag):
 
     @njit(cache=CACHE, parallel=True)
     def parallel(x, aq, a_scale, a_zp, table, idx, val, res, out, threads):
-        ptr, starts, offsets, colsum, wscale, bias, ep, wide = _sections(borrowed(table))
+        ptr, starts, offsets, colsum, wscale, bias, ep, wide = _sections(table)
         a, ascale, azp, bad = _quantized(tag, x, aq, a_scale, a_zp)
         nblocks = (out.shape[1] + BLOCK_COLS - 1) // BLOCK_COLS
         nxt = _starts(nblocks, threads)
