@@ -618,7 +618,8 @@ def _entries(tag):
     (x, aq, a_scale, a_zp, table, idx, val, res, out, threads) -> bad, with the layer's
     kernel_table and its layout's idx and val; bad as _quantized's. And the lean entry,
     (x, table, out) -> bad: serial's for float rows x and no residual, the rest from the
-    table (three arguments to unbox instead of ten: 0.10 against 0.22 us a call, AMD EPYC)."""
+    table (three arguments to unbox instead of ten: 0.10 against 0.22 us a call, AMD EPYC),
+    and lean_at, (address, m, k, table, out) -> bad, the same on rows at an address."""
     @njit(cache=CACHE)
     def serial(x, aq, a_scale, a_zp, table, idx, val, res, out, threads):
         # the table is the caller's for the whole call: its sections as views without its
@@ -635,6 +636,13 @@ def _entries(tag):
     def lean(x, table, out):
         return _lean_rows(tag, np.empty(_scratch_bytes(x.shape[0], x.shape[1], True), np.uint8), x, table, out)
 
+    @njit(cache=CACHE)
+    def lean_at(addr, m, k, table, out):
+        # lean for float32 (m, k) C-contiguous rows at address addr, which the caller holds
+        # (a torch tensor's data_ptr(): no numpy array made of it, 0.55 us a call)
+        x = carray(pointer(addr, np.float32), (m, k))
+        return _lean_rows(tag, np.empty(_scratch_bytes(m, k, True), np.uint8), x, table, out)
+
     @njit(cache=CACHE, parallel=True)
     def parallel(x, aq, a_scale, a_zp, table, idx, val, res, out, threads):
         ptr, starts, offsets, colsum, wscale, bias, ep, wide = _sections(table)
@@ -647,7 +655,7 @@ def _entries(tag):
             _worker(tag, w, threads, nxt, nblocks, a, ptr, starts, idx, val, offsets, wide, colsum, ascale, azp,
                     wscale, bias, res, ep, out, t, y, amx_m)
         return bad
-    return serial, parallel, lean
+    return serial, parallel, lean, lean_at
 
 
 ENTRIES = {name: _entries(tag) for name, tag in TAGS.items()}
@@ -692,7 +700,7 @@ class Kernels(dict):
         ptr, starts, idx, val = ps.wide if wide else (ps.slice_ptr, ps.starts, ps.idx, ps.val)
         table = kernel_table(ptr, starts, ps.offsets, ps.col_sums, ps.scales, self.bias, self.ep, wide, idx, val,
                              self.a_scale, self.a_zp)
-        self[isa] = ENTRIES[isa] + (table, idx, val, ps.starts.shape[0] * STEP)
+        self[isa] = ENTRIES[isa][:3] + (table, idx, val, ps.starts.shape[0] * STEP)
         return self[isa]
 
 
@@ -750,7 +758,8 @@ def bind_linear_sparse(ps, bias=None, act="none", act_args=(), a_scale=0.0, a_ze
     """bind_linear (linear.py) for PackedSparse weights: the same arguments, the same
     call(x, out=None, residual=None, n_threads=None), the same results bit for bit, and the
     same call.rows and call.screened; call.rows_screened(x, out, n_threads) -> (y, bad) is
-    call.screened in one frame for float32 (M, K) rows (any other x: call.screened).
+    call.screened in one frame for float32 (M, K) rows (any other x: call.screened), and
+    call.rows_screened_at(address, m, out, n_threads) the same on rows at an address.
 
         >>> call = bind_linear_sparse(ps, bias, act="gelu")
         >>> y = call(x)
@@ -765,6 +774,7 @@ def bind_linear_sparse(ps, bias=None, act="none", act_args=(), a_scale=0.0, a_ze
     kernels[current[0]]                   # the table now: a bad layer fails here, not at its first call
     slots = ps.starts.shape[0] * STEP
     lean = {}                             # isa -> (the lean entry's compiled code for rows_screened's types, table)
+    lean_at = {}                          # the same for rows_screened_at
 
     def call(x, out=None, residual=None, n_threads=None):
         return screened(x, out, n_threads, residual)[0]
@@ -797,7 +807,23 @@ def bind_linear_sparse(ps, bias=None, act="none", act_args=(), a_scale=0.0, a_ze
             entry = lean[current[0]] = (compiled_entry(kernels[current[0]][2], (x, table, out)), table)
         return out, entry[0](x, entry[1], out)
 
+    def rows_screened_at(addr, m, out, n_threads):
+        """rows_screened for float32 (m, K) C-contiguous rows at address addr, which the
+        caller holds for the call (a torch tensor's data_ptr()), and out as there; None
+        where the threaded entry would run (then: rows_screened on an array of them)."""
+        if n_threads > 1 and m * slots >= PARALLEL_MIN_SLOTS:
+            return None
+        if out is None or out.shape != (m, n) or out.dtype is not out_dtype or not out.flags.carray:
+            out = np.empty((m, n), out_dtype)
+        entry = lean_at.get(current[0])
+        if entry is None:
+            table = kernels[current[0]][3]
+            code = compiled_entry(ENTRIES[current[0]][3], (addr, m, k, table, out))
+            entry = lean_at[current[0]] = (code, table)
+        return out, entry[0](addr, m, k, entry[1], out)
+
     def rows(x, out, n_threads):
         return rows_screened(x, out, n_threads)[0]
     call.screened, call.rows, call.rows_screened = screened, rows, rows_screened
+    call.rows_screened_at = rows_screened_at
     return call

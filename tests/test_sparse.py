@@ -142,7 +142,8 @@ def test_the_screened_call_tells_a_nonfinite_input_from_its_quantization(isa, a_
     with K.use_isa(isa):
         call = K.bind_linear_sparse(ps, np.ones(96, np.float32), "relu", (), a_scale, 128 if a_scale else 0)
         want = call(x.copy())
-        for screened in (lambda v: call.rows_screened(v, None, 1), lambda v: call.screened(v)):
+        for screened in (lambda v: call.rows_screened(v, None, 1), lambda v: call.screened(v),
+                         lambda v: call.rows_screened_at(v.ctypes.data, v.shape[0], None, 1)):
             y, bad = screened(x)
             assert bad == 0 and np.array_equal(y, want)
             for value in (np.nan, np.inf, -np.inf):
@@ -186,6 +187,27 @@ def test_rows_screened_takes_rows_the_compiled_entry_was_not_made_for(isa, out_s
         loose = np.empty((want.shape[0], want.shape[1] * 2), want.dtype)[:, ::2]     # not an out it can take
         y, _ = call.rows_screened(x, loose, 1)
         assert y is not loose and np.array_equal(y, want)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_rows_screened_at_reads_rows_where_they_lie(isa):
+    """rows_screened_at (the plan's call for a tensor input: its data_ptr()) gives the dense
+    kernel's results bit for bit, writes a given out, and leaves rows the threaded entry
+    would run to rows_screened (None)."""
+    rng = np.random.default_rng(8)
+    q, s = sparse_weights(rng, 140, 72, 0.25)        # no 32-column half tile (sparse._epilogue)
+    ps, pw, b = K.pack_sparse_s8(q, s), K.pack_weights_s8(q, s), rng.standard_normal(140).astype(np.float32)
+    x = torch.randn(4, 72)
+    with K.use_isa(isa):
+        call, dense = K.bind_linear_sparse(ps, b, "relu"), K.bind_linear(pw, b, "relu")
+        want = dense(x.numpy())
+        y, bad = call.rows_screened_at(x.data_ptr(), 4, None, 1)
+        assert bad == 0 and np.array_equal(y, want)
+        out = np.empty(want.shape, np.float32)
+        y, _ = call.rows_screened_at(x[1:].data_ptr(), 3, out[:3], 2)    # rows from the second one
+        assert np.shares_memory(y, out) and np.array_equal(out[:3], want[1:])
+        m = S.PARALLEL_MIN_SLOTS // (ps.starts.shape[0] * STEP) + 1
+        assert call.rows_screened_at(torch.randn(m, 72).data_ptr(), m, None, 2) is None
 
 
 def test_a_copied_layer_makes_its_tables_anew():
@@ -403,8 +425,12 @@ def test_a_sparse_first_layer_screens_its_input_while_quantizing_it(pruned_mlp):
     assert _targets(fast) == [kernel_ops.linear_int8_sparse]
     source = plan_of(fast).source
     assert "_fx_finite_sum(" not in source and ", _fx_f" in source, source
+    # the tensor itself: a numpy view of it made only when it is not finite
+    assert ".numpy()" not in source and source.count("_fx_to_numpy(") == 1, source
     with torch.no_grad():
         assert torch.equal(fast(x), dense(x))
+        strided = torch.cat([x, x], 1)[:, :x.shape[1]]     # rows apart: not contiguous, the numpy path
+        assert not strided.is_contiguous() and torch.equal(fast(strided), dense(x))
         x[2, 5] = float("nan")
         y = fast(x)
         assert torch.isnan(y[2]).all() and torch.isfinite(y[[0, 1, 3, 4, 5]]).all()

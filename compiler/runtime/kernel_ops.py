@@ -28,6 +28,7 @@ from fxopt.runtime.kernel_args import (check_bf16_linear, check_conv, check_int4
                                        check_sparse_linear)
 
 _F32, _U8 = np.dtype(np.float32), np.dtype(np.uint8)
+_TF32 = torch.float32
 # inputs of fewer values are screened by a pass of their own, not in their first linear's
 # quantization (linear 1x64x64: 5.2 us a call that way, 6.5 fused; 128x3072 input: fused
 # saves the 19-45 us pass, 2 threads, Xeon with AMX)
@@ -485,8 +486,25 @@ def _bind_linear(packed, w_scale, col_sums, b, n, k, act, act_args, a_scale, a_z
             out = None
         y, bad = screened(rows, out, get_threads())
         return y.reshape(x.shape[:-1] + (n,)), bad
+    at = getattr(kernel, "rows_screened_at", None)       # lean's, on rows at an address
+
+    def call_screened_tensor(x, out=None):
+        # call_screened on a torch tensor (the plan's graph input): a float32 (M, K)
+        # contiguous one is read where it lies (no numpy array made of it: 0.55 us)
+        if (x.dtype is _TF32 and x.dim() == 2 and x.is_contiguous() and x.is_cpu and x.shape[1] == k
+                and not saturation.active()):
+            got = at(x.data_ptr(), x.shape[0], out, get_threads())
+            if got is not None:
+                return got
+        try:
+            xn = x.numpy()
+        except TypeError:           # a dtype numpy lacks (bfloat16): float32, as the plan's _to_numpy
+            xn = x.float().numpy()
+        return call_screened(xn, out)
     if screened is not None:
         call.screened = call_screened
+    if at is not None:
+        call.screened_tensor = call_screened_tensor
     return call
 
 

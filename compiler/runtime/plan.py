@@ -370,13 +370,25 @@ class Plan:
             # a linear that quantizes the screened input whole tells whether it is finite
             fused = screen is not None and _reads_first(node, step, screen.node)
             if screen is not None and not fused:
-                screen.emit(body, calls)
+                screen.emit(self, body, calls)
                 screen = None
             index, fn = len(self.steps), f"_fx_s{len(self.steps)}"
             self.steps.append(step)
-            call = step.fn.screened if fused else step.fn
-            args = ([self._render(a, step.domain) for a in step.args]
-                    + [f"{k}={self._render(v, step.domain)}" for k, v in step.kwargs.items()])
+            if step.fn is _np_nonfinite and _one_float(node.args[0]):
+                # one float input: its finite sum inline (0 when every value is finite), the
+                # per-sample screen only when it is not; held back one step (see fused), its
+                # arguments rendered then (a fused linear may read the input as a tensor)
+                self._globals[fn] = step.fn
+                self._home[node] = step.out_domain
+                screen = _Screen(node.args[0][0], name, fn, index, step.args, step.kwargs)
+                continue
+            # a fused linear reading a graph input no step has made a numpy array of takes
+            # the tensor (screened_tensor: no numpy view made, 0.55 us a call)
+            tensor_in = fused and hasattr(step.fn, "screened_tensor") and self._only_torch(screen.node)
+            call = (step.fn.screened_tensor if tensor_in else step.fn.screened) if fused else step.fn
+            domain = "torch" if tensor_in else step.domain
+            args = ([self._render(a, domain) for a in step.args]
+                    + [f"{k}={self._render(v, domain)}" for k, v in step.kwargs.items()])
             if node in slots and step.domain == "np":     # its output goes in the arena
                 call = step.fn = in_arena(call)
                 args = ["_fx_m", str(slots[node])] + args
@@ -384,24 +396,17 @@ class Plan:
             self._home[node] = step.out_domain
             out = f"{name}, _fx_f{index}" if fused else name
             timed = f"{out} = _fx_timed({index}, {', '.join([fn] + args)})"
-            if step.fn is _np_nonfinite and _one_float(node.args[0]):
-                # one float input: its finite sum inline (0 when every value is finite), the
-                # per-sample screen only when it is not; held back one step (see fused)
-                x = self._render(node.args[0][0], "np")
-                screen = _Screen(node.args[0][0], f"{name} = None if {{}} else {fn}({', '.join(args)})",
-                                 f"_fx_finite_sum({x}.reshape(-1)) == 0", timed)
-                continue
             calls[len(body)] = timed
             if fused:
                 body.append(f"{out} = {fn}({', '.join(args)})")
-                screen.emit(body, calls, f"_fx_f{index} == 0")
+                screen.emit(self, body, calls, f"_fx_f{index} == 0")
                 screen = None
             elif node.target is nonfinite.poison_samples_ and len(args) == 2:    # no call when all is finite
                 body.append(f"{name} = {args[0]} if {args[1]} is None else {fn}({', '.join(args)})")
             else:
                 body.append(f"{name} = {fn}({', '.join(args)})")
         if screen is not None:
-            screen.emit(body, calls)
+            screen.emit(self, body, calls)
         output = next(n for n in gm.graph.nodes if n.op == "output")
         body.append(f"return {self._output(output.args[0], info)}")
         return params, body, calls
@@ -413,11 +418,18 @@ class Plan:
         if names:
             body.append(" = ".join(names) + " = None")
 
-    def _in(self, node: fx.Node, domain: str) -> str:
+    def _only_torch(self, node: fx.Node) -> bool:
+        """Whether the plan holds node's value as a torch tensor and no numpy view of it."""
+        return self._home.get(node, "torch") == "torch" and (node, "np") not in self._converted
+
+    def _in(self, node: fx.Node, domain: str, inline: fx.Node | None = None) -> str:
         """The name of node's value in `domain` ('torch' or 'np'), converting it (once, in
-        the line after its first use needs it) where it was made in the other."""
+        the line after its first use needs it) where it was made in the other; for node
+        `inline`, not yet converted, a numpy conversion in the expression instead."""
         if self._home.get(node, "torch") == domain or not _is_tensor(node):
             return self._names[node]
+        if node is inline and domain == "np" and (node, domain) not in self._converted:
+            return f"_fx_to_numpy({self._names[node]})"
         key = (node, domain)
         if key not in self._converted:
             name = self._converted[key] = f"_fx_{domain}{len(self._converted)}"
@@ -434,11 +446,11 @@ class Plan:
             self._body.append(line)
         return self._converted[key]
 
-    def _render(self, a, domain: str = "torch") -> str:
+    def _render(self, a, domain: str = "torch", inline: fx.Node | None = None) -> str:
         if isinstance(a, fx.Node):
-            return self._in(a, domain)
+            return self._in(a, domain, inline)
         if isinstance(a, (list, tuple)):
-            inner = ", ".join(self._render(x, domain) for x in a)
+            inner = ", ".join(self._render(x, domain, inline) for x in a)
             return f"[{inner}]" if isinstance(a, list) else f"({inner}{',' if len(a) == 1 else ''})"
         if a is None or type(a) in (bool, int):
             return repr(a)
@@ -650,17 +662,26 @@ def _writes(node: fx.Node) -> bool:
 
 
 class _Screen(NamedTuple):
-    """A plan line screening one float input: `line` with its test (`finite`, the input's
-    finite sum, unless a fused linear gives it) and, for profiles, the step timed."""
+    """A plan step screening one float input (node), held back until the next step: its
+    line, `name = None if <finite> else fn(args)`, is emitted after it."""
     node: fx.Node
-    line: str
-    finite: str
-    timed: str
+    name: str
+    fn: str
+    index: int
+    args: tuple
+    kwargs: dict
 
-    def emit(self, body: list, calls: dict, finite: str | None = None):
-        if finite is None:              # the screen's own pass: timed as its step
-            calls[len(body)] = self.timed
-        body.append(self.line.format(finite or self.finite))
+    def emit(self, plan: "Plan", body: list, calls: dict, finite: str | None = None):
+        """The line, testing `finite` (a fused linear's flag), else the input's finite sum
+        (the screen's own pass, timed as its step). With a flag, a node the plan holds only
+        as a tensor is made a numpy array in the branch taken when it is not finite."""
+        inline = self.node if finite is not None and plan._only_torch(self.node) else None
+        args = ([plan._render(a, "np", inline) for a in self.args]
+                + [f"{k}={plan._render(v, 'np', inline)}" for k, v in self.kwargs.items()])
+        if finite is None:
+            finite = f"_fx_finite_sum({plan._render(self.node, 'np')}.reshape(-1)) == 0"
+            calls[len(body)] = f"{self.name} = _fx_timed({self.index}, {', '.join([self.fn] + args)})"
+        body.append(f"{self.name} = None if {finite} else {self.fn}({', '.join(args)})")
 
 
 def _reads_first(node: fx.Node, step: Step, screened: fx.Node) -> bool:
