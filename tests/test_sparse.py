@@ -425,12 +425,23 @@ def test_a_sparse_first_layer_screens_its_input_while_quantizing_it(pruned_mlp):
     assert _targets(fast) == [kernel_ops.linear_int8_sparse]
     source = plan_of(fast).source
     assert "_fx_finite_sum(" not in source and ", _fx_f" in source, source
-    # the tensor itself: a numpy view of it made only when it is not finite
+    # the tensor itself: a numpy view of it made only when it is not finite, and its dtype,
+    # rank, width and device not looked at again after the input check
     assert ".numpy()" not in source and source.count("_fx_to_numpy(") == 1, source
+    plan = plan_of(fast)
+    linear = next(step.fn for step in plan.steps if hasattr(step.fn, "screened_checked"))
+    assert linear.screened_checked in plan._globals.values()
     with torch.no_grad():
         assert torch.equal(fast(x), dense(x))
         strided = torch.cat([x, x], 1)[:, :x.shape[1]]     # rows apart: not contiguous, the numpy path
         assert not strided.is_contiguous() and torch.equal(fast(strided), dense(x))
+        want, _ = linear.screened(x.numpy())
+        for call in (linear.screened_tensor, linear.screened_checked):
+            for v in (x, strided):
+                y, bad = call(v)
+                assert bad == 0 and np.array_equal(y, want)
+        y, bad = linear.screened_tensor(x.double())     # unchecked: any tensor numpy takes
+        assert bad == 0 and np.array_equal(y, linear.screened(x.double().numpy())[0])
         x[2, 5] = float("nan")
         y = fast(x)
         assert torch.isnan(y[2]).all() and torch.isfinite(y[[0, 1, 3, 4, 5]]).all()

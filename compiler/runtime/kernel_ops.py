@@ -501,10 +501,20 @@ def _bind_linear(packed, w_scale, col_sums, b, n, k, act, act_args, a_scale, a_z
         except TypeError:           # a dtype numpy lacks (bfloat16): float32, as the plan's _to_numpy
             xn = x.float().numpy()
         return call_screened(xn, out)
+
+    def call_screened_checked(x, out=None):
+        # call_screened_tensor for an x the plan's input check has held to a CPU float32
+        # (M, K) tensor: its contiguity is all that is left to look at (0.1 against 0.35 us)
+        if x.is_contiguous() and not saturation.active():
+            got = at(x.data_ptr(), x.shape[0], out, get_threads())
+            if got is not None:
+                return got
+        return call_screened_tensor(x, out)
+    call.k = k
     if screened is not None:
         call.screened = call_screened
     if at is not None:
-        call.screened_tensor = call_screened_tensor
+        call.screened_tensor, call.screened_checked = call_screened_tensor, call_screened_checked
     return call
 
 

@@ -296,6 +296,7 @@ class Plan:
         self._names: dict = {}
         self._home: dict = {}          # node -> the domain its step made it in: 'torch' or 'np'
         self._converted: dict = {}     # (node, domain) -> name of its value converted there
+        self._checked: dict = {}       # graph input -> its rules in the input check already run
         params, body, calls = self._generate()
         head = f"({', '.join(params)}):\n    "
         timed = [line if i not in calls else calls[i] for i, line in enumerate(body)]
@@ -386,6 +387,8 @@ class Plan:
             # the tensor (screened_tensor: no numpy view made, 0.55 us a call)
             tensor_in = fused and hasattr(step.fn, "screened_tensor") and self._only_torch(screen.node)
             call = (step.fn.screened_tensor if tensor_in else step.fn.screened) if fused else step.fn
+            if tensor_in and self._checked_rows(screen.node, step.fn.k):
+                call = step.fn.screened_checked      # what the input check holds it to, not again
             domain = "torch" if tensor_in else step.domain
             args = ([self._render(a, domain) for a in step.args]
                     + [f"{k}={self._render(v, domain)}" for k, v in step.kwargs.items()])
@@ -417,6 +420,12 @@ class Plan:
         names += [v for (n, _), v in self._converted.items() if n in nodes]
         if names:
             body.append(" = ".join(names) + " = None")
+
+    def _checked_rows(self, node: fx.Node, k: int) -> bool:
+        """Whether the input check, run before, holds graph input node to a CPU float32
+        (M, k) tensor (it checks every input's device)."""
+        rules = self._checked.get(node)
+        return rules is not None and rules[0] is torch.float32 and rules[1] == 2 and (1, k) in rules[2]
 
     def _only_torch(self, node: fx.Node) -> bool:
         """Whether the plan holds node's value as a torch tensor and no numpy view of it."""
@@ -471,6 +480,7 @@ class Plan:
         if node.op == "call_module":
             module = self.gm.get_submodule(node.target)
             if node.target == GUARD and isinstance(module, InputCheck):
+                self._checked.update((x, r) for x, r in zip(node.args, module._rules) if r is not None)
                 return Step(node, module.fast_check(), False)     # no nn.Module call around it
             return Step(node, module, False)
         if node.op == "call_method":
