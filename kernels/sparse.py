@@ -58,7 +58,7 @@ unshifted rows.
 """
 import llvmlite.ir as ir
 import numpy as np
-from numba import carray, njit, prange, typeof, types
+from numba import carray, njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
@@ -67,7 +67,7 @@ from . import amx, dispatch as _dispatch
 from .dispatch import KernelError
 from .epilogue import EP_ACT, EP_P0, EP_P1, EP_RES_FIRST, add_residual_rows, apply_activation, in_registers
 from .gemm import _COUNTER_STRIDE, _count_add, _is_float32, _staged, _starts
-from .linear import _bias, bound_constants, call_arrays, epilogue_params, get_num_threads, on_rows
+from .linear import _bias, bound_constants, call_arrays, compiled_entry, epilogue_params, get_num_threads, on_rows
 from .quantize import quantize_rows_range, quantize_tensor_into
 from .pack import aligned_empty
 from .rowops import IntrinsicArgs, borrowed, call_llvm, pointer
@@ -702,14 +702,6 @@ class Kernels(dict):
                              self.a_scale, self.a_zp)
         self[isa] = ENTRIES[isa][:3] + (table, idx, val, ps.starts.shape[0] * STEP)
         return self[isa]
-
-
-def compiled_entry(dispatcher, args):
-    """The compiled code `dispatcher` runs for arguments of args' Numba types (compiled or
-    loaded from the cache now if need be): called directly it skips the dispatcher's typing
-    of every argument, 0.2-0.3 us a call (AMX Xeon). The caller must pass arguments of
-    exactly those types (arrays: dtype, rank, layout, alignment, writeability) and no other."""
-    return dispatcher.compile(tuple(typeof(a) for a in args))
 
 
 def _run(kernel, x, aq, a_scale, a_zp, res, out, n_threads):

@@ -668,6 +668,16 @@ def test_bind_linear_equals_the_unbound_entries(isa, monkeypatch, parallel, m, k
             assert got is not wrong and np.array_equal(got, want), kwargs
             strided = np.concatenate([inp, inp], axis=1)[:, :k]     # not C-contiguous: the full call
             assert np.array_equal(call.rows(strided, None, threads), want), kwargs
+            # rows not of the types the compiled code was made for (linear.compiled_entry): copied
+            readonly = inp.copy()
+            readonly.setflags(write=False)
+            unaligned = np.empty(inp.size * 4 + 1, np.uint8)[1:].view(np.float32).reshape(inp.shape)
+            unaligned[...] = inp
+            for v in (readonly, unaligned):
+                assert np.array_equal(call.rows(v, None, threads), want), kwargs
+            loose = np.empty((m, 2 * n), want.dtype)[:, ::2]      # an out it cannot take: a fresh one
+            got = call.rows(inp, loose, threads)
+            assert got is not loose and np.array_equal(got, want), kwargs
             with pytest.raises(K.KernelError, match="uint8 x needs"):     # other dtypes: the full call's answer
                 call.rows(inp.astype(np.float64), None, threads)
             checked += 1
