@@ -56,12 +56,15 @@ core's L2 bandwidth (two threads reading L2-resident arrays: 131 GB/s each again
 alone), so a second thread barely helps the sparse call (tried: warm helper threads, 0.14 us
 a launch, the call 5 % faster).
 Same kind of VM, later: the lean entry's views as C arrays at their addresses (Numba's
-.view(dtype) was a call with two integer divisions and a reference count, 14 a call) and
-the plan handing the sparse linear the input tensor itself (its data_ptr(); no numpy view
-of it, 0.55 us): sparse=True 4.4-4.7 us in 19 runs of section 3; sparse=False 9.1-10.2 us
-in 7 of them (2.00-2.27x) and 12.2-13.5 us in the 12 where the dense kernel's two threads
-were slow (2.7-3.0x). Of the 4.6 us: the entry 2.4, its Python 0.4, the tensor checks 0.5, the
-module call and input check 0.5, the output's torch.from_numpy 0.47.
+.view(dtype) was a call with two integer divisions and a reference count, 14 a call), the
+plan handing the sparse linear the input tensor itself (its data_ptr(); no numpy view of it,
+0.55 us) and not checking again what the input check did: sparse=True 4.2-4.9 us. The dense
+peer is bimodal here: sparse=False 9.3-10.9 us in most runs (2.09-2.32x), 12.5-14.1 us in
+others (2.8-3.1x), in and out over seconds, with OPENBLAS_NUM_THREADS=1 as well. Of a 4.2 us
+sparse call: the entry 2.25, its Python and output array 0.4, the tensor's contiguity and
+address 0.23, the input check 0.19, torch.from_numpy 0.43, the module call 0.32. The dense
+linear does not take the tensor yet; with the same ~0.9 us less, its fast runs would give
+about 1.9-2.1x.
 """
 import argparse
 import platform
