@@ -682,10 +682,10 @@ def _check_packed(ps):
 
 
 class Kernels(dict):
-    """isa -> (serial entry, parallel entry, lean entry, table, idx, val, slot products a
-    row): what a call of one layer (PackedSparse, bias, epilogue, static activation scale and
-    zero point) hands the kernel of that ISA, made at its first call there. The wide layout
-    where the ISA runs it and the packer made it."""
+    """isa -> (serial entry, parallel entry, table, idx, val, slot products a row): what a
+    call of one layer (PackedSparse, bias, epilogue, static activation scale and zero point)
+    hands the kernel of that ISA, made at its first call there (the lean entries read the
+    same table). The wide layout where the ISA runs it and the packer made it."""
 
     def __init__(self, ps, bias, ep, a_scale=0.0, a_zp=0):
         super().__init__()
@@ -700,14 +700,14 @@ class Kernels(dict):
         ptr, starts, idx, val = ps.wide if wide else (ps.slice_ptr, ps.starts, ps.idx, ps.val)
         table = kernel_table(ptr, starts, ps.offsets, ps.col_sums, ps.scales, self.bias, self.ep, wide, idx, val,
                              self.a_scale, self.a_zp)
-        self[isa] = ENTRIES[isa][:3] + (table, idx, val, ps.starts.shape[0] * STEP)
+        self[isa] = ENTRIES[isa][:2] + (table, idx, val, ps.starts.shape[0] * STEP)
         return self[isa]
 
 
 def _run(kernel, x, aq, a_scale, a_zp, res, out, n_threads):
     """kernel (a Kernels value) on float rows x or uint8 rows aq (the other empty);
     a_scale 0: per row. Returns _quantized's bad."""
-    serial, parallel, _, table, idx, val, slots = kernel
+    serial, parallel, table, idx, val, slots = kernel
     threads = n_threads or get_num_threads()
     rows = x.shape[0] if x.shape[1] else aq.shape[0]
     if threads > 1 and slots * rows >= PARALLEL_MIN_SLOTS:
@@ -791,12 +791,12 @@ def bind_linear_sparse(ps, bias=None, act="none", act_args=(), a_scale=0.0, a_ze
         if out is None or out.shape != (m, n) or out.dtype is not out_dtype or not out.flags.carray:
             out = np.empty((m, n), out_dtype)
         if n_threads > 1 and m * slots >= PARALLEL_MIN_SLOTS:
-            _, parallel, _, table, idx, val, _ = kernels[current[0]]
+            _, parallel, table, idx, val, _ = kernels[current[0]]
             return out, parallel(x, _NO_U8, scale, zero_point, table, idx, val, _NO_X, out, n_threads)
         entry = lean.get(current[0])
         if entry is None:
-            table = kernels[current[0]][3]
-            entry = lean[current[0]] = (compiled_entry(kernels[current[0]][2], (x, table, out)), table)
+            table = kernels[current[0]][2]
+            entry = lean[current[0]] = (compiled_entry(ENTRIES[current[0]][2], (x, table, out)), table)
         return out, entry[0](x, entry[1], out)
 
     def rows_screened_at(addr, m, out, n_threads):
@@ -809,7 +809,7 @@ def bind_linear_sparse(ps, bias=None, act="none", act_args=(), a_scale=0.0, a_ze
             out = np.empty((m, n), out_dtype)
         entry = lean_at.get(current[0])
         if entry is None:
-            table = kernels[current[0]][3]
+            table = kernels[current[0]][2]
             code = compiled_entry(ENTRIES[current[0]][3], (addr, m, k, table, out))
             entry = lean_at[current[0]] = (code, table)
         return out, entry[0](addr, m, k, entry[1], out)

@@ -216,10 +216,10 @@ def test_a_copied_layer_makes_its_tables_anew():
     rng = np.random.default_rng(6)
     q, s = sparse_weights(rng, 70, 90, 0.3)
     kernels = S.Kernels(K.pack_sparse_s8(q, s), np.zeros(70, np.float32), S.epilogue_params())
-    table = kernels[K.isa()][3]
+    table = kernels[K.isa()][2]
     for dup in (copy.deepcopy(kernels), pickle.loads(pickle.dumps(kernels))):
-        assert len(dup) == 0 and dup[K.isa()][3] is not table
-        head, mine = dup[K.isa()][3][:S._HEAD * 8].view(np.int64), dup[K.isa()][4]
+        assert len(dup) == 0 and dup[K.isa()][2] is not table
+        head, mine = dup[K.isa()][2][:S._HEAD * 8].view(np.int64), dup[K.isa()][3]
         assert head[S._IDX] == mine.ctypes.data != table[:S._HEAD * 8].view(np.int64)[S._IDX]
 
 
