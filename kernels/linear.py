@@ -15,16 +15,19 @@ import os
 
 import numba
 import numpy as np
+from numba import carray, njit, types
+from numba.extending import overload
 
 from ._cache import CACHE  # package-wide cache locators, before any @njit(cache=CACHE)
 from . import dispatch as _dispatch
 from .epilogue import ACTIVATIONS
-from .gemm import ENTRIES, a_stride
+from .gemm import ENTRIES, _parallel_jobs, _serial_jobs, a_stride
 from .dispatch import KernelError
 from .pack import PackedWeights, aligned_empty
 from .finite import _nonfinite_sum
 from .quantize import padded_k, quantize_rows_f32_u8, quantize_tensor_f32_u8, quantize_tensor_into
-from .simd import A_DTYPES
+from .rowops import borrowed, pointer
+from .simd import A_DTYPES, TAGS
 
 KERNEL_VERSION = "linear-4"
 # below this many multiply-adds a thread launch costs more than it saves
@@ -441,6 +444,8 @@ def bind_linear(pw, bias=None, act="none", act_args=(), a_scale=0.0, a_zero_poin
             return call(q, out, None, n_threads), bad
         return call(x, out, None, n_threads), _nonfinite_sum(x.reshape(-1))
     call.screened = screened
+    if static or rows_in_workers:
+        call.rows_screened_at = rows_screened_at_call(pw, b, ep, scale, zero_point, out_dt)
     if rows_in_workers:
         call.rows = rows_call(call, k, n, out_dt, n * k, PARALLEL_MIN_MACS, ENTRIES, _NO_Q,
                               (_NO_F, _NO_I, pw.data, pw.k_groups, pw.col_sums, pw.scales, b, _NO_X, ep))
@@ -464,6 +469,29 @@ def compiled_entry(dispatcher, args):
     arguments of exactly those types (arrays: dtype, rank, layout, alignment,
     writeability) and no other."""
     return dispatcher.compile(tuple(numba.typeof(a) for a in args))
+
+
+def rows_screened_at_call(pw, bias, ep, a_scale, a_zp, out_dt):
+    """A bound linear's call on float32 rows at an address (the plan's call for a tensor
+    input: its data_ptr()): rows_screened_at(addr, m, out, n_threads) -> (out, bad), bad as
+    screened's, for C-contiguous (m, K) rows the caller holds; out None or a buffer to
+    reuse (one of another shape or dtype is not written: a fresh one is). One compiled call
+    (LEAN_ENTRIES), threaded from PARALLEL_MIN_MACS on, as the kernel's own _run."""
+    n, k = pw.n, pw.k
+    table = lean_table(pw, bias, ep, a_scale, a_zp)
+    current = _dispatch._current
+    codes = {}                  # isa -> the lean entry's compiled code
+
+    def rows_screened_at(addr, m, out, n_threads):
+        if out is None or out.shape != (m, n) or out.dtype is not out_dt or not out.flags.carray:
+            out = np.empty((m, n), out_dt)
+        threads = n_threads if n_threads > 1 and m * n * k >= PARALLEL_MIN_MACS else 1
+        code = codes.get(current[0])
+        if code is None:
+            code = codes[current[0]] = compiled_entry(LEAN_ENTRIES[current[0]], (addr, m, k, table, out, threads))
+        return out, code(addr, m, k, table, out, threads)
+    rows_screened_at.keep = (pw, bias, ep)      # the arrays the table holds the addresses of
+    return rows_screened_at
 
 
 def rows_call(call, k, n, out_dt, work, min_work, entries, no_q, bound):
@@ -494,3 +522,103 @@ def rows_call(call, k, n, out_dt, work, min_work, entries, no_q, bound):
         code(x, no_q[key[0]], *bound, out, n_threads if key[1] else 1)
         return out
     return rows
+
+
+# --- the lean entry: float rows at an address, the layer's arrays in one table -----------
+#
+# The plan's call of a linear reading a graph input hands it the torch tensor's address
+# (kernel_ops' screened_tensor): no numpy array made of it (0.55 us), one compiled call
+# that quantizes the rows (static or per-row scales) and runs the jobs, the layer's arrays
+# read from a table of their addresses (six arrays less to unbox, 45 ns each, and no
+# reference counts: views at an address have no owner). sparse.py's lean_at does the same.
+
+# lean_table's slots: the packed weights' address and bytes, the addresses of the column
+# sums, weight scales, bias and epilogue params, the static activation scale (float32 bits;
+# 0: per row) and zero point
+_BP, _BP_BYTES, _COLSUM, _WSCALE, _BIAS, _EP, _A_SCALE, _A_ZP = range(8)
+_EP_LEN = 8     # epilogue_params' values
+
+
+def lean_table(pw, bias, ep, a_scale, a_zp):
+    """The int64 table lean_at reads the layer from: the addresses of pw's arrays, bias and
+    ep (which the caller keeps alive as long as the table), and the static activation
+    scale (0: per row) and zero point."""
+    if ep.shape != (_EP_LEN,) or ep.dtype != np.float32 or bias.dtype != np.float32 or bias.shape != (pw.n,):
+        raise KernelError("lean_table: bias must be float32 (N,) and ep epilogue_params' vector")
+    table = np.zeros(8, np.int64)
+    table[_BP], table[_BP_BYTES] = pw.data.ctypes.data, pw.data.nbytes
+    for i, arr in ((_COLSUM, pw.col_sums), (_WSCALE, pw.scales), (_BIAS, bias), (_EP, ep)):
+        if not arr.flags.c_contiguous:
+            raise KernelError("lean_table: the layer's arrays must be C-contiguous")
+        table[i] = arr.ctypes.data
+    table[_A_SCALE] = np.array([a_scale, 0], np.float32).view(np.int64)[0]
+    table[_A_ZP] = a_zp
+    return table
+
+
+def _lean_rows(tag, buf, m, kg):
+    raise NotImplementedError  # compiled through the overload below
+
+
+@overload(_lean_rows, inline="always")
+def _lean_rows_impl(tag, buf, m, kg):
+    """(quantized rows (m, a_stride) on a 64-byte boundary, as gemm.a_rows, their scales,
+    their zero points): views of buf, which the caller holds (None for its bytes)."""
+    dtype = A_DTYPES[tag.isa]
+    size = np.dtype(dtype).itemsize
+    if isinstance(buf, types.NoneType):
+        return lambda tag, buf, m, kg: m * a_stride(kg, size) * size + 64 + 8 * m
+
+    def impl(tag, buf, m, kg):
+        stride = a_stride(kg, size)
+        at = buf.ctypes.data
+        at += -at % 64
+        rows = m * stride * size
+        return (carray(pointer(at, dtype), (m, stride)), carray(pointer(at + rows, np.float32), m),
+                carray(pointer(at + rows + 4 * m, np.int32), m))
+    return impl
+
+
+@njit
+def _lean_jobs(tag, buf, addr, m, k, table, out, threads):
+    """lean_at's call in buf (_lean_rows' bytes), which it holds, as it holds out and table."""
+    out, table = borrowed(out), borrowed(table)
+    n, kg = out.shape[1], (k + 3) // 4
+    x = carray(pointer(addr, np.float32), (m, k))
+    none = carray(pointer(addr, np.float32), (0, 0))
+    bp = carray(pointer(table[_BP], np.int8), table[_BP_BYTES])
+    colsum = carray(pointer(table[_COLSUM], np.int32), n)
+    wscale = carray(pointer(table[_WSCALE], np.float32), n)
+    bias = carray(pointer(table[_BIAS], np.float32), n)
+    ep = carray(pointer(table[_EP], np.float32), _EP_LEN)
+    a_scale = carray(pointer(table.ctypes.data + 8 * _A_SCALE, np.float32), 1)[0]
+    aq, s, z = _lean_rows(tag, buf, m, kg)
+    rows, bad = x, np.float32(0)
+    if a_scale > 0:                 # static: quantized here, the workers take the rows as they are
+        a_zp = np.int32(table[_A_ZP])
+        for i in range(m):
+            s[i], z[i] = a_scale, a_zp
+        bad = quantize_tensor_into(x, a_scale, a_zp, aq)
+        rows = none
+    if threads > 1:
+        _parallel_jobs(tag, rows, aq, s, z, bp, kg, colsum, wscale, bias, none, ep, out, threads)
+    else:
+        _serial_jobs(tag, rows, aq, s, z, bp, kg, colsum, wscale, bias, none, ep, out)
+    if a_scale > 0:
+        return bad
+    return _nonfinite_sum(s)        # the workers gave a row holding NaN or inf a NaN scale
+
+
+def _lean_entry(tag):
+    """lean_at(addr, m, k, table, out, threads) -> bad of one ISA (a compile-time tag, as
+    gemm._entries): the linear on float32 (m, k) C-contiguous rows at address addr, which
+    the caller holds, with lean_table's layer, into out; bad 0, or NaN where a value of the
+    rows is NaN or +-inf (bind_linear's screened)."""
+    @njit(cache=CACHE)
+    def lean_at(addr, m, k, table, out, threads):
+        buf = np.empty(_lean_rows(tag, None, m, (k + 3) // 4), np.uint8)
+        return _lean_jobs(tag, buf, addr, m, k, table, out, threads)
+    return lean_at
+
+
+LEAN_ENTRIES = {name: _lean_entry(tag) for name, tag in TAGS.items()}

@@ -688,6 +688,38 @@ def test_bind_linear_equals_the_unbound_entries(isa, monkeypatch, parallel, m, k
         K.bind_linear(pw, bias)(q_static)
 
 
+@pytest.mark.parametrize("m, k, n", [(1, 1024, 256), (7, 130, 70), (40, 96, 200)])
+def test_rows_screened_at_reads_rows_where_they_lie(isa, monkeypatch, m, k, n):
+    """rows_screened_at, the plan's call of a linear on a tensor input (its data_ptr(): one
+    compiled call that quantizes and multiplies, the layer's arrays in lean_table), gives
+    bind_linear's results bit for bit: per-row or static scales, float or uint8 output, one
+    thread or two, fresh or into a given out; a row holding NaN or inf makes bad NaN."""
+    import torch
+    rng = np.random.default_rng(m * 100 + n)
+    x = torch.from_numpy(rng.standard_normal((m + 1, k), dtype=np.float32))
+    bias = rng.standard_normal(n, dtype=np.float32)
+    pw = K.pack_weights_s8(*K.quantize_weights_s8(rng.standard_normal((n, k), dtype=np.float32)))
+    monkeypatch.setattr(L, "PARALLEL_MIN_MACS", 0)          # the threaded jobs too, at every size
+    for kwargs in ({"act": "gelu"}, {"act": "relu", "a_scale": 0.03, "a_zero_point": 120},
+                   {"a_scale": 0.03, "a_zero_point": 120, "out_scale": 0.05, "out_zero_point": 7}):
+        call = K.bind_linear(pw, bias, **kwargs)
+        want = call(x[1:].numpy().copy())
+        for threads in (1, 2):
+            y, bad = call.rows_screened_at(x[1:].data_ptr(), m, None, threads)    # rows from the second
+            assert bad == 0 and y.dtype == want.dtype and np.array_equal(y, want), (kwargs, threads)
+            out = np.full((m + 1, n), 3, want.dtype)
+            y, _ = call.rows_screened_at(x[1:].data_ptr(), m, out[1:], threads)
+            assert np.shares_memory(y, out) and np.array_equal(out[1:], want) and (out[0] == 3).all()
+            y, _ = call.rows_screened_at(x[1:].data_ptr(), m, out[:, ::2], threads)  # not one it can take
+            assert not np.shares_memory(y, out) and np.array_equal(y, want)
+        bad_x = x.clone()
+        bad_x[m, k // 2] = float("nan")                     # the last row
+        y, bad = call.rows_screened_at(bad_x[1:].data_ptr(), m, None, 2)
+        assert np.isnan(bad) and np.array_equal(y[:-1], want[:-1])
+    dequantized = K.bind_linear(pw, bias, out_scale=0.05, out_zero_point=7)     # dynamic rows, uint8 out
+    assert not hasattr(dequantized, "rows_screened_at")     # quantized apart: no one-call path (yet)
+
+
 @pytest.mark.parametrize("parallel", [False, True])
 @pytest.mark.parametrize("m, k, n", [(1, 64, 64), (7, 130, 70), (33, 128, 96)])
 def test_screened_call_tells_a_non_finite_input_from_its_quantization(isa, monkeypatch, parallel, m, k, n):
