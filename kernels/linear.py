@@ -444,11 +444,8 @@ def bind_linear(pw, bias=None, act="none", act_args=(), a_scale=0.0, a_zero_poin
             return call(q, out, None, n_threads), bad
         return call(x, out, None, n_threads), _nonfinite_sum(x.reshape(-1))
     call.screened = screened
-    if static or rows_in_workers:
-        call.rows_screened_at = rows_screened_at_call(pw, b, ep, scale, zero_point, out_dt)
-    if rows_in_workers:
-        call.rows = rows_call(call, k, n, out_dt, n * k, PARALLEL_MIN_MACS, ENTRIES, _NO_Q,
-                              (_NO_F, _NO_I, pw.data, pw.k_groups, pw.col_sums, pw.scales, b, _NO_X, ep))
+    if static or rows_in_workers:       # not per-row scales with uint8 output: quantized apart
+        call.rows, call.rows_screened_at = lean_calls(call, pw, b, ep, scale, zero_point, out_dt)
     return call
 
 
@@ -471,57 +468,54 @@ def compiled_entry(dispatcher, args):
     return dispatcher.compile(tuple(numba.typeof(a) for a in args))
 
 
-def rows_screened_at_call(pw, bias, ep, a_scale, a_zp, out_dt):
-    """A bound linear's call on float32 rows at an address (the plan's call for a tensor
-    input: its data_ptr()): rows_screened_at(addr, m, out, n_threads) -> (out, bad), bad as
-    screened's, for C-contiguous (m, K) rows the caller holds; out None or a buffer to
-    reuse (one of another shape or dtype is not written: a fresh one is). One compiled call
-    (LEAN_ENTRIES), threaded from PARALLEL_MIN_MACS on, as the kernel's own _run."""
+def lean_calls(call, pw, bias, ep, a_scale, a_zp, out_dt):
+    """A bound linear's calls in one Python frame around one compiled call (LEAN_ENTRIES,
+    its compiled code called directly: compiled_entry), threaded from PARALLEL_MIN_MACS
+    on as the kernel's own _run; out None or a buffer to reuse (one of another shape or
+    dtype, or not C-contiguous, aligned and writeable, is not written: a fresh one is):
+
+    rows(x, out, n_threads) -> out, for (M, K) rows x of float32, or of uint8 quantized with
+    the layer's static a_scale (> 0); rows that are not C-contiguous, aligned and writeable
+    are copied, any other x goes to call(x, out, None, n_threads).
+    rows_screened_at(addr, m, out, n_threads) -> (out, bad), bad as screened's, on float32
+    C-contiguous (m, K) rows at address addr, which the caller holds (the plan's call for
+    a tensor input: its data_ptr())."""
     n, k = pw.n, pw.k
+    static = a_scale > 0
     table = lean_table(pw, bias, ep, a_scale, a_zp)
     current = _dispatch._current
-    codes = {}                  # isa -> the lean entry's compiled code
+    codes = {}                  # (isa, x's dtype or "at") -> the lean entry's compiled code
 
-    def rows_screened_at(addr, m, out, n_threads):
+    def threads_for(m, n_threads):
+        return n_threads if n_threads > 1 and m * n * k >= PARALLEL_MIN_MACS else 1
+
+    def fresh(out, m):
         if out is None or out.shape != (m, n) or out.dtype is not out_dt or not out.flags.carray:
-            out = np.empty((m, n), out_dt)
-        threads = n_threads if n_threads > 1 and m * n * k >= PARALLEL_MIN_MACS else 1
-        code = codes.get(current[0])
-        if code is None:
-            code = codes[current[0]] = compiled_entry(LEAN_ENTRIES[current[0]], (addr, m, k, table, out, threads))
-        return out, code(addr, m, k, table, out, threads)
-    rows_screened_at.keep = (pw, bias, ep)      # the arrays the table holds the addresses of
-    return rows_screened_at
-
-
-def rows_call(call, k, n, out_dt, work, min_work, entries, no_q, bound):
-    """A bound linear's most common call in one Python frame around its kernel entry:
-    rows(x, out, n_threads) -> out, for float32 (M, k) x, which the workers quantize (any
-    other x: call(x, out, None, n_threads)), and out None or a buffer to reuse
-    (one of another shape or dtype is not written: a fresh one is). entries, no_q: the
-    kernel's {isa: (serial, parallel)} and {isa: empty quantized rows}; bound: the entry's
-    arguments between the quantized rows and out; work: its multiply-adds a row, threaded
-    from min_work on (as the kernel's own _run). The entries' compiled code is called
-    directly (compiled_entry), on x and out as carrays: others are copied or not used."""
-    current = _dispatch._current
-    codes = {}                  # (isa, threaded) -> the entry's compiled code for these types
+            return np.empty((m, n), out_dt)
+        return out
 
     def rows(x, out, n_threads):
-        if x.dtype is not _F32 or x.ndim != 2 or x.shape[1] != k:
+        if x.ndim != 2 or x.shape[1] != k or not (x.dtype is _F32 or (static and x.dtype is _U8)):
             return call(x, out, None, n_threads)
         if not x.flags.carray:          # strided, unaligned or readonly rows: a copy that is
             x = x.copy()
         m = x.shape[0]
-        if out is None or out.shape != (m, n) or out.dtype is not out_dt or not out.flags.carray:
-            out = np.empty((m, n), out_dt)
-        key = current[0], n_threads > 1 and m * work >= min_work
-        code = codes.get(key)
+        out, threads = fresh(out, m), threads_for(m, n_threads)
+        code = codes.get((current[0], x.dtype))
         if code is None:
-            args = (x, no_q[key[0]], *bound, out, n_threads)
-            code = codes[key] = compiled_entry(entries[key[0]][1 if key[1] else 0], args)
-        code(x, no_q[key[0]], *bound, out, n_threads if key[1] else 1)
+            code = codes[current[0], x.dtype] = compiled_entry(LEAN_ENTRIES[current[0]][0], (x, table, out, threads))
+        code(x, table, out, threads)
         return out
-    return rows
+
+    def rows_screened_at(addr, m, out, n_threads):
+        out, threads = fresh(out, m), threads_for(m, n_threads)
+        code = codes.get((current[0], "at"))
+        if code is None:
+            code = codes[current[0], "at"] = compiled_entry(LEAN_ENTRIES[current[0]][1],
+                                                            (addr, m, k, table, out, threads))
+        return out, code(addr, m, k, table, out, threads)
+    rows.keep = rows_screened_at.keep = (pw, bias, ep)      # the arrays the table holds the addresses of
+    return rows, rows_screened_at
 
 
 # --- the lean entry: float rows at an address, the layer's arrays in one table -----------
@@ -579,13 +573,62 @@ def _lean_rows_impl(tag, buf, m, kg):
     return impl
 
 
+_rows_share_l1_set = njit(inline="always")(rows_share_l1_set)
+
+
+@njit(inline="always")
+def _copied_rows(x, aq, s, z, a_scale, a_zp):
+    """_lean_quantize's uint8 rows x copied into aq, their k-group padding the zero point."""
+    m, k = x.shape
+    for i in range(m):
+        s[i], z[i] = a_scale, a_zp
+        for c in range(k):
+            aq[i, c] = x[i, c]
+        for c in range(k, (k + 3) & ~3):
+            aq[i, c] = a_zp
+    return aq, carray(pointer(aq.ctypes.data, np.float32), (0, 0)), np.float32(0)
+
+
+def _lean_quantize(x, aq, s, z, a_scale, a_zp):
+    raise NotImplementedError  # compiled through the overload below
+
+
+@overload(_lean_quantize, inline="always")
+def _lean_quantize_impl(x, aq, s, z, a_scale, a_zp):
+    """x's rows into aq for the jobs, by x's dtype: float32 quantized with the static scale
+    (a_scale > 0; per row by the workers: nothing here), uint8 (quantized with it
+    already) read in place where the path can (as _prepare_u8), else copied.
+    Returns (the rows the jobs read: aq, or uint8 x read in place,
+    the float rows the workers quantize: x, or none, bad: 0, or NaN where a value of float
+    x is NaN or +-inf)."""
+    if x.dtype == types.uint8 and aq.dtype == types.uint8:        # a path that reads uint8 rows
+        def impl(x, aq, s, z, a_scale, a_zp):
+            m, k = x.shape
+            if k % 4 == 0 and not (m > 1 and _rows_share_l1_set(x.strides[0])):
+                for i in range(m):
+                    s[i], z[i] = a_scale, a_zp
+                return x, carray(pointer(aq.ctypes.data, np.float32), (0, 0)), np.float32(0)   # where they are
+            return _copied_rows(x, aq, s, z, a_scale, a_zp)
+        return impl
+    if x.dtype == types.uint8:
+        return lambda x, aq, s, z, a_scale, a_zp: _copied_rows(x, aq, s, z, a_scale, a_zp)
+
+    def impl(x, aq, s, z, a_scale, a_zp):
+        if not a_scale > 0:
+            return aq, x, np.float32(0)
+        for i in range(x.shape[0]):
+            s[i], z[i] = a_scale, a_zp
+        return aq, carray(pointer(x.ctypes.data, np.float32), (0, 0)), quantize_tensor_into(x, a_scale, a_zp, aq)
+    return impl
+
+
 @njit
-def _lean_jobs(tag, buf, addr, m, k, table, out, threads):
-    """lean_at's call in buf (_lean_rows' bytes), which it holds, as it holds out and table."""
-    out, table = borrowed(out), borrowed(table)
-    n, kg = out.shape[1], (k + 3) // 4
-    x = carray(pointer(addr, np.float32), (m, k))
-    none = carray(pointer(addr, np.float32), (0, 0))
+def _lean_jobs(tag, buf, x, table, out, threads):
+    """The lean entries' call on rows x (float32, or uint8 quantized with the static
+    scale) in buf (_lean_rows' bytes): the caller holds all of them."""
+    x, out, table = borrowed(x), borrowed(out), borrowed(table)
+    (m, k), n = x.shape, out.shape[1]
+    kg = (k + 3) // 4
     bp = carray(pointer(table[_BP], np.int8), table[_BP_BYTES])
     colsum = carray(pointer(table[_COLSUM], np.int32), n)
     wscale = carray(pointer(table[_WSCALE], np.float32), n)
@@ -593,32 +636,34 @@ def _lean_jobs(tag, buf, addr, m, k, table, out, threads):
     ep = carray(pointer(table[_EP], np.float32), _EP_LEN)
     a_scale = carray(pointer(table.ctypes.data + 8 * _A_SCALE, np.float32), 1)[0]
     aq, s, z = _lean_rows(tag, buf, m, kg)
-    rows, bad = x, np.float32(0)
-    if a_scale > 0:                 # static: quantized here, the workers take the rows as they are
-        a_zp = np.int32(table[_A_ZP])
-        for i in range(m):
-            s[i], z[i] = a_scale, a_zp
-        bad = quantize_tensor_into(x, a_scale, a_zp, aq)
-        rows = none
+    aq, rows, bad = _lean_quantize(x, aq, s, z, a_scale, np.int32(table[_A_ZP]))
+    none = carray(pointer(out.ctypes.data, np.float32), (0, 0))      # no residual
     if threads > 1:
         _parallel_jobs(tag, rows, aq, s, z, bp, kg, colsum, wscale, bias, none, ep, out, threads)
     else:
         _serial_jobs(tag, rows, aq, s, z, bp, kg, colsum, wscale, bias, none, ep, out)
-    if a_scale > 0:
-        return bad
-    return _nonfinite_sum(s)        # the workers gave a row holding NaN or inf a NaN scale
+    if rows.shape[1] > 0:           # the workers quantized them, a row holding NaN or inf with a NaN scale
+        return _nonfinite_sum(s)
+    return bad
 
 
 def _lean_entry(tag):
-    """lean_at(addr, m, k, table, out, threads) -> bad of one ISA (a compile-time tag, as
-    gemm._entries): the linear on float32 (m, k) C-contiguous rows at address addr, which
-    the caller holds, with lean_table's layer, into out; bad 0, or NaN where a value of the
-    rows is NaN or +-inf (bind_linear's screened)."""
+    """The lean entries of one ISA (a compile-time tag, as gemm._entries), with
+    lean_table's layer, into out, -> bad: 0, or NaN where a value of float rows is NaN or
+    +-inf (bind_linear's screened):
+    lean(x, table, out, threads) on C-contiguous (m, k) rows x: float32, or uint8 quantized
+    with the layer's static scale; lean_at(addr, m, k, table, out, threads) on float32
+    C-contiguous rows at address addr, which the caller holds (a tensor's data_ptr())."""
+    @njit(cache=CACHE)
+    def lean(x, table, out, threads):
+        buf = np.empty(_lean_rows(tag, None, x.shape[0], (x.shape[1] + 3) // 4), np.uint8)
+        return _lean_jobs(tag, buf, x, table, out, threads)
+
     @njit(cache=CACHE)
     def lean_at(addr, m, k, table, out, threads):
         buf = np.empty(_lean_rows(tag, None, m, (k + 3) // 4), np.uint8)
-        return _lean_jobs(tag, buf, addr, m, k, table, out, threads)
-    return lean_at
+        return _lean_jobs(tag, buf, carray(pointer(addr, np.float32), (m, k)), table, out, threads)
+    return lean, lean_at
 
 
 LEAN_ENTRIES = {name: _lean_entry(tag) for name, tag in TAGS.items()}

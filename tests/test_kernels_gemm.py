@@ -1,6 +1,7 @@
 """int8 GEMM kernels against the numpy reference, on every ISA path."""
 import gc
 import os
+import re
 import subprocess
 import sys
 
@@ -649,6 +650,10 @@ def test_bind_linear_equals_the_unbound_entries(isa, monkeypatch, parallel, m, k
          K.gemm_u8s8_f32(q_static, 0.03, 120, pw, bias, "relu", n_threads=threads, residual=res)),
         ({"a_scale": 0.03, "a_zero_point": 120}, q_static, None,
          K.gemm_u8s8_f32(q_static, 0.03, 120, pw, bias, n_threads=threads)),
+        ({"act": "relu", "a_scale": 0.03, "a_zero_point": 120}, x, None,
+         K.gemm_u8s8_f32(q_static, 0.03, 120, pw, bias, "relu", n_threads=threads)),
+        ({"a_scale": 0.03, "a_zero_point": 120, "out_scale": 0.05, "out_zero_point": 7}, q_static, None,
+         K.gemm_u8s8_u8(q_static, 0.03, 120, pw, 0.05, 7, bias, n_threads=threads)),
         ({"out_scale": 0.05, "out_zero_point": 7}, x, None,
          K.gemm_u8s8_u8(q_rows, s_rows, z_rows, pw, 0.05, 7, bias, n_threads=threads)),
     ]
@@ -671,17 +676,21 @@ def test_bind_linear_equals_the_unbound_entries(isa, monkeypatch, parallel, m, k
             # rows not of the types the compiled code was made for (linear.compiled_entry): copied
             readonly = inp.copy()
             readonly.setflags(write=False)
-            unaligned = np.empty(inp.size * 4 + 1, np.uint8)[1:].view(np.float32).reshape(inp.shape)
+            unaligned = np.empty(inp.nbytes + 1, np.uint8)[1:].view(inp.dtype).reshape(inp.shape)
             unaligned[...] = inp
             for v in (readonly, unaligned):
                 assert np.array_equal(call.rows(v, None, threads), want), kwargs
             loose = np.empty((m, 2 * n), want.dtype)[:, ::2]      # an out it cannot take: a fresh one
             got = call.rows(inp, loose, threads)
             assert got is not loose and np.array_equal(got, want), kwargs
-            with pytest.raises(K.KernelError, match="uint8 x needs"):     # other dtypes: the full call's answer
+            with pytest.raises(Exception) as full:      # other dtypes: the full call's answer
+                call(inp.astype(np.float64), None, None, threads)
+            with pytest.raises(type(full.value), match=re.escape(str(full.value))):
                 call.rows(inp.astype(np.float64), None, threads)
             checked += 1
-    assert checked == 1                  # only the dynamic float-rows layer has the one-frame path
+    # the one-frame path: float rows (static or per-row scales) and uint8 rows (static), not
+    # per-row scales with uint8 output (quantized apart)
+    assert checked == 4
     with pytest.raises(K.KernelError, match="out must be"):
         K.bind_linear(pw, bias)(x, np.empty((m, n + 1), np.float32))
     with pytest.raises(K.KernelError, match="uint8 x needs the static a_scale"):
@@ -717,7 +726,7 @@ def test_rows_screened_at_reads_rows_where_they_lie(isa, monkeypatch, m, k, n):
         y, bad = call.rows_screened_at(bad_x[1:].data_ptr(), m, None, 2)
         assert np.isnan(bad) and np.array_equal(y[:-1], want[:-1])
     dequantized = K.bind_linear(pw, bias, out_scale=0.05, out_zero_point=7)     # dynamic rows, uint8 out
-    assert not hasattr(dequantized, "rows_screened_at")     # quantized apart: no one-call path (yet)
+    assert not hasattr(dequantized, "rows_screened_at")     # quantized apart: no one-call path
 
 
 @pytest.mark.parametrize("parallel", [False, True])

@@ -434,7 +434,7 @@ def _bind_linear(packed, w_scale, col_sums, b, n, k, act, act_args, a_scale, a_z
 
     static = a_scale > 0
     get_threads = torch.get_num_threads
-    lean = getattr(kernel, "rows", None)      # float rows the workers quantize, in one frame
+    lean = getattr(kernel, "rows", None)      # float or uint8 rows in one frame around one compiled call
     screened = getattr(kernel, "screened", None)
     lean_screened = getattr(kernel, "rows_screened", None)    # lean's (y, whether x was finite)
 
@@ -445,7 +445,7 @@ def _bind_linear(packed, w_scale, col_sums, b, n, k, act, act_args, a_scale, a_z
                 saturation.count(packed, torch.from_numpy(x), a_scale, a_zp)
             if out_scale > 0:
                 count_chained(x)
-        if residual is None and lean is not None and x.ndim == 2 and x.dtype is _F32:
+        if residual is None and lean is not None and x.ndim == 2 and (x.dtype is _F32 or x.dtype is _U8):
             return lean(x, out, get_threads())
         if residual is None and x.ndim == 2 and (x.dtype is _F32 or x.dtype is _U8) and x.flags.c_contiguous:
             if out is not None and out.shape[0] != x.shape[0]:      # the common case, kept short
