@@ -65,6 +65,17 @@ sparse call: the entry 2.25, its Python and output array 0.4, the tensor's conti
 address 0.23, the input check 0.19, torch.from_numpy 0.43, the module call 0.32. The dense
 linear does not take the tensor yet; with the same ~0.9 us less, its fast runs would give
 about 1.9-2.1x.
+Same kind of VM, 2026-12-07 later, a slower day (the sparse steps at ~1.37 ns each, 0.84 before):
+the dense linear now takes the tensor as well (linear.lean_calls: one compiled call that quantizes
+and runs the jobs, the layer's arrays from one table). In one run, dense 16.0-16.7 -> 12.1-12.5 us
+and sparse 6.35-6.6 us: 2.46-2.57x against the old dense path, 1.88-1.95x against the new one.
+Section 3 in 9 runs after it: 1.69-2.18x (sparse 6.5-10.6 us, dense 13.4-19.4 us). Tried for the
+sparse steps and not kept (the step loop is ~70 % of the call and costs about the same a step
+whether its steps sit in L1 or L2 on this VM: core-bound, not bandwidth-bound): windows of 128 k
+with vpermi2b (1967 steps, 10 % fewer: the call 15 % slower), the same with steps on 64-byte
+boundaries (2085 steps, two aligned loads: no faster), rows sorted by their nonzeros before slicing
+(2129 steps, 3 % fewer), 8 rows of 8 slots (2445 steps), windows placed after the densest row
+(3079 steps), two threads at M=1 (slower: Numba's parallel launch costs more than half the steps).
 """
 import argparse
 import platform
