@@ -99,6 +99,26 @@ def _workloads():
     ]
 
 
+def _dense_linear() -> None:
+    """The dense linear's entries on calls the models need not make: its full call (the
+    kernel's _run) and its one-frame rows (the lean entries), float and uint8 rows, per-row
+    and static scales, uint8 out, on this thread and threaded. The plan reaches them from
+    steps such as a screened graph input (bind_linear's screened)."""
+    g = np.random.default_rng(0)
+    pw = K.pack_weights_s8(*K.quantize_weights_s8(g.standard_normal((128, 64)).astype(np.float32)))
+    threads = K.get_num_threads()
+    for rows in (1, 512):
+        x = g.standard_normal((rows, 64)).astype(np.float32)
+        q = K.quantize_tensor_f32_u8(x, 0.05, 128)
+        for a_scale, a_zp in ((0.0, 0), (0.05, 128)):
+            chained = K.bind_linear(pw, None, "relu", (), a_scale, a_zp, 0.05, 128)
+            chained(x)
+            if a_scale:
+                chained(q)
+                chained.rows(x, None, threads)
+                chained.rows(q, None, threads)
+
+
 def _sparse_linear() -> None:
     """The sparse linear's entries (optimize takes it for pruned linears only, and only where it
     times faster): float and uint8 rows, float and uint8 out, on this thread and threaded."""
@@ -157,6 +177,7 @@ def warmup(progress: bool = True) -> dict:
                     with torch.no_grad():
                         for inputs in (example, *calls):
                             fast(*inputs)
+        _dense_linear()
         _sparse_linear()
         _int4_linear()
         _bf16_linear()
