@@ -100,10 +100,10 @@ def _workloads():
 
 
 def _dense_linear() -> None:
-    """The dense linear's entries on calls the models need not make: its full call (the
-    kernel's _run) and its one-frame rows (the lean entries), float and uint8 rows, per-row
-    and static scales, uint8 out, on this thread and threaded. The plan reaches them from
-    steps such as a screened graph input (bind_linear's screened)."""
+    """The dense linear's entries whichever way the models above route their linears: its
+    full call (the kernel's _run, which the int8 conv's batched GEMM also takes with uint8
+    output: conv._conv_batched) and its one-frame rows (the lean entries), float and uint8
+    rows, per-row and static scales, uint8 out, on this thread and threaded."""
     g = np.random.default_rng(0)
     pw = K.pack_weights_s8(*K.quantize_weights_s8(g.standard_normal((128, 64)).astype(np.float32)))
     threads = K.get_num_threads()
