@@ -428,8 +428,8 @@ def test_a_sparse_first_layer_screens_its_input_while_quantizing_it(pruned_mlp):
     # the tensor itself: a numpy view of it made only when it is not finite, and its dtype,
     # rank, width and device not looked at again after the input check
     assert ".numpy()" not in source and source.count("_fx_to_numpy(") == 1, source
-    for model in (fast, dense):      # the dense int8 linear takes the tensor as well (bind_linear's rows_screened_at)
-        plan = plan_of(model)
+    for optimized in (fast, dense):      # the dense int8 linear takes the tensor too (rows_screened_at)
+        plan = plan_of(optimized)
         linear = next(step.fn for step in plan.steps if hasattr(step.fn, "screened_checked"))
         assert linear.screened_checked in plan._globals.values()
     plan = plan_of(fast)
