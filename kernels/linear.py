@@ -485,14 +485,7 @@ def lean_calls(call, pw, bias, ep, a_scale, a_zp, out_dt):
     table = lean_table(pw, bias, ep, a_scale, a_zp)
     current = _dispatch._current
     codes = {}                  # (isa, x's dtype or "at") -> the lean entry's compiled code
-
-    def threads_for(m, n_threads):
-        return n_threads if n_threads > 1 and m * n * k >= PARALLEL_MIN_MACS else 1
-
-    def fresh(out, m):
-        if out is None or out.shape != (m, n) or out.dtype is not out_dt or not out.flags.carray:
-            return np.empty((m, n), out_dt)
-        return out
+    # both calls check out and choose the threads inline: each is every dense layer's call
 
     def rows(x, out, n_threads):
         if x.ndim != 2 or x.shape[1] != k or not (x.dtype is _F32 or (static and x.dtype is _U8)):
@@ -500,7 +493,9 @@ def lean_calls(call, pw, bias, ep, a_scale, a_zp, out_dt):
         if not x.flags.carray:          # strided, unaligned or readonly rows: a copy that is
             x = x.copy()
         m = x.shape[0]
-        out, threads = fresh(out, m), threads_for(m, n_threads)
+        if out is None or out.shape != (m, n) or out.dtype is not out_dt or not out.flags.carray:
+            out = np.empty((m, n), out_dt)
+        threads = n_threads if n_threads > 1 and m * n * k >= PARALLEL_MIN_MACS else 1
         code = codes.get((current[0], x.dtype))
         if code is None:
             code = codes[current[0], x.dtype] = compiled_entry(LEAN_ENTRIES[current[0]][0], (x, table, out, threads))
@@ -508,7 +503,9 @@ def lean_calls(call, pw, bias, ep, a_scale, a_zp, out_dt):
         return out
 
     def rows_screened_at(addr, m, out, n_threads):
-        out, threads = fresh(out, m), threads_for(m, n_threads)
+        if out is None or out.shape != (m, n) or out.dtype is not out_dt or not out.flags.carray:
+            out = np.empty((m, n), out_dt)
+        threads = n_threads if n_threads > 1 and m * n * k >= PARALLEL_MIN_MACS else 1
         code = codes.get((current[0], "at"))
         if code is None:
             code = codes[current[0], "at"] = compiled_entry(LEAN_ENTRIES[current[0]][1],
@@ -518,13 +515,14 @@ def lean_calls(call, pw, bias, ep, a_scale, a_zp, out_dt):
     return rows, rows_screened_at
 
 
-# --- the lean entry: float rows at an address, the layer's arrays in one table -----------
+# --- the lean entries: rows (or rows at an address), the layer's arrays in one table -----
 #
-# The plan's call of a linear reading a graph input hands it the torch tensor's address
-# (kernel_ops' screened_tensor): no numpy array made of it (0.55 us), one compiled call
-# that quantizes the rows (static or per-row scales) and runs the jobs, the layer's arrays
-# read from a table of their addresses (six arrays less to unbox, 45 ns each, and no
-# reference counts: views at an address have no owner). sparse.py's lean_at does the same.
+# One compiled call that quantizes the rows (static or per-row scales; uint8 rows as they
+# are) and runs the jobs, the layer's arrays read from a table of their addresses (8-9
+# arrays less to unbox, 45 ns each, and no reference counts: views at an address have no
+# owner). The plan's call of a linear reading a graph input hands it the torch tensor's
+# address (kernel_ops' screened_tensor): no numpy array made of it (0.55 us). sparse.py's
+# lean and lean_at do the same.
 
 # lean_table's slots: the packed weights' address and bytes, the addresses of the column
 # sums, weight scales, bias and epilogue params, the static activation scale (float32 bits;
@@ -534,7 +532,7 @@ _EP_LEN = 8     # epilogue_params' values
 
 
 def lean_table(pw, bias, ep, a_scale, a_zp):
-    """The int64 table lean_at reads the layer from: the addresses of pw's arrays, bias and
+    """The int64 table the lean entries read the layer from: the addresses of pw's arrays, bias and
     ep (which the caller keeps alive as long as the table), and the static activation
     scale (0: per row) and zero point."""
     if ep.shape != (_EP_LEN,) or ep.dtype != np.float32 or bias.dtype != np.float32 or bias.shape != (pw.n,):
