@@ -1,4 +1,5 @@
 """Timing helpers for benchmarks: warm up, batch calls, take medians."""
+import statistics
 import time
 
 from fxopt.report.timing import interleaved_medians
@@ -12,6 +13,29 @@ def median_seconds(fn, repeats=21, min_batch_s=2e-3, warmup=3):
     of interleaved_medians).
     """
     return interleaved_medians({"fn": fn}, repeats, min_batch_s, warmup)["fn"]
+
+
+_clock = time.perf_counter
+
+
+def paired_difference_seconds(base, other, pairs=101, warmup=2):
+    """Median over `pairs` rounds of (seconds of one call of other - seconds of one call of
+    base), the two called back to back, in turns first. A small difference between two
+    long calls (a module's call against its kernel's at M >= 128) is lost in the spread of
+    their separate medians on a shared machine; the pairs' differences see the same load."""
+    for _ in range(warmup):
+        base(), other()
+    diffs = []
+    for i in range(pairs):
+        first, second = (base, other) if i % 2 else (other, base)
+        t0 = _clock()
+        first()
+        t1 = _clock()
+        second()
+        t2 = _clock()
+        a, b = (t1 - t0, t2 - t1) if i % 2 else (t2 - t1, t1 - t0)
+        diffs.append(b - a)
+    return statistics.median(diffs)
 
 
 def first_call_seconds(fn):

@@ -76,3 +76,23 @@ def test_gemm_bench_streams_rows_through_a_pipe(tmp_path):
     assert first_row_at is not None and "bert 512x1024x1024" in rest
     assert done_at - first_row_at > 1.0, "rows arrived only at the end"
     assert os.listdir(tmp_path) == []
+
+
+def test_paired_difference_takes_turns_and_sees_only_the_difference(monkeypatch):
+    """Two calls that differ by 0.25 s under a load growing from pair to pair: the estimate
+    is 0.25, and each goes first in half of the pairs (a fake clock, advanced by the calls)."""
+    from fxopt.bench import timing
+    clock, firsts, last = [0.0], [], [None]
+
+    def fake(name, cost):
+        def call():
+            load = 0.01 * len(firsts)   # the same for both calls of a pair
+            if last[0] is None or last[0] == "pair done":
+                firsts.append(name)
+            last[0] = name if last[0] in (None, "pair done") else "pair done"
+            clock[0] += cost + load
+        return call
+    monkeypatch.setattr(timing, "_clock", lambda: clock[0])
+    base, other = fake("base", 1.0), fake("other", 1.25)
+    assert timing.paired_difference_seconds(base, other, pairs=20, warmup=0) == pytest.approx(0.25)
+    assert firsts.count("base") == firsts.count("other") == 10
