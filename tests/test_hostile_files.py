@@ -14,6 +14,7 @@ import torch
 from torch import fx, nn
 
 import fxopt
+from torch.utils._pytree import tree_leaves as pytree_leaves
 from artifact_files import int8_bytes, int8_model, read, rewrite, write
 from fxopt.artifact import serialize
 from fxopt.core.errors import ArtifactError
@@ -137,6 +138,38 @@ def test_lowered_conv_arguments_are_checked(tmp_path, index, value, message):
     rewrite(path, edit_graph=lambda g: _set_op_arg(g, "fxopt::conv2d_int8.default", index, value))
     with pytest.raises(ArtifactError, match=message):
         fxopt.load(path)
+
+
+
+def _set_dtypes(graph, text):
+    for node in graph["nodes"]:
+        if node["op"] != "output":
+            node["meta"]["fxopt_dtype"] = text
+
+
+def test_a_node_dtype_that_is_no_dtype_is_refused(mlp_file):
+    rewrite(mlp_file, edit_graph=lambda g: _set_dtypes(g, "float32); import os"))
+    with pytest.raises(ArtifactError, match="corrupt graph data: node .* has dtypes 'float32\\); import os'"):
+        fxopt.load(mlp_file)
+
+
+@pytest.mark.parametrize("text", ["int64", "bool", "list:float32,float32"])
+def test_node_dtypes_that_lie_change_no_answer(tmp_path, text):
+    """The plan picks numpy or torch steps by the dtypes a file keeps, the kernels by what
+    they are given: a file whose dtypes lie still computes what the honest one does (or is
+    refused), and reads nothing it should not."""
+    model, example = int8_model("bert")
+    honest, lying = tmp_path / "honest.fxopt", tmp_path / "lying.fxopt"
+    fxopt.save(model, honest)
+    fxopt.save(model, lying)
+    rewrite(lying, edit_graph=lambda g: _set_dtypes(g, text))
+    want = fxopt.load(honest)(**example)
+    try:
+        got = fxopt.load(lying)(**example)
+    except (ArtifactError, TypeError, ValueError, IndexError, RuntimeError):
+        return
+    for a, b in zip(pytree_leaves(got), pytree_leaves(want)):
+        assert torch.equal(a, b)
 
 
 # --- the closed op set ---------------------------------------------------------------

@@ -25,6 +25,7 @@ import torch.utils._pytree as pytree
 from torch import fx
 
 from fxopt.core.errors import ArtifactError
+from fxopt.core.ir import DTYPE, dtype_text, parse_dtype_text
 
 OP_NAMESPACES = ("aten", "fxopt")
 
@@ -262,7 +263,7 @@ def _registered(name):
 # --- graphs ------------------------------------------------------------------
 
 GUARD_MODULE = "_guards_fn"  # export's input check: generated code, so dropped on save
-NODE_META = ("fxopt_id", "fxopt_layer")
+NODE_META = ("fxopt_id", "fxopt_layer", DTYPE)
 
 
 def encode_graph(gm: fx.GraphModule) -> dict:
@@ -289,6 +290,11 @@ def _encode_node(n: fx.Node) -> dict:
         raise ArtifactError(f"cannot save node {n.name}: {n.op} {n.target} nodes are not "
                             "supported (fxopt saves graphs of call_function nodes and weights).")
     meta = {k: n.meta[k] for k in NODE_META if isinstance(n.meta.get(k), str)}
+    dtypes = dtype_text(n)          # the plan reads them (numpy or torch steps); fake values are not saved
+    if dtypes is None:
+        meta.pop(DTYPE, None)
+    else:
+        meta[DTYPE] = dtypes
     return {"op": n.op, "name": n.name, "target": target,
             "args": encode_value(tuple(n.args), f"node {n.name}"),
             "kwargs": encode_value(dict(n.kwargs), f"node {n.name}"), "meta": meta}
@@ -362,4 +368,7 @@ def _decode_node(graph: fx.Graph, d: dict, nodes: dict, weights: set) -> fx.Node
         raise ArtifactError(f"corrupt graph data: node name {name} is reserved")
     meta = d.get("meta", {})
     node.meta.update({k: meta[k] for k in NODE_META if isinstance(meta.get(k), str)})
+    if DTYPE in node.meta and parse_dtype_text(node.meta[DTYPE]) is None:
+        raise ArtifactError(f"corrupt graph data: node {name} has dtypes {node.meta[DTYPE]!r:.60}, "
+                            f"not a list of torch dtype names")
     return node

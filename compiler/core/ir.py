@@ -268,6 +268,50 @@ def _aliased_arguments(node: Node):
     return out
 
 
+# The dtypes of a node's value, kept where a graph is saved (fxopt.save writes no fake
+# values): "float32" for a tensor, "list:float32,float32" for a list of tensors.
+DTYPE = "fxopt_dtype"
+_DTYPES = {str(d).removeprefix("torch."): d for d in (
+    torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.uint8, torch.int8,
+    torch.int16, torch.int32, torch.int64, torch.bool)}
+
+
+def dtype_text(node: Node) -> str | None:
+    """node's value's dtypes as DTYPE text: from its fake value, else the text it was
+    loaded with; None when it holds no tensors or is unknown."""
+    val = node.meta.get("val")
+    if isinstance(val, torch.Tensor) and str(val.dtype).removeprefix("torch.") in _DTYPES:
+        return str(val.dtype).removeprefix("torch.")
+    if (isinstance(val, (list, tuple)) and val and all(isinstance(v, torch.Tensor) for v in val)
+            and all(str(v.dtype).removeprefix("torch.") in _DTYPES for v in val)):
+        return "list:" + ",".join(str(v.dtype).removeprefix("torch.") for v in val)
+    text = node.meta.get(DTYPE)
+    return text if val is None and isinstance(text, str) else None
+
+
+def parse_dtype_text(text: str) -> tuple[bool, tuple] | None:
+    """(a list?, its dtypes) from DTYPE text; None if the text is not one."""
+    many = text.startswith("list:")
+    names = text.removeprefix("list:").split(",")
+    if not all(name in _DTYPES for name in names):
+        return None
+    return many, tuple(_DTYPES[name] for name in names)
+
+
+def value_dtypes(node) -> tuple[bool, tuple] | None:
+    """(whether node's value is a list of tensors, their dtypes), from its fake value, or
+    from the dtypes a loaded graph kept (DTYPE); None if it is not a tensor or unknown."""
+    if not isinstance(node, Node):
+        return None
+    val = node.meta.get("val")
+    if isinstance(val, torch.Tensor):
+        return False, (val.dtype,)
+    if isinstance(val, (list, tuple)) and val and all(isinstance(v, torch.Tensor) for v in val):
+        return True, tuple(v.dtype for v in val)
+    text = node.meta.get(DTYPE)
+    return parse_dtype_text(text) if val is None and isinstance(text, str) else None
+
+
 def shape_of(node) -> tuple | None:
     val = node.meta.get("val") if isinstance(node, Node) else None
     return tuple(val.shape) if isinstance(val, torch.Tensor) else None

@@ -34,7 +34,7 @@ import torch.utils._pytree as pytree
 from torch import fx
 
 from fxopt.core import fxops
-from fxopt.core.ir import storage_roots, storage_roots_of
+from fxopt.core.ir import storage_roots, storage_roots_of, value_dtypes
 from fxopt.kernels import threads
 from fxopt.kernels.finite import _nonfinite_sum
 from fxopt.kernels.threads import launch_guard
@@ -157,15 +157,15 @@ def _np_to(gm, node):
 def _np_index(gm, node):
     """x[i, j, ...] with integer or bool index tensors (None: the whole dim), numpy's rules."""
     x, indices = node.args
-    if any(isinstance(i, fx.Node) and i.meta["val"].dtype not in (torch.int64, torch.int32, torch.bool)
-           for i in indices):
+    if any(isinstance(i, fx.Node) and _dtypes(i) not in _INDEX_DTYPES for i in indices):
         return None
     return (lambda x, idx: x[tuple(slice(None) if i is None else i for i in idx)]), (x, list(indices)), {}
 
 
 def _np_and(gm, node):
     a, b = node.args
-    if not all(isinstance(t, fx.Node) for t in (a, b)) or a.meta["val"].dtype != b.meta["val"].dtype:
+    if not all(isinstance(t, fx.Node) for t in (a, b)) or _dtypes(a) is None \
+            or _dtypes(a) != _dtypes(b):
         return None
     return np.bitwise_and, (a, b), {}
 
@@ -184,6 +184,7 @@ def _same_array(x):
     return x
 
 
+_INDEX_DTYPES = tuple((False, (d,)) for d in (torch.int64, torch.int32, torch.bool))
 _NP_EXACT = {aten.to.device: _np_to, aten.to.dtype_layout: _np_to, aten.to.dtype: _np_to,
              aten.index.Tensor: _np_index, aten.__and__.Tensor: _np_and, aten.bitwise_and.Tensor: _np_and,
              aten.expand.default: _np_expand}
@@ -191,9 +192,9 @@ _NP_EXACT = {aten.to.device: _np_to, aten.to.dtype_layout: _np_to, aten.to.dtype
 
 def _integral(node: fx.Node, tensors: list) -> bool:
     """Whether node and its tensor arguments are integer or bool tensors, by their metadata."""
-    vals = [node.meta.get("val")] + [t.meta.get("val") for t in tensors]
-    return all(isinstance(v, torch.Tensor) and not v.is_floating_point() and not v.is_complex()
-               and v.dtype in _NUMPY_DTYPES for v in vals)
+    found = [_dtypes(n) for n in [node] + tensors]
+    return all(d is not None and not d[0] and not d[1][0].is_floating_point and not d[1][0].is_complex
+               and d[1][0] in _NUMPY_DTYPES for d in found)
 
 
 _NUMPY_DTYPES = (torch.float32, torch.float64, torch.uint8, torch.int8, torch.int16, torch.int32,
@@ -232,26 +233,33 @@ def _tensor_args(node: fx.Node) -> list:
     return found
 
 
+def _dtypes(node) -> tuple | None:
+    """(whether node's value is a list of tensors, their dtypes), by its metadata (ir's
+    value_dtypes); in a loaded graph, the dtypes the file kept, where its op's schema
+    agrees that the value is a tensor, or a list of them (None where it does not)."""
+    known = value_dtypes(node)
+    if known is None or node.meta.get("val") is not None:
+        return known
+    return known if _is_tensor(node) and known[0] == _is_list(node) else None
+
+
 def _numpy_dtype(node: fx.Node):
     """True if node's dtype has a numpy twin, False if not, None if unknown (no metadata)."""
-    val = node.meta.get("val")
-    vals = val if isinstance(val, (list, tuple)) else [val]
-    if not all(isinstance(v, torch.Tensor) for v in vals):
+    known = _dtypes(node)
+    if known is None:
         return None
-    return all(v.dtype in _NUMPY_DTYPES for v in vals)
+    return all(d in _NUMPY_DTYPES for d in known[1])
 
 
 def _one_float(nodes) -> bool:
     """Whether `nodes` (a screen's inputs) is one float32 or float64 tensor, by its metadata."""
     if not isinstance(nodes, (list, tuple)) or len(nodes) != 1 or not isinstance(nodes[0], fx.Node):
         return False
-    val = nodes[0].meta.get("val")
-    return isinstance(val, torch.Tensor) and val.dtype in (torch.float32, torch.float64)
+    return _dtypes(nodes[0]) in ((False, (torch.float32,)), (False, (torch.float64,)))
 
 
 def _float32(node: fx.Node) -> bool:
-    val = node.meta.get("val")
-    return isinstance(val, torch.Tensor) and val.dtype == torch.float32
+    return _dtypes(node) == (False, (torch.float32,))
 
 
 def _to_numpy(t: torch.Tensor):
