@@ -7,13 +7,14 @@ in/out, quantization included), the module fxopt.optimize returns for that
 nn.Linear (what a user calls: "optimize/int8", and its time over the linear
 kernel's, "call-kernel us": the median difference of calls in pairs, back to
 back), torch fp32 nn.Linear and torch dynamic int8 Linear (quantize_dynamic,
-fbgemm). Prints GOP/s (2*M*N*K ops), % of the
-measured peak of the path's multiply-accumulate (vpdpbusd; vpmaddwd + vpaddd
-on avx2; none on portable) and ratios to torch int8 (medians, compile excluded),
-the first-call (compile or cache-load) times, the warm call overhead of a
-1x64x64 linear, and two batch-1 models through optimize against eager fp32;
-rows print as they are measured. --mix runs only a sweep of the module against
-fbgemm at M = 1 and 8 over every (K, N) of MIX_SIZES. With --out PATH, writes PATH/gemm.json (+
+fbgemm). Prints GOP/s (2*M*N*K ops), % of the measured peak of the path's
+multiply-accumulate (vpdpbusd; vpmaddwd + vpaddd on avx2; none on portable) and
+ratios to torch int8 (medians, compile excluded), the first-call (compile or
+cache-load) times, the warm call overhead of a 1x64x64 linear, and two batch-1
+models through optimize against eager fp32; rows print as they are measured.
+--mix runs only a sweep of the module against fbgemm at M = 1 and 8 over every
+(K, N) of MIX_SIZES, with fbgemm's share of the peak (above half of it, 2x
+fbgemm is out of reach without AMX). With --out PATH, writes PATH/gemm.json (+
 gemm.png if matplotlib is present); without it, nothing is written.
 """
 import argparse
@@ -170,9 +171,11 @@ def bench_shape(name, m, k, n, repeats, threads, rng):
 
 def bench_mix(repeats, rng, out=lambda row: None):
     """The module optimize returns for one nn.Linear against torch dynamic int8 (fbgemm) at
-    M = 1 and 8, for every (K, N) of MIX_SIZES: medians, the two interleaved per shape.
+    M = 1 and 8, for every (K, N) of MIX_SIZES: medians, the two interleaved per shape with
+    the ISA's peak probe (sized to about one fbgemm call: "peak_gops", None without one).
     out(row) is called as each row is measured."""
     import torch
+    probe, threads = peak_probe(K.isa()), K.get_num_threads()
     rows = []
     for m in MIX_ROWS:
         for k in MIX_SIZES:
@@ -181,17 +184,25 @@ def bench_mix(repeats, rng, out=lambda row: None):
                 fp32, int8 = _torch_models(w, rng.standard_normal(n, dtype=np.float32))
                 xt = torch.from_numpy(rng.standard_normal((m, k), dtype=np.float32))
                 optimized = _optimized(fp32, xt)
+                runs = {"fxopt": lambda: optimized(xt), "fbgemm": lambda: int8(xt)}
+                if probe is not None:
+                    serial, parallel, per_iter = probe
+                    iters = max(1000, int(2.0 * m * k * n / (threads * per_iter)))
+                    runs["peak"] = (lambda: parallel(iters, threads)) if threads > 1 else (lambda: serial(iters))
                 with torch.no_grad():
-                    med = interleaved_medians({"fxopt": lambda: optimized(xt), "fbgemm": lambda: int8(xt)},
-                                              repeats=repeats)
+                    med = interleaved_medians(runs, repeats=repeats)
                 rows.append({"m": m, "k": k, "n": n, "fxopt_us": med["fxopt"] * 1e6,
-                             "fbgemm_us": med["fbgemm"] * 1e6})
+                             "fbgemm_us": med["fbgemm"] * 1e6,
+                             "peak_gops": threads * iters * per_iter / med["peak"] / 1e9 if probe else None})
                 out(rows[-1])
     return rows
 
 
 def _print_mix(rows):
-    """One table per M: K down, N across, fbgemm's time over fxopt's; then the least of each."""
+    """One table per M: K down, N across, fbgemm's time over fxopt's; then the least of each.
+    With a peak probe, fbgemm's share of it too: where fbgemm runs above half the peak of
+    the multiply-accumulate both use, 2x fbgemm is out of reach on that path (AMX is not
+    bound by it: fbgemm runs on VNNI there)."""
     for m in MIX_ROWS:
         ratio = {(r["k"], r["n"]): r["fbgemm_us"] / r["fxopt_us"] for r in rows if r["m"] == m}
         print(f"\nM = {m}: speed of optimize over fbgemm (fbgemm us / fxopt us), K down, N across")
@@ -200,6 +211,17 @@ def _print_mix(rows):
             print(f"{k:>8}" + "".join(f"{ratio[k, n]:>7.2f}x" for n in MIX_SIZES))
         k, n = min(ratio, key=ratio.get)
         print(f"least: {ratio[k, n]:.2f}x at K={k}, N={n}", flush=True)
+        share = {(r["k"], r["n"]): 2e-3 * r["m"] * r["k"] * r["n"] / r["fbgemm_us"] / r["peak_gops"]
+                 for r in rows if r["m"] == m and r.get("peak_gops")}
+        if not share:
+            continue
+        print(f"M = {m}: fbgemm's GOP/s as % of the measured {PEAK_OPS[K.isa()]} peak (same rounds)")
+        for k in MIX_SIZES:
+            print(f"{k:>8}" + "".join(f"{100 * share[k, n]:>7.0f}%" for n in MIX_SIZES))
+        over = sorted(kn for kn, v in share.items() if v > 0.5)
+        if over and K.isa() not in AMX_ISAS:
+            print(f"2x fbgemm needs more than that peak at {len(over)} of {len(share)} shapes "
+                  f"(fbgemm above 50 %), smallest K x N {over[0][0]}x{over[0][1]}", flush=True)
 
 
 def _optimized(model, x):

@@ -96,3 +96,26 @@ def test_paired_difference_takes_turns_and_sees_only_the_difference(monkeypatch)
     base, other = fake("base", 1.0), fake("other", 1.25)
     assert timing.paired_difference_seconds(base, other, pairs=20, warmup=0) == pytest.approx(0.25)
     assert firsts.count("base") == firsts.count("other") == 10
+
+
+def test_mix_table_names_the_shapes_where_2x_fbgemm_would_pass_the_peak(capsys, monkeypatch):
+    """fbgemm at 60 % of the peak on the K = 4096 row at M = 8 (2x would need 120 %), at
+    30 % elsewhere: the share table shows both, and the closing line counts that row's 6
+    shapes, on a path without AMX; with AMX (not bound by fbgemm's VNNI peak) no such line."""
+    peak = 1000.0       # GOP/s
+
+    def row(m, k, n, share, ratio):
+        fbgemm_us = 2e-3 * m * k * n / (share * peak)
+        return {"m": m, "k": k, "n": n, "fbgemm_us": fbgemm_us, "fxopt_us": fbgemm_us / ratio, "peak_gops": peak}
+    rows = [row(m, k, n, 0.6 if (m, k) == (8, 4096) else 0.3, 1.5) for m in gemm.MIX_ROWS
+            for k in gemm.MIX_SIZES for n in gemm.MIX_SIZES]
+    monkeypatch.setattr(gemm.K, "isa", lambda: "avx512_vnni")
+    gemm._print_mix(rows)
+    out = capsys.readouterr().out
+    assert "least: 1.50x" in out and "fbgemm's GOP/s as % of the measured vpdpbusd.512 peak" in out
+    assert out.count("     60%") == len(gemm.MIX_SIZES) and "     30%" in out
+    assert "2x fbgemm needs more than that peak at 6 of 36 shapes" in out
+    assert out.count("2x fbgemm needs") == 1
+    monkeypatch.setattr(gemm.K, "isa", lambda: "amx_int8")
+    gemm._print_mix(rows)
+    assert "2x fbgemm needs" not in capsys.readouterr().out
