@@ -119,6 +119,20 @@ def test_load_rebuilds_the_plan(tmp_path):
         fxopt.load(path, runtime="fast")
 
 
+
+@pytest.mark.parametrize("name", zoo_params(fast=("mlp", "cnn_bn_residual")))
+def test_a_loaded_model_runs_the_plan_the_saved_one_ran(name, tmp_path):
+    """fxopt.load rebuilds the plan from the file: the same steps, in numpy or torch alike
+    (the file keeps the dtypes the plan decides by), the same answers."""
+    model, example, other = ZOO[name]()
+    fast, _ = both_runtimes(model, example)
+    fxopt.save(fast, tmp_path / "m.fxopt")
+    loaded = fxopt.load(tmp_path / "m.fxopt")
+    with torch.no_grad():
+        assert_bitwise(call(loaded, other), call(fast, other))
+    assert plan_of(loaded).source == plan_of(fast).source
+
+
 class Scaled(torch.nn.Module):
     """A float input whose first step is not a linear: its screen is a pass of its own."""
     def __init__(self):
