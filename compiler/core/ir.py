@@ -277,16 +277,13 @@ _DTYPES = {str(d).removeprefix("torch."): d for d in (
 
 
 def dtype_text(node: Node) -> str | None:
-    """node's value's dtypes as DTYPE text: from its fake value, else the text it was
-    loaded with; None when it holds no tensors or is unknown."""
-    val = node.meta.get("val")
-    if isinstance(val, torch.Tensor) and str(val.dtype).removeprefix("torch.") in _DTYPES:
-        return str(val.dtype).removeprefix("torch.")
-    if (isinstance(val, (list, tuple)) and val and all(isinstance(v, torch.Tensor) for v in val)
-            and all(str(v.dtype).removeprefix("torch.") in _DTYPES for v in val)):
-        return "list:" + ",".join(str(v.dtype).removeprefix("torch.") for v in val)
-    text = node.meta.get(DTYPE)
-    return text if val is None and isinstance(text, str) else None
+    """node's value's dtypes as DTYPE text (value_dtypes'); None when it holds no tensors,
+    is unknown, or has a dtype DTYPE does not name."""
+    known = value_dtypes(node)
+    names = [str(d).removeprefix("torch.") for d in known[1]] if known else [None]
+    if not all(name in _DTYPES for name in names):
+        return None
+    return ("list:" if known[0] else "") + ",".join(names)
 
 
 def parse_dtype_text(text: str) -> tuple[bool, tuple] | None:
