@@ -127,10 +127,11 @@ def _prune(model, example_inputs, ratio, data, loss_fn, seed, dynamic, options):
     return gm
 
 
-def profile(model: GraphModule, *args, repeats: int = 20, **kwargs) -> Profile:
+def profile(model: GraphModule, *args, repeats: int | None = None, **kwargs) -> Profile:
     """Time each step of the execution plan `model` (what optimize or load returned) runs,
     on these inputs: op, layer, output shape, dtype, us and % of the call, kernel steps
-    apart from the rest, and the time outside the steps. print() gives the table.
+    apart from the rest, and the time outside the steps, over `repeats` calls (None: about
+    2 s of them, 20 to 200). print() gives the table.
 
         prof = fxopt.profile(fast, **inputs)
         print(prof)              # slowest steps first

@@ -174,7 +174,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--inputs", metavar="FILE.pt",
                    help="inputs: torch.save of a tensor, a tuple of them or a dict of keyword inputs; "
                         "required for a saved model (default: the factory's example inputs)")
-    s.add_argument("--repeats", type=int, default=20, help="timed calls (default: %(default)s)")
+    s.add_argument("--repeats", type=int, default=None,
+                   help="timed calls (default: about 2 s of them, 20 to 200)")
     s.add_argument("--top", type=int, default=30, help="rows shown, slowest first; 0 = all (default: %(default)s)")
     s.set_defaults(func=_cmd_profile)
 

@@ -290,6 +290,19 @@ def test_profile_of_a_graph_runtime_model_builds_a_plan():
     assert any(r["kernel"] for r in prof.rows)
 
 
+
+def test_profile_takes_about_two_seconds_of_calls_by_default(monkeypatch):
+    """Its time outside the kernels is a small difference of two medians: many calls of a
+    fast model (at most PROFILE_REPEATS[1]), and never fewer than PROFILE_REPEATS[0]."""
+    from fxopt.runtime import plan as plan_module
+    model, example, other = ZOO["mlp"]()
+    fast, _ = both_runtimes(model, example)
+    with torch.no_grad():
+        assert fxopt.profile(fast, *other).repeats == plan_module.PROFILE_REPEATS[1]    # a call of us
+        assert fxopt.profile(fast, *other, repeats=3).repeats == 3
+        monkeypatch.setattr(plan_module, "PROFILE_SECONDS", 1e-9)
+        assert fxopt.profile(fast, *other).repeats == plan_module.PROFILE_REPEATS[0]
+
 @pytest.mark.slow
 def test_plan_source_is_names_and_calls_only():
     # the generated function holds no values from the graph: constants are bound by name

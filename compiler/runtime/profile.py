@@ -19,6 +19,7 @@ class Profile:
             self.rows.append({"op": step.op, "layer": node.meta.get("fxopt_layer", node.name),
                               "shape": shape, "dtype": dtype, "kernel": step.kernel,
                               "us": statistics.median_high([run[i] for run in runs]) * 1e6})
+        self.repeats = len(runs)                 # timed calls (and as many plain ones)
         self.call_us = call * 1e6                # median plain call, as a user makes it
         self.timed_call_us = timed_call * 1e6    # median call timing each step
         # the steps' (and the kernel steps') share of a call: their sum within each timed call,
