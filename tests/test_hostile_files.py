@@ -12,9 +12,9 @@ import sys
 import pytest
 import torch
 from torch import fx, nn
+from torch.utils._pytree import tree_leaves as pytree_leaves
 
 import fxopt
-from torch.utils._pytree import tree_leaves as pytree_leaves
 from artifact_files import int8_bytes, int8_model, read, rewrite, write
 from fxopt.artifact import serialize
 from fxopt.core.errors import ArtifactError
@@ -140,7 +140,6 @@ def test_lowered_conv_arguments_are_checked(tmp_path, index, value, message):
         fxopt.load(path)
 
 
-
 def _set_dtypes(graph, text):
     for node in graph["nodes"]:
         if node["op"] != "output":
@@ -154,10 +153,10 @@ def test_a_node_dtype_that_is_no_dtype_is_refused(mlp_file):
 
 
 @pytest.mark.parametrize("text", ["int64", "bool", "list:float32,float32"])
-def test_node_dtypes_that_lie_change_no_answer(tmp_path, text):
-    """The plan picks numpy or torch steps by the dtypes a file keeps, the kernels by what
-    they are given: a file whose dtypes lie still computes what the honest one does (or is
-    refused), and reads nothing it should not."""
+def test_node_dtypes_that_lie_give_the_same_answer_or_an_error(tmp_path, text):
+    """The plan picks numpy or torch steps by the dtypes a file keeps (where the op's schema
+    agrees the value is a tensor), the kernels check what they are given: a file whose
+    dtypes lie computes what the honest one does, or is refused, or raises when called."""
     model, example = int8_model("bert")
     honest, lying = tmp_path / "honest.fxopt", tmp_path / "lying.fxopt"
     fxopt.save(model, honest)

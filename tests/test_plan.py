@@ -119,7 +119,6 @@ def test_load_rebuilds_the_plan(tmp_path):
         fxopt.load(path, runtime="fast")
 
 
-
 @pytest.mark.parametrize("name", zoo_params(fast=("mlp", "cnn_bn_residual")))
 def test_a_loaded_model_runs_the_plan_the_saved_one_ran(name, tmp_path):
     """fxopt.load rebuilds the plan from the file: the same steps, in numpy or torch alike
@@ -290,7 +289,6 @@ def test_profile_of_a_graph_runtime_model_builds_a_plan():
     assert any(r["kernel"] for r in prof.rows)
 
 
-
 def test_profile_takes_about_two_seconds_of_calls_by_default(monkeypatch):
     """Its time outside the kernels is a small difference of two medians: many calls of a
     fast model (at most PROFILE_REPEATS[1]), and never fewer than PROFILE_REPEATS[0]."""
@@ -302,6 +300,7 @@ def test_profile_takes_about_two_seconds_of_calls_by_default(monkeypatch):
         assert fxopt.profile(fast, *other, repeats=3).repeats == 3
         monkeypatch.setattr(plan_module, "PROFILE_SECONDS", 1e-9)
         assert fxopt.profile(fast, *other).repeats == plan_module.PROFILE_REPEATS[0]
+
 
 @pytest.mark.slow
 def test_plan_source_is_names_and_calls_only():
