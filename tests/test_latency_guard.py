@@ -1,5 +1,6 @@
 """An int8 result that measures slower than its input model is never handed back silently:
 latency-aware lowering keeps fp32 where int8 measured slower, and a slower result warns."""
+import re
 import warnings
 
 import pytest
@@ -39,22 +40,38 @@ def _optimize(**options):
     return model, x, fast, slower
 
 
-def test_all_int8_on_request_warns_with_the_figures_and_the_way_out():
+def test_all_int8_on_request_warns_when_it_measured_slower_with_the_figures_and_the_way_out():
+    """On the real clock: all int8 as asked, and a warning exactly when this run measured the
+    result slower than its input beyond NOISE (nearly always: int8 quantizes 2048 floats a row
+    for 2 K MACs); the warning quotes the figures. On set figures: the clock tests below."""
     model, x, fast, slower = _optimize(latency_aware=False)
     assert "skinny" in int8_layers(fast)                   # kept int8, as asked
-    assert len(slower) == 1, (slower, fast.fxopt_report.sections["model"])
     s = fast.fxopt_report.summary
-    assert s["latency_optimized"] > s["latency_original"] * (1 + latency_guard.NOISE)
-    assert f"{s['latency_optimized'] * 1e3:.3f} ms vs {s['latency_original'] * 1e3:.3f} ms" in slower[0]
-    assert "cpu-fp32" in slower[0] and "latency_aware=False" in slower[0]
+    measured_slower = s["latency_optimized"] > s["latency_original"] * (1 + latency_guard.NOISE)
+    assert len(slower) == int(measured_slower), (slower, fast.fxopt_report.sections["model"])
+    if slower:
+        assert f"{s['latency_optimized'] * 1e3:.3f} ms vs {s['latency_original'] * 1e3:.3f} ms" in slower[0]
+        assert "cpu-fp32" in slower[0] and "latency_aware=False" in slower[0]
 
 
-def test_by_default_the_layers_where_int8_measured_slower_stay_fp32():
+def test_by_default_the_layers_measured_slower_go_back_to_fp32_as_the_figures_say():
+    """On the real clock, end to end: each int8 layer is timed against fp32 as the model runs
+    it, and the layers that go back to fp32 are the ones the report quotes as measured slower
+    beyond NOISE (which ones varies with the machine: on a Xeon `skinny`, on a 2-vCPU EPYC
+    now and then only `head`); the answers stay right. What is decided on which figures:
+    test_the_decision_with_a_clock_we_set and the tests after it."""
     model, x, fast, slower = _optimize()
-    assert "skinny" not in int8_layers(fast)
-    assert "skinny" in fast.fxopt_report.summary["latency_aware"]
-    assert "int8 not faster here" in fast.fxopt_report.sections["latency_aware"]
-    assert "latency-aware" in str(fast.fxopt_report)
+    report = fast.fxopt_report
+    reverted = report.summary.get("latency_aware", {})
+    assert sorted(set(int8_layers(fast)) | set(reverted)) == ["head", "skinny"]
+    assert not set(int8_layers(fast)) & set(reverted)
+    for layer, why in reverted.items():
+        figures = re.fullmatch(r"int8 not faster here \(([\d.]+) (ms|us) vs ([\d.]+) (ms|us) fp32\)", why)
+        assert figures, why
+        t8, t32 = (float(figures[i]) * (1e3 if figures[i + 1] == "ms" else 1.0) for i in (1, 3))    # us
+        assert t8 + 1.0 > t32 * (1 + latency_guard.NOISE), why      # as printed: to 0.1 us or 1 us
+    if reverted:
+        assert "went back to fp32" in report.sections["latency_aware"] and "latency-aware" in str(report)
     y, ref = fast(x), model(x)
     other = model(torch.randn(256, 2048))
     assert (ref - other).abs().max() > 0.1                 # the output depends on the input
