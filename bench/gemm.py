@@ -91,6 +91,17 @@ def measure_peak(threads, isa=None):
     return PEAK_ITERS * ops / one / 1e12, threads * PEAK_ITERS * ops / many / 1e12
 
 
+def _peak_candidate(ops, threads):
+    """(a call of the ISA's peak probe sized to about `ops` int8 ops on `threads` threads,
+    the ops it runs), for a benchmark's rounds; (None, None) on a path without a probe."""
+    probe = peak_probe(K.isa())
+    if probe is None:
+        return None, None
+    serial, parallel, per_iter = probe
+    iters = max(1000, int(ops / (threads * per_iter)))
+    return ((lambda: parallel(iters, threads)) if threads > 1 else (lambda: serial(iters))), threads * iters * per_iter
+
+
 @njit(parallel=True)
 def _amx_peak_parallel(n, threads):
     total = 0
@@ -144,17 +155,13 @@ def bench_shape(name, m, k, n, repeats, threads, rng):
         "torch_fp32": lambda: fp32(xt),
         "torch_int8": lambda: int8(xt),
     }
-    probe = peak_probe(K.isa())
-    if probe is not None:
-        serial, parallel, per_iter = probe
-        # probe sized to about one GEMM call so both see the same load
-        iters = max(1000, int(ops / (threads * per_iter)))
-        runs["peak"] = ((lambda: parallel(iters, threads)) if threads > 1
-                        else (lambda: serial(iters)))
+    peak, peak_ops = _peak_candidate(ops, threads)   # sized to about one GEMM call: the same load
+    if peak is not None:
+        runs["peak"] = peak
     with torch.no_grad():
         med = interleaved_medians(runs, repeats=repeats)
     row = {"name": name, "m": m, "k": k, "n": n,
-           "peak_gops": threads * iters * per_iter / med.pop("peak") / 1e9 if probe else None}
+           "peak_gops": peak_ops / med.pop("peak") / 1e9 if peak else None}
     for key, sec in med.items():
         row[key + "_us"] = sec * 1e6
         row[key + "_gops"] = ops / sec / 1e9
@@ -175,7 +182,7 @@ def bench_mix(repeats, rng, out=lambda row: None):
     the ISA's peak probe (sized to about one fbgemm call: "peak_gops", None without one).
     out(row) is called as each row is measured."""
     import torch
-    probe, threads = peak_probe(K.isa()), K.get_num_threads()
+    threads = K.get_num_threads()
     rows = []
     for m in MIX_ROWS:
         for k in MIX_SIZES:
@@ -185,15 +192,14 @@ def bench_mix(repeats, rng, out=lambda row: None):
                 xt = torch.from_numpy(rng.standard_normal((m, k), dtype=np.float32))
                 optimized = _optimized(fp32, xt)
                 runs = {"fxopt": lambda: optimized(xt), "fbgemm": lambda: int8(xt)}
-                if probe is not None:
-                    serial, parallel, per_iter = probe
-                    iters = max(1000, int(2.0 * m * k * n / (threads * per_iter)))
-                    runs["peak"] = (lambda: parallel(iters, threads)) if threads > 1 else (lambda: serial(iters))
+                peak, peak_ops = _peak_candidate(2.0 * m * k * n, threads)
+                if peak is not None:
+                    runs["peak"] = peak
                 with torch.no_grad():
                     med = interleaved_medians(runs, repeats=repeats)
                 rows.append({"m": m, "k": k, "n": n, "fxopt_us": med["fxopt"] * 1e6,
                              "fbgemm_us": med["fbgemm"] * 1e6,
-                             "peak_gops": threads * iters * per_iter / med["peak"] / 1e9 if probe else None})
+                             "peak_gops": peak_ops / med["peak"] / 1e9 if peak else None})
                 out(rows[-1])
     return rows
 
