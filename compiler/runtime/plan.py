@@ -546,9 +546,10 @@ class Plan:
         the kernels is a small difference of two medians: BERT-base 1x32 gave 0.0-6.4 % of
         the call over 20 calls, 3.8-4.5 % over 180; AMD EPYC, a loaded VM)."""
         clock = time.perf_counter
-        start = clock()
         self(*args, **kwargs)
-        if repeats is None:
+        if repeats is None:     # sized on a warm call: the first may compile or load kernels
+            start = clock()
+            self(*args, **kwargs)
             low, high = PROFILE_REPEATS
             repeats = int(min(high, max(low, PROFILE_SECONDS / 2 / max(clock() - start, 1e-9))))
         runs = []
